@@ -1,0 +1,853 @@
+//! `compile`: custom resources + Secrets in, one `RelayConfig` + `RelaySecrets` + per-object
+//! diagnostics out. Pure and deterministic: same input (in any order), byte-identical output. It
+//! never fails as a whole: a broken object is left out and reported, the rest still compiles.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::*;
+use crate::pattern::{DomainPattern, split_address};
+use crate::provider::Provider;
+use crate::quota::{SenderQuota, SenderQuotaSpec};
+use crate::route::{AuthMechanism, Backoff, DeliveryMode, SmtpRoute, SmtpRouteSpec, TlsMode};
+
+/// Secret data by (namespace, name), as the operator reads it from the API or the relay from YAML.
+#[derive(Clone, Debug, Default)]
+pub struct SecretStore {
+    secrets: BTreeMap<(String, String), BTreeMap<String, Vec<u8>>>,
+}
+
+impl SecretStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, namespace: &str, name: &str, data: BTreeMap<String, Vec<u8>>) {
+        self.secrets.insert((namespace.to_string(), name.to_string()), data);
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&BTreeMap<String, Vec<u8>>> {
+        self.secrets.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Names of the Secrets held, for watches and tests.
+    pub fn names(&self) -> impl Iterator<Item = &(String, String)> {
+        self.secrets.keys()
+    }
+}
+
+/// Which object a diagnostic is about.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub kind: ObjectKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ObjectKind {
+    SmtpRoute,
+    SenderQuota,
+}
+
+/// Why an object is not (fully) in the configuration. The names become condition reasons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Reason {
+    /// A referenced Secret, or a key in it, does not exist.
+    SecretNotFound,
+    /// The spec is invalid (the message says which field and why).
+    InvalidSpec,
+    /// Another object claims the same thing.
+    Conflict,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SecretNotFound => "SecretNotFound",
+            Self::InvalidSpec => "InvalidSpec",
+            Self::Conflict => "Conflict",
+        }
+    }
+}
+
+/// `Error`: the object was left out of the configuration. `Warning`: it is in, but look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One finding about one object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Diagnostic {
+    pub object: ObjectRef,
+    pub severity: Severity,
+    pub reason: Reason,
+    /// The field concerned, as a path (`spec.auth.secretRef`), when there is one.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+/// What the operator shows in an object's status besides conditions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectSummary {
+    /// Routes: effective host (`mx` for MX delivery) and port.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// Quotas: the selector and limits, for display.
+    pub sender: Option<String>,
+    pub limits: Option<String>,
+}
+
+/// The result of `compile`.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub config: RelayConfig,
+    pub secrets: RelaySecrets,
+    /// Sorted by object, then severity.
+    pub diagnostics: Vec<Diagnostic>,
+    /// One entry per input object, including those left out.
+    pub summaries: BTreeMap<ObjectRef, ObjectSummary>,
+}
+
+impl Compiled {
+    pub fn diagnostics_for<'a>(&'a self, object: &'a ObjectRef) -> impl Iterator<Item = &'a Diagnostic> + 'a {
+        self.diagnostics.iter().filter(move |d| &d.object == object)
+    }
+
+    /// Whether the object is part of the compiled configuration.
+    pub fn is_included(&self, object: &ObjectRef) -> bool {
+        self.summaries.contains_key(object) && !self.diagnostics_for(object).any(|d| d.severity == Severity::Error)
+    }
+}
+
+struct Diags<'a> {
+    object: &'a ObjectRef,
+    out: &'a mut Vec<Diagnostic>,
+    errors: usize,
+}
+
+impl Diags<'_> {
+    fn error(&mut self, reason: Reason, field: &str, message: impl Into<String>) {
+        self.errors += 1;
+        self.out.push(Diagnostic {
+            object: self.object.clone(),
+            severity: Severity::Error,
+            reason,
+            field: Some(field.to_string()),
+            message: message.into(),
+        });
+    }
+}
+
+/// Compiles every route and quota. Objects with errors are left out and reported; the rest compile.
+pub fn compile(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &SecretStore) -> Compiled {
+    let mut diagnostics = Vec::new();
+    let mut summaries = BTreeMap::new();
+    let mut out_secrets = RelaySecrets::default();
+
+    let mut routes: Vec<&SmtpRoute> = routes.iter().collect();
+    routes.sort_by_key(|r| (r.namespace().unwrap_or_default(), r.name_any()));
+    let mut compiled_routes = Vec::new();
+    for r in routes {
+        let object = ObjectRef {
+            kind: ObjectKind::SmtpRoute,
+            namespace: r.namespace().unwrap_or_else(|| "default".into()),
+            name: r.name_any(),
+        };
+        let mut d = Diags {
+            object: &object,
+            out: &mut diagnostics,
+            errors: 0,
+        };
+        let mut route_secrets = RelaySecrets::default();
+        let compiled = compile_route(&object, &r.spec, secrets, &mut d, &mut route_secrets);
+        let summary = ObjectSummary {
+            host: compiled.as_ref().map(|c| match &c.target {
+                Target::Smarthost(u) => u.host.clone(),
+                Target::Mx => "mx".into(),
+            }),
+            port: compiled.as_ref().and_then(|c| match &c.target {
+                Target::Smarthost(u) => Some(u.port),
+                Target::Mx => None,
+            }),
+            ..Default::default()
+        };
+        summaries.insert(object.clone(), summary);
+        if let (Some(c), 0) = (compiled, d.errors) {
+            merge_secrets(&mut out_secrets, route_secrets);
+            compiled_routes.push(c);
+        }
+    }
+    let compiled_routes = resolve_route_conflicts(compiled_routes, &mut diagnostics, &mut out_secrets);
+
+    let mut quotas: Vec<&SenderQuota> = quotas.iter().collect();
+    quotas.sort_by_key(|q| (q.namespace().unwrap_or_default(), q.name_any()));
+    let mut compiled_quotas: Vec<CompiledQuota> = Vec::new();
+    let mut users: BTreeMap<String, (ObjectRef, InboundUser)> = BTreeMap::new();
+    for q in quotas {
+        let object = ObjectRef {
+            kind: ObjectKind::SenderQuota,
+            namespace: q.namespace().unwrap_or_else(|| "default".into()),
+            name: q.name_any(),
+        };
+        let mut d = Diags {
+            object: &object,
+            out: &mut diagnostics,
+            errors: 0,
+        };
+        let compiled = compile_quota(&object, &q.spec, secrets, &mut d);
+        summaries.insert(
+            object.clone(),
+            ObjectSummary {
+                sender: compiled.as_ref().map(|(c, _)| c.selector.describe()),
+                limits: compiled.as_ref().map(|(c, _)| describe_limits(c)),
+                ..Default::default()
+            },
+        );
+        let Some((mut c, user)) = compiled else { continue };
+        if d.errors > 0 {
+            continue;
+        }
+        if let Some(other) = compiled_quotas.iter().find(|o| o.selector == c.selector) {
+            let message = format!("quota {} already applies to {}", other.id, c.selector.describe());
+            d.error(Reason::Conflict, "spec.sender", message);
+            continue;
+        }
+        if let Some((name, hash)) = user {
+            if let Some((owner, _)) = users.get(&name) {
+                let message = format!("inbound user `{name}` is already defined by SenderQuota {}", owner.id());
+                d.error(Reason::Conflict, "spec.credentialsSecretRef", message);
+                continue;
+            }
+            users.insert(
+                name,
+                (
+                    object.clone(),
+                    InboundUser {
+                        password_hash: hash,
+                        quota: c.id.clone(),
+                    },
+                ),
+            );
+        }
+        c.limits.sort_by_key(|l| l.period);
+        compiled_quotas.push(c);
+    }
+    out_secrets.inbound_users = users.into_iter().map(|(k, (_, u))| (k, u)).collect();
+
+    diagnostics.sort();
+    Compiled {
+        config: RelayConfig {
+            version: CONFIG_VERSION,
+            routes: compiled_routes,
+            quotas: compiled_quotas,
+        },
+        secrets: out_secrets,
+        diagnostics,
+        summaries,
+    }
+}
+
+fn merge_secrets(into: &mut RelaySecrets, from: RelaySecrets) {
+    into.upstream_credentials.extend(from.upstream_credentials);
+    into.upstream_ca.extend(from.upstream_ca);
+    into.dkim_keys.extend(from.dkim_keys);
+}
+
+fn secret_value(
+    secrets: &SecretStore,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    field: &str,
+    d: &mut Diags<'_>,
+) -> Option<String> {
+    let Some(data) = secrets.get(namespace, name) else {
+        d.error(
+            Reason::SecretNotFound,
+            field,
+            format!("Secret {namespace}/{name} not found"),
+        );
+        return None;
+    };
+    let Some(value) = data.get(key) else {
+        d.error(
+            Reason::SecretNotFound,
+            field,
+            format!("Secret {namespace}/{name} has no key `{key}`"),
+        );
+        return None;
+    };
+    match String::from_utf8(value.clone()) {
+        Ok(s) if !s.trim().is_empty() => Some(s.trim_end_matches(['\r', '\n']).to_string()),
+        Ok(_) => {
+            d.error(
+                Reason::InvalidSpec,
+                field,
+                format!("key `{key}` of Secret {namespace}/{name} is empty"),
+            );
+            None
+        }
+        Err(_) => {
+            d.error(
+                Reason::InvalidSpec,
+                field,
+                format!("key `{key}` of Secret {namespace}/{name} is not UTF-8 text"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_duration(value: &Option<String>, default: u64, field: &str, d: &mut Diags<'_>) -> u64 {
+    let Some(s) = value else { return default };
+    match humantime::parse_duration(s) {
+        Ok(dur) if dur >= Duration::from_secs(1) => dur.as_secs(),
+        Ok(_) => {
+            d.error(Reason::InvalidSpec, field, format!("`{s}` is shorter than one second"));
+            default
+        }
+        Err(e) => {
+            d.error(
+                Reason::InvalidSpec,
+                field,
+                format!("`{s}` is not a duration like `1m` or `30m`: {e}"),
+            );
+            default
+        }
+    }
+}
+
+fn compile_route(
+    object: &ObjectRef,
+    spec: &SmtpRouteSpec,
+    secrets: &SecretStore,
+    d: &mut Diags<'_>,
+    out: &mut RelaySecrets,
+) -> Option<CompiledRoute> {
+    let id = object.id();
+    let ns = object.namespace.as_str();
+
+    let target = match spec.delivery {
+        DeliveryMode::Mx => {
+            if spec.host.is_some() || spec.provider.is_some() || spec.auth.is_some() {
+                d.error(
+                    Reason::InvalidSpec,
+                    "spec.delivery",
+                    "`delivery: mx` takes no host, provider or auth",
+                );
+            }
+            Target::Mx
+        }
+        DeliveryMode::Smarthost => {
+            if spec.region.is_some() && spec.provider != Some(Provider::Ses) {
+                d.error(
+                    Reason::InvalidSpec,
+                    "spec.region",
+                    "region is only used with provider: ses",
+                );
+            }
+            let preset = spec.provider.and_then(|p| p.preset(spec.region.as_deref()));
+            let host = spec.host.clone().or_else(|| preset.as_ref().map(|p| p.host.clone()));
+            let Some(host) = host else {
+                d.error(
+                    Reason::InvalidSpec,
+                    "spec.host",
+                    "`delivery: smarthost` needs a host or a provider preset other than custom",
+                );
+                return None;
+            };
+            let host_ok = host.parse::<std::net::IpAddr>().is_ok() || crate::pattern::is_valid_domain(&host);
+            if !host_ok && host != "localhost" {
+                d.error(
+                    Reason::InvalidSpec,
+                    "spec.host",
+                    format!("`{host}` is not a host name or IP address"),
+                );
+            }
+            let tls_spec = spec.tls.clone().unwrap_or_default();
+            let tls = tls_spec
+                .mode
+                .or(preset.as_ref().map(|p| p.tls))
+                .unwrap_or(TlsMode::Starttls);
+            let default_port = preset.as_ref().map(|p| p.port).unwrap_or(match tls {
+                TlsMode::None => 25,
+                TlsMode::Starttls => 587,
+                TlsMode::Implicit => 465,
+            });
+            let port = match spec.port {
+                None => default_port,
+                Some(p) => match u16::try_from(p) {
+                    Ok(p) if p > 0 => p,
+                    _ => {
+                        d.error(
+                            Reason::InvalidSpec,
+                            "spec.port",
+                            format!("port {p} is not between 1 and 65535"),
+                        );
+                        default_port
+                    }
+                },
+            };
+            let auth = match &spec.auth {
+                None => None,
+                Some(a) => {
+                    if tls == TlsMode::None {
+                        d.error(
+                            Reason::InvalidSpec,
+                            "spec.auth",
+                            "AUTH over `tls: none` would send the password in clear text",
+                        );
+                    }
+                    let field = "spec.auth.secretRef";
+                    let r = &a.secret_ref;
+                    let user = secret_value(secrets, ns, &r.name, &r.username_key, field, d);
+                    let pass = secret_value(secrets, ns, &r.name, &r.password_key, field, d);
+                    if let (Some(username), Some(password)) = (user, pass) {
+                        out.upstream_credentials
+                            .insert(id.clone(), Credentials { username, password });
+                    }
+                    Some(a.mechanism)
+                }
+            };
+            let custom_ca = match &tls_spec.ca_secret_ref {
+                None => false,
+                Some(r) => {
+                    if let Some(pem) = secret_value(secrets, ns, &r.name, &r.key, "spec.tls.caSecretRef", d) {
+                        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                            d.error(Reason::InvalidSpec, "spec.tls.caSecretRef", "the CA bundle is not PEM");
+                        }
+                        out.upstream_ca.insert(id.clone(), pem);
+                    }
+                    true
+                }
+            };
+            Target::Smarthost(Upstream {
+                host,
+                port,
+                tls,
+                verify_tls: tls_spec.verify.unwrap_or(true),
+                server_name: tls_spec.server_name.clone(),
+                auth,
+                custom_ca,
+            })
+        }
+    };
+
+    let mut recipient_domains = Vec::new();
+    for (i, p) in spec.matches.recipient_domains.iter().enumerate() {
+        match DomainPattern::parse(p) {
+            Ok(p) => recipient_domains.push(p),
+            Err(e) => d.error(
+                Reason::InvalidSpec,
+                &format!("spec.match.recipientDomains[{i}]"),
+                e.to_string(),
+            ),
+        }
+    }
+    if recipient_domains.is_empty() && spec.matches.recipient_domains.is_empty() {
+        recipient_domains.push(DomainPattern::Any);
+    }
+    recipient_domains.sort();
+    recipient_domains.dedup();
+
+    let s = &spec.matches.senders;
+    let mut from_domains = Vec::new();
+    for (i, p) in s.from_domains.iter().enumerate() {
+        match DomainPattern::parse(p) {
+            Ok(p) => from_domains.push(p),
+            Err(e) => d.error(
+                Reason::InvalidSpec,
+                &format!("spec.match.senders.fromDomains[{i}]"),
+                e.to_string(),
+            ),
+        }
+    }
+    let mut from_addresses = Vec::new();
+    for (i, a) in s.from_addresses.iter().enumerate() {
+        match split_address(a) {
+            Ok(_) => from_addresses.push(a.to_ascii_lowercase()),
+            Err(e) => d.error(
+                Reason::InvalidSpec,
+                &format!("spec.match.senders.fromAddresses[{i}]"),
+                e.to_string(),
+            ),
+        }
+    }
+    let mut auth_users = s.auth_users.clone();
+    for v in [&mut auth_users, &mut from_addresses] {
+        v.sort();
+        v.dedup();
+    }
+    from_domains.sort();
+    from_domains.dedup();
+
+    if let Some(f) = &spec.from_override {
+        if let Err(e) = split_address(f) {
+            d.error(Reason::InvalidSpec, "spec.fromOverride", e.to_string());
+        }
+    }
+    if let Some(t) = &spec.test_recipient {
+        if let Err(e) = split_address(t) {
+            d.error(Reason::InvalidSpec, "spec.testRecipient", e.to_string());
+        }
+    }
+
+    let preset_limits = spec.provider.and_then(|p| p.preset(spec.region.as_deref()));
+    let l = spec.limits.clone().unwrap_or_default();
+    let limits = RouteLimits {
+        messages_per_minute: l
+            .messages_per_minute
+            .or(preset_limits.as_ref().and_then(|p| p.messages_per_minute)),
+        recipients_per_day: l
+            .recipients_per_day
+            .or(preset_limits.as_ref().and_then(|p| p.recipients_per_day)),
+        max_connections: l.max_connections,
+        messages_per_connection: l.messages_per_connection,
+    };
+    for (name, v) in [
+        ("messagesPerMinute", limits.messages_per_minute),
+        ("recipientsPerDay", limits.recipients_per_day),
+        ("maxConnections", limits.max_connections),
+        ("messagesPerConnection", limits.messages_per_connection),
+    ] {
+        if v == Some(0) {
+            d.error(
+                Reason::InvalidSpec,
+                &format!("spec.limits.{name}"),
+                format!("{name} must be at least 1"),
+            );
+        }
+    }
+
+    let defaults = RetryConfig::default();
+    let r = spec.retry.clone().unwrap_or_default();
+    let retry = RetryConfig {
+        interval_secs: parse_duration(&r.interval, defaults.interval_secs, "spec.retry.interval", d),
+        lifetime_secs: parse_duration(&r.lifetime, defaults.lifetime_secs, "spec.retry.lifetime", d),
+        backoff: r.backoff.unwrap_or(Backoff::Fixed),
+        max_interval_secs: parse_duration(&r.max_interval, defaults.max_interval_secs, "spec.retry.maxInterval", d),
+    };
+    if retry.interval_secs > retry.lifetime_secs {
+        d.error(
+            Reason::InvalidSpec,
+            "spec.retry.interval",
+            "the retry interval is longer than the lifetime",
+        );
+    }
+
+    let dkim = match &spec.dkim {
+        None => None,
+        Some(k) => {
+            if !crate::pattern::is_valid_domain(&k.domain) {
+                d.error(
+                    Reason::InvalidSpec,
+                    "spec.dkim.domain",
+                    format!("`{}` is not a domain", k.domain),
+                );
+            }
+            let field = "spec.dkim.keySecretRef";
+            if let Some(pem) = secret_value(secrets, ns, &k.key_secret_ref.name, &k.key_secret_ref.key, field, d) {
+                if !pem.contains("PRIVATE KEY-----") {
+                    d.error(Reason::InvalidSpec, field, "the DKIM key is not a PEM private key");
+                }
+                out.dkim_keys.insert(id.clone(), pem);
+            }
+            Some(DkimConfig {
+                domain: k.domain.to_ascii_lowercase(),
+                selector: k.selector.clone(),
+            })
+        }
+    };
+
+    Some(CompiledRoute {
+        id,
+        priority: spec.priority,
+        target,
+        recipient_domains,
+        senders: CompiledSenderMatch {
+            auth_users,
+            from_domains,
+            from_addresses,
+        },
+        from_override: spec.from_override.clone(),
+        limits,
+        retry,
+        dkim,
+        test_recipient: spec.test_recipient.clone(),
+    })
+}
+
+/// Routes with the same priority, the same senders and a shared domain pattern are ambiguous: the
+/// first by id stays (with a warning), the others are left out.
+fn resolve_route_conflicts(
+    mut routes: Vec<CompiledRoute>,
+    diagnostics: &mut Vec<Diagnostic>,
+    secrets: &mut RelaySecrets,
+) -> Vec<CompiledRoute> {
+    routes.sort_by(|a, b| (a.priority, &a.id).cmp(&(b.priority, &b.id)));
+    let mut kept: Vec<CompiledRoute> = Vec::new();
+    for r in routes {
+        let clash = kept.iter().find(|k| {
+            k.priority == r.priority
+                && k.senders == r.senders
+                && k.recipient_domains.iter().any(|p| r.recipient_domains.contains(p))
+        });
+        if let Some(k) = clash {
+            let shared: BTreeSet<String> = k
+                .recipient_domains
+                .iter()
+                .filter(|p| r.recipient_domains.contains(p))
+                .map(|p| p.to_string())
+                .collect();
+            let shared = shared.into_iter().collect::<Vec<_>>().join(", ");
+            let (kn, rn) = (route_ref(&k.id), route_ref(&r.id));
+            diagnostics.push(Diagnostic {
+                object: rn.clone(),
+                severity: Severity::Error,
+                reason: Reason::Conflict,
+                field: Some("spec.priority".into()),
+                message: format!(
+                    "SmtpRoute {} has the same priority {} for {shared} and the same senders; this route is not used",
+                    k.id, r.priority
+                ),
+            });
+            diagnostics.push(Diagnostic {
+                object: kn,
+                severity: Severity::Warning,
+                reason: Reason::Conflict,
+                field: Some("spec.priority".into()),
+                message: format!(
+                    "SmtpRoute {} has the same priority {} for {shared}; it is left out",
+                    rn.id(),
+                    r.priority
+                ),
+            });
+            secrets.upstream_credentials.remove(&r.id);
+            secrets.upstream_ca.remove(&r.id);
+            secrets.dkim_keys.remove(&r.id);
+            continue;
+        }
+        kept.push(r);
+    }
+    kept
+}
+
+fn route_ref(id: &str) -> ObjectRef {
+    let (namespace, name) = id.split_once('/').unwrap_or(("default", id));
+    ObjectRef {
+        kind: ObjectKind::SmtpRoute,
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+fn compile_quota(
+    object: &ObjectRef,
+    spec: &SenderQuotaSpec,
+    secrets: &SecretStore,
+    d: &mut Diags<'_>,
+) -> Option<(CompiledQuota, Option<(String, String)>)> {
+    let s = &spec.sender;
+    let set = [
+        s.auth_user.is_some(),
+        s.from_address.is_some(),
+        s.from_domain.is_some(),
+        !s.source_cidrs.is_empty(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if set != 1 {
+        d.error(
+            Reason::InvalidSpec,
+            "spec.sender",
+            "set exactly one of authUser, fromAddress, fromDomain, sourceCidrs",
+        );
+        return None;
+    }
+    let selector = if let Some(u) = &s.auth_user {
+        if u.is_empty() || u.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            d.error(
+                Reason::InvalidSpec,
+                "spec.sender.authUser",
+                "authUser must be a non-empty name without spaces",
+            );
+        }
+        QuotaSelector::AuthUser(u.clone())
+    } else if let Some(a) = &s.from_address {
+        if let Err(e) = split_address(a) {
+            d.error(Reason::InvalidSpec, "spec.sender.fromAddress", e.to_string());
+        }
+        QuotaSelector::FromAddress(a.to_ascii_lowercase())
+    } else if let Some(dom) = &s.from_domain {
+        match DomainPattern::parse(dom) {
+            Ok(p) => QuotaSelector::FromDomain(p),
+            Err(e) => {
+                d.error(Reason::InvalidSpec, "spec.sender.fromDomain", e.to_string());
+                return None;
+            }
+        }
+    } else {
+        let mut nets = Vec::new();
+        for (i, c) in s.source_cidrs.iter().enumerate() {
+            match c.parse::<IpNet>() {
+                Ok(n) => nets.push(n.trunc()),
+                Err(_) => d.error(
+                    Reason::InvalidSpec,
+                    &format!("spec.sender.sourceCidrs[{i}]"),
+                    format!("`{c}` is not a CIDR such as 10.0.0.0/8"),
+                ),
+            }
+        }
+        nets.sort();
+        nets.dedup();
+        QuotaSelector::SourceCidrs(nets)
+    };
+
+    let mut limits = Vec::new();
+    let l = &spec.limits;
+    for (period, field, v) in [
+        (Period::Minute, "perMinute", l.per_minute),
+        (Period::Hour, "perHour", l.per_hour),
+        (Period::Day, "perDay", l.per_day),
+        (Period::Month, "perMonth", l.per_month),
+    ] {
+        match v.map(u64::try_from) {
+            None => {}
+            Some(Ok(max)) => limits.push(PeriodLimit { period, max }),
+            Some(Err(_)) => d.error(
+                Reason::InvalidSpec,
+                &format!("spec.limits.{field}"),
+                format!("{field} must not be negative"),
+            ),
+        }
+    }
+
+    let time_zone = spec.time_zone.clone().unwrap_or_else(|| "UTC".into());
+    if time_zone.parse::<chrono_tz::Tz>().is_err() {
+        d.error(
+            Reason::InvalidSpec,
+            "spec.timeZone",
+            format!("`{time_zone}` is not an IANA time zone such as Asia/Tokyo"),
+        );
+    }
+
+    let mut domain_list = |list: &[String], field: &str| {
+        let mut out = Vec::new();
+        for (i, p) in list.iter().enumerate() {
+            match DomainPattern::parse(p) {
+                Ok(p) => out.push(p),
+                Err(e) => d.error(Reason::InvalidSpec, &format!("{field}[{i}]"), e.to_string()),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    };
+    let allowed_from_domains = domain_list(&spec.allowed_from_domains, "spec.allowedFromDomains");
+    let denied_from_domains = domain_list(&spec.denied_from_domains, "spec.deniedFromDomains");
+
+    let user = match &spec.credentials_secret_ref {
+        None => None,
+        Some(r) => {
+            let field = "spec.credentialsSecretRef";
+            let ns = object.namespace.as_str();
+            let name = secret_value(secrets, ns, &r.name, &r.username_key, field, d);
+            let pass = secret_value(secrets, ns, &r.name, &r.password_key, field, d);
+            match (name, pass) {
+                (Some(name), Some(pass)) => {
+                    if let QuotaSelector::AuthUser(u) = &selector {
+                        if u != &name {
+                            d.error(
+                                Reason::InvalidSpec,
+                                field,
+                                format!("the Secret's user name `{name}` differs from sender.authUser `{u}`"),
+                            );
+                        }
+                    }
+                    Some((name.clone(), hash_password(&object.id(), &name, &pass)))
+                }
+                _ => None,
+            }
+        }
+    };
+
+    Some((
+        CompiledQuota {
+            id: object.id(),
+            selector,
+            limits,
+            count_by: spec.count_by,
+            applies_to: spec.applies_to,
+            bulk_header: spec.bulk_header.clone(),
+            on_exceeded: spec.on_exceeded,
+            time_zone,
+            allowed_from_domains,
+            denied_from_domains,
+        },
+        user,
+    ))
+}
+
+/// Argon2id with a salt derived from the quota and user, so the same input compiles to the same
+/// bytes (the operator must not rewrite the Secret on every reconcile).
+fn hash_password(quota_id: &str, user: &str, password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let digest = Sha256::digest(format!("mailroute-inbound\0{quota_id}\0{user}").as_bytes());
+    let Ok(salt) = SaltString::encode_b64(&digest[..16]) else {
+        return String::new();
+    };
+    match argon2::Argon2::default().hash_password(password.as_bytes(), &salt) {
+        Ok(h) => h.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+fn describe_limits(q: &CompiledQuota) -> String {
+    let mut parts: Vec<String> = q
+        .limits
+        .iter()
+        .map(|l| format!("{}/{}", l.max, l.period.as_str()))
+        .collect();
+    if parts.is_empty() {
+        parts.push("unlimited".into());
+    }
+    let mut s = parts.join(", ");
+    if q.count_by == crate::quota::CountBy::Recipients {
+        s.push_str(" recipients");
+    }
+    if q.applies_to == crate::quota::AppliesTo::Bulk {
+        s.push_str(" bulk");
+    }
+    s
+}
+
+/// The SASL name of a mechanism.
+pub fn mechanism_name(m: AuthMechanism) -> &'static str {
+    match m {
+        AuthMechanism::Plain => "PLAIN",
+        AuthMechanism::Login => "LOGIN",
+        AuthMechanism::Xoauth2 => "XOAUTH2",
+    }
+}

@@ -1,0 +1,405 @@
+//! The compiled relay configuration: the one document every relay pod reads (`RelayConfig`, in a
+//! ConfigMap) and its sensitive half (`RelaySecrets`, in a Secret, never a ConfigMap). Produced only
+//! by `compile`; relays never see the custom resources themselves. No I/O here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ipnet::IpNet;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::pattern::DomainPattern;
+use crate::quota::{AppliesTo, CountBy, OnExceeded};
+use crate::route::{AuthMechanism, Backoff, TlsMode};
+
+/// Format version of `RelayConfig`; relays refuse a document with a version they do not know.
+pub const CONFIG_VERSION: u32 = 1;
+/// Key of the relay configuration in its ConfigMap.
+pub const CONFIG_KEY: &str = "relay.json";
+/// Key of the relay secrets in their Secret.
+pub const SECRETS_KEY: &str = "secrets.json";
+
+/// Everything a relay needs to route and limit mail, except secrets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayConfig {
+    pub version: u32,
+    /// Routes in the order they are considered: priority, then id.
+    pub routes: Vec<CompiledRoute>,
+    /// Quotas sorted by id.
+    pub quotas: Vec<CompiledQuota>,
+}
+
+impl RelayConfig {
+    /// A configuration with no routes and no quotas.
+    pub fn empty() -> Self {
+        Self {
+            version: CONFIG_VERSION,
+            routes: vec![],
+            quotas: vec![],
+        }
+    }
+
+    /// The canonical serialisation: same config, same bytes.
+    pub fn to_canonical_json(&self) -> String {
+        // Serialising plain structs, vectors and BTreeMaps cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Short content hash identifying this generation of the configuration.
+    pub fn content_hash(&self) -> String {
+        short_hash(self.to_canonical_json().as_bytes())
+    }
+}
+
+/// First 16 hex digits of SHA-256.
+pub fn short_hash(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..8])
+}
+
+/// One route, with presets and defaults resolved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledRoute {
+    /// `namespace/name` of the SmtpRoute.
+    pub id: String,
+    pub priority: i32,
+    pub target: Target,
+    /// Never empty; `*` when the route did not say.
+    #[schemars(with = "Vec<String>")]
+    pub recipient_domains: Vec<DomainPattern>,
+    pub senders: CompiledSenderMatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_override: Option<String>,
+    pub limits: RouteLimits,
+    pub retry: RetryConfig,
+    /// DKIM signing; the key is in `RelaySecrets::dkim_keys` under the route id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<DkimConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_recipient: Option<String>,
+}
+
+impl CompiledRoute {
+    /// Whether this route serves mail from `sender` (envelope, may be empty for bounces),
+    /// authenticated as `auth_user`, to a recipient in `rcpt_domain`.
+    pub fn serves(&self, sender: &str, auth_user: Option<&str>, rcpt_domain: &str) -> bool {
+        self.recipient_domains.iter().any(|p| p.matches(rcpt_domain)) && self.senders.matches(sender, auth_user)
+    }
+
+    /// The most specific of this route's domain patterns matching `rcpt_domain`.
+    pub fn domain_specificity(&self, rcpt_domain: &str) -> Option<usize> {
+        self.recipient_domains
+            .iter()
+            .filter(|p| p.matches(rcpt_domain))
+            .map(|p| p.specificity())
+            .max()
+    }
+}
+
+/// Where a route sends mail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Target {
+    /// An upstream smarthost.
+    Smarthost(Upstream),
+    /// The recipient domain's MX hosts, opportunistic STARTTLS.
+    Mx,
+}
+
+/// Connection settings of an upstream smarthost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub verify_tls: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// AUTH mechanism; the credentials are in `RelaySecrets::upstream_credentials` under the route id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthMechanism>,
+    /// Whether `RelaySecrets::upstream_ca` holds an extra CA bundle for this route.
+    #[serde(default)]
+    pub custom_ca: bool,
+}
+
+/// Sender selectors of a route; empty means any sender.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledSenderMatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub auth_users: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub from_domains: Vec<DomainPattern>,
+    /// Lower-cased.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_addresses: Vec<String>,
+}
+
+impl CompiledSenderMatch {
+    pub fn is_any(&self) -> bool {
+        self.auth_users.is_empty() && self.from_domains.is_empty() && self.from_addresses.is_empty()
+    }
+
+    pub fn matches(&self, sender: &str, auth_user: Option<&str>) -> bool {
+        if self.is_any() {
+            return true;
+        }
+        if let Some(u) = auth_user {
+            if self.auth_users.iter().any(|a| a == u) {
+                return true;
+            }
+        }
+        let sender_lc = sender.to_ascii_lowercase();
+        if self.from_addresses.contains(&sender_lc) {
+            return true;
+        }
+        match crate::pattern::domain_of(&sender_lc) {
+            Some(d) => self.from_domains.iter().any(|p| p.matches(&d)),
+            None => false,
+        }
+    }
+}
+
+/// A route's upstream limits (pacing, not failing).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_minute: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_per_day: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_connection: Option<u32>,
+}
+
+/// Retry schedule, in seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryConfig {
+    pub interval_secs: u64,
+    pub lifetime_secs: u64,
+    pub backoff: Backoff,
+    pub max_interval_secs: u64,
+}
+
+impl Default for RetryConfig {
+    /// Every minute for 30 minutes from acceptance, as hosted relays do.
+    fn default() -> Self {
+        Self {
+            interval_secs: 60,
+            lifetime_secs: 30 * 60,
+            backoff: Backoff::Fixed,
+            max_interval_secs: 30 * 60,
+        }
+    }
+}
+
+/// DKIM signing parameters (the key is secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimConfig {
+    pub domain: String,
+    pub selector: String,
+}
+
+/// One quota, validated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledQuota {
+    /// `namespace/name` of the SenderQuota.
+    pub id: String,
+    pub selector: QuotaSelector,
+    /// Sorted from the shortest period to the longest.
+    pub limits: Vec<PeriodLimit>,
+    pub count_by: CountBy,
+    pub applies_to: AppliesTo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk_header: Option<String>,
+    pub on_exceeded: OnExceeded,
+    /// IANA time zone name for day and month boundaries.
+    pub time_zone: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub allowed_from_domains: Vec<DomainPattern>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub denied_from_domains: Vec<DomainPattern>,
+}
+
+/// Who a quota applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", tag = "kind", content = "value")]
+pub enum QuotaSelector {
+    AuthUser(String),
+    /// Lower-cased.
+    FromAddress(String),
+    #[schemars(with = "String")]
+    FromDomain(DomainPattern),
+    #[schemars(with = "Vec<String>")]
+    SourceCidrs(Vec<IpNet>),
+}
+
+impl QuotaSelector {
+    /// For display and status: `authUser:shop-42`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::AuthUser(u) => format!("authUser:{u}"),
+            Self::FromAddress(a) => format!("fromAddress:{a}"),
+            Self::FromDomain(d) => format!("fromDomain:{d}"),
+            Self::SourceCidrs(c) => {
+                format!(
+                    "sourceCidrs:{}",
+                    c.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+                )
+            }
+        }
+    }
+}
+
+/// A quota period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Minute => "minute",
+            Self::Hour => "hour",
+            Self::Day => "day",
+            Self::Month => "month",
+        }
+    }
+}
+
+/// At most `max` per `period`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeriodLimit {
+    pub period: Period,
+    pub max: u64,
+}
+
+/// The sensitive half of the configuration. Never logged: `Debug` prints key names only.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelaySecrets {
+    /// Upstream AUTH credentials by route id.
+    #[serde(default)]
+    pub upstream_credentials: BTreeMap<String, Credentials>,
+    /// Extra CA bundles (PEM) by route id.
+    #[serde(default)]
+    pub upstream_ca: BTreeMap<String, String>,
+    /// DKIM private keys (PEM) by route id.
+    #[serde(default)]
+    pub dkim_keys: BTreeMap<String, String>,
+    /// Inbound SMTP AUTH users by user name.
+    #[serde(default)]
+    pub inbound_users: BTreeMap<String, InboundUser>,
+}
+
+impl fmt::Debug for RelaySecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelaySecrets")
+            .field(
+                "upstream_credentials",
+                &self.upstream_credentials.keys().collect::<Vec<_>>(),
+            )
+            .field("upstream_ca", &self.upstream_ca.keys().collect::<Vec<_>>())
+            .field("dkim_keys", &self.dkim_keys.keys().collect::<Vec<_>>())
+            .field("inbound_users", &self.inbound_users.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl RelaySecrets {
+    pub fn to_canonical_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// A user name and password (or OAuth2 token for XOAUTH2). `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// An inbound SMTP AUTH user: an Argon2id PHC hash and the quota it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundUser {
+    pub password_hash: String,
+    pub quota: String,
+}
+
+/// Checks a password against an `InboundUser` hash (constant-time inside argon2).
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    match PasswordHash::new(hash) {
+        Ok(parsed) => argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let mut s = RelaySecrets::default();
+        s.upstream_credentials.insert(
+            "ns/r".into(),
+            Credentials {
+                username: "u".into(),
+                password: "hunter2".into(),
+            },
+        );
+        s.dkim_keys
+            .insert("ns/r".into(), "-----BEGIN PRIVATE KEY-----xyz".into());
+        let dbg = format!("{s:?} {:?}", s.upstream_credentials["ns/r"]);
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(!dbg.contains("BEGIN PRIVATE"), "{dbg}");
+        assert!(dbg.contains("ns/r"));
+    }
+
+    #[test]
+    fn sender_match_rules() {
+        let m = CompiledSenderMatch {
+            auth_users: vec!["shop".into()],
+            from_domains: vec![DomainPattern::parse("*.example.com").unwrap()],
+            from_addresses: vec!["ceo@corp.test".into()],
+        };
+        assert!(m.matches("x@y.z", Some("shop")));
+        assert!(m.matches("a@mail.example.com", None));
+        assert!(m.matches("CEO@corp.test", None));
+        assert!(!m.matches("a@example.com", None));
+        assert!(!m.matches("", None));
+        assert!(CompiledSenderMatch::default().matches("", None));
+    }
+}

@@ -1,0 +1,21 @@
+//! mailroute's shared API: the `SmtpRoute` and `SenderQuota` custom resources, the compiled
+//! `RelayConfig`/`RelaySecrets` that relays read, and the pure `compile` step between them.
+//! Nothing in this crate performs I/O.
+
+pub mod compile;
+pub mod config;
+pub mod manifest;
+pub mod pattern;
+pub mod provider;
+pub mod quota;
+pub mod route;
+pub mod status;
+
+pub use compile::{Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, compile};
+pub use config::{RelayConfig, RelaySecrets};
+pub use manifest::Manifests;
+pub use quota::{SenderQuota, SenderQuotaSpec};
+pub use route::{SmtpRoute, SmtpRouteSpec};
+
+/// API group of the custom resources.
+pub const GROUP: &str = "mailroute.io";

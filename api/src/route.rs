@@ -1,0 +1,345 @@
+//! The `SmtpRoute` custom resource: where mail leaves the cluster. Types and schema only; what a
+//! route means at run time is decided by `compile`.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::provider::Provider;
+use crate::status::{Condition, ConnectionTest};
+
+/// Where and how mail matching this route is delivered.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailroute.io",
+    version = "v1alpha1",
+    kind = "SmtpRoute",
+    namespaced,
+    status = "SmtpRouteStatus",
+    shortname = "smtpr",
+    category = "mailroute",
+    doc = "An outbound mail route: an upstream smarthost (or direct MX delivery), the senders and recipient domains it serves, its priority and the upstream's limits.",
+    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider"),
+    printcolumn(name = "Host", type_ = "string", json_path = ".status.host"),
+    printcolumn(name = "Port", type_ = "integer", json_path = ".status.port"),
+    printcolumn(name = "Domains", type_ = "string", json_path = ".spec.match.recipientDomains"),
+    printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Verified",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Verified\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    cel
+)]
+#[x_kube(
+    validation = Rule::new("self.delivery == 'mx' ? (!has(self.host) && !has(self.provider) && !has(self.auth)) : (has(self.host) || (has(self.provider) && self.provider != 'custom'))")
+        .message("exactly one delivery mode: `delivery: mx` takes no host, provider or auth; `delivery: smarthost` needs a host or a provider preset other than custom"),
+    validation = Rule::new("!has(self.region) || (has(self.provider) && self.provider == 'ses')").message("region is only used with provider: ses")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SmtpRouteSpec {
+    /// A provider preset that fills in host, port, TLS mode and the provider's known limits
+    /// (for example `office365`: smtp.office365.com:587, STARTTLS, 30 messages a minute and 10,000
+    /// recipients a day). Fields set on the route override the preset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Provider>,
+
+    /// AWS region for `provider: ses` (default `us-east-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+
+    /// Upstream smarthost host name. Required for `delivery: smarthost` without a preset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$')").message("host must be a DNS name or an IP address"))]
+    pub host: Option<String>,
+
+    /// Upstream port. Default: the preset's, else 25 for `tls: none`, 587 for `starttls`, 465 for `implicit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("port must be between 1 and 65535"))]
+    pub port: Option<i32>,
+
+    /// Transport security towards the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+
+    /// SMTP AUTH towards the upstream, with credentials from a Secret in the route's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+
+    /// `smarthost` (default): hand mail to the upstream host. `mx`: deliver directly to each
+    /// recipient domain's MX hosts, with opportunistic STARTTLS.
+    #[serde(default)]
+    pub delivery: DeliveryMode,
+
+    /// Which mail this route serves. Omitted: every sender, every recipient domain.
+    #[serde(default, rename = "match")]
+    pub matches: RouteMatch,
+
+    /// Lower is tried first. When a route fails with a connection error or a temporary reply,
+    /// the next matching route (higher number) is tried.
+    #[serde(default = "default_priority")]
+    pub priority: i32,
+
+    /// Replaces the envelope sender and the `From:` header of mail leaving through this route
+    /// (some upstreams only accept their own mailbox as sender). Omitted: the original is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[^@\\\\s<>]+@[A-Za-z0-9.-]+\\\\.[A-Za-z0-9-]+$')").message("fromOverride must be an e-mail address"))]
+    pub from_override: Option<String>,
+
+    /// The upstream's own limits. Mail is paced to stay within them, never failed for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<UpstreamLimits>,
+
+    /// Retry schedule for temporary failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+
+    /// DKIM signing of mail leaving through this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<DkimSpec>,
+
+    /// If set, the operator's connection test also sends a real test message to this address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_recipient: Option<String>,
+}
+
+fn default_priority() -> i32 {
+    100
+}
+
+/// How mail leaves through a route.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// Relay through the upstream host.
+    #[default]
+    Smarthost,
+    /// Deliver directly to the recipient domain's MX hosts.
+    Mx,
+}
+
+/// Transport security towards the upstream.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// `none`, `starttls` (required: fail if the upstream does not offer it) or `implicit` (TLS from
+    /// the first byte, usually port 465). Default: the preset's, else `starttls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TlsMode>,
+    /// Verify the upstream's certificate chain and host name (default true). Turn off only for
+    /// test upstreams with self-signed certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<bool>,
+    /// Name to verify the certificate against, if it differs from `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Extra trusted CA bundle (PEM) from a Secret in the route's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
+/// TLS mode of an SMTP connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain text. Only for upstreams inside a trusted network.
+    None,
+    /// STARTTLS after EHLO; the connection fails if the upstream does not offer it.
+    Starttls,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Implicit,
+}
+
+/// SMTP AUTH settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// SASL mechanism: `plain` (default), `login` or `xoauth2` (the password key then holds the OAuth2 access token).
+    #[serde(default)]
+    pub mechanism: AuthMechanism,
+    /// The Secret holding the credentials; required whenever auth is set.
+    pub secret_ref: CredentialsSecretRef,
+}
+
+/// A SASL mechanism for upstream AUTH.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMechanism {
+    #[default]
+    Plain,
+    Login,
+    Xoauth2,
+}
+
+/// A Secret in the same namespace holding a user name and a password.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key holding the user name (default `username`).
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// Key holding the password or token (default `password`).
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// One key of a Secret in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    pub name: String,
+    /// Key within the Secret.
+    pub key: String,
+}
+
+/// Which mail a route serves. An empty list means "any".
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    /// Recipient domains: `*` (all), `docomo.ne.jp` (exactly), `*.example.com` (every subdomain).
+    /// Default `["*"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(d, d == '*' || d.matches('^(\\\\*\\\\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\\\.)+[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$'))").message("recipientDomains entries must be `*`, `example.com` or `*.example.com`"))]
+    pub recipient_domains: Vec<String>,
+    /// Senders this route serves. Omitted: every sender.
+    #[serde(default, skip_serializing_if = "SenderMatch::is_empty")]
+    pub senders: SenderMatch,
+}
+
+/// Sender selectors of a route; a message matches when any listed selector matches.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SenderMatch {
+    /// SMTP AUTH user names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub auth_users: Vec<String>,
+    /// Envelope sender domains (`example.com` or `*.example.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_domains: Vec<String>,
+    /// Exact envelope sender addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_addresses: Vec<String>,
+}
+
+impl SenderMatch {
+    pub fn is_empty(&self) -> bool {
+        self.auth_users.is_empty() && self.from_domains.is_empty() && self.from_addresses.is_empty()
+    }
+}
+
+/// Limits the upstream enforces; mail is paced to stay within them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamLimits {
+    /// Messages per minute (Office 365: 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("messagesPerMinute must be at least 1"))]
+    pub messages_per_minute: Option<u32>,
+    /// Recipients per day (Office 365: 10,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("recipientsPerDay must be at least 1"))]
+    pub recipients_per_day: Option<u32>,
+    /// Concurrent connections across all relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxConnections must be at least 1"))]
+    pub max_connections: Option<u32>,
+    /// Messages sent over one connection before it is closed and reopened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("messagesPerConnection must be at least 1"))]
+    pub messages_per_connection: Option<u32>,
+}
+
+/// Retry schedule for temporary failures (4xx replies, time-outs, connection errors).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Time between attempts, e.g. `1m` (default), `30s`, `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// How long after acceptance a message may keep being retried before it bounces as expired,
+    /// e.g. `30m` (default), `4h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<String>,
+    /// `fixed` (default) or `exponential` (the interval doubles after each attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// Longest interval with exponential back-off (default `30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_interval: Option<String>,
+}
+
+/// Retry back-off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Backoff {
+    #[default]
+    Fixed,
+    Exponential,
+}
+
+/// DKIM signing settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimSpec {
+    /// Signing domain (`d=`).
+    pub domain: String,
+    /// Selector (`s=`); the public key is published at `SELECTOR._domainkey.DOMAIN`.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._-]*$')").message("selector must be a DNS label"))]
+    pub selector: String,
+    /// Secret holding the private key (PEM, RSA or Ed25519; default key `private.key`).
+    pub key_secret_ref: DkimKeyRef,
+}
+
+/// The Secret holding a DKIM private key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimKeyRef {
+    /// Secret name.
+    pub name: String,
+    /// Key within the Secret (default `private.key`).
+    #[serde(default = "default_dkim_key")]
+    pub key: String,
+}
+
+fn default_dkim_key() -> String {
+    "private.key".into()
+}
+
+/// Observed state of a route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SmtpRouteStatus {
+    /// `Accepted` (the spec compiled), `Ready` (in the live relay configuration) and `Verified`
+    /// (the last connection test succeeded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Effective upstream host (after the preset), or `mx`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Effective upstream port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+    /// The last connection test towards the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_connection_test: Option<ConnectionTest>,
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace on a fresh machine: installs what is missing
+# (redis-server, swaks), then fmt, clippy, the CRD drift check and the whole test suite.
+# Tests start their own redis-server instances on 127.0.0.1 with free ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_updated=""
+need_apt() { # need_apt COMMAND PACKAGE
+  if ! command -v "$1" >/dev/null 2>&1; then
+    if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  fi
+}
+need_apt redis-server redis-server
+need_apt swaks swaks
+# redis-server from apt starts a system instance; tests do not use it, so stop it if it runs.
+if command -v service >/dev/null 2>&1; then service redis-server stop >/dev/null 2>&1 || true; fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== CRD drift check"
+cargo run -q --locked -p mailroute-operator -- crd --out target/crd-check
+diff -r crds target/crd-check >/dev/null || { echo "crds/ is out of date: run 'cargo run -p mailroute-operator -- crd --out crds'"; exit 1; }
+echo "== tests"
+cargo test --workspace --locked
