@@ -1,4 +1,11 @@
 //! mailroute relay: accepts SMTP, queues in Redis, delivers through the compiled routes.
 
+pub mod admin;
 pub mod bounce;
+pub mod delivery;
+pub mod dlog;
+pub mod dsn;
+pub mod metrics;
+pub mod quota;
 pub mod retry;
+pub mod shaping;
