@@ -1,0 +1,120 @@
+//! The queued message and its per-recipient jobs: the records the queue stores and the worker
+//! reads. Plain data with serde; no I/O, no policy.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything about an accepted message except its body. Stored once per message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MessageMeta {
+    /// Queue id (also the admin API's message id).
+    pub id: String,
+    pub received_at_ms: i64,
+    pub source_ip: String,
+    /// Listener that accepted it: `smtp`, `submission` or `smtps`.
+    pub listener: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
+    pub tls: bool,
+    /// Envelope sender; empty for the null sender `<>` (bounces).
+    pub mail_from: String,
+    pub rcpts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id_header: Option<String>,
+    pub size: usize,
+    #[serde(default)]
+    pub options: DeliveryOptions,
+    /// Quota that counted this message, if any (for the log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+    /// Set on DSNs the relay generated itself.
+    #[serde(default)]
+    pub is_dsn: bool,
+}
+
+/// Per-message scheduling from the `X-Mailroute-*` extension headers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliver_after_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_interval_secs: Option<u64>,
+    /// `"22:00-07:00 Asia/Tokyo"`, already validated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_hours: Option<String>,
+}
+
+/// One recipient of one message: the unit of delivery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Message id.
+    #[serde(rename = "m")]
+    pub msg: String,
+    /// Index into [`MessageMeta::rcpts`].
+    #[serde(rename = "r")]
+    pub rcpt: u32,
+    /// Delivery attempts made so far (pacing waits do not count).
+    #[serde(rename = "a")]
+    pub attempts: u32,
+    /// Times this job was put back by pacing; keeps schedule members unique.
+    #[serde(rename = "w", default)]
+    pub waits: u32,
+}
+
+impl Job {
+    pub fn new(msg: &str, rcpt: u32) -> Self {
+        Job { msg: msg.to_owned(), rcpt, attempts: 0, waits: 0 }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(s: &[u8]) -> Option<Job> {
+        serde_json::from_slice(s).ok()
+    }
+}
+
+/// Final or current state of one recipient, kept on the message record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientState {
+    /// queued | deferred | delivered | bounced | expired | cancelled
+    pub status: String,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+}
+
+/// A fresh queue id: 26 lowercase base32 characters, time-ordered prefix for humans.
+pub fn new_id(now_ms: i64) -> String {
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!("{:011x}{}", now_ms.max(0), &rand[..15])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_round_trip_is_compact() {
+        let j = Job { msg: "abc".into(), rcpt: 2, attempts: 3, waits: 1 };
+        let s = j.encode();
+        assert_eq!(s, r#"{"m":"abc","r":2,"a":3,"w":1}"#);
+        assert_eq!(Job::decode(s.as_bytes()), Some(j));
+        assert_eq!(Job::decode(b"garbage"), None);
+    }
+
+    #[test]
+    fn ids_are_unique_and_sortable_by_time() {
+        let a = new_id(1_000);
+        let b = new_id(2_000);
+        assert_ne!(new_id(1_000), new_id(1_000));
+        assert!(a < b);
+        assert_eq!(a.len(), 26);
+    }
+}

@@ -1,0 +1,116 @@
+//! The delivery queue shared by all relay pods: messages (stored once), one job per recipient,
+//! a ready stream, a schedule for retries and delayed jobs, leases reclaimed from crashed relays.
+//!
+//! This module owns storage and the atomic state transitions only. It must not decide when a
+//! job is due or whether it failed (that is `retry`, `bounce` and the worker); callers pass in
+//! every instant. Two implementations: [`redis::RedisQueue`] (durable, shared) and
+//! [`memory::MemoryQueue`] (one process, lost on exit; for local runs and unit tests).
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::message::{Job, MessageMeta, RecipientState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("durability not reached: {0}")]
+    Durability(String),
+}
+
+pub type Result<T> = std::result::Result<T, QueueError>;
+
+/// A job handed to one consumer until it is completed or its lease expires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leased {
+    /// Lease handle (the stream entry id for Redis).
+    pub lease: String,
+    pub job: Job,
+}
+
+/// A stored message with its body.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub meta: MessageMeta,
+    pub body: Bytes,
+    pub cancelled: bool,
+}
+
+/// What happens to a leased job.
+#[derive(Clone, Debug)]
+pub enum Disposition {
+    /// Back into the schedule, due at `due_ms`, with the updated job (attempts/waits).
+    Reschedule { job: Job, due_ms: i64, state: RecipientState },
+    /// The recipient is final (delivered, bounced, expired, cancelled); the message record
+    /// goes when its last recipient is final.
+    Final { state: RecipientState },
+}
+
+/// Per-message view for the admin API.
+#[derive(Clone, Debug, Serialize)]
+pub struct MessageView {
+    pub meta: MessageMeta,
+    pub cancelled: bool,
+    pub pending: i64,
+    pub recipients: Vec<(String, Option<RecipientState>)>,
+}
+
+/// Queue depth figures for metrics and autoscaling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// Jobs waiting in the ready stream, not yet handed to a consumer.
+    pub ready: u64,
+    /// Jobs handed out and not completed.
+    pub inflight: u64,
+    /// Jobs waiting for a retry or a start time.
+    pub scheduled: u64,
+    /// Stored messages.
+    pub messages: u64,
+    /// Age of the oldest ready or in-flight job, ms (0 when empty).
+    pub oldest_age_ms: u64,
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Whether an acknowledged enqueue survives a crash of this process.
+    fn durable(&self) -> bool;
+
+    /// Stores the message and its jobs in one atomic step; returns only once the store
+    /// acknowledged it (and replicas, if configured). `due_ms` None = ready now.
+    async fn enqueue(&self, meta: &MessageMeta, body: &[u8], jobs: &[(Job, Option<i64>)]) -> Result<()>;
+
+    /// Moves scheduled jobs due at `now_ms` into the ready stream. Safe to call from every pod.
+    async fn promote_due(&self, now_ms: i64, max: usize) -> Result<usize>;
+
+    /// Takes up to `max` ready jobs for `consumer`, waiting up to `block` for one to arrive.
+    async fn fetch(&self, consumer: &str, max: usize, block: Duration) -> Result<Vec<Leased>>;
+
+    /// Takes over jobs leased to any consumer longer than `min_idle` ago (a crashed relay).
+    async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> Result<Vec<Leased>>;
+
+    /// The message and its body, None if it no longer exists.
+    async fn load(&self, msg_id: &str) -> Result<Option<Stored>>;
+
+    /// Completes a lease. A lease that was already completed (reclaimed and finished elsewhere)
+    /// is ignored, so a recipient is never counted final twice. Returns whether it applied.
+    async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool>;
+
+    /// Marks a message cancelled; its remaining jobs finish as cancelled when next seen.
+    async fn cancel(&self, msg_id: &str) -> Result<bool>;
+
+    async fn view(&self, msg_id: &str) -> Result<Option<MessageView>>;
+
+    async fn stats(&self, now_ms: i64) -> Result<QueueStats>;
+
+    /// Cheap liveness check of the store.
+    async fn ping(&self) -> Result<()>;
+}

@@ -1,0 +1,413 @@
+//! Redis implementation of the queue: one hash per message (meta, body stored once, pending
+//! recipient count, per-recipient state), a stream `ready` read by the consumer group `relays`
+//! (each relay process one consumer), a sorted set `sched` of jobs by due time, and a counter of
+//! stored messages. Every key shares one hash tag (`{mailroute}` by default) so the scripts run
+//! on Redis Cluster too. State transitions that touch several keys are one MULTI/EXEC or one
+//! Lua script, so a crash of a relay between two commands cannot lose or duplicate a job.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+use tokio::sync::Mutex;
+
+use super::{Disposition, Leased, MessageView, Queue, QueueError, QueueStats, Result, Stored};
+use crate::message::{Job, MessageMeta, RecipientState};
+
+pub const GROUP: &str = "relays";
+pub const DEFAULT_PREFIX: &str = "{mailroute}:";
+
+/// How many acknowledgements an enqueue waits for beyond the primary's own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Durability {
+    /// `WAIT n timeout`: replicas that must have the write before we answer 250.
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
+pub struct RedisQueue {
+    conn: ConnectionManager,
+    /// Blocking reads hold their connection; they get their own so they never delay enqueues.
+    block_conn: Mutex<ConnectionManager>,
+    keys: Keys,
+    durability: Durability,
+    complete: Script,
+    promote: Script,
+}
+
+#[derive(Clone, Debug)]
+struct Keys {
+    prefix: String,
+    ready: String,
+    sched: String,
+    count: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+            ready: format!("{prefix}ready"),
+            sched: format!("{prefix}sched"),
+            count: format!("{prefix}messages"),
+        }
+    }
+    fn msg(&self, id: &str) -> String {
+        format!("{}msg:{id}", self.prefix)
+    }
+}
+
+const COMPLETE: &str = r"
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 0 then return 1 end
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+if ARGV[3] == 'r' then
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
+else
+  local left = redis.call('HINCRBY', KEYS[3], 'pending', -1)
+  if left <= 0 then
+    redis.call('DEL', KEYS[3])
+    redis.call('DECR', KEYS[4])
+  end
+end
+return 1
+";
+
+const PROMOTE: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, j in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', 'j', j)
+  redis.call('ZREM', KEYS[1], j)
+end
+return #due
+";
+
+impl RedisQueue {
+    /// Connects and creates the consumer group if missing. `prefix` must contain a hash tag.
+    pub async fn connect(url: &str, prefix: &str, durability: Durability) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(3);
+        let conn = client.get_connection_manager_with_config(cfg.clone()).await?;
+        let block_conn = client
+            .get_connection_manager_with_config(cfg.set_response_timeout(Some(Duration::from_secs(40))))
+            .await?;
+        let q = RedisQueue {
+            conn,
+            block_conn: Mutex::new(block_conn),
+            keys: Keys::new(prefix),
+            durability,
+            complete: Script::new(COMPLETE),
+            promote: Script::new(PROMOTE),
+        };
+        q.ensure_group().await?;
+        Ok(q)
+    }
+
+    async fn ensure_group(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        let r: redis::RedisResult<Value> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.keys.ready)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stream key and group, for autoscalers (KEDA redis-streams) and docs.
+    pub fn ready_key(&self) -> &str {
+        &self.keys.ready
+    }
+
+    fn leased_from_entries(entries: &Value) -> Vec<Leased> {
+        let mut out = Vec::new();
+        let Value::Array(entries) = entries else { return out };
+        for e in entries {
+            let Value::Array(parts) = e else { continue };
+            let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else { continue };
+            let Some(id) = as_string(id) else { continue };
+            // fields = [ "j", <job json> ]
+            let job = fields.get(1).and_then(as_bytes).and_then(Job::decode);
+            if let Some(job) = job {
+                out.push(Leased { lease: id, job });
+            } else {
+                tracing::warn!(entry = %id, "skipping undecodable queue entry");
+            }
+        }
+        out
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    as_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => as_string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    fn durable(&self) -> bool {
+        true
+    }
+
+    async fn enqueue(&self, meta: &MessageMeta, body: &[u8], jobs: &[(Job, Option<i64>)]) -> Result<()> {
+        let meta_json = serde_json::to_vec(meta).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let key = self.keys.msg(&meta.id);
+        let mut p = redis::pipe();
+        p.atomic();
+        p.cmd("HSET")
+            .arg(&key)
+            .arg("meta")
+            .arg(meta_json)
+            .arg("body")
+            .arg(body)
+            .arg("pending")
+            .arg(jobs.len())
+            .ignore();
+        for (job, due) in jobs {
+            match due {
+                Some(due) => p.cmd("ZADD").arg(&self.keys.sched).arg(*due).arg(job.encode()).ignore(),
+                None => p.cmd("XADD").arg(&self.keys.ready).arg("*").arg("j").arg(job.encode()).ignore(),
+            };
+        }
+        p.cmd("INCR").arg(&self.keys.count).ignore();
+        let mut c = self.conn.clone();
+        let () = p.query_async(&mut c).await?;
+        if self.durability.replicas > 0 {
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(self.durability.replicas)
+                .arg(self.durability.timeout.as_millis() as u64)
+                .query_async(&mut c)
+                .await?;
+            if acked < i64::from(self.durability.replicas) {
+                return Err(QueueError::Durability(format!(
+                    "{acked} of {} replicas acknowledged",
+                    self.durability.replicas
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn promote_due(&self, now_ms: i64, max: usize) -> Result<usize> {
+        let mut c = self.conn.clone();
+        let n: i64 = self
+            .promote
+            .key(&self.keys.sched)
+            .key(&self.keys.ready)
+            .arg(now_ms)
+            .arg(max)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(n.max(0) as usize)
+    }
+
+    async fn fetch(&self, consumer: &str, max: usize, block: Duration) -> Result<Vec<Leased>> {
+        let mut c = self.block_conn.lock().await;
+        let v: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(max)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.keys.ready)
+            .arg(">")
+            .query_async(&mut *c)
+            .await;
+        let v = match v {
+            Ok(v) => v,
+            // The group vanishes if someone flushed Redis; recreate it and let the caller retry.
+            Err(e) if e.code() == Some("NOGROUP") => {
+                drop(c);
+                self.ensure_group().await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // [[stream, [entries...]]] or nil / map in RESP3
+        let entries = match &v {
+            Value::Array(streams) => streams.first().and_then(|s| match s {
+                Value::Array(kv) => kv.get(1).cloned(),
+                _ => None,
+            }),
+            Value::Map(m) => m.first().map(|(_, e)| e.clone()),
+            _ => None,
+        };
+        Ok(entries.map(|e| Self::leased_from_entries(&e)).unwrap_or_default())
+    }
+
+    async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> Result<Vec<Leased>> {
+        let mut c = self.conn.clone();
+        let mut out = Vec::new();
+        let mut cursor = "0-0".to_owned();
+        loop {
+            let v: Value = redis::cmd("XAUTOCLAIM")
+                .arg(&self.keys.ready)
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(min_idle.as_millis() as u64)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(max.saturating_sub(out.len()).max(1))
+                .query_async(&mut c)
+                .await?;
+            let Value::Array(parts) = v else { break };
+            out.extend(parts.get(1).map(Self::leased_from_entries).unwrap_or_default());
+            cursor = parts.first().and_then(as_string).unwrap_or_else(|| "0-0".into());
+            if cursor == "0-0" || out.len() >= max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn load(&self, msg_id: &str) -> Result<Option<Stored>> {
+        let mut c = self.conn.clone();
+        let v: Vec<Value> = redis::cmd("HMGET")
+            .arg(self.keys.msg(msg_id))
+            .arg("meta")
+            .arg("body")
+            .arg("cancelled")
+            .query_async(&mut c)
+            .await?;
+        let (Some(meta), Some(body)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
+            return Ok(None);
+        };
+        let meta: MessageMeta =
+            serde_json::from_slice(meta).map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
+        let cancelled = v.get(2).and_then(as_bytes).is_some();
+        Ok(Some(Stored { meta, body: Bytes::copy_from_slice(body), cancelled }))
+    }
+
+    async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool> {
+        let (mode, state, due, job) = match &disposition {
+            Disposition::Reschedule { job, due_ms, state } => ("r", state, *due_ms, job.encode()),
+            Disposition::Final { state } => ("f", state, 0, String::new()),
+        };
+        let state = serde_json::to_string(state).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let mut c = self.conn.clone();
+        let applied: i64 = self
+            .complete
+            .key(&self.keys.ready)
+            .key(&self.keys.sched)
+            .key(self.keys.msg(&leased.job.msg))
+            .key(&self.keys.count)
+            .arg(GROUP)
+            .arg(&leased.lease)
+            .arg(mode)
+            .arg(format!("r:{}", leased.job.rcpt))
+            .arg(state)
+            .arg(due)
+            .arg(job)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(applied == 1)
+    }
+
+    async fn cancel(&self, msg_id: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        // HSETNX-free: only mark records that exist, in one round trip.
+        let n: i64 = Script::new(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'cancelled', '1') return 1 end return 0",
+        )
+        .key(self.keys.msg(msg_id))
+        .invoke_async(&mut c)
+        .await?;
+        Ok(n == 1)
+    }
+
+    async fn view(&self, msg_id: &str) -> Result<Option<MessageView>> {
+        let mut c = self.conn.clone();
+        let v: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL").arg(self.keys.msg(msg_id)).query_async(&mut c).await?;
+        if v.is_empty() {
+            return Ok(None);
+        }
+        let mut meta = None;
+        let mut pending = 0;
+        let mut cancelled = false;
+        let mut states = std::collections::HashMap::new();
+        for (k, val) in v {
+            match k.as_str() {
+                "meta" => meta = serde_json::from_slice::<MessageMeta>(&val).ok(),
+                "pending" => pending = String::from_utf8_lossy(&val).parse().unwrap_or(0),
+                "cancelled" => cancelled = true,
+                k => {
+                    if let Some(i) = k.strip_prefix("r:").and_then(|i| i.parse::<usize>().ok()) {
+                        states.insert(i, serde_json::from_slice::<RecipientState>(&val).ok());
+                    }
+                }
+            }
+        }
+        let meta = meta.ok_or_else(|| QueueError::Corrupt(format!("message {msg_id} has no metadata")))?;
+        let recipients =
+            meta.rcpts.iter().enumerate().map(|(i, r)| (r.clone(), states.remove(&i).flatten())).collect();
+        Ok(Some(MessageView { meta, cancelled, pending, recipients }))
+    }
+
+    async fn stats(&self, now_ms: i64) -> Result<QueueStats> {
+        let mut c = self.conn.clone();
+        let mut p = redis::pipe();
+        p.cmd("XLEN").arg(&self.keys.ready);
+        p.cmd("XPENDING").arg(&self.keys.ready).arg(GROUP);
+        p.cmd("ZCARD").arg(&self.keys.sched);
+        p.cmd("GET").arg(&self.keys.count);
+        p.cmd("XRANGE").arg(&self.keys.ready).arg("-").arg("+").arg("COUNT").arg(1);
+        let (len, pending, sched, count, first): (i64, Value, i64, Option<i64>, Value) = p.query_async(&mut c).await?;
+        let inflight = match &pending {
+            Value::Array(a) => a.first().and_then(as_i64).unwrap_or(0),
+            _ => 0,
+        };
+        let oldest_ms = match &first {
+            Value::Array(a) => a
+                .first()
+                .and_then(|e| match e {
+                    Value::Array(p) => p.first().and_then(as_string),
+                    _ => None,
+                })
+                .and_then(|id| id.split('-').next().and_then(|ms| ms.parse::<i64>().ok())),
+            _ => None,
+        };
+        Ok(QueueStats {
+            ready: (len - inflight).max(0) as u64,
+            inflight: inflight.max(0) as u64,
+            scheduled: sched.max(0) as u64,
+            messages: count.unwrap_or(0).max(0) as u64,
+            oldest_age_ms: oldest_ms.map(|t| (now_ms - t).max(0) as u64).unwrap_or(0),
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(())
+    }
+}
