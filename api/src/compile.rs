@@ -15,7 +15,7 @@ use crate::config::*;
 use crate::pattern::{DomainPattern, split_address};
 use crate::provider::Provider;
 use crate::quota::{SenderQuota, SenderQuotaSpec};
-use crate::route::{AuthMechanism, Backoff, DeliveryMode, SmtpRoute, SmtpRouteSpec, TlsMode};
+use crate::route::{AuthMechanism, Backoff, DeliveryMode, DestinationLimitSpec, SmtpRoute, SmtpRouteSpec, TlsMode};
 
 /// Secret data by (namespace, name), as the operator reads it from the API or the relay from YAML.
 #[derive(Clone, Debug, Default)]
@@ -524,6 +524,7 @@ fn compile_route(
             .or(preset_limits.as_ref().and_then(|p| p.recipients_per_day)),
         max_connections: l.max_connections,
         messages_per_connection: l.messages_per_connection,
+        per_destination: compile_destination_limits(&l.per_destination, d),
     };
     for (name, v) in [
         ("messagesPerMinute", limits.messages_per_minute),
@@ -596,6 +597,52 @@ fn compile_route(
         dkim,
         test_recipient: spec.test_recipient.clone(),
     })
+}
+
+/// `spec.limits.perDestination`, in the route's order (the order decides ties).
+fn compile_destination_limits(specs: &[DestinationLimitSpec], d: &mut Diags<'_>) -> Vec<DestinationLimits> {
+    let mut out = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let field = format!("spec.limits.perDestination[{i}]");
+        let mut domains = Vec::new();
+        for (j, p) in spec.domains.iter().enumerate() {
+            match DomainPattern::parse(p) {
+                Ok(p) => domains.push(p),
+                Err(e) => d.error(Reason::InvalidSpec, &format!("{field}.domains[{j}]"), e.to_string()),
+            }
+        }
+        if spec.domains.is_empty() {
+            d.error(
+                Reason::InvalidSpec,
+                &format!("{field}.domains"),
+                "domains must not be empty",
+            );
+        }
+        domains.sort();
+        domains.dedup();
+        for (name, v) in [
+            ("messagesPerMinute", spec.messages_per_minute),
+            ("maxConnections", spec.max_connections),
+            ("messagesPerConnection", spec.messages_per_connection),
+        ] {
+            if v == Some(0) {
+                d.error(
+                    Reason::InvalidSpec,
+                    &format!("{field}.{name}"),
+                    format!("{name} must be at least 1"),
+                );
+            }
+        }
+        if !domains.is_empty() {
+            out.push(DestinationLimits {
+                domains,
+                messages_per_minute: spec.messages_per_minute,
+                max_connections: spec.max_connections,
+                messages_per_connection: spec.messages_per_connection,
+            });
+        }
+    }
+    out
 }
 
 /// Routes with the same priority, the same senders and a shared domain pattern are ambiguous: the
@@ -849,5 +896,71 @@ pub fn mechanism_name(m: AuthMechanism) -> &'static str {
         AuthMechanism::Plain => "PLAIN",
         AuthMechanism::Login => "LOGIN",
         AuthMechanism::Xoauth2 => "XOAUTH2",
+    }
+}
+
+#[cfg(test)]
+mod per_destination_tests {
+    use super::*;
+    use crate::Manifests;
+
+    fn compile_route_yaml(limits: &str) -> Compiled {
+        let yaml = format!(
+            "apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata:\n  name: mx\n  namespace: mail\nspec:\n  delivery: mx\n  limits:\n{limits}"
+        );
+        let mut m = Manifests::default();
+        m.add_yaml(&yaml, "default").unwrap();
+        m.compile()
+    }
+
+    #[test]
+    fn per_destination_limits_compile_in_order() {
+        let c = compile_route_yaml(
+            "    messagesPerMinute: 100\n    perDestination:\n    - domains: [DoCoMo.ne.jp, '*.softbank.jp']\n      messagesPerMinute: 20\n      maxConnections: 1\n    - domains: ['*']\n      messagesPerConnection: 50\n",
+        );
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        let l = &c.config.routes[0].limits;
+        assert_eq!(l.messages_per_minute, Some(100));
+        assert_eq!(l.per_destination.len(), 2);
+        let first = &l.per_destination[0];
+        assert_eq!(
+            first.domains,
+            vec![
+                DomainPattern::parse("docomo.ne.jp").unwrap(),
+                DomainPattern::parse("*.softbank.jp").unwrap()
+            ]
+        );
+        assert_eq!(
+            (
+                first.messages_per_minute,
+                first.max_connections,
+                first.messages_per_connection
+            ),
+            (Some(20), Some(1), None)
+        );
+        assert_eq!(l.destination("docomo.ne.jp"), Some(first));
+        assert_eq!(l.destination("i.softbank.jp"), Some(first));
+        assert_eq!(l.destination("example.com"), Some(&l.per_destination[1]));
+        // The JSON of a route without perDestination is unchanged (the field is omitted).
+        let plain = compile_route_yaml("    messagesPerMinute: 5\n");
+        assert!(!plain.config.to_canonical_json().contains("perDestination"));
+        assert!(c.config.to_canonical_json().contains("perDestination"));
+    }
+
+    #[test]
+    fn broken_per_destination_entries_are_reported() {
+        let c = compile_route_yaml(
+            "    perDestination:\n    - domains: ['bad domain']\n      messagesPerMinute: 0\n    - domains: []\n      maxConnections: 2\n",
+        );
+        let fields: BTreeSet<&str> = c.diagnostics.iter().filter_map(|d| d.field.as_deref()).collect();
+        assert!(
+            fields.contains("spec.limits.perDestination[0].domains[0]"),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains("spec.limits.perDestination[0].messagesPerMinute"),
+            "{fields:?}"
+        );
+        assert!(fields.contains("spec.limits.perDestination[1].domains"), "{fields:?}");
     }
 }

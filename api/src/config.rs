@@ -178,6 +178,50 @@ pub struct RouteLimits {
     pub max_connections: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages_per_connection: Option<u32>,
+    /// Limits per recipient domain, in the route's order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_destination: Vec<DestinationLimits>,
+}
+
+impl RouteLimits {
+    /// The entry of `per_destination` whose most specific pattern matching `rcpt_domain` is the
+    /// most specific of all entries; on a tie the earlier entry wins.
+    pub fn destination(&self, rcpt_domain: &str) -> Option<&DestinationLimits> {
+        let mut best: Option<(usize, &DestinationLimits)> = None;
+        for d in &self.per_destination {
+            if let Some(s) = d.specificity(rcpt_domain) {
+                if best.is_none_or(|(b, _)| s > b) {
+                    best = Some((s, d));
+                }
+            }
+        }
+        best.map(|(_, d)| d)
+    }
+}
+
+/// Limits towards some recipient domains; each matching domain has its own budget.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationLimits {
+    #[schemars(with = "Vec<String>")]
+    pub domains: Vec<DomainPattern>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_minute: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_connection: Option<u32>,
+}
+
+impl DestinationLimits {
+    /// Specificity of the most specific of `domains` matching `rcpt_domain`.
+    pub fn specificity(&self, rcpt_domain: &str) -> Option<usize> {
+        self.domains
+            .iter()
+            .filter(|p| p.matches(rcpt_domain))
+            .map(|p| p.specificity())
+            .max()
+    }
 }
 
 /// Retry schedule, in seconds.

@@ -264,6 +264,39 @@ pub struct UpstreamLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("messagesPerConnection must be at least 1"))]
     pub messages_per_connection: Option<u32>,
+    /// Limits per recipient domain, applied on top of the route's own limits. Each domain gets
+    /// its own budget (two domains in one entry do not share it). The most specific matching
+    /// entry applies. With `delivery: mx`, mobile carrier domains (docomo.ne.jp, ezweb.ne.jp,
+    /// au.com, softbank.ne.jp, i.softbank.jp) get built-in limits of 60 messages a minute,
+    /// 2 connections and 10 messages per connection unless an entry here matches them (an entry
+    /// with no limits set lifts them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_destination: Vec<DestinationLimitSpec>,
+}
+
+/// Limits towards some recipient domains, e.g. a strict mobile carrier.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationLimitSpec {
+    /// Recipient domains these limits apply to: `docomo.ne.jp` (exactly), `*.example.com` (every
+    /// subdomain) or `*` (every domain, each with its own budget).
+    #[x_kube(
+        validation = Rule::new("self.size() > 0").message("domains must not be empty"),
+        validation = Rule::new("self.all(d, d == '*' || d.matches('^(\\\\*\\\\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\\\.)+[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$'))").message("domains entries must be `*`, `example.com` or `*.example.com`")
+    )]
+    pub domains: Vec<String>,
+    /// Messages per minute to each of these domains, across all relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("messagesPerMinute must be at least 1"))]
+    pub messages_per_minute: Option<u32>,
+    /// Concurrent connections to each of these domains, across all relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxConnections must be at least 1"))]
+    pub max_connections: Option<u32>,
+    /// Messages sent over one connection to these domains before it is closed and reopened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("messagesPerConnection must be at least 1"))]
+    pub messages_per_connection: Option<u32>,
 }
 
 /// Retry schedule for temporary failures (4xx replies, time-outs, connection errors).
