@@ -1,0 +1,641 @@
+//! One outbound SMTP session: TCP connect, greeting, EHLO, STARTTLS or implicit TLS, AUTH, and
+//! MAIL/RCPT/DATA transactions, driven through mail-send's `SmtpClient`.
+//!
+//! Where mail-send is wrapped or bypassed, and why:
+//! * The stream is a [`Recorder`] around our own plain/TLS [`Stream`]: mail-send's reply parser
+//!   (smtp-proto) strips the enhanced status code from the text and stores its parts in `u8`,
+//!   so `4.7.500` comes back as `4.7.255`; the recorder keeps the raw reply bytes so the exact
+//!   text reaches the delivery log and the bounce classifier.
+//! * TLS (implicit and STARTTLS) is set up here with tokio-rustls, not with mail-send's
+//!   `start_tls`/`into_tls`, which only exist for a bare `TcpStream` and would give pooled
+//!   sessions two different types; the TLS config comes from `tls` (custom CA roots).
+//! * STARTTLS is optional for MX delivery; mail-send's builder only knows "required".
+//!
+//! This module must not pool, retry or classify; it reports what happened at which [`Stage`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use mail_send::SmtpClient;
+use mail_send::smtp::message::Parameters;
+use mailroute_api::route::AuthMechanism;
+use rustls::pki_types::ServerName;
+use smtp_proto::{
+    AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, EXT_8BIT_MIME, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::{SmtpReply, Stage};
+use crate::bounce::{BounceClass, Failure};
+
+/// How TLS is used on a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsUse {
+    /// Never (route `tls: none`).
+    Plain,
+    /// STARTTLS must succeed.
+    RequireStartTls,
+    /// STARTTLS when offered; a failed handshake is reported so the caller can retry in plain.
+    Opportunistic,
+    /// TLS from the first byte.
+    Implicit,
+}
+
+/// Timeouts of one session.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub connect: Duration,
+    pub command: Duration,
+    pub data: Duration,
+}
+
+/// Everything needed to open a session.
+pub(crate) struct OpenSpec<'a> {
+    pub host: &'a str,
+    pub addr: SocketAddr,
+    pub tls: TlsUse,
+    pub tls_config: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+    pub helo: &'a str,
+    pub auth: Option<(&'a mailroute_api::config::Credentials, Option<AuthMechanism>)>,
+    pub timeouts: Timeouts,
+}
+
+/// Why a step failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StepErrorKind {
+    /// The server answered with a failure (or unexpected) reply.
+    Reply(SmtpReply),
+    /// No usable reply: connection, timeout, TLS.
+    Failure(Failure, String),
+    /// The server broke the protocol or lacks something we need.
+    Protocol(BounceClass, String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StepError {
+    pub stage: Stage,
+    pub kind: StepErrorKind,
+    /// Whether TLS was active when it happened.
+    pub tls: bool,
+}
+
+impl StepError {
+    /// The connection can still carry another transaction (after RSET).
+    pub fn session_usable(&self) -> bool {
+        matches!(&self.kind, StepErrorKind::Reply(r) if r.code != 421)
+    }
+
+    /// A TLS handshake that failed for reasons other than certificate verification is worth one
+    /// plain-text retry under opportunistic TLS.
+    pub fn is_tls_handshake(&self) -> bool {
+        self.stage == Stage::StartTls && matches!(self.kind, StepErrorKind::Failure(Failure::Tls, _))
+    }
+}
+
+/// The transport under mail-send: plain TCP or TLS over TCP.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Upper bound of recorded reply bytes (smtp-proto caps a reply at 4 KiB).
+const RECORD_LIMIT: usize = 16 * 1024;
+
+/// Passes everything through and keeps the bytes read since the last [`Recorder::clear`].
+pub(crate) struct Recorder<S> {
+    inner: S,
+    log: Vec<u8>,
+}
+
+impl<S> Recorder<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, log: Vec::new() }
+    }
+
+    fn clear(&mut self) {
+        self.log.clear();
+    }
+
+    /// The last complete reply read since the last clear.
+    fn last_reply(&self) -> Option<SmtpReply> {
+        parse_last_reply(&self.log)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorder<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &result {
+            let new = &buf.filled()[before..];
+            if this.log.len() + new.len() > RECORD_LIMIT {
+                let keep = RECORD_LIMIT.saturating_sub(new.len());
+                let cut = this.log.len().saturating_sub(keep);
+                this.log.drain(..cut);
+            }
+            this.log.extend_from_slice(new);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recorder<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Parses the last complete reply in `raw` (`NNN-...` lines ending with an `NNN ...` line).
+/// The enhanced code repeated at the start of continuation lines is dropped; lines are joined
+/// with a space.
+pub(crate) fn parse_last_reply(raw: &[u8]) -> Option<SmtpReply> {
+    let text = String::from_utf8_lossy(raw);
+    let lines: Vec<&str> = text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
+    let mut last: Option<(usize, usize)> = None;
+    let mut start: Option<usize> = None;
+    for (i, line) in lines.iter().enumerate() {
+        let b = line.as_bytes();
+        if b.len() < 3 || !b[..3].iter().all(u8::is_ascii_digit) {
+            start = None;
+            continue;
+        }
+        match b.get(3) {
+            Some(b'-') => {
+                start.get_or_insert(i);
+            }
+            None | Some(b' ') => {
+                last = Some((start.unwrap_or(i), i));
+                start = None;
+            }
+            _ => start = None,
+        }
+    }
+    let (first, end) = last?;
+    let code: u16 = lines[first][..3].parse().ok()?;
+    let mut enhanced_prefix: Option<String> = None;
+    let mut parts: Vec<String> = Vec::new();
+    for line in &lines[first..=end] {
+        let body = line.get(4..).unwrap_or("").trim();
+        let body = match &enhanced_prefix {
+            None => {
+                if let Some(e) = crate::bounce::parse_enhanced(body) {
+                    enhanced_prefix = Some(format!("{}.{}.{}", e.0, e.1, e.2));
+                }
+                body.to_owned()
+            }
+            Some(prefix) => body.strip_prefix(prefix.as_str()).unwrap_or(body).trim().to_owned(),
+        };
+        if !body.is_empty() {
+            parts.push(body);
+        }
+    }
+    Some(SmtpReply::new(code, parts.join(" ")))
+}
+
+type Client = SmtpClient<Recorder<Stream>>;
+
+/// An open, greeted (and, if configured, encrypted and authenticated) session.
+pub(crate) struct Session {
+    client: Client,
+    caps: EhloResponse<String>,
+    pub tls: bool,
+    pub host: String,
+    pub addr: SocketAddr,
+    pub messages: u32,
+    pub idle_since: Instant,
+    timeouts: Timeouts,
+}
+
+impl Session {
+    /// Connects and prepares a session for transactions.
+    pub async fn open(spec: OpenSpec<'_>) -> Result<Session, StepError> {
+        let t = spec.timeouts;
+        let tcp = match tokio::time::timeout(t.connect, TcpStream::connect(spec.addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                return Err(failure(
+                    Stage::Connect,
+                    Failure::ConnectionRefused,
+                    e.to_string(),
+                    false,
+                ));
+            }
+            Err(_) => {
+                return Err(failure(
+                    Stage::Connect,
+                    Failure::Timeout,
+                    format!("no connection within {:?}", t.connect),
+                    false,
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+
+        let mut tls = false;
+        let stream = if spec.tls == TlsUse::Implicit {
+            tls = true;
+            Stream::Tls(Box::new(handshake(&spec, tcp, Stage::Connect).await?))
+        } else {
+            Stream::Plain(tcp)
+        };
+        let mut client = SmtpClient {
+            stream: Recorder::new(stream),
+            timeout: t.command,
+        };
+
+        // Greeting.
+        match tokio::time::timeout(t.command, client.read()).await {
+            Err(_) => return Err(failure(Stage::Greeting, Failure::Timeout, "no greeting".into(), tls)),
+            Ok(Err(e)) => return Err(map_error(&client, Stage::Greeting, e, tls)),
+            Ok(Ok(_)) => {
+                if let Some(reply) = client.stream.last_reply().filter(|r| !r.is_positive()) {
+                    return Err(StepError {
+                        stage: Stage::Greeting,
+                        kind: StepErrorKind::Reply(reply),
+                        tls,
+                    });
+                }
+            }
+        }
+
+        let mut caps = ehlo(&mut client, spec.helo, tls).await?;
+
+        let want_starttls = match spec.tls {
+            TlsUse::RequireStartTls => {
+                if !caps.has_capability(EXT_START_TLS) {
+                    return Err(failure(
+                        Stage::StartTls,
+                        Failure::Tls,
+                        "the server does not offer STARTTLS".into(),
+                        false,
+                    ));
+                }
+                true
+            }
+            TlsUse::Opportunistic => caps.has_capability(EXT_START_TLS),
+            TlsUse::Plain | TlsUse::Implicit => false,
+        };
+        if want_starttls {
+            client.stream.clear();
+            match client.cmd(b"STARTTLS\r\n").await {
+                Ok(_) => {
+                    let reply = client.stream.last_reply();
+                    match reply {
+                        Some(r) if r.is_positive() => {}
+                        Some(r) if spec.tls == TlsUse::Opportunistic && r.code != 421 => {
+                            // Refused STARTTLS: carry on in plain text on this connection.
+                            tracing::debug!(host = spec.host, reply = %r, "STARTTLS refused; continuing without TLS");
+                            return Self::finish_open(client, caps, false, &spec).await;
+                        }
+                        Some(r) => {
+                            return Err(StepError {
+                                stage: Stage::StartTls,
+                                kind: StepErrorKind::Reply(r),
+                                tls: false,
+                            });
+                        }
+                        None => {
+                            return Err(protocol(
+                                Stage::StartTls,
+                                BounceClass::Other,
+                                "no reply to STARTTLS",
+                                false,
+                            ));
+                        }
+                    }
+                }
+                Err(e) => return Err(map_error(&client, Stage::StartTls, e, false)),
+            }
+            let Stream::Plain(tcp) = client.stream.inner else {
+                return Err(protocol(
+                    Stage::StartTls,
+                    BounceClass::Other,
+                    "STARTTLS on a TLS stream",
+                    true,
+                ));
+            };
+            let tls_stream = handshake(&spec, tcp, Stage::StartTls).await?;
+            client = SmtpClient {
+                stream: Recorder::new(Stream::Tls(Box::new(tls_stream))),
+                timeout: t.command,
+            };
+            tls = true;
+            caps = ehlo(&mut client, spec.helo, tls).await?;
+        }
+        Self::finish_open(client, caps, tls, &spec).await
+    }
+
+    async fn finish_open(
+        mut client: Client,
+        caps: EhloResponse<String>,
+        tls: bool,
+        spec: &OpenSpec<'_>,
+    ) -> Result<Session, StepError> {
+        if let Some((creds, mechanism)) = spec.auth {
+            authenticate(&mut client, &caps, creds, mechanism, tls).await?;
+        }
+        Ok(Session {
+            client,
+            caps,
+            tls,
+            host: spec.host.to_owned(),
+            addr: spec.addr,
+            messages: 0,
+            idle_since: Instant::now(),
+            timeouts: spec.timeouts,
+        })
+    }
+
+    /// One transaction: MAIL, RCPT, DATA. Returns the final reply to the message content.
+    pub async fn send(&mut self, mail_from: &str, rcpt_to: &str, message: &[u8]) -> Result<SmtpReply, StepError> {
+        self.messages += 1;
+        let tls = self.tls;
+        let mut params = Parameters::new();
+        if self.caps.has_capability(EXT_SIZE) {
+            params.add(format!("SIZE={}", message.len()));
+        }
+        if self.caps.has_capability(EXT_8BIT_MIME) && !message.is_ascii() {
+            params.add(("BODY", "8BITMIME"));
+        }
+        if self.caps.has_capability(EXT_SMTP_UTF8) && !(mail_from.is_ascii() && rcpt_to.is_ascii()) {
+            params.add("SMTPUTF8");
+        }
+
+        self.client.stream.clear();
+        if let Err(e) = self.client.mail_from(mail_from, &params).await {
+            return Err(map_error(&self.client, Stage::MailFrom, e, tls));
+        }
+        self.client.stream.clear();
+        if let Err(e) = self.client.rcpt_to(rcpt_to, &Parameters::new()).await {
+            return Err(map_error(&self.client, Stage::RcptTo, e, tls));
+        }
+
+        // mail-send appends "\r\n.\r\n" unconditionally; drop our final CRLF so the
+        // receiver gets the message byte for byte.
+        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
+        self.client.stream.clear();
+        self.client.timeout = self.timeouts.data;
+        let result = self.client.data(content).await;
+        self.client.timeout = self.timeouts.command;
+        match result {
+            Ok(response) => Ok(self
+                .client
+                .stream
+                .last_reply()
+                .unwrap_or_else(|| SmtpReply::new(response.code, response.message))),
+            Err(e) => {
+                // "354" is the reply to DATA itself; anything after it is about the content.
+                let stage = if self.saw_354() { Stage::Message } else { Stage::Data };
+                Err(map_error(&self.client, stage, e, tls))
+            }
+        }
+    }
+
+    fn saw_354(&self) -> bool {
+        let log = String::from_utf8_lossy(&self.client.stream.log);
+        log.lines().any(|l| l.starts_with("354"))
+    }
+
+    /// RSET before reusing the connection for another message; also proves it is alive.
+    pub async fn reset(&mut self) -> Result<(), StepError> {
+        self.client.stream.clear();
+        self.client
+            .rset()
+            .await
+            .map_err(|e| map_error(&self.client, Stage::Reset, e, self.tls))
+    }
+
+    /// Polite QUIT, bounded by the command timeout; errors do not matter any more.
+    pub async fn quit(self) {
+        let timeout = self.timeouts.command;
+        let _ = tokio::time::timeout(timeout, self.client.quit()).await;
+    }
+}
+
+async fn handshake(spec: &OpenSpec<'_>, tcp: TcpStream, stage: Stage) -> Result<TlsStream<TcpStream>, StepError> {
+    let connector = TlsConnector::from(Arc::clone(&spec.tls_config));
+    match tokio::time::timeout(spec.timeouts.command, connector.connect(spec.server_name.clone(), tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(failure(
+            stage,
+            Failure::Tls,
+            format!("TLS handshake failed: {e}"),
+            false,
+        )),
+        Err(_) => Err(failure(
+            stage,
+            Failure::Timeout,
+            "TLS handshake timed out".into(),
+            false,
+        )),
+    }
+}
+
+async fn ehlo(client: &mut Client, helo: &str, tls: bool) -> Result<EhloResponse<String>, StepError> {
+    client.stream.clear();
+    client
+        .ehlo(helo)
+        .await
+        .map_err(|e| map_error(client, Stage::Ehlo, e, tls))
+}
+
+async fn authenticate(
+    client: &mut Client,
+    caps: &EhloResponse<String>,
+    creds: &mailroute_api::config::Credentials,
+    mechanism: Option<AuthMechanism>,
+    tls: bool,
+) -> Result<(), StepError> {
+    let (credentials, mask) = match mechanism {
+        Some(AuthMechanism::Xoauth2) => (
+            mail_send::Credentials::XOauth2 {
+                username: creds.username.clone(),
+                secret: creds.password.clone(),
+            },
+            AUTH_XOAUTH2,
+        ),
+        other => (
+            mail_send::Credentials::Plain {
+                username: creds.username.clone(),
+                secret: creds.password.clone(),
+            },
+            match other {
+                Some(AuthMechanism::Login) => AUTH_LOGIN,
+                Some(AuthMechanism::Plain) => AUTH_PLAIN,
+                _ => AUTH_PLAIN | AUTH_LOGIN,
+            },
+        ),
+    };
+    // Offer mail-send only the configured mechanism, so it cannot pick another one.
+    let mut offered = caps.clone();
+    offered.auth_mechanisms &= mask;
+    if offered.auth_mechanisms == 0 {
+        return Err(protocol(
+            Stage::Auth,
+            BounceClass::AuthFailure,
+            &format!("the server does not offer AUTH {}", mechanism_name(mechanism)),
+            tls,
+        ));
+    }
+    client.stream.clear();
+    match client.authenticate(&credentials, &offered).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(map_error(client, Stage::Auth, e, tls)),
+    }
+}
+
+fn mechanism_name(m: Option<AuthMechanism>) -> &'static str {
+    match m {
+        Some(AuthMechanism::Login) => "LOGIN",
+        Some(AuthMechanism::Xoauth2) => "XOAUTH2",
+        Some(AuthMechanism::Plain) => "PLAIN",
+        None => "PLAIN or LOGIN",
+    }
+}
+
+fn failure(stage: Stage, f: Failure, detail: String, tls: bool) -> StepError {
+    StepError {
+        stage,
+        kind: StepErrorKind::Failure(f, detail),
+        tls,
+    }
+}
+
+fn protocol(stage: Stage, class: BounceClass, detail: &str, tls: bool) -> StepError {
+    StepError {
+        stage,
+        kind: StepErrorKind::Protocol(class, detail.to_owned()),
+        tls,
+    }
+}
+
+/// Turns a mail-send error into a [`StepError`], preferring the raw reply the recorder saw.
+fn map_error(client: &Client, stage: Stage, e: mail_send::Error, tls: bool) -> StepError {
+    use mail_send::Error as E;
+    let recorded = client.stream.last_reply();
+    let kind = match e {
+        E::UnexpectedReply(r) | E::AuthenticationFailed(r) => {
+            StepErrorKind::Reply(recorded.unwrap_or_else(|| SmtpReply::new(r.code, r.message)))
+        }
+        E::Io(io) => match io.kind() {
+            io::ErrorKind::TimedOut => StepErrorKind::Failure(Failure::Timeout, io.to_string()),
+            _ => StepErrorKind::Failure(Failure::ConnectionLost, io.to_string()),
+        },
+        E::Tls(t) => StepErrorKind::Failure(Failure::Tls, t.to_string()),
+        E::Timeout => StepErrorKind::Failure(Failure::Timeout, format!("no reply during {}", stage.as_str())),
+        // mail-send reports end-of-stream as an unparseable reply.
+        E::UnparseableReply if client.stream.log.is_empty() => {
+            StepErrorKind::Failure(Failure::ConnectionLost, "connection closed by the server".into())
+        }
+        E::UnparseableReply => match recorded {
+            Some(r) => StepErrorKind::Reply(r),
+            None => StepErrorKind::Protocol(
+                BounceClass::Other,
+                format!(
+                    "unparseable reply: {}",
+                    String::from_utf8_lossy(&client.stream.log)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                ),
+            ),
+        },
+        E::MissingStartTls => StepErrorKind::Failure(Failure::Tls, "the server does not offer STARTTLS".into()),
+        E::Auth(_) | E::Base64(_) | E::UnsupportedAuthMechanism | E::MissingCredentials => {
+            StepErrorKind::Protocol(BounceClass::AuthFailure, e.to_string())
+        }
+        other => StepErrorKind::Protocol(BounceClass::Other, other.to_string()),
+    };
+    StepError { stage, kind, tls }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_single_and_multi_line_replies() {
+        let r = parse_last_reply(b"250 2.0.0 OK queued as 7\r\n").expect("reply");
+        assert_eq!(
+            (r.code, r.enhanced, r.text.as_str()),
+            (250, Some((2, 0, 0)), "2.0.0 OK queued as 7")
+        );
+
+        let gmail = b"550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n\
+550-5.1.1 double-checking the recipient's email address for typos or\r\n\
+550 5.1.1  https://support.google.com/mail/?p=NoSuchUser d2-20020a05\r\n";
+        let r = parse_last_reply(gmail).expect("reply");
+        assert_eq!(r.code, 550);
+        assert_eq!(r.enhanced, Some((5, 1, 1)));
+        assert_eq!(
+            r.text,
+            "5.1.1 The email account that you tried to reach does not exist. Please try double-checking the recipient's email address for typos or https://support.google.com/mail/?p=NoSuchUser d2-20020a05"
+        );
+    }
+
+    #[test]
+    fn keeps_three_digit_enhanced_details_and_takes_the_last_reply() {
+        // smtp-proto would report 4.7.255 here.
+        let r = parse_last_reply(b"451 4.7.500 Server busy. Please try again later\r\n").expect("reply");
+        assert_eq!(r.enhanced, Some((4, 7, 500)));
+        assert_eq!(r.to_string(), "451 4.7.500 Server busy. Please try again later");
+
+        let login = b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n535 5.7.8 Username and password not accepted.\r\n";
+        let r = parse_last_reply(login).expect("reply");
+        assert_eq!((r.code, r.enhanced), (535, Some((5, 7, 8))));
+
+        assert_eq!(parse_last_reply(b"250-PIPELINING\r\n250-SIZE"), None, "incomplete");
+        assert_eq!(parse_last_reply(b""), None);
+        let bare = parse_last_reply(b"421\r\n").expect("bare code");
+        assert_eq!((bare.code, bare.text.as_str()), (421, ""));
+    }
+}

@@ -1,0 +1,137 @@
+//! TLS client configurations for outbound SMTP: certificate-verifying configs (system roots,
+//! optionally plus a route's extra CA bundle) and the non-verifying config used for
+//! opportunistic STARTTLS to MX hosts and for routes with `verifyTls: false`.
+//!
+//! Built here rather than through mail-send's `build_tls_connector`, which only offers the
+//! platform verifier or no verification at all, not extra CA roots. No I/O besides reading the
+//! system roots once.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// Errors building a TLS configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("the CA bundle holds no PEM certificate")]
+    EmptyBundle,
+    #[error("invalid CA certificate: {0}")]
+    InvalidCa(String),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The platform's trust anchors (`/etc/ssl/certs` and friends); empty when none are found.
+pub(crate) fn system_roots() -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(found.certs);
+    roots
+}
+
+/// A config verifying the server certificate against `roots` plus the certificates in `extra_pem`.
+pub(crate) fn verifying(roots: &RootCertStore, extra_pem: Option<&str>) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let mut roots = roots.clone();
+    if let Some(pem) = extra_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| TlsSetupError::InvalidCa(e.to_string()))?;
+            roots.add(cert).map_err(|e| TlsSetupError::InvalidCa(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(TlsSetupError::EmptyBundle);
+        }
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A config accepting any certificate (handshake signatures are still checked). Only for
+/// opportunistic encryption and routes that explicitly turned verification off.
+pub(crate) fn non_verifying() -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let provider = provider();
+    let verifier = AcceptAnyCertificate(provider.signature_verification_algorithms);
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The name to present in SNI and to verify: a DNS name or an IP address.
+pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, TlsSetupError> {
+    ServerName::try_from(host.trim_end_matches('.').to_owned())
+        .map_err(|_| TlsSetupError::Config(format!("`{host}` is not a valid TLS server name")))
+}
+
+#[derive(Debug)]
+struct AcceptAnyCertificate(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_ca_bundle_is_validated() {
+        let roots = RootCertStore::empty();
+        assert_eq!(
+            verifying(&roots, Some("no pem here")).err(),
+            Some(TlsSetupError::EmptyBundle)
+        );
+        assert!(verifying(&roots, None).is_ok());
+        assert!(non_verifying().is_ok());
+        assert!(server_name("mx.example.com.").is_ok());
+        assert!(server_name("127.0.0.1").is_ok());
+        assert!(server_name("bad name").is_err());
+    }
+}
