@@ -502,15 +502,15 @@ fn compile_route(
     from_domains.sort();
     from_domains.dedup();
 
-    if let Some(f) = &spec.from_override {
-        if let Err(e) = split_address(f) {
-            d.error(Reason::InvalidSpec, "spec.fromOverride", e.to_string());
-        }
+    if let Some(f) = &spec.from_override
+        && let Err(e) = split_address(f)
+    {
+        d.error(Reason::InvalidSpec, "spec.fromOverride", e.to_string());
     }
-    if let Some(t) = &spec.test_recipient {
-        if let Err(e) = split_address(t) {
-            d.error(Reason::InvalidSpec, "spec.testRecipient", e.to_string());
-        }
+    if let Some(t) = &spec.test_recipient
+        && let Err(e) = split_address(t)
+    {
+        d.error(Reason::InvalidSpec, "spec.testRecipient", e.to_string());
     }
 
     let preset_limits = spec.provider.and_then(|p| p.preset(spec.region.as_deref()));
@@ -824,14 +824,14 @@ fn compile_quota(
             let pass = secret_value(secrets, ns, &r.name, &r.password_key, field, d);
             match (name, pass) {
                 (Some(name), Some(pass)) => {
-                    if let QuotaSelector::AuthUser(u) = &selector {
-                        if u != &name {
-                            d.error(
-                                Reason::InvalidSpec,
-                                field,
-                                format!("the Secret's user name `{name}` differs from sender.authUser `{u}`"),
-                            );
-                        }
+                    if let QuotaSelector::AuthUser(u) = &selector
+                        && u != &name
+                    {
+                        d.error(
+                            Reason::InvalidSpec,
+                            field,
+                            format!("the Secret's user name `{name}` differs from sender.authUser `{u}`"),
+                        );
                     }
                     Some((name.clone(), hash_password(&object.id(), &name, &pass)))
                 }

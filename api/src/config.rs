@@ -150,10 +150,10 @@ impl CompiledSenderMatch {
         if self.is_any() {
             return true;
         }
-        if let Some(u) = auth_user {
-            if self.auth_users.iter().any(|a| a == u) {
-                return true;
-            }
+        if let Some(u) = auth_user
+            && self.auth_users.iter().any(|a| a == u)
+        {
+            return true;
         }
         let sender_lc = sender.to_ascii_lowercase();
         if self.from_addresses.contains(&sender_lc) {
@@ -189,10 +189,10 @@ impl RouteLimits {
     pub fn destination(&self, rcpt_domain: &str) -> Option<&DestinationLimits> {
         let mut best: Option<(usize, &DestinationLimits)> = None;
         for d in &self.per_destination {
-            if let Some(s) = d.specificity(rcpt_domain) {
-                if best.is_none_or(|(b, _)| s > b) {
-                    best = Some((s, d));
-                }
+            if let Some(s) = d.specificity(rcpt_domain)
+                && best.is_none_or(|(b, _)| s > b)
+            {
+                best = Some((s, d));
             }
         }
         best.map(|(_, d)| d)
