@@ -14,6 +14,10 @@ need_apt() { # need_apt COMMAND PACKAGE
 }
 need_apt redis-server redis-server
 need_apt swaks swaks
+# Postfix for the bench crate's reference test, which runs its own private instance; with
+# "No configuration" the system instance has no main.cf and never starts.
+command -v postfix >/dev/null 2>&1 || echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+need_apt postfix postfix
 # redis-server from apt starts a system instance; tests do not use it, so stop it if it runs.
 if command -v service >/dev/null 2>&1; then service redis-server stop >/dev/null 2>&1 || true; fi
 

@@ -1,0 +1,111 @@
+//! `bench-run`: the whole benchmark (ceiling, Postfix, relay with two durability settings, two
+//! relays on one Redis, a backlog run, optionally a perf profile) in one command; writes the
+//! Markdown table and a JSON copy to `bench/results/`. Normally started by `bench/run.sh`.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use mailroute_bench::harness::{Options, Step, run};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark mailroute against Postfix and the generator-to-sink ceiling")]
+struct Args {
+    /// About two minutes: short phases and a 20,000-message backlog instead of 1,000,000.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these steps (default: all but profile).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Step>,
+    /// Also record a perf profile of the relay at saturation.
+    #[arg(long)]
+    profile: bool,
+    /// Relay binary (default: mailroute-relay next to this binary).
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// Where the result files go.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    results: PathBuf,
+    /// Scratch directory for queues and AOF files (default: a new directory under /var/tmp).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the scratch directory (logs, AOF) after the run.
+    #[arg(long)]
+    keep: bool,
+    #[arg(long, default_value_t = 10 * 1024)]
+    size: usize,
+    #[arg(long, default_value_t = 1)]
+    recipients: usize,
+    #[arg(long, default_value_t = 32)]
+    sessions: usize,
+    /// Seconds of closed-loop load per row (default 8 quick, 30 full).
+    #[arg(long)]
+    closed_secs: Option<f64>,
+    /// Seconds of open-loop load at half rate per row (default 5 quick, 20 full).
+    #[arg(long)]
+    open_secs: Option<f64>,
+    /// Relay delivery workers.
+    #[arg(long, default_value_t = 64)]
+    workers: usize,
+    /// Messages in the backlog run (default 20,000 quick, 1,000,000 full).
+    #[arg(long)]
+    backlog_messages: Option<u64>,
+    /// Message size in the backlog run.
+    #[arg(long, default_value_t = 4 * 1024)]
+    backlog_size: usize,
+    /// Hourly volume used in the sizing example.
+    #[arg(long, default_value_t = 2_000_000.0)]
+    plan_per_hour: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let exe = std::env::current_exe().context("locating bench-run")?;
+    let bin_dir = exe.parent().context("bench-run has no parent directory")?.to_path_buf();
+    let (work_dir, scratch) = match &a.work_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            PathBuf::from(format!("/var/tmp/mailroute-bench-{}", std::process::id())),
+            true,
+        ),
+    };
+    let mut steps = if a.only.is_empty() {
+        vec![Step::Ceiling, Step::Postfix, Step::Relay, Step::Scaling, Step::Backlog]
+    } else {
+        a.only.clone()
+    };
+    if a.profile && !steps.contains(&Step::Profile) {
+        steps.push(Step::Profile);
+    }
+    let opts = Options {
+        quick: a.quick,
+        command: format!(
+            "bench/run.sh {}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        )
+        .trim()
+        .to_string(),
+        relay_bin: a.relay_bin.clone().unwrap_or_else(|| bin_dir.join("mailroute-relay")),
+        bin_dir,
+        results_dir: a.results.clone(),
+        work_dir: work_dir.clone(),
+        size: a.size,
+        recipients: a.recipients,
+        sessions: a.sessions,
+        closed_secs: a.closed_secs.unwrap_or(if a.quick { 8.0 } else { 30.0 }),
+        open_secs: a.open_secs.unwrap_or(if a.quick { 5.0 } else { 20.0 }),
+        drain_timeout_secs: if a.quick { 60.0 } else { 300.0 },
+        relay_workers: a.workers,
+        backlog_messages: a.backlog_messages.unwrap_or(if a.quick { 20_000 } else { 1_000_000 }),
+        backlog_size: a.backlog_size,
+        steps,
+        plan_messages_per_hour: a.plan_per_hour,
+    };
+    let result = run(&opts);
+    if scratch && !a.keep {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    let md = result?;
+    println!("{}", md.display());
+    Ok(())
+}

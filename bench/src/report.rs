@@ -1,0 +1,549 @@
+//! The results of one harness run and their Markdown rendering (the file committed under
+//! `bench/results/`). Pure: the harness fills [`BenchResults`], [`render`] turns it into text.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::latency::LatencySummary;
+use crate::sizing::{Sizing, SizingInput};
+use crate::sysinfo::Machine;
+
+/// Issue 7's targets, checked in the report.
+pub const TARGET_VS_POSTFIX: f64 = 6.0;
+pub const TARGET_VS_CEILING: f64 = 0.40;
+pub const TARGET_P99_MS: f64 = 10.0;
+
+/// What kind of system a row measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Ceiling,
+    Postfix,
+    Relay,
+}
+
+/// The load used for every row.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    pub size: usize,
+    pub recipients: usize,
+    pub sessions: usize,
+    pub closed_secs: f64,
+    pub open_secs: f64,
+    pub relay_workers: usize,
+}
+
+/// Redis figures of a relay row, over the closed-loop phase.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RedisFigures {
+    pub ops_per_msg: f64,
+    /// Most frequent commands and their calls per message.
+    pub top_commands: Vec<(String, f64)>,
+    pub cpu_ms_per_msg: f64,
+    pub peak_used_memory_mib: f64,
+}
+
+/// One measured configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub kind: Kind,
+    pub system: String,
+    pub durability: String,
+    pub accepted: u64,
+    pub accepted_per_sec: f64,
+    pub delivered: u64,
+    pub delivered_per_sec: f64,
+    /// Everything accepted reached the sink before the drain deadline.
+    pub drained: bool,
+    pub rejected: u64,
+    pub errors: u64,
+    /// Open-loop rate (50% of the sustainable rate) and the latencies measured at it.
+    pub half_rate: Option<f64>,
+    pub latency: Option<LatencySummary>,
+    pub schedule_latency: Option<LatencySummary>,
+    /// CPU of the system under test (relay + Redis, or every Postfix process) per delivered message.
+    pub cpu_ms_per_msg: Option<f64>,
+    /// CPU of the relay process(es) alone per delivered message.
+    pub relay_cpu_ms_per_msg: Option<f64>,
+    /// Peak resident memory per component, MiB.
+    pub peak_rss_mib: Vec<(String, f64)>,
+    pub redis: Option<RedisFigures>,
+    /// Why the row has no numbers, if it failed.
+    pub error: Option<String>,
+}
+
+impl Row {
+    pub fn new(kind: Kind, system: &str, durability: &str) -> Self {
+        Row {
+            kind,
+            system: system.into(),
+            durability: durability.into(),
+            accepted: 0,
+            accepted_per_sec: 0.0,
+            delivered: 0,
+            delivered_per_sec: 0.0,
+            drained: false,
+            rejected: 0,
+            errors: 0,
+            half_rate: None,
+            latency: None,
+            schedule_latency: None,
+            cpu_ms_per_msg: None,
+            relay_cpu_ms_per_msg: None,
+            peak_rss_mib: vec![],
+            redis: None,
+            error: None,
+        }
+    }
+
+    /// The row measured something.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.delivered > 0
+    }
+}
+
+/// The backlog run: enqueue with delivery paused, then drain.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Backlog {
+    pub messages: u64,
+    pub size: usize,
+    pub durability: String,
+    pub enqueue_per_sec: f64,
+    pub redis_used_memory_mib: f64,
+    pub redis_bytes_per_msg: f64,
+    pub redis_peak_rss_mib: f64,
+    pub aof_mib: f64,
+    /// Relay that accepted the backlog (delivery workers 0).
+    pub relay_enqueue_peak_rss_mib: f64,
+    /// Relay that drained it.
+    pub relay_drain_peak_rss_mib: f64,
+    /// The same relay's peak in the short throughput run, for comparison (bounded memory).
+    pub relay_reference_rss_mib: Option<f64>,
+    pub delivered: u64,
+    pub drain_per_sec: f64,
+    pub drained: bool,
+    pub error: Option<String>,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BenchResults {
+    pub started: String,
+    pub quick: bool,
+    pub command: String,
+    pub machine: Machine,
+    pub params: Params,
+    pub rows: Vec<Row>,
+    pub backlog: Option<Backlog>,
+    pub sizing: Option<(SizingInput, Sizing)>,
+    pub notes: Vec<String>,
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn rate(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "—".into()
+    }
+}
+
+fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "—".into())
+}
+
+impl BenchResults {
+    fn best(&self, kind: Kind) -> Option<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.kind == kind && r.ok())
+            .max_by(|a, b| a.delivered_per_sec.total_cmp(&b.delivered_per_sec))
+    }
+
+    fn first(&self, kind: Kind) -> Option<&Row> {
+        self.rows.iter().find(|r| r.kind == kind && r.ok())
+    }
+}
+
+/// Renders the committed Markdown report.
+pub fn render(r: &BenchResults) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(s, "# mailroute benchmark: {} on {}\n", r.started, m.hostname);
+    let _ = writeln!(
+        s,
+        "{} run, produced by `{}`. How to read this file: [bench/README.md](../README.md).\n",
+        if r.quick { "Quick (about two minutes)" } else { "Full" },
+        r.command
+    );
+
+    let _ = writeln!(s, "## Machine\n\n| | |\n|---|---|");
+    let _ = writeln!(s, "| CPU | {} ({} cores) |", m.cpu_model, m.cores);
+    let _ = writeln!(s, "| RAM | {:.1} GiB |", m.ram_gib);
+    let _ = writeln!(s, "| Kernel / OS | {} / {} |", m.kernel, m.os);
+    let _ = writeln!(
+        s,
+        "| Disk (queues, AOF) | {}; 4 KiB write+fdatasync p50 {:.3} ms, p99 {:.3} ms |",
+        m.disk, m.fsync_p50_ms, m.fsync_p99_ms
+    );
+    let _ = writeln!(s, "| Load average at start | {:.2} |", m.load_avg_1m);
+    let _ = writeln!(s, "| Postfix | {} |", m.postfix_version);
+    let _ = writeln!(s, "| Redis | {} |", m.redis_version);
+    let _ = writeln!(s, "| mailroute | git {} |", m.git_commit);
+    let _ = writeln!(s, "| Compiler | {} |\n", m.rustc_version);
+
+    let p = &r.params;
+    let _ = writeln!(
+        s,
+        "## Load\n\n{} byte messages, {} recipient(s) each, {} concurrent SMTP sessions reused for the whole run \
+         (pipelining where offered). Throughput: closed loop for {:.0} s, then wait until the sink has every accepted \
+         message; delivered/s = delivered ÷ (last delivery − first send). Latency: open loop at 50% of the sustainable \
+         rate (min of accepted/s and delivered/s) for {:.0} s; accept latency = end of DATA until the 250. Relay: \
+         `--workers {}`.\n",
+        p.size, p.recipients, p.sessions, p.closed_secs, p.open_secs, p.relay_workers
+    );
+
+    let postfix = r.best(Kind::Postfix);
+    let ceiling = r.best(Kind::Ceiling);
+    let _ = writeln!(s, "## Throughput and latency\n");
+    let _ = writeln!(
+        s,
+        "| System | Durability | Accepted/s | Delivered/s | Delivered vs Postfix | Delivered vs ceiling | Rate for latency | \
+         Accept p50 ms | Accept p99 ms | CPU ms/msg | Peak memory MiB |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    for row in &r.rows {
+        if let Some(e) = &row.error {
+            let _ = writeln!(
+                s,
+                "| {} | {} | failed: {} | | | | | | | | |",
+                row.system,
+                row.durability,
+                e.replace('|', "/")
+            );
+            continue;
+        }
+        let rss = if row.peak_rss_mib.is_empty() {
+            "—".into()
+        } else {
+            row.peak_rss_mib
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let delivered = format!(
+            "{}{}",
+            rate(row.delivered_per_sec),
+            if row.drained { "" } else { " (not drained)" }
+        );
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.system,
+            row.durability,
+            rate(row.accepted_per_sec),
+            delivered,
+            if row.kind == Kind::Postfix {
+                "1.00×".into()
+            } else {
+                ratio(row.delivered_per_sec, postfix.map_or(0.0, |p| p.delivered_per_sec))
+            },
+            ratio(row.delivered_per_sec, ceiling.map_or(0.0, |c| c.delivered_per_sec)),
+            opt(row.half_rate, |v| format!("{v:.0}/s")),
+            opt(row.latency, |l| ms(l.p50_us)),
+            opt(row.latency, |l| ms(l.p99_us)),
+            opt(row.cpu_ms_per_msg, |v| format!("{v:.3}")),
+            rss
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nCPU ms/msg is the CPU time of the system under test (relay + Redis, or all Postfix processes) per delivered \
+         message; the generator and sink run on the same cores in every row. Peak memory: the kernel's peak resident \
+         set (VmHWM) of each process; for Postfix, the largest sampled sum of PSS over all its processes (shared \
+         pages counted once).\n"
+    );
+    let late: Vec<String> = r
+        .rows
+        .iter()
+        .filter_map(|row| Some((row, row.schedule_latency?)))
+        .map(|(row, l)| format!("{} p99 {} ms", row.system, ms(l.p99_us)))
+        .collect();
+    if !late.is_empty() {
+        let _ = writeln!(
+            s,
+            "Open-loop check (scheduled send time until the 250, includes waiting for a free session): {}.\n",
+            late.join("; ")
+        );
+    }
+
+    let relay_rows: Vec<&Row> = r.rows.iter().filter(|row| row.redis.is_some() && row.ok()).collect();
+    if !relay_rows.is_empty() {
+        let _ = writeln!(s, "## Redis per delivered message\n");
+        let _ = writeln!(
+            s,
+            "| Row | Ops/msg | Busiest commands (calls/msg) | Redis CPU ms/msg | Relay CPU ms/msg | Redis used_memory peak MiB |"
+        );
+        let _ = writeln!(s, "|---|--:|---|--:|--:|--:|");
+        for row in relay_rows {
+            let Some(x) = &row.redis else { continue };
+            let top = x
+                .top_commands
+                .iter()
+                .map(|(c, n)| format!("{c} {n:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                s,
+                "| {} ({}) | {:.2} | {} | {:.3} | {} | {:.1} |",
+                row.system,
+                row.durability,
+                x.ops_per_msg,
+                top,
+                x.cpu_ms_per_msg,
+                opt(row.relay_cpu_ms_per_msg, |v| format!("{v:.3}")),
+                x.peak_used_memory_mib
+            );
+        }
+        let _ = writeln!(s);
+    }
+
+    if let Some(b) = &r.backlog {
+        let _ = writeln!(s, "## Backlog\n");
+        if let Some(e) = &b.error {
+            let _ = writeln!(s, "Backlog run failed: {e}\n");
+        } else {
+            let _ = writeln!(
+                s,
+                "{} messages of {} bytes enqueued with delivery paused (relay `--workers 0`), {}, then drained by a \
+                 fresh relay.\n",
+                b.messages, b.size, b.durability
+            );
+            let _ = writeln!(s, "| Figure | Value |\n|---|--:|");
+            let _ = writeln!(s, "| Enqueue rate | {} msg/s |", rate(b.enqueue_per_sec));
+            let _ = writeln!(
+                s,
+                "| Redis used_memory with the backlog | {:.0} MiB |",
+                b.redis_used_memory_mib
+            );
+            let _ = writeln!(
+                s,
+                "| Redis memory per queued message | {:.0} bytes ({:.0} over the message size) |",
+                b.redis_bytes_per_msg,
+                b.redis_bytes_per_msg - b.size as f64
+            );
+            let _ = writeln!(s, "| Redis peak RSS | {:.0} MiB |", b.redis_peak_rss_mib);
+            let _ = writeln!(s, "| AOF on disk | {:.0} MiB |", b.aof_mib);
+            let _ = writeln!(
+                s,
+                "| Relay peak RSS while accepting the backlog | {:.0} MiB |",
+                b.relay_enqueue_peak_rss_mib
+            );
+            let _ = writeln!(
+                s,
+                "| Relay peak RSS while draining it | {:.0} MiB |",
+                b.relay_drain_peak_rss_mib
+            );
+            if let Some(v) = b.relay_reference_rss_mib {
+                let _ = writeln!(s, "| Relay peak RSS in the short throughput run | {v:.0} MiB |");
+            }
+            let _ = writeln!(
+                s,
+                "| Drain rate | {} msg/s ({} delivered{}) |\n",
+                rate(b.drain_per_sec),
+                b.delivered,
+                if b.drained {
+                    ""
+                } else {
+                    ", not drained before the deadline"
+                }
+            );
+        }
+    }
+
+    if let Some((i, z)) = &r.sizing {
+        let _ = writeln!(s, "## Sizing from these figures\n");
+        let _ = writeln!(
+            s,
+            "For {:.0} messages an hour with a peak {:.1}× the average, {:.0}-core relay pods and every core and Redis \
+             main thread planned at {:.0}% (relay {:.3} CPU ms/msg, Redis {:.3} CPU ms/msg and {:.1} ops/msg, \
+             {:.0} bytes per queued message):\n",
+            i.messages_per_hour,
+            i.peak_factor,
+            i.cores_per_pod,
+            i.target_utilization * 100.0,
+            i.relay_cpu_ms_per_msg,
+            i.redis_cpu_ms_per_msg,
+            i.redis_ops_per_msg,
+            i.redis_bytes_per_queued_msg
+        );
+        let _ = writeln!(
+            s,
+            "| Peak rate | Relay cores | Relay pods | Redis ops/s | Redis shards | Memory for {:.0} h of backlog |",
+            i.backlog_hours
+        );
+        let _ = writeln!(s, "|--:|--:|--:|--:|--:|--:|");
+        let _ = writeln!(
+            s,
+            "| {:.0}/s | {:.1} | {} | {:.0} | {} | {:.1} GiB |\n",
+            z.peak_msgs_per_sec, z.relay_cores, z.relay_pods, z.redis_ops_per_sec, z.redis_shards, z.backlog_gib
+        );
+    }
+
+    let _ = writeln!(s, "## Targets (issue 7)\n");
+    for line in targets(r) {
+        let _ = writeln!(s, "- {line}");
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(s, "\n## Notes\n");
+        for n in &r.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+/// One line per target: met, missed, or not measured.
+pub fn targets(r: &BenchResults) -> Vec<String> {
+    let mut out = vec![];
+    let relay = r.first(Kind::Relay);
+    let verdict = |ok: bool| if ok { "**met**" } else { "**missed**" };
+    match (relay, r.best(Kind::Postfix)) {
+        (Some(rl), Some(pf)) => {
+            let x = rl.delivered_per_sec / pf.delivered_per_sec;
+            out.push(format!(
+                "Delivered ≥ {TARGET_VS_POSTFIX}× Postfix ({}): {:.0}/s vs {:.0}/s = {x:.2}×: {}",
+                rl.durability,
+                rl.delivered_per_sec,
+                pf.delivered_per_sec,
+                verdict(x >= TARGET_VS_POSTFIX)
+            ));
+        }
+        _ => out.push(format!(
+            "Delivered ≥ {TARGET_VS_POSTFIX}× Postfix: not measured (relay or Postfix row missing)"
+        )),
+    }
+    match (relay, r.best(Kind::Ceiling)) {
+        (Some(rl), Some(c)) => {
+            let x = rl.delivered_per_sec / c.delivered_per_sec;
+            out.push(format!(
+                "Delivered ≥ {:.0}% of the ceiling: {:.0}/s vs {:.0}/s = {:.0}%: {}",
+                TARGET_VS_CEILING * 100.0,
+                rl.delivered_per_sec,
+                c.delivered_per_sec,
+                x * 100.0,
+                verdict(x >= TARGET_VS_CEILING)
+            ));
+        }
+        _ => out.push(format!(
+            "Delivered ≥ {:.0}% of the ceiling: not measured",
+            TARGET_VS_CEILING * 100.0
+        )),
+    }
+    match relay.and_then(|rl| rl.latency) {
+        Some(l) => out.push(format!(
+            "Accept p99 < {TARGET_P99_MS} ms at half the maximum rate: {} ms: {}",
+            ms(l.p99_us),
+            verdict((l.p99_us as f64) < TARGET_P99_MS * 1000.0)
+        )),
+        None => out.push(format!(
+            "Accept p99 < {TARGET_P99_MS} ms at half the maximum rate: not measured"
+        )),
+    }
+    match &r.backlog {
+        Some(b) if b.error.is_none() => out.push(format!(
+            "Relay memory bounded under a {}-message backlog: peak {:.0} MiB accepting, {:.0} MiB draining{}",
+            b.messages,
+            b.relay_enqueue_peak_rss_mib,
+            b.relay_drain_peak_rss_mib,
+            opt(b.relay_reference_rss_mib, |v| format!(" (short run: {v:.0} MiB)"))
+        )),
+        _ => out.push("Relay memory bounded under a backlog: not measured".into()),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: Kind, name: &str, delivered: f64) -> Row {
+        Row {
+            accepted: 1000,
+            accepted_per_sec: delivered * 1.1,
+            delivered: 1000,
+            delivered_per_sec: delivered,
+            drained: true,
+            half_rate: Some(delivered / 2.0),
+            latency: Some(LatencySummary {
+                count: 10,
+                p50_us: 1500,
+                p99_us: 8000,
+                ..Default::default()
+            }),
+            ..Row::new(kind, name, "d")
+        }
+    }
+
+    fn results() -> BenchResults {
+        let mut relay = row(Kind::Relay, "mailroute relay", 3000.0);
+        relay.redis = Some(RedisFigures {
+            ops_per_msg: 11.5,
+            top_commands: vec![("EVALSHA".into(), 3.0)],
+            cpu_ms_per_msg: 0.05,
+            peak_used_memory_mib: 12.0,
+        });
+        relay.peak_rss_mib = vec![("relay".into(), 40.0), ("redis".into(), 20.0)];
+        let mut failed = Row::new(Kind::Relay, "mailroute relay ×2", "d");
+        failed.error = Some("relay did not start | exit 1".into());
+        BenchResults {
+            started: "2026-01-01".into(),
+            command: "bench/run.sh --quick".into(),
+            rows: vec![
+                row(Kind::Ceiling, "ceiling", 10_000.0),
+                row(Kind::Postfix, "Postfix", 400.0),
+                relay,
+                failed,
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn table_has_ratios_against_postfix_and_ceiling() {
+        let md = render(&results());
+        assert!(
+            md.contains(
+                "| mailroute relay | d | 3300 | 3000 | 7.50× | 0.30× | 1500/s | 1.50 | 8.00 | — | relay 40, redis 20 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| Postfix | d | 440 | 400 | 1.00× | 0.04× |"));
+        assert!(md.contains("| mailroute relay ×2 | d | failed: relay did not start / exit 1 |"));
+        assert!(md.contains("| mailroute relay (d) | 11.50 | EVALSHA 3.00 | 0.050 |"));
+    }
+
+    #[test]
+    fn targets_report_met_and_missed() {
+        let t = targets(&results());
+        assert!(t[0].contains("7.50×: **met**"), "{t:?}");
+        assert!(t[1].contains("= 30%: **missed**"), "{t:?}");
+        assert!(t[2].contains("8.00 ms: **met**"), "{t:?}");
+        assert!(t[3].contains("not measured"));
+        let none = targets(&BenchResults::default());
+        assert!(none.iter().all(|l| l.contains("not measured")));
+    }
+}
