@@ -226,14 +226,18 @@ Pass (dict "ctx" $ "name" secretName "key" key "memo" memoKey).
 {{- include "mailroute.generatedSecretValue" (dict "ctx" . "name" (include "mailroute.redis.fullname" .) "key" .Values.redis.auth.passwordKey "memo" "redisPassword") }}
 {{- end }}
 
+{{/* Identity of the admin token the pods read from their environment at start-up. */}}
+{{- define "mailroute.adminTokenIdentity" -}}
+{{- if .Values.relay.adminToken.existingSecret }}
+{{- include "mailroute.existingSecretHash" (dict "ctx" . "name" .Values.relay.adminToken.existingSecret) }}
+{{- else if .Values.relay.adminToken.create }}
+{{- include "mailroute.adminTokenValue" . }}
+{{- end }}
+{{- end }}
+
 {{/* Checksum over everything secret the relay pods read at start-up (env vars, TLS files). */}}
 {{- define "mailroute.relay.secretsChecksum" -}}
-{{- $parts := list }}
-{{- if .Values.relay.adminToken.existingSecret }}
-{{- $parts = append $parts (include "mailroute.existingSecretHash" (dict "ctx" . "name" .Values.relay.adminToken.existingSecret)) }}
-{{- else if .Values.relay.adminToken.create }}
-{{- $parts = append $parts (include "mailroute.adminTokenValue" .) }}
-{{- end }}
+{{- $parts := list (include "mailroute.adminTokenIdentity" .) }}
 {{- $pw := include "mailroute.redis.passwordSecret" . }}
 {{- if and .Values.redis.enabled .Values.redis.auth.enabled (not .Values.redis.auth.existingSecret) }}
 {{- $parts = append $parts (include "mailroute.redisPasswordValue" .) }}
