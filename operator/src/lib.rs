@@ -1,3 +1,16 @@
-//! mailroute operator: turns SmtpRoute and SenderQuota objects into the relay configuration.
+//! mailroute operator: turns SmtpRoute and SenderQuota objects into the relay configuration
+//! (one ConfigMap and one Secret per fleet), reports honest status on every object, tests each
+//! route's upstream and shows quota usage read from the relays.
 
+pub mod app;
+pub mod clock;
+pub mod conditions;
+pub mod conntest;
+pub mod controller;
 pub mod crdgen;
+pub mod http;
+pub mod lease;
+pub mod metrics;
+pub mod plan;
+pub mod reconcile;
+pub mod usage;

@@ -1,9 +1,10 @@
-//! Command-line entry point of the operator.
+//! Command-line entry point of the operator: `run` (the controller) and `crd` (CRD generation).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "mailroute-operator", version, about = "mailroute Kubernetes operator")]
@@ -14,6 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator against the cluster (in-cluster service account or KUBECONFIG).
+    Run(Box<mailroute_operator::app::RunArgs>),
     /// Print the CustomResourceDefinitions, or write them into a directory.
     Crd {
         /// Directory to write `smtproutes.yaml` and `senderquotas.yaml` into (default: print to stdout).
@@ -24,6 +27,19 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => {
+            let filter = EnvFilter::try_from_default_env()
+                .or_else(|_| EnvFilter::try_new(&args.log_level))
+                .context("invalid log filter")?;
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_env_filter(filter)
+                .init();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(mailroute_operator::app::run(*args))?;
+        }
         Command::Crd { out } => {
             for (file, yaml) in mailroute_operator::crdgen::crds()? {
                 match &out {

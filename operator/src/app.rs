@@ -1,0 +1,274 @@
+//! `mailroute-operator run`: command-line settings (every flag also read from `MAILROUTE_*`),
+//! wiring of client, leader election, health server, watchers and the controller loop, and
+//! graceful shutdown on SIGTERM/SIGINT (finish the running reconcile, release the Lease).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+use crate::controller::{self, LoopSettings};
+use crate::http::{self, Health};
+use crate::lease::{self, Elector};
+use crate::metrics::Metrics;
+use crate::plan::Fleet;
+use crate::reconcile::{Reconciler, Settings};
+use crate::usage::UsageClient;
+
+const SA_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// Flags of `mailroute-operator run`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Fleet name: the outputs are ConfigMap `<fleet>-config` and Secret `<fleet>-secrets`.
+    #[arg(long, env = "MAILROUTE_FLEET", default_value = "mailroute")]
+    pub fleet: String,
+    /// Namespace of the outputs and the Lease (default: the pod's namespace, else the kubeconfig's).
+    #[arg(long, env = "MAILROUTE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Namespaces to watch for SmtpRoutes and SenderQuotas, comma-separated (default: all).
+    #[arg(long, env = "MAILROUTE_WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "MAILROUTE_HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
+    pub health_listen: String,
+    /// Elect a leader with a Lease, so only one replica writes.
+    #[arg(long, env = "MAILROUTE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "MAILROUTE_LEASE_NAME", default_value = "mailroute-operator")]
+    pub lease_name: String,
+    /// How long the Lease holds without renewal.
+    #[arg(long, env = "MAILROUTE_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// This replica's identity in the Lease and in Events (default: POD_NAME, else HOSTNAME).
+    #[arg(long, env = "MAILROUTE_IDENTITY")]
+    pub identity: Option<String>,
+    /// Make the operator's Deployment (in its namespace) the owner of the outputs.
+    #[arg(long, env = "MAILROUTE_OWNER_DEPLOYMENT")]
+    pub owner_deployment: Option<String>,
+    /// Test each route's upstream (connect, TLS, EHLO, AUTH).
+    #[arg(long, env = "MAILROUTE_CONNECTION_TESTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub connection_tests: bool,
+    /// Re-test unchanged routes this often.
+    #[arg(long, env = "MAILROUTE_CONNECTION_TEST_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub connection_test_interval: Duration,
+    /// Limit for each step of a connection test.
+    #[arg(long, env = "MAILROUTE_CONNECTION_TEST_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub connection_test_timeout: Duration,
+    /// Connection tests running at the same time.
+    #[arg(long, env = "MAILROUTE_CONNECTION_TEST_CONCURRENCY", default_value_t = 4)]
+    pub connection_test_concurrency: usize,
+    /// Name sent in EHLO by connection tests.
+    #[arg(long, env = "MAILROUTE_HELO_NAME", default_value = "mailroute-operator.local")]
+    pub helo_name: String,
+    /// Base URL of the relays' admin API for quota usage, e.g. http://mailroute-admin:8080.
+    #[arg(long, env = "MAILROUTE_RELAY_ADMIN_URL")]
+    pub relay_admin_url: Option<String>,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "MAILROUTE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// File holding the bearer token (alternative to --admin-token).
+    #[arg(long, env = "MAILROUTE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Full reconcile at least this often (quota usage refresh, repair of hand edits).
+    #[arg(long, env = "MAILROUTE_RESYNC_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub resync_interval: Duration,
+    /// Changes within this window share one reconcile.
+    #[arg(long, env = "MAILROUTE_DEBOUNCE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub debounce: Duration,
+    /// Log filter when RUST_LOG is unset.
+    #[arg(long, env = "MAILROUTE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+fn identity(args: &RunArgs) -> String {
+    args.identity
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("mailroute-operator-{}", std::process::id()))
+}
+
+fn namespace(args: &RunArgs, client: &Client) -> String {
+    args.namespace
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string(SA_NAMESPACE_FILE)
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| client.default_namespace().to_string())
+}
+
+async fn owner(client: &Client, namespace: &str, name: &str) -> anyhow::Result<OwnerReference> {
+    let d = Api::<Deployment>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .with_context(|| format!("reading Deployment {namespace}/{name} (--owner-deployment)"))?;
+    Ok(OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: name.into(),
+        uid: d.metadata.uid.context("the Deployment has no uid")?,
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    })
+}
+
+fn usage_client(args: &RunArgs) -> anyhow::Result<Option<UsageClient>> {
+    let Some(url) = &args.relay_admin_url else {
+        return Ok(None);
+    };
+    let token = match (&args.admin_token, &args.admin_token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the admin token from {}", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => anyhow::bail!("--relay-admin-url needs --admin-token or --admin-token-file"),
+    };
+    Ok(Some(UsageClient::new(url, token, Duration::from_secs(10))?))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the operator until SIGTERM.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster service account or KUBECONFIG)")?;
+    let namespace = namespace(&args, &client);
+    let identity = identity(&args);
+    let mut fleet = Fleet::new(args.fleet.clone(), namespace.clone());
+    if let Some(d) = &args.owner_deployment {
+        fleet.owner = Some(owner(&client, &namespace, d).await?);
+    }
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (leading_tx, leading) = watch::channel(!args.leader_elect);
+
+    let listener = tokio::net::TcpListener::bind(&args.health_listen)
+        .await
+        .with_context(|| format!("binding {}", args.health_listen))?;
+    let health = Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        leading: leading.clone(),
+    };
+    let mut stop_http = shutdown.clone();
+    let http_task = tokio::spawn(http::serve(listener, health, async move {
+        let _ = stop_http.wait_for(|s| *s).await;
+    }));
+
+    let version = client
+        .apiserver_version()
+        .await
+        .context("the Kubernetes API did not answer")?;
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        fleet = %fleet.name,
+        namespace = %namespace,
+        identity = %identity,
+        watch_namespaces = ?args.watch_namespaces,
+        api_server = %version.git_version,
+        "mailroute operator starting"
+    );
+
+    // Without election the sender stays alive (a closed channel would wake the loop forever).
+    let mut fixed_leadership = None;
+    let elector_task = if args.leader_elect {
+        let mut params = lease::Params::new(namespace.clone(), args.lease_name.clone(), identity.clone());
+        params.lease_duration = args.lease_duration;
+        params.renew_deadline = args.lease_duration.mul_f64(2.0 / 3.0);
+        params.retry_period = args.lease_duration / 7;
+        let elector = Elector::new(client.clone(), params);
+        Some(tokio::spawn(elector.run(leading_tx, shutdown.clone())))
+    } else {
+        fixed_leadership = Some(leading_tx);
+        None
+    };
+    let leader_metric = {
+        let mut leading = leading.clone();
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                m.is_leader.set(i64::from(*leading.borrow_and_update()));
+                if leading.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+
+    let settings = Settings {
+        fleet,
+        namespaces: args
+            .watch_namespaces
+            .iter()
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .collect(),
+        test_interval: args.connection_tests.then_some(args.connection_test_interval),
+        instance: identity,
+    };
+    let reconciler = Reconciler::new(client.clone(), settings, usage_client(&args)?, metrics.clone());
+    let triggers = controller::triggers(&client, reconciler.clone());
+    let loop_settings = LoopSettings {
+        debounce: args.debounce,
+        resync: args.resync_interval,
+        max_concurrent_tests: args.connection_test_concurrency,
+        conntest: crate::conntest::Settings {
+            helo_name: args.helo_name.clone(),
+            timeout: args.connection_test_timeout,
+        },
+    };
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("termination signal received; shutting down");
+        shutdown_tx.send_replace(true);
+    });
+
+    controller::run(reconciler, triggers, loop_settings, leading, shutdown).await;
+    if let Some(t) = elector_task {
+        let _ = t.await;
+    }
+    leader_metric.abort();
+    drop(fixed_leadership);
+    match http_task.await {
+        Ok(r) => r.context("health server")?,
+        Err(e) => tracing::warn!(error = %e, "health server task failed"),
+    }
+    tracing::info!("mailroute operator stopped");
+    Ok(())
+}

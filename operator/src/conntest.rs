@@ -1,0 +1,616 @@
+//! Connection test of a route's upstream: connect (plain + STARTTLS, or implicit TLS), verify the
+//! certificate as the route says (system roots plus the route's CA bundle), EHLO, AUTH with the
+//! route's credentials and optionally send a test message. Also the pure parts: the fingerprint
+//! of what is tested, when a test is due, and the `Verified` condition a result gives.
+//! It never writes to Kubernetes and never logs credentials.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use mail_send::SmtpClient;
+use mail_send::smtp::message::Message;
+use mailroute_api::config::{Credentials, Upstream, short_hash};
+use mailroute_api::route::{AuthMechanism, TlsMode};
+use mailroute_api::status::{ConnectionTest, condition_type};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use serde_json::json;
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, EXT_START_TLS, EhloResponse, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::clock;
+use crate::conditions::{Desired, Status};
+
+/// `result` of a successful test.
+pub const SUCCEEDED: &str = "Succeeded";
+/// `result` of a failed test.
+pub const FAILED: &str = "Failed";
+
+/// One test to run. `Debug` shows no secret (`Credentials` redacts the password).
+#[derive(Clone, Debug)]
+pub struct ConnTestJob {
+    /// `namespace/name` of the route.
+    pub route_id: String,
+    pub upstream: Upstream,
+    pub credentials: Option<Credentials>,
+    /// Extra trusted CA bundle (PEM).
+    pub ca_pem: Option<String>,
+    /// Send a test message as part of this run.
+    pub message: Option<TestMessage>,
+    pub fingerprint: String,
+    /// The reply to an earlier test message for the same fingerprint, kept in the new record so
+    /// the message is not sent again.
+    pub previous_test_message: Option<String>,
+}
+
+/// Envelope of the test message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestMessage {
+    pub from: String,
+    pub to: String,
+}
+
+/// How tests talk to upstreams.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Name sent in EHLO.
+    pub helo_name: String,
+    /// Limit for each step (connect, each command, the TLS handshake).
+    pub timeout: Duration,
+}
+
+/// Whether a route's upstream should be tested now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Run {
+        send_message: bool,
+    },
+    /// Nothing changed and the last test is recent: test again after this long.
+    Wait(Duration),
+}
+
+/// Tests on create and change (a new fingerprint) at once, otherwise once per `interval`. The
+/// test message goes out once per fingerprint: only when no earlier run for the same fingerprint
+/// had it accepted.
+pub fn decide(
+    last: Option<&ConnectionTest>,
+    fingerprint: &str,
+    wants_message: bool,
+    now: Timestamp,
+    interval: Duration,
+) -> Decision {
+    let Some(last) = last.filter(|l| l.fingerprint.as_deref() == Some(fingerprint)) else {
+        return Decision::Run {
+            send_message: wants_message,
+        };
+    };
+    let send_message = wants_message && last.test_message.is_none();
+    let Some(when) = clock::parse(&last.time) else {
+        return Decision::Run { send_message };
+    };
+    let age = clock::age(when, now);
+    if age >= interval {
+        Decision::Run { send_message }
+    } else {
+        Decision::Wait(interval - age)
+    }
+}
+
+/// Identifies what a test covers: the effective upstream settings, the test envelope and the
+/// resource versions of the Secrets used. It contains no secret material.
+pub fn fingerprint(upstream: &Upstream, message: Option<&TestMessage>, secret_versions: &[(String, String)]) -> String {
+    let doc = json!({
+        "upstream": upstream,
+        "message": message.map(|m| json!({"from": m.from, "to": m.to})),
+        "secrets": secret_versions,
+    });
+    short_hash(doc.to_string().as_bytes())
+}
+
+fn endpoint(upstream: &Upstream) -> String {
+    format!("{}:{}", upstream.host, upstream.port)
+}
+
+fn tls_words(mode: TlsMode) -> &'static str {
+    match mode {
+        TlsMode::None => "no TLS",
+        TlsMode::Starttls => "STARTTLS",
+        TlsMode::Implicit => "implicit TLS",
+    }
+}
+
+/// The `Verified` condition a test record gives.
+pub fn verified_condition(upstream: &Upstream, record: &ConnectionTest) -> Desired {
+    let at = endpoint(upstream);
+    if record.result == SUCCEEDED {
+        let auth = match upstream.auth {
+            Some(m) => format!(", AUTH {} accepted", mailroute_api::compile::mechanism_name(m)),
+            None => String::new(),
+        };
+        let mut message = format!("{at} ({}): EHLO succeeded{auth}", tls_words(upstream.tls));
+        if let Some(reply) = &record.test_message {
+            message.push_str(&format!("; test message accepted: {reply}"));
+        }
+        return Desired::new(condition_type::VERIFIED, Status::True, "Connected", message);
+    }
+    let step = record.step.as_deref().unwrap_or("connect");
+    let (reason, what) = match step {
+        "connect" => ("ConnectionFailed", "connect"),
+        "greeting" => ("GreetingRejected", "greeting"),
+        "ehlo" => ("EhloRejected", "EHLO"),
+        "starttls" => ("StartTlsFailed", "STARTTLS"),
+        "tls" => ("TlsFailed", "TLS handshake"),
+        "auth" => ("AuthenticationFailed", "AUTH"),
+        _ => ("TestMessageRejected", "test message"),
+    };
+    let detail = record
+        .reply
+        .as_deref()
+        .or(record.error.as_deref())
+        .unwrap_or("no reply");
+    Desired::new(
+        condition_type::VERIFIED,
+        Status::False,
+        reason,
+        format!("{at}: {what} failed: {detail}"),
+    )
+}
+
+/// `535 5.7.8 Username and password not accepted.`: the reply as the upstream sent it, on one line.
+pub fn format_reply(r: &Response<String>) -> String {
+    let text = r.message.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+    if r.esc[0] != 0 {
+        format!("{} {}.{}.{} {text}", r.code, r.esc[0], r.esc[1], r.esc[2])
+    } else {
+        format!("{} {text}", r.code)
+    }
+}
+
+struct Failure {
+    step: &'static str,
+    reply: Option<String>,
+    error: Option<String>,
+}
+
+impl Failure {
+    fn error(step: &'static str, error: impl Into<String>) -> Self {
+        Self {
+            step,
+            reply: None,
+            error: Some(error.into()),
+        }
+    }
+
+    fn from_mail_send(step: &'static str, e: mail_send::Error) -> Self {
+        match e {
+            mail_send::Error::UnexpectedReply(r) | mail_send::Error::AuthenticationFailed(r) => Self {
+                step,
+                reply: Some(format_reply(&r)),
+                error: None,
+            },
+            mail_send::Error::Tls(e) => Self::error("tls", e.to_string()),
+            mail_send::Error::Io(e) => Self::error(step, e.to_string()),
+            mail_send::Error::Timeout => Self::error(step, "timed out"),
+            mail_send::Error::UnparseableReply => Self::error(step, "the upstream sent no valid SMTP reply"),
+            other => Self::error(step, other.to_string()),
+        }
+    }
+}
+
+/// Runs one test and returns the record for `status.lastConnectionTest`. Never fails: every
+/// problem is a `Failed` record naming the step and the upstream's reply or the error.
+pub async fn run(job: &ConnTestJob, settings: &Settings) -> ConnectionTest {
+    let outcome = session(job, settings).await;
+    let (result, step, reply, error, test_message) = match outcome {
+        Ok(sent) => (
+            SUCCEEDED,
+            None,
+            None,
+            None,
+            sent.or_else(|| job.previous_test_message.clone()),
+        ),
+        Err(f) => (FAILED, Some(f.step.to_string()), f.reply, f.error, None),
+    };
+    ConnectionTest {
+        time: clock::format(Timestamp::now()),
+        result: result.to_string(),
+        step,
+        reply,
+        error,
+        fingerprint: Some(job.fingerprint.clone()),
+        test_message,
+    }
+}
+
+async fn session(job: &ConnTestJob, settings: &Settings) -> Result<Option<String>, Failure> {
+    let up = &job.upstream;
+    let connect = TcpStream::connect((up.host.as_str(), up.port));
+    let tcp = match tokio::time::timeout(settings.timeout, connect).await {
+        Err(_) => {
+            return Err(Failure::error(
+                "connect",
+                format!("timed out after {:?}", settings.timeout),
+            ));
+        }
+        Ok(Err(e)) => return Err(Failure::error("connect", e.to_string())),
+        Ok(Ok(tcp)) => tcp,
+    };
+    let client = SmtpClient {
+        stream: tcp,
+        timeout: settings.timeout,
+    };
+    let connector = TlsConnector::from(Arc::new(
+        tls_config(up, job.ca_pem.as_deref()).map_err(|e| Failure::error("tls", e))?,
+    ));
+    let server_name = up.server_name.clone().unwrap_or_else(|| up.host.clone());
+    match up.tls {
+        TlsMode::Implicit => {
+            let mut c = client
+                .into_tls(&connector, &server_name)
+                .await
+                .map_err(|e| Failure::from_mail_send("tls", e))?;
+            greeting(&mut c).await?;
+            let caps = ehlo(&mut c, settings).await?;
+            finish(c, caps, job).await
+        }
+        TlsMode::Starttls => {
+            let mut c = client;
+            greeting(&mut c).await?;
+            let caps = ehlo(&mut c, settings).await?;
+            if !caps.has_capability(EXT_START_TLS) {
+                return Err(Failure::error("starttls", "the upstream does not offer STARTTLS"));
+            }
+            let reply = c
+                .cmd(b"STARTTLS\r\n")
+                .await
+                .map_err(|e| Failure::from_mail_send("starttls", e))?;
+            if reply.code != 220 {
+                return Err(Failure {
+                    step: "starttls",
+                    reply: Some(format_reply(&reply)),
+                    error: None,
+                });
+            }
+            let mut c = c
+                .into_tls(&connector, &server_name)
+                .await
+                .map_err(|e| Failure::from_mail_send("tls", e))?;
+            let caps = ehlo(&mut c, settings).await?;
+            finish(c, caps, job).await
+        }
+        TlsMode::None => {
+            let mut c = client;
+            greeting(&mut c).await?;
+            let caps = ehlo(&mut c, settings).await?;
+            finish(c, caps, job).await
+        }
+    }
+}
+
+async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(c: &mut SmtpClient<S>) -> Result<(), Failure> {
+    let reply = c.read().await.map_err(|e| Failure::from_mail_send("greeting", e))?;
+    if (200..300).contains(&reply.code) {
+        Ok(())
+    } else {
+        Err(Failure {
+            step: "greeting",
+            reply: Some(format_reply(&reply)),
+            error: None,
+        })
+    }
+}
+
+async fn ehlo<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut SmtpClient<S>,
+    settings: &Settings,
+) -> Result<EhloResponse<String>, Failure> {
+    c.ehlo(&settings.helo_name)
+        .await
+        .map_err(|e| Failure::from_mail_send("ehlo", e))
+}
+
+fn mechanism_bit(m: AuthMechanism) -> u64 {
+    match m {
+        AuthMechanism::Plain => AUTH_PLAIN,
+        AuthMechanism::Login => AUTH_LOGIN,
+        AuthMechanism::Xoauth2 => AUTH_XOAUTH2,
+    }
+}
+
+fn offered_mechanisms(bits: u64) -> String {
+    let names: Vec<&str> = [(AUTH_PLAIN, "PLAIN"), (AUTH_LOGIN, "LOGIN"), (AUTH_XOAUTH2, "XOAUTH2")]
+        .iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+    mut c: SmtpClient<S>,
+    mut caps: EhloResponse<String>,
+    job: &ConnTestJob,
+) -> Result<Option<String>, Failure> {
+    if let (Some(mechanism), Some(creds)) = (job.upstream.auth, &job.credentials) {
+        let bit = mechanism_bit(mechanism);
+        if caps.auth_mechanisms & bit == 0 {
+            return Err(Failure::error(
+                "auth",
+                format!(
+                    "the upstream does not offer AUTH {} (it offers: {})",
+                    mailroute_api::compile::mechanism_name(mechanism),
+                    offered_mechanisms(caps.auth_mechanisms)
+                ),
+            ));
+        }
+        // Only the configured mechanism: the relay uses exactly this one.
+        caps.auth_mechanisms = bit;
+        let credentials = match mechanism {
+            AuthMechanism::Xoauth2 => mail_send::Credentials::XOauth2 {
+                username: creds.username.clone(),
+                secret: creds.password.clone(),
+            },
+            _ => mail_send::Credentials::Plain {
+                username: creds.username.clone(),
+                secret: creds.password.clone(),
+            },
+        };
+        c.authenticate(&credentials, &caps)
+            .await
+            .map_err(|e| Failure::from_mail_send("auth", e))?;
+    }
+    let sent = match &job.message {
+        None => None,
+        Some(m) => {
+            let body = test_message_body(&job.route_id, m);
+            let reply = c
+                .send(Message::new(m.from.as_str(), [m.to.as_str()], body.into_bytes()))
+                .await
+                .map_err(|e| Failure::from_mail_send("send", e))?;
+            Some(format_reply(&reply))
+        }
+    };
+    // The verdict is in; a failing QUIT does not change it.
+    let _ = c.quit().await;
+    Ok(sent)
+}
+
+fn test_message_body(route_id: &str, m: &TestMessage) -> String {
+    let now = Timestamp::now();
+    let date = now.strftime("%a, %d %b %Y %H:%M:%S +0000");
+    let domain = m.from.rsplit_once('@').map(|(_, d)| d).unwrap_or("localhost");
+    format!(
+        "From: <{from}>\r\nTo: <{to}>\r\nSubject: mailroute connection test for route {route_id}\r\n\
+         Date: {date}\r\nMessage-ID: <mailroute-test.{id}@{domain}>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=utf-8\r\nAuto-Submitted: auto-generated\r\n\r\n\
+         This message was sent by the mailroute operator to check the route {route_id}.\r\n\
+         The upstream accepted the connection, TLS and the credentials.\r\n",
+        from = m.from,
+        to = m.to,
+        id = now.as_nanosecond(),
+    )
+}
+
+fn native_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
+fn tls_config(up: &Upstream, ca_pem: Option<&str>) -> Result<ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    if !up.verify_tls {
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+            .with_no_client_auth());
+    }
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(native_roots().iter().cloned());
+    if let Some(pem) = ca_pem {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| format!("the CA bundle is not valid PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the CA bundle holds an unusable certificate: {e}"))?;
+        }
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// `tls.verify: false`: any certificate and name, but handshake signatures are still checked.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(time: &str, fp: &str, message: Option<&str>) -> ConnectionTest {
+        ConnectionTest {
+            time: time.into(),
+            result: SUCCEEDED.into(),
+            step: None,
+            reply: None,
+            error: None,
+            fingerprint: Some(fp.into()),
+            test_message: message.map(String::from),
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn first_test_and_changed_routes_run_at_once_with_the_message() {
+        let now = at("2024-05-01T12:00:00Z");
+        assert_eq!(decide(None, "a", true, now, HOUR), Decision::Run { send_message: true });
+        let last = record("2024-05-01T11:59:00Z", "old", Some("250 ok"));
+        assert_eq!(
+            decide(Some(&last), "a", true, now, HOUR),
+            Decision::Run { send_message: true }
+        );
+        assert_eq!(
+            decide(Some(&last), "a", false, now, HOUR),
+            Decision::Run { send_message: false }
+        );
+    }
+
+    #[test]
+    fn nothing_changed_and_recent_means_wait_for_the_rest_of_the_interval() {
+        let last = record("2024-05-01T11:45:00Z", "a", None);
+        let now = at("2024-05-01T12:00:00Z");
+        assert_eq!(
+            decide(Some(&last), "a", true, now, HOUR),
+            Decision::Wait(Duration::from_secs(45 * 60))
+        );
+    }
+
+    #[test]
+    fn periodic_runs_never_resend_an_accepted_test_message() {
+        let now = at("2024-05-01T13:00:01Z");
+        let sent = record("2024-05-01T12:00:00Z", "a", Some("250 2.0.0 OK"));
+        assert_eq!(
+            decide(Some(&sent), "a", true, now, HOUR),
+            Decision::Run { send_message: false }
+        );
+        // Not accepted yet (e.g. the previous run failed at AUTH): the periodic run sends it.
+        let unsent = record("2024-05-01T12:00:00Z", "a", None);
+        assert_eq!(
+            decide(Some(&unsent), "a", true, now, HOUR),
+            Decision::Run { send_message: true }
+        );
+    }
+
+    #[test]
+    fn an_unreadable_time_runs_the_test() {
+        let last = record("garbage", "a", None);
+        assert!(matches!(
+            decide(Some(&last), "a", false, at("2024-05-01T12:00:00Z"), HOUR),
+            Decision::Run { .. }
+        ));
+    }
+
+    fn upstream() -> Upstream {
+        Upstream {
+            host: "smtp.office365.com".into(),
+            port: 587,
+            tls: TlsMode::Starttls,
+            verify_tls: true,
+            server_name: None,
+            auth: Some(AuthMechanism::Login),
+            custom_ca: false,
+        }
+    }
+
+    #[test]
+    fn fingerprint_follows_settings_envelope_and_secret_versions() {
+        let up = upstream();
+        let v1 = vec![("creds".to_string(), "100".to_string())];
+        let v2 = vec![("creds".to_string(), "101".to_string())];
+        let base = fingerprint(&up, None, &v1);
+        assert_eq!(base, fingerprint(&up, None, &v1));
+        assert_ne!(base, fingerprint(&up, None, &v2));
+        let mut other = up.clone();
+        other.port = 25;
+        assert_ne!(base, fingerprint(&other, None, &v1));
+        let msg = TestMessage {
+            from: "a@example.com".into(),
+            to: "b@example.com".into(),
+        };
+        assert_ne!(base, fingerprint(&up, Some(&msg), &v1));
+    }
+
+    #[test]
+    fn verified_condition_carries_the_upstream_reply() {
+        let up = upstream();
+        let failed = ConnectionTest {
+            time: "2024-05-01T12:00:00Z".into(),
+            result: FAILED.into(),
+            step: Some("auth".into()),
+            reply: Some("535 5.7.8 Username and password not accepted.".into()),
+            error: None,
+            fingerprint: None,
+            test_message: None,
+        };
+        let c = verified_condition(&up, &failed);
+        assert_eq!(c.status, Status::False);
+        assert_eq!(c.reason, "AuthenticationFailed");
+        assert_eq!(
+            c.message,
+            "smtp.office365.com:587: AUTH failed: 535 5.7.8 Username and password not accepted."
+        );
+        let ok = record("2024-05-01T12:00:00Z", "a", Some("250 2.0.0 OK queued"));
+        let c = verified_condition(&up, &ok);
+        assert_eq!(c.status, Status::True);
+        assert_eq!(
+            c.message,
+            "smtp.office365.com:587 (STARTTLS): EHLO succeeded, AUTH LOGIN accepted; test message accepted: 250 2.0.0 OK queued"
+        );
+    }
+
+    #[test]
+    fn replies_are_formatted_with_their_enhanced_code() {
+        let r = Response {
+            code: 535,
+            esc: [5, 7, 8],
+            message: "Username and password not accepted.".to_string(),
+        };
+        assert_eq!(format_reply(&r), "535 5.7.8 Username and password not accepted.");
+        let r = Response {
+            code: 554,
+            esc: [0, 0, 0],
+            message: "No service\nhere".to_string(),
+        };
+        assert_eq!(format_reply(&r), "554 No service here");
+    }
+}

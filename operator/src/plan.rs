@@ -1,0 +1,872 @@
+//! The pure reconcile step: every SmtpRoute, SenderQuota and referenced Secret in, the
+//! ConfigMap and Secret to apply (only when they differ from the live ones), the status of every
+//! object whose status changes, the Events for condition transitions and the connection tests
+//! that are due. No I/O and no clock: the caller passes what it read and the time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use mailroute_api::compile::{Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, compile};
+use mailroute_api::config::{CONFIG_KEY, CompiledRoute, SECRETS_KEY, Target, short_hash};
+use mailroute_api::quota::{QuotaUsage, SenderQuotaStatus};
+use mailroute_api::route::SmtpRouteStatus;
+use mailroute_api::status::{Condition, ConnectionTest, condition_type};
+use mailroute_api::{SenderQuota, SmtpRoute};
+
+use crate::clock;
+use crate::conditions::{self, Desired, Status};
+use crate::conntest::{self, ConnTestJob, TestMessage};
+
+/// Annotation carrying the content hash of the ConfigMap's / Secret's document.
+pub const HASH_ANNOTATION: &str = "mailroute.io/config-hash";
+/// Label naming the fleet an output belongs to.
+pub const FLEET_LABEL: &str = "mailroute.io/fleet";
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "mailroute-operator";
+/// `apiVersion` of the custom resources.
+pub const API_VERSION: &str = "mailroute.io/v1alpha1";
+
+/// Where the compiled configuration goes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fleet {
+    /// Fleet name (default `mailroute`): outputs are `<name>-config` and `<name>-secrets`.
+    pub name: String,
+    /// The operator's namespace, which holds the outputs.
+    pub namespace: String,
+    /// Owner of the outputs (e.g. the operator's Deployment), so uninstalling removes them.
+    pub owner: Option<OwnerReference>,
+}
+
+impl Fleet {
+    pub fn new(name: impl Into<String>, namespace: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            owner: None,
+        }
+    }
+
+    pub fn config_map_name(&self) -> String {
+        format!("{}-config", self.name)
+    }
+
+    pub fn secret_name(&self) -> String {
+        format!("{}-secrets", self.name)
+    }
+
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/part-of".to_string(), "mailroute".to_string()),
+            ("app.kubernetes.io/managed-by".to_string(), FIELD_MANAGER.to_string()),
+            ("app.kubernetes.io/component".to_string(), "relay-config".to_string()),
+            (FLEET_LABEL.to_string(), self.name.clone()),
+        ])
+    }
+
+    fn metadata(&self, name: String, hash: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels()),
+            annotations: Some(BTreeMap::from([(HASH_ANNOTATION.to_string(), hash.to_string())])),
+            owner_references: self.owner.clone().map(|o| vec![o]),
+            ..Default::default()
+        }
+    }
+}
+
+/// A referenced Secret as read from the API.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SecretData {
+    pub data: BTreeMap<String, Vec<u8>>,
+    pub resource_version: String,
+}
+
+/// Everything the plan looks at.
+pub struct Inputs<'a> {
+    pub fleet: &'a Fleet,
+    pub routes: &'a [SmtpRoute],
+    pub quotas: &'a [SenderQuota],
+    /// Referenced Secrets that exist, by (namespace, name).
+    pub secrets: &'a BTreeMap<(String, String), SecretData>,
+    pub live_config: Option<&'a ConfigMap>,
+    pub live_secret: Option<&'a Secret>,
+    /// Connection-test results of this process, by route id (newer than the statuses).
+    pub tests: &'a BTreeMap<String, ConnectionTest>,
+    /// Routes whose test is running now.
+    pub tests_in_flight: &'a BTreeSet<String>,
+    /// Quota usage from the relays, by quota id; `None` when it could not be read (the statuses
+    /// then keep the usage they show).
+    pub usage: Option<&'a BTreeMap<String, QuotaUsage>>,
+    /// Interval of periodic connection tests; `None` turns them off.
+    pub test_interval: Option<Duration>,
+    pub now: Timestamp,
+}
+
+/// A status to write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusWrite<S> {
+    pub namespace: String,
+    pub name: String,
+    pub status: S,
+}
+
+/// An Event to publish about one object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedEvent {
+    pub regarding: ObjectReference,
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+    /// `Compile` for Accepted/Ready, `ConnectionTest` for Verified.
+    pub action: &'static str,
+}
+
+/// What the reconcile has to do.
+#[derive(Debug)]
+pub struct Plan {
+    /// Content hash of the compiled `RelayConfig`.
+    pub config_hash: String,
+    /// The ConfigMap to apply, when the live one differs.
+    pub apply_config: Option<ConfigMap>,
+    /// The Secret to apply, when the live one differs.
+    pub apply_secret: Option<Secret>,
+    pub route_statuses: Vec<StatusWrite<SmtpRouteStatus>>,
+    pub quota_statuses: Vec<StatusWrite<SenderQuotaStatus>>,
+    pub events: Vec<PlannedEvent>,
+    /// Connection tests due now.
+    pub tests: Vec<ConnTestJob>,
+    /// When the next periodic test falls due.
+    pub next_test_in: Option<Duration>,
+    /// Routes with a definite connection-test verdict (for the `mailroute_route_verified` gauge).
+    pub verified: BTreeMap<String, bool>,
+    /// Secrets the objects reference (changes to them trigger a reconcile).
+    pub referenced_secrets: BTreeSet<(String, String)>,
+    pub routes_in_config: usize,
+    pub quotas_in_config: usize,
+}
+
+/// The Secrets the objects reference, by (namespace, name).
+pub fn referenced_secrets(routes: &[SmtpRoute], quotas: &[SenderQuota]) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for r in routes {
+        let ns = r.namespace().unwrap_or_else(|| "default".into());
+        for name in route_secret_names(r) {
+            out.insert((ns.clone(), name));
+        }
+    }
+    for q in quotas {
+        if let Some(c) = &q.spec.credentials_secret_ref {
+            out.insert((q.namespace().unwrap_or_else(|| "default".into()), c.name.clone()));
+        }
+    }
+    out
+}
+
+fn route_secret_names(r: &SmtpRoute) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(a) = &r.spec.auth {
+        names.push(a.secret_ref.name.clone());
+    }
+    if let Some(c) = r.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        names.push(c.name.clone());
+    }
+    if let Some(d) = &r.spec.dkim {
+        names.push(d.key_secret_ref.name.clone());
+    }
+    names
+}
+
+/// The ConfigMap holding `relay.json`.
+pub fn desired_config_map(fleet: &Fleet, config_json: &str, hash: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: fleet.metadata(fleet.config_map_name(), hash),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), config_json.to_string())])),
+        ..Default::default()
+    }
+}
+
+/// The Secret holding `secrets.json`.
+pub fn desired_secret(fleet: &Fleet, secrets_json: &str, hash: &str) -> Secret {
+    Secret {
+        metadata: fleet.metadata(fleet.secret_name(), hash),
+        data: Some(BTreeMap::from([(
+            SECRETS_KEY.to_string(),
+            ByteString(secrets_json.as_bytes().to_vec()),
+        )])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// Whether the live object already carries the desired labels, hash, owner and document.
+fn metadata_current(live: &ObjectMeta, desired: &ObjectMeta) -> bool {
+    let subset = |want: &Option<BTreeMap<String, String>>, have: &Option<BTreeMap<String, String>>| {
+        want.iter()
+            .flatten()
+            .all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let owners_ok = desired
+        .owner_references
+        .iter()
+        .flatten()
+        .all(|o| live.owner_references.iter().flatten().any(|l| l.uid == o.uid));
+    subset(&desired.labels, &live.labels) && subset(&desired.annotations, &live.annotations) && owners_ok
+}
+
+pub fn config_map_current(live: Option<&ConfigMap>, desired: &ConfigMap) -> bool {
+    live.is_some_and(|l| {
+        metadata_current(&l.metadata, &desired.metadata)
+            && l.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) == desired.data.as_ref().and_then(|d| d.get(CONFIG_KEY))
+    })
+}
+
+pub fn secret_current(live: Option<&Secret>, desired: &Secret) -> bool {
+    live.is_some_and(|l| {
+        metadata_current(&l.metadata, &desired.metadata)
+            && l.data.as_ref().and_then(|d| d.get(SECRETS_KEY))
+                == desired.data.as_ref().and_then(|d| d.get(SECRETS_KEY))
+    })
+}
+
+fn describe(d: &Diagnostic) -> String {
+    match &d.field {
+        Some(f) => format!("{f}: {}", d.message),
+        None => d.message.clone(),
+    }
+}
+
+/// The distinct messages, in order (a missing Secret is reported once per key it should hold).
+fn join_distinct<'a>(ds: impl Iterator<Item = &'a Diagnostic>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for m in ds.map(describe) {
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    out.join("; ")
+}
+
+/// `Accepted` (the spec and its Secrets compile) and `Ready` (in the live configuration) from the
+/// compile diagnostics. A conflict leaves the spec accepted but the object out of the config.
+pub fn compile_conditions(diagnostics: &[&Diagnostic], fleet: &Fleet) -> [Desired; 2] {
+    let errors: Vec<&&Diagnostic> = diagnostics.iter().filter(|d| d.severity == Severity::Error).collect();
+    let warnings = join_distinct(diagnostics.iter().copied().filter(|d| d.severity == Severity::Warning));
+    let spec_errors: Vec<&&&Diagnostic> = errors.iter().filter(|d| d.reason != Reason::Conflict).collect();
+    let accepted = match spec_errors.first() {
+        Some(first) => Desired::new(
+            condition_type::ACCEPTED,
+            Status::False,
+            first.reason.as_str(),
+            join_distinct(spec_errors.iter().map(|d| ***d)),
+        ),
+        None if warnings.is_empty() => {
+            Desired::new(condition_type::ACCEPTED, Status::True, "Valid", "the spec is valid")
+        }
+        None => Desired::new(condition_type::ACCEPTED, Status::True, "Valid", warnings),
+    };
+    let ready = match errors.first() {
+        Some(first) => Desired::new(
+            condition_type::READY,
+            Status::False,
+            first.reason.as_str(),
+            format!(
+                "not in the relay configuration: {}",
+                join_distinct(errors.iter().map(|d| **d))
+            ),
+        ),
+        None => Desired::new(
+            condition_type::READY,
+            Status::True,
+            "InConfig",
+            format!(
+                "in the relay configuration {}/{}",
+                fleet.namespace,
+                fleet.config_map_name()
+            ),
+        ),
+    };
+    [accepted, ready]
+}
+
+fn object_reference(kind: &str, meta: &ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(API_VERSION.into()),
+        kind: Some(kind.into()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        ..Default::default()
+    }
+}
+
+fn events_for(kind: &str, meta: &ObjectMeta, before: &[Condition], after: &[Condition], out: &mut Vec<PlannedEvent>) {
+    for t in conditions::transitions(before, after) {
+        out.push(PlannedEvent {
+            regarding: object_reference(kind, meta),
+            warning: t.is_warning(),
+            reason: t.to.reason.clone(),
+            note: format!("{} is {}: {}", t.to.type_, t.to.status, t.to.message),
+            action: if t.to.type_ == condition_type::VERIFIED {
+                "ConnectionTest"
+            } else {
+                "Compile"
+            },
+        });
+    }
+}
+
+/// Computes the whole reconcile.
+pub fn plan(inputs: &Inputs<'_>) -> Plan {
+    let mut store = SecretStore::new();
+    for ((ns, name), s) in inputs.secrets {
+        store.insert(ns, name, s.data.clone());
+    }
+    let compiled = compile(inputs.routes, inputs.quotas, &store);
+    let config_json = compiled.config.to_canonical_json();
+    let config_hash = compiled.config.content_hash();
+    let secrets_json = compiled.secrets.to_canonical_json();
+    let secrets_hash = short_hash(secrets_json.as_bytes());
+
+    let cm = desired_config_map(inputs.fleet, &config_json, &config_hash);
+    let secret = desired_secret(inputs.fleet, &secrets_json, &secrets_hash);
+    let now = clock::format(inputs.now);
+
+    let mut plan = Plan {
+        apply_config: (!config_map_current(inputs.live_config, &cm)).then_some(cm),
+        apply_secret: (!secret_current(inputs.live_secret, &secret)).then_some(secret),
+        config_hash,
+        route_statuses: Vec::new(),
+        quota_statuses: Vec::new(),
+        events: Vec::new(),
+        tests: Vec::new(),
+        next_test_in: None,
+        verified: BTreeMap::new(),
+        referenced_secrets: referenced_secrets(inputs.routes, inputs.quotas),
+        routes_in_config: compiled.config.routes.len(),
+        quotas_in_config: compiled.config.quotas.len(),
+    };
+
+    for route in inputs.routes {
+        plan_route(inputs, &compiled, route, &now, &mut plan);
+    }
+    for quota in inputs.quotas {
+        plan_quota(inputs, &compiled, quota, &now, &mut plan);
+    }
+    plan
+}
+
+fn object_ref(kind: ObjectKind, meta: &ObjectMeta) -> ObjectRef {
+    ObjectRef {
+        kind,
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+fn plan_route(inputs: &Inputs<'_>, compiled: &Compiled, route: &SmtpRoute, now: &str, plan: &mut Plan) {
+    let object = object_ref(ObjectKind::SmtpRoute, &route.metadata);
+    let id = object.id();
+    let diagnostics: Vec<&Diagnostic> = compiled.diagnostics_for(&object).collect();
+    let [accepted, ready] = compile_conditions(&diagnostics, inputs.fleet);
+    let previous = route.status.clone().unwrap_or_default();
+    let in_config = compiled.config.routes.iter().find(|r| r.id == id);
+
+    let (verified, last_test) = verification(inputs, compiled, route, in_config, &previous, plan);
+    let generation = route.metadata.generation;
+    let conditions = conditions::merge(&previous.conditions, &[accepted, ready, verified], generation, now);
+    let summary = compiled.summaries.get(&object).cloned().unwrap_or_default();
+    let status = SmtpRouteStatus {
+        conditions,
+        observed_generation: generation,
+        host: summary.host.or(previous.host.clone()),
+        port: summary.port.map(i32::from).or(previous.port),
+        last_connection_test: last_test,
+    };
+    if route.status.as_ref() != Some(&status) {
+        events_for(
+            "SmtpRoute",
+            &route.metadata,
+            &previous.conditions,
+            &status.conditions,
+            &mut plan.events,
+        );
+        plan.route_statuses.push(StatusWrite {
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            status,
+        });
+    }
+}
+
+/// The test envelope: from the route's sender override, else the AUTH user when it is an
+/// address, else the recipient itself.
+fn test_message(route: &SmtpRoute, compiled_route: &CompiledRoute, username: Option<&str>) -> Option<TestMessage> {
+    let to = compiled_route.test_recipient.clone()?;
+    let from = route
+        .spec
+        .from_override
+        .clone()
+        .or_else(|| username.filter(|u| u.contains('@')).map(String::from))
+        .unwrap_or_else(|| to.clone());
+    Some(TestMessage { from, to })
+}
+
+/// The `Verified` condition and `lastConnectionTest` of a route; queues a test when one is due.
+fn verification(
+    inputs: &Inputs<'_>,
+    compiled: &Compiled,
+    route: &SmtpRoute,
+    in_config: Option<&CompiledRoute>,
+    previous: &SmtpRouteStatus,
+    plan: &mut Plan,
+) -> (Desired, Option<ConnectionTest>) {
+    let verified = condition_type::VERIFIED;
+    let id = object_ref(ObjectKind::SmtpRoute, &route.metadata).id();
+    let fresh = inputs.tests.get(&id);
+    let shown = fresh.or(previous.last_connection_test.as_ref()).cloned();
+    let Some(interval) = inputs.test_interval else {
+        let d = Desired::new(verified, Status::Unknown, "Disabled", "connection tests are turned off");
+        return (d, shown);
+    };
+    let Some(in_config) = in_config else {
+        let d = Desired::new(
+            verified,
+            Status::Unknown,
+            "NotTested",
+            "the route is not in the relay configuration",
+        );
+        return (d, shown);
+    };
+    let Target::Smarthost(upstream) = &in_config.target else {
+        let d = Desired::new(
+            verified,
+            Status::Unknown,
+            "NotApplicable",
+            "MX delivery has no fixed upstream to test",
+        );
+        return (d, shown);
+    };
+
+    let ns = route.namespace().unwrap_or_else(|| "default".into());
+    // Credentials and CA matter for the test; the DKIM key does not.
+    let tested_secrets = [
+        route.spec.auth.as_ref().map(|a| a.secret_ref.name.clone()),
+        route
+            .spec
+            .tls
+            .as_ref()
+            .and_then(|t| t.ca_secret_ref.as_ref())
+            .map(|c| c.name.clone()),
+    ];
+    let versions: Vec<(String, String)> = tested_secrets
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let rv = inputs
+                .secrets
+                .get(&(ns.clone(), n.clone()))
+                .map(|s| s.resource_version.clone())
+                .unwrap_or_default();
+            (n, rv)
+        })
+        .collect();
+    let credentials = compiled.secrets.upstream_credentials.get(&id);
+    let message = test_message(route, in_config, credentials.map(|c| c.username.as_str()));
+    let fingerprint = conntest::fingerprint(upstream, message.as_ref(), &versions);
+    let current = [fresh, previous.last_connection_test.as_ref()]
+        .into_iter()
+        .flatten()
+        .find(|t| t.fingerprint.as_deref() == Some(fingerprint.as_str()));
+
+    if !inputs.tests_in_flight.contains(&id) {
+        match conntest::decide(current, &fingerprint, message.is_some(), inputs.now, interval) {
+            conntest::Decision::Run { send_message } => plan.tests.push(ConnTestJob {
+                route_id: id.clone(),
+                upstream: upstream.clone(),
+                credentials: credentials.cloned(),
+                ca_pem: compiled.secrets.upstream_ca.get(&id).cloned(),
+                message: if send_message { message.clone() } else { None },
+                fingerprint: fingerprint.clone(),
+                previous_test_message: current.and_then(|c| c.test_message.clone()),
+            }),
+            conntest::Decision::Wait(d) => {
+                plan.next_test_in = Some(plan.next_test_in.map_or(d, |n| n.min(d)));
+            }
+        }
+    }
+
+    let desired = match current {
+        Some(record) => {
+            plan.verified.insert(id, record.result == conntest::SUCCEEDED);
+            conntest::verified_condition(upstream, record)
+        }
+        None => Desired::new(
+            verified,
+            Status::Unknown,
+            "Pending",
+            format!("connection test of {}:{} pending", upstream.host, upstream.port),
+        ),
+    };
+    (desired, shown)
+}
+
+fn plan_quota(inputs: &Inputs<'_>, compiled: &Compiled, quota: &SenderQuota, now: &str, plan: &mut Plan) {
+    let object = object_ref(ObjectKind::SenderQuota, &quota.metadata);
+    let id = object.id();
+    let diagnostics: Vec<&Diagnostic> = compiled.diagnostics_for(&object).collect();
+    let desired = compile_conditions(&diagnostics, inputs.fleet);
+    let previous = quota.status.clone().unwrap_or_default();
+    let generation = quota.metadata.generation;
+    let summary = compiled.summaries.get(&object).cloned().unwrap_or_default();
+    let usage = inputs
+        .usage
+        .and_then(|u| u.get(&id).cloned())
+        .or(previous.usage.clone());
+    let status = SenderQuotaStatus {
+        conditions: conditions::merge(&previous.conditions, &desired, generation, now),
+        observed_generation: generation,
+        sender: summary.sender.or(previous.sender.clone()),
+        limits: summary.limits.or(previous.limits.clone()),
+        usage,
+    };
+    if quota.status.as_ref() != Some(&status) {
+        events_for(
+            "SenderQuota",
+            &quota.metadata,
+            &previous.conditions,
+            &status.conditions,
+            &mut plan.events,
+        );
+        plan.quota_statuses.push(StatusWrite {
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            status,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailroute_api::Manifests;
+    use mailroute_api::quota::PeriodUsage;
+
+    const GMAIL: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: gmail-credentials, namespace: mail}
+stringData: {username: notifications@example.com, password: app-password}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: SmtpRoute
+metadata: {name: gmail, namespace: mail, generation: 3, uid: u-gmail}
+spec:
+  provider: gmail
+  auth: {secretRef: {name: gmail-credentials}}
+  priority: 10
+"#;
+
+    const QUOTA: &str = r#"
+apiVersion: mailroute.io/v1alpha1
+kind: SenderQuota
+metadata: {name: shop-42, namespace: mail, generation: 1, uid: u-shop}
+spec:
+  sender: {authUser: shop-42}
+  limits: {perMonth: 10000}
+"#;
+
+    struct World {
+        m: Manifests,
+        secrets: BTreeMap<(String, String), SecretData>,
+        fleet: Fleet,
+        tests: BTreeMap<String, ConnectionTest>,
+        in_flight: BTreeSet<String>,
+    }
+
+    impl World {
+        fn new(yaml: &str) -> Self {
+            let m = Manifests::from_yaml(yaml, "default").unwrap();
+            let mut secrets = BTreeMap::new();
+            for (ns, name) in m.secrets.names() {
+                let data = m.secrets.get(ns, name).unwrap().clone();
+                secrets.insert(
+                    (ns.clone(), name.clone()),
+                    SecretData {
+                        data,
+                        resource_version: "7".into(),
+                    },
+                );
+            }
+            Self {
+                m,
+                secrets,
+                fleet: Fleet::new("mailroute", "mailroute-system"),
+                tests: BTreeMap::new(),
+                in_flight: BTreeSet::new(),
+            }
+        }
+
+        fn plan(&self, live: Option<(&ConfigMap, &Secret)>, usage: Option<&BTreeMap<String, QuotaUsage>>) -> Plan {
+            plan(&Inputs {
+                fleet: &self.fleet,
+                routes: &self.m.routes,
+                quotas: &self.m.quotas,
+                secrets: &self.secrets,
+                live_config: live.map(|l| l.0),
+                live_secret: live.map(|l| l.1),
+                tests: &self.tests,
+                tests_in_flight: &self.in_flight,
+                usage,
+                test_interval: Some(Duration::from_secs(3600)),
+                now: "2024-05-01T12:00:00Z".parse().unwrap(),
+            })
+        }
+
+        /// Writes the planned statuses back, as the API server would.
+        fn apply_statuses(&mut self, p: &Plan) {
+            for w in &p.route_statuses {
+                let r = self.m.routes.iter_mut().find(|r| r.name_any() == w.name).unwrap();
+                r.status = Some(w.status.clone());
+            }
+            for w in &p.quota_statuses {
+                let q = self.m.quotas.iter_mut().find(|q| q.name_any() == w.name).unwrap();
+                q.status = Some(w.status.clone());
+            }
+        }
+    }
+
+    fn cond<'a>(c: &'a [Condition], t: &str) -> &'a Condition {
+        c.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn a_healthy_route_compiles_into_both_outputs_and_becomes_ready() {
+        let w = World::new(GMAIL);
+        let p = w.plan(None, None);
+        let cm = p.apply_config.as_ref().expect("no live ConfigMap: apply");
+        assert_eq!(cm.metadata.name.as_deref(), Some("mailroute-config"));
+        assert_eq!(cm.metadata.namespace.as_deref(), Some("mailroute-system"));
+        assert_eq!(
+            cm.metadata.labels.as_ref().unwrap()["app.kubernetes.io/part-of"],
+            "mailroute"
+        );
+        assert_eq!(
+            cm.metadata.annotations.as_ref().unwrap()[HASH_ANNOTATION],
+            p.config_hash
+        );
+        let json = &cm.data.as_ref().unwrap()[CONFIG_KEY];
+        assert!(json.contains("smtp.gmail.com"));
+        assert!(!json.contains("app-password"), "a secret in the ConfigMap");
+        let secret = p.apply_secret.as_ref().unwrap();
+        let doc = String::from_utf8(secret.data.as_ref().unwrap()[SECRETS_KEY].0.clone()).unwrap();
+        assert!(doc.contains("app-password"));
+
+        let [w_status] = &p.route_statuses[..] else { panic!() };
+        let s = &w_status.status;
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!((s.host.as_deref(), s.port), (Some("smtp.gmail.com"), Some(465)));
+        assert_eq!(cond(&s.conditions, "Accepted").status, "True");
+        let ready = cond(&s.conditions, "Ready");
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "InConfig"));
+        assert_eq!(ready.last_transition_time, "2024-05-01T12:00:00Z");
+        let verified = cond(&s.conditions, "Verified");
+        assert_eq!(
+            (verified.status.as_str(), verified.reason.as_str()),
+            ("Unknown", "Pending")
+        );
+        // The first test is due; it carries the credentials but its Debug output does not.
+        let [job] = &p.tests[..] else { panic!("{:?}", p.tests) };
+        assert_eq!(job.route_id, "mail/gmail");
+        assert_eq!(job.credentials.as_ref().unwrap().password, "app-password");
+        assert!(!format!("{job:?}").contains("app-password"));
+        // Two Normal events: Accepted and Ready appeared (Verified is Unknown, also new).
+        assert_eq!(p.events.len(), 3);
+        assert!(p.events.iter().all(|e| !e.warning));
+        assert_eq!(p.events[0].regarding.uid.as_deref(), Some("u-gmail"));
+    }
+
+    #[test]
+    fn unchanged_output_and_status_means_no_write_at_all() {
+        let mut w = World::new(GMAIL);
+        let p = w.plan(None, None);
+        w.apply_statuses(&p);
+        let (cm, secret) = (p.apply_config.unwrap(), p.apply_secret.unwrap());
+        let again = w.plan(Some((&cm, &secret)), None);
+        assert!(again.apply_config.is_none());
+        assert!(again.apply_secret.is_none());
+        assert!(again.route_statuses.is_empty(), "{:?}", again.route_statuses);
+        assert!(again.events.is_empty());
+    }
+
+    #[test]
+    fn a_hand_edited_config_map_is_rewritten() {
+        let w = World::new(GMAIL);
+        let p = w.plan(None, None);
+        let (good, secret) = (p.apply_config.unwrap(), p.apply_secret.unwrap());
+        assert!(w.plan(Some((&good, &secret)), None).apply_config.is_none());
+        let mut edited = good.clone();
+        edited.data.as_mut().unwrap().insert(CONFIG_KEY.into(), "{}".into());
+        assert!(w.plan(Some((&edited, &secret)), None).apply_config.is_some());
+        let mut unlabelled = good.clone();
+        unlabelled.metadata.annotations = None;
+        assert!(w.plan(Some((&unlabelled, &secret)), None).apply_config.is_some());
+    }
+
+    #[test]
+    fn a_missing_secret_flips_accepted_and_ready_with_warning_events() {
+        let mut w = World::new(GMAIL);
+        let p = w.plan(None, None);
+        w.apply_statuses(&p);
+        w.secrets.clear();
+        let p = w.plan(None, None);
+        let [s] = &p.route_statuses[..] else { panic!() };
+        let accepted = cond(&s.status.conditions, "Accepted");
+        assert_eq!(
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", "SecretNotFound")
+        );
+        assert_eq!(
+            accepted.message,
+            "spec.auth.secretRef: Secret mail/gmail-credentials not found"
+        );
+        let ready = cond(&s.status.conditions, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "SecretNotFound")
+        );
+        let verified = cond(&s.status.conditions, "Verified");
+        assert_eq!(verified.reason, "NotTested");
+        assert!(p.tests.is_empty(), "no test for a route outside the config");
+        let warnings: Vec<_> = p
+            .events
+            .iter()
+            .filter(|e| e.warning)
+            .map(|e| e.reason.as_str())
+            .collect();
+        assert_eq!(warnings, ["SecretNotFound", "SecretNotFound"]);
+        assert!(!p.apply_config.as_ref().unwrap().data.as_ref().unwrap()[CONFIG_KEY].contains("gmail"));
+    }
+
+    #[test]
+    fn conflicts_leave_the_spec_accepted_but_not_ready() {
+        let yaml = r#"
+apiVersion: mailroute.io/v1alpha1
+kind: SmtpRoute
+metadata: {name: a, namespace: mail}
+spec: {host: a.example.com, tls: {mode: none}, priority: 5}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: SmtpRoute
+metadata: {name: b, namespace: mail}
+spec: {host: b.example.com, tls: {mode: none}, priority: 5}
+"#;
+        let w = World::new(yaml);
+        let p = w.plan(None, None);
+        let b = &p.route_statuses.iter().find(|s| s.name == "b").unwrap().status;
+        assert_eq!(cond(&b.conditions, "Accepted").status, "True");
+        let ready = cond(&b.conditions, "Ready");
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Conflict"));
+        let a = &p.route_statuses.iter().find(|s| s.name == "a").unwrap().status;
+        assert_eq!(cond(&a.conditions, "Ready").status, "True");
+        assert!(cond(&a.conditions, "Accepted").message.contains("same priority 5"));
+    }
+
+    #[test]
+    fn test_results_become_the_verified_condition_and_are_not_repeated() {
+        let mut w = World::new(GMAIL);
+        let job = w.plan(None, None).tests.pop().unwrap();
+        w.in_flight.insert(job.route_id.clone());
+        assert!(w.plan(None, None).tests.is_empty(), "no second test while one runs");
+        w.in_flight.clear();
+        w.tests.insert(
+            job.route_id.clone(),
+            ConnectionTest {
+                time: "2024-05-01T11:59:30Z".into(),
+                result: conntest::FAILED.into(),
+                step: Some("auth".into()),
+                reply: Some("535 5.7.8 Username and password not accepted.".into()),
+                error: None,
+                fingerprint: Some(job.fingerprint.clone()),
+                test_message: None,
+            },
+        );
+        let p = w.plan(None, None);
+        assert!(p.tests.is_empty());
+        assert_eq!(p.next_test_in, Some(Duration::from_secs(3600 - 30)));
+        assert_eq!(p.verified.get("mail/gmail"), Some(&false));
+        let s = &p.route_statuses[0].status;
+        let v = cond(&s.conditions, "Verified");
+        assert_eq!(
+            (v.status.as_str(), v.reason.as_str()),
+            ("False", "AuthenticationFailed")
+        );
+        assert!(v.message.ends_with("535 5.7.8 Username and password not accepted."));
+        assert_eq!(s.last_connection_test.as_ref().unwrap().step.as_deref(), Some("auth"));
+
+        // A new password (new resourceVersion) is a change: tested again at once.
+        w.secrets.values_mut().for_each(|s| s.resource_version = "8".into());
+        let p = w.plan(None, None);
+        assert_eq!(p.tests.len(), 1);
+        assert_ne!(p.tests[0].fingerprint, job.fingerprint);
+    }
+
+    #[test]
+    fn quota_status_shows_usage_and_keeps_it_when_the_relays_cannot_be_read() {
+        let mut w = World::new(QUOTA);
+        let month = PeriodUsage {
+            used: 1234,
+            limit: 10000,
+            remaining: 8766,
+            resets_at: "2024-06-01T00:00:00Z".into(),
+        };
+        let usage = BTreeMap::from([(
+            "mail/shop-42".to_string(),
+            QuotaUsage {
+                month: Some(month.clone()),
+                ..Default::default()
+            },
+        )]);
+        let p = w.plan(None, Some(&usage));
+        let s = &p.quota_statuses[0].status;
+        assert_eq!(s.sender.as_deref(), Some("authUser:shop-42"));
+        assert_eq!(s.limits.as_deref(), Some("10000/month"));
+        assert_eq!(s.usage.as_ref().unwrap().month.as_ref(), Some(&month));
+        assert_eq!(cond(&s.conditions, "Ready").status, "True");
+        w.apply_statuses(&p);
+        // Relays unreachable: nothing to write, the usage shown stays.
+        assert!(w.plan(None, None).quota_statuses.is_empty());
+    }
+
+    #[test]
+    fn referenced_secrets_cover_auth_ca_dkim_and_quota_credentials() {
+        let yaml = r#"
+apiVersion: mailroute.io/v1alpha1
+kind: SmtpRoute
+metadata: {name: r, namespace: a}
+spec:
+  host: smtp.example.com
+  auth: {secretRef: {name: creds}}
+  tls: {caSecretRef: {name: ca, key: ca.crt}}
+  dkim: {domain: example.com, selector: s1, keySecretRef: {name: dkim}}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: SenderQuota
+metadata: {name: q, namespace: b}
+spec:
+  sender: {authUser: shop}
+  credentialsSecretRef: {name: shop-smtp}
+"#;
+        let m = Manifests::from_yaml(yaml, "default").unwrap();
+        let got: Vec<String> = referenced_secrets(&m.routes, &m.quotas)
+            .into_iter()
+            .map(|(ns, n)| format!("{ns}/{n}"))
+            .collect();
+        assert_eq!(got, ["a/ca", "a/creds", "a/dkim", "b/shop-smtp"]);
+    }
+}

@@ -1,0 +1,384 @@
+//! The thin I/O around `plan`: read every SmtpRoute, SenderQuota and referenced Secret and the
+//! live outputs from the API, read quota usage from the relays, then apply what the plan says
+//! (server-side apply with field manager `mailroute-operator`) and publish its Events. Any read
+//! error aborts before the first write, so a failed list can never turn into an empty config.
+//! Works on any `kube::Client` (a cluster, the in-memory fake, a mocked API server).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+use mailroute_api::quota::QuotaUsage;
+use mailroute_api::status::ConnectionTest;
+use mailroute_api::{SenderQuota, SmtpRoute};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::conntest::ConnTestJob;
+use crate::metrics::Metrics;
+use crate::plan::{self, FIELD_MANAGER, Fleet, Inputs, SecretData};
+use crate::usage::UsageClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("listing {kind}: {source}")]
+    List { kind: &'static str, source: kube::Error },
+    #[error("reading Secret {namespace}/{name}: {source}")]
+    ReadSecret {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("reading {what}: {source}")]
+    ReadOutput { what: String, source: kube::Error },
+    #[error("applying {what}: {source}")]
+    Apply { what: String, source: kube::Error },
+    #[error("writing the status of {count} object(s), first {object}: {source}")]
+    Status {
+        count: usize,
+        object: String,
+        source: kube::Error,
+    },
+}
+
+/// Settings of the reconcile.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub fleet: Fleet,
+    /// Namespaces to read objects from; empty means all.
+    pub namespaces: Vec<String>,
+    /// Connection-test interval; `None` turns the tests off.
+    pub test_interval: Option<Duration>,
+    /// Reporting instance for Events (the pod name).
+    pub instance: String,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub config_hash: String,
+    pub wrote_config: bool,
+    pub wrote_secret: bool,
+    pub status_writes: usize,
+    pub events: usize,
+    /// Connection tests to start now.
+    pub tests: Vec<ConnTestJob>,
+    /// When the next periodic test falls due.
+    pub next_test_in: Option<Duration>,
+    pub routes_in_config: usize,
+    pub quotas_in_config: usize,
+}
+
+#[derive(Default)]
+struct State {
+    tests: BTreeMap<String, ConnectionTest>,
+    in_flight: BTreeSet<String>,
+    referenced: Option<BTreeSet<(String, String)>>,
+}
+
+/// Reconciles one fleet. Cheap to share (`Arc`); reconciles must not run concurrently (the
+/// controller loop runs one at a time).
+pub struct Reconciler {
+    client: Client,
+    settings: Settings,
+    recorder: Recorder,
+    usage: Option<UsageClient>,
+    metrics: Metrics,
+    state: Mutex<State>,
+}
+
+impl Reconciler {
+    pub fn new(client: Client, settings: Settings, usage: Option<UsageClient>, metrics: Metrics) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(settings.instance.clone()),
+        };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            usage,
+            metrics,
+            state: Mutex::default(),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks a test as running, so the plan does not queue it again.
+    pub fn test_started(&self, route_id: &str) {
+        self.state().in_flight.insert(route_id.to_string());
+    }
+
+    /// Stores a finished test; the next reconcile writes it into the route's status.
+    pub fn test_finished(&self, route_id: &str, record: ConnectionTest) {
+        let mut s = self.state();
+        s.in_flight.remove(route_id);
+        s.tests.insert(route_id.to_string(), record);
+    }
+
+    /// Forgets running tests (they were aborted, e.g. on losing leadership).
+    pub fn tests_cancelled(&self) {
+        self.state().in_flight.clear();
+    }
+
+    /// Whether a change to this Secret matters (unknown before the first reconcile: yes).
+    pub fn is_referenced(&self, namespace: &str, name: &str) -> bool {
+        match &self.state().referenced {
+            None => true,
+            Some(set) => set.contains(&(namespace.to_string(), name.to_string())),
+        }
+    }
+
+    async fn list<K>(&self, kind: &'static str) -> Result<Vec<K>, ReconcileError>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let lists: Vec<Api<K>> = if self.settings.namespaces.is_empty() {
+            vec![Api::all(self.client.clone())]
+        } else {
+            self.settings
+                .namespaces
+                .iter()
+                .map(|ns| Api::namespaced(self.client.clone(), ns))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for api in lists {
+            let list = api
+                .list(&ListParams::default())
+                .await
+                .map_err(|source| ReconcileError::List { kind, source })?;
+            out.extend(list.items);
+        }
+        Ok(out)
+    }
+
+    async fn read_secrets(
+        &self,
+        wanted: &BTreeSet<(String, String)>,
+    ) -> Result<BTreeMap<(String, String), SecretData>, ReconcileError> {
+        let mut out = BTreeMap::new();
+        for (ns, name) in wanted {
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+            // 404 is an answer (SecretNotFound); anything else is a failed read.
+            let secret = api.get_opt(name).await.map_err(|source| ReconcileError::ReadSecret {
+                namespace: ns.clone(),
+                name: name.clone(),
+                source,
+            })?;
+            if let Some(s) = secret {
+                let data = s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+                out.insert(
+                    (ns.clone(), name.clone()),
+                    SecretData {
+                        data,
+                        resource_version: s.metadata.resource_version.unwrap_or_default(),
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_usage(&self) -> Option<BTreeMap<String, QuotaUsage>> {
+        let client = self.usage.as_ref()?;
+        match client.fetch().await {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(error = %e, "quota usage unavailable; statuses keep the usage they show");
+                None
+            }
+        }
+    }
+
+    /// One full reconcile of the fleet.
+    pub async fn reconcile(&self) -> Result<Outcome, ReconcileError> {
+        let started = Instant::now();
+        let result = self.reconcile_inner().await;
+        self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => {
+                self.metrics.reconciles.with_label_values(&["success"]).inc();
+                self.metrics
+                    .last_success
+                    .set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+            }
+            Err(_) => self.metrics.reconciles.with_label_values(&["error"]).inc(),
+        }
+        result
+    }
+
+    async fn reconcile_inner(&self) -> Result<Outcome, ReconcileError> {
+        let fleet = &self.settings.fleet;
+        let routes: Vec<SmtpRoute> = self.list("SmtpRoutes").await?;
+        let quotas: Vec<SenderQuota> = self.list("SenderQuotas").await?;
+        let referenced = plan::referenced_secrets(&routes, &quotas);
+        let secrets = self.read_secrets(&referenced).await?;
+        let cm_api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &fleet.namespace);
+        let secret_api: Api<Secret> = Api::namespaced(self.client.clone(), &fleet.namespace);
+        let live_config =
+            cm_api
+                .get_opt(&fleet.config_map_name())
+                .await
+                .map_err(|source| ReconcileError::ReadOutput {
+                    what: format!("ConfigMap {}/{}", fleet.namespace, fleet.config_map_name()),
+                    source,
+                })?;
+        let live_secret =
+            secret_api
+                .get_opt(&fleet.secret_name())
+                .await
+                .map_err(|source| ReconcileError::ReadOutput {
+                    what: format!("Secret {}/{}", fleet.namespace, fleet.secret_name()),
+                    source,
+                })?;
+        let usage = self.read_usage().await;
+
+        let (tests, in_flight) = {
+            let s = self.state();
+            (s.tests.clone(), s.in_flight.clone())
+        };
+        let plan = plan::plan(&Inputs {
+            fleet,
+            routes: &routes,
+            quotas: &quotas,
+            secrets: &secrets,
+            live_config: live_config.as_ref(),
+            live_secret: live_secret.as_ref(),
+            tests: &tests,
+            tests_in_flight: &in_flight,
+            usage: usage.as_ref(),
+            test_interval: self.settings.test_interval,
+            now: Timestamp::now(),
+        });
+
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let mut outcome = Outcome {
+            config_hash: plan.config_hash.clone(),
+            routes_in_config: plan.routes_in_config,
+            quotas_in_config: plan.quotas_in_config,
+            tests: plan.tests,
+            next_test_in: plan.next_test_in,
+            ..Default::default()
+        };
+        // The Secret first: a new route's credentials are there before the route is.
+        if let Some(secret) = &plan.apply_secret {
+            secret_api
+                .patch(&fleet.secret_name(), &params, &Patch::Apply(secret))
+                .await
+                .map_err(|source| ReconcileError::Apply {
+                    what: format!("Secret {}/{}", fleet.namespace, fleet.secret_name()),
+                    source,
+                })?;
+            self.metrics.config_writes.inc();
+            outcome.wrote_secret = true;
+        }
+        if let Some(cm) = &plan.apply_config {
+            cm_api
+                .patch(&fleet.config_map_name(), &params, &Patch::Apply(cm))
+                .await
+                .map_err(|source| ReconcileError::Apply {
+                    what: format!("ConfigMap {}/{}", fleet.namespace, fleet.config_map_name()),
+                    source,
+                })?;
+            self.metrics.config_writes.inc();
+            outcome.wrote_config = true;
+            tracing::info!(
+                hash = %plan.config_hash,
+                routes = plan.routes_in_config,
+                quotas = plan.quotas_in_config,
+                "relay configuration applied"
+            );
+        }
+
+        let mut failures: Vec<(String, kube::Error)> = Vec::new();
+        for w in &plan.route_statuses {
+            match self
+                .write_status::<SmtpRoute, _>("SmtpRoute", &w.namespace, &w.name, &w.status)
+                .await
+            {
+                Ok(true) => outcome.status_writes += 1,
+                Ok(false) => {}
+                Err(e) => failures.push((format!("SmtpRoute {}/{}", w.namespace, w.name), e)),
+            }
+        }
+        for w in &plan.quota_statuses {
+            match self
+                .write_status::<SenderQuota, _>("SenderQuota", &w.namespace, &w.name, &w.status)
+                .await
+            {
+                Ok(true) => outcome.status_writes += 1,
+                Ok(false) => {}
+                Err(e) => failures.push((format!("SenderQuota {}/{}", w.namespace, w.name), e)),
+            }
+        }
+        for e in &plan.events {
+            let event = Event {
+                type_: if e.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: e.reason.clone(),
+                note: Some(e.note.chars().take(1000).collect()),
+                action: e.action.to_string(),
+                secondary: None,
+            };
+            match self.recorder.publish(&event, &e.regarding).await {
+                Ok(()) => outcome.events += 1,
+                // Events are best effort: the status already tells the story.
+                Err(err) => tracing::warn!(error = %err, reason = %e.reason, "publishing an Event failed"),
+            }
+        }
+        self.metrics.set_verified(&plan.verified);
+        self.state().referenced = Some(plan.referenced_secrets);
+
+        let count = failures.len();
+        if let Some((object, source)) = failures.into_iter().next() {
+            return Err(ReconcileError::Status { count, object, source });
+        }
+        Ok(outcome)
+    }
+
+    /// Server-side applies a status; `Ok(false)` when the object is gone.
+    async fn write_status<K, S>(&self, kind: &str, namespace: &str, name: &str, status: &S) -> Result<bool, kube::Error>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+        K::DynamicType: Default,
+        S: Serialize,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        let body = json!({
+            "apiVersion": plan::API_VERSION,
+            "kind": kind,
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api.patch_status(name, &params, &Patch::Apply(&body)).await {
+            Ok(obj) => {
+                tracing::debug!(kind, object = %format!("{namespace}/{}", obj.name_any()), "status written");
+                Ok(true)
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
