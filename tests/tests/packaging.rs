@@ -426,3 +426,13 @@ fn crd_copies_equal_crds() {
         }
     }
 }
+
+#[test]
+fn keda_scales_on_the_relays_ready_stream_and_group() {
+    use mailroute_relay::queue::redis::{DEFAULT_PREFIX, GROUP};
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&read("charts/mailroute/values.yaml")).expect("values.yaml is YAML");
+    let keda = &values["autoscaling"]["keda"];
+    assert_eq!(keda["stream"].as_str(), Some(format!("{DEFAULT_PREFIX}ready").as_str()));
+    assert_eq!(keda["consumerGroup"].as_str(), Some(GROUP));
+}
