@@ -24,7 +24,11 @@ pub struct HeaderError {
 pub fn header_len(msg: &[u8]) -> usize {
     let mut i = 0;
     while i < msg.len() {
-        let line_end = msg[i..].iter().position(|&b| b == b'\n').map(|p| i + p + 1).unwrap_or(msg.len());
+        let line_end = msg[i..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|p| i + p + 1)
+            .unwrap_or(msg.len());
         let line = &msg[i..line_end];
         if line == b"\r\n" || line == b"\n" {
             return line_end;
@@ -58,7 +62,10 @@ pub fn fields(msg: &[u8]) -> Vec<(String, String)> {
 
 /// First value of header `name` (case-insensitive).
 pub fn get(msg: &[u8], name: &str) -> Option<String> {
-    fields(msg).into_iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    fields(msg)
+        .into_iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
 }
 
 /// Removes every field whose name satisfies `drop` (with its continuation lines).
@@ -68,11 +75,18 @@ pub fn remove_fields(msg: &[u8], drop: impl Fn(&str) -> bool) -> Vec<u8> {
     let mut dropping = false;
     let mut i = 0;
     while i < hlen {
-        let end = msg[i..hlen].iter().position(|&b| b == b'\n').map(|p| i + p + 1).unwrap_or(hlen);
+        let end = msg[i..hlen]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|p| i + p + 1)
+            .unwrap_or(hlen);
         let line = &msg[i..end];
         let continuation = matches!(line.first(), Some(b' ' | b'\t'));
         if !continuation {
-            let name = line.iter().position(|&b| b == b':').map(|p| String::from_utf8_lossy(&line[..p]).into_owned());
+            let name = line
+                .iter()
+                .position(|&b| b == b':')
+                .map(|p| String::from_utf8_lossy(&line[..p]).into_owned());
             dropping = name.is_some_and(|n| drop(n.trim()));
         }
         if !dropping {
@@ -97,15 +111,22 @@ pub fn extension_options(msg: &[u8], now: DateTime<Utc>) -> Result<DeliveryOptio
             o.expire_at_ms =
                 Some(parse_time_or_offset(&value, now).map_err(|reason| HeaderError { header: EXPIRE, reason })?);
         } else if name.eq_ignore_ascii_case(RETRY_INTERVAL) {
-            let d = retry::parse_duration(&value)
-                .map_err(|e| HeaderError { header: RETRY_INTERVAL, reason: e.to_string() })?;
+            let d = retry::parse_duration(&value).map_err(|e| HeaderError {
+                header: RETRY_INTERVAL,
+                reason: e.to_string(),
+            })?;
             if d.as_secs() < 1 {
-                return Err(HeaderError { header: RETRY_INTERVAL, reason: "must be at least 1s".into() });
+                return Err(HeaderError {
+                    header: RETRY_INTERVAL,
+                    reason: "must be at least 1s".into(),
+                });
             }
             o.retry_interval_secs = Some(d.as_secs());
         } else if name.eq_ignore_ascii_case(QUIET_HOURS) {
-            let q = retry::parse_quiet_hours(&value)
-                .map_err(|e| HeaderError { header: QUIET_HOURS, reason: e.to_string() })?;
+            let q = retry::parse_quiet_hours(&value).map_err(|e| HeaderError {
+                header: QUIET_HOURS,
+                reason: e.to_string(),
+            })?;
             o.quiet_hours = Some(q.to_string());
         }
     }
@@ -122,13 +143,19 @@ fn parse_time_or_offset(v: &str, now: DateTime<Utc>) -> Result<i64, String> {
         return Ok(t.timestamp_millis());
     }
     match humantime::parse_duration(v.trim_start_matches('+')) {
-        Ok(d) => Ok(now.timestamp_millis().saturating_add(d.as_millis().min(i64::MAX as u128) as i64)),
-        Err(_) => Err(format!("{v:?} is neither an RFC 3339/RFC 2822 time nor a duration like 2h")),
+        Ok(d) => Ok(now
+            .timestamp_millis()
+            .saturating_add(d.as_millis().min(i64::MAX as u128) as i64)),
+        Err(_) => Err(format!(
+            "{v:?} is neither an RFC 3339/RFC 2822 time nor a duration like 2h"
+        )),
     }
 }
 
 fn is_extension(name: &str) -> bool {
-    [DELIVER_AFTER, EXPIRE, RETRY_INTERVAL, QUIET_HOURS].iter().any(|h| h.eq_ignore_ascii_case(name))
+    [DELIVER_AFTER, EXPIRE, RETRY_INTERVAL, QUIET_HOURS]
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// What the relay stores: extension headers stripped, `Received:` prepended, `Message-ID:`
@@ -167,7 +194,8 @@ pub fn received(
     now: DateTime<Utc>,
 ) -> String {
     let helo = sanitize(helo);
-    let mut s = format!("Received: from {helo} ([{source_ip}])\r\n\tby {hostname} (mailroute) with {with} id {queue_id}");
+    let mut s =
+        format!("Received: from {helo} ([{source_ip}])\r\n\tby {hostname} (mailroute) with {with} id {queue_id}");
     if let Some(r) = single_rcpt {
         s.push_str(&format!("\r\n\tfor <{}>", sanitize(r)));
     }
@@ -177,12 +205,18 @@ pub fn received(
 
 /// Whether the message begins with a header field (`name:`), RFC 5322 field-name characters.
 fn starts_with_field(msg: &[u8]) -> bool {
-    let name_len = msg.iter().take_while(|&&b| (33..=126).contains(&b) && b != b':').count();
+    let name_len = msg
+        .iter()
+        .take_while(|&&b| (33..=126).contains(&b) && b != b':')
+        .count();
     name_len > 0 && msg.get(name_len) == Some(&b':')
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control() && *c != '<' && *c != '>').take(255).collect()
+    s.chars()
+        .filter(|c| !c.is_control() && *c != '<' && *c != '>')
+        .take(255)
+        .collect()
 }
 
 #[cfg(test)]
@@ -199,7 +233,10 @@ mod tests {
     #[test]
     fn reads_extension_headers() {
         let o = extension_options(MSG, now()).unwrap();
-        assert_eq!(o.deliver_after_ms, Some(Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0).unwrap().timestamp_millis()));
+        assert_eq!(
+            o.deliver_after_ms,
+            Some(Utc.with_ymd_and_hms(2026, 11, 24, 0, 0, 0).unwrap().timestamp_millis())
+        );
         assert_eq!(o.expire_at_ms, Some(now().timestamp_millis() + 2 * 3600 * 1000));
         assert_eq!(o.retry_interval_secs, Some(300));
         assert_eq!(o.quiet_hours.as_deref(), Some("22:00-07:00 Asia/Tokyo"));
@@ -215,7 +252,15 @@ mod tests {
 
     #[test]
     fn prepare_strips_extensions_keeps_body_and_adds_ids() {
-        let rcv = received("app", "10.0.0.1", "relay.test", "ESMTP", "q1", Some("x@y.example"), now());
+        let rcv = received(
+            "app",
+            "10.0.0.1",
+            "relay.test",
+            "ESMTP",
+            "q1",
+            Some("x@y.example"),
+            now(),
+        );
         let (out, id) = prepare(MSG, &rcv, "relay.test", "q1");
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("Received: from app ([10.0.0.1])\r\n\tby relay.test"));
@@ -231,7 +276,10 @@ mod tests {
     fn existing_message_id_is_kept() {
         let (out, id) = prepare(b"Message-ID: <abc@x>\r\n\r\nbody", "Received: x\r\n", "h", "q");
         assert_eq!(id, "<abc@x>");
-        assert_eq!(String::from_utf8(out).unwrap(), "Received: x\r\nMessage-ID: <abc@x>\r\n\r\nbody");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Received: x\r\nMessage-ID: <abc@x>\r\n\r\nbody"
+        );
     }
 
     #[test]

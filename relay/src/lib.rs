@@ -2,14 +2,20 @@
 
 pub mod admin;
 pub mod bounce;
+pub mod config;
 pub mod delivery;
 pub mod dlog;
 pub mod dsn;
 pub mod headers;
 pub mod message;
-pub mod queue;
 pub mod metrics;
+pub mod queue;
 pub mod quota;
 pub mod retry;
 pub mod route;
+pub mod server;
 pub mod shaping;
+pub mod smtp;
+pub mod telemetry;
+pub mod transport;
+pub mod worker;

@@ -64,7 +64,12 @@ pub struct Job {
 
 impl Job {
     pub fn new(msg: &str, rcpt: u32) -> Self {
-        Job { msg: msg.to_owned(), rcpt, attempts: 0, waits: 0 }
+        Job {
+            msg: msg.to_owned(),
+            rcpt,
+            attempts: 0,
+            waits: 0,
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -102,7 +107,12 @@ mod tests {
 
     #[test]
     fn job_round_trip_is_compact() {
-        let j = Job { msg: "abc".into(), rcpt: 2, attempts: 3, waits: 1 };
+        let j = Job {
+            msg: "abc".into(),
+            rcpt: 2,
+            attempts: 3,
+            waits: 1,
+        };
         let s = j.encode();
         assert_eq!(s, r#"{"m":"abc","r":2,"a":3,"w":1}"#);
         assert_eq!(Job::decode(s.as_bytes()), Some(j));

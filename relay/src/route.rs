@@ -84,14 +84,23 @@ spec: {host: shop.test, port: 25, tls: {mode: none}, priority: 5, match: {recipi
             ids(candidates(&c, "a@app.example", None, "docomo.ne.jp")),
             ["mail/carrier", "mail/primary", "mail/backup", "mail/default-mx"]
         );
-        assert_eq!(ids(candidates(&c, "a@app.example", None, "x.softbank.jp"))[0], "mail/carrier");
-        assert_eq!(ids(candidates(&c, "a@app.example", None, "softbank.jp"))[0], "mail/primary");
+        assert_eq!(
+            ids(candidates(&c, "a@app.example", None, "x.softbank.jp"))[0],
+            "mail/carrier"
+        );
+        assert_eq!(
+            ids(candidates(&c, "a@app.example", None, "softbank.jp"))[0],
+            "mail/primary"
+        );
     }
 
     #[test]
     fn sender_selectors_restrict_routes() {
         let c = cfg(ROUTES);
-        assert_eq!(ids(candidates(&c, "news@shop.example", None, "gmail.com"))[0], "mail/shop");
+        assert_eq!(
+            ids(candidates(&c, "news@shop.example", None, "gmail.com"))[0],
+            "mail/shop"
+        );
         assert!(!ids(candidates(&c, "a@app.example", None, "gmail.com")).contains(&"mail/shop"));
         // Bounces (null sender) are not from shop.example.
         assert!(!ids(candidates(&c, "", None, "gmail.com")).contains(&"mail/shop"));

@@ -81,7 +81,12 @@ impl Queue for MemoryQueue {
 
     async fn promote_due(&self, now_ms: i64, max: usize) -> Result<usize> {
         let mut s = self.state.lock().await;
-        let due: Vec<(i64, u64)> = s.sched.range(..=(now_ms, u64::MAX)).take(max).map(|(k, _)| *k).collect();
+        let due: Vec<(i64, u64)> = s
+            .sched
+            .range(..=(now_ms, u64::MAX))
+            .take(max)
+            .map(|(k, _)| *k)
+            .collect();
         for k in &due {
             if let Some(job) = s.sched.remove(k) {
                 s.seq += 1;
@@ -105,9 +110,14 @@ impl Queue for MemoryQueue {
                 if !s.ready.is_empty() {
                     let mut out = Vec::new();
                     while out.len() < max {
-                        let Some((lease, job, ready_at)) = s.ready.pop_front() else { break };
+                        let Some((lease, job, ready_at)) = s.ready.pop_front() else {
+                            break;
+                        };
                         s.inflight.insert(lease, (job.clone(), Instant::now(), ready_at));
-                        out.push(Leased { lease: lease.to_string(), job });
+                        out.push(Leased {
+                            lease: lease.to_string(),
+                            job,
+                        });
                     }
                     return Ok(out);
                 }
@@ -127,7 +137,10 @@ impl Queue for MemoryQueue {
             }
             if at.elapsed() >= min_idle {
                 *at = Instant::now();
-                out.push(Leased { lease: lease.to_string(), job: job.clone() });
+                out.push(Leased {
+                    lease: lease.to_string(),
+                    job: job.clone(),
+                });
             }
         }
         Ok(out)
@@ -135,17 +148,25 @@ impl Queue for MemoryQueue {
 
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>> {
         let s = self.state.lock().await;
-        Ok(s.messages.get(msg_id).map(|m| Stored { meta: m.meta.clone(), body: m.body.clone(), cancelled: m.cancelled }))
+        Ok(s.messages.get(msg_id).map(|m| Stored {
+            meta: m.meta.clone(),
+            body: m.body.clone(),
+            cancelled: m.cancelled,
+        }))
     }
 
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool> {
         let mut s = self.state.lock().await;
-        let Ok(lease) = leased.lease.parse::<u64>() else { return Ok(false) };
+        let Ok(lease) = leased.lease.parse::<u64>() else {
+            return Ok(false);
+        };
         if s.inflight.remove(&lease).is_none() {
             return Ok(false);
         }
         let msg_id = leased.job.msg.clone();
-        let Some(m) = s.messages.get_mut(&msg_id) else { return Ok(true) };
+        let Some(m) = s.messages.get_mut(&msg_id) else {
+            return Ok(true);
+        };
         match disposition {
             Disposition::Reschedule { job, due_ms, state } => {
                 m.states.insert(leased.job.rcpt, state);
@@ -187,7 +208,12 @@ impl Queue for MemoryQueue {
 
     async fn stats(&self, now_ms: i64) -> Result<QueueStats> {
         let s = self.state.lock().await;
-        let oldest = s.ready.iter().map(|r| r.2).chain(s.inflight.values().map(|v| v.2)).min();
+        let oldest = s
+            .ready
+            .iter()
+            .map(|r| r.2)
+            .chain(s.inflight.values().map(|v| v.2))
+            .min();
         Ok(QueueStats {
             ready: s.ready.len() as u64,
             inflight: s.inflight.len() as u64,

@@ -49,7 +49,11 @@ pub struct Stored {
 #[derive(Clone, Debug)]
 pub enum Disposition {
     /// Back into the schedule, due at `due_ms`, with the updated job (attempts/waits).
-    Reschedule { job: Job, due_ms: i64, state: RecipientState },
+    Reschedule {
+        job: Job,
+        due_ms: i64,
+        state: RecipientState,
+    },
     /// The recipient is final (delivered, bounced, expired, cancelled); the message record
     /// goes when its last recipient is final.
     Final { state: RecipientState },

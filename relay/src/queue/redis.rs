@@ -137,7 +137,9 @@ impl RedisQueue {
         let Value::Array(entries) = entries else { return out };
         for e in entries {
             let Value::Array(parts) = e else { continue };
-            let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else { continue };
+            let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else {
+                continue;
+            };
             let Some(id) = as_string(id) else { continue };
             // fields = [ "j", <job json> ]
             let job = fields.get(1).and_then(as_bytes).and_then(Job::decode);
@@ -193,7 +195,13 @@ impl Queue for RedisQueue {
         for (job, due) in jobs {
             match due {
                 Some(due) => p.cmd("ZADD").arg(&self.keys.sched).arg(*due).arg(job.encode()).ignore(),
-                None => p.cmd("XADD").arg(&self.keys.ready).arg("*").arg("j").arg(job.encode()).ignore(),
+                None => p
+                    .cmd("XADD")
+                    .arg(&self.keys.ready)
+                    .arg("*")
+                    .arg("j")
+                    .arg(job.encode())
+                    .ignore(),
             };
         }
         p.cmd("INCR").arg(&self.keys.count).ignore();
@@ -305,7 +313,11 @@ impl Queue for RedisQueue {
         let meta: MessageMeta =
             serde_json::from_slice(meta).map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
         let cancelled = v.get(2).and_then(as_bytes).is_some();
-        Ok(Some(Stored { meta, body: Bytes::copy_from_slice(body), cancelled }))
+        Ok(Some(Stored {
+            meta,
+            body: Bytes::copy_from_slice(body),
+            cancelled,
+        }))
     }
 
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool> {
@@ -347,7 +359,10 @@ impl Queue for RedisQueue {
 
     async fn view(&self, msg_id: &str) -> Result<Option<MessageView>> {
         let mut c = self.conn.clone();
-        let v: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL").arg(self.keys.msg(msg_id)).query_async(&mut c).await?;
+        let v: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(self.keys.msg(msg_id))
+            .query_async(&mut c)
+            .await?;
         if v.is_empty() {
             return Ok(None);
         }
@@ -368,9 +383,18 @@ impl Queue for RedisQueue {
             }
         }
         let meta = meta.ok_or_else(|| QueueError::Corrupt(format!("message {msg_id} has no metadata")))?;
-        let recipients =
-            meta.rcpts.iter().enumerate().map(|(i, r)| (r.clone(), states.remove(&i).flatten())).collect();
-        Ok(Some(MessageView { meta, cancelled, pending, recipients }))
+        let recipients = meta
+            .rcpts
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.clone(), states.remove(&i).flatten()))
+            .collect();
+        Ok(Some(MessageView {
+            meta,
+            cancelled,
+            pending,
+            recipients,
+        }))
     }
 
     async fn stats(&self, now_ms: i64) -> Result<QueueStats> {
@@ -380,7 +404,12 @@ impl Queue for RedisQueue {
         p.cmd("XPENDING").arg(&self.keys.ready).arg(GROUP);
         p.cmd("ZCARD").arg(&self.keys.sched);
         p.cmd("GET").arg(&self.keys.count);
-        p.cmd("XRANGE").arg(&self.keys.ready).arg("-").arg("+").arg("COUNT").arg(1);
+        p.cmd("XRANGE")
+            .arg(&self.keys.ready)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
         let (len, pending, sched, count, first): (i64, Value, i64, Option<i64>, Value) = p.query_async(&mut c).await?;
         let inflight = match &pending {
             Value::Array(a) => a.first().and_then(as_i64).unwrap_or(0),

@@ -1,0 +1,192 @@
+//! `mailroute-relay`: the relay binary. Parses flags (each also read from `MAILROUTE_*`
+//! environment variables), starts a [`Relay`], and drains it on SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mailroute_relay::config::Source;
+use mailroute_relay::queue::redis::Durability;
+use mailroute_relay::server::{Relay, RelayOptions, parse_cidrs};
+use mailroute_relay::smtp::inbound::InboundSettings;
+
+#[derive(Parser)]
+#[command(name = "mailroute-relay", version, about = "mailroute SMTP relay")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Compiled RelayConfig JSON (the operator's ConfigMap, key relay.json); reloaded on change.
+    #[arg(long, env = "MAILROUTE_CONFIG")]
+    config: Option<PathBuf>,
+    /// RelaySecrets JSON (the operator's Secret, key secrets.json); reloaded on change.
+    #[arg(long, env = "MAILROUTE_SECRETS")]
+    secrets: Option<PathBuf>,
+    /// Standalone: SmtpRoute/SenderQuota/Secret YAML files or directories, compiled here.
+    #[arg(long, env = "MAILROUTE_ROUTES", value_delimiter = ',')]
+    routes: Vec<PathBuf>,
+    /// `memory` (not durable) or `redis://host:port/db`, `rediss://…`.
+    #[arg(long, env = "MAILROUTE_QUEUE", default_value = "memory")]
+    queue: String,
+    /// Redis key prefix; must contain a hash tag so one message's keys share a slot.
+    #[arg(long, env = "MAILROUTE_REDIS_PREFIX", default_value = "{mailroute}:")]
+    redis_prefix: String,
+    /// Replicas that must acknowledge a message (Redis WAIT) before it is answered 250.
+    #[arg(long, env = "MAILROUTE_WAIT_REPLICAS", default_value_t = 0)]
+    wait_replicas: u32,
+    #[arg(long, env = "MAILROUTE_WAIT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    wait_timeout: Duration,
+    /// Plain listener (port 25 style). Empty disables it.
+    #[arg(long, env = "MAILROUTE_SMTP_LISTEN", default_value = "127.0.0.1:2525")]
+    smtp_listen: String,
+    /// Submission listener (587 style: STARTTLS, then AUTH required). Empty disables it.
+    #[arg(long, env = "MAILROUTE_SUBMISSION_LISTEN", default_value = "")]
+    submission_listen: String,
+    /// Implicit-TLS listener (465 style, AUTH required). Empty disables it.
+    #[arg(long, env = "MAILROUTE_SMTPS_LISTEN", default_value = "")]
+    smtps_listen: String,
+    #[arg(long, env = "MAILROUTE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "MAILROUTE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Sources allowed to relay without AUTH on the plain listener.
+    #[arg(long, env = "MAILROUTE_RELAY_CIDRS", default_value = "127.0.0.0/8,::1/128")]
+    relay_cidrs: String,
+    /// Admin HTTP listener (/healthz, /readyz, /metrics, /api/v1). Empty disables it.
+    #[arg(long, env = "MAILROUTE_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
+    admin_listen: String,
+    /// Bearer token for /api/v1 (disabled with 503 when unset).
+    #[arg(long, env = "MAILROUTE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Name in the greeting, EHLO and Received headers.
+    #[arg(long, env = "MAILROUTE_HOSTNAME")]
+    hostname: Option<String>,
+    #[arg(long, env = "MAILROUTE_MAX_MESSAGE_SIZE", default_value_t = 26_214_400)]
+    max_message_size: usize,
+    #[arg(long, env = "MAILROUTE_MAX_RECIPIENTS", default_value_t = 100)]
+    max_recipients: usize,
+    #[arg(long, env = "MAILROUTE_MAX_SESSIONS_PER_IP", default_value_t = 100)]
+    max_sessions_per_ip: usize,
+    /// Concurrent deliveries of this process (0: accept only, deliver nothing).
+    #[arg(long, env = "MAILROUTE_WORKERS", default_value_t = 64)]
+    workers: usize,
+    #[arg(long, env = "MAILROUTE_LOG_RETENTION", default_value = "31d", value_parser = humantime::parse_duration)]
+    log_retention: Duration,
+    /// A job leased longer than this is taken over by another relay.
+    #[arg(long, env = "MAILROUTE_VISIBILITY_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    visibility_timeout: Duration,
+    #[arg(long, env = "MAILROUTE_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Deliver directly to MX when no route matches (otherwise bounce).
+    #[arg(long, env = "MAILROUTE_FALLBACK_MX")]
+    fallback_mx: bool,
+    #[arg(long, env = "MAILROUTE_MX_PORT", default_value_t = 25)]
+    mx_port: u16,
+    /// DNS server for MX lookups (default: the system's).
+    #[arg(long, env = "MAILROUTE_DNS_SERVER")]
+    dns_server: Option<SocketAddr>,
+    /// Do not write the delivery log to stdout.
+    #[arg(long, env = "MAILROUTE_NO_LOG_STDOUT")]
+    no_log_stdout: bool,
+}
+
+fn addr(s: &str, what: &str) -> Result<Option<SocketAddr>> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .with_context(|| format!("invalid {what} address {s:?}"))
+}
+
+fn options(a: RunArgs) -> Result<RelayOptions> {
+    let source = match (&a.config, a.routes.is_empty()) {
+        (Some(c), true) => Source::Files {
+            config: c.clone(),
+            secrets: a.secrets.clone(),
+        },
+        (None, false) => Source::Manifests(a.routes.clone()),
+        (None, true) => Source::Embedded,
+        (Some(_), false) => anyhow::bail!("use either --config or --routes, not both"),
+    };
+    let hostname = a
+        .hostname
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    let mut o = RelayOptions::local();
+    o.source = source;
+    o.queue = a.queue;
+    o.redis_prefix = a.redis_prefix;
+    o.durability = Durability {
+        replicas: a.wait_replicas,
+        timeout: a.wait_timeout,
+    };
+    o.smtp_listen = addr(&a.smtp_listen, "smtp listen")?;
+    o.submission_listen = addr(&a.submission_listen, "submission listen")?;
+    o.smtps_listen = addr(&a.smtps_listen, "smtps listen")?;
+    o.tls_cert = a.tls_cert;
+    o.tls_key = a.tls_key;
+    o.admin_listen = addr(&a.admin_listen, "admin listen")?;
+    o.admin_token = a.admin_token.filter(|t| !t.is_empty());
+    o.inbound = InboundSettings {
+        hostname,
+        max_message_size: a.max_message_size,
+        max_recipients: a.max_recipients,
+        max_sessions_per_ip: a.max_sessions_per_ip,
+        relay_cidrs: parse_cidrs(&a.relay_cidrs)?,
+        ..InboundSettings::default()
+    };
+    o.workers = a.workers;
+    o.log_retention = a.log_retention;
+    o.visibility_timeout = a.visibility_timeout;
+    o.drain_timeout = a.drain_timeout;
+    o.fallback_mx = a.fallback_mx;
+    o.mx_port = a.mx_port;
+    o.dns_server = a.dns_server;
+    o.log_stdout = !a.no_log_stdout;
+    Ok(o)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MAILROUTE_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let Command::Run(args) = Cli::parse().command;
+    let opts = options(args)?;
+    let relay = Relay::start(opts).await?;
+    tracing::info!(
+        smtp = ?relay.smtp_addr, submission = ?relay.submission_addr, smtps = ?relay.smtps_addr,
+        admin = ?relay.admin_addr, durable = relay.queue.durable(), "relay started"
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining sessions and deliveries");
+    relay.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

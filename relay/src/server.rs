@@ -1,0 +1,440 @@
+//! Assembles a running relay from its options: configuration, queue, delivery log, metrics,
+//! SMTP listeners, delivery workers, the admin API and the periodic housekeeping, and drains it
+//! on shutdown. It owns wiring and lifecycle only; every decision lives in the modules it wires.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{ConfigHandle, Source};
+use crate::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
+use crate::dlog::DeliveryLog;
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::queue::memory::MemoryQueue;
+use crate::queue::redis::{Durability, RedisQueue};
+use crate::smtp::ListenerKind;
+use crate::smtp::inbound::{AllowAll, Inbound, InboundSettings, Policy};
+use crate::telemetry::Telemetry;
+use crate::transport::SmtpTransport;
+use crate::worker::{Pacing, Unpaced, Worker, WorkerSettings};
+
+/// Everything the relay needs to start; the CLI fills it from flags and environment.
+#[derive(Clone, Debug)]
+pub struct RelayOptions {
+    pub source: Source,
+    /// `memory` or a `redis://` / `rediss://` URL.
+    pub queue: String,
+    pub redis_prefix: String,
+    pub durability: Durability,
+    pub smtp_listen: Option<SocketAddr>,
+    pub submission_listen: Option<SocketAddr>,
+    pub smtps_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: Option<String>,
+    pub inbound: InboundSettings,
+    pub workers: usize,
+    pub visibility_timeout: Duration,
+    pub log_retention: Duration,
+    pub config_poll: Duration,
+    pub drain_timeout: Duration,
+    /// Deliver directly to MX when no route matches (otherwise bounce).
+    pub fallback_mx: bool,
+    pub mx_port: u16,
+    pub dns_server: Option<SocketAddr>,
+    /// Name of this relay as a queue consumer; unique per process.
+    pub consumer: String,
+    /// Write the delivery log as JSON lines to stdout.
+    pub log_stdout: bool,
+}
+
+impl RelayOptions {
+    /// Local defaults: embedded config, memory queue, 127.0.0.1 ports.
+    pub fn local() -> Self {
+        RelayOptions {
+            source: Source::Embedded,
+            queue: "memory".into(),
+            redis_prefix: crate::queue::redis::DEFAULT_PREFIX.into(),
+            durability: Durability::default(),
+            smtp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 2525))),
+            submission_listen: None,
+            smtps_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            admin_token: None,
+            inbound: InboundSettings::default(),
+            workers: 64,
+            visibility_timeout: Duration::from_secs(300),
+            log_retention: Duration::from_secs(31 * 24 * 3600),
+            config_poll: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(60),
+            fallback_mx: false,
+            mx_port: 25,
+            dns_server: None,
+            consumer: default_consumer(),
+            log_stdout: true,
+        }
+    }
+}
+
+/// `<hostname>-<pid>-<random>`: unique even when a pod restarts with the same name.
+pub fn default_consumer() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "relay".into());
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &rand[..6])
+}
+
+pub fn parse_cidrs(s: &str) -> Result<Vec<IpNet>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.parse::<IpNet>()
+                .or_else(|_| x.parse::<std::net::IpAddr>().map(IpNet::from))
+                .with_context(|| format!("invalid CIDR {x:?}"))
+        })
+        .collect()
+}
+
+/// Counts running sessions so a drain can wait for them.
+#[derive(Default)]
+pub struct Sessions {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+struct SessionGuard(Arc<Sessions>);
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Sessions {
+    fn enter(self: &Arc<Self>) -> SessionGuard {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        SessionGuard(self.clone())
+    }
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+    async fn wait_idle(&self) {
+        loop {
+            let n = self.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    pub smtp_addr: Option<SocketAddr>,
+    pub submission_addr: Option<SocketAddr>,
+    pub smtps_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub queue: Arc<dyn Queue>,
+    pub config: Arc<ConfigHandle>,
+    pub telemetry: Telemetry,
+    shutdown: watch::Sender<bool>,
+    sessions: Arc<Sessions>,
+    listeners: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    drain_timeout: Duration,
+}
+
+/// Components a caller may replace (tests, quota wiring).
+#[derive(Default)]
+pub struct Overrides {
+    pub policy: Option<Arc<dyn Policy>>,
+    pub pacing: Option<Arc<dyn Pacing>>,
+    pub resolver: Option<Arc<dyn MxResolver>>,
+    pub dlog_writer: Option<Box<dyn std::io::Write + Send>>,
+}
+
+impl Relay {
+    pub async fn start(opts: RelayOptions) -> Result<Relay> {
+        Self::start_with(opts, Overrides::default()).await
+    }
+
+    pub async fn start_with(opts: RelayOptions, overrides: Overrides) -> Result<Relay> {
+        let config = Arc::new(ConfigHandle::open(opts.source.clone()).context("loading configuration")?);
+        for w in &config.get().warnings {
+            tracing::warn!(warning = %w, "configuration warning");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let (queue, dlog): (Arc<dyn Queue>, DeliveryLog) = if opts.queue == "memory" {
+            tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
+            (
+                Arc::new(MemoryQueue::new()),
+                DeliveryLog::memory(crate::dlog::DEFAULT_MEMORY_CAPACITY),
+            )
+        } else {
+            let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability)
+                .await
+                .with_context(|| format!("connecting to the queue at {}", redact_url(&opts.queue)))?;
+            let client = redis::Client::open(opts.queue.as_str())?;
+            let conn = client.get_connection_manager().await?;
+            (Arc::new(q), DeliveryLog::redis(conn, &opts.redis_prefix))
+        };
+        let dlog = match overrides.dlog_writer {
+            Some(w) => dlog.with_writer(w),
+            None if opts.log_stdout => dlog,
+            None => dlog.without_writer(),
+        };
+        let dlog = dlog.with_retention(opts.log_retention).with_metrics(metrics.clone());
+        let telemetry = Telemetry {
+            dlog: dlog.clone(),
+            metrics: metrics.clone(),
+        };
+        let snap = config.get();
+        metrics.config_generation.set(snap.generation as i64);
+        metrics.set_config_info(&snap.hash);
+
+        let tls = match (&opts.tls_cert, &opts.tls_key) {
+            (Some(c), Some(k)) => Some(crate::smtp::server_tls_config(c, k).context("loading TLS certificate")?),
+            _ => None,
+        };
+        if tls.is_none() && (opts.submission_listen.is_some() || opts.smtps_listen.is_some()) {
+            anyhow::bail!("the submission and smtps listeners need --tls-cert and --tls-key");
+        }
+        let policy = overrides.policy.unwrap_or_else(|| Arc::new(AllowAll));
+        let inbound = Arc::new(Inbound::new(
+            opts.inbound.clone(),
+            config.clone(),
+            queue.clone(),
+            policy,
+            Arc::new(telemetry.clone()),
+            tls,
+        ));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let sessions = Arc::new(Sessions::default());
+        let mut listeners = Vec::new();
+        let mut bind = async |addr: Option<SocketAddr>, kind: ListenerKind| -> Result<Option<SocketAddr>> {
+            let Some(addr) = addr else { return Ok(None) };
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {} on {addr}", kind.as_str()))?;
+            let local = l.local_addr()?;
+            tracing::info!(listener = kind.as_str(), addr = %local, "listening");
+            listeners.push(tokio::spawn(accept_loop(
+                l,
+                kind,
+                inbound.clone(),
+                shutdown_rx.clone(),
+                sessions.clone(),
+            )));
+            Ok(Some(local))
+        };
+        let smtp_addr = bind(opts.smtp_listen, ListenerKind::Smtp).await?;
+        let submission_addr = bind(opts.submission_listen, ListenerKind::Submission).await?;
+        let smtps_addr = bind(opts.smtps_listen, ListenerKind::Smtps).await?;
+
+        let resolver: Arc<dyn MxResolver> = match overrides.resolver {
+            Some(r) => r,
+            None => match opts.dns_server {
+                Some(server) => Arc::new(HickoryResolver::with_server(server)?),
+                None => Arc::new(HickoryResolver::system()?),
+            },
+        };
+        let deliverer = Deliverer::new(
+            DelivererConfig {
+                helo_name: opts.inbound.hostname.clone(),
+                mx_port: opts.mx_port,
+                ..Default::default()
+            },
+            resolver,
+        )?;
+        let worker = Arc::new(Worker {
+            queue: queue.clone(),
+            config: config.clone(),
+            transport: Arc::new(SmtpTransport::new(deliverer)),
+            pacing: overrides.pacing.unwrap_or_else(|| Arc::new(Unpaced)),
+            telemetry: telemetry.clone(),
+            settings: WorkerSettings {
+                consumer: opts.consumer.clone(),
+                concurrency: opts.workers,
+                visibility_timeout: opts.visibility_timeout,
+                hostname: opts.inbound.hostname.clone(),
+                fallback_mx: opts.fallback_mx,
+                promote_every: Duration::from_millis(250),
+            },
+        });
+        let mut workers = Vec::new();
+        if opts.workers > 0 {
+            workers.push(tokio::spawn(worker.run(shutdown_rx.clone())));
+        }
+        workers.extend([
+            tokio::spawn(config_reloader(
+                config.clone(),
+                metrics.clone(),
+                opts.config_poll,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(queue_gauges(queue.clone(), metrics.clone(), shutdown_rx.clone())),
+            tokio::spawn(dlog_trimmer(dlog.clone(), shutdown_rx.clone())),
+        ]);
+
+        Ok(Relay {
+            smtp_addr,
+            submission_addr,
+            smtps_addr,
+            admin_addr: None,
+            queue,
+            config,
+            telemetry,
+            shutdown,
+            sessions,
+            listeners,
+            workers,
+            drain_timeout: opts.drain_timeout,
+        })
+    }
+
+    /// Stops accepting, lets open sessions finish (up to the drain timeout), stops the workers
+    /// after their in-flight deliveries, and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for l in self.listeners {
+            let _ = l.await;
+        }
+        if tokio::time::timeout(self.drain_timeout, self.sessions.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.sessions.active(),
+                "drain timeout: closing remaining sessions"
+            );
+        }
+        for w in self.workers {
+            let _ = tokio::time::timeout(self.drain_timeout, w).await;
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.telemetry.metrics
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match url.split_once('@') {
+        Some((scheme_user, host)) => {
+            let scheme = scheme_user.split("://").next().unwrap_or("redis");
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+async fn accept_loop(
+    l: TcpListener,
+    kind: ListenerKind,
+    inbound: Arc<Inbound>,
+    mut shutdown: watch::Receiver<bool>,
+    sessions: Arc<Sessions>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            r = l.accept() => match r {
+                Ok((tcp, peer)) => {
+                    let guard = sessions.enter();
+                    let inbound = inbound.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = inbound.handle(tcp, peer, kind).await {
+                            tracing::debug!(peer = %peer, error = %e, "session ended with an error");
+                        }
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn config_reloader(
+    config: Arc<ConfigHandle>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let c = config.clone();
+        match tokio::task::spawn_blocking(move || c.reload()).await {
+            Ok(Ok(Some(snap))) => {
+                metrics.config_reloads.with_label_values(&["ok"]).inc();
+                metrics.config_generation.set(snap.generation as i64);
+                metrics.set_config_info(&snap.hash);
+                tracing::info!(generation = snap.generation, hash = %snap.hash, routes = snap.config.routes.len(), "configuration reloaded");
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                metrics.config_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e, "configuration reload failed; keeping the previous configuration");
+            }
+            Err(e) => tracing::error!(error = %e, "configuration reload task failed"),
+        }
+    }
+}
+
+async fn queue_gauges(queue: Arc<dyn Queue>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match queue.stats(chrono::Utc::now().timestamp_millis()).await {
+            Ok(s) => {
+                metrics.queue_ready_jobs.set(s.ready as i64);
+                metrics.queue_inflight_jobs.set(s.inflight as i64);
+                metrics.queue_scheduled_jobs.set(s.scheduled as i64);
+                metrics.queue_messages.set(s.messages as i64);
+                metrics.queue_oldest_age_seconds.set(s.oldest_age_ms as f64 / 1000.0);
+            }
+            Err(e) => tracing::warn!(error = %e, "reading queue statistics failed"),
+        }
+    }
+}
+
+async fn dlog_trimmer(dlog: DeliveryLog, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match dlog.trim(chrono::Utc::now()).await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "delivery log trimmed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "delivery log trim failed"),
+        }
+    }
+}

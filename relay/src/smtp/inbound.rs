@@ -1,0 +1,860 @@
+//! The inbound SMTP session: EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA with the limits and
+//! replies of a relay that is never open. A message is answered `250` only after the queue
+//! acknowledged it.
+//!
+//! This module owns the protocol state machine and the relay-access decision. Quotas and sender
+//! policy come in through [`Policy`]; logging and metrics go out through [`Observer`]. It must
+//! not deliver, route or count quota itself.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use ipnet::IpNet;
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::{Conn, Line, ListenerKind, Stream};
+use crate::config::ConfigHandle;
+use crate::headers;
+use crate::message::{Job, MessageMeta, new_id};
+use crate::queue::Queue;
+
+/// An SMTP reply: code and text (the text carries the enhanced status code).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn new(code: u16, text: impl Into<String>) -> Self {
+        Reply {
+            code,
+            text: text.into(),
+        }
+    }
+    pub fn line(&self) -> String {
+        format!("{} {}", self.code, self.text)
+    }
+}
+
+/// Who is sending, as known at the time of a policy check.
+#[derive(Clone, Debug)]
+pub struct SenderInfo {
+    pub source_ip: IpAddr,
+    pub listener: ListenerKind,
+    pub auth_user: Option<String>,
+    /// Quota bound to the authenticated user's credentials, if any.
+    pub user_quota: Option<String>,
+    pub tls: bool,
+    /// Envelope sender; empty for `<>`.
+    pub mail_from: String,
+}
+
+/// Sender and quota policy, consulted at MAIL, RCPT and the end of DATA.
+#[async_trait]
+pub trait Policy: Send + Sync {
+    /// `Err` refuses the sender (e.g. a forbidden from-domain: `550 5.7.1`).
+    async fn check_sender(&self, s: &SenderInfo) -> Result<(), Reply>;
+    /// Per recipient; `accepted` recipients of this transaction passed already.
+    async fn check_recipient(&self, s: &SenderInfo, rcpt: &str, accepted: usize) -> Result<(), Reply>;
+    /// With the whole message known (bulk detection). Returns the quota that counted it.
+    async fn check_message(&self, s: &SenderInfo, rcpts: &[String], message: &[u8]) -> Result<Option<String>, Reply>;
+}
+
+/// Accepts everything (the relay-access rule still applies).
+pub struct AllowAll;
+
+#[async_trait]
+impl Policy for AllowAll {
+    async fn check_sender(&self, _: &SenderInfo) -> Result<(), Reply> {
+        Ok(())
+    }
+    async fn check_recipient(&self, _: &SenderInfo, _: &str, _: usize) -> Result<(), Reply> {
+        Ok(())
+    }
+    async fn check_message(&self, _: &SenderInfo, _: &[String], _: &[u8]) -> Result<Option<String>, Reply> {
+        Ok(None)
+    }
+}
+
+/// Where the session reports what happened (delivery log, metrics).
+pub trait Observer: Send + Sync {
+    fn session_opened(&self, _listener: ListenerKind) {}
+    fn session_closed(&self, _listener: ListenerKind) {}
+    fn auth_failed(&self, _listener: ListenerKind, _ip: IpAddr) {}
+    /// A message was queued (`accept_latency` = end of DATA to the 250).
+    fn accepted(&self, _meta: &MessageMeta, _accept_latency: Duration) {}
+    /// A recipient or message was refused with `reply` (rcpt None = whole message).
+    fn rejected(&self, _s: &SenderInfo, _rcpt: Option<&str>, _reply: &Reply) {}
+}
+
+pub struct NoopObserver;
+impl Observer for NoopObserver {}
+
+/// Limits and identity of the inbound side.
+#[derive(Clone, Debug)]
+pub struct InboundSettings {
+    pub hostname: String,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_line_length: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub max_sessions_per_ip: usize,
+    /// AUTH failures before each further attempt is slowed down.
+    pub auth_failures_before_delay: u32,
+    /// AUTH failures after which the session is dropped.
+    pub max_auth_failures: u32,
+    /// Bad commands after which the session is dropped.
+    pub max_errors: u32,
+    /// Sources allowed to relay without AUTH on the plain listener.
+    pub relay_cidrs: Vec<IpNet>,
+    /// Delay per AUTH failure beyond the threshold (zero in tests that count failures).
+    pub auth_delay: Duration,
+}
+
+impl Default for InboundSettings {
+    fn default() -> Self {
+        InboundSettings {
+            hostname: "localhost".into(),
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_line_length: 4096,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            max_sessions_per_ip: 100,
+            auth_failures_before_delay: 2,
+            max_auth_failures: 5,
+            max_errors: 20,
+            relay_cidrs: vec!["127.0.0.0/8".parse().expect("cidr"), "::1/128".parse().expect("cidr")],
+            auth_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Shared by every session of every listener.
+pub struct Inbound {
+    pub settings: InboundSettings,
+    pub config: Arc<ConfigHandle>,
+    pub queue: Arc<dyn Queue>,
+    pub policy: Arc<dyn Policy>,
+    pub observer: Arc<dyn Observer>,
+    pub tls: Option<TlsAcceptor>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct IpSlot<'a> {
+    inbound: &'a Inbound,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.inbound.per_ip.lock()
+            && let Some(n) = m.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Whether `source` may relay without authenticating on `listener`.
+pub fn may_relay_unauthenticated(listener: ListenerKind, source: IpAddr, cidrs: &[IpNet]) -> bool {
+    let source = match source {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    listener == ListenerKind::Smtp && cidrs.iter().any(|n| n.contains(&source))
+}
+
+/// Syntax check of a recipient address: local@domain with a valid domain.
+fn valid_recipient(addr: &str) -> bool {
+    match addr.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && local.len() <= 64
+                && mailroute_api::pattern::is_valid_domain(&domain.to_ascii_lowercase())
+        }
+        None => false,
+    }
+}
+
+enum Flow {
+    Continue,
+    Close,
+    StartTls,
+}
+
+struct Session {
+    listener: ListenerKind,
+    peer: SocketAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: bool,
+    auth_user: Option<String>,
+    user_quota: Option<String>,
+    auth_failures: u32,
+    errors: u32,
+    mail_from: Option<String>,
+    rcpts: Vec<String>,
+}
+
+impl Session {
+    fn reset_transaction(&mut self) {
+        self.mail_from = None;
+        self.rcpts.clear();
+    }
+
+    fn sender(&self) -> SenderInfo {
+        SenderInfo {
+            source_ip: self.peer.ip(),
+            listener: self.listener,
+            auth_user: self.auth_user.clone(),
+            user_quota: self.user_quota.clone(),
+            tls: self.tls,
+            mail_from: self.mail_from.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl Inbound {
+    pub fn new(
+        settings: InboundSettings,
+        config: Arc<ConfigHandle>,
+        queue: Arc<dyn Queue>,
+        policy: Arc<dyn Policy>,
+        observer: Arc<dyn Observer>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
+        Inbound {
+            settings,
+            config,
+            queue,
+            policy,
+            observer,
+            tls: tls.map(TlsAcceptor::from),
+            per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn take_ip_slot(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
+        let mut m = self.per_ip.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.settings.max_sessions_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { inbound: self, ip })
+    }
+
+    /// Runs one session to its end. Errors are I/O errors of this connection only.
+    pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, listener: ListenerKind) -> std::io::Result<()> {
+        let _ = tcp.set_nodelay(true);
+        self.observer.session_opened(listener);
+        let r = self.handle_inner(tcp, peer, listener).await;
+        self.observer.session_closed(listener);
+        r
+    }
+
+    async fn handle_inner(&self, tcp: TcpStream, peer: SocketAddr, listener: ListenerKind) -> std::io::Result<()> {
+        let stream = if listener == ListenerKind::Smtps {
+            let Some(acceptor) = &self.tls else {
+                return Ok(());
+            };
+            let tls = tokio::time::timeout(self.settings.command_timeout, acceptor.accept(tcp))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
+            Stream::Tls(Box::new(tls))
+        } else {
+            Stream::Plain(tcp)
+        };
+        let mut conn = Conn::new(stream);
+        let Some(_slot) = self.take_ip_slot(peer.ip()) else {
+            conn.reply("421 4.7.0 Too many connections from your address, try again later");
+            return conn.flush().await;
+        };
+        let mut s = Session {
+            listener,
+            peer,
+            helo: None,
+            esmtp: false,
+            tls: conn.is_tls(),
+            auth_user: None,
+            user_quota: None,
+            auth_failures: 0,
+            errors: 0,
+            mail_from: None,
+            rcpts: Vec::new(),
+        };
+        conn.reply(&format!("220 {} ESMTP mailroute ready", self.settings.hostname));
+        loop {
+            match self.command_loop(&mut conn, &mut s).await? {
+                Flow::Close => {
+                    conn.flush().await?;
+                    return Ok(());
+                }
+                Flow::StartTls => {
+                    conn.flush().await?;
+                    let (Stream::Plain(tcp), Some(acceptor)) = (conn.into_stream(), &self.tls) else {
+                        return Ok(());
+                    };
+                    let tls = tokio::time::timeout(self.settings.command_timeout, acceptor.accept(tcp))
+                        .await
+                        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
+                    conn = Conn::new(Stream::Tls(Box::new(tls)));
+                    s.tls = true;
+                    s.helo = None;
+                    s.esmtp = false;
+                    s.reset_transaction();
+                }
+                Flow::Continue => {}
+            }
+        }
+    }
+
+    async fn command_loop(&self, conn: &mut Conn, s: &mut Session) -> std::io::Result<Flow> {
+        loop {
+            let line = match conn
+                .read_line(self.settings.max_line_length, self.settings.command_timeout)
+                .await
+            {
+                Ok(Line::Line(l)) => l,
+                Ok(Line::TooLong) => {
+                    conn.reply("500 5.5.2 Line too long");
+                    if self.count_error(conn, s) {
+                        return Ok(Flow::Close);
+                    }
+                    continue;
+                }
+                Ok(Line::Eof) => return Ok(Flow::Close),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    conn.reply("421 4.4.2 Timeout waiting for command, closing connection");
+                    return Ok(Flow::Close);
+                }
+                Err(e) => return Err(e),
+            };
+            let flow = self.command(conn, s, &line).await?;
+            if !matches!(flow, Flow::Continue) {
+                return Ok(flow);
+            }
+        }
+    }
+
+    /// Counts a protocol error; true when the session should end.
+    fn count_error(&self, conn: &mut Conn, s: &mut Session) -> bool {
+        s.errors += 1;
+        if s.errors >= self.settings.max_errors {
+            conn.reply("421 4.7.0 Too many errors, closing connection");
+            return true;
+        }
+        false
+    }
+
+    async fn command(&self, conn: &mut Conn, s: &mut Session, line: &[u8]) -> std::io::Result<Flow> {
+        let req = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => {
+                conn.reply(&parse_error_reply(&e));
+                return Ok(if self.count_error(conn, s) {
+                    Flow::Close
+                } else {
+                    Flow::Continue
+                });
+            }
+        };
+        match req {
+            Request::Ehlo { host } => {
+                s.helo = Some(host.into_owned());
+                s.esmtp = true;
+                s.reset_transaction();
+                let mut caps = vec![
+                    format!("{} greets {}", self.settings.hostname, s.helo.as_deref().unwrap_or("")),
+                    "PIPELINING".into(),
+                    format!("SIZE {}", self.settings.max_message_size),
+                    "8BITMIME".into(),
+                    "SMTPUTF8".into(),
+                    "ENHANCEDSTATUSCODES".into(),
+                ];
+                if self.tls.is_some() && !s.tls {
+                    caps.push("STARTTLS".into());
+                }
+                if s.tls && s.auth_user.is_none() {
+                    caps.push("AUTH PLAIN LOGIN".into());
+                }
+                let n = caps.len();
+                for (i, c) in caps.iter().enumerate() {
+                    conn.reply(&format!("250{}{}", if i + 1 == n { ' ' } else { '-' }, c));
+                }
+            }
+            Request::Helo { host } | Request::Lhlo { host } => {
+                s.helo = Some(host.into_owned());
+                s.esmtp = false;
+                s.reset_transaction();
+                conn.reply(&format!("250 {}", self.settings.hostname));
+            }
+            Request::StartTls => {
+                if s.tls {
+                    conn.reply("503 5.5.1 TLS already active");
+                } else if self.tls.is_none() {
+                    conn.reply("502 5.5.1 STARTTLS not available");
+                } else {
+                    conn.reply("220 2.0.0 Ready to start TLS");
+                    conn.discard_buffered();
+                    return Ok(Flow::StartTls);
+                }
+            }
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => {
+                return self.auth(conn, s, mechanism, initial_response).await;
+            }
+            Request::Mail { from } => self.mail(conn, s, from.address.as_ref(), from.size).await,
+            Request::Rcpt { to } => self.rcpt(conn, s, to.address.as_ref()).await,
+            Request::Data => return self.data(conn, s).await,
+            Request::Rset => {
+                s.reset_transaction();
+                conn.reply("250 2.0.0 Ok");
+            }
+            Request::Noop { .. } => conn.reply("250 2.0.0 Ok"),
+            Request::Quit => {
+                conn.reply("221 2.0.0 Bye");
+                return Ok(Flow::Close);
+            }
+            Request::Vrfy { .. } => {
+                conn.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+            }
+            Request::Help { .. } => conn.reply("214 2.0.0 See RFC 5321"),
+            Request::Expn { .. } | Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                conn.reply("502 5.5.1 Command not implemented")
+            }
+            Request::Bdat { .. } => {
+                // CHUNKING is not advertised; the chunk that follows cannot be parsed as commands.
+                conn.reply("502 5.5.1 BDAT not supported, use DATA");
+                return Ok(Flow::Close);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn auth(
+        &self,
+        conn: &mut Conn,
+        s: &mut Session,
+        mechanism: u64,
+        initial: Cow<'_, str>,
+    ) -> std::io::Result<Flow> {
+        if s.helo.is_none() || !s.esmtp {
+            conn.reply("503 5.5.1 Send EHLO first");
+            return Ok(Flow::Continue);
+        }
+        if !s.tls {
+            conn.reply("538 5.7.11 Encryption required for requested authentication mechanism");
+            return Ok(Flow::Continue);
+        }
+        if s.auth_user.is_some() {
+            conn.reply("503 5.5.1 Already authenticated");
+            return Ok(Flow::Continue);
+        }
+        if s.mail_from.is_some() {
+            conn.reply("503 5.5.1 AUTH not allowed during a mail transaction");
+            return Ok(Flow::Continue);
+        }
+        let creds = match mechanism {
+            AUTH_PLAIN => {
+                let resp = if initial.is_empty() {
+                    conn.reply("334 ");
+                    match self.read_auth_line(conn).await? {
+                        Some(l) => l,
+                        None => return Ok(Flow::Continue),
+                    }
+                } else {
+                    initial.into_owned()
+                };
+                decode_plain(&resp)
+            }
+            AUTH_LOGIN => {
+                let user = if initial.is_empty() {
+                    conn.reply("334 VXNlcm5hbWU6");
+                    match self.read_auth_line(conn).await? {
+                        Some(l) => l,
+                        None => return Ok(Flow::Continue),
+                    }
+                } else {
+                    initial.into_owned()
+                };
+                conn.reply("334 UGFzc3dvcmQ6");
+                let Some(pass) = self.read_auth_line(conn).await? else {
+                    return Ok(Flow::Continue);
+                };
+                match (b64(&user), b64(&pass)) {
+                    (Some(u), Some(p)) => Some((u, p)),
+                    _ => None,
+                }
+            }
+            _ => {
+                conn.reply("504 5.5.4 Unrecognized authentication mechanism");
+                return Ok(Flow::Continue);
+            }
+        };
+        let Some((user, pass)) = creds else {
+            conn.reply("501 5.5.2 Cannot decode AUTH response");
+            return Ok(Flow::Continue);
+        };
+        let snap = self.config.get();
+        let hash = snap
+            .secrets
+            .inbound_users
+            .get(&user)
+            .map(|u| (u.password_hash.clone(), u.quota.clone()));
+        let ok = match &hash {
+            Some((h, _)) => {
+                let h = h.clone();
+                // argon2 takes milliseconds of CPU: keep it off the reactor threads.
+                tokio::task::spawn_blocking(move || mailroute_api::config::verify_password(&h, &pass))
+                    .await
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
+        if ok {
+            s.auth_user = Some(user);
+            s.user_quota = hash.map(|(_, q)| q);
+            conn.reply("235 2.7.0 Authentication successful");
+            return Ok(Flow::Continue);
+        }
+        s.auth_failures += 1;
+        self.observer.auth_failed(s.listener, s.peer.ip());
+        if s.auth_failures >= self.settings.max_auth_failures {
+            conn.reply("421 4.7.0 Too many authentication failures, closing connection");
+            return Ok(Flow::Close);
+        }
+        if s.auth_failures > self.settings.auth_failures_before_delay && !self.settings.auth_delay.is_zero() {
+            conn.flush().await?;
+            tokio::time::sleep(self.settings.auth_delay * (s.auth_failures - self.settings.auth_failures_before_delay))
+                .await;
+        }
+        conn.reply("535 5.7.8 Authentication credentials invalid");
+        Ok(Flow::Continue)
+    }
+
+    /// A continuation line of AUTH; `None` (with the reply written) when cancelled or malformed.
+    async fn read_auth_line(&self, conn: &mut Conn) -> std::io::Result<Option<String>> {
+        match conn
+            .read_line(self.settings.max_line_length, self.settings.command_timeout)
+            .await?
+        {
+            Line::Line(l) => {
+                let l = String::from_utf8_lossy(&l).trim_end().to_owned();
+                if l == "*" {
+                    conn.reply("501 5.0.0 Authentication cancelled");
+                    return Ok(None);
+                }
+                Ok(Some(l))
+            }
+            Line::TooLong => {
+                conn.reply("500 5.5.2 Line too long");
+                Ok(None)
+            }
+            Line::Eof => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+
+    async fn mail(&self, conn: &mut Conn, s: &mut Session, from: &str, size: usize) {
+        if s.helo.is_none() {
+            return conn.reply("503 5.5.1 Send HELO/EHLO first");
+        }
+        if s.mail_from.is_some() {
+            return conn.reply("503 5.5.1 Sender already specified");
+        }
+        if s.listener == ListenerKind::Submission && !s.tls {
+            return conn.reply("530 5.7.0 Must issue a STARTTLS command first");
+        }
+        if s.listener.requires_auth() && s.auth_user.is_none() {
+            return conn.reply("530 5.7.0 Authentication required");
+        }
+        if size > self.settings.max_message_size {
+            return conn.reply(&format!(
+                "552 5.3.4 Message size exceeds fixed maximum message size of {} bytes",
+                self.settings.max_message_size
+            ));
+        }
+        if !from.is_empty() && !valid_recipient(from) {
+            return conn.reply("501 5.1.7 Bad sender address syntax");
+        }
+        s.mail_from = Some(from.to_owned());
+        if let Err(r) = self.policy.check_sender(&s.sender()).await {
+            self.observer.rejected(&s.sender(), None, &r);
+            s.mail_from = None;
+            return conn.reply(&r.line());
+        }
+        conn.reply("250 2.1.0 Ok");
+    }
+
+    async fn rcpt(&self, conn: &mut Conn, s: &mut Session, to: &str) {
+        if s.mail_from.is_none() {
+            return conn.reply("503 5.5.1 Need MAIL command first");
+        }
+        if s.rcpts.len() >= self.settings.max_recipients {
+            return conn.reply("452 4.5.3 Too many recipients");
+        }
+        let sender = s.sender();
+        if s.auth_user.is_none() && !may_relay_unauthenticated(s.listener, s.peer.ip(), &self.settings.relay_cidrs) {
+            let r = Reply::new(554, "5.7.1 Relay access denied: authenticate first");
+            self.observer.rejected(&sender, Some(to), &r);
+            return conn.reply(&r.line());
+        }
+        if !valid_recipient(to) {
+            return conn.reply("501 5.1.3 Bad recipient address syntax");
+        }
+        if let Err(r) = self.policy.check_recipient(&sender, to, s.rcpts.len()).await {
+            self.observer.rejected(&sender, Some(to), &r);
+            return conn.reply(&r.line());
+        }
+        s.rcpts.push(to.to_owned());
+        conn.reply("250 2.1.5 Ok");
+    }
+
+    async fn data(&self, conn: &mut Conn, s: &mut Session) -> std::io::Result<Flow> {
+        if s.mail_from.is_none() {
+            conn.reply("503 5.5.1 Need MAIL command first");
+            return Ok(Flow::Continue);
+        }
+        if s.rcpts.is_empty() {
+            conn.reply("554 5.5.1 No valid recipients");
+            return Ok(Flow::Continue);
+        }
+        conn.reply("354 End data with <CR><LF>.<CR><LF>");
+        let max = self.settings.max_message_size;
+        let mut body = Vec::with_capacity(16 * 1024);
+        let mut receiver = smtp_proto::request::receiver::DataReceiver::new();
+        let mut too_big = false;
+        loop {
+            let buf = conn.buffered();
+            let mut it = buf.iter();
+            let before = body.len();
+            let done = receiver.ingest(&mut it, &mut body);
+            let used = buf.len() - it.as_slice().len();
+            conn.consume(used);
+            if body.len() > max {
+                too_big = true;
+                body.truncate(before.min(max));
+                // Keep consuming to the terminating dot without storing.
+                body.shrink_to(max);
+            }
+            if done {
+                break;
+            }
+            match conn.fill(self.settings.data_timeout).await {
+                Ok(0) => return Ok(Flow::Close),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    conn.reply("421 4.4.2 Timeout waiting for data, closing connection");
+                    return Ok(Flow::Close);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let end_of_data = Instant::now();
+        let sender = s.sender();
+        let rcpts = std::mem::take(&mut s.rcpts);
+        s.reset_transaction();
+        if too_big {
+            let r = Reply::new(
+                552,
+                format!("5.3.4 Message size exceeds fixed maximum message size of {max} bytes"),
+            );
+            self.observer.rejected(&sender, None, &r);
+            conn.reply(&r.line());
+            return Ok(Flow::Continue);
+        }
+        let reply = self.accept_message(s, sender, rcpts, body, end_of_data).await;
+        conn.reply(&reply.line());
+        Ok(Flow::Continue)
+    }
+
+    async fn accept_message(
+        &self,
+        s: &Session,
+        sender: SenderInfo,
+        rcpts: Vec<String>,
+        body: Vec<u8>,
+        end_of_data: Instant,
+    ) -> Reply {
+        let now = chrono::Utc::now();
+        let options = match headers::extension_options(&body, now) {
+            Ok(o) => o,
+            Err(e) => {
+                let r = Reply::new(550, format!("5.6.0 {e}"));
+                self.observer.rejected(&sender, None, &r);
+                return r;
+            }
+        };
+        let quota = match self.policy.check_message(&sender, &rcpts, &body).await {
+            Ok(q) => q,
+            Err(r) => {
+                self.observer.rejected(&sender, None, &r);
+                return r;
+            }
+        };
+        let now_ms = now.timestamp_millis();
+        let id = new_id(now_ms);
+        let with = match (s.esmtp, s.tls, s.auth_user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
+        let received = headers::received(
+            s.helo.as_deref().unwrap_or("unknown"),
+            &sender.source_ip.to_string(),
+            &self.settings.hostname,
+            with,
+            &id,
+            (rcpts.len() == 1).then(|| rcpts[0].as_str()),
+            now,
+        );
+        let (stored, message_id) = headers::prepare(&body, &received, &self.settings.hostname, &id);
+        drop(body);
+        let due = options.deliver_after_ms.filter(|t| *t > now_ms);
+        let jobs: Vec<(Job, Option<i64>)> = (0..rcpts.len() as u32).map(|i| (Job::new(&id, i), due)).collect();
+        let meta = MessageMeta {
+            id: id.clone(),
+            received_at_ms: now_ms,
+            source_ip: sender.source_ip.to_string(),
+            listener: s.listener.as_str().to_owned(),
+            auth_user: sender.auth_user.clone(),
+            tls: s.tls,
+            mail_from: sender.mail_from.clone(),
+            rcpts,
+            message_id_header: Some(message_id),
+            size: stored.len(),
+            options,
+            quota,
+            is_dsn: false,
+        };
+        match self.queue.enqueue(&meta, &stored, &jobs).await {
+            Ok(()) => {
+                self.observer.accepted(&meta, end_of_data.elapsed());
+                Reply::new(250, format!("2.0.0 Ok: queued as {id}"))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "enqueue failed; message not accepted");
+                let r = Reply::new(451, "4.3.0 Queue temporarily unavailable, try again later");
+                self.observer.rejected(&sender, None, &r);
+                r
+            }
+        }
+    }
+}
+
+fn parse_error_reply(e: &ProtoError) -> String {
+    match e {
+        ProtoError::UnknownCommand => "500 5.5.1 Command unrecognized".into(),
+        ProtoError::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax".into(),
+        ProtoError::InvalidRecipientAddress => "501 5.1.3 Bad recipient address syntax".into(),
+        ProtoError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
+        ProtoError::InvalidParameter { param } => format!("501 5.5.4 Invalid parameter {param}"),
+        ProtoError::UnsupportedParameter { param } => {
+            format!(
+                "555 5.5.4 Unsupported parameter {}",
+                param.chars().take(64).collect::<String>()
+            )
+        }
+        ProtoError::ResponseTooLong => "500 5.5.2 Line too long".into(),
+        ProtoError::NeedsMoreData { .. } | ProtoError::InvalidResponse { .. } => "500 5.5.2 Syntax error".into(),
+    }
+}
+
+fn b64(s: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// `authzid \0 authcid \0 password` (RFC 4616); the authzid must be empty or the same user.
+fn decode_plain(resp: &str) -> Option<(String, String)> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(resp.trim()).ok()?;
+    let mut parts = bytes.split(|&b| b == 0);
+    let authz = parts.next()?;
+    let user = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let pass = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    if parts.next().is_some() || (!authz.is_empty() && authz != user.as_bytes()) {
+        return None;
+    }
+    Some((user, pass))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_access_rule() {
+        let cidrs: Vec<IpNet> = vec!["10.42.0.0/16".parse().unwrap(), "::1/128".parse().unwrap()];
+        assert!(may_relay_unauthenticated(
+            ListenerKind::Smtp,
+            "10.42.3.4".parse().unwrap(),
+            &cidrs
+        ));
+        assert!(may_relay_unauthenticated(
+            ListenerKind::Smtp,
+            "::ffff:10.42.3.4".parse().unwrap(),
+            &cidrs
+        ));
+        assert!(!may_relay_unauthenticated(
+            ListenerKind::Smtp,
+            "10.43.0.1".parse().unwrap(),
+            &cidrs
+        ));
+        assert!(!may_relay_unauthenticated(
+            ListenerKind::Submission,
+            "10.42.3.4".parse().unwrap(),
+            &cidrs
+        ));
+        assert!(!may_relay_unauthenticated(
+            ListenerKind::Smtps,
+            "::1".parse().unwrap(),
+            &cidrs
+        ));
+    }
+
+    #[test]
+    fn plain_auth_decoding() {
+        let enc = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(decode_plain(&enc(b"\0shop\0pw")), Some(("shop".into(), "pw".into())));
+        assert_eq!(
+            decode_plain(&enc(b"shop\0shop\0pw")),
+            Some(("shop".into(), "pw".into()))
+        );
+        assert_eq!(decode_plain(&enc(b"admin\0shop\0pw")), None);
+        assert_eq!(decode_plain(&enc(b"shop-pw")), None);
+        assert_eq!(decode_plain("!!!"), None);
+    }
+
+    #[test]
+    fn recipient_syntax() {
+        assert!(valid_recipient("a@example.com"));
+        assert!(valid_recipient("a.b+c@sub.docomo.ne.jp"));
+        assert!(!valid_recipient("postmaster"));
+        assert!(!valid_recipient("@example.com"));
+        assert!(!valid_recipient("a@-bad-.com"));
+        assert!(!valid_recipient("a@[127.0.0.1]"));
+    }
+
+    #[test]
+    fn parse_errors_have_enhanced_codes() {
+        assert!(parse_error_reply(&ProtoError::UnknownCommand).starts_with("500 5.5.1"));
+        assert!(parse_error_reply(&ProtoError::InvalidRecipientAddress).starts_with("501 5.1.3"));
+    }
+}

@@ -1,0 +1,146 @@
+//! Bridges what the SMTP sessions and the delivery worker report to the delivery log and the
+//! Prometheus metrics. It owns the mapping from events to log records and metric labels and must
+//! not put a recipient, sender or secret into a metric label.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::dlog::{DeliveryEvent, DeliveryLog, EventResult};
+use crate::message::MessageMeta;
+use crate::metrics::Metrics;
+use crate::smtp::ListenerKind;
+use crate::smtp::inbound::{Observer, Reply, SenderInfo};
+
+#[derive(Clone)]
+pub struct Telemetry {
+    pub dlog: DeliveryLog,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Telemetry {
+    /// Records without making the caller wait for the store; the JSON line is written at once.
+    pub fn record(&self, ev: DeliveryEvent) {
+        let dlog = self.dlog.clone();
+        tokio::spawn(async move {
+            if let Err(e) = dlog.record(&ev).await {
+                tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
+            }
+        });
+    }
+
+    /// Records and waits for the store (worker paths, where ordering matters more than latency).
+    pub async fn record_now(&self, ev: DeliveryEvent) {
+        if let Err(e) = self.dlog.record(&ev).await {
+            tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
+        }
+    }
+}
+
+fn enhanced_of(text: &str) -> Option<String> {
+    let first = text.split_whitespace().next()?;
+    let parts: Vec<&str> = first.split('.').collect();
+    (parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
+    .then(|| first.to_owned())
+}
+
+/// A log record for a message event, with the submission facts filled in.
+pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> DeliveryEvent {
+    let rcpt = meta.rcpts.get(rcpt_index).cloned().unwrap_or_default();
+    let mut ev = DeliveryEvent::new(Utc::now(), result, meta.id.clone(), meta.mail_from.clone(), rcpt);
+    ev.message_id_header = meta.message_id_header.clone();
+    ev.job_id = Some(format!("{}/{}", meta.id, rcpt_index));
+    ev.source_ip = meta.source_ip.parse().ok();
+    ev.auth_user = meta.auth_user.clone();
+    ev.listener = Some(meta.listener.clone());
+    ev.tls = meta.tls;
+    ev
+}
+
+impl Observer for Telemetry {
+    fn session_opened(&self, listener: ListenerKind) {
+        self.metrics
+            .smtp_sessions_active
+            .with_label_values(&[listener.as_str()])
+            .inc();
+    }
+
+    fn session_closed(&self, listener: ListenerKind) {
+        self.metrics
+            .smtp_sessions_active
+            .with_label_values(&[listener.as_str()])
+            .dec();
+    }
+
+    fn auth_failed(&self, listener: ListenerKind, ip: IpAddr) {
+        self.metrics
+            .smtp_auth_failures
+            .with_label_values(&[listener.as_str()])
+            .inc();
+        tracing::info!(listener = listener.as_str(), source_ip = %ip, "SMTP AUTH failed");
+    }
+
+    fn accepted(&self, meta: &MessageMeta, accept_latency: Duration) {
+        self.metrics.accept_latency.observe(accept_latency.as_secs_f64());
+        self.metrics
+            .messages_received
+            .with_label_values(&[&meta.listener, "accepted"])
+            .inc();
+        self.metrics
+            .recipients_received
+            .with_label_values(&[&meta.listener, "accepted"])
+            .inc_by(meta.rcpts.len() as u64);
+        for i in 0..meta.rcpts.len() {
+            self.record(event_for(meta, EventResult::Received, i));
+        }
+    }
+
+    fn rejected(&self, s: &SenderInfo, rcpt: Option<&str>, reply: &Reply) {
+        let result = if reply.code >= 500 { "rejected" } else { "deferred" };
+        let listener = s.listener.as_str();
+        match rcpt {
+            Some(_) => self
+                .metrics
+                .recipients_received
+                .with_label_values(&[listener, result])
+                .inc(),
+            None => self
+                .metrics
+                .messages_received
+                .with_label_values(&[listener, result])
+                .inc(),
+        }
+        let mut ev = DeliveryEvent::new(
+            Utc::now(),
+            EventResult::Rejected,
+            "",
+            s.mail_from.clone(),
+            rcpt.unwrap_or_default(),
+        );
+        ev.source_ip = Some(s.source_ip);
+        ev.auth_user = s.auth_user.clone();
+        ev.listener = Some(listener.to_owned());
+        ev.reply_code = Some(reply.code);
+        ev.enhanced_code = enhanced_of(&reply.text);
+        ev.reply_text = Some(reply.text.clone());
+        ev.tls = s.tls;
+        self.record(ev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::enhanced_of;
+
+    #[test]
+    fn enhanced_code_extraction() {
+        assert_eq!(enhanced_of("5.7.1 Relay access denied").as_deref(), Some("5.7.1"));
+        assert_eq!(enhanced_of("Relay access denied"), None);
+        assert_eq!(enhanced_of("5.7 x"), None);
+    }
+}

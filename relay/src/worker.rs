@@ -1,0 +1,812 @@
+//! The delivery worker: takes jobs from the queue, chooses routes, attempts delivery, and moves
+//! each job to its next state: delivered, retried on the route's schedule, paced, bounced (with
+//! a DSN to the return-path) or expired. Several workers on several pods share one queue.
+//!
+//! It owns the per-job decision sequence and the order of the queue writes. SMTP I/O is behind
+//! [`Transport`], pacing behind [`Pacing`]; classification (`bounce`), schedules (`retry`), DSN
+//! format (`dsn`) and route order (`route`) are pure modules it calls. It must not hold message
+//! bodies longer than one attempt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use mailroute_api::config::{CompiledRoute, RelaySecrets, Target};
+use mailroute_api::pattern::domain_of;
+use tokio::sync::{Semaphore, watch};
+
+use crate::bounce::{self, Failure};
+use crate::config::ConfigHandle;
+use crate::dlog::EventResult;
+use crate::dsn;
+use crate::message::{Job, MessageMeta, RecipientState, new_id};
+use crate::queue::{Disposition, Leased, Queue};
+use crate::retry::{self, Next, RetryPolicy};
+use crate::telemetry::{Telemetry, event_for};
+
+/// The envelope of one delivery attempt.
+#[derive(Clone, Debug)]
+pub struct OutEnvelope<'a> {
+    pub mail_from: &'a str,
+    pub rcpt_to: &'a str,
+}
+
+/// What one attempt through one route produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// 2xx to the end of DATA.
+    Delivered { code: u16, text: String },
+    /// Anything else: a failure reply (`code`) or none (connection, DNS, TLS, timeout).
+    Failed {
+        code: Option<u16>,
+        text: String,
+        permanent: bool,
+        class: bounce::BounceClass,
+    },
+}
+
+impl AttemptOutcome {
+    /// A failure from a reply, classified by the bounce table.
+    pub fn from_reply(code: u16, text: impl Into<String>) -> Self {
+        let text = text.into();
+        match bounce::classify_reply(code, &text) {
+            None => AttemptOutcome::Delivered { code, text },
+            Some(v) => AttemptOutcome::Failed {
+                code: Some(code),
+                text,
+                permanent: v.is_permanent(),
+                class: v.class,
+            },
+        }
+    }
+
+    /// A failure without a reply.
+    pub fn from_failure(f: Failure, detail: impl Into<String>) -> Self {
+        let v = f.verdict();
+        AttemptOutcome::Failed {
+            code: None,
+            text: detail.into(),
+            permanent: v.is_permanent(),
+            class: v.class,
+        }
+    }
+
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, AttemptOutcome::Failed { permanent: false, .. })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    pub outcome: AttemptOutcome,
+    pub remote_host: Option<String>,
+    pub tls: bool,
+}
+
+/// Sends one message to one recipient through one route (smarthost or MX).
+#[async_trait]
+pub trait Transport: Send + Sync {
+    async fn deliver(
+        &self,
+        route: &CompiledRoute,
+        secrets: &RelaySecrets,
+        env: &OutEnvelope<'_>,
+        body: &[u8],
+    ) -> Attempt;
+}
+
+/// Outbound pacing shared by all pods.
+#[async_trait]
+pub trait Pacing: Send + Sync {
+    /// `None` = go now (the send is counted), `Some((not_before_ms, reason))` = wait.
+    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> Option<(i64, &'static str)>;
+    /// Feedback after an attempt through `route` (rate-limit replies back the route off).
+    async fn report(&self, route: &CompiledRoute, attempt: &Attempt, now_ms: i64);
+}
+
+/// No pacing at all.
+pub struct Unpaced;
+
+#[async_trait]
+impl Pacing for Unpaced {
+    async fn acquire(&self, _: &CompiledRoute, _: &str, _: i64) -> Option<(i64, &'static str)> {
+        None
+    }
+    async fn report(&self, _: &CompiledRoute, _: &Attempt, _: i64) {}
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerSettings {
+    pub consumer: String,
+    /// Concurrent deliveries in this process.
+    pub concurrency: usize,
+    /// A job leased longer than this is taken over by another relay.
+    pub visibility_timeout: Duration,
+    pub hostname: String,
+    /// Deliver via MX when no route matches, instead of bouncing.
+    pub fallback_mx: bool,
+    /// How often due jobs are promoted from the schedule.
+    pub promote_every: Duration,
+}
+
+pub struct Worker {
+    pub queue: Arc<dyn Queue>,
+    pub config: Arc<ConfigHandle>,
+    pub transport: Arc<dyn Transport>,
+    pub pacing: Arc<dyn Pacing>,
+    pub telemetry: Telemetry,
+    pub settings: WorkerSettings,
+}
+
+/// The route used when nothing matches and MX fallback is on.
+fn fallback_route() -> CompiledRoute {
+    CompiledRoute {
+        id: "mx".into(),
+        priority: i32::MAX,
+        target: Target::Mx,
+        recipient_domains: Vec::new(),
+        senders: Default::default(),
+        from_override: None,
+        limits: Default::default(),
+        retry: Default::default(),
+        dkim: None,
+        test_recipient: None,
+    }
+}
+
+/// The retry policy for a message: the first candidate route's, overridden by the message's
+/// `X-Mailroute-Retry-Interval` / `X-Mailroute-Expire`.
+pub fn policy_for(route: Option<&CompiledRoute>, meta: &MessageMeta) -> RetryPolicy {
+    let rc = route.map(|r| r.retry.clone()).unwrap_or_default();
+    let mut p = RetryPolicy {
+        interval: Duration::from_secs(rc.interval_secs.max(1)),
+        lifetime: Duration::from_secs(rc.lifetime_secs.max(1)),
+        backoff: match rc.backoff {
+            mailroute_api::route::Backoff::Fixed => retry::Backoff::Fixed,
+            mailroute_api::route::Backoff::Exponential => retry::Backoff::Exponential {
+                factor: 2.0,
+                max_interval: Duration::from_secs(rc.max_interval_secs.max(rc.interval_secs).max(1)),
+            },
+        },
+    };
+    if let Some(i) = meta.options.retry_interval_secs {
+        p.interval = Duration::from_secs(i.max(1));
+        if let retry::Backoff::Exponential { max_interval, .. } = &mut p.backoff {
+            *max_interval = (*max_interval).max(p.interval);
+        }
+    }
+    if let Some(exp) = meta.options.expire_at_ms {
+        let ms = (exp - meta.received_at_ms).max(1000);
+        p.lifetime = Duration::from_millis(ms as u64);
+    }
+    p
+}
+
+/// The decision after all routes were tried for one attempt. Pure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Delivered,
+    Bounce { class: bounce::BounceClass },
+    Retry { at_ms: i64 },
+    Expired,
+}
+
+/// What to do after an attempt whose last outcome was `last`: permanent failures bounce,
+/// temporary ones retry on `policy` unless the lifetime is over.
+pub fn decide(last: &AttemptOutcome, policy: &RetryPolicy, meta: &MessageMeta, now_ms: i64, attempts: u32) -> Decision {
+    match last {
+        AttemptOutcome::Delivered { .. } => Decision::Delivered,
+        AttemptOutcome::Failed {
+            permanent: true, class, ..
+        } => Decision::Bounce { class: *class },
+        AttemptOutcome::Failed { .. } => match retry::next_attempt(policy, meta.received_at_ms, now_ms, attempts) {
+            Next::RetryAt(at) => Decision::Retry { at_ms: at },
+            Next::Expired => Decision::Expired,
+        },
+    }
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn reply_parts(o: &AttemptOutcome) -> (Option<u16>, Option<String>) {
+    match o {
+        AttemptOutcome::Delivered { code, text } => (Some(*code), Some(text.clone())),
+        AttemptOutcome::Failed { code, text, .. } => (*code, Some(text.clone())),
+    }
+}
+
+fn short(o: &AttemptOutcome) -> String {
+    match o {
+        AttemptOutcome::Delivered { code, text }
+        | AttemptOutcome::Failed {
+            code: Some(code), text, ..
+        } => {
+            format!("{code} {text}")
+        }
+        AttemptOutcome::Failed { text, .. } => text.clone(),
+    }
+}
+
+impl Worker {
+    /// Runs until `shutdown` turns true; in-flight deliveries finish first.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let sem = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
+        let promoter = tokio::spawn(self.clone().promote_loop(shutdown.clone()));
+        let reclaimer = tokio::spawn(self.clone().reclaim_loop(sem.clone(), shutdown.clone()));
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            // Wait for a free slot before taking jobs, so leases never sit unattended.
+            let permit = tokio::select! {
+                _ = shutdown.changed() => break,
+                p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let free = sem.available_permits() + 1;
+            let batch = free.min(64);
+            let fetched = tokio::select! {
+                _ = shutdown.changed() => { drop(permit); break }
+                r = self.queue.fetch(&self.settings.consumer, batch, Duration::from_millis(1000)) => r,
+            };
+            let jobs = match fetched {
+                Ok(j) => j,
+                Err(e) => {
+                    drop(permit);
+                    tracing::warn!(error = %e, "queue fetch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut permit = Some(permit);
+            for leased in jobs {
+                let p = match permit.take() {
+                    Some(p) => p,
+                    None => match sem.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.process(leased).await;
+                    drop(p);
+                });
+            }
+        }
+        // Drain: wait until every in-flight delivery returned its permit.
+        let _ = sem.acquire_many(self.settings.concurrency.max(1) as u32).await;
+        promoter.abort();
+        reclaimer.abort();
+    }
+
+    async fn promote_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.settings.promote_every);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            loop {
+                match self.queue.promote_due(now_ms(), 1000).await {
+                    Ok(1000) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "promoting due jobs failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reclaim_loop(self: Arc<Self>, sem: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
+        let every = (self.settings.visibility_timeout / 4).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            let free = sem.available_permits();
+            if free == 0 {
+                continue;
+            }
+            match self
+                .queue
+                .reclaim(&self.settings.consumer, self.settings.visibility_timeout, free)
+                .await
+            {
+                Ok(jobs) => {
+                    for leased in jobs {
+                        tracing::info!(message = %leased.job.msg, rcpt = leased.job.rcpt, "reclaimed a job from a relay that stopped");
+                        let Ok(p) = sem.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            me.process(leased).await;
+                            drop(p);
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reclaiming jobs failed"),
+            }
+        }
+    }
+
+    /// Completes a lease, logging store errors: the job then stays leased and is retried after
+    /// the visibility timeout, so nothing is lost.
+    async fn complete(&self, leased: &Leased, d: Disposition) {
+        if let Err(e) = self.queue.complete(leased, d).await {
+            tracing::error!(error = %e, message = %leased.job.msg, "completing job failed; it will be reclaimed");
+        }
+    }
+
+    /// One job, start to end. Never panics on stored data; a broken record is dropped loudly.
+    pub async fn process(&self, leased: Leased) {
+        let job = leased.job.clone();
+        let stored = match self.queue.load(&job.msg).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                // Record gone (completed elsewhere after a reclaim, or cancelled and finished).
+                self.complete(
+                    &leased,
+                    Disposition::Final {
+                        state: state("gone", job.attempts, None, None),
+                    },
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, message = %job.msg, "loading message failed; will retry after the visibility timeout");
+                return;
+            }
+        };
+        let meta = &stored.meta;
+        let idx = job.rcpt as usize;
+        let Some(rcpt) = meta.rcpts.get(idx).cloned() else {
+            tracing::error!(message = %job.msg, rcpt = job.rcpt, "job names a recipient the message does not have");
+            self.complete(
+                &leased,
+                Disposition::Final {
+                    state: state("invalid", job.attempts, None, None),
+                },
+            )
+            .await;
+            return;
+        };
+        if stored.cancelled {
+            self.telemetry
+                .record_now(event_for(meta, EventResult::Cancelled, idx))
+                .await;
+            self.complete(
+                &leased,
+                Disposition::Final {
+                    state: state("cancelled", job.attempts, None, None),
+                },
+            )
+            .await;
+            return;
+        }
+        let snap = self.config.get();
+        let domain = domain_of(&rcpt).unwrap_or_default().to_ascii_lowercase();
+        let mut routes: Vec<CompiledRoute> =
+            crate::route::candidates(&snap.config, &meta.mail_from, meta.auth_user.as_deref(), &domain)
+                .into_iter()
+                .cloned()
+                .collect();
+        if routes.is_empty() && self.settings.fallback_mx {
+            routes.push(fallback_route());
+        }
+        let policy = policy_for(routes.first(), meta);
+        let now = now_ms();
+
+        if now >= policy.expires_at_ms(meta.received_at_ms) && job.attempts > 0 {
+            let outcome = AttemptOutcome::from_failure(Failure::Expired, "queue lifetime exceeded");
+            return self
+                .fail(&leased, meta, &stored.body, idx, &rcpt, None, &outcome, true)
+                .await;
+        }
+        if let Some(q) = meta
+            .options
+            .quiet_hours
+            .as_deref()
+            .and_then(|q| retry::parse_quiet_hours(q).ok())
+            && q.contains_ms(now)
+        {
+            let at = retry::defer_out_of_quiet(&q, now);
+            return self.wait(&leased, job, at, "quiet hours", None).await;
+        }
+        let Some(first) = routes.first() else {
+            let outcome =
+                AttemptOutcome::from_reply(550, format!("5.4.4 No route configured for recipient domain {domain}"));
+            return self
+                .fail(&leased, meta, &stored.body, idx, &rcpt, None, &outcome, false)
+                .await;
+        };
+        if let Some((at, reason)) = self.pacing.acquire(first, &domain, now).await {
+            self.telemetry
+                .metrics
+                .paced_jobs
+                .with_label_values(&[&first.id, reason])
+                .inc();
+            return self.wait(&leased, job, at, reason, Some(&first.id)).await;
+        }
+
+        let attempts = job.attempts + 1;
+        let mut last: Option<(Attempt, &CompiledRoute)> = None;
+        for (i, route) in routes.iter().enumerate() {
+            // Later routes are only used if they have capacity now; pacing never fails a job.
+            if i > 0 && self.pacing.acquire(route, &domain, now_ms()).await.is_some() {
+                continue;
+            }
+            let env = OutEnvelope {
+                mail_from: &meta.mail_from,
+                rcpt_to: &rcpt,
+            };
+            let attempt = self.transport.deliver(route, &snap.secrets, &env, &stored.body).await;
+            self.pacing.report(route, &attempt, now_ms()).await;
+            let temporary = attempt.outcome.is_temporary();
+            let result = match &attempt.outcome {
+                AttemptOutcome::Delivered { .. } => "delivered",
+                _ if temporary => "deferred",
+                _ => "bounced",
+            };
+            self.telemetry
+                .metrics
+                .delivery_attempts
+                .with_label_values(&[&route.id, result])
+                .inc();
+            last = Some((attempt, route));
+            if !temporary {
+                break;
+            }
+        }
+        let Some((attempt, route)) = last else {
+            // Every route was paced: wait for the first.
+            return self.wait(&leased, job, now + 1000, "route_rate", None).await;
+        };
+        let now = now_ms();
+        match decide(&attempt.outcome, &policy, meta, now, attempts) {
+            Decision::Delivered => {
+                let mut ev = event_for(meta, EventResult::Delivered, idx);
+                fill(&mut ev, route, &attempt, attempts);
+                self.telemetry.record_now(ev).await;
+                let latency = (now - meta.received_at_ms).max(0) as f64 / 1000.0;
+                self.telemetry
+                    .metrics
+                    .delivery_latency
+                    .with_label_values(&[&route.id])
+                    .observe(latency);
+                let st = state(
+                    "delivered",
+                    attempts,
+                    None,
+                    Some((short(&attempt.outcome), route.id.clone())),
+                );
+                self.complete(&leased, Disposition::Final { state: st }).await;
+            }
+            Decision::Retry { at_ms } => {
+                let at_ms = match meta
+                    .options
+                    .quiet_hours
+                    .as_deref()
+                    .and_then(|q| retry::parse_quiet_hours(q).ok())
+                {
+                    Some(q) => retry::defer_out_of_quiet(&q, at_ms),
+                    None => at_ms,
+                };
+                let mut ev = event_for(meta, EventResult::Deferred, idx);
+                fill(&mut ev, route, &attempt, attempts);
+                self.telemetry.record_now(ev).await;
+                self.telemetry.metrics.retries.with_label_values(&[&route.id]).inc();
+                let st = state(
+                    "deferred",
+                    attempts,
+                    Some(at_ms),
+                    Some((short(&attempt.outcome), route.id.clone())),
+                );
+                let job = Job { attempts, ..job };
+                self.complete(
+                    &leased,
+                    Disposition::Reschedule {
+                        job,
+                        due_ms: at_ms,
+                        state: st,
+                    },
+                )
+                .await;
+            }
+            Decision::Bounce { .. } => {
+                self.fail(
+                    &leased,
+                    meta,
+                    &stored.body,
+                    idx,
+                    &rcpt,
+                    Some((route, &attempt)),
+                    &attempt.outcome,
+                    false,
+                )
+                .await
+            }
+            Decision::Expired => {
+                self.fail(
+                    &leased,
+                    meta,
+                    &stored.body,
+                    idx,
+                    &rcpt,
+                    Some((route, &attempt)),
+                    &attempt.outcome,
+                    true,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn wait(&self, leased: &Leased, job: Job, at_ms: i64, reason: &str, route: Option<&str>) {
+        tracing::debug!(message = %job.msg, rcpt = job.rcpt, reason, route, at_ms, "waiting");
+        let st = state("queued", job.attempts, Some(at_ms), None);
+        let job = Job {
+            waits: job.waits + 1,
+            ..job
+        };
+        self.complete(
+            leased,
+            Disposition::Reschedule {
+                job,
+                due_ms: at_ms,
+                state: st,
+            },
+        )
+        .await;
+    }
+
+    /// Permanent failure or expiry: log, count, send a DSN (never for a bounce), finish the job.
+    #[allow(clippy::too_many_arguments)]
+    async fn fail(
+        &self,
+        leased: &Leased,
+        meta: &MessageMeta,
+        body: &[u8],
+        idx: usize,
+        rcpt: &str,
+        via: Option<(&CompiledRoute, &Attempt)>,
+        outcome: &AttemptOutcome,
+        expired: bool,
+    ) {
+        let attempts = leased.job.attempts + u32::from(via.is_some());
+        let route_id = via.map(|(r, _)| r.id.clone()).unwrap_or_else(|| "none".into());
+        let class = match outcome {
+            _ if expired => bounce::BounceClass::Expired,
+            AttemptOutcome::Failed { class, .. } => *class,
+            AttemptOutcome::Delivered { .. } => bounce::BounceClass::Other,
+        };
+        let (code, text) = reply_parts(outcome);
+        let result = if expired {
+            EventResult::Expired
+        } else {
+            EventResult::Bounced
+        };
+        let mut ev = event_for(meta, result, idx);
+        if let Some((r, a)) = via {
+            fill(&mut ev, r, a, attempts);
+        } else {
+            ev.reply_code = code;
+            ev.reply_text = text.clone();
+            ev.enhanced_code = text
+                .as_deref()
+                .and_then(bounce::parse_enhanced)
+                .map(|(a, b, c)| format!("{a}.{b}.{c}"));
+            ev.attempt = Some(attempts);
+        }
+        ev.bounce_class = Some(class.as_str().to_owned());
+        self.telemetry.record_now(ev).await;
+        let m = &self.telemetry.metrics;
+        if expired {
+            m.expired.with_label_values(&[&route_id]).inc();
+        }
+        m.bounces
+            .with_label_values(&[&route_id, &crate::metrics::code_label(code), class.as_str()])
+            .inc();
+
+        if !meta.is_dsn && dsn::should_bounce(&meta.mail_from) {
+            if let Err(e) = self
+                .send_dsn(meta, body, rcpt, via.map(|(_, a)| a), outcome, expired)
+                .await
+            {
+                // The job stays leased and is retried after the visibility timeout, so the
+                // sender still gets the DSN.
+                tracing::error!(error = %e, message = %meta.id, "queueing DSN failed");
+                return;
+            }
+            m.dsn_sent.inc();
+        }
+        let status = if expired { "expired" } else { "bounced" };
+        let st = state(status, attempts, None, Some((short(outcome), route_id)));
+        self.complete(leased, Disposition::Final { state: st }).await;
+    }
+
+    async fn send_dsn(
+        &self,
+        meta: &MessageMeta,
+        body: &[u8],
+        rcpt: &str,
+        attempt: Option<&Attempt>,
+        outcome: &AttemptOutcome,
+        expired: bool,
+    ) -> anyhow::Result<()> {
+        let now = Utc::now();
+        let (status, diagnostic) = match outcome {
+            AttemptOutcome::Failed {
+                code: Some(code), text, ..
+            }
+            | AttemptOutcome::Delivered { code, text } => (
+                dsn::status_for_reply(*code, bounce::parse_enhanced(text)),
+                Some(dsn::Diagnostic {
+                    code: *code,
+                    text: text.clone(),
+                }),
+            ),
+            AttemptOutcome::Failed { class, .. } => (status_for_class(*class, expired), None),
+        };
+        let reason = if expired {
+            format!(
+                "delivery did not succeed before the message expired; last result: {}",
+                short(outcome)
+            )
+        } else {
+            format!("the receiving side refused the message permanently: {}", short(outcome))
+        };
+        let reports = [dsn::RecipientReport {
+            recipient: rcpt.to_owned(),
+            action: dsn::Action::Failed,
+            status,
+            remote_mta: attempt.and_then(|a| a.remote_host.clone()),
+            diagnostic,
+            reason,
+            last_attempt: Some(now),
+            will_retry_until: None,
+        }];
+        let arrival: DateTime<Utc> = DateTime::from_timestamp_millis(meta.received_at_ms).unwrap_or(now);
+        let req = dsn::DsnRequest {
+            reporting_mta: &self.settings.hostname,
+            original_sender: &meta.mail_from,
+            arrival_date: arrival,
+            queue_id: Some(&meta.id),
+            recipients: &reports,
+            original: body,
+        };
+        let now_ms = now.timestamp_millis();
+        let id = new_id(now_ms);
+        let d = dsn::build(&req, now, &id);
+        let dsn_meta = MessageMeta {
+            id: id.clone(),
+            received_at_ms: now_ms,
+            source_ip: "127.0.0.1".into(),
+            listener: "dsn".into(),
+            auth_user: None,
+            tls: false,
+            mail_from: String::new(),
+            rcpts: vec![d.rcpt_to.clone()],
+            message_id_header: crate::headers::get(&d.message, "Message-ID"),
+            size: d.message.len(),
+            options: Default::default(),
+            quota: None,
+            is_dsn: true,
+        };
+        self.queue
+            .enqueue(&dsn_meta, &d.message, &[(Job::new(&id, 0), None)])
+            .await?;
+        Ok(())
+    }
+}
+
+/// DSN status for a failure that produced no reply.
+fn status_for_class(class: bounce::BounceClass, expired: bool) -> bounce::Enhanced {
+    use bounce::BounceClass as C;
+    let f = match class {
+        _ if expired => Failure::Expired,
+        C::DnsFailure => Failure::DnsNoSuchDomain,
+        C::TlsFailure => Failure::Tls,
+        _ => Failure::ConnectionRefused,
+    };
+    dsn::status_for_failure(f)
+}
+
+fn state(status: &str, attempts: u32, next: Option<i64>, last: Option<(String, String)>) -> RecipientState {
+    let (last_reply, route) = match last {
+        Some((r, route)) => (Some(r), Some(route)),
+        None => (None, None),
+    };
+    RecipientState {
+        status: status.into(),
+        attempts,
+        next_attempt_ms: next,
+        last_reply,
+        route,
+    }
+}
+
+fn fill(ev: &mut crate::dlog::DeliveryEvent, route: &CompiledRoute, a: &Attempt, attempt_no: u32) {
+    ev.route = Some(route.id.clone());
+    ev.remote_host = a.remote_host.clone();
+    ev.tls = a.tls;
+    ev.attempt = Some(attempt_no);
+    let (code, text) = reply_parts(&a.outcome);
+    ev.reply_code = code;
+    ev.enhanced_code = text
+        .as_deref()
+        .and_then(bounce::parse_enhanced)
+        .map(|(x, y, z)| format!("{x}.{y}.{z}"));
+    ev.reply_text = text;
+    if let AttemptOutcome::Failed { class, .. } = &a.outcome {
+        ev.bounce_class = Some(class.as_str().to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(received: i64) -> MessageMeta {
+        MessageMeta {
+            id: "m".into(),
+            received_at_ms: received,
+            source_ip: "127.0.0.1".into(),
+            listener: "smtp".into(),
+            auth_user: None,
+            tls: false,
+            mail_from: "a@b.example".into(),
+            rcpts: vec!["c@d.example".into()],
+            message_id_header: None,
+            size: 1,
+            options: Default::default(),
+            quota: None,
+            is_dsn: false,
+        }
+    }
+
+    #[test]
+    fn decisions_follow_reply_class_and_lifetime() {
+        let m = meta(0);
+        let p = policy_for(None, &m);
+        assert_eq!(p.interval, Duration::from_secs(60));
+        assert_eq!(p.lifetime, Duration::from_secs(1800));
+        let ok = AttemptOutcome::from_reply(250, "2.0.0 ok");
+        assert_eq!(decide(&ok, &p, &m, 10, 1), Decision::Delivered);
+        let temp = AttemptOutcome::from_reply(451, "4.3.0 try later");
+        assert_eq!(decide(&temp, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
+        assert_eq!(decide(&temp, &p, &m, 1_800_000, 31), Decision::Expired);
+        let perm = AttemptOutcome::from_reply(550, "5.1.1 user unknown");
+        assert_eq!(
+            decide(&perm, &p, &m, 10, 1),
+            Decision::Bounce {
+                class: bounce::BounceClass::InvalidRecipient
+            }
+        );
+        let refused = AttemptOutcome::from_failure(Failure::ConnectionRefused, "refused");
+        assert!(matches!(decide(&refused, &p, &m, 10, 1), Decision::Retry { .. }));
+        let nx = AttemptOutcome::from_failure(Failure::DnsNoSuchDomain, "NXDOMAIN");
+        assert!(matches!(decide(&nx, &p, &m, 10, 1), Decision::Bounce { .. }));
+    }
+
+    #[test]
+    fn message_headers_override_the_route_policy() {
+        let mut m = meta(1_000);
+        m.options.retry_interval_secs = Some(5);
+        m.options.expire_at_ms = Some(1_000 + 120_000);
+        let p = policy_for(None, &m);
+        assert_eq!(p.interval, Duration::from_secs(5));
+        assert_eq!(p.lifetime, Duration::from_secs(120));
+        let temp = AttemptOutcome::from_reply(421, "4.7.0 busy");
+        assert_eq!(decide(&temp, &p, &m, 2_000, 1), Decision::Retry { at_ms: 7_000 });
+        assert_eq!(decide(&temp, &p, &m, 121_000, 9), Decision::Expired);
+    }
+}
