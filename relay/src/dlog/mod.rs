@@ -342,7 +342,7 @@ impl EventFilter {
 /// Smallest whole millisecond not before `t` (0 before 1970).
 fn ceil_ms(t: DateTime<Utc>) -> u64 {
     let ms = t.timestamp_millis();
-    let whole = t.timestamp_subsec_nanos() % 1_000_000 == 0;
+    let whole = t.timestamp_subsec_nanos().is_multiple_of(1_000_000);
     let ms = if whole { ms } else { ms.saturating_add(1) };
     u64::try_from(ms).unwrap_or(0)
 }
