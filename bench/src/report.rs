@@ -71,6 +71,9 @@ pub struct Row {
     pub redis: Option<RedisFigures>,
     /// Why the row has no numbers, if it failed.
     pub error: Option<String>,
+    /// Something the reader should know about this row's numbers.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 impl Row {
@@ -94,6 +97,7 @@ impl Row {
             peak_rss_mib: vec![],
             redis: None,
             error: None,
+            note: None,
         }
     }
 
@@ -276,6 +280,11 @@ pub fn render(r: &BenchResults) -> String {
          set (VmHWM) of each process; for Postfix, the largest sampled sum of PSS over all its processes (shared \
          pages counted once).\n"
     );
+    for row in r.rows.iter().filter(|row| row.error.is_none()) {
+        if let Some(n) = &row.note {
+            let _ = writeln!(s, "{}: {n}.\n", row.system);
+        }
+    }
     let late: Vec<String> = r
         .rows
         .iter()
