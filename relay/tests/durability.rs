@@ -1,0 +1,180 @@
+//! Once the relay said 250, the message is delivered or bounced, whatever crashes: a relay
+//! killed with SIGKILL mid-flight, Redis killed and restarted with AOF, and two relays sharing
+//! one Redis (each message delivered once).
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use mailroute_testkit::smtp::client::SmtpClient;
+use mailroute_testkit::{RedisServer, Script, SmtpServer};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The relay binary as a child process (so it can be SIGKILLed).
+fn spawn_relay(routes: &std::path::Path, redis: &str, smtp_port: u16, workers: usize) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
+        .args(["run", "--queue", redis, "--smtp-listen", &format!("127.0.0.1:{smtp_port}"), "--admin-listen", ""])
+        .args(["--routes", routes.to_str().unwrap(), "--visibility-timeout", "2s", "--no-log-stdout"])
+        .args(["--workers", &workers.to_string(), "--hostname", "relay.test"])
+        .env("MAILROUTE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn relay")
+}
+
+async fn connect_when_up(port: u16) -> SmtpClient {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match SmtpClient::connect(([127, 0, 0, 1], port).into()).await {
+            Ok(c) => return c,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("relay did not come up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Sends `markers` in one session; returns the markers answered 250 (stops at the first error).
+async fn send_all(port: u16, markers: &[String]) -> Vec<String> {
+    let mut c = connect_when_up(port).await;
+    let mut accepted = Vec::new();
+    if c.ehlo("client.test").await.is_err() {
+        return accepted;
+    }
+    for m in markers {
+        let ok = async {
+            let r = c.cmd("MAIL FROM:<app@app.example>").await?;
+            anyhow::ensure!(r.is_positive());
+            let r = c.cmd("RCPT TO:<user@example.com>").await?;
+            anyhow::ensure!(r.is_positive());
+            let r = c.data(&message(m, "")).await?;
+            Ok::<bool, anyhow::Error>(r.is_positive())
+        }
+        .await;
+        match ok {
+            Ok(true) => accepted.push(m.clone()),
+            _ => break,
+        }
+    }
+    accepted
+}
+
+fn marker_of(data: &str) -> Option<String> {
+    data.lines().find_map(|l| l.strip_prefix("Subject: test ")).map(|s| s.trim().to_owned())
+}
+
+fn delivered_markers(up: &SmtpServer) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in up.received() {
+        if let Some(k) = marker_of(&r.data_str()) {
+            *m.entry(k).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+async fn wait_all_delivered(up: &SmtpServer, want: &BTreeSet<String>) -> HashMap<String, usize> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = delivered_markers(up);
+        if want.iter().all(|m| got.contains_key(m)) {
+            return got;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let missing: Vec<_> = want.iter().filter(|m| !got.contains_key(*m)).collect();
+            panic!("{} of {} never delivered: {missing:?}", missing.len(), want.len());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_mid_flight_loses_nothing() {
+    let redis = RedisServer::builder().aof(true).start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(&routes, route("up", up.port(), 10, &["*"])).unwrap();
+    let port = free_port();
+    let mut relay = spawn_relay(&routes, &redis.url(), port, 4);
+
+    let markers: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+    let sender = tokio::spawn({
+        let markers = markers.clone();
+        async move { send_all(port, &markers).await }
+    });
+    // Kill once deliveries are flowing: some delivered, others queued or in flight.
+    up.wait_for(20, WAIT).await.unwrap();
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    let accepted_before = sender.await.unwrap();
+    assert!(accepted_before.len() >= 20 && accepted_before.len() < 200, "kill landed mid-run: {}", accepted_before.len());
+
+    // Restart; send what was not accepted before.
+    let mut relay = spawn_relay(&routes, &redis.url(), port, 4);
+    let rest: Vec<String> = markers.iter().filter(|m| !accepted_before.contains(m)).cloned().collect();
+    let accepted_after = send_all(port, &rest).await;
+    assert_eq!(accepted_after.len(), rest.len());
+
+    let want: BTreeSet<String> = accepted_before.iter().chain(&accepted_after).cloned().collect();
+    let got = wait_all_delivered(&up, &want).await;
+    // At least once: only jobs in flight at the kill may be delivered twice.
+    let dups: usize = got.values().map(|n| n - 1).sum();
+    assert!(dups <= 8, "{dups} duplicates");
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_with_aof_loses_nothing() {
+    let mut redis = RedisServer::builder().aof(true).start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    // Accept only: nothing is delivered before the crash.
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| o.workers = 0).await;
+    let markers: Vec<String> = (0..50).map(|i| format!("a{i}")).collect();
+    let accepted = send_all(r.smtp().port(), &markers).await;
+    assert_eq!(accepted.len(), 50);
+    r.relay.shutdown().await;
+
+    redis.kill();
+    redis.restart().unwrap();
+
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |_| {}).await;
+    let got = wait_all_delivered(&up, &markers.iter().cloned().collect()).await;
+    assert_eq!(got.len(), 50);
+    assert!(got.values().all(|n| *n == 1));
+    r.relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_redis_deliver_each_message_once() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let routes = route("up", up.port(), 10, &["*"]);
+    let a = start(&routes, &redis.url(), |o| o.consumer = "relay-a".into()).await;
+    let b = start(&routes, &redis.url(), |o| o.consumer = "relay-b".into()).await;
+    let ma: Vec<String> = (0..100).map(|i| format!("a{i}")).collect();
+    let mb: Vec<String> = (0..100).map(|i| format!("b{i}")).collect();
+    let (ra, rb) = tokio::join!(send_all(a.smtp().port(), &ma), send_all(b.smtp().port(), &mb));
+    assert_eq!(ra.len() + rb.len(), 200);
+    let want: BTreeSet<String> = ma.iter().chain(&mb).cloned().collect();
+    let got = wait_all_delivered(&up, &want).await;
+    assert_eq!(got.len(), 200);
+    assert!(got.values().all(|n| *n == 1), "every message exactly once");
+    assert_eq!(up.received().len(), 200);
+    // Both relays took part in delivering.
+    let delivered = |r: &TestRelay| {
+        r.relay.metrics().delivery_attempts.with_label_values(&["mail/up", "delivered"]).get()
+    };
+    let (da, db) = (delivered(&a), delivered(&b));
+    assert_eq!(da + db, 200);
+    assert!(da > 0 && db > 0, "a={da} b={db}");
+    a.relay.shutdown().await;
+    b.relay.shutdown().await;
+}
