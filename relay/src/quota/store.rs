@@ -263,6 +263,8 @@ fn resets_at(c: &Counter, oldest_bucket: Option<i64>, now_ms: i64) -> i64 {
 
 /// ARGV per counter: kind (1 rolling, 2 calendar), max, then bucket_ms and span (rolling) or
 /// ends_ms and expire_at_ms (calendar). Mirrors `MemoryQuotaStore::try_add` and `Rolling`.
+/// Expiry is set relative to the caller's `now` (PEXPIRE, not PEXPIREAT), so it does not depend
+/// on the Redis host's clock agreeing with the relays'.
 const TRY_ADD: &str = r"
 local amount = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -316,7 +318,7 @@ for i = 1, #KEYS do
     redis.call('PEXPIRE', KEYS[i], (b + 1) * a)
   else
     redis.call('INCRBY', KEYS[i], amount)
-    redis.call('PEXPIREAT', KEYS[i], b)
+    redis.call('PEXPIRE', KEYS[i], math.max(b - now, 1))
   end
 end
 return {1}

@@ -375,7 +375,7 @@ local d = tonumber(ARGV[2]) * (2 ^ (math.min(math.max(level, 1), 31) - 1))
 if d > tonumber(ARGV[3]) then d = tonumber(ARGV[3]) end
 u = now + d
 redis.call('HSET', KEYS[1], 'until', u, 'level', level)
-redis.call('PEXPIREAT', KEYS[1], u + tonumber(ARGV[4]))
+redis.call('PEXPIRE', KEYS[1], d + tonumber(ARGV[4]))
 return {1, u, level}
 ";
 
