@@ -63,7 +63,7 @@ async fn transaction(
     for _ in 0..rcpts {
         per_rcpt.push(e.rcpt(&mut t, now).await.unwrap());
     }
-    if !per_rcpt.iter().any(|d| *d == QuotaDecision::Accept) {
+    if !per_rcpt.contains(&QuotaDecision::Accept) {
         e.abort(t).await.unwrap();
         return (per_rcpt, None);
     }

@@ -204,7 +204,7 @@ pub fn denial(
 
 /// Quota state of one SMTP transaction (one `MAIL FROM`). Finish it with
 /// [`QuotaEngine::abort`] unless the message was accepted; dropping it keeps what it counted.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct QuotaTxn {
     quota: Option<CompiledQuota>,
     rcpts: u64,
@@ -329,39 +329,48 @@ impl QuotaEngine {
 
     /// Usage of one quota in its current periods.
     pub async fn usage(&self, q: &CompiledQuota, now_ms: i64) -> Result<QuotaUsage, QuotaError> {
-        let cs = counters(q, now_ms);
-        let readings = self.store.read(&cs, now_ms).await?;
-        let tz = parse_tz(&q.time_zone);
-        let mut u = QuotaUsage::default();
-        for (l, r) in q.limits.iter().zip(readings) {
-            let used = i64::try_from(r.used).unwrap_or(i64::MAX);
-            let limit = i64::try_from(l.max).unwrap_or(i64::MAX);
-            let p = PeriodUsage {
-                used,
-                limit,
-                remaining: (limit - used).max(0),
-                resets_at: rfc3339_in(tz, r.resets_at_ms),
-            };
-            let slot = match l.period {
-                Period::Minute => &mut u.minute,
-                Period::Hour => &mut u.hour,
-                Period::Day => &mut u.day,
-                Period::Month => &mut u.month,
-            };
-            *slot = Some(p);
-        }
-        Ok(u)
+        let readings = self.store.read(&counters(q, now_ms), now_ms).await?;
+        Ok(usage_of(q, &readings))
     }
 
     /// Usage of every quota of `cfg`, by id, in the configuration's order (`GET /api/v1/quotas`,
-    /// the usage gauges, the operator's status).
+    /// the usage gauges, the operator's status). One store round trip for all quotas.
     pub async fn usage_report(&self, cfg: &RelayConfig, now_ms: i64) -> Result<Vec<(String, QuotaUsage)>, QuotaError> {
+        let all: Vec<Counter> = cfg.quotas.iter().flat_map(|q| counters(q, now_ms)).collect();
+        let readings = self.store.read(&all, now_ms).await?;
+        let mut rest = readings.as_slice();
         let mut out = Vec::with_capacity(cfg.quotas.len());
         for q in &cfg.quotas {
-            out.push((q.id.clone(), self.usage(q, now_ms).await?));
+            let (mine, tail) = rest.split_at(q.limits.len().min(rest.len()));
+            rest = tail;
+            out.push((q.id.clone(), usage_of(q, mine)));
         }
         Ok(out)
     }
+}
+
+/// Usage of `q` from the readings of its counters (in the order of `q.limits`).
+fn usage_of(q: &CompiledQuota, readings: &[store::Reading]) -> QuotaUsage {
+    let tz = parse_tz(&q.time_zone);
+    let mut u = QuotaUsage::default();
+    for (l, r) in q.limits.iter().zip(readings) {
+        let used = i64::try_from(r.used).unwrap_or(i64::MAX);
+        let limit = i64::try_from(l.max).unwrap_or(i64::MAX);
+        let p = PeriodUsage {
+            used,
+            limit,
+            remaining: (limit - used).max(0),
+            resets_at: rfc3339_in(tz, r.resets_at_ms),
+        };
+        let slot = match l.period {
+            Period::Minute => &mut u.minute,
+            Period::Hour => &mut u.hour,
+            Period::Day => &mut u.day,
+            Period::Month => &mut u.month,
+        };
+        *slot = Some(p);
+    }
+    u
 }
 
 #[cfg(test)]
@@ -581,6 +590,48 @@ mod tests {
         assert!(matches!(&d, QuotaDecision::Reject(x) if x.code == 550), "{d:?}");
         e.abort(t).await.unwrap();
         assert_eq!(e.usage(&q, now).await.unwrap().month.unwrap().used, 2);
+    }
+
+    #[tokio::test]
+    async fn usage_report_covers_every_quota_in_one_read() {
+        let e = engine();
+        let now = ms("2025-03-09T03:00:00Z");
+        let mut a = quota(
+            CountBy::Messages,
+            AppliesTo::All,
+            OnExceeded::Defer,
+            &[(Period::Minute, 5), (Period::Month, 50)],
+        );
+        a.id = "a/first".into();
+        let mut b = quota(CountBy::Messages, AppliesTo::All, OnExceeded::Defer, &[]);
+        b.id = "b/unlimited".into();
+        let mut c = quota(
+            CountBy::Recipients,
+            AppliesTo::All,
+            OnExceeded::Defer,
+            &[(Period::Day, 9)],
+        );
+        c.id = "c/third".into();
+        for (q, n) in [(&a, 2), (&c, 3)] {
+            let mut t = txn(q);
+            for _ in 0..n {
+                e.rcpt(&mut t, now).await.unwrap();
+            }
+        }
+        let cfg = RelayConfig {
+            quotas: vec![a, b, c],
+            ..RelayConfig::empty()
+        };
+        let r = e.usage_report(&cfg, now).await.unwrap();
+        let ids: Vec<&str> = r.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["a/first", "b/unlimited", "c/third"]);
+        assert_eq!(r[0].1.minute.as_ref().unwrap().used, 1);
+        assert_eq!(r[0].1.month.as_ref().unwrap().used, 1);
+        assert_eq!(r[0].1.month.as_ref().unwrap().resets_at, "2025-04-01T00:00:00+09:00");
+        assert_eq!(r[1].1, QuotaUsage::default());
+        let day = r[2].1.day.as_ref().unwrap();
+        assert_eq!((day.used, day.limit, day.remaining), (3, 9, 6));
+        assert!(r[2].1.minute.is_none());
     }
 
     #[tokio::test]
