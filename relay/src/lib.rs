@@ -1,6 +1,7 @@
 //! mailroute relay: accepts SMTP, queues in Redis, delivers through the compiled routes.
 
 pub mod admin;
+pub mod backend;
 pub mod bounce;
 pub mod config;
 pub mod delivery;

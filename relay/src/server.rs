@@ -14,7 +14,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::admin::AdminState;
+use crate::backend::RelayBackend;
 use crate::config::{ConfigHandle, Source};
+use crate::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
 use crate::dlog::DeliveryLog;
 use crate::metrics::Metrics;
@@ -178,11 +181,13 @@ impl Relay {
             tracing::warn!(warning = %w, "configuration warning");
         }
         let metrics = Arc::new(Metrics::new());
-        let (queue, dlog): (Arc<dyn Queue>, DeliveryLog) = if opts.queue == "memory" {
+        type Stores = (Arc<dyn Queue>, DeliveryLog, Arc<dyn QuotaStore>);
+        let (queue, dlog, quota_store): Stores = if opts.queue == "memory" {
             tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
             (
                 Arc::new(MemoryQueue::new()),
                 DeliveryLog::memory(crate::dlog::DEFAULT_MEMORY_CAPACITY),
+                Arc::new(MemoryQuotaStore::new()),
             )
         } else {
             let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability)
@@ -190,8 +195,13 @@ impl Relay {
                 .with_context(|| format!("connecting to the queue at {}", redact_url(&opts.queue)))?;
             let client = redis::Client::open(opts.queue.as_str())?;
             let conn = client.get_connection_manager().await?;
-            (Arc::new(q), DeliveryLog::redis(conn, &opts.redis_prefix))
+            (
+                Arc::new(q),
+                DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
+                Arc::new(RedisQuotaStore::new(conn, opts.redis_prefix.clone())),
+            )
         };
+        let quotas = QuotaEngine::new(quota_store);
         let dlog = match overrides.dlog_writer {
             Some(w) => dlog.with_writer(w),
             None if opts.log_stdout => dlog,
@@ -276,6 +286,36 @@ impl Relay {
                 promote_every: Duration::from_millis(250),
             },
         });
+        let backend = Arc::new(RelayBackend {
+            queue: queue.clone(),
+            config: config.clone(),
+            quotas: quotas.clone(),
+            metrics: metrics.clone(),
+        });
+        let admin_state = AdminState {
+            backend,
+            dlog: dlog.clone(),
+            metrics: metrics.clone(),
+            token: opts.admin_token.clone(),
+        };
+        let mut admin_addr = None;
+        if let Some(addr) = opts.admin_listen {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("binding admin on {addr}"))?;
+            admin_addr = Some(l.local_addr()?);
+            let mut rx = shutdown_rx.clone();
+            listeners.push(tokio::spawn(async move {
+                let app = crate::admin::router(admin_state);
+                let r = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.changed().await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "admin server failed");
+                }
+            }));
+        }
+
         let mut workers = Vec::new();
         if opts.workers > 0 {
             workers.push(tokio::spawn(worker.run(shutdown_rx.clone())));
@@ -287,7 +327,6 @@ impl Relay {
                 opts.config_poll,
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(queue_gauges(queue.clone(), metrics.clone(), shutdown_rx.clone())),
             tokio::spawn(dlog_trimmer(dlog.clone(), shutdown_rx.clone())),
         ]);
 
@@ -295,7 +334,7 @@ impl Relay {
             smtp_addr,
             submission_addr,
             smtps_addr,
-            admin_addr: None,
+            admin_addr,
             queue,
             config,
             telemetry,
@@ -400,26 +439,6 @@ async fn config_reloader(
                 tracing::error!(error = %e, "configuration reload failed; keeping the previous configuration");
             }
             Err(e) => tracing::error!(error = %e, "configuration reload task failed"),
-        }
-    }
-}
-
-async fn queue_gauges(queue: Arc<dyn Queue>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tick.tick() => {}
-        }
-        match queue.stats(chrono::Utc::now().timestamp_millis()).await {
-            Ok(s) => {
-                metrics.queue_ready_jobs.set(s.ready as i64);
-                metrics.queue_inflight_jobs.set(s.inflight as i64);
-                metrics.queue_scheduled_jobs.set(s.scheduled as i64);
-                metrics.queue_messages.set(s.messages as i64);
-                metrics.queue_oldest_age_seconds.set(s.oldest_age_ms as f64 / 1000.0);
-            }
-            Err(e) => tracing::warn!(error = %e, "reading queue statistics failed"),
         }
     }
 }

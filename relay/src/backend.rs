@@ -1,0 +1,86 @@
+//! The relay's side of the admin API ([`crate::admin::AdminBackend`]): message state and
+//! cancellation from the queue, quota usage from the quota engine, readiness, and the queue and
+//! quota gauges refreshed on each scrape. Thin: every answer comes from the module that owns it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::Utc;
+
+use crate::admin::{AdminBackend, CancelResult, QuotaReport};
+use crate::config::ConfigHandle;
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::quota::QuotaEngine;
+
+pub struct RelayBackend {
+    pub queue: Arc<dyn Queue>,
+    pub config: Arc<ConfigHandle>,
+    pub quotas: QuotaEngine,
+    pub metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl AdminBackend for RelayBackend {
+    async fn ready(&self) -> Result<(), String> {
+        self.queue.ping().await.map_err(|e| format!("queue unreachable: {e}"))?;
+        if self.config.get().generation == 0 {
+            return Err("no configuration loaded".into());
+        }
+        Ok(())
+    }
+
+    async fn message(&self, id: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        Ok(match self.queue.view(id).await? {
+            Some(v) => Some(serde_json::to_value(v)?),
+            None => None,
+        })
+    }
+
+    async fn cancel(&self, id: &str) -> anyhow::Result<CancelResult> {
+        let Some(view) = self.queue.view(id).await? else { return Ok(CancelResult::NotFound) };
+        if view.cancelled {
+            return Ok(CancelResult::Conflict("already cancelled".into()));
+        }
+        if !self.queue.cancel(id).await? {
+            return Ok(CancelResult::NotFound);
+        }
+        Ok(CancelResult::Cancelled { recipients: view.pending.max(0) as usize })
+    }
+
+    async fn quotas(&self) -> anyhow::Result<Vec<QuotaReport>> {
+        let cfg = self.config.get();
+        let report = self.quotas.usage_report(&cfg.config, Utc::now().timestamp_millis()).await?;
+        Ok(report.into_iter().map(|(id, usage)| QuotaReport { id, usage }).collect())
+    }
+
+    async fn refresh_metrics(&self) {
+        let now = Utc::now().timestamp_millis();
+        match self.queue.stats(now).await {
+            Ok(s) => {
+                let m = &self.metrics;
+                m.queue_ready_jobs.set(s.ready as i64);
+                m.queue_inflight_jobs.set(s.inflight as i64);
+                m.queue_scheduled_jobs.set(s.scheduled as i64);
+                m.queue_messages.set(s.messages as i64);
+                m.queue_oldest_age_seconds.set(s.oldest_age_ms as f64 / 1000.0);
+            }
+            Err(e) => tracing::warn!(error = %e, "reading queue statistics failed"),
+        }
+        let cfg = self.config.get();
+        match self.quotas.usage_report(&cfg.config, now).await {
+            Ok(report) => {
+                for (id, usage) in report {
+                    let periods = [("minute", usage.minute), ("hour", usage.hour), ("day", usage.day), ("month", usage.month)];
+                    for (period, u) in periods {
+                        if let Some(u) = u {
+                            self.metrics.quota_usage.with_label_values(&[&id, period]).set(u.used);
+                            self.metrics.quota_limit.with_label_values(&[&id, period]).set(u.limit);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading quota usage failed"),
+        }
+    }
+}
