@@ -678,6 +678,9 @@ impl Deliverer {
             tls: false,
             reused_connection: false,
         })?;
+        // Smarthost names go through the system resolver (getaddrinfo): /etc/hosts and the
+        // cluster's search domains apply, as for any in-cluster client. Only MX delivery uses
+        // the injected resolver.
         let addrs: Vec<SocketAddr> = match up.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, up.port)],
             Err(_) => {

@@ -145,11 +145,17 @@ const RECORD_LIMIT: usize = 16 * 1024;
 pub(crate) struct Recorder<S> {
     inner: S,
     log: Vec<u8>,
+    /// The peer closed the stream (a read returned no bytes).
+    eof: bool,
 }
 
 impl<S> Recorder<S> {
     fn new(inner: S) -> Self {
-        Self { inner, log: Vec::new() }
+        Self {
+            inner,
+            log: Vec::new(),
+            eof: false,
+        }
     }
 
     fn clear(&mut self) {
@@ -169,6 +175,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Recorder<S> {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &result {
             let new = &buf.filled()[before..];
+            if new.is_empty() && buf.remaining() > 0 {
+                this.eof = true;
+            }
             if this.log.len() + new.len() > RECORD_LIMIT {
                 let keep = RECORD_LIMIT.saturating_sub(new.len());
                 let cut = this.log.len().saturating_sub(keep);
@@ -573,22 +582,19 @@ fn map_error(client: &Client, stage: Stage, e: mail_send::Error, tls: bool) -> S
         E::Tls(t) => StepErrorKind::Failure(Failure::Tls, t.to_string()),
         E::Timeout => StepErrorKind::Failure(Failure::Timeout, format!("no reply during {}", stage.as_str())),
         // mail-send reports end-of-stream as an unparseable reply.
-        E::UnparseableReply if client.stream.log.is_empty() => {
+        E::UnparseableReply if client.stream.eof => {
             StepErrorKind::Failure(Failure::ConnectionLost, "connection closed by the server".into())
         }
-        E::UnparseableReply => match recorded {
-            Some(r) => StepErrorKind::Reply(r),
-            None => StepErrorKind::Protocol(
-                BounceClass::Other,
-                format!(
-                    "unparseable reply: {}",
-                    String::from_utf8_lossy(&client.stream.log)
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
-                ),
+        E::UnparseableReply => StepErrorKind::Protocol(
+            BounceClass::Other,
+            format!(
+                "unparseable reply: {}",
+                String::from_utf8_lossy(&client.stream.log)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
             ),
-        },
+        ),
         E::MissingStartTls => StepErrorKind::Failure(Failure::Tls, "the server does not offer STARTTLS".into()),
         E::Auth(_) | E::Base64(_) | E::UnsupportedAuthMechanism | E::MissingCredentials => {
             StepErrorKind::Protocol(BounceClass::AuthFailure, e.to_string())

@@ -1,0 +1,995 @@
+//! Outbound delivery against the testkit SMTP server over real TCP and TLS on loopback:
+//! smarthost TLS modes and AUTH, reply reporting and classification, connection reuse and
+//! limits, MX delivery through an injected resolver and through a real DNS server, From
+//! override and DKIM as received on the wire.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mailroute_api::config::{Credentials, Target, Upstream};
+use mailroute_api::route::{AuthMechanism, TlsMode};
+use mailroute_relay::bounce::{BounceClass, Failure, Kind};
+use mailroute_relay::delivery::{
+    AttemptResult, Deliverer, DelivererConfig, DeliveryTarget, DkimSigner, Envelope, HickoryResolver, MxResolver,
+    Outcome, Stage, StaticResolver,
+};
+use mailroute_testkit::TestPki;
+use mailroute_testkit::smtp::{Behaviour, Script, SmtpServer, Stage as ServerStage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+const BODY: &[u8] = b"From: Shop <orders@shop.example>\r\n\
+To: Bob <bob@example.test>\r\n\
+Subject: Order 42\r\n\
+Date: Sun, 1 Mar 2026 10:00:00 +0000\r\n\
+Message-ID: <42@shop.example>\r\n\
+\r\n\
+Thanks for your order.\r\n\
+.a line starting with a dot\r\n";
+
+fn config() -> DelivererConfig {
+    DelivererConfig {
+        helo_name: "relay.test".into(),
+        connect_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(5),
+        data_timeout: Duration::from_secs(10),
+        ..DelivererConfig::default()
+    }
+}
+
+fn deliverer(config: DelivererConfig, resolver: StaticResolver) -> Deliverer {
+    Deliverer::new(config, Arc::new(resolver)).expect("deliverer")
+}
+
+fn plain_deliverer() -> Deliverer {
+    deliverer(config(), StaticResolver::new())
+}
+
+fn upstream(port: u16, tls: TlsMode) -> Upstream {
+    Upstream {
+        host: "127.0.0.1".into(),
+        port,
+        tls,
+        verify_tls: false,
+        server_name: None,
+        auth: None,
+        custom_ca: false,
+    }
+}
+
+fn smarthost(route: &str, up: Upstream) -> DeliveryTarget {
+    DeliveryTarget {
+        route_id: route.into(),
+        target: Target::Smarthost(up),
+        from_override: None,
+        custom_ca_pem: None,
+        max_connections: None,
+        messages_per_connection: None,
+    }
+}
+
+fn env(rcpt: &str) -> Envelope {
+    Envelope {
+        mail_from: "orders@shop.example".into(),
+        rcpt_to: rcpt.into(),
+    }
+}
+
+fn creds(user: &str, pass: &str) -> Credentials {
+    Credentials {
+        username: user.into(),
+        password: pass.into(),
+    }
+}
+
+fn reply_of(r: &AttemptResult) -> (Stage, u16, String) {
+    match &r.outcome {
+        Outcome::Rejected { stage, reply } => (*stage, reply.code, reply.text.clone()),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+fn failure_of(r: &AttemptResult) -> (Stage, Failure) {
+    match &r.outcome {
+        Outcome::Failed { stage, failure, .. } => (*stage, *failure),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn plain_delivery_is_byte_exact() {
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let d = plain_deliverer();
+    let r = d
+        .deliver(
+            &smarthost("mail/plain", upstream(server.port(), TlsMode::None)),
+            None,
+            None,
+            &env("bob@example.test"),
+            BODY,
+        )
+        .await;
+    assert!(r.is_delivered(), "{r:?}");
+    let reply = r.reply().expect("reply");
+    assert_eq!(reply.code, 250);
+    assert_eq!(reply.enhanced, Some((2, 0, 0)));
+    assert_eq!(reply.text, "2.0.0 OK queued as 1");
+    assert_eq!(r.verdict(), None);
+    assert!(!r.tls);
+    assert_eq!(r.remote_host.as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.remote_addr, Some(server.addr()));
+
+    let got = server.wait_for(1, WAIT).await.expect("received");
+    assert_eq!(got[0].mail_from, "orders@shop.example");
+    assert_eq!(got[0].rcpts, ["bob@example.test"]);
+    assert_eq!(
+        got[0].data, BODY,
+        "the message must arrive unchanged (dot-stuffing undone, no extra line)"
+    );
+    assert!(!got[0].tls);
+}
+
+#[tokio::test]
+async fn required_starttls_with_auth_plain_and_login() {
+    let pki = TestPki::new();
+    let script = Script::new()
+        .starttls(pki.server_config())
+        .require_starttls(true)
+        .auth("relay-user", "s3cret");
+    let server = SmtpServer::start(script).expect("server");
+    let d = plain_deliverer();
+    for (i, mechanism) in [AuthMechanism::Plain, AuthMechanism::Login].into_iter().enumerate() {
+        let mut up = upstream(server.port(), TlsMode::Starttls);
+        up.auth = Some(mechanism);
+        up.verify_tls = true;
+        up.custom_ca = true;
+        up.server_name = Some("localhost".into());
+        let mut t = smarthost(&format!("mail/starttls-{i}"), up);
+        t.custom_ca_pem = Some(pki.ca_pem.clone());
+        let r = d
+            .deliver(
+                &t,
+                Some(&creds("relay-user", "s3cret")),
+                None,
+                &env("bob@example.test"),
+                BODY,
+            )
+            .await;
+        assert!(r.is_delivered(), "{mechanism:?}: {r:?}");
+        assert!(r.tls, "{mechanism:?}");
+    }
+    let got = server.wait_for(2, WAIT).await.expect("received");
+    for m in &got {
+        assert!(m.tls);
+        assert_eq!(m.auth_user.as_deref(), Some("relay-user"));
+    }
+}
+
+/// Forwards TCP connections to `target`, recording what clients send and optionally delaying
+/// every chunk the server sends (simulated latency, so concurrent attempts overlap).
+struct RecordingProxy {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingProxy {
+    async fn start(target: SocketAddr) -> Self {
+        Self::with_latency(target, Duration::ZERO).await
+    }
+
+    async fn with_latency(target: SocketAddr, latency: Duration) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async move {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = cr.read(&mut buf).await {
+                            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            record.lock().expect("lock").extend_from_slice(&buf[..n]);
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let down = async move {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = sr.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            tokio::time::sleep(latency).await;
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    fn commands(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().expect("lock")).into_owned()
+    }
+}
+
+impl Drop for RecordingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn configured_auth_mechanism_is_the_one_used() {
+    // Plain text so the proxy can read the dialogue; the server offers both PLAIN and LOGIN.
+    let server = SmtpServer::start(Script::new().auth("u", "p")).expect("server");
+    let d = plain_deliverer();
+    for (mechanism, expected, other) in [
+        (AuthMechanism::Login, "AUTH LOGIN\r\n", "AUTH PLAIN"),
+        (AuthMechanism::Plain, "AUTH PLAIN ", "AUTH LOGIN"),
+    ] {
+        let proxy = RecordingProxy::start(server.addr()).await;
+        let mut up = upstream(proxy.addr.port(), TlsMode::None);
+        up.auth = Some(mechanism);
+        let r = d
+            .deliver(
+                &smarthost(&format!("mail/{expected}"), up),
+                Some(&creds("u", "p")),
+                None,
+                &env("b@x.test"),
+                BODY,
+            )
+            .await;
+        assert!(r.is_delivered(), "{r:?}");
+        let sent = proxy.commands();
+        assert!(sent.contains(expected), "{mechanism:?}: {sent}");
+        assert!(!sent.contains(other), "{mechanism:?}: {sent}");
+        assert!(sent.starts_with("EHLO relay.test\r\n"), "{sent}");
+    }
+}
+
+#[tokio::test]
+async fn implicit_tls_trusting_a_custom_ca() {
+    let pki = TestPki::new();
+    let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config())).expect("server");
+    let d = plain_deliverer();
+    let mut up = upstream(server.port(), TlsMode::Implicit);
+    up.verify_tls = true;
+    up.custom_ca = true;
+    up.server_name = Some("localhost".into());
+    let mut t = smarthost("mail/smtps", up);
+    t.custom_ca_pem = Some(pki.ca_pem.clone());
+    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert!(r.tls);
+    assert!(server.wait_for(1, WAIT).await.expect("received")[0].tls);
+}
+
+#[tokio::test]
+async fn certificate_verification_failure_is_a_tls_failure() {
+    let pki = TestPki::new();
+    let other_ca = TestPki::new();
+    let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config())).expect("server");
+    let d = plain_deliverer();
+    let mut up = upstream(server.port(), TlsMode::Implicit);
+    up.verify_tls = true;
+    up.custom_ca = true;
+    up.server_name = Some("localhost".into());
+    // Trusting an unrelated CA: the server's certificate does not chain to it.
+    let mut t = smarthost("mail/wrong-ca", up.clone());
+    t.custom_ca_pem = Some(other_ca.ca_pem.clone());
+    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    assert_eq!(failure_of(&r).1, Failure::Tls, "{r:?}");
+    let v = r.verdict().expect("a failure");
+    assert_eq!((v.kind, v.class), (Kind::Temporary, BounceClass::TlsFailure));
+
+    // Right CA, wrong name.
+    up.server_name = Some("smtp.elsewhere.test".into());
+    let mut t = smarthost("mail/wrong-name", up);
+    t.custom_ca_pem = Some(pki.ca_pem.clone());
+    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    assert_eq!(failure_of(&r).1, Failure::Tls, "{r:?}");
+    assert_eq!(server.received().len(), 0);
+
+    // STARTTLS required but not offered.
+    let plain = SmtpServer::start(Script::new()).expect("server");
+    let r = d
+        .deliver(
+            &smarthost("mail/no-starttls", upstream(plain.port(), TlsMode::Starttls)),
+            None,
+            None,
+            &env("b@x.test"),
+            BODY,
+        )
+        .await;
+    assert_eq!(failure_of(&r), (Stage::StartTls, Failure::Tls), "{r:?}");
+    assert_eq!(plain.received().len(), 0, "nothing may be sent in plain text");
+}
+
+#[tokio::test]
+async fn bad_credentials_surface_the_535_reply() {
+    let pki = TestPki::new();
+    let script = Script::new().starttls(pki.server_config()).auth("relay-user", "right");
+    let server = SmtpServer::start(script).expect("server");
+    let d = plain_deliverer();
+    let mut up = upstream(server.port(), TlsMode::Starttls);
+    up.auth = Some(AuthMechanism::Plain);
+    let r = d
+        .deliver(
+            &smarthost("mail/auth", up),
+            Some(&creds("relay-user", "wrong")),
+            None,
+            &env("b@x.test"),
+            BODY,
+        )
+        .await;
+    assert_eq!(
+        reply_of(&r),
+        (
+            Stage::Auth,
+            535,
+            "5.7.8 Username and password not accepted.".to_string()
+        )
+    );
+    assert_eq!(r.reply().and_then(|x| x.enhanced), Some((5, 7, 8)));
+    let v = r.verdict().expect("failure");
+    assert_eq!((v.kind, v.class), (Kind::Permanent, BounceClass::AuthFailure));
+    assert!(r.tls, "AUTH happened after STARTTLS");
+    assert_eq!(server.received().len(), 0);
+}
+
+#[tokio::test]
+async fn temporary_and_permanent_replies_are_reported_exactly() {
+    let server = SmtpServer::start(Script::new().behaviours([
+        Behaviour::TempFail("451 4.7.500 Server busy. Please try again later from [127.0.0.1]. (AS761)".into()),
+        Behaviour::PermFail("550 5.1.1 <bob@example.test>: Recipient address rejected: User unknown".into()),
+    ]))
+    .expect("server");
+    let d = plain_deliverer();
+    let t = smarthost("mail/replies", upstream(server.port(), TlsMode::None));
+
+    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    let (stage, code, text) = reply_of(&r);
+    assert_eq!((stage, code), (Stage::Message, 451));
+    assert_eq!(
+        text,
+        "4.7.500 Server busy. Please try again later from [127.0.0.1]. (AS761)"
+    );
+    assert_eq!(
+        r.reply().and_then(|x| x.enhanced),
+        Some((4, 7, 500)),
+        "three-digit detail kept"
+    );
+    let v = r.verdict().expect("failure");
+    assert_eq!((v.kind, v.class), (Kind::Temporary, BounceClass::RateLimited));
+
+    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    let (stage, code, text) = reply_of(&r);
+    assert_eq!((stage, code), (Stage::Message, 550));
+    assert_eq!(
+        text,
+        "5.1.1 <bob@example.test>: Recipient address rejected: User unknown"
+    );
+    let v = r.verdict().expect("failure");
+    assert_eq!((v.kind, v.class), (Kind::Permanent, BounceClass::InvalidRecipient));
+    assert_eq!(r.summary(), format!("550 {text}"));
+
+    // Rejections at RCPT are reported at that stage and leave the connection usable.
+    let rcpt_server = SmtpServer::start(
+        Script::new()
+            .stage(ServerStage::Rcpt)
+            .then(Behaviour::PermFail("550 5.1.1 User unknown".into())),
+    )
+    .expect("server");
+    let t = smarthost("mail/rcpt", upstream(rcpt_server.port(), TlsMode::None));
+    let r = d.deliver(&t, None, None, &env("nobody@example.test"), BODY).await;
+    assert_eq!(reply_of(&r), (Stage::RcptTo, 550, "5.1.1 User unknown".to_string()));
+    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert!(r.reused_connection, "the connection survives a rejected recipient");
+    assert_eq!(rcpt_server.connections(), 1);
+}
+
+#[tokio::test]
+async fn dropped_and_refused_connections_are_temporary_failures() {
+    let server = SmtpServer::start(Script::new().then(Behaviour::Drop)).expect("server");
+    let d = plain_deliverer();
+    let r = d
+        .deliver(
+            &smarthost("mail/drop", upstream(server.port(), TlsMode::None)),
+            None,
+            None,
+            &env("b@x.test"),
+            BODY,
+        )
+        .await;
+    assert_eq!(failure_of(&r), (Stage::Message, Failure::ConnectionLost), "{r:?}");
+    assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Temporary));
+    assert_eq!(server.received().len(), 0);
+
+    let closed = {
+        let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let r = d
+        .deliver(
+            &smarthost("mail/refused", upstream(closed, TlsMode::None)),
+            None,
+            None,
+            &env("b@x.test"),
+            BODY,
+        )
+        .await;
+    assert_eq!(failure_of(&r), (Stage::Connect, Failure::ConnectionRefused), "{r:?}");
+    assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Temporary));
+
+    // A 421 greeting is a reply, reported at the greeting.
+    let busy = SmtpServer::start(Script::new().greeting("421 4.3.2 Too busy, try later")).expect("server");
+    let r = d
+        .deliver(
+            &smarthost("mail/busy", upstream(busy.port(), TlsMode::None)),
+            None,
+            None,
+            &env("b@x.test"),
+            BODY,
+        )
+        .await;
+    assert_eq!(
+        reply_of(&r),
+        (Stage::Greeting, 421, "4.3.2 Too busy, try later".to_string())
+    );
+}
+
+#[tokio::test]
+async fn connections_are_reused_up_to_messages_per_connection() {
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let d = plain_deliverer();
+    let t = smarthost("mail/reuse", upstream(server.port(), TlsMode::None));
+    let mut reused = Vec::new();
+    for i in 0..5 {
+        let r = d
+            .deliver(&t, None, None, &env(&format!("r{i}@example.test")), BODY)
+            .await;
+        assert!(r.is_delivered(), "{r:?}");
+        reused.push(r.reused_connection);
+    }
+    assert_eq!(reused, [false, true, true, true, true]);
+    assert_eq!(server.connections(), 1, "one session carried all five messages");
+    let got = server.wait_for(5, WAIT).await.expect("received");
+    let rcpts: Vec<&str> = got.iter().map(|m| m.rcpts[0].as_str()).collect();
+    assert_eq!(
+        rcpts,
+        [
+            "r0@example.test",
+            "r1@example.test",
+            "r2@example.test",
+            "r3@example.test",
+            "r4@example.test"
+        ]
+    );
+
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let mut t = smarthost("mail/reuse-2", upstream(server.port(), TlsMode::None));
+    t.messages_per_connection = Some(2);
+    for i in 0..5 {
+        assert!(
+            d.deliver(&t, None, None, &env(&format!("r{i}@example.test")), BODY)
+                .await
+                .is_delivered()
+        );
+    }
+    server.wait_for(5, WAIT).await.expect("received");
+    assert_eq!(server.connections(), 3, "2 + 2 + 1 messages");
+}
+
+/// Delivers 12 messages at once through a route limited to `limit` connections, behind 30 ms of
+/// simulated latency per server reply; returns the number of connections the server saw.
+async fn concurrent_connections(limit: u32) -> usize {
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let proxy = RecordingProxy::with_latency(server.addr(), Duration::from_millis(30)).await;
+    let d = plain_deliverer();
+    let mut t = smarthost("mail/limited", upstream(proxy.addr.port(), TlsMode::None));
+    t.max_connections = Some(limit);
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let d = d.clone();
+            let t = t.clone();
+            tokio::spawn(async move {
+                d.deliver(&t, None, None, &env(&format!("c{i}@example.test")), BODY)
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let r = task.await.expect("task");
+        assert!(r.is_delivered(), "{r:?}");
+    }
+    assert_eq!(server.wait_for(12, WAIT).await.expect("received").len(), 12);
+    let stats = d.stats();
+    assert_eq!(stats.in_use, 0);
+    assert!(stats.idle <= limit as usize, "{stats:?}");
+    server.connections()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_route_connection_limit_holds_under_concurrency() {
+    let limited = concurrent_connections(2).await;
+    assert!((1..=2).contains(&limited), "{limited} connections for a limit of 2");
+    // The same load with a high limit opens more connections: the limit above is what held it.
+    let unlimited = concurrent_connections(12).await;
+    assert!(unlimited > 2, "only {unlimited} connections without a tight limit");
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let d = deliverer(
+        DelivererConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..config()
+        },
+        StaticResolver::new(),
+    );
+    let t = smarthost("mail/idle", upstream(server.port(), TlsMode::None));
+    assert!(
+        d.deliver(&t, None, None, &env("a@example.test"), BODY)
+            .await
+            .is_delivered()
+    );
+    assert_eq!(d.stats().idle, 1);
+    let deadline = Instant::now() + WAIT;
+    while d.stats().idle > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle connection never closed: {:?}",
+            d.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = d.deliver(&t, None, None, &env("b@example.test"), BODY).await;
+    assert!(r.is_delivered() && !r.reused_connection, "{r:?}");
+    assert_eq!(server.connections(), 2);
+}
+
+#[tokio::test]
+async fn broken_pooled_connection_is_retried_once_on_a_fresh_one() {
+    // Message 1 accepted; message 2's RCPT kills the (pooled) connection; the retry on a new
+    // connection is accepted.
+    let server = SmtpServer::start(Script::new().stage(ServerStage::Rcpt).behaviours([
+        Behaviour::Accept,
+        Behaviour::Drop,
+        Behaviour::Accept,
+    ]))
+    .expect("server");
+    let d = plain_deliverer();
+    let t = smarthost("mail/stale", upstream(server.port(), TlsMode::None));
+    assert!(
+        d.deliver(&t, None, None, &env("a@example.test"), BODY)
+            .await
+            .is_delivered()
+    );
+    let r = d.deliver(&t, None, None, &env("b@example.test"), BODY).await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert!(!r.reused_connection, "delivered on the fresh connection");
+    assert_eq!(server.connections(), 2);
+    assert_eq!(server.wait_for(2, WAIT).await.expect("received").len(), 2);
+
+    // On a fresh connection the same drop is reported, not retried.
+    let server = SmtpServer::start(Script::new().stage(ServerStage::Rcpt).then(Behaviour::Drop)).expect("server");
+    let t = smarthost("mail/stale-fresh", upstream(server.port(), TlsMode::None));
+    let r = d.deliver(&t, None, None, &env("a@example.test"), BODY).await;
+    assert_eq!(failure_of(&r), (Stage::RcptTo, Failure::ConnectionLost), "{r:?}");
+    assert_eq!(server.connections(), 1);
+}
+
+fn lo() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
+#[tokio::test]
+async fn mx_delivery_with_opportunistic_starttls_and_preference_fallback() {
+    let pki = TestPki::new();
+    let server = SmtpServer::start(Script::new().starttls(pki.server_config())).expect("server");
+    // The preferred MX is on 127.0.0.2, where nothing listens on the server's port.
+    let resolver = StaticResolver::new()
+        .with_mx("example.test", 20, "mx2.example.test")
+        .with_mx("example.test", 10, "mx1.example.test")
+        .with_host("mx1.example.test", IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
+        .with_host("mx2.example.test", lo());
+    let d = deliverer(
+        DelivererConfig {
+            mx_port: server.port(),
+            ..config()
+        },
+        resolver,
+    );
+    let target = DeliveryTarget::direct_mx("mail/direct");
+    let r = d.deliver(&target, None, None, &env("bob@example.test"), BODY).await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert!(r.tls, "STARTTLS is used when offered (certificate not verified for MX)");
+    assert_eq!(r.remote_host.as_deref(), Some("mx2.example.test"));
+    let got = server.wait_for(1, WAIT).await.expect("received");
+    assert!(got[0].tls);
+    assert_eq!(got[0].data, BODY);
+
+    // Without STARTTLS on offer, MX delivery goes ahead in plain text.
+    let plain = SmtpServer::start(Script::new()).expect("server");
+    let d = deliverer(
+        DelivererConfig {
+            mx_port: plain.port(),
+            ..config()
+        },
+        StaticResolver::new()
+            .with_mx("plain.test", 10, "mx.plain.test")
+            .with_host("mx.plain.test", lo()),
+    );
+    let r = d.deliver(&target, None, None, &env("bob@plain.test"), BODY).await;
+    assert!(r.is_delivered() && !r.tls, "{r:?}");
+}
+
+#[tokio::test]
+async fn mx_dns_failures() {
+    let d = deliverer(
+        config(),
+        StaticResolver::new()
+            .with_mx("nullmx.test", 0, ".")
+            .with_mx("dangling.test", 10, "nowhere.dangling.test"),
+    );
+    let target = DeliveryTarget::direct_mx("mail/direct");
+    for rcpt in ["a@nxdomain.test", "a@nullmx.test", "a@dangling.test"] {
+        let r = d.deliver(&target, None, None, &env(rcpt), BODY).await;
+        assert_eq!(failure_of(&r), (Stage::Dns, Failure::DnsNoSuchDomain), "{rcpt}: {r:?}");
+        let v = r.verdict().expect("failure");
+        assert_eq!((v.kind, v.class), (Kind::Permanent, BounceClass::DnsFailure), "{rcpt}");
+    }
+}
+
+/// A minimal authoritative DNS server on UDP loopback answering MX and A queries from a table.
+async fn dns_server(mx: Vec<(&'static str, u16, &'static str)>, a: Vec<(&'static str, Ipv4Addr)>) -> SocketAddr {
+    use hickory_resolver::proto::op::{Message, MessageType, OpCode, ResponseCode};
+    use hickory_resolver::proto::rr::rdata::{A, MX};
+    use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
+
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind dns");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let Some(q) = query.queries.first().cloned() else {
+                continue;
+            };
+            let name = q.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+            let mut resp = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+            resp.metadata.authoritative = true;
+            resp.metadata.recursion_desired = query.metadata.recursion_desired;
+            resp.metadata.recursion_available = true;
+            resp.add_query(q.clone());
+            let known = mx.iter().any(|(d, _, _)| *d == name) || a.iter().any(|(h, _)| *h == name);
+            match q.query_type() {
+                RecordType::MX => {
+                    for (d, pref, ex) in &mx {
+                        if *d == name {
+                            let ex = Name::from_ascii(ex).expect("name");
+                            resp.add_answer(Record::from_rdata(q.name().clone(), 60, RData::MX(MX::new(*pref, ex))));
+                        }
+                    }
+                }
+                RecordType::A => {
+                    for (h, ip) in &a {
+                        if *h == name {
+                            resp.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(A(*ip))));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if !known {
+                resp.metadata.response_code = ResponseCode::NXDomain;
+            }
+            if let Ok(bytes) = resp.to_vec() {
+                let _ = socket.send_to(&bytes, peer).await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn hickory_resolver_against_a_real_dns_server() {
+    let dns = dns_server(
+        vec![
+            ("example.test", 10, "mx.example.test."),
+            ("example.test", 5, "mx0.example.test."),
+        ],
+        vec![
+            ("mx.example.test", Ipv4Addr::LOCALHOST),
+            ("mx0.example.test", Ipv4Addr::new(127, 0, 0, 2)),
+        ],
+    )
+    .await;
+    let resolver = HickoryResolver::with_server(dns).expect("resolver");
+    let mut mx = resolver.mx("example.test").await.expect("mx");
+    mx.sort_by_key(|r| r.preference);
+    let hosts: Vec<(u16, String)> = mx.into_iter().map(|r| (r.preference, r.exchange)).collect();
+    assert_eq!(
+        hosts,
+        [
+            (5, "mx0.example.test.".to_string()),
+            (10, "mx.example.test.".to_string())
+        ]
+    );
+    assert_eq!(resolver.ips("mx.example.test").await.expect("a"), [lo()]);
+    assert!(matches!(
+        resolver.mx("missing.test").await,
+        Err(mailroute_relay::delivery::DnsError::NoSuchDomain(_))
+    ));
+
+    // End to end: the deliverer resolves through the DNS server and falls back from mx0.
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let d = Deliverer::new(
+        DelivererConfig {
+            mx_port: server.port(),
+            ..config()
+        },
+        Arc::new(resolver),
+    )
+    .expect("deliverer");
+    let r = d
+        .deliver(
+            &DeliveryTarget::direct_mx("mail/direct"),
+            None,
+            None,
+            &env("bob@example.test"),
+            BODY,
+        )
+        .await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert_eq!(r.remote_host.as_deref(), Some("mx.example.test"));
+    let r = d
+        .deliver(
+            &DeliveryTarget::direct_mx("mail/direct"),
+            None,
+            None,
+            &env("bob@missing.test"),
+            BODY,
+        )
+        .await;
+    assert_eq!(failure_of(&r), (Stage::Dns, Failure::DnsNoSuchDomain), "{r:?}");
+}
+
+#[tokio::test]
+async fn from_override_and_dkim_as_received() {
+    use mail_auth::common::parse::TxtRecordParser as _;
+    use mail_auth::common::verify::DomainKey;
+
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let d = plain_deliverer();
+    let mut t = smarthost("mail/override", upstream(server.port(), TlsMode::None));
+    t.from_override = Some("noreply@relay.example".into());
+    let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqI1cA4MPeCfi0VBYZ2cZ0gC0dK2ajbFxVGAiHKXqmc\n-----END PRIVATE KEY-----\n";
+    let signer = DkimSigner::new("relay.example", "mailroute", pem).expect("key");
+    let r = d.deliver(&t, None, Some(&signer), &env("bob@example.test"), BODY).await;
+    assert!(r.is_delivered(), "{r:?}");
+
+    let got = server.wait_for(1, WAIT).await.expect("received");
+    assert_eq!(got[0].mail_from, "noreply@relay.example", "envelope sender overridden");
+    let text = got[0].data_str();
+    assert!(text.starts_with("DKIM-Signature: "), "{text}");
+    assert!(text.contains("d=relay.example"), "{text}");
+    assert!(text.contains("s=mailroute"), "{text}");
+    assert!(
+        text.contains("\r\nFrom: Shop <noreply@relay.example>\r\nReply-To: Shop <orders@shop.example>\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("Thanks for your order.\r\n.a line starting with a dot\r\n"),
+        "{text}"
+    );
+
+    // The signature on the received bytes verifies against the public key.
+    let key = {
+        use rustls::pki_types::pem::PemObject as _;
+        let der = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("pem");
+        let rustls::pki_types::PrivateKeyDer::Pkcs8(p) = der else {
+            panic!("pkcs8")
+        };
+        mail_auth::common::crypto::Ed25519Key::from_pkcs8_maybe_unchecked_der(p.secret_pkcs8_der())
+            .expect("key")
+            .public_key()
+    };
+    use base64::Engine as _;
+    let record = format!(
+        "v=DKIM1; k=ed25519; p={}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    let domain_key = DomainKey::parse(record.as_bytes()).expect("record");
+    let results = verify_dkim(&got[0].data, domain_key).await;
+    assert_eq!(results, vec![mail_auth::DkimResult::Pass]);
+}
+
+async fn verify_dkim(message: &[u8], key: mail_auth::common::verify::DomainKey) -> Vec<mail_auth::DkimResult> {
+    use mail_auth::hickory_resolver::config::{ResolverConfig, ResolverOpts};
+    use mail_auth::{AuthenticatedMessage, MessageAuthenticator, Parameters, ResolverCache, Txt};
+    use std::borrow::Borrow;
+    use std::collections::HashMap;
+    use std::hash::Hash;
+
+    struct Cache(Mutex<HashMap<Box<str>, Txt>>);
+    impl ResolverCache<Box<str>, Txt> for Cache {
+        fn get<Q>(&self, name: &Q) -> Option<Txt>
+        where
+            Box<str>: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.lock().expect("lock").get(name).cloned()
+        }
+        fn remove<Q>(&self, name: &Q) -> Option<Txt>
+        where
+            Box<str>: Borrow<Q>,
+            Q: Hash + Eq + ?Sized,
+        {
+            self.0.lock().expect("lock").remove(name)
+        }
+        fn insert(&self, key: Box<str>, value: Txt, _: std::time::Instant) {
+            self.0.lock().expect("lock").insert(key, value);
+        }
+    }
+    let cache = Cache(Mutex::new(HashMap::new()));
+    cache.insert(
+        "mailroute._domainkey.relay.example.".into(),
+        Txt::from(key),
+        std::time::Instant::now() + Duration::from_secs(60),
+    );
+    let auth = MessageAuthenticator::new(
+        ResolverConfig::from_parts(None, vec![], vec![]),
+        ResolverOpts::default(),
+    )
+    .expect("authenticator");
+    let parsed = AuthenticatedMessage::parse(message).expect("parse");
+    auth.verify_dkim(Parameters::new(&parsed).with_txt_cache(&cache))
+        .await
+        .iter()
+        .map(|o| o.result().clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn silent_server_times_out() {
+    // Accepts TCP but never greets.
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            open.push(s);
+        }
+    });
+    let d = deliverer(
+        DelivererConfig {
+            command_timeout: Duration::from_millis(300),
+            ..config()
+        },
+        StaticResolver::new(),
+    );
+    let started = Instant::now();
+    let r = d
+        .deliver(
+            &smarthost("mail/silent", upstream(port, TlsMode::None)),
+            None,
+            None,
+            &env("b@x.test"),
+            BODY,
+        )
+        .await;
+    assert_eq!(failure_of(&r), (Stage::Greeting, Failure::Timeout), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Temporary));
+    hold.abort();
+}
+
+/// A scripted SMTP peer offering only AUTH XOAUTH2 and checking the token it receives.
+async fn xoauth2_server(expected: &'static str) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    use base64::Engine as _;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut lines = Vec::new();
+        let Ok((stream, _)) = listener.accept().await else {
+            return lines;
+        };
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        let _ = w.write_all(b"220 xoauth.test ESMTP\r\n").await;
+        let mut in_data = false;
+        let mut line = String::new();
+        while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+            let cmd = line.trim_end().to_string();
+            line.clear();
+            if in_data {
+                if cmd == "." {
+                    in_data = false;
+                    let _ = w.write_all(b"250 2.0.0 queued\r\n").await;
+                }
+                continue;
+            }
+            lines.push(cmd.clone());
+            let upper = cmd.to_ascii_uppercase();
+            let reply: &[u8] = if upper.starts_with("EHLO") {
+                b"250-xoauth.test\r\n250 AUTH XOAUTH2\r\n"
+            } else if let Some(token) = cmd.strip_prefix("AUTH XOAUTH2 ") {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(token)
+                    .unwrap_or_default();
+                if decoded == expected.as_bytes() {
+                    b"235 2.7.0 Accepted\r\n"
+                } else {
+                    b"535 5.7.8 Invalid token\r\n"
+                }
+            } else if upper.starts_with("MAIL") || upper.starts_with("RCPT") {
+                b"250 2.1.0 OK\r\n"
+            } else if upper == "DATA" {
+                in_data = true;
+                b"354 go ahead\r\n"
+            } else if upper == "QUIT" {
+                let _ = w.write_all(b"221 bye\r\n").await;
+                break;
+            } else {
+                b"502 5.5.1 unexpected\r\n"
+            };
+            let _ = w.write_all(reply).await;
+        }
+        lines
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn xoauth2_sends_the_bearer_token() {
+    let (addr, server) = xoauth2_server("user=me@gmail.test\x01auth=Bearer ya29.token\x01\x01").await;
+    let d = plain_deliverer();
+    let mut up = upstream(addr.port(), TlsMode::None);
+    up.auth = Some(AuthMechanism::Xoauth2);
+    let mut t = smarthost("mail/gmail", up);
+    t.messages_per_connection = Some(1);
+    let r = d
+        .deliver(
+            &t,
+            Some(&creds("me@gmail.test", "ya29.token")),
+            None,
+            &env("b@x.test"),
+            BODY,
+        )
+        .await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert_eq!(r.reply().map(|x| x.text.as_str()), Some("2.0.0 queued"));
+    let lines = tokio::time::timeout(WAIT, server)
+        .await
+        .expect("server done")
+        .expect("server task");
+    assert!(lines.iter().any(|l| l.starts_with("AUTH XOAUTH2 ")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l == "QUIT"),
+        "a spent connection is closed politely: {lines:?}"
+    );
+}
