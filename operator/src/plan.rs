@@ -305,8 +305,20 @@ fn object_reference(kind: &str, meta: &ObjectMeta) -> ObjectReference {
     }
 }
 
+/// One Event per transition to `True` or `False`; a transition repeating the reason of an earlier
+/// one in the same batch (Accepted and Ready both failing on a missing Secret) is left out, and
+/// so are transitions to `Unknown` (a pending test is no news).
 fn events_for(kind: &str, meta: &ObjectMeta, before: &[Condition], after: &[Condition], out: &mut Vec<PlannedEvent>) {
+    let mut seen: Vec<(String, bool)> = Vec::new();
     for t in conditions::transitions(before, after) {
+        if t.to.status == Status::Unknown.as_str() {
+            continue;
+        }
+        let key = (t.to.reason.clone(), t.is_warning());
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
         out.push(PlannedEvent {
             regarding: object_reference(kind, meta),
             warning: t.is_warning(),
@@ -685,8 +697,9 @@ spec:
         assert_eq!(job.route_id, "mail/gmail");
         assert_eq!(job.credentials.as_ref().unwrap().password, "app-password");
         assert!(!format!("{job:?}").contains("app-password"));
-        // Two Normal events: Accepted and Ready appeared (Verified is Unknown, also new).
-        assert_eq!(p.events.len(), 3);
+        // Two Normal events: Accepted and Ready appeared (Verified is Unknown: no event).
+        let reasons: Vec<_> = p.events.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(reasons, ["Valid", "InConfig"]);
         assert!(p.events.iter().all(|e| !e.warning));
         assert_eq!(p.events[0].regarding.uid.as_deref(), Some("u-gmail"));
     }
@@ -749,7 +762,8 @@ spec:
             .filter(|e| e.warning)
             .map(|e| e.reason.as_str())
             .collect();
-        assert_eq!(warnings, ["SecretNotFound", "SecretNotFound"]);
+        assert_eq!(warnings, ["SecretNotFound"], "one Event for both conditions");
+        assert!(p.events[0].note.starts_with("Accepted is False: spec.auth.secretRef"));
         assert!(!p.apply_config.as_ref().unwrap().data.as_ref().unwrap()[CONFIG_KEY].contains("gmail"));
     }
 

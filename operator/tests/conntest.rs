@@ -1,0 +1,221 @@
+//! The connection test against the scriptable SMTP server over real TCP and TLS on 127.0.0.1:
+//! good credentials (STARTTLS and implicit TLS, with a test message), wrong credentials (the
+//! server's reply ends up in the `Verified` condition), an untrusted certificate, a closed port,
+//! an upstream without STARTTLS and an AUTH mechanism the upstream does not offer.
+
+use std::time::Duration;
+
+use mailroute_api::config::{Credentials, Upstream};
+use mailroute_api::route::{AuthMechanism, TlsMode};
+use mailroute_operator::conditions::Status;
+use mailroute_operator::conntest::{self, ConnTestJob, Settings, TestMessage};
+use mailroute_testkit::smtp::DEFAULT_AUTH_FAIL_REPLY;
+use mailroute_testkit::{Script, SmtpServer, TestPki};
+
+fn settings() -> Settings {
+    Settings {
+        helo_name: "operator.test".into(),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn job(port: u16, tls: TlsMode, auth: Option<(&str, &str)>, ca: Option<&TestPki>) -> ConnTestJob {
+    ConnTestJob {
+        route_id: "mail/test".into(),
+        upstream: Upstream {
+            host: "localhost".into(),
+            port,
+            tls,
+            verify_tls: true,
+            server_name: None,
+            auth: auth.map(|_| AuthMechanism::Plain),
+            custom_ca: ca.is_some(),
+        },
+        credentials: auth.map(|(u, p)| Credentials {
+            username: u.into(),
+            password: p.into(),
+        }),
+        ca_pem: ca.map(|p| p.ca_pem.clone()),
+        message: None,
+        fingerprint: "fp1".into(),
+        previous_test_message: None,
+    }
+}
+
+#[tokio::test]
+async fn good_credentials_over_starttls_verify_the_route() {
+    let pki = TestPki::new();
+    let server = SmtpServer::start(Script::new().starttls(pki.server_config()).auth("user", "secret")).unwrap();
+    let j = job(server.port(), TlsMode::Starttls, Some(("user", "secret")), Some(&pki));
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.result, conntest::SUCCEEDED, "{record:?}");
+    assert_eq!(record.fingerprint.as_deref(), Some("fp1"));
+    assert!(record.step.is_none() && record.reply.is_none());
+    let c = conntest::verified_condition(&j.upstream, &record);
+    assert_eq!(c.status, Status::True);
+    assert_eq!(
+        c.message,
+        format!(
+            "localhost:{} (STARTTLS): EHLO succeeded, AUTH PLAIN accepted",
+            server.port()
+        )
+    );
+    assert!(server.received().is_empty(), "no test recipient: no message");
+}
+
+#[tokio::test]
+async fn implicit_tls_with_a_test_message_delivers_it_once() {
+    let pki = TestPki::new();
+    let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config()).auth("user", "secret")).unwrap();
+    let mut j = job(server.port(), TlsMode::Implicit, Some(("user", "secret")), Some(&pki));
+    j.message = Some(TestMessage {
+        from: "ops@example.com".into(),
+        to: "check@example.net".into(),
+    });
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.result, conntest::SUCCEEDED, "{record:?}");
+    let reply = record.test_message.clone().expect("the accepted message is recorded");
+    assert!(reply.starts_with("250"), "{reply}");
+    let received = server.wait_for(1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(received[0].mail_from, "ops@example.com");
+    assert_eq!(received[0].rcpts, ["check@example.net"]);
+    assert!(received[0].tls);
+    assert_eq!(received[0].auth_user.as_deref(), Some("user"));
+    assert!(
+        received[0]
+            .data_str()
+            .contains("Subject: mailroute connection test for route mail/test")
+    );
+
+    // The periodic run for the same fingerprint sends nothing but keeps the record of the message.
+    let decision = conntest::decide(
+        Some(&record),
+        "fp1",
+        true,
+        conntest_later(&record.time),
+        Duration::from_secs(3600),
+    );
+    assert_eq!(decision, conntest::Decision::Run { send_message: false });
+    j.message = None;
+    j.previous_test_message = record.test_message.clone();
+    let again = conntest::run(&j, &settings()).await;
+    assert_eq!(again.test_message, record.test_message);
+    assert_eq!(server.received().len(), 1);
+}
+
+fn conntest_later(time: &str) -> k8s_openapi::jiff::Timestamp {
+    let t: k8s_openapi::jiff::Timestamp = time.parse().unwrap();
+    t.checked_add(k8s_openapi::jiff::SignedDuration::from_hours(2)).unwrap()
+}
+
+#[tokio::test]
+async fn wrong_credentials_show_the_upstreams_reply_in_the_condition() {
+    let pki = TestPki::new();
+    let server = SmtpServer::start(Script::new().starttls(pki.server_config()).auth("user", "secret")).unwrap();
+    let j = job(server.port(), TlsMode::Starttls, Some(("user", "wrong")), Some(&pki));
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.result, conntest::FAILED);
+    assert_eq!(record.step.as_deref(), Some("auth"));
+    assert_eq!(record.reply.as_deref(), Some(DEFAULT_AUTH_FAIL_REPLY));
+    let c = conntest::verified_condition(&j.upstream, &record);
+    assert_eq!((c.status, c.reason.as_str()), (Status::False, "AuthenticationFailed"));
+    assert_eq!(
+        c.message,
+        format!(
+            "localhost:{}: AUTH failed: 535 5.7.8 Username and password not accepted.",
+            server.port()
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_fails_at_tls_unless_verification_is_off() {
+    let pki = TestPki::new();
+    let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config()).auth("user", "secret")).unwrap();
+    // No CA bundle: the test CA is not among the system roots.
+    let mut j = job(server.port(), TlsMode::Implicit, Some(("user", "secret")), None);
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.result, conntest::FAILED, "{record:?}");
+    assert_eq!(record.step.as_deref(), Some("tls"));
+    let error = record.error.clone().unwrap();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    let c = conntest::verified_condition(&j.upstream, &record);
+    assert_eq!(c.reason, "TlsFailed");
+    assert!(
+        c.message.contains("TLS handshake failed: invalid peer certificate"),
+        "{}",
+        c.message
+    );
+
+    // The route's own CA bundle makes it trusted; `verify: false` accepts it too.
+    j.ca_pem = Some(pki.ca_pem.clone());
+    assert_eq!(conntest::run(&j, &settings()).await.result, conntest::SUCCEEDED);
+    j.ca_pem = None;
+    j.upstream.verify_tls = false;
+    assert_eq!(conntest::run(&j, &settings()).await.result, conntest::SUCCEEDED);
+
+    // The certificate is for localhost and 127.0.0.1; another name fails verification.
+    j.upstream.verify_tls = true;
+    j.ca_pem = Some(pki.ca_pem.clone());
+    j.upstream.server_name = Some("smtp.example.com".into());
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.step.as_deref(), Some("tls"), "{record:?}");
+}
+
+#[tokio::test]
+async fn a_closed_port_fails_at_connect() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut j = job(port, TlsMode::None, None, None);
+    j.upstream.host = "127.0.0.1".into();
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.result, conntest::FAILED);
+    assert_eq!(record.step.as_deref(), Some("connect"));
+    assert!(
+        record.error.as_deref().unwrap().to_lowercase().contains("refused"),
+        "{record:?}"
+    );
+    let c = conntest::verified_condition(&j.upstream, &record);
+    assert_eq!(c.reason, "ConnectionFailed");
+    assert!(
+        c.message.starts_with(&format!("127.0.0.1:{port}: connect failed: ")),
+        "{}",
+        c.message
+    );
+}
+
+#[tokio::test]
+async fn starttls_required_but_not_offered_fails_at_starttls() {
+    let server = SmtpServer::start(Script::new()).unwrap();
+    let j = job(server.port(), TlsMode::Starttls, None, None);
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.step.as_deref(), Some("starttls"), "{record:?}");
+    assert_eq!(record.error.as_deref(), Some("the upstream does not offer STARTTLS"));
+}
+
+#[tokio::test]
+async fn a_mechanism_the_upstream_does_not_offer_fails_at_auth() {
+    let pki = TestPki::new();
+    let server = SmtpServer::start(Script::new().starttls(pki.server_config()).auth("user", "secret")).unwrap();
+    let mut j = job(server.port(), TlsMode::Starttls, Some(("user", "secret")), Some(&pki));
+    j.upstream.auth = Some(AuthMechanism::Xoauth2);
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.step.as_deref(), Some("auth"));
+    assert_eq!(
+        record.error.as_deref(),
+        Some("the upstream does not offer AUTH XOAUTH2 (it offers: PLAIN, LOGIN)")
+    );
+    // LOGIN works as well as PLAIN.
+    j.upstream.auth = Some(AuthMechanism::Login);
+    assert_eq!(conntest::run(&j, &settings()).await.result, conntest::SUCCEEDED);
+}
+
+#[tokio::test]
+async fn a_rejecting_greeting_is_reported_with_its_reply() {
+    let server = SmtpServer::start(Script::new().greeting("554 5.3.2 No service for you")).unwrap();
+    let j = job(server.port(), TlsMode::None, None, None);
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.step.as_deref(), Some("greeting"));
+    assert_eq!(record.reply.as_deref(), Some("554 5.3.2 No service for you"));
+}
