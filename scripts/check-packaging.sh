@@ -9,7 +9,8 @@
 #     checked structurally because their schemas are not available offline;
 #   - values the chart must refuse, the CRD copies, examples/ against the CRDs' openAPIV3Schema,
 #     deploy/ equal to the chart's render, the operator RBAC parity, the Dockerfile (hadolint,
-#     digest pins, binary-only runtime stages).
+#     digest pins, binary-only runtime stages, a complete build context), and the chart's flags
+#     against the relay and operator binaries (built here in debug, as `cargo test` does).
 # Installs its tools into a virtualenv on first use (idempotent; pinned versions):
 #   ${MAILROUTE_PACKAGING_VENV:-~/.cache/mailroute/packaging-venv}
 # Usage: scripts/check-packaging.sh [--update-deploy]   (--update-deploy rewrites deploy/'s
@@ -37,7 +38,12 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$requireme
   echo "$requirements" > "$stamp"
 fi
 
-"$venv/bin/python" scripts/check_packaging.py --hadolint "$venv/bin/hadolint" "$@"
+# The chart's flags are checked against the real binaries (debug build, shared with cargo test).
+cargo build -q --locked --bin mailroute-relay --bin mailroute-operator
+target_dir="$(cargo metadata --format-version 1 --no-deps --locked | "$venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+
+"$venv/bin/python" scripts/check_packaging.py --hadolint "$venv/bin/hadolint" \
+  --relay-bin "$target_dir/debug/mailroute-relay" --operator-bin "$target_dir/debug/mailroute-operator" "$@"
 
 # A helm CLI, when someone has one, must agree too (none is installed by this script).
 if command -v helm >/dev/null 2>&1; then

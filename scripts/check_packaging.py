@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ipaddress
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import helm_python as helm
@@ -339,6 +342,49 @@ def check_references(objs: list[dict], values: dict, label: str) -> None:
                 fail(f"[{label}] {kn(d)}: {flag} does not point into a mounted volume")
     if len(failures) == problems_before:
         ok(f"[{label}] references, selectors, ports, security contexts, probes, drain and scaling consistent")
+
+
+def cli_problems(objs: list[dict], binaries: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Whether the real binaries accept the flags the chart passes: clap parses (and checks the
+    values of) every argument before `--help`, which is appended so nothing starts. Returns the
+    problems and the containers checked."""
+    problems, checked = [], []
+    for w in (o for o in objs if o["kind"] == "Deployment"):
+        c = pod_spec(w)["containers"][0]
+        binary = binaries.get(c["name"])
+        if not binary:
+            continue
+        # Kubernetes expands $(VAR) from the container env; any string stands in for it here.
+        args = [re.sub(r"\$\((\w+)\)", r"\1-value", a) for a in c.get("args", [])]
+        r = subprocess.run([binary, *args, "--help"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        if r.returncode != 0:
+            problems.append(f"{kn(w)}: mailroute-{c['name']} rejects the chart's arguments: {r.stderr.strip().splitlines()[0]}")
+            continue
+        for a in args:
+            flag, _, value = a.partition("=")
+            if flag == "--relay-cidrs":
+                for cidr in value.split(","):
+                    try:
+                        ipaddress.ip_network(cidr, strict=False)
+                    except ValueError:
+                        problems.append(f"{kn(w)}: --relay-cidrs entry {cidr!r} is not a network")
+            if flag.endswith("-listen") and value:
+                host, _, port = value.rpartition(":")
+                try:
+                    ipaddress.ip_address(host.strip("[]"))
+                    assert 0 < int(port) < 65536
+                except (ValueError, AssertionError):
+                    problems.append(f"{kn(w)}: {flag} {value!r} is not an IP:port socket address")
+        checked.append(c["name"])
+    return problems, checked
+
+
+def check_cli(objs: list[dict], label: str, binaries: dict[str, str]) -> None:
+    problems, checked = cli_problems(objs, binaries)
+    for p in problems:
+        fail(f"[{label}] {p}")
+    if checked and not problems:
+        ok(f"[{label}] the chart's flags are accepted by mailroute-{' and mailroute-'.join(checked)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,6 +718,7 @@ def check_dockerfile(hadolint: str | None) -> None:
                 fail(f"Dockerfile target {alias}: ENTRYPOINT is not the binary")
     if not runtime_user or not re.fullmatch(r"[1-9]\d*:[1-9]\d*", runtime_user):
         fail(f"Dockerfile: runtime stage user {runtime_user!r} is not a numeric non-root UID:GID")
+    check_build_context(blocks)
     if hadolint:
         r = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
         if r.returncode != 0:
@@ -681,6 +728,48 @@ def check_dockerfile(hadolint: str | None) -> None:
     ok("Dockerfile: digests pinned, targets relay and operator, binary-only runtime stages, numeric non-root user")
 
 
+def check_build_context(blocks: list[str]) -> None:
+    """The build stage's COPY set is a complete, --locked workspace with both binaries: copy
+    exactly those paths (minus .dockerignore's target/) and ask cargo, offline."""
+    build = next((b for b in blocks if b.splitlines()[0].split()[-1] == "build"), None)
+    if build is None:
+        fail("Dockerfile: no `build` stage")
+        return
+    sources = []
+    for args in re.findall(r"^COPY\s+(.*)$", build, flags=re.M):
+        parts = [p for p in args.split() if not p.startswith("--")]
+        sources += parts[:-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in sources:
+            path = ROOT / src
+            if not path.exists():
+                fail(f"Dockerfile copies {src}, which does not exist")
+                return
+            dest = Path(tmp) / src
+            if path.is_dir():
+                shutil.copytree(path, dest, ignore=shutil.ignore_patterns("target", "results"))
+            else:
+                shutil.copy2(path, dest)
+        r = subprocess.run(
+            ["cargo", "metadata", "--locked", "--offline", "--no-deps", "--format-version", "1"],
+            cwd=tmp, capture_output=True, text=True,
+        )
+    if r.returncode != 0:
+        fail("the Dockerfile's build context is not a complete locked workspace: " + r.stderr.strip().splitlines()[-1])
+        return
+    bins = {
+        (p["name"], t["name"])
+        for p in json.loads(r.stdout)["packages"]
+        for t in p["targets"]
+        if "bin" in t["kind"]
+    }
+    for pkg in ("mailroute-relay", "mailroute-operator"):
+        if (pkg, pkg) not in bins:
+            fail(f"Dockerfile: package {pkg} has no `{pkg}` binary to copy into the image")
+    if all(f"package {pkg} has no" not in f for f in failures for pkg in ("mailroute-relay", "mailroute-operator")):
+        ok(f"Dockerfile build context ({', '.join(sources)}) is a complete locked workspace with both binaries")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -688,7 +777,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--update-deploy", action="store_true")
     ap.add_argument("--hadolint")
+    ap.add_argument("--relay-bin", help="mailroute-relay binary to check the chart's flags with")
+    ap.add_argument("--operator-bin", help="mailroute-operator binary to check the chart's flags with")
     args = ap.parse_args()
+    binaries = {k: v for k, v in (("relay", args.relay_bin), ("operator", args.operator_bin)) if v}
 
     print(f"== chart (helm SDK {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__})")
     check_values_documented()
@@ -709,6 +801,9 @@ def main() -> int:
         rendered[label] = objs
         validate_k8s(objs, label)
         check_references(objs, values, label)
+        check_cli(objs, label, binaries)
+    if not binaries:
+        note("no binaries given (--relay-bin/--operator-bin): the chart's flags were not checked against the CLIs")
     keda = rendered.get("keda-external-redis-tls-values.yaml", [])
     for kind in ("ScaledObject", "TriggerAuthentication", "Certificate", "ServiceMonitor", "PrometheusRule"):
         if not any(o["kind"] == kind for o in keda):
@@ -732,6 +827,15 @@ def main() -> int:
             fail(f"the chart accepts {what}")
         else:
             ok(f"refuses {what}: {err.strip().splitlines()[-1][:140]}")
+
+    if binaries:
+        # The flag check itself must be able to fail.
+        objs, _ = render({"relay": {"extraArgs": ["--no-such-flag"]}, "operator": {"extraArgs": ["--leader-elect"]}})
+        problems, _ = cli_problems(objs, binaries)
+        if len(problems) != len(binaries):
+            fail(f"the flag check caught {len(problems)} of {len(binaries)} bad arguments: {problems}")
+        else:
+            ok("the flag check rejects an unknown relay flag and a valueless --leader-elect")
 
     print("== CRDs and examples")
     check_crd_copies()
