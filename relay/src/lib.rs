@@ -10,6 +10,7 @@ pub mod dsn;
 pub mod headers;
 pub mod message;
 pub mod metrics;
+pub mod pacing;
 pub mod queue;
 pub mod quota;
 pub mod retry;

@@ -25,10 +25,12 @@ use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{Durability, RedisQueue};
 use crate::smtp::ListenerKind;
-use crate::smtp::inbound::{AllowAll, Inbound, InboundSettings, Policy};
+use crate::smtp::inbound::{Inbound, InboundSettings};
 use crate::telemetry::Telemetry;
 use crate::transport::SmtpTransport;
-use crate::worker::{Pacing, Unpaced, Worker, WorkerSettings};
+use crate::pacing::SharedPacing;
+use crate::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
+use crate::worker::{Pacing, Worker, WorkerSettings};
 
 /// Everything the relay needs to start; the CLI fills it from flags and environment.
 #[derive(Clone, Debug)]
@@ -164,7 +166,6 @@ pub struct Relay {
 /// Components a caller may replace (tests, quota wiring).
 #[derive(Default)]
 pub struct Overrides {
-    pub policy: Option<Arc<dyn Policy>>,
     pub pacing: Option<Arc<dyn Pacing>>,
     pub resolver: Option<Arc<dyn MxResolver>>,
     pub dlog_writer: Option<Box<dyn std::io::Write + Send>>,
@@ -181,13 +182,14 @@ impl Relay {
             tracing::warn!(warning = %w, "configuration warning");
         }
         let metrics = Arc::new(Metrics::new());
-        type Stores = (Arc<dyn Queue>, DeliveryLog, Arc<dyn QuotaStore>);
-        let (queue, dlog, quota_store): Stores = if opts.queue == "memory" {
+        type Stores = (Arc<dyn Queue>, DeliveryLog, Arc<dyn QuotaStore>, Arc<dyn PaceStore>);
+        let (queue, dlog, quota_store, pace_store): Stores = if opts.queue == "memory" {
             tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
             (
                 Arc::new(MemoryQueue::new()),
                 DeliveryLog::memory(crate::dlog::DEFAULT_MEMORY_CAPACITY),
                 Arc::new(MemoryQuotaStore::new()),
+                Arc::new(MemoryPaceStore::new()),
             )
         } else {
             let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability)
@@ -198,7 +200,8 @@ impl Relay {
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
-                Arc::new(RedisQuotaStore::new(conn, opts.redis_prefix.clone())),
+                Arc::new(RedisQuotaStore::new(conn.clone(), opts.redis_prefix.clone())),
+                Arc::new(RedisPaceStore::new(conn, opts.redis_prefix.clone())),
             )
         };
         let quotas = QuotaEngine::new(quota_store);
@@ -223,12 +226,11 @@ impl Relay {
         if tls.is_none() && (opts.submission_listen.is_some() || opts.smtps_listen.is_some()) {
             anyhow::bail!("the submission and smtps listeners need --tls-cert and --tls-key");
         }
-        let policy = overrides.policy.unwrap_or_else(|| Arc::new(AllowAll));
         let inbound = Arc::new(Inbound::new(
             opts.inbound.clone(),
             config.clone(),
             queue.clone(),
-            policy,
+            quotas.clone(),
             Arc::new(telemetry.clone()),
             tls,
         ));
@@ -275,7 +277,9 @@ impl Relay {
             queue: queue.clone(),
             config: config.clone(),
             transport: Arc::new(SmtpTransport::new(deliverer)),
-            pacing: overrides.pacing.unwrap_or_else(|| Arc::new(Unpaced)),
+            pacing: overrides
+                .pacing
+                .unwrap_or_else(|| Arc::new(SharedPacing { pacer: Pacer::new(pace_store), metrics: metrics.clone() })),
             telemetry: telemetry.clone(),
             settings: WorkerSettings {
                 consumer: opts.consumer.clone(),

@@ -100,6 +100,10 @@ impl Observer for Telemetry {
         }
     }
 
+    fn quota_decision(&self, quota: &str, result: &str) {
+        self.metrics.quota_decisions.with_label_values(&[quota, result]).inc();
+    }
+
     fn rejected(&self, s: &SenderInfo, rcpt: Option<&str>, reply: &Reply) {
         let result = if reply.code >= 500 { "rejected" } else { "deferred" };
         let listener = s.listener.as_str();

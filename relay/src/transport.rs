@@ -102,6 +102,7 @@ impl Transport for SmtpTransport {
             outcome: outcome_of(&r),
             remote_host: r.remote_host.clone(),
             tls: r.tls,
+            rcpt_domain: mailroute_api::pattern::domain_of(env.rcpt_to).map(|d| d.to_ascii_lowercase()),
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct Attempt {
     pub outcome: AttemptOutcome,
     pub remote_host: Option<String>,
     pub tls: bool,
+    /// Recipient domain of the attempt (pacing scope).
+    pub rcpt_domain: Option<String>,
 }
 
 /// Sends one message to one recipient through one route (smarthost or MX).

@@ -2,9 +2,9 @@
 //! replies of a relay that is never open. A message is answered `250` only after the queue
 //! acknowledged it.
 //!
-//! This module owns the protocol state machine and the relay-access decision. Quotas and sender
-//! policy come in through [`Policy`]; logging and metrics go out through [`Observer`]. It must
-//! not deliver, route or count quota itself.
+//! This module owns the protocol state machine and the relay-access decision. Sender policy and
+//! quota arithmetic are the quota engine's (`crate::quota`), consulted at MAIL, RCPT and the end
+//! of DATA; logging and metrics go out through [`Observer`]. It must not deliver or route.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -12,7 +12,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use base64::Engine as _;
 use ipnet::IpNet;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
@@ -24,6 +23,7 @@ use crate::config::ConfigHandle;
 use crate::headers;
 use crate::message::{Job, MessageMeta, new_id};
 use crate::queue::Queue;
+use crate::quota::{QuotaDecision, QuotaEngine, QuotaTxn, SenderCtx, UNAVAILABLE_REPLY};
 
 /// An SMTP reply: code and text (the text carries the enhanced status code).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +42,17 @@ impl Reply {
     pub fn line(&self) -> String {
         format!("{} {}", self.code, self.text)
     }
+
+    /// From a full reply line `"451 4.7.1 text"`; an unparsable line becomes a 451.
+    pub fn parse(line: &str) -> Self {
+        match line.split_once(' ') {
+            Some((code, text)) if code.len() == 3 => match code.parse() {
+                Ok(code) => Reply { code, text: text.to_owned() },
+                Err(_) => Reply::new(451, line),
+            },
+            _ => Reply::new(451, line),
+        }
+    }
 }
 
 /// Who is sending, as known at the time of a policy check.
@@ -57,33 +68,6 @@ pub struct SenderInfo {
     pub mail_from: String,
 }
 
-/// Sender and quota policy, consulted at MAIL, RCPT and the end of DATA.
-#[async_trait]
-pub trait Policy: Send + Sync {
-    /// `Err` refuses the sender (e.g. a forbidden from-domain: `550 5.7.1`).
-    async fn check_sender(&self, s: &SenderInfo) -> Result<(), Reply>;
-    /// Per recipient; `accepted` recipients of this transaction passed already.
-    async fn check_recipient(&self, s: &SenderInfo, rcpt: &str, accepted: usize) -> Result<(), Reply>;
-    /// With the whole message known (bulk detection). Returns the quota that counted it.
-    async fn check_message(&self, s: &SenderInfo, rcpts: &[String], message: &[u8]) -> Result<Option<String>, Reply>;
-}
-
-/// Accepts everything (the relay-access rule still applies).
-pub struct AllowAll;
-
-#[async_trait]
-impl Policy for AllowAll {
-    async fn check_sender(&self, _: &SenderInfo) -> Result<(), Reply> {
-        Ok(())
-    }
-    async fn check_recipient(&self, _: &SenderInfo, _: &str, _: usize) -> Result<(), Reply> {
-        Ok(())
-    }
-    async fn check_message(&self, _: &SenderInfo, _: &[String], _: &[u8]) -> Result<Option<String>, Reply> {
-        Ok(None)
-    }
-}
-
 /// Where the session reports what happened (delivery log, metrics).
 pub trait Observer: Send + Sync {
     fn session_opened(&self, _listener: ListenerKind) {}
@@ -93,6 +77,8 @@ pub trait Observer: Send + Sync {
     fn accepted(&self, _meta: &MessageMeta, _accept_latency: Duration) {}
     /// A recipient or message was refused with `reply` (rcpt None = whole message).
     fn rejected(&self, _s: &SenderInfo, _rcpt: Option<&str>, _reply: &Reply) {}
+    /// A quota answered (`accepted`, `deferred`, `rejected`).
+    fn quota_decision(&self, _quota: &str, _result: &str) {}
 }
 
 pub struct NoopObserver;
@@ -144,7 +130,7 @@ pub struct Inbound {
     pub settings: InboundSettings,
     pub config: Arc<ConfigHandle>,
     pub queue: Arc<dyn Queue>,
-    pub policy: Arc<dyn Policy>,
+    pub quotas: QuotaEngine,
     pub observer: Arc<dyn Observer>,
     pub tls: Option<TlsAcceptor>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -207,12 +193,15 @@ struct Session {
     errors: u32,
     mail_from: Option<String>,
     rcpts: Vec<String>,
+    /// Quota reservations of the open transaction; given back unless the message is queued.
+    txn: Option<QuotaTxn>,
 }
 
 impl Session {
-    fn reset_transaction(&mut self) {
+    fn reset_transaction(&mut self) -> Option<QuotaTxn> {
         self.mail_from = None;
         self.rcpts.clear();
+        self.txn.take()
     }
 
     fn sender(&self) -> SenderInfo {
@@ -232,7 +221,7 @@ impl Inbound {
         settings: InboundSettings,
         config: Arc<ConfigHandle>,
         queue: Arc<dyn Queue>,
-        policy: Arc<dyn Policy>,
+        quotas: QuotaEngine,
         observer: Arc<dyn Observer>,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Self {
@@ -240,7 +229,7 @@ impl Inbound {
             settings,
             config,
             queue,
-            policy,
+            quotas,
             observer,
             tls: tls.map(TlsAcceptor::from),
             per_ip: Mutex::new(HashMap::new()),
@@ -295,10 +284,26 @@ impl Inbound {
             errors: 0,
             mail_from: None,
             rcpts: Vec::new(),
+            txn: None,
         };
         conn.reply(&format!("220 {} ESMTP mailroute ready", self.settings.hostname));
+        let r = self.session_loop(conn, &mut s).await;
+        // However the session ended, an unfinished transaction gives its quota back.
+        self.abort(s.reset_transaction()).await;
+        r
+    }
+
+    async fn abort(&self, txn: Option<QuotaTxn>) {
+        if let Some(txn) = txn
+            && let Err(e) = self.quotas.abort(txn).await
+        {
+            tracing::warn!(error = %e, "releasing quota reservation failed");
+        }
+    }
+
+    async fn session_loop(&self, mut conn: Conn, s: &mut Session) -> std::io::Result<()> {
         loop {
-            match self.command_loop(&mut conn, &mut s).await? {
+            match self.command_loop(&mut conn, s).await? {
                 Flow::Close => {
                     conn.flush().await?;
                     return Ok(());
@@ -315,7 +320,8 @@ impl Inbound {
                     s.tls = true;
                     s.helo = None;
                     s.esmtp = false;
-                    s.reset_transaction();
+                    let t = s.reset_transaction();
+                    self.abort(t).await;
                 }
                 Flow::Continue => {}
             }
@@ -376,7 +382,8 @@ impl Inbound {
             Request::Ehlo { host } => {
                 s.helo = Some(host.into_owned());
                 s.esmtp = true;
-                s.reset_transaction();
+                let t = s.reset_transaction();
+                self.abort(t).await;
                 let mut caps = vec![
                     format!("{} greets {}", self.settings.hostname, s.helo.as_deref().unwrap_or("")),
                     "PIPELINING".into(),
@@ -399,7 +406,8 @@ impl Inbound {
             Request::Helo { host } | Request::Lhlo { host } => {
                 s.helo = Some(host.into_owned());
                 s.esmtp = false;
-                s.reset_transaction();
+                let t = s.reset_transaction();
+                self.abort(t).await;
                 conn.reply(&format!("250 {}", self.settings.hostname));
             }
             Request::StartTls => {
@@ -423,7 +431,8 @@ impl Inbound {
             Request::Rcpt { to } => self.rcpt(conn, s, to.address.as_ref()).await,
             Request::Data => return self.data(conn, s).await,
             Request::Rset => {
-                s.reset_transaction();
+                let t = s.reset_transaction();
+                self.abort(t).await;
                 conn.reply("250 2.0.0 Ok");
             }
             Request::Noop { .. } => conn.reply("250 2.0.0 Ok"),
@@ -593,10 +602,22 @@ impl Inbound {
             return conn.reply("501 5.1.7 Bad sender address syntax");
         }
         s.mail_from = Some(from.to_owned());
-        if let Err(r) = self.policy.check_sender(&s.sender()).await {
-            self.observer.rejected(&s.sender(), None, &r);
-            s.mail_from = None;
-            return conn.reply(&r.line());
+        let cfg = self.config.get();
+        let ctx = SenderCtx {
+            auth_user: s.auth_user.as_deref(),
+            auth_quota: s.user_quota.as_deref(),
+            mail_from: from,
+            source_ip: s.peer.ip(),
+        };
+        match self.quotas.begin(&cfg.config, &ctx) {
+            Ok(txn) => s.txn = Some(txn),
+            Err(rej) => {
+                self.observer.quota_decision(&rej.quota_id, "rejected");
+                let r = Reply::parse(&rej.reply());
+                self.observer.rejected(&s.sender(), None, &r);
+                s.mail_from = None;
+                return conn.reply(&r.line());
+            }
         }
         conn.reply("250 2.1.0 Ok");
     }
@@ -617,9 +638,12 @@ impl Inbound {
         if !valid_recipient(to) {
             return conn.reply("501 5.1.3 Bad recipient address syntax");
         }
-        if let Err(r) = self.policy.check_recipient(&sender, to, s.rcpts.len()).await {
-            self.observer.rejected(&sender, Some(to), &r);
-            return conn.reply(&r.line());
+        if let Some(txn) = s.txn.as_mut() {
+            let decision = self.quotas.rcpt(txn, chrono::Utc::now().timestamp_millis()).await;
+            if let Some(r) = self.quota_reply(txn, decision) {
+                self.observer.rejected(&sender, Some(to), &r);
+                return conn.reply(&r.line());
+            }
         }
         s.rcpts.push(to.to_owned());
         conn.reply("250 2.1.5 Ok");
@@ -668,8 +692,9 @@ impl Inbound {
         let end_of_data = Instant::now();
         let sender = s.sender();
         let rcpts = std::mem::take(&mut s.rcpts);
-        s.reset_transaction();
+        let txn = s.reset_transaction();
         if too_big {
+            self.abort(txn).await;
             let r = Reply::new(
                 552,
                 format!("5.3.4 Message size exceeds fixed maximum message size of {max} bytes"),
@@ -678,9 +703,30 @@ impl Inbound {
             conn.reply(&r.line());
             return Ok(Flow::Continue);
         }
-        let reply = self.accept_message(s, sender, rcpts, body, end_of_data).await;
+        let reply = self.accept_message(s, sender, rcpts, body, end_of_data, txn).await;
         conn.reply(&reply.line());
         Ok(Flow::Continue)
+    }
+
+    /// Metrics for a quota answer, and the reply when it refuses (`None`: accepted).
+    fn quota_reply(
+        &self,
+        txn: &QuotaTxn,
+        decision: Result<QuotaDecision, crate::quota::QuotaError>,
+    ) -> Option<Reply> {
+        let id = txn.quota_id().unwrap_or("none").to_owned();
+        match decision {
+            Ok(d) => {
+                if txn.quota_id().is_some() {
+                    self.observer.quota_decision(&id, d.result_label());
+                }
+                d.reply().map(|line| Reply::parse(&line))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, quota = %id, "quota store unavailable; deferring");
+                Some(Reply::parse(UNAVAILABLE_REPLY))
+            }
+        }
     }
 
     async fn accept_message(
@@ -690,6 +736,7 @@ impl Inbound {
         rcpts: Vec<String>,
         body: Vec<u8>,
         end_of_data: Instant,
+        mut txn: Option<QuotaTxn>,
     ) -> Reply {
         let now = chrono::Utc::now();
         let options = match headers::extension_options(&body, now) {
@@ -697,16 +744,19 @@ impl Inbound {
             Err(e) => {
                 let r = Reply::new(550, format!("5.6.0 {e}"));
                 self.observer.rejected(&sender, None, &r);
+                self.abort(txn).await;
                 return r;
             }
         };
-        let quota = match self.policy.check_message(&sender, &rcpts, &body).await {
-            Ok(q) => q,
-            Err(r) => {
+        if let Some(t) = txn.as_mut() {
+            let decision = self.quotas.data(t, &body, now.timestamp_millis()).await;
+            if let Some(r) = self.quota_reply(t, decision) {
                 self.observer.rejected(&sender, None, &r);
+                self.abort(txn).await;
                 return r;
             }
-        };
+        }
+        let quota = txn.as_ref().and_then(|t| t.quota_id().map(str::to_owned));
         let now_ms = now.timestamp_millis();
         let id = new_id(now_ms);
         let with = match (s.esmtp, s.tls, s.auth_user.is_some()) {
@@ -746,6 +796,10 @@ impl Inbound {
         };
         match self.queue.enqueue(&meta, &stored, &jobs).await {
             Ok(()) => {
+                // Accepted mail stays counted, even if it bounces later.
+                if let Some(t) = txn {
+                    t.commit();
+                }
                 self.observer.accepted(&meta, end_of_data.elapsed());
                 Reply::new(250, format!("2.0.0 Ok: queued as {id}"))
             }
@@ -753,6 +807,7 @@ impl Inbound {
                 tracing::error!(error = %e, "enqueue failed; message not accepted");
                 let r = Reply::new(451, "4.3.0 Queue temporarily unavailable, try again later");
                 self.observer.rejected(&sender, None, &r);
+                self.abort(txn).await;
                 r
             }
         }
