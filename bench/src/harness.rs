@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -69,6 +70,43 @@ impl Options {
     }
 }
 
+/// Pids of every child process alive right now, for cleanup when the run is interrupted.
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<u32>> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// On SIGINT or SIGTERM: stop every child process and private Postfix instance, then exit 130.
+/// (A Postfix master daemonizes, so it would not get the terminal's signal by itself.)
+/// `scratch`, if given, is removed afterwards.
+pub fn install_interrupt_cleanup(scratch: Option<PathBuf>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        eprintln!("interrupted: stopping child processes and Postfix");
+        for pid in live().iter() {
+            signal(*pid, "TERM");
+        }
+        crate::postfix::abort_running();
+        if let Some(dir) = scratch {
+            // Give the children a moment to exit before their files go.
+            std::thread::sleep(Duration::from_secs(1));
+            let _ = fs::remove_dir_all(dir);
+        }
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
 /// A child process killed on drop (SIGTERM first, SIGKILL if it lingers).
 struct Proc {
     name: String,
@@ -76,6 +114,14 @@ struct Proc {
 }
 
 impl Proc {
+    fn new(name: &str, child: Child) -> Self {
+        live().push(child.id());
+        Proc {
+            name: name.into(),
+            child,
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -106,6 +152,32 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.terminate(Duration::from_secs(10));
+        let pid = self.pid();
+        live().retain(|p| *p != pid);
+    }
+}
+
+/// A redis-server whose pid is known to the interrupt cleanup.
+struct Redis(RedisServer);
+
+impl Redis {
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.0.pid().ok_or_else(|| anyhow!("redis-server pid unknown"))
+    }
+}
+
+impl std::ops::Deref for Redis {
+    type Target = RedisServer;
+    fn deref(&self) -> &RedisServer {
+        &self.0
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.pid() {
+            live().retain(|p| *p != pid);
+        }
     }
 }
 
@@ -148,10 +220,7 @@ impl Sink {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("sink stdout"))?;
-        let proc = Proc {
-            name: "bench-sink".into(),
-            child,
-        };
+        let proc = Proc::new("bench-sink", child);
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
         let field = |k: &str| -> anyhow::Result<SocketAddr> {
@@ -204,10 +273,7 @@ impl Relay {
                 .spawn()
                 .with_context(|| format!("starting {}", opts.relay_bin.display()))?;
             let mut relay = Relay {
-                proc: Proc {
-                    name: "mailroute-relay".into(),
-                    child,
-                },
+                proc: Proc::new("mailroute-relay", child),
                 smtp,
                 log: log.clone(),
             };
@@ -361,11 +427,13 @@ fn run_load(opts: &Options, load: &Load, watch: &mut Watch) -> anyhow::Result<Lo
     if let Some(r) = load.rate {
         cmd.args(["--rate", &format!("{r:.3}")]);
     }
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
+    let mut proc = Proc::new("bench-loadgen", child);
+    let child = &mut proc.child;
     let status = loop {
         watch.sample();
         if let Some(st) = child.try_wait()? {
@@ -592,14 +660,17 @@ fn postfix_row(opts: &Options, version: &str) -> Row {
 }
 
 /// Redis with AOF and the given `appendfsync` policy, data under the work dir.
-fn start_redis(opts: &Options, name: &str, fsync: &str) -> anyhow::Result<RedisServer> {
+fn start_redis(opts: &Options, name: &str, fsync: &str) -> anyhow::Result<Redis> {
     let dir = opts.work_dir.join(format!("redis-{name}"));
-    RedisServer::builder()
+    let server = RedisServer::builder()
         .aof(true)
         .dir(&dir)
         .arg("--appendfsync")
         .arg(fsync)
-        .start()
+        .start()?;
+    let redis = Redis(server);
+    live().push(redis.pid()?);
+    Ok(redis)
 }
 
 fn relay_row(opts: &Options, fsync: &str, relays: usize) -> Row {
@@ -631,7 +702,7 @@ fn relay_row(opts: &Options, fsync: &str, relays: usize) -> Row {
             );
             procs.push(relay);
         }
-        watch.add("redis", redis.pid().ok_or_else(|| anyhow!("redis pid unknown"))?, false);
+        watch.add("redis", redis.pid()?, false);
         let sut = Sut {
             targets: procs.iter().map(|p| p.smtp).collect(),
             sink: &sink,
@@ -679,7 +750,7 @@ fn backlog_run(opts: &Options, messages: u64, reference_rss: Option<f64>) -> Bac
 
 fn backlog_inner(opts: &Options, b: &mut Backlog) -> anyhow::Result<()> {
     let redis = start_redis(opts, "backlog", "always")?;
-    let redis_pid = redis.pid().ok_or_else(|| anyhow!("redis pid unknown"))?;
+    let redis_pid = redis.pid()?;
     let sink = Sink::start(opts)?;
     let routes = opts.work_dir.join("routes-backlog.yaml");
     fs::write(&routes, sink_route_yaml(sink.smtp))?;
@@ -793,10 +864,7 @@ fn profile_relay(opts: &Options, out: &Path) -> anyhow::Result<String> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting perf (apt-get install linux-perf)")?;
-    let mut perf = Proc {
-        name: "perf".into(),
-        child: perf,
-    };
+    let mut perf = Proc::new("perf", perf);
     let mut watch = Watch::default();
     let load = run_load(
         opts,
@@ -829,7 +897,14 @@ fn profile_relay(opts: &Options, out: &Path) -> anyhow::Result<String> {
             .args(["--stdio", "--percent-limit", "0.7"])
             .args(extra)
             .output()?;
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        // Keep the table; drop perf's banner comments and tips.
+        let text = String::from_utf8_lossy(&o.stdout);
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !l.starts_with('#') || l.starts_with("# Samples") || l.starts_with("# Overhead"))
+            .collect();
+        Ok(kept.join("\n"))
     };
     let flat = report(&["--no-children", "--sort", "dso,symbol", "-g", "none"])?;
     let inclusive = report(&["--children", "--sort", "symbol", "-g", "none"])?;

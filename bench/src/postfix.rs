@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -78,6 +79,21 @@ pub fn master_cf(distro: &str, listen: &str) -> String {
     out
 }
 
+/// Config directories of the instances running now, for [`abort_running`].
+static RUNNING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn running() -> MutexGuard<'static, Vec<PathBuf>> {
+    RUNNING.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Stops every instance started by this process at once (`postfix abort`); for interrupts,
+/// since the master daemonizes and outlives the harness otherwise.
+pub fn abort_running() {
+    for conf in running().drain(..) {
+        let _ = Command::new("postfix").arg("-c").arg(&conf).arg("abort").output();
+    }
+}
+
 /// A running private Postfix instance.
 pub struct Postfix {
     root: PathBuf,
@@ -110,6 +126,7 @@ impl Postfix {
         };
         pf.postfix("start")?;
         pf.running = true;
+        running().push(root.join("conf"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
             if Instant::now() > deadline {
@@ -169,6 +186,8 @@ impl Postfix {
         }
         let pid = self.master_pid();
         self.running = false;
+        let conf = self.root.join("conf");
+        running().retain(|c| *c != conf);
         if self.postfix("stop").is_err() {
             self.postfix("abort")?;
         }

@@ -289,7 +289,7 @@ pub fn render(r: &BenchResults) -> String {
         .rows
         .iter()
         .filter_map(|row| Some((row, row.schedule_latency?)))
-        .map(|(row, l)| format!("{} p99 {} ms", row.system, ms(l.p99_us)))
+        .map(|(row, l)| format!("{} ({}) p99 {} ms", row.system, row.durability, ms(l.p99_us)))
         .collect();
     if !late.is_empty() {
         let _ = writeln!(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use mailroute_bench::harness::{Options, Step, run};
+use mailroute_bench::harness::{Options, Step, install_interrupt_cleanup, run};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark mailroute against Postfix and the generator-to-sink ceiling")]
@@ -101,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         steps,
         plan_messages_per_hour: a.plan_per_hour,
     };
+    install_interrupt_cleanup((scratch && !a.keep).then(|| work_dir.clone()))?;
     let result = run(&opts);
     if scratch && !a.keep {
         let _ = std::fs::remove_dir_all(&work_dir);
