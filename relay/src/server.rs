@@ -177,6 +177,9 @@ impl Relay {
     }
 
     pub async fn start_with(opts: RelayOptions, overrides: Overrides) -> Result<Relay> {
+        // Builds that also contain the operator enable a second rustls provider; pick ring
+        // explicitly so libraries calling `ClientConfig::builder()` (rediss://) do not panic.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let config = Arc::new(ConfigHandle::open(opts.source.clone()).context("loading configuration")?);
         for w in &config.get().warnings {
             tracing::warn!(warning = %w, "configuration warning");
