@@ -38,20 +38,30 @@ impl AdminBackend for RelayBackend {
     }
 
     async fn cancel(&self, id: &str) -> anyhow::Result<CancelResult> {
-        let Some(view) = self.queue.view(id).await? else { return Ok(CancelResult::NotFound) };
+        let Some(view) = self.queue.view(id).await? else {
+            return Ok(CancelResult::NotFound);
+        };
         if view.cancelled {
             return Ok(CancelResult::Conflict("already cancelled".into()));
         }
         if !self.queue.cancel(id).await? {
             return Ok(CancelResult::NotFound);
         }
-        Ok(CancelResult::Cancelled { recipients: view.pending.max(0) as usize })
+        Ok(CancelResult::Cancelled {
+            recipients: view.pending.max(0) as usize,
+        })
     }
 
     async fn quotas(&self) -> anyhow::Result<Vec<QuotaReport>> {
         let cfg = self.config.get();
-        let report = self.quotas.usage_report(&cfg.config, Utc::now().timestamp_millis()).await?;
-        Ok(report.into_iter().map(|(id, usage)| QuotaReport { id, usage }).collect())
+        let report = self
+            .quotas
+            .usage_report(&cfg.config, Utc::now().timestamp_millis())
+            .await?;
+        Ok(report
+            .into_iter()
+            .map(|(id, usage)| QuotaReport { id, usage })
+            .collect())
     }
 
     async fn refresh_metrics(&self) {
@@ -71,7 +81,12 @@ impl AdminBackend for RelayBackend {
         match self.quotas.usage_report(&cfg.config, now).await {
             Ok(report) => {
                 for (id, usage) in report {
-                    let periods = [("minute", usage.minute), ("hour", usage.hour), ("day", usage.day), ("month", usage.month)];
+                    let periods = [
+                        ("minute", usage.minute),
+                        ("hour", usage.hour),
+                        ("day", usage.day),
+                        ("month", usage.month),
+                    ];
                     for (period, u) in periods {
                         if let Some(u) = u {
                             self.metrics.quota_usage.with_label_values(&[&id, period]).set(u.used);

@@ -35,11 +35,14 @@ impl Pacing for SharedPacing {
     }
 
     async fn report(&self, route: &CompiledRoute, attempt: &Attempt, now_ms: i64) {
-        let Some(domain) = attempt.rcpt_domain.as_deref() else { return };
+        let Some(domain) = attempt.rcpt_domain.as_deref() else {
+            return;
+        };
         let outcome = match &attempt.outcome {
-            AttemptOutcome::Delivered { code, text } | AttemptOutcome::Failed { code: Some(code), text, .. } => {
-                Outcome::Reply(Reply::new(*code, text))
-            }
+            AttemptOutcome::Delivered { code, text }
+            | AttemptOutcome::Failed {
+                code: Some(code), text, ..
+            } => Outcome::Reply(Reply::new(*code, text)),
             // No reply: neutral for back-off.
             AttemptOutcome::Failed { .. } => Outcome::Failure(Failure::ConnectionLost),
         };

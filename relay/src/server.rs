@@ -17,19 +17,19 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminState;
 use crate::backend::RelayBackend;
 use crate::config::{ConfigHandle, Source};
-use crate::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
 use crate::dlog::DeliveryLog;
 use crate::metrics::Metrics;
+use crate::pacing::SharedPacing;
 use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{Durability, RedisQueue};
+use crate::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
+use crate::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::smtp::ListenerKind;
 use crate::smtp::inbound::{Inbound, InboundSettings};
 use crate::telemetry::Telemetry;
 use crate::transport::SmtpTransport;
-use crate::pacing::SharedPacing;
-use crate::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::worker::{Pacing, Worker, WorkerSettings};
 
 /// Everything the relay needs to start; the CLI fills it from flags and environment.
@@ -280,9 +280,12 @@ impl Relay {
             queue: queue.clone(),
             config: config.clone(),
             transport: Arc::new(SmtpTransport::new(deliverer)),
-            pacing: overrides
-                .pacing
-                .unwrap_or_else(|| Arc::new(SharedPacing { pacer: Pacer::new(pace_store), metrics: metrics.clone() })),
+            pacing: overrides.pacing.unwrap_or_else(|| {
+                Arc::new(SharedPacing {
+                    pacer: Pacer::new(pace_store),
+                    metrics: metrics.clone(),
+                })
+            }),
             telemetry: telemetry.clone(),
             settings: WorkerSettings {
                 consumer: opts.consumer.clone(),
@@ -307,7 +310,9 @@ impl Relay {
         };
         let mut admin_addr = None;
         if let Some(addr) = opts.admin_listen {
-            let l = TcpListener::bind(addr).await.with_context(|| format!("binding admin on {addr}"))?;
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin on {addr}"))?;
             admin_addr = Some(l.local_addr()?);
             let mut rx = shutdown_rx.clone();
             listeners.push(tokio::spawn(async move {

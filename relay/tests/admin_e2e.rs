@@ -11,7 +11,12 @@ use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer, Stage};
 const TOKEN: &str = "admin-test-token";
 
 async fn get(base: &str, path: &str) -> reqwest::Response {
-    reqwest::Client::new().get(format!("{base}{path}")).bearer_auth(TOKEN).send().await.expect("http")
+    reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("http")
 }
 
 async fn poll_json(base: &str, path: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
@@ -21,7 +26,10 @@ async fn poll_json(base: &str, path: &str, ok: impl Fn(&serde_json::Value) -> bo
         if ok(&v) {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting on {path}: {v}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting on {path}: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -31,14 +39,27 @@ async fn events_csv_messages_and_metrics() {
     let redis = RedisServer::start().unwrap();
     // First RCPT is refused permanently, the rest accepted.
     let up = SmtpServer::start(
-        Script::new().stage(Stage::Rcpt).then(Behaviour::PermFail("550 5.1.1 <gone@example.com>: user unknown".into())),
+        Script::new()
+            .stage(Stage::Rcpt)
+            .then(Behaviour::PermFail("550 5.1.1 <gone@example.com>: user unknown".into())),
     )
     .unwrap();
-    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| o.admin_token = Some(TOKEN.into())).await;
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| {
+        o.admin_token = Some(TOKEN.into())
+    })
+    .await;
     let base = format!("http://{}", r.relay.admin_addr.unwrap());
 
-    assert!(submit(r.smtp(), "app@app.example", &["gone@example.com"], &message("b", "")).await.delivered());
-    assert!(submit(r.smtp(), "app@app.example", &["ok@example.com"], &message("d", "")).await.delivered());
+    assert!(
+        submit(r.smtp(), "app@app.example", &["gone@example.com"], &message("b", ""))
+            .await
+            .delivered()
+    );
+    assert!(
+        submit(r.smtp(), "app@app.example", &["ok@example.com"], &message("d", ""))
+            .await
+            .delivered()
+    );
 
     let v = poll_json(&base, "/api/v1/events?result=delivered&recipient=ok@example.com", |v| {
         v["events"].as_array().is_some_and(|a| !a.is_empty())
@@ -51,20 +72,46 @@ async fn events_csv_messages_and_metrics() {
     assert_eq!(ev["reply_code"], 250);
     assert!(ev.get("subject").is_none() && ev.get("body").is_none());
 
-    poll_json(&base, "/api/v1/events?result=bounced", |v| v["events"].as_array().is_some_and(|a| !a.is_empty())).await;
-    let csv = get(&base, "/api/v1/events.csv?result=bounced&bounce_class=invalid_recipient").await.text().await.unwrap();
-    assert!(csv.lines().next().unwrap().starts_with("time,recipient,result"), "{csv}");
+    poll_json(&base, "/api/v1/events?result=bounced", |v| {
+        v["events"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    let csv = get(
+        &base,
+        "/api/v1/events.csv?result=bounced&bounce_class=invalid_recipient",
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        csv.lines().next().unwrap().starts_with("time,recipient,result"),
+        "{csv}"
+    );
     assert!(csv.contains("gone@example.com"), "{csv}");
     assert!(!csv.contains("ok@example.com"));
-    let received = get(&base, "/api/v1/events?result=received").await.json::<serde_json::Value>().await.unwrap();
+    let received = get(&base, "/api/v1/events?result=received")
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
     assert!(received["events"].as_array().unwrap().len() >= 2);
 
     // A message scheduled for later can be inspected and cancelled.
-    let t = submit(r.smtp(), "app@app.example", &["later@example.com"], &message("l", "X-Mailroute-Deliver-After: 1h\r\n"))
-        .await;
+    let t = submit(
+        r.smtp(),
+        "app@app.example",
+        &["later@example.com"],
+        &message("l", "X-Mailroute-Deliver-After: 1h\r\n"),
+    )
+    .await;
     let reply = t.reply_to(".").unwrap().text();
     let id = reply.rsplit("queued as ").next().unwrap().trim().to_owned();
-    let m: serde_json::Value = get(&base, &format!("/api/v1/messages/{id}")).await.json().await.unwrap();
+    let m: serde_json::Value = get(&base, &format!("/api/v1/messages/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(m["meta"]["rcpts"][0], "later@example.com", "{m}");
     let del = reqwest::Client::new()
         .delete(format!("{base}/api/v1/messages/{id}"))
@@ -73,7 +120,11 @@ async fn events_csv_messages_and_metrics() {
         .await
         .unwrap();
     assert!(del.status().is_success(), "{}", del.status());
-    let m: serde_json::Value = get(&base, &format!("/api/v1/messages/{id}")).await.json().await.unwrap();
+    let m: serde_json::Value = get(&base, &format!("/api/v1/messages/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(m["cancelled"], true, "{m}");
     assert_eq!(get(&base, "/api/v1/messages/nope").await.status(), 404);
 
@@ -82,7 +133,12 @@ async fn events_csv_messages_and_metrics() {
     assert_eq!(anon.status(), 401);
     assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
 
-    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for series in [
         // The message to ok@ and the DSN for gone@ (it leaves through the same route).
         r#"mailroute_delivery_attempts_total{result="delivered",route="mail/up"} 2"#,

@@ -13,14 +13,32 @@ use mailroute_testkit::smtp::client::SmtpClient;
 use mailroute_testkit::{RedisServer, Script, SmtpServer};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The relay binary as a child process (so it can be SIGKILLed).
 fn spawn_relay(routes: &std::path::Path, redis: &str, smtp_port: u16, workers: usize) -> Child {
     Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
-        .args(["run", "--queue", redis, "--smtp-listen", &format!("127.0.0.1:{smtp_port}"), "--admin-listen", ""])
-        .args(["--routes", routes.to_str().unwrap(), "--visibility-timeout", "2s", "--no-log-stdout"])
+        .args([
+            "run",
+            "--queue",
+            redis,
+            "--smtp-listen",
+            &format!("127.0.0.1:{smtp_port}"),
+            "--admin-listen",
+            "",
+        ])
+        .args([
+            "--routes",
+            routes.to_str().unwrap(),
+            "--visibility-timeout",
+            "2s",
+            "--no-log-stdout",
+        ])
         .args(["--workers", &workers.to_string(), "--hostname", "relay.test"])
         .env("MAILROUTE_LOG", "warn")
         .stdout(Stdio::null())
@@ -66,7 +84,9 @@ async fn send_all(port: u16, markers: &[String]) -> Vec<String> {
 }
 
 fn marker_of(data: &str) -> Option<String> {
-    data.lines().find_map(|l| l.strip_prefix("Subject: test ")).map(|s| s.trim().to_owned())
+    data.lines()
+        .find_map(|l| l.strip_prefix("Subject: test "))
+        .map(|s| s.trim().to_owned())
 }
 
 fn delivered_markers(up: &SmtpServer) -> HashMap<String, usize> {
@@ -114,11 +134,19 @@ async fn relay_killed_mid_flight_loses_nothing() {
     relay.kill().unwrap();
     relay.wait().unwrap();
     let accepted_before = sender.await.unwrap();
-    assert!(accepted_before.len() >= 20 && accepted_before.len() < 200, "kill landed mid-run: {}", accepted_before.len());
+    assert!(
+        accepted_before.len() >= 20 && accepted_before.len() < 200,
+        "kill landed mid-run: {}",
+        accepted_before.len()
+    );
 
     // Restart; send what was not accepted before.
     let mut relay = spawn_relay(&routes, &redis.url(), port, 4);
-    let rest: Vec<String> = markers.iter().filter(|m| !accepted_before.contains(m)).cloned().collect();
+    let rest: Vec<String> = markers
+        .iter()
+        .filter(|m| !accepted_before.contains(m))
+        .cloned()
+        .collect();
     let accepted_after = send_all(port, &rest).await;
     assert_eq!(accepted_after.len(), rest.len());
 
@@ -170,7 +198,11 @@ async fn two_relays_on_one_redis_deliver_each_message_once() {
     assert_eq!(up.received().len(), 200);
     // Both relays took part in delivering.
     let delivered = |r: &TestRelay| {
-        r.relay.metrics().delivery_attempts.with_label_values(&["mail/up", "delivered"]).get()
+        r.relay
+            .metrics()
+            .delivery_attempts
+            .with_label_values(&["mail/up", "delivered"])
+            .get()
     };
     let (da, db) = (delivered(&a), delivered(&b));
     assert_eq!(da + db, 200);

@@ -9,14 +9,22 @@ use common::*;
 use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
 
 fn quota(name: &str, spec: &str) -> String {
-    format!("apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {{name: {name}, namespace: mail}}\nspec:\n{spec}\n---\n")
+    format!(
+        "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {{name: {name}, namespace: mail}}\nspec:\n{spec}\n---\n"
+    )
 }
 
 async fn count_accepted(addr: std::net::SocketAddr, n: usize, tag: &str, headers: &str) -> (usize, Vec<String>) {
     let mut ok = 0;
     let mut refusals = Vec::new();
     for i in 0..n {
-        let t = submit(addr, "app@app.example", &["user@example.com"], &message(&format!("{tag}{i}"), headers)).await;
+        let t = submit(
+            addr,
+            "app@app.example",
+            &["user@example.com"],
+            &message(&format!("{tag}{i}"), headers),
+        )
+        .await;
         if t.delivered() {
             ok += 1;
         } else if let Some(r) = t.reply_to("RCPT").filter(|r| !r.is_positive()).or(t.reply_to(".")) {
@@ -31,17 +39,36 @@ async fn two_relays_share_one_per_minute_limit() {
     let redis = RedisServer::start().unwrap();
     let up = SmtpServer::start(Script::new()).unwrap();
     let cfg = route("up", up.port(), 10, &["*"])
-        + &quota("loopback-app", "  sender: {sourceCidrs: [127.0.0.0/8]}\n  limits: {perMinute: 100}\n  onExceeded: defer");
+        + &quota(
+            "loopback-app",
+            "  sender: {sourceCidrs: [127.0.0.0/8]}\n  limits: {perMinute: 100}\n  onExceeded: defer",
+        );
     let a = start(&cfg, &redis.url(), |_| {}).await;
     let b = start(&cfg, &redis.url(), |_| {}).await;
-    let ((na, ra), (nb, rb)) =
-        tokio::join!(count_accepted(a.smtp(), 75, "a", ""), count_accepted(b.smtp(), 75, "b", ""));
+    let ((na, ra), (nb, rb)) = tokio::join!(
+        count_accepted(a.smtp(), 75, "a", ""),
+        count_accepted(b.smtp(), 75, "b", "")
+    );
     assert_eq!(na + nb, 100, "exactly the limit across both relays");
     let refusals: Vec<String> = ra.into_iter().chain(rb).collect();
     assert_eq!(refusals.len(), 50);
-    assert!(refusals.iter().all(|r| r.starts_with("451 4.7.1") && r.contains("100 messages per minute")), "{refusals:?}");
-    let m = a.relay.metrics().quota_decisions.with_label_values(&["mail/loopback-app", "deferred"]).get()
-        + b.relay.metrics().quota_decisions.with_label_values(&["mail/loopback-app", "deferred"]).get();
+    assert!(
+        refusals
+            .iter()
+            .all(|r| r.starts_with("451 4.7.1") && r.contains("100 messages per minute")),
+        "{refusals:?}"
+    );
+    let m = a
+        .relay
+        .metrics()
+        .quota_decisions
+        .with_label_values(&["mail/loopback-app", "deferred"])
+        .get()
+        + b.relay
+            .metrics()
+            .quota_decisions
+            .with_label_values(&["mail/loopback-app", "deferred"])
+            .get();
     assert_eq!(m, 50);
     a.relay.shutdown().await;
     b.relay.shutdown().await;
@@ -75,11 +102,24 @@ async fn forbidden_from_domain_is_refused_at_mail_from() {
             "  sender: {sourceCidrs: [127.0.0.0/8]}\n  limits: {perDay: 1000}\n  deniedFromDomains: [platform.example]",
         );
     let r = start(&cfg, "memory", |_| {}).await;
-    let t = submit(r.smtp(), "noreply@platform.example", &["user@example.com"], &message("x", "")).await;
+    let t = submit(
+        r.smtp(),
+        "noreply@platform.example",
+        &["user@example.com"],
+        &message("x", ""),
+    )
+    .await;
     let mail = t.reply_to("MAIL").unwrap();
     assert_eq!(mail.code, 550, "{t}");
-    assert!(mail.text().contains("5.7.1") && mail.text().contains("platform.example"), "{t}");
-    assert!(submit(r.smtp(), "app@app.example", &["user@example.com"], &message("y", "")).await.delivered());
+    assert!(
+        mail.text().contains("5.7.1") && mail.text().contains("platform.example"),
+        "{t}"
+    );
+    assert!(
+        submit(r.smtp(), "app@app.example", &["user@example.com"], &message("y", ""))
+            .await
+            .delivered()
+    );
     r.relay.shutdown().await;
 }
 
@@ -88,7 +128,10 @@ async fn paced_route_delivers_at_its_limit_without_failures() {
     let redis = RedisServer::start().unwrap();
     let up = SmtpServer::start(Script::new()).unwrap();
     // 120 a minute: one every 500 ms.
-    let cfg = route("up", up.port(), 10, &["*"]).replace("  priority: 10\n", "  priority: 10\n  limits: {messagesPerMinute: 120}\n");
+    let cfg = route("up", up.port(), 10, &["*"]).replace(
+        "  priority: 10\n",
+        "  priority: 10\n  limits: {messagesPerMinute: 120}\n",
+    );
     let r = start(&cfg, &redis.url(), |_| {}).await;
     let (n, _) = count_accepted(r.smtp(), 6, "p", "").await;
     assert_eq!(n, 6);
@@ -99,9 +142,19 @@ async fn paced_route_delivers_at_its_limit_without_failures() {
     // Five more sends at 500 ms spacing cannot finish in under ~2.5 s.
     assert!(spread >= Duration::from_millis(2000), "not paced: {spread:?}");
     assert_eq!(up.attempts(), 6, "pacing never fails an attempt");
-    let paced = r.relay.metrics().paced_jobs.with_label_values(&["mail/up", "route_rate"]).get();
+    let paced = r
+        .relay
+        .metrics()
+        .paced_jobs
+        .with_label_values(&["mail/up", "route_rate"])
+        .get();
     assert!(paced >= 4, "jobs waited for the rate: {paced}");
-    let bounced = r.relay.metrics().delivery_attempts.with_label_values(&["mail/up", "bounced"]).get();
+    let bounced = r
+        .relay
+        .metrics()
+        .delivery_attempts
+        .with_label_values(&["mail/up", "bounced"])
+        .get();
     assert_eq!(bounced, 0);
     r.relay.shutdown().await;
 }
@@ -111,7 +164,11 @@ async fn a_421_backs_the_route_off() {
     let redis = RedisServer::start().unwrap();
     let up = SmtpServer::start(Script::new().then(Behaviour::RateLimit)).unwrap();
     let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |_| {}).await;
-    assert!(submit(r.smtp(), "app@app.example", &["a@example.com"], &message("r1", "")).await.delivered());
+    assert!(
+        submit(r.smtp(), "app@app.example", &["a@example.com"], &message("r1", ""))
+            .await
+            .delivered()
+    );
     up.wait_for_attempts(1, WAIT).await.unwrap();
     let m = r.relay.metrics().clone();
     let deadline = Instant::now() + WAIT;
@@ -120,7 +177,11 @@ async fn a_421_backs_the_route_off() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The next message waits for the back-off instead of being sent.
-    assert!(submit(r.smtp(), "app@app.example", &["b@example.com"], &message("r2", "")).await.delivered());
+    assert!(
+        submit(r.smtp(), "app@app.example", &["b@example.com"], &message("r2", ""))
+            .await
+            .delivered()
+    );
     while m.paced_jobs.with_label_values(&["mail/up", "backoff"]).get() < 1 {
         assert!(Instant::now() < deadline, "second message was not held back");
         tokio::time::sleep(Duration::from_millis(20)).await;

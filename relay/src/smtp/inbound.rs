@@ -47,7 +47,10 @@ impl Reply {
     pub fn parse(line: &str) -> Self {
         match line.split_once(' ') {
             Some((code, text)) if code.len() == 3 => match code.parse() {
-                Ok(code) => Reply { code, text: text.to_owned() },
+                Ok(code) => Reply {
+                    code,
+                    text: text.to_owned(),
+                },
                 Err(_) => Reply::new(451, line),
             },
             _ => Reply::new(451, line),
@@ -709,11 +712,7 @@ impl Inbound {
     }
 
     /// Metrics for a quota answer, and the reply when it refuses (`None`: accepted).
-    fn quota_reply(
-        &self,
-        txn: &QuotaTxn,
-        decision: Result<QuotaDecision, crate::quota::QuotaError>,
-    ) -> Option<Reply> {
+    fn quota_reply(&self, txn: &QuotaTxn, decision: Result<QuotaDecision, crate::quota::QuotaError>) -> Option<Reply> {
         let id = txn.quota_id().unwrap_or("none").to_owned();
         match decision {
             Ok(d) => {
