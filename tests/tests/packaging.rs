@@ -20,22 +20,12 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-/// Operator metric families with their types, as the relay contract names them. The operator
-/// crate serves them on its health port; keep in sync with operator/src/metrics.rs.
-const OPERATOR_METRICS: &[(&str, &str)] = &[
-    ("mailroute_operator_reconciles_total", "counter"),
-    ("mailroute_operator_reconcile_duration_seconds", "histogram"),
-    ("mailroute_operator_last_success_timestamp_seconds", "gauge"),
-    ("mailroute_operator_is_leader", "gauge"),
-    ("mailroute_route_verified", "gauge"),
-    ("mailroute_operator_config_writes_total", "counter"),
-];
-
 /// Series Prometheus itself adds to every scrape target.
 const PROMETHEUS_SERIES: &[&str] = &["up"];
 
-/// Metric family names a query may use, and which of them are histograms (whose `_bucket`,
-/// `_sum` and `_count` series exist instead of the family name).
+/// Metric family names a query may use (the relay's contract list and the operator's
+/// exposition), and which of them are histograms (whose `_bucket`, `_sum` and `_count` series
+/// exist instead of the family name).
 struct Exported {
     names: BTreeSet<String>,
     histograms: BTreeSet<String>,
@@ -49,25 +39,25 @@ impl Exported {
         let relay = Metrics::new();
         relay.accept_latency.observe(0.001);
         relay.delivery_latency.with_label_values(&["mail/route"]).observe(1.0);
-        let mut histograms = BTreeSet::new();
-        for line in relay.encode().lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let mut parts = rest.split_whitespace();
-                if let (Some(name), Some("histogram")) = (parts.next(), parts.next()) {
-                    histograms.insert(name.to_string());
-                }
-            }
-        }
-        assert!(
-            histograms.contains("mailroute_accept_latency_seconds"),
+        let relay_types = exposition_types(&relay.encode());
+        assert_eq!(
+            relay_types.get("mailroute_accept_latency_seconds").map(String::as_str),
+            Some("histogram"),
             "the relay's exposition lacks the accept latency histogram"
         );
-        for (name, kind) in OPERATOR_METRICS {
-            names.insert((*name).to_string());
-            if *kind == "histogram" {
-                histograms.insert((*name).to_string());
+        let mut histograms = BTreeSet::new();
+        // The operator's real exposition (every family present once a route has a verdict).
+        let operator = mailroute_operator::metrics::Metrics::new();
+        operator.set_verified(&BTreeMap::from([("mail/route".to_string(), true)]));
+        let operator_text = operator.render();
+        for (name, kind) in relay_types.iter().chain(&exposition_types(&operator_text)) {
+            if kind == "histogram" {
+                histograms.insert(name.clone());
             }
         }
+        let operator_names: BTreeSet<String> = exposition_types(&operator_text).into_keys().collect();
+        assert!(operator_names.contains("mailroute_route_verified"), "{operator_text}");
+        names.extend(operator_names);
         names.extend(PROMETHEUS_SERIES.iter().map(|s| s.to_string()));
         Exported { names, histograms }
     }
@@ -83,6 +73,15 @@ impl Exported {
                 .is_some_and(|base| self.histograms.contains(base))
         })
     }
+}
+
+/// Family name -> type, from the `# TYPE` lines of a Prometheus text exposition.
+fn exposition_types(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .map(|(name, kind)| (name.to_string(), kind.trim().to_string()))
+        .collect()
 }
 
 /// Every metric name selected anywhere in the expression.
