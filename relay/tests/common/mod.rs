@@ -78,3 +78,65 @@ pub async fn submit(addr: std::net::SocketAddr, from: &str, rcpts: &[&str], data
         .await
         .expect("SMTP session")
 }
+
+/// A Secret with SMTP credentials and a SenderQuota that makes them an inbound AUTH user.
+pub fn inbound_user(name: &str, user: &str, password: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}-smtp, namespace: mail}}\ntype: Opaque\nstringData:\n  username: {user}\n  password: {password}\n---\napiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {{name: {name}, namespace: mail}}\nspec:\n  sender: {{authUser: {user}}}\n  limits: {{perDay: 100000}}\n  credentialsSecretRef: {{name: {name}-smtp}}\n---\n"
+    )
+}
+
+/// Like [`start`], with the test PKI's certificate and the submission (587-style) and smtps
+/// (465-style) listeners on free loopback ports.
+pub async fn start_tls(
+    routes: &str,
+    queue: &str,
+    pki: &mailroute_testkit::TestPki,
+    tweak: impl FnOnce(&mut RelayOptions),
+) -> TestRelay {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = options(dir.path(), routes, queue);
+    let (cert, key, _ca) = pki.write_files(dir.path().join("tls")).expect("write PKI");
+    o.tls_cert = Some(cert);
+    o.tls_key = Some(key);
+    o.submission_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    o.smtps_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    tweak(&mut o);
+    let overrides = Overrides {
+        resolver: Some(Arc::new(StaticResolver::new())),
+        ..Default::default()
+    };
+    let relay = Relay::start_with(o, overrides).await.expect("relay starts");
+    TestRelay { relay, dir }
+}
+
+impl TestRelay {
+    pub fn submission(&self) -> std::net::SocketAddr {
+        self.relay.submission_addr.expect("submission listener")
+    }
+    pub fn smtps(&self) -> std::net::SocketAddr {
+        self.relay.smtps_addr.expect("smtps listener")
+    }
+    /// The CA certificate written by [`start_tls`], for external clients.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("tls").join("ca.crt")
+    }
+}
+
+/// Polls `f` until it is true or [`WAIT`] passes; returns the last result.
+pub async fn eventually<F, Fut>(f: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
