@@ -176,6 +176,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
     let (shutdown_tx, shutdown) = watch::channel(false);
+    // Listen for SIGTERM from the start: a signal during startup still shuts down cleanly.
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("termination signal received; shutting down");
+        shutdown_tx.send_replace(true);
+    });
     let (leading_tx, leading) = watch::channel(!args.leader_elect);
 
     let listener = tokio::net::TcpListener::bind(&args.health_listen)
@@ -253,12 +259,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             timeout: args.connection_test_timeout,
         },
     };
-    tokio::spawn(async move {
-        terminated().await;
-        tracing::info!("termination signal received; shutting down");
-        shutdown_tx.send_replace(true);
-    });
-
     controller::run(reconciler, triggers, loop_settings, leading, shutdown).await;
     if let Some(t) = elector_task {
         let _ = t.await;

@@ -206,7 +206,13 @@ pub async fn run(
             }
             Some(done) = tests.join_next() => {
                 if let Ok((route, record)) = done {
-                    tracing::info!(route = %route, result = %record.result, step = ?record.step, "connection test finished");
+                    tracing::info!(
+                        route = %route,
+                        result = %record.result,
+                        step = record.step.as_deref().unwrap_or("-"),
+                        detail = record.reply.as_deref().or(record.error.as_deref()).unwrap_or("-"),
+                        "connection test finished"
+                    );
                     reconciler.test_finished(&route, record);
                 }
                 start_tests(&mut tests, &mut queued, &settings);

@@ -28,6 +28,9 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => {
+            // Feature unification can enable more than one rustls backend; pick ring explicitly
+            // (as the connection tests do) so the Kubernetes client never has to guess.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let filter = EnvFilter::try_from_default_env()
                 .or_else(|_| EnvFilter::try_new(&args.log_level))
                 .context("invalid log filter")?;

@@ -80,14 +80,25 @@ pub fn objects(yaml: &str) -> Objects {
 /// Every example manifest (not the broken ones), plus the given extra YAML.
 pub fn examples_plus(extra: &str) -> Objects {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut text = String::new();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    for f in files {
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    examples_from(&names, extra)
+}
+
+/// The named example files (e.g. `quota-shop.yaml`), plus the given extra YAML.
+pub fn examples_from(files: &[&str], extra: &str) -> Objects {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut text = String::new();
+    for f in files.iter().map(|f| dir.join(f)) {
         text.push_str(&std::fs::read_to_string(f).unwrap());
         text.push_str("\n---\n");
     }
