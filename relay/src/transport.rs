@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use mailroute_api::config::{CompiledRoute, RelaySecrets};
+use mailroute_api::config::{CompiledRoute, RelaySecrets, Target};
 
 use crate::bounce::BounceClass;
 use crate::delivery::{AttemptResult, Deliverer, DeliveryTarget, DkimSigner, Envelope, Stage};
+use crate::shaping::Shaping;
 use crate::worker::{Attempt, AttemptOutcome, OutEnvelope, Transport};
 
 pub struct SmtpTransport {
@@ -60,6 +61,17 @@ fn fxhash(b: &[u8]) -> u64 {
     h.finish()
 }
 
+/// Connections and messages per connection for MX delivery to `domain`: the stricter of the
+/// route's and the destination's.
+pub fn mx_connection_limits(route: &CompiledRoute, domain: &str) -> (Option<u32>, Option<u32>) {
+    let s = Shaping::resolve(route, domain);
+    let conns = match (s.route_max_connections, s.destination.max_connections) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    (conns, s.messages_per_connection(route))
+}
+
 /// The worker's view of a delivery attempt.
 pub fn outcome_of(r: &AttemptResult) -> AttemptOutcome {
     let Some(v) = r.verdict() else {
@@ -87,7 +99,14 @@ impl Transport for SmtpTransport {
         env: &OutEnvelope<'_>,
         body: &[u8],
     ) -> Attempt {
-        let target = DeliveryTarget::from_route(route, secrets);
+        let mut target = DeliveryTarget::from_route(route, secrets);
+        // MX pools are per recipient domain: apply that destination's connection limits
+        // (perDestination or the carrier defaults) to this process's pool.
+        if matches!(route.target, Target::Mx)
+            && let Some(domain) = mailroute_api::pattern::domain_of(env.rcpt_to)
+        {
+            (target.max_connections, target.messages_per_connection) = mx_connection_limits(route, &domain);
+        }
         let creds = secrets.upstream_credentials.get(&route.id);
         let signer = self.signer(route, secrets);
         let envelope = Envelope {
@@ -104,5 +123,18 @@ impl Transport for SmtpTransport {
             tls: r.tls,
             rcpt_domain: mailroute_api::pattern::domain_of(env.rcpt_to).map(|d| d.to_ascii_lowercase()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carrier_domains_get_strict_connection_limits_on_mx_routes() {
+        let (cfg, _, _) = crate::config::load(&crate::config::Source::Embedded).unwrap();
+        let mx = &cfg.routes[0];
+        assert_eq!(mx_connection_limits(mx, "docomo.ne.jp"), (Some(2), Some(10)));
+        assert_eq!(mx_connection_limits(mx, "gmail.com"), (None, None));
     }
 }
