@@ -54,6 +54,52 @@ pub fn parse_meminfo_kb(text: &str, key: &str) -> Option<u64> {
     parse_status_kb(text, key)
 }
 
+/// Machine-wide CPU time from the `cpu` line of `/proc/stat`, in clock ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTimes {
+    pub busy: u64,
+    pub iowait: u64,
+    pub total: u64,
+}
+
+impl CpuTimes {
+    /// Busy and iowait shares of the time between `self` and a later sample `after` (0..=1).
+    pub fn shares_until(&self, after: &CpuTimes) -> (f64, f64) {
+        let total = after.total.saturating_sub(self.total);
+        if total == 0 {
+            return (0.0, 0.0);
+        }
+        let t = total as f64;
+        (
+            after.busy.saturating_sub(self.busy) as f64 / t,
+            after.iowait.saturating_sub(self.iowait) as f64 / t,
+        )
+    }
+}
+
+/// Parses the aggregate `cpu  user nice system idle iowait irq softirq steal …` line.
+pub fn parse_proc_stat(text: &str) -> Option<CpuTimes> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    let (idle, iowait) = (at(3), at(4));
+    // guest time is already included in user/nice.
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    Some(CpuTimes {
+        busy,
+        iowait,
+        total: busy + idle + iowait,
+    })
+}
+
+pub fn read_cpu_times() -> CpuTimes {
+    parse_proc_stat(&fs::read_to_string("/proc/stat").unwrap_or_default()).unwrap_or_default()
+}
+
 /// Every descendant of `root` (and `root` itself) in a pid → ppid map.
 pub fn tree_of(root: u32, parents: &HashMap<u32, u32>) -> Vec<u32> {
     let mut out = vec![root];
@@ -164,6 +210,25 @@ mod tests {
         assert_eq!(parse_status_kb(status, "VmSwap"), None);
         let meminfo = "MemTotal:       24000000 kB\nMemFree:        1 kB\nMemAvailable:   23000000 kB\n";
         assert_eq!(parse_meminfo_kb(meminfo, "MemAvailable"), Some(23_000_000));
+    }
+
+    #[test]
+    fn machine_cpu_shares_from_proc_stat() {
+        let a = parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!(
+            a,
+            CpuTimes {
+                busy: 150,
+                iowait: 50,
+                total: 1000
+            }
+        );
+        let b = parse_proc_stat("cpu  200 10 90 900 100 0 0 0 0 0\n").unwrap();
+        let (busy, iowait) = a.shares_until(&b);
+        assert!((busy - 150.0 / 300.0).abs() < 1e-9);
+        assert!((iowait - 50.0 / 300.0).abs() < 1e-9);
+        assert_eq!(b.shares_until(&b), (0.0, 0.0));
+        assert_eq!(parse_proc_stat("intr 1 2"), None);
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct Row {
     pub cpu_ms_per_msg: Option<f64>,
     /// CPU of the relay process(es) alone per delivered message.
     pub relay_cpu_ms_per_msg: Option<f64>,
+    /// Machine-wide CPU busy and iowait shares during the throughput phase (0..=1).
+    #[serde(default)]
+    pub machine_cpu: Option<(f64, f64)>,
     /// Peak resident memory per component, MiB.
     pub peak_rss_mib: Vec<(String, f64)>,
     pub redis: Option<RedisFigures>,
@@ -94,6 +97,7 @@ impl Row {
             schedule_latency: None,
             cpu_ms_per_msg: None,
             relay_cpu_ms_per_msg: None,
+            machine_cpu: None,
             peak_rss_mib: vec![],
             redis: None,
             error: None,
@@ -225,9 +229,9 @@ pub fn render(r: &BenchResults) -> String {
     let _ = writeln!(
         s,
         "| System | Durability | Accepted/s | Delivered/s | Delivered vs Postfix | Delivered vs ceiling | Rate for latency | \
-         Accept p50 ms | Accept p99 ms | CPU ms/msg | Peak memory MiB |"
+         Accept p50 ms | Accept p99 ms | CPU ms/msg | Machine CPU busy (iowait) | Peak memory MiB |"
     );
-    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
     for row in &r.rows {
         if let Some(e) = &row.error {
             let _ = writeln!(
@@ -255,7 +259,7 @@ pub fn render(r: &BenchResults) -> String {
         );
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.system,
             row.durability,
             rate(row.accepted_per_sec),
@@ -270,6 +274,11 @@ pub fn render(r: &BenchResults) -> String {
             opt(row.latency, |l| ms(l.p50_us)),
             opt(row.latency, |l| ms(l.p99_us)),
             opt(row.cpu_ms_per_msg, |v| format!("{v:.3}")),
+            opt(row.machine_cpu, |(busy, io)| format!(
+                "{:.0}% ({:.0}%)",
+                busy * 100.0,
+                io * 100.0
+            )),
             rss
         );
     }
@@ -278,7 +287,9 @@ pub fn render(r: &BenchResults) -> String {
         "\nCPU ms/msg is the CPU time of the system under test (relay + Redis, or all Postfix processes) per delivered \
          message; the generator and sink run on the same cores in every row. Peak memory: the kernel's peak resident \
          set (VmHWM) of each process; for Postfix, the largest sampled sum of PSS over all its processes (shared \
-         pages counted once).\n"
+         pages counted once). Machine CPU busy: share of all cores busy during the throughput phase, \
+         with the share spent idle waiting for disk I/O in brackets; well under 100% busy means the row was limited \
+         by latency (fsync, round trips, concurrency), not by CPU.\n"
     );
     for row in r.rows.iter().filter(|row| row.error.is_none()) {
         if let Some(n) = &row.note {
@@ -516,6 +527,7 @@ mod tests {
             peak_used_memory_mib: 12.0,
         });
         relay.peak_rss_mib = vec![("relay".into(), 40.0), ("redis".into(), 20.0)];
+        relay.machine_cpu = Some((0.8, 0.05));
         let mut failed = Row::new(Kind::Relay, "mailroute relay ×2", "d");
         failed.error = Some("relay did not start | exit 1".into());
         BenchResults {
@@ -536,7 +548,7 @@ mod tests {
         let md = render(&results());
         assert!(
             md.contains(
-                "| mailroute relay | d | 3300 | 3000 | 7.50× | 0.30× | 1500/s | 1.50 | 8.00 | — | relay 40, redis 20 |"
+                "| mailroute relay | d | 3300 | 3000 | 7.50× | 0.30× | 1500/s | 1.50 | 8.00 | — | 80% (5%) | relay 40, redis 20 |"
             ),
             "{md}"
         );
