@@ -222,7 +222,15 @@ pub async fn run(
             _ = tokio::time::sleep_until(next) => {}
         }
 
-        match reconciler.reconcile().await {
+        // Losing the Lease mid-reconcile abandons it: another replica may be writing already.
+        let result = tokio::select! {
+            r = reconciler.reconcile() => r,
+            _ = leading.wait_for(|l| !*l) => {
+                tracing::warn!("leadership lost during a reconcile; abandoned");
+                continue;
+            }
+        };
+        match result {
             Ok(outcome) => {
                 failures = 0;
                 tracing::debug!(

@@ -718,6 +718,28 @@ spec:
     }
 
     #[test]
+    fn an_owner_is_set_on_both_outputs_and_its_absence_is_repaired() {
+        let mut w = World::new(GMAIL);
+        w.fleet.owner = Some(OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "mailroute-operator".into(),
+            uid: "d-1".into(),
+            controller: Some(false),
+            block_owner_deletion: Some(false),
+        });
+        let p = w.plan(None, None);
+        let (cm, secret) = (p.apply_config.unwrap(), p.apply_secret.unwrap());
+        for meta in [&cm.metadata, &secret.metadata] {
+            assert_eq!(meta.owner_references.as_ref().unwrap()[0].uid, "d-1");
+        }
+        assert!(w.plan(Some((&cm, &secret)), None).apply_config.is_none());
+        let mut orphan = cm.clone();
+        orphan.metadata.owner_references = None;
+        assert!(w.plan(Some((&orphan, &secret)), None).apply_config.is_some());
+    }
+
+    #[test]
     fn a_hand_edited_config_map_is_rewritten() {
         let w = World::new(GMAIL);
         let p = w.plan(None, None);
