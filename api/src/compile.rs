@@ -859,7 +859,7 @@ fn compile_quota(
 
 /// Argon2id with a salt derived from the quota and user, so the same input compiles to the same
 /// bytes (the operator must not rewrite the Secret on every reconcile).
-fn hash_password(quota_id: &str, user: &str, password: &str) -> String {
+pub fn hash_password(quota_id: &str, user: &str, password: &str) -> String {
     use argon2::password_hash::{PasswordHasher, SaltString};
     let digest = Sha256::digest(format!("mailroute-inbound\0{quota_id}\0{user}").as_bytes());
     let Ok(salt) = SaltString::encode_b64(&digest[..16]) else {

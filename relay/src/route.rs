@@ -30,6 +30,15 @@ pub fn candidates<'a>(
     v.into_iter().map(|(r, _)| r).collect()
 }
 
+/// The lower-case A-label form of a domain (`bücher.example` → `xn--bcher-kva.example`), which
+/// is what routes match and MX lookups use; `None` if it is not a valid IDN.
+pub fn ascii_domain(domain: &str) -> Option<String> {
+    if domain.is_ascii() {
+        return Some(domain.to_ascii_lowercase());
+    }
+    idna::domain_to_ascii(domain).ok().map(|d| d.to_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +113,15 @@ spec: {host: shop.test, port: 25, tls: {mode: none}, priority: 5, match: {recipi
         assert!(!ids(candidates(&c, "a@app.example", None, "gmail.com")).contains(&"mail/shop"));
         // Bounces (null sender) are not from shop.example.
         assert!(!ids(candidates(&c, "", None, "gmail.com")).contains(&"mail/shop"));
+    }
+
+    #[test]
+    fn idn_domains_route_by_their_a_labels() {
+        assert_eq!(
+            ascii_domain("B\u{fc}cher.Example").as_deref(),
+            Some("xn--bcher-kva.example")
+        );
+        assert_eq!(ascii_domain("Docomo.NE.jp").as_deref(), Some("docomo.ne.jp"));
     }
 
     #[test]

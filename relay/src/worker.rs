@@ -395,7 +395,9 @@ impl Worker {
             return;
         }
         let snap = self.config.get();
-        let domain = domain_of(&rcpt).unwrap_or_default().to_ascii_lowercase();
+        let domain = domain_of(&rcpt)
+            .and_then(|d| crate::route::ascii_domain(&d))
+            .unwrap_or_default();
         let mut routes: Vec<CompiledRoute> =
             crate::route::candidates(&snap.config, &meta.mail_from, meta.auth_user.as_deref(), &domain)
                 .into_iter()

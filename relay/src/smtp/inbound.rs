@@ -167,12 +167,24 @@ pub fn may_relay_unauthenticated(listener: ListenerKind, source: IpAddr, cidrs: 
 }
 
 /// Syntax check of a recipient address: local@domain with a valid domain.
+/// `local@bücher.example` → `local@xn--bcher-kva.example`; other addresses unchanged.
+fn with_ascii_domain(addr: &str) -> String {
+    match addr.rsplit_once('@') {
+        Some((local, domain)) if !domain.is_ascii() => match crate::route::ascii_domain(domain) {
+            Some(d) => format!("{local}@{d}"),
+            None => addr.to_owned(),
+        },
+        _ => addr.to_owned(),
+    }
+}
+
+/// U-labels (SMTPUTF8) are checked in their A-label form.
 fn valid_recipient(addr: &str) -> bool {
     match addr.rsplit_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
                 && local.len() <= 64
-                && mailroute_api::pattern::is_valid_domain(&domain.to_ascii_lowercase())
+                && crate::route::ascii_domain(domain).is_some_and(|d| mailroute_api::pattern::is_valid_domain(&d))
         }
         None => false,
     }
@@ -259,8 +271,11 @@ impl Inbound {
     }
 
     async fn handle_inner(&self, tcp: TcpStream, peer: SocketAddr, listener: ListenerKind) -> std::io::Result<()> {
+        // Count the session before any TLS handshake, so idle handshakes cannot exceed the limit.
+        let slot = self.take_ip_slot(peer.ip());
         let stream = if listener == ListenerKind::Smtps {
-            let Some(acceptor) = &self.tls else {
+            let (Some(acceptor), Some(_)) = (&self.tls, &slot) else {
+                // Over the limit: a TLS client cannot read a plaintext 421; just close.
                 return Ok(());
             };
             let tls = tokio::time::timeout(self.settings.command_timeout, acceptor.accept(tcp))
@@ -271,7 +286,7 @@ impl Inbound {
             Stream::Plain(tcp)
         };
         let mut conn = Conn::new(stream);
-        let Some(_slot) = self.take_ip_slot(peer.ip()) else {
+        let Some(_slot) = slot else {
             conn.reply("421 4.7.0 Too many connections from your address, try again later");
             return conn.flush().await;
         };
@@ -529,16 +544,20 @@ impl Inbound {
             .inbound_users
             .get(&user)
             .map(|u| (u.password_hash.clone(), u.quota.clone()));
-        let ok = match &hash {
-            Some((h, _)) => {
-                let h = h.clone();
-                // argon2 takes milliseconds of CPU: keep it off the reactor threads.
-                tokio::task::spawn_blocking(move || mailroute_api::config::verify_password(&h, &pass))
-                    .await
-                    .unwrap_or(false)
-            }
-            None => false,
+        // Unknown users are checked against a dummy hash too, so timing does not reveal names.
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let known = hash.is_some();
+        let h = match &hash {
+            Some((h, _)) => h.clone(),
+            None => DUMMY
+                .get_or_init(|| mailroute_api::compile::hash_password("-", "-", "-"))
+                .clone(),
         };
+        // argon2 takes milliseconds of CPU: keep it off the reactor threads.
+        let ok = tokio::task::spawn_blocking(move || mailroute_api::config::verify_password(&h, &pass))
+            .await
+            .unwrap_or(false)
+            && known;
         if ok {
             s.auth_user = Some(user);
             s.user_quota = hash.map(|(_, q)| q);
@@ -648,7 +667,9 @@ impl Inbound {
                 return conn.reply(&r.line());
             }
         }
-        s.rcpts.push(to.to_owned());
+        // Store U-label domains as A-labels: the form routes, MX lookups and servers without
+        // SMTPUTF8 understand.
+        s.rcpts.push(with_ascii_domain(to));
         conn.reply("250 2.1.5 Ok");
     }
 
