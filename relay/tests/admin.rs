@@ -115,6 +115,9 @@ impl Harness {
         let server = tokio::spawn(admin::serve(listener, state, async move {
             let _ = stopped.await;
         }));
+        // Workspace builds enable reqwest's rustls without a provider (via kube-fake-client);
+        // installing ring keeps `Client::new()` working in every build.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Harness {
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
