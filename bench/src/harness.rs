@@ -915,7 +915,7 @@ fn profile_relay(opts: &Options, out: &Path) -> anyhow::Result<String> {
         Ok(kept.join("\n"))
     };
     let flat = report(&["--no-children", "-F", "overhead,dso,sym", "-g", "none"])?;
-    let inclusive = report(&["--children", "-F", "children,overhead,sym", "-g", "none"])?;
+    let inclusive = report(&["--children", "--sort", "symbol", "-g", "none"])?;
     let text = format!(
         "# perf profile of one relay at saturation ({:.0} msg/s accepted over {:.0} s, Redis appendfsync always)\n\n\
          ## Self time\n\n{flat}\n\n## Inclusive time (children)\n\n{inclusive}\n",
@@ -923,6 +923,23 @@ fn profile_relay(opts: &Options, out: &Path) -> anyhow::Result<String> {
     );
     fs::write(out, &text)?;
     Ok(text)
+}
+
+/// The file name stem of a run's results: `<date>-<host>` for a full run, `-quick` for quick
+/// runs, and the step names when only some steps ran, so a partial run never overwrites a
+/// complete table.
+pub fn result_stem(date: &str, host: &str, quick: bool, steps: &[Step]) -> String {
+    let complete = [Step::Ceiling, Step::Postfix, Step::Relay, Step::Scaling, Step::Backlog]
+        .iter()
+        .all(|s| steps.contains(s));
+    let mut stem = format!("{date}-{host}{}", if quick { "-quick" } else { "" });
+    if !complete {
+        for s in steps {
+            stem.push('-');
+            stem.push_str(&format!("{s:?}").to_lowercase());
+        }
+    }
+    stem
 }
 
 /// Runs the selected steps and writes `<results>/<date>-<host>[-quick].{md,json}`; returns the Markdown path.
@@ -1060,11 +1077,11 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     }
 
     let host = res.machine.hostname.clone();
-    let stem = format!(
-        "{}-{}{}",
-        now.format("%Y-%m-%d"),
+    let stem = result_stem(
+        &now.format("%Y-%m-%d").to_string(),
         if host.is_empty() { "host" } else { &host },
-        if opts.quick { "-quick" } else { "" }
+        opts.quick,
+        &opts.steps,
     );
     if opts.has(Step::Profile) && relay_ok.is_ok() {
         eprintln!("profiling the relay at saturation…");
@@ -1113,6 +1130,26 @@ mod tests {
         assert_eq!(
             (host.as_str(), *port, *tls, auth),
             ("127.0.0.1", 40123, TlsMode::None, &None)
+        );
+    }
+
+    #[test]
+    fn partial_runs_get_their_own_file_names() {
+        let all = [Step::Ceiling, Step::Postfix, Step::Relay, Step::Scaling, Step::Backlog];
+        assert_eq!(result_stem("2026-01-02", "vm", false, &all), "2026-01-02-vm");
+        let mut with_profile = all.to_vec();
+        with_profile.push(Step::Profile);
+        assert_eq!(
+            result_stem("2026-01-02", "vm", true, &with_profile),
+            "2026-01-02-vm-quick"
+        );
+        assert_eq!(
+            result_stem("2026-01-02", "vm", false, &[Step::Ceiling, Step::Postfix]),
+            "2026-01-02-vm-ceiling-postfix"
+        );
+        assert_eq!(
+            result_stem("2026-01-02", "vm", true, &[Step::Profile]),
+            "2026-01-02-vm-quick-profile"
         );
     }
 

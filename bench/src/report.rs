@@ -229,7 +229,7 @@ pub fn render(r: &BenchResults) -> String {
     let _ = writeln!(
         s,
         "| System | Durability | Accepted/s | Delivered/s | Delivered vs Postfix | Delivered vs ceiling | Rate for latency | \
-         Accept p50 ms | Accept p99 ms | CPU ms/msg | Machine CPU busy (iowait) | Peak memory MiB |"
+         Accept p50 ms | Accept p99 ms | CPU ms/msg (cores used) | Machine CPU busy (iowait) | Peak memory MiB |"
     );
     let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
     for row in &r.rows {
@@ -273,7 +273,10 @@ pub fn render(r: &BenchResults) -> String {
             opt(row.half_rate, |v| format!("{v:.0}/s")),
             opt(row.latency, |l| ms(l.p50_us)),
             opt(row.latency, |l| ms(l.p99_us)),
-            opt(row.cpu_ms_per_msg, |v| format!("{v:.3}")),
+            opt(row.cpu_ms_per_msg, |v| format!(
+                "{v:.3} ({:.2})",
+                v * row.delivered_per_sec / 1000.0
+            )),
             opt(row.machine_cpu, |(busy, io)| format!(
                 "{:.0}% ({:.0}%)",
                 busy * 100.0,
@@ -285,7 +288,8 @@ pub fn render(r: &BenchResults) -> String {
     let _ = writeln!(
         s,
         "\nCPU ms/msg is the CPU time of the system under test (relay + Redis, or all Postfix processes) per delivered \
-         message; the generator and sink run on the same cores in every row. Peak memory: the kernel's peak resident \
+         message, and in brackets the cores it kept busy at its delivered rate; the generator and sink run on the same \
+         cores in every row. Peak memory: the kernel's peak resident \
          set (VmHWM) of each process; for Postfix, the largest sampled sum of PSS over all its processes (shared \
          pages counted once). Machine CPU busy: share of all cores busy during the throughput phase, \
          with the share spent idle waiting for disk I/O in brackets; well under 100% busy means the row was limited \
@@ -528,6 +532,7 @@ mod tests {
         });
         relay.peak_rss_mib = vec![("relay".into(), 40.0), ("redis".into(), 20.0)];
         relay.machine_cpu = Some((0.8, 0.05));
+        relay.cpu_ms_per_msg = Some(0.5);
         let mut failed = Row::new(Kind::Relay, "mailroute relay ×2", "d");
         failed.error = Some("relay did not start | exit 1".into());
         BenchResults {
@@ -548,7 +553,7 @@ mod tests {
         let md = render(&results());
         assert!(
             md.contains(
-                "| mailroute relay | d | 3300 | 3000 | 7.50× | 0.30× | 1500/s | 1.50 | 8.00 | — | 80% (5%) | relay 40, redis 20 |"
+                "| mailroute relay | d | 3300 | 3000 | 7.50× | 0.30× | 1500/s | 1.50 | 8.00 | 0.500 (1.50) | 80% (5%) | relay 40, redis 20 |"
             ),
             "{md}"
         );
