@@ -525,31 +525,11 @@ impl Worker {
                 )
                 .await;
             }
-            Decision::Bounce { .. } => {
-                self.fail(
-                    &leased,
-                    meta,
-                    &stored.body,
-                    idx,
-                    &rcpt,
-                    Some((route, &attempt)),
-                    &attempt.outcome,
-                    false,
-                )
-                .await
-            }
-            Decision::Expired => {
-                self.fail(
-                    &leased,
-                    meta,
-                    &stored.body,
-                    idx,
-                    &rcpt,
-                    Some((route, &attempt)),
-                    &attempt.outcome,
-                    true,
-                )
-                .await
+            d @ (Decision::Bounce { .. } | Decision::Expired) => {
+                let expired = d == Decision::Expired;
+                let via = Some((route, &attempt));
+                self.fail(&leased, meta, &stored.body, idx, &rcpt, via, &attempt.outcome, expired)
+                    .await
             }
         }
     }

@@ -18,7 +18,7 @@ use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{Conn, Line, ListenerKind, Stream};
+use super::{Conn, Line, ListenerKind, MaybeTls};
 use crate::config::ConfigHandle;
 use crate::headers;
 use crate::message::{Job, MessageMeta, new_id};
@@ -281,9 +281,9 @@ impl Inbound {
             let tls = tokio::time::timeout(self.settings.command_timeout, acceptor.accept(tcp))
                 .await
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
-            Stream::Tls(Box::new(tls))
+            MaybeTls::Tls(Box::new(tls))
         } else {
-            Stream::Plain(tcp)
+            MaybeTls::Plain(tcp)
         };
         let mut conn = Conn::new(stream);
         let Some(_slot) = slot else {
@@ -328,13 +328,13 @@ impl Inbound {
                 }
                 Flow::StartTls => {
                     conn.flush().await?;
-                    let (Stream::Plain(tcp), Some(acceptor)) = (conn.into_stream(), &self.tls) else {
+                    let (MaybeTls::Plain(tcp), Some(acceptor)) = (conn.into_stream(), &self.tls) else {
                         return Ok(());
                     };
                     let tls = tokio::time::timeout(self.settings.command_timeout, acceptor.accept(tcp))
                         .await
                         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
-                    conn = Conn::new(Stream::Tls(Box::new(tls)));
+                    conn = Conn::new(MaybeTls::Tls(Box::new(tls)));
                     s.tls = true;
                     s.helo = None;
                     s.esmtp = false;
