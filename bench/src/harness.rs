@@ -62,6 +62,8 @@ pub struct Options {
     pub steps: Vec<Step>,
     /// Hourly volume for the sizing example.
     pub plan_messages_per_hour: f64,
+    /// Extra redis-server arguments for every Redis the harness starts (named in the rows).
+    pub redis_args: Vec<String>,
 }
 
 impl Options {
@@ -539,6 +541,7 @@ fn measure(opts: &Options, row: &mut Row, sut: &Sut, watch: &mut Watch) -> anyho
                 top_commands: top,
                 cpu_ms_per_msg: delta.cpu_secs * 1000.0 / row.delivered as f64,
                 peak_used_memory_mib: b.u64("used_memory_peak").unwrap_or(0) as f64 / MIB,
+                ..RedisFigures::default()
             });
         }
     }
@@ -586,6 +589,13 @@ fn measure(opts: &Options, row: &mut Row, sut: &Sut, watch: &mut Watch) -> anyho
         );
     }
     row.peak_rss_mib = watch.peaks_mib();
+    // AOF rewrites fork Redis and compete for the disk: count them over the whole row.
+    if let (Some(a), Some(x)) = (&info0, row.redis.as_mut()) {
+        let end = redis_info::fetch_info(sut.redis.ok_or_else(|| anyhow!("redis address"))?)?;
+        let rewrites = |i: &redis_info::Info| i.u64("aof_rewrites").unwrap_or(0);
+        x.aof_rewrites = Some(rewrites(&end).saturating_sub(rewrites(a)));
+        x.last_fork_ms = Some(end.u64("latest_fork_usec").unwrap_or(0) as f64 / 1000.0);
+    }
     Ok(())
 }
 
@@ -662,14 +672,26 @@ fn postfix_row(opts: &Options, version: &str) -> Row {
 }
 
 /// Redis with AOF and the given `appendfsync` policy, data under the work dir.
+/// How a row's Redis is configured, as printed in the table.
+fn redis_durability(opts: &Options, fsync: &str) -> String {
+    let mut d = format!("Redis AOF appendfsync {fsync}");
+    if !opts.redis_args.is_empty() {
+        d.push_str(&format!(" (`{}`)", opts.redis_args.join(" ")));
+    }
+    d
+}
+
 fn start_redis(opts: &Options, name: &str, fsync: &str) -> anyhow::Result<Redis> {
     let dir = opts.work_dir.join(format!("redis-{name}"));
-    let server = RedisServer::builder()
+    let mut builder = RedisServer::builder()
         .aof(true)
         .dir(&dir)
         .arg("--appendfsync")
-        .arg(fsync)
-        .start()?;
+        .arg(fsync);
+    for a in &opts.redis_args {
+        builder = builder.arg(a);
+    }
+    let server = builder.start()?;
     let redis = Redis(server);
     live().push(redis.pid()?);
     Ok(redis)
@@ -681,7 +703,7 @@ fn relay_row(opts: &Options, fsync: &str, relays: usize) -> Row {
     } else {
         format!("mailroute relay ×{relays} (one Redis)")
     };
-    let mut row = Row::new(Kind::Relay, &system, &format!("Redis AOF appendfsync {fsync}"));
+    let mut row = Row::new(Kind::Relay, &system, &redis_durability(opts, fsync));
     let r = (|| {
         let name = format!("{fsync}-{relays}");
         let redis = start_redis(opts, &name, fsync)?;
@@ -740,7 +762,7 @@ fn backlog_run(opts: &Options, messages: u64, reference_rss: Option<f64>) -> Bac
     let mut b = Backlog {
         messages,
         size: opts.backlog_size,
-        durability: "Redis AOF appendfsync always".into(),
+        durability: redis_durability(opts, "always"),
         relay_reference_rss_mib: reference_rss,
         ..Backlog::default()
     };
@@ -1001,9 +1023,9 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
             eprintln!("scaling: two relays, one Redis…");
             res.rows.push(relay_row(opts, "always", 2));
             if let (Some(one), Some(two)) = (
-                res.rows
-                    .iter()
-                    .find(|r| r.kind == Kind::Relay && r.durability.ends_with("always") && !r.system.contains('×')),
+                res.rows.iter().find(|r| {
+                    r.kind == Kind::Relay && r.durability.contains("appendfsync always") && !r.system.contains('×')
+                }),
                 res.rows.iter().find(|r| r.system.contains('×')),
             ) && one.delivered_per_sec > 0.0
             {

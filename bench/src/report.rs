@@ -42,6 +42,11 @@ pub struct RedisFigures {
     pub top_commands: Vec<(String, f64)>,
     pub cpu_ms_per_msg: f64,
     pub peak_used_memory_mib: f64,
+    /// AOF rewrites (each a fork) during the whole row, and how long the latest fork took, in ms.
+    #[serde(default)]
+    pub aof_rewrites: Option<u64>,
+    #[serde(default)]
+    pub last_fork_ms: Option<f64>,
 }
 
 /// One measured configuration.
@@ -319,9 +324,10 @@ pub fn render(r: &BenchResults) -> String {
         let _ = writeln!(s, "## Redis per delivered message\n");
         let _ = writeln!(
             s,
-            "| Row | Ops/msg | Busiest commands (calls/msg) | Redis CPU ms/msg | Relay CPU ms/msg | Redis used_memory peak MiB |"
+            "| Row | Ops/msg | Busiest commands (calls/msg) | Redis CPU ms/msg | Relay CPU ms/msg | Redis used_memory peak MiB | \
+             AOF rewrites (last fork ms) |"
         );
-        let _ = writeln!(s, "|---|--:|---|--:|--:|--:|");
+        let _ = writeln!(s, "|---|--:|---|--:|--:|--:|--:|");
         for row in relay_rows {
             let Some(x) = &row.redis else { continue };
             let top = x
@@ -332,14 +338,18 @@ pub fn render(r: &BenchResults) -> String {
                 .join(", ");
             let _ = writeln!(
                 s,
-                "| {} ({}) | {:.2} | {} | {:.3} | {} | {:.1} |",
+                "| {} ({}) | {:.2} | {} | {:.3} | {} | {:.1} | {} |",
                 row.system,
                 row.durability,
                 x.ops_per_msg,
                 top,
                 x.cpu_ms_per_msg,
                 opt(row.relay_cpu_ms_per_msg, |v| format!("{v:.3}")),
-                x.peak_used_memory_mib
+                x.peak_used_memory_mib,
+                match (x.aof_rewrites, x.last_fork_ms) {
+                    (Some(n), Some(ms)) => format!("{n} ({ms:.1})"),
+                    _ => "—".into(),
+                }
             );
         }
         let _ = writeln!(s);
@@ -529,6 +539,8 @@ mod tests {
             top_commands: vec![("EVALSHA".into(), 3.0)],
             cpu_ms_per_msg: 0.05,
             peak_used_memory_mib: 12.0,
+            aof_rewrites: Some(2),
+            last_fork_ms: Some(1.5),
         });
         relay.peak_rss_mib = vec![("relay".into(), 40.0), ("redis".into(), 20.0)];
         relay.machine_cpu = Some((0.8, 0.05));
@@ -559,7 +571,10 @@ mod tests {
         );
         assert!(md.contains("| Postfix | d | 440 | 400 | 1.00× | 0.04× |"));
         assert!(md.contains("| mailroute relay ×2 | d | failed: relay did not start / exit 1 |"));
-        assert!(md.contains("| mailroute relay (d) | 11.50 | EVALSHA 3.00 | 0.050 |"));
+        assert!(
+            md.contains("| mailroute relay (d) | 11.50 | EVALSHA 3.00 | 0.050 | — | 12.0 | 2 (1.5) |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -56,10 +56,24 @@ struct Args {
     /// Hourly volume used in the sizing example.
     #[arg(long, default_value_t = 2_000_000.0)]
     plan_per_hour: f64,
+    /// Extra redis-server arguments, space separated (e.g. "--auto-aof-rewrite-min-size 4gb").
+    #[arg(long, allow_hyphen_values = true)]
+    redis_args: Option<String>,
+    /// Measure nothing: re-render the Markdown next to this results JSON (after a report change).
+    #[arg(long)]
+    render: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(json) = &a.render {
+        let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let results: mailroute_bench::report::BenchResults = serde_json::from_str(&text)?;
+        let md = json.with_extension("md");
+        std::fs::write(&md, mailroute_bench::report::render(&results))?;
+        println!("{}", md.display());
+        return Ok(());
+    }
     let exe = std::env::current_exe().context("locating bench-run")?;
     let bin_dir = exe.parent().context("bench-run has no parent directory")?.to_path_buf();
     let (work_dir, scratch) = match &a.work_dir {
@@ -100,6 +114,13 @@ fn main() -> anyhow::Result<()> {
         backlog_size: a.backlog_size,
         steps,
         plan_messages_per_hour: a.plan_per_hour,
+        redis_args: a
+            .redis_args
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
     };
     install_interrupt_cleanup((scratch && !a.keep).then(|| work_dir.clone()))?;
     let result = run(&opts);
