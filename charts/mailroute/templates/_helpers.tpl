@@ -263,8 +263,10 @@ appendonly yes
 appendfsync {{ .Values.redis.appendfsync }}
 appenddirname appendonlydir
 aof-use-rdb-preamble yes
+# Rewrites fork Redis and stall fsyncs; at ~12 KB of AOF per message the 64mb default rewrote
+# every few seconds under load and drove the accept p99 (bench/results/2026-11-23-vm-analysis.md).
 auto-aof-rewrite-percentage 100
-auto-aof-rewrite-min-size 64mb
+auto-aof-rewrite-min-size 1gb
 # No RDB snapshots: the AOF is the persistence.
 save ""
 # A queue must never evict: when full, writes fail and relays answer 4xx (clients retry).
