@@ -212,6 +212,11 @@ pub fn classify_parsed(reply: &Reply<'_>) -> Option<Verdict> {
     Some(Verdict::new(base_kind, class.unwrap_or(BounceClass::Other)))
 }
 
+/// The enhanced status code at the start of `text` as written in logs, e.g. `"5.1.1"`.
+pub fn enhanced_string(text: &str) -> Option<String> {
+    parse_enhanced(text).map(|(a, b, c)| format!("{a}.{b}.{c}"))
+}
+
 /// Parses an RFC 3463 enhanced status code at the start of `text`, after an
 /// optional basic code and separator (`"550-5.1.1 ..."`, `"5.1.1 ..."`).
 /// Class must be 2, 4 or 5; subject and detail 1–3 digits.

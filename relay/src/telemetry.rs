@@ -39,16 +39,6 @@ impl Telemetry {
     }
 }
 
-fn enhanced_of(text: &str) -> Option<String> {
-    let first = text.split_whitespace().next()?;
-    let parts: Vec<&str> = first.split('.').collect();
-    (parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
-    .then(|| first.to_owned())
-}
-
 /// A log record for a message event, with the submission facts filled in.
 pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> DeliveryEvent {
     let rcpt = meta.rcpts.get(rcpt_index).cloned().unwrap_or_default();
@@ -130,7 +120,7 @@ impl Observer for Telemetry {
         ev.auth_user = s.auth_user.clone();
         ev.listener = Some(listener.to_owned());
         ev.reply_code = Some(reply.code);
-        ev.enhanced_code = enhanced_of(&reply.text);
+        ev.enhanced_code = crate::bounce::enhanced_string(&reply.text);
         ev.reply_text = Some(reply.text.clone());
         ev.tls = s.tls;
         self.record(ev);
@@ -139,12 +129,12 @@ impl Observer for Telemetry {
 
 #[cfg(test)]
 mod tests {
-    use super::enhanced_of;
+    use crate::bounce::enhanced_string;
 
     #[test]
     fn enhanced_code_extraction() {
-        assert_eq!(enhanced_of("5.7.1 Relay access denied").as_deref(), Some("5.7.1"));
-        assert_eq!(enhanced_of("Relay access denied"), None);
-        assert_eq!(enhanced_of("5.7 x"), None);
+        assert_eq!(enhanced_string("5.7.1 Relay access denied").as_deref(), Some("5.7.1"));
+        assert_eq!(enhanced_string("Relay access denied"), None);
+        assert_eq!(enhanced_string("5.7 x"), None);
     }
 }

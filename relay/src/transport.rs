@@ -32,7 +32,7 @@ impl SmtpTransport {
     fn signer(&self, route: &CompiledRoute, secrets: &RelaySecrets) -> Option<Arc<DkimSigner>> {
         let cfg = route.dkim.as_ref()?;
         let pem = secrets.dkim_keys.get(&route.id)?;
-        let key = (route.id.clone(), fxhash(pem.as_bytes()));
+        let key = (route.id.clone(), key_hash(pem.as_bytes()));
         if let Ok(m) = self.dkim.lock()
             && let Some(s) = m.get(&key)
         {
@@ -54,7 +54,7 @@ impl SmtpTransport {
     }
 }
 
-fn fxhash(b: &[u8]) -> u64 {
+fn key_hash(b: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     b.hash(&mut h);

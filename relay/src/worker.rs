@@ -584,10 +584,7 @@ impl Worker {
         } else {
             ev.reply_code = code;
             ev.reply_text = text.clone();
-            ev.enhanced_code = text
-                .as_deref()
-                .and_then(bounce::parse_enhanced)
-                .map(|(a, b, c)| format!("{a}.{b}.{c}"));
+            ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
             ev.attempt = Some(attempts);
         }
         ev.bounce_class = Some(class.as_str().to_owned());
@@ -725,10 +722,7 @@ fn fill(ev: &mut crate::dlog::DeliveryEvent, route: &CompiledRoute, a: &Attempt,
     ev.attempt = Some(attempt_no);
     let (code, text) = reply_parts(&a.outcome);
     ev.reply_code = code;
-    ev.enhanced_code = text
-        .as_deref()
-        .and_then(bounce::parse_enhanced)
-        .map(|(x, y, z)| format!("{x}.{y}.{z}"));
+    ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
     ev.reply_text = text;
     if let AttemptOutcome::Failed { class, .. } = &a.outcome {
         ev.bounce_class = Some(class.as_str().to_owned());
