@@ -5,12 +5,11 @@
 //! /readyz and /metrics answer, logs are JSON lines without secrets, and SIGTERM ends the
 //! process with exit code 0 after releasing the Lease.
 
-mod support;
-
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use axum::Router;
 use axum::body::Body as AxumBody;
 use axum::extract::{Request, State};
@@ -21,7 +20,6 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::client::Body as KubeBody;
 use mailroute_testkit::{Script, SmtpServer, TestPki};
-use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Forwards HTTP requests to the in-memory API; answers /version itself.

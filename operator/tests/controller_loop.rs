@@ -2,10 +2,9 @@
 //! connection test in the background against the scriptable SMTP server, writes the verdict,
 //! reacts to a trigger after a credentials change and stops on shutdown.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
@@ -14,7 +13,6 @@ use mailroute_api::SmtpRoute;
 use mailroute_operator::conntest;
 use mailroute_operator::controller::{self, LoopSettings};
 use mailroute_testkit::{Script, SmtpServer, TestPki};
-use support::*;
 use tokio::sync::watch;
 
 /// Polls the route until `done` holds, failing after `deadline`.

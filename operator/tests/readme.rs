@@ -2,7 +2,7 @@
 //! the plan for a healthy route, a route whose upstream refuses the password, a route whose
 //! Secret is missing and a quota with usage (fixed clock), renders it the way `kubectl get` and
 //! `kubectl describe` show it, prints it, and fails when the README differs.
-//! `MAILROUTE_UPDATE_README=1 cargo test -p mailroute-operator --test readme` rewrites the section.
+//! `MAILROUTE_UPDATE_README=1 cargo test -p mailroute-operator --test integration readme` rewrites the section.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -407,6 +407,6 @@ fn readme_shows_the_status_the_operator_writes() {
     }
     assert!(
         current == wanted,
-        "operator/README.md is out of date: run MAILROUTE_UPDATE_README=1 cargo test -p mailroute-operator --test readme"
+        "operator/README.md is out of date: run MAILROUTE_UPDATE_README=1 cargo test -p mailroute-operator --test integration readme"
     );
 }

@@ -3,13 +3,12 @@
 //! conditions, failed reads never touching the live config, quota usage from a local relay admin
 //! API, and connection-test results (run against the scriptable SMTP server) reaching the status.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
@@ -25,7 +24,6 @@ use mailroute_operator::plan::HASH_ANNOTATION;
 use mailroute_operator::reconcile::ReconcileError;
 use mailroute_operator::usage::UsageClient;
 use mailroute_testkit::{Script, SmtpServer, TestPki};
-use support::*;
 
 const BROKEN: &str = r#"
 apiVersion: mailroute.io/v1alpha1

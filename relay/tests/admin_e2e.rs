@@ -1,11 +1,9 @@
 //! The admin API of a running relay: delivery log events and CSV after real deliveries,
 //! message state and cancellation, readiness and the Prometheus scrape.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer, Stage};
 
 const TOKEN: &str = "admin-test-token";

@@ -2,13 +2,11 @@
 //! killed with SIGKILL mid-flight, Redis killed and restarted with AOF, and two relays sharing
 //! one Redis (each message delivered once).
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use mailroute_testkit::smtp::client::SmtpClient;
 use mailroute_testkit::{RedisServer, Script, SmtpServer};
 

@@ -1,9 +1,7 @@
 //! End-to-end delivery through an in-process relay and a real Redis: accepted over SMTP,
 //! queued, delivered to scriptable upstream servers, retried, failed over, bounced with DSNs.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
 
 #[tokio::test]

@@ -2,13 +2,11 @@
 //! implicit TLS with AUTH, STARTTLS command injection, ESMTP extensions and limits, the
 //! extension headers, and a `250` only once the queue holds the message.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::*;
 use mailroute_relay::queue::QueueStats;
 use mailroute_testkit::smtp::client::{Reply, SmtpClient, dot_stuff};
 use mailroute_testkit::{RedisServer, Script, SmtpServer, TestPki};

@@ -1,11 +1,9 @@
 //! Quotas and pacing through running relays on a real Redis: a limit shared by two relays,
 //! bulk-only counting, forbidden sender domains, a paced route, and back-off after a 421.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
 
 fn quota(name: &str, spec: &str) -> String {

@@ -2,11 +2,9 @@
 //! installs it) and Python's smtplib, over plain SMTP, STARTTLS and implicit TLS with AUTH,
 //! delivered to a testkit upstream.
 
-mod common;
-
 use std::process::Output;
 
-use common::*;
+use crate::common::*;
 use mailroute_testkit::{Received, Script, SmtpServer, TestPki};
 
 const USER: &str = "shop-42";

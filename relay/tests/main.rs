@@ -1,0 +1,17 @@
+//! All integration tests of this crate in one test binary: one link instead of one per file,
+//! which keeps CI's build time and disk use down. Each module is one former test file.
+
+mod common;
+
+mod admin;
+mod admin_e2e;
+mod delivery;
+mod dlog;
+mod dsn;
+mod durability;
+mod e2e;
+mod inbound;
+mod quota;
+mod quota_e2e;
+mod shaping;
+mod swaks;
