@@ -282,9 +282,9 @@ def check_references(objs: list[dict], values: dict, label: str) -> None:
     if by_kind.get("HorizontalPodAutoscaler") and by_kind.get("ScaledObject"):
         fail(f"[{label}] both an HPA and a KEDA ScaledObject are rendered: they would fight over replicas")
     for so in by_kind.get("ScaledObject", []):
-        streams = [t for t in so["spec"]["triggers"] if t["type"] == "redis-streams"]
+        streams = [t for t in so["spec"]["triggers"] if t["type"] in ("redis-streams", "redis-cluster-streams")]
         if not streams:
-            fail(f"[{label}] {kn(so)}: no redis-streams trigger")
+            fail(f"[{label}] {kn(so)}: no redis-streams or redis-cluster-streams trigger")
         for t in streams:
             md = t["metadata"]
             if md.get("stream") != READY_STREAM or md.get("consumerGroup") != CONSUMER_GROUP:
@@ -293,8 +293,10 @@ def check_references(objs: list[dict], values: dict, label: str) -> None:
                 fail(f"[{label}] {kn(so)}: the redis-streams trigger does not scale on the consumer-group lag")
             if "authenticationRef" in t:
                 ref("TriggerAuthentication", t["authenticationRef"]["name"], kn(so))
-            if not re.fullmatch(r"[^:/]+:\d+", md.get("address", "")):
+            if t["type"] == "redis-streams" and not re.fullmatch(r"[^:/]+:\d+", md.get("address", "")):
                 fail(f"[{label}] {kn(so)}: address {md.get('address')!r} is not host:port")
+            if t["type"] == "redis-cluster-streams" and not re.fullmatch(r"[^:/,\s]+:\d+(, [^:/,\s]+:\d+)*", md.get("addresses", "")):
+                fail(f"[{label}] {kn(so)}: addresses {md.get('addresses')!r} is not a list of host:port")
     for ta in by_kind.get("TriggerAuthentication", []):
         for r in ta["spec"].get("secretTargetRef", []):
             ref("Secret", r["name"], kn(ta))
@@ -808,6 +810,12 @@ def main() -> int:
     for kind in ("ScaledObject", "TriggerAuthentication", "Certificate", "ServiceMonitor", "PrometheusRule"):
         if not any(o["kind"] == kind for o in keda):
             fail(f"[keda-external-redis-tls-values.yaml] renders no {kind}")
+    cluster = rendered.get("keda-external-redis-cluster-values.yaml", [])
+    if not any(t["type"] == "redis-cluster-streams" for o in cluster if o["kind"] == "ScaledObject" for t in o["spec"]["triggers"]):
+        fail("[keda-external-redis-cluster-values.yaml] renders no redis-cluster-streams trigger")
+    queue_urls = [e.get("value") for o in cluster if o["kind"] == "Deployment" for c in pod_spec(o)["containers"] for e in c.get("env", []) if e["name"] == "MAILROUTE_QUEUE"]
+    if queue_urls != ["rediss+cluster://mailroute:$(REDIS_PASSWORD)@redis-0.example.internal:6380,redis-1.example.internal:6380"]:
+        fail(f"[keda-external-redis-cluster-values.yaml] relay queue URL {queue_urls}")
     if any(o["kind"] == "StatefulSet" for o in keda):
         fail("[keda-external-redis-tls-values.yaml] renders the in-cluster Redis although externalRedis is used")
 
@@ -817,6 +825,8 @@ def main() -> int:
         "misspelt field": {"relay": {"replica": 3}},
         "password in externalRedis.url": {"redis": {"enabled": False}, "externalRedis": {"url": "redis://:pw@redis:6379/0"}},
         "external Redis without URL": {"redis": {"enabled": False}},
+        "password in a cluster URL": {"redis": {"enabled": False}, "externalRedis": {"url": "redis+cluster://app:pw@a:6379,b:6379"}},
+        "cluster URL without ports": {"redis": {"enabled": False}, "externalRedis": {"url": "redis+cluster://a,b"}},
         "drain longer than the grace period": {"relay": {"shutdown": {"preStopSleepSeconds": 30, "drainTimeoutSeconds": 150, "terminationGracePeriodSeconds": 180}}},
         "two operators without leader election": {"operator": {"replicas": 2, "leaderElection": {"enabled": False}}},
         "minReplicas above maxReplicas": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}},

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pacing;
 pub mod queue;
 pub mod quota;
+pub mod redis_client;
 pub mod retry;
 pub mod route;
 pub mod server;

@@ -36,7 +36,8 @@ struct RunArgs {
     /// Standalone: SmtpRoute/SenderQuota/Secret YAML files or directories, compiled here.
     #[arg(long, env = "MAILROUTE_ROUTES", value_delimiter = ',')]
     routes: Vec<PathBuf>,
-    /// `memory` (not durable) or `redis://host:port/db`, `rediss://…`.
+    /// `memory` (not durable), `redis://host:port/db`, `rediss://…`, or a Redis Cluster:
+    /// `redis+cluster://host1:port,host2:port` (`rediss+cluster://…`), any nodes as seeds.
     #[arg(long, env = "MAILROUTE_QUEUE", default_value = "memory")]
     queue: String,
     /// Redis key prefix; must contain a hash tag so one message's keys share a slot.

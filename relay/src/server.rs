@@ -25,6 +25,7 @@ use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{Durability, RedisQueue};
 use crate::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
+use crate::redis_client;
 use crate::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::smtp::ListenerKind;
 use crate::smtp::inbound::{Inbound, InboundSettings};
@@ -197,9 +198,9 @@ impl Relay {
         } else {
             let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability)
                 .await
-                .with_context(|| format!("connecting to the queue at {}", redact_url(&opts.queue)))?;
-            let client = redis::Client::open(opts.queue.as_str())?;
-            let conn = client.get_connection_manager().await?;
+                .with_context(|| format!("connecting to the queue at {}", redis_client::redact(&opts.queue)))?;
+            let target = redis_client::Target::parse(&opts.queue)?;
+            let conn = redis_client::RedisConn::connect(&target, redis_client::Timeouts::default()).await?;
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
@@ -381,16 +382,6 @@ impl Relay {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.telemetry.metrics
-    }
-}
-
-fn redact_url(url: &str) -> String {
-    match url.split_once('@') {
-        Some((scheme_user, host)) => {
-            let scheme = scheme_user.split("://").next().unwrap_or("redis");
-            format!("{scheme}://***@{host}")
-        }
-        None => url.to_owned(),
     }
 }
 

@@ -5,6 +5,7 @@ mod common;
 
 mod admin;
 mod admin_e2e;
+mod cluster;
 mod delivery;
 mod dlog;
 mod dsn;

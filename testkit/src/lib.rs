@@ -11,8 +11,10 @@
 
 pub mod certs;
 pub mod redis;
+pub mod redis_cluster;
 pub mod smtp;
 
 pub use certs::TestPki;
 pub use redis::RedisServer;
+pub use redis_cluster::RedisCluster;
 pub use smtp::{Behaviour, Received, Script, SmtpServer, Stage, Tls};

@@ -51,6 +51,12 @@ impl RedisBuilder {
         self
     }
 
+    /// Appends several command-line arguments.
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     /// Appends an extra command-line argument (e.g. `"--requirepass"`, `"secret"`).
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
@@ -330,7 +336,7 @@ fn ping(client: &::redis::Client) -> Option<u32> {
         .and_then(|pid| pid.trim().parse().ok())
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port")?;
     Ok(listener.local_addr()?.port())
 }

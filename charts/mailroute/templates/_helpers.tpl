@@ -129,20 +129,39 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-Parsed Redis endpoint as a dict: scheme, user, host (name only), port, db, tls ("true"/"false").
+Parsed Redis endpoint as a dict: scheme, user, host (name only), port, db, tls ("true"/"false"),
+cluster ("true"/"false"; a cluster has hosts, the comma-separated host:port seeds, instead).
 In-cluster Redis is reached by its Service name; KEDA runs in its own namespace and gets the
 fully qualified name (see mailroute.redis.kedaAddress).
 */}}
 {{- define "mailroute.redis.endpoint" -}}
 {{- if .Values.redis.enabled }}
-{{- dict "scheme" "redis" "user" "" "host" (include "mailroute.redis.fullname" .) "port" "6379" "db" "0" "tls" "false" | toJson }}
+{{- dict "scheme" "redis" "user" "" "host" (include "mailroute.redis.fullname" .) "port" "6379" "db" "0" "tls" "false" "cluster" "false" | toJson }}
 {{- else }}
 {{- if not .Values.externalRedis.url }}
 {{- fail "redis.enabled=false needs externalRedis.url (e.g. rediss://redis.example:6380/0)" }}
 {{- end }}
+{{- $scheme := regexFind "^[a-z+]+" .Values.externalRedis.url }}
+{{- if has $scheme (list "redis+cluster" "rediss+cluster") }}
+{{- /* Redis Cluster: user@host:port,host:port — the seeds; url parsing would reject the list. */}}
+{{- $rest := trimSuffix "/" (trimPrefix (printf "%s://" $scheme) .Values.externalRedis.url) }}
+{{- $user := "" }}
+{{- $hosts := $rest }}
+{{- if contains "@" $rest }}
+{{- $user = first (splitList "@" $rest) }}
+{{- $hosts = last (splitList "@" $rest) }}
+{{- end }}
+{{- if contains ":" $user }}
+{{- fail "externalRedis.url must not contain a password: put it in externalRedis.existingSecret" }}
+{{- end }}
+{{- if not (regexMatch "^[^:@/,\\s]+:[0-9]+(,[^:@/,\\s]+:[0-9]+)*$" $hosts) }}
+{{- fail (printf "externalRedis.url: a cluster URL lists host:port seeds separated by commas, got %q" .Values.externalRedis.url) }}
+{{- end }}
+{{- dict "scheme" $scheme "user" $user "hosts" $hosts "cluster" "true" "db" "0" "tls" (ternary "true" "false" (eq $scheme "rediss+cluster")) | toJson }}
+{{- else }}
 {{- $u := urlParse .Values.externalRedis.url }}
 {{- if not (has $u.scheme (list "redis" "rediss")) }}
-{{- fail (printf "externalRedis.url must start with redis:// or rediss://, got %q" .Values.externalRedis.url) }}
+{{- fail (printf "externalRedis.url must start with redis://, rediss://, redis+cluster:// or rediss+cluster://, got %q" .Values.externalRedis.url) }}
 {{- end }}
 {{- if contains ":" ($u.userinfo | default "") }}
 {{- fail "externalRedis.url must not contain a password: put it in externalRedis.existingSecret" }}
@@ -151,7 +170,8 @@ fully qualified name (see mailroute.redis.kedaAddress).
 {{- $port := ternary "6380" "6379" (eq $u.scheme "rediss") }}
 {{- if gt (len $hostport) 1 }}{{ $port = last $hostport }}{{ end }}
 {{- $db := trimPrefix "/" ($u.path | default "") | default "0" }}
-{{- dict "scheme" $u.scheme "user" ($u.userinfo | default "") "host" (first $hostport) "port" $port "db" $db "tls" (ternary "true" "false" (eq $u.scheme "rediss")) | toJson }}
+{{- dict "scheme" $u.scheme "user" ($u.userinfo | default "") "host" (first $hostport) "port" $port "db" $db "tls" (ternary "true" "false" (eq $u.scheme "rediss")) "cluster" "false" | toJson }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -164,7 +184,11 @@ fully qualified name (see mailroute.redis.kedaAddress).
 {{- else if $e.user }}
 {{- $auth = printf "%s@" $e.user }}
 {{- end }}
+{{- if eq $e.cluster "true" }}
+{{- printf "%s://%s%s" $e.scheme $auth $e.hosts }}
+{{- else }}
 {{- printf "%s://%s%s:%s/%s" $e.scheme $auth $e.host $e.port $e.db }}
+{{- end }}
 {{- end }}
 
 {{- define "mailroute.redis.kedaAddress" -}}

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use tokio::sync::Mutex;
 
 use super::{Disposition, Leased, MessageView, Queue, QueueError, QueueStats, Result, Stored};
 use crate::message::{Job, MessageMeta, RecipientState};
+use crate::redis_client::{RedisConn, Target, Timeouts};
 
 pub const GROUP: &str = "relays";
 pub const DEFAULT_PREFIX: &str = "{mailroute}:";
@@ -28,9 +28,9 @@ pub struct Durability {
 }
 
 pub struct RedisQueue {
-    conn: ConnectionManager,
+    conn: RedisConn,
     /// Blocking reads hold their connection; they get their own so they never delay enqueues.
-    block_conn: Mutex<ConnectionManager>,
+    block_conn: Mutex<RedisConn>,
     keys: Keys,
     durability: Durability,
     complete: Script,
@@ -87,17 +87,17 @@ return #due
 ";
 
 impl RedisQueue {
-    /// Connects and creates the consumer group if missing. `prefix` must contain a hash tag.
+    /// Connects to `url` (one server or a cluster, see [`Target::parse`]) and creates the
+    /// consumer group if missing. `prefix` must contain a hash tag.
     pub async fn connect(url: &str, prefix: &str, durability: Durability) -> Result<Self> {
-        let client = redis::Client::open(url)?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(3);
-        let conn = client.get_connection_manager_with_config(cfg.clone()).await?;
-        let block_conn = client
-            .get_connection_manager_with_config(cfg.set_response_timeout(Some(Duration::from_secs(40))))
-            .await?;
+        let target = Target::parse(url).map_err(|e| QueueError::Config(e.to_string()))?;
+        let conn = RedisConn::connect(&target, Timeouts::default()).await?;
+        // Longer than the longest BLOCK a fetch asks for.
+        let block_timeouts = Timeouts {
+            response: Duration::from_secs(40),
+            ..Timeouts::default()
+        };
+        let block_conn = RedisConn::connect(&target, block_timeouts).await?;
         let q = RedisQueue {
             conn,
             block_conn: Mutex::new(block_conn),
@@ -208,10 +208,8 @@ impl Queue for RedisQueue {
         let mut c = self.conn.clone();
         let () = p.query_async(&mut c).await?;
         if self.durability.replicas > 0 {
-            let acked: i64 = redis::cmd("WAIT")
-                .arg(self.durability.replicas)
-                .arg(self.durability.timeout.as_millis() as u64)
-                .query_async(&mut c)
+            let acked = c
+                .wait_replicas(&key, self.durability.replicas, self.durability.timeout)
                 .await?;
             if acked < i64::from(self.durability.replicas) {
                 return Err(QueueError::Durability(format!(

@@ -8,9 +8,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
+use crate::redis_client::{RedisConn, Target, Timeouts};
 use async_trait::async_trait;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use super::window::Rolling;
 
@@ -375,7 +375,7 @@ return out
 /// Counters in Redis, shared by every pod using the same server and prefix.
 #[derive(Clone)]
 pub struct RedisQuotaStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     try_add: Script,
     release: Script,
@@ -385,9 +385,9 @@ pub struct RedisQuotaStore {
 impl RedisQuotaStore {
     /// `prefix` should contain a hash tag (default [`DEFAULT_PREFIX`]) so the scripts also run
     /// on Redis Cluster.
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+    pub fn new(conn: impl Into<RedisConn>, prefix: impl Into<String>) -> Self {
         RedisQuotaStore {
-            conn,
+            conn: conn.into(),
             prefix: prefix.into(),
             try_add: Script::new(TRY_ADD),
             release: Script::new(RELEASE),
@@ -395,9 +395,12 @@ impl RedisQuotaStore {
         }
     }
 
-    /// Connects to `url` (`redis://…` or `rediss://…`).
+    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see [`Target::parse`]).
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, QuotaError> {
-        let conn = redis::Client::open(url)?.get_connection_manager().await?;
+        let target = Target::parse(url).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad Redis URL", e.to_string()))
+        })?;
+        let conn = RedisConn::connect(&target, Timeouts::default()).await?;
         Ok(Self::new(conn, prefix))
     }
 

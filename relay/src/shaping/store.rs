@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
+use crate::redis_client::{RedisConn, Target, Timeouts};
 use async_trait::async_trait;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use super::backoff::{BackoffPolicy, BackoffState};
 use super::gcra::Gcra;
@@ -415,7 +415,7 @@ return 1
 /// Pacing state in Redis, shared by every pod using the same server and prefix.
 #[derive(Clone)]
 pub struct RedisPaceStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     acquire: Script,
     rate_limited: Script,
@@ -425,9 +425,9 @@ pub struct RedisPaceStore {
 
 impl RedisPaceStore {
     /// `prefix` should carry a hash tag (default `crate::quota::store::DEFAULT_PREFIX`).
-    pub fn new(conn: ConnectionManager, prefix: impl Into<String>) -> Self {
+    pub fn new(conn: impl Into<RedisConn>, prefix: impl Into<String>) -> Self {
         RedisPaceStore {
-            conn,
+            conn: conn.into(),
             prefix: prefix.into(),
             acquire: Script::new(ACQUIRE),
             rate_limited: Script::new(RATE_LIMITED),
@@ -436,9 +436,12 @@ impl RedisPaceStore {
         }
     }
 
-    /// Connects to `url` (`redis://…` or `rediss://…`).
+    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see [`Target::parse`]).
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PaceError> {
-        let conn = redis::Client::open(url)?.get_connection_manager().await?;
+        let target = Target::parse(url).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad Redis URL", e.to_string()))
+        })?;
+        let conn = RedisConn::connect(&target, Timeouts::default()).await?;
         Ok(Self::new(conn, prefix))
     }
 
