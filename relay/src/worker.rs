@@ -21,7 +21,7 @@ use crate::config::ConfigHandle;
 use crate::dlog::EventResult;
 use crate::dsn;
 use crate::message::{Job, MessageMeta, RecipientState, new_id};
-use crate::queue::{Disposition, Leased, Queue};
+use crate::queue::{Disposition, Leased, Queue, QueueError, Stored};
 use crate::retry::{self, Next, RetryPolicy};
 use crate::telemetry::{Telemetry, event_for};
 
@@ -262,8 +262,14 @@ impl Worker {
                     continue;
                 }
             };
+            // Bodies for the whole batch in one round trip; on failure each job loads its own.
+            let ids: Vec<&str> = jobs.iter().map(|l| l.job.msg.as_str()).collect();
+            let loaded: Vec<Option<Result<Option<Stored>, QueueError>>> = match self.queue.load_many(&ids).await {
+                Ok(v) if v.len() == jobs.len() => v.into_iter().map(|s| Some(Ok(s))).collect(),
+                _ => jobs.iter().map(|_| None).collect(),
+            };
             let mut permit = Some(permit);
-            for leased in jobs {
+            for (leased, stored) in jobs.into_iter().zip(loaded) {
                 let p = match permit.take() {
                     Some(p) => p,
                     None => match sem.clone().acquire_owned().await {
@@ -273,7 +279,10 @@ impl Worker {
                 };
                 let me = self.clone();
                 tokio::spawn(async move {
-                    me.process(leased).await;
+                    match stored {
+                        Some(stored) => me.process_loaded(leased, stored).await,
+                        None => me.process(leased).await,
+                    }
                     drop(p);
                 });
             }
@@ -349,8 +358,14 @@ impl Worker {
 
     /// One job, start to end. Never panics on stored data; a broken record is dropped loudly.
     pub async fn process(&self, leased: Leased) {
+        let stored = self.queue.load(&leased.job.msg).await;
+        self.process_loaded(leased, stored).await;
+    }
+
+    /// [`Worker::process`] with the message already loaded.
+    async fn process_loaded(&self, leased: Leased, stored: Result<Option<Stored>, QueueError>) {
         let job = leased.job.clone();
-        let stored = match self.queue.load(&job.msg).await {
+        let stored = match stored {
             Ok(Some(s)) => s,
             Ok(None) => {
                 // Record gone (completed elsewhere after a reclaim, or cancelled and finished).

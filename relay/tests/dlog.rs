@@ -525,3 +525,48 @@ async fn record_reports_an_unreachable_store_but_still_prints() {
     assert!(log.record(&sample(1)).await.is_err());
     assert_eq!(capture.lines().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_records_are_batched_without_loss_or_reordering() {
+    // A fresh server has no script loaded: the first batch also covers the NOSCRIPT reload.
+    let redis = RedisServer::start().unwrap();
+    let log = redis_log(&redis).await;
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..100 {
+                    let mut e = sample(i);
+                    e.message_id = format!("t{t}-{i:03}");
+                    ids.push(log.record(&e).await.unwrap());
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut all_ids = BTreeSet::new();
+    for task in tasks {
+        let ids = task.await.unwrap();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "one task's records keep their order"
+        );
+        all_ids.extend(ids);
+    }
+    assert_eq!(all_ids.len(), 800, "every record has its own id");
+    let (stored, _) = all_pages(&log, &EventFilter::default(), 500).await;
+    assert_eq!(stored.len(), 800);
+    for t in 0..8 {
+        let mine: Vec<&str> = stored
+            .iter()
+            .filter(|e| e.message_id.starts_with(&format!("t{t}-")))
+            .map(|e| e.message_id.as_str())
+            .collect();
+        assert_eq!(mine.len(), 100);
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "stored in submission order: {mine:?}"
+        );
+    }
+}

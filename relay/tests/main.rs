@@ -12,6 +12,7 @@ mod dsn;
 mod durability;
 mod e2e;
 mod inbound;
+mod queue;
 mod quota;
 mod quota_e2e;
 mod shaping;

@@ -15,6 +15,7 @@
 //! runs ahead), so ids only grow. Time filters and trimming use the id; the
 //! cursor is the id of the last record a query looked at.
 
+mod batch;
 pub mod export;
 pub mod memory;
 pub mod redis;
@@ -388,6 +389,14 @@ pub enum DlogError {
 pub trait EventStore: Send + Sync {
     /// Stores one JSON record whose event time is `time_ms`.
     async fn append(&self, time_ms: u64, json: String) -> Result<RecordId, DlogError>;
+    /// Stores several records in order (one round trip where the store can); one id each.
+    async fn append_batch(&self, records: Vec<(u64, String)>) -> Result<Vec<RecordId>, DlogError> {
+        let mut ids = Vec::with_capacity(records.len());
+        for (time_ms, json) in records {
+            ids.push(self.append(time_ms, json).await?);
+        }
+        Ok(ids)
+    }
     /// Up to `count` records from `start` in id order, with ids below `end_ms-0`.
     async fn range(
         &self,
@@ -405,6 +414,8 @@ type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 #[derive(Clone)]
 pub struct DeliveryLog {
     store: Arc<dyn EventStore>,
+    /// Started on the first record, so a log can be built outside a runtime.
+    batcher: Arc<std::sync::OnceLock<batch::Batcher>>,
     sink: Option<Sink>,
     retention: Duration,
     metrics: Option<Arc<Metrics>>,
@@ -416,6 +427,7 @@ impl DeliveryLog {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         DeliveryLog {
             store,
+            batcher: Arc::default(),
             sink: Some(Arc::new(Mutex::new(Box::new(std::io::stdout())))),
             retention: DEFAULT_RETENTION,
             metrics: None,
@@ -479,7 +491,8 @@ impl DeliveryLog {
         if let Some(m) = &self.metrics {
             m.dlog_events.with_label_values(&[ev.result.as_str()]).inc();
         }
-        self.store.append(ev.time_ms(), json).await
+        let batcher = self.batcher.get_or_init(|| batch::Batcher::spawn(self.store.clone()));
+        batcher.append(ev.time_ms(), json).await
     }
 
     /// Events matching `filter` in record order, after `cursor`, at most

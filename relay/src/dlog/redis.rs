@@ -78,6 +78,31 @@ where
         parse_id(&id)
     }
 
+    async fn append_batch(&self, records: Vec<(u64, String)>) -> Result<Vec<RecordId>, DlogError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut p = redis::pipe();
+        for (time_ms, json) in &records {
+            p.cmd("EVALSHA")
+                .arg(self.append.get_hash())
+                .arg(1)
+                .arg(&self.key)
+                .arg(*time_ms)
+                .arg(json);
+        }
+        let ids: Vec<String> = match p.query_async(&mut conn).await {
+            // Every entry failed alike (the script is not loaded yet): load it once and resend.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.append.prepare_invoke().load_async(&mut conn).await?;
+                p.query_async(&mut conn).await?
+            }
+            r => r?,
+        };
+        ids.iter().map(|id| parse_id(id)).collect()
+    }
+
     async fn range(
         &self,
         start: Start,

@@ -106,6 +106,15 @@ pub trait Queue: Send + Sync + 'static {
     /// The message and its body, None if it no longer exists.
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>>;
 
+    /// [`Queue::load`] for several messages at once (one round trip where the store can).
+    async fn load_many(&self, msg_ids: &[&str]) -> Result<Vec<Option<Stored>>> {
+        let mut out = Vec::with_capacity(msg_ids.len());
+        for id in msg_ids {
+            out.push(self.load(id).await?);
+        }
+        Ok(out)
+    }
+
     /// Completes a lease. A lease that was already completed (reclaimed and finished elsewhere)
     /// is ignored, so a recipient is never counted final twice. Returns whether it applied.
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool>;

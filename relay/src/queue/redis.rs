@@ -153,6 +153,21 @@ impl RedisQueue {
     }
 }
 
+/// A message record from an `HMGET meta body cancelled` reply; None if it is gone.
+fn stored_from(msg_id: &str, v: &[Value]) -> Result<Option<Stored>> {
+    let (Some(meta), Some(body)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
+        return Ok(None);
+    };
+    let meta: MessageMeta =
+        serde_json::from_slice(meta).map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
+    let cancelled = v.get(2).and_then(as_bytes).is_some();
+    Ok(Some(Stored {
+        meta,
+        body: Bytes::copy_from_slice(body),
+        cancelled,
+    }))
+}
+
 fn as_string(v: &Value) -> Option<String> {
     as_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
 }
@@ -305,17 +320,24 @@ impl Queue for RedisQueue {
             .arg("cancelled")
             .query_async(&mut c)
             .await?;
-        let (Some(meta), Some(body)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
-            return Ok(None);
-        };
-        let meta: MessageMeta =
-            serde_json::from_slice(meta).map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
-        let cancelled = v.get(2).and_then(as_bytes).is_some();
-        Ok(Some(Stored {
-            meta,
-            body: Bytes::copy_from_slice(body),
-            cancelled,
-        }))
+        stored_from(msg_id, &v)
+    }
+
+    async fn load_many(&self, msg_ids: &[&str]) -> Result<Vec<Option<Stored>>> {
+        if msg_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut p = redis::pipe();
+        for id in msg_ids {
+            p.cmd("HMGET")
+                .arg(self.keys.msg(id))
+                .arg("meta")
+                .arg("body")
+                .arg("cancelled");
+        }
+        let mut c = self.conn.clone();
+        let replies: Vec<Vec<Value>> = p.query_async(&mut c).await?;
+        msg_ids.iter().zip(&replies).map(|(id, v)| stored_from(id, v)).collect()
     }
 
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool> {

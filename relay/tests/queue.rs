@@ -1,0 +1,86 @@
+//! The queue contract on both implementations (real Redis and the memory queue): a message
+//! enqueued is fetched once, loaded alone or in a batch with a missing one, and gone when its
+//! last recipient is final.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailroute_relay::message::{Job, MessageMeta, RecipientState, new_id};
+use mailroute_relay::queue::memory::MemoryQueue;
+use mailroute_relay::queue::redis::{Durability, RedisQueue};
+use mailroute_relay::queue::{Disposition, Queue};
+use mailroute_testkit::RedisServer;
+
+fn meta(id: &str, rcpts: &[&str]) -> MessageMeta {
+    MessageMeta {
+        id: id.to_owned(),
+        received_at_ms: 1,
+        source_ip: "127.0.0.1".into(),
+        listener: "smtp".into(),
+        auth_user: None,
+        tls: false,
+        mail_from: "app@app.example".into(),
+        rcpts: rcpts.iter().map(|r| r.to_string()).collect(),
+        message_id_header: None,
+        size: 5,
+        options: Default::default(),
+        quota: None,
+        is_dsn: false,
+    }
+}
+
+async fn contract(q: Arc<dyn Queue>) {
+    let a = new_id(1);
+    let b = new_id(2);
+    q.enqueue(&meta(&a, &["x@example.com"]), b"body-a", &[(Job::new(&a, 0), None)])
+        .await
+        .unwrap();
+    q.enqueue(&meta(&b, &["y@example.com"]), b"body-b", &[(Job::new(&b, 0), None)])
+        .await
+        .unwrap();
+    let leased = q.fetch("c1", 10, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    assert!(
+        q.fetch("c2", 10, Duration::from_millis(50)).await.unwrap().is_empty(),
+        "fetched once"
+    );
+
+    let loaded = q.load_many(&[&a, "no-such-message", &b]).await.unwrap();
+    let bodies: Vec<Option<&[u8]>> = loaded.iter().map(|s| s.as_ref().map(|s| &s.body[..])).collect();
+    assert_eq!(bodies, vec![Some(&b"body-a"[..]), None, Some(&b"body-b"[..])]);
+    assert_eq!(loaded[0].as_ref().unwrap().meta.rcpts, vec!["x@example.com"]);
+    assert_eq!(
+        q.load(&b).await.unwrap().map(|s| s.body.to_vec()),
+        Some(b"body-b".to_vec())
+    );
+
+    for l in &leased {
+        let state = RecipientState {
+            status: "delivered".into(),
+            attempts: 1,
+            next_attempt_ms: None,
+            last_reply: Some("250 ok".into()),
+            route: None,
+        };
+        assert!(q.complete(l, Disposition::Final { state }).await.unwrap());
+    }
+    assert!(
+        q.load_many(&[&a, &b]).await.unwrap().iter().all(Option::is_none),
+        "records removed"
+    );
+    assert_eq!(q.stats(0).await.unwrap().messages, 0);
+}
+
+#[tokio::test]
+async fn redis_queue_contract() {
+    let redis = RedisServer::start().unwrap();
+    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
+        .await
+        .unwrap();
+    contract(Arc::new(q)).await;
+}
+
+#[tokio::test]
+async fn memory_queue_contract() {
+    contract(Arc::new(MemoryQueue::new())).await;
+}
