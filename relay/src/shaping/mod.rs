@@ -22,6 +22,7 @@
 pub mod backoff;
 pub mod gcra;
 pub mod limits;
+pub mod recheck;
 pub mod store;
 
 use std::sync::Arc;
@@ -110,6 +111,7 @@ pub struct Pacer {
     store: Arc<dyn PaceStore>,
     backoff: BackoffPolicy,
     lease_ms: i64,
+    clear: Arc<recheck::ClearScopes>,
 }
 
 impl Pacer {
@@ -118,7 +120,15 @@ impl Pacer {
             store,
             backoff: BackoffPolicy::default(),
             lease_ms: DEFAULT_LEASE_MS,
+            clear: Arc::new(recheck::ClearScopes::new(recheck::DEFAULT_RECHECK_MS)),
         }
+    }
+
+    /// How long a scope known free of back-off is trusted without asking the store (0: always
+    /// ask; pods then see each other's back-offs at once, at a round trip per message).
+    pub fn with_backoff_recheck_ms(mut self, ms: i64) -> Self {
+        self.clear = Arc::new(recheck::ClearScopes::new(ms));
+        self
     }
 
     pub fn with_backoff(mut self, policy: BackoffPolicy) -> Self {
@@ -150,7 +160,7 @@ impl Pacer {
     /// Before sending one message with `recipients` recipients in `rcpt_domain` through
     /// `route`: `Go` (counted; send it now) or `NotBefore` (reschedule the job for that instant
     /// without counting an attempt). One round trip; no limits configured means no I/O except
-    /// the back-off check.
+    /// the back-off check, and none at all while the scope is known clear (see [`recheck`]).
     pub async fn acquire(
         &self,
         route: &CompiledRoute,
@@ -158,9 +168,12 @@ impl Pacer {
         recipients: u32,
         now_ms: i64,
     ) -> Result<Pace, PaceError> {
-        self.store
-            .acquire(&Self::request(route, rcpt_domain, recipients), now_ms)
-            .await
+        let req = Self::request(route, rcpt_domain, recipients);
+        let unlimited = req.route_rate.is_none() && req.route_daily.is_none() && req.destination_rate.is_none();
+        if unlimited && self.clear.is_clear(&req.backoff_key, now_ms) {
+            return Ok(Pace::Go);
+        }
+        self.store.acquire(&req, now_ms).await
     }
 
     /// After every attempt through `route` to `rcpt_domain`: the reply that ended it (the `250`
@@ -176,18 +189,26 @@ impl Pacer {
         let key = format!("pace:backoff:{}", Shaping::resolve(route, rcpt_domain).backoff_scope());
         match signal(outcome) {
             Signal::Neutral => Ok(BackoffChange::Unchanged),
-            Signal::Success => Ok(if self.store.clear_backoff(&key).await? {
-                BackoffChange::Cleared
-            } else {
-                BackoffChange::Unchanged
-            }),
-            Signal::RateLimited => Ok(match self.store.rate_limited(&key, self.backoff, now_ms).await? {
-                Some(s) => BackoffChange::Started {
-                    until_ms: s.until_ms,
-                    level: s.level,
-                },
-                None => BackoffChange::Unchanged,
-            }),
+            Signal::Success if self.clear.is_clear(&key, now_ms) => Ok(BackoffChange::Unchanged),
+            Signal::Success => {
+                let existed = self.store.clear_backoff(&key).await?;
+                self.clear.mark_clear(&key, now_ms);
+                Ok(if existed {
+                    BackoffChange::Cleared
+                } else {
+                    BackoffChange::Unchanged
+                })
+            }
+            Signal::RateLimited => {
+                self.clear.forget(&key);
+                Ok(match self.store.rate_limited(&key, self.backoff, now_ms).await? {
+                    Some(s) => BackoffChange::Started {
+                        until_ms: s.until_ms,
+                        level: s.level,
+                    },
+                    None => BackoffChange::Unchanged,
+                })
+            }
         }
     }
 
@@ -366,6 +387,110 @@ mod tests {
                 level: 1
             }
         );
+    }
+
+    /// A store that counts the calls reaching it (the Redis round trips of the real one).
+    struct Counting(MemoryPaceStore, std::sync::atomic::AtomicUsize);
+
+    impl Counting {
+        fn calls(&self) -> usize {
+            self.1.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn hit(&self) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl PaceStore for Counting {
+        async fn acquire(&self, req: &PaceRequest, now_ms: i64) -> Result<Pace, PaceError> {
+            self.hit();
+            self.0.acquire(req, now_ms).await
+        }
+        async fn rate_limited(
+            &self,
+            key: &str,
+            policy: BackoffPolicy,
+            now_ms: i64,
+        ) -> Result<Option<BackoffState>, PaceError> {
+            self.hit();
+            self.0.rate_limited(key, policy, now_ms).await
+        }
+        async fn clear_backoff(&self, key: &str) -> Result<bool, PaceError> {
+            self.hit();
+            self.0.clear_backoff(key).await
+        }
+        async fn backoff(&self, key: &str, now_ms: i64) -> Result<Option<BackoffState>, PaceError> {
+            self.hit();
+            self.0.backoff(key, now_ms).await
+        }
+        async fn connect(&self, req: &ConnRequest, now_ms: i64) -> Result<Option<i64>, PaceError> {
+            self.hit();
+            self.0.connect(req, now_ms).await
+        }
+        async fn renew(&self, keys: &[String], permit_id: &str, expires_ms: i64, now_ms: i64) -> Result<(), PaceError> {
+            self.hit();
+            self.0.renew(keys, permit_id, expires_ms, now_ms).await
+        }
+        async fn disconnect(&self, keys: &[String], permit_id: &str) -> Result<(), PaceError> {
+            self.hit();
+            self.0.disconnect(keys, permit_id).await
+        }
+    }
+
+    #[tokio::test]
+    async fn unlimited_route_known_clear_costs_no_store_calls_and_sees_other_pods_within_the_window() {
+        let store = Arc::new(Counting(MemoryPaceStore::new(), Default::default()));
+        let here = Pacer::new(store.clone());
+        let other_pod = Pacer::new(store.clone());
+        let r = route("mail/relay", false, RouteLimits::default());
+        let ok = Outcome::Reply(Reply::new(250, "2.0.0 OK"));
+        let busy = Outcome::Reply(Reply::new(421, "4.7.0 slow down"));
+
+        assert_eq!(here.acquire(&r, "a.example", 1, 0).await.unwrap(), Pace::Go);
+        here.report(&r, "a.example", &ok, 10).await.unwrap();
+        assert_eq!(store.calls(), 2, "first message: the back-off check and the clear");
+        for t in 20..120 {
+            assert_eq!(here.acquire(&r, "a.example", 1, t).await.unwrap(), Pace::Go);
+            here.report(&r, "a.example", &ok, t).await.unwrap();
+        }
+        assert_eq!(store.calls(), 2, "known clear: no store call for 100 messages");
+
+        // Another pod is told to slow down: seen here once the window has passed.
+        other_pod.report(&r, "a.example", &busy, 200).await.unwrap();
+        assert_eq!(
+            here.acquire(&r, "a.example", 1, 500).await.unwrap(),
+            Pace::Go,
+            "inside the window"
+        );
+        assert!(matches!(
+            here.acquire(&r, "a.example", 1, 1_010).await.unwrap(),
+            Pace::NotBefore {
+                reason: PaceReason::Backoff,
+                ..
+            }
+        ));
+
+        // A rate limit seen here counts at once, inside any window.
+        let fresh = Pacer::new(store.clone());
+        let other = route("mail/other", false, RouteLimits::default());
+        fresh.report(&other, "a.example", &ok, 0).await.unwrap();
+        fresh.report(&other, "a.example", &busy, 1).await.unwrap();
+        assert!(matches!(
+            fresh.acquire(&other, "a.example", 1, 2).await.unwrap(),
+            Pace::NotBefore {
+                reason: PaceReason::Backoff,
+                ..
+            }
+        ));
+
+        // Routes with rate limits always ask the store.
+        let limited = route("mail/o365", false, limits(Some(6_000), None, None));
+        let before = store.calls();
+        fresh.report(&limited, "a.example", &ok, 0).await.unwrap();
+        fresh.acquire(&limited, "a.example", 1, 1).await.unwrap();
+        fresh.acquire(&limited, "a.example", 1, 100).await.unwrap();
+        assert_eq!(store.calls() - before, 3);
     }
 
     #[tokio::test]
