@@ -5,6 +5,7 @@ mod common;
 
 mod admin;
 mod admin_e2e;
+mod connections;
 mod delivery;
 mod dlog;
 mod dsn;
