@@ -58,6 +58,8 @@ pub struct RelayOptions {
     pub fallback_mx: bool,
     pub mx_port: u16,
     pub dns_server: Option<SocketAddr>,
+    /// Idle outbound connections are closed (and their connection slots freed) after this.
+    pub outbound_idle_timeout: Duration,
     /// Name of this relay as a queue consumer; unique per process.
     pub consumer: String,
     /// Write the delivery log as JSON lines to stdout.
@@ -88,6 +90,7 @@ impl RelayOptions {
             fallback_mx: false,
             mx_port: 25,
             dns_server: None,
+            outbound_idle_timeout: DelivererConfig::default().idle_timeout,
             consumer: default_consumer(),
             log_stdout: true,
         }
@@ -161,6 +164,8 @@ pub struct Relay {
     sessions: Arc<Sessions>,
     listeners: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    /// Closed last, freeing the connection slots its idle connections hold.
+    deliverer: Deliverer,
     drain_timeout: Duration,
 }
 
@@ -273,17 +278,19 @@ impl Relay {
             DelivererConfig {
                 helo_name: opts.inbound.hostname.clone(),
                 mx_port: opts.mx_port,
+                idle_timeout: opts.outbound_idle_timeout,
                 ..Default::default()
             },
             resolver,
         )?;
+        let pacer = Pacer::new(pace_store);
         let worker = Arc::new(Worker {
             queue: queue.clone(),
             config: config.clone(),
-            transport: Arc::new(SmtpTransport::new(deliverer)),
+            transport: Arc::new(SmtpTransport::new(deliverer.clone()).with_connection_slots(pacer.clone())),
             pacing: overrides.pacing.unwrap_or_else(|| {
                 Arc::new(SharedPacing {
-                    pacer: Pacer::new(pace_store),
+                    pacer,
                     metrics: metrics.clone(),
                 })
             }),
@@ -355,12 +362,14 @@ impl Relay {
             sessions,
             listeners,
             workers,
+            deliverer,
             drain_timeout: opts.drain_timeout,
         })
     }
 
     /// Stops accepting, lets open sessions finish (up to the drain timeout), stops the workers
-    /// after their in-flight deliveries, and returns.
+    /// after their in-flight deliveries, closes idle outbound connections (freeing their
+    /// connection slots for the other relays), and returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for l in self.listeners {
@@ -378,6 +387,7 @@ impl Relay {
         for w in self.workers {
             let _ = tokio::time::timeout(self.drain_timeout, w).await;
         }
+        let _ = tokio::time::timeout(self.drain_timeout, self.deliverer.close_idle()).await;
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

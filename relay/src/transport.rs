@@ -1,24 +1,29 @@
 //! Adapts the outbound SMTP client ([`crate::delivery::Deliverer`]) to the worker's
-//! [`Transport`]: looks up the route's credentials and DKIM key, caches DKIM signers, and maps
-//! the attempt result to the worker's outcome. Policy it adds, on purpose: an AUTH rejection by
-//! a smarthost is temporary (our credentials broke, e.g. a changed mailbox password; the mail
+//! [`Transport`]: looks up the route's credentials and DKIM key, caches DKIM signers, applies
+//! the route's and the destination's connection limits to the pools and, with a pacer, to the
+//! connections of all relays together (a [`ConnectionSlots`] gate per attempt), and maps the
+//! attempt result to the worker's outcome. Policy it adds, on purpose: an AUTH rejection by a
+//! smarthost is temporary (our credentials broke, e.g. a changed mailbox password; the mail
 //! waits for the fix or its lifetime instead of bouncing to every sender).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use mailroute_api::config::{CompiledRoute, RelaySecrets, Target};
+use mailroute_api::config::{CompiledRoute, RelaySecrets};
 
 use crate::bounce::BounceClass;
-use crate::delivery::{AttemptResult, Deliverer, DeliveryTarget, DkimSigner, Envelope, Stage};
-use crate::shaping::Shaping;
-use crate::worker::{Attempt, AttemptOutcome, OutEnvelope, Transport};
+use crate::delivery::{AttemptResult, Deliverer, DeliveryTarget, DkimSigner, Envelope, NoSlot, Stage};
+use crate::pacing::ConnectionSlots;
+use crate::shaping::{PaceReason, Pacer, Shaping};
+use crate::worker::{Attempt, AttemptOutcome, Delivery, OutEnvelope, Transport};
 
 pub struct SmtpTransport {
     deliverer: Deliverer,
     /// (route id, key PEM hash) → signer; parsing keys per message would dominate signing.
     dkim: Mutex<HashMap<(String, u64), Arc<DkimSigner>>>,
+    /// Connection leases shared by all relays; `None`: limits per process only.
+    slots: Option<Pacer>,
 }
 
 impl SmtpTransport {
@@ -26,7 +31,15 @@ impl SmtpTransport {
         SmtpTransport {
             deliverer,
             dkim: Mutex::new(HashMap::new()),
+            slots: None,
         }
+    }
+
+    /// Every new connection through a route or to a destination with `maxConnections` first
+    /// takes a lease from `pacer` (shared by all relays) and holds it while it is open.
+    pub fn with_connection_slots(mut self, pacer: Pacer) -> Self {
+        self.slots = Some(pacer);
+        self
     }
 
     fn signer(&self, route: &CompiledRoute, secrets: &RelaySecrets) -> Option<Arc<DkimSigner>> {
@@ -61,15 +74,31 @@ fn key_hash(b: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Connections and messages per connection for MX delivery to `domain`: the stricter of the
-/// route's and the destination's.
-pub fn mx_connection_limits(route: &CompiledRoute, domain: &str) -> (Option<u32>, Option<u32>) {
+/// Connections and messages per connection for delivery to `domain` with limits of its own (any
+/// MX domain; a `perDestination` domain through a smarthost): the stricter of the route's and
+/// the destination's.
+pub fn connection_limits(route: &CompiledRoute, domain: &str) -> (Option<u32>, Option<u32>) {
     let s = Shaping::resolve(route, domain);
     let conns = match (s.route_max_connections, s.destination.max_connections) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
     (conns, s.messages_per_connection(route))
+}
+
+/// Applies the connection limits for a recipient in `domain` to `target`: MX pools are per
+/// domain and take the stricter of the route's and the destination's limits; a smarthost route
+/// keeps one pool unless the domain has connection limits of its own (`perDestination`), which
+/// then get a pool of their own (so a connection and its lease carry only that domain's mail).
+pub fn apply_connection_limits(target: &mut DeliveryTarget, route: &CompiledRoute, domain: &str) {
+    let s = Shaping::resolve(route, domain);
+    let own = s.destination.max_connections.is_some() || s.destination.messages_per_connection.is_some();
+    if s.mx || own {
+        (target.max_connections, target.messages_per_connection) = connection_limits(route, domain);
+    }
+    if !s.mx && own {
+        target.connection_scope = Some(s.domain);
+    }
 }
 
 /// The worker's view of a delivery attempt.
@@ -98,14 +127,11 @@ impl Transport for SmtpTransport {
         secrets: &RelaySecrets,
         env: &OutEnvelope<'_>,
         body: &[u8],
-    ) -> Attempt {
+    ) -> Delivery {
         let mut target = DeliveryTarget::from_route(route, secrets);
-        // MX pools are per recipient domain: apply that destination's connection limits
-        // (perDestination or the carrier defaults) to this process's pool.
-        if matches!(route.target, Target::Mx)
-            && let Some(domain) = mailroute_api::pattern::domain_of(env.rcpt_to)
-        {
-            (target.max_connections, target.messages_per_connection) = mx_connection_limits(route, &domain);
+        let domain = mailroute_api::pattern::domain_of(env.rcpt_to).map(|d| d.to_ascii_lowercase());
+        if let Some(domain) = &domain {
+            apply_connection_limits(&mut target, route, domain);
         }
         let creds = secrets.upstream_credentials.get(&route.id);
         let signer = self.signer(route, secrets);
@@ -113,15 +139,33 @@ impl Transport for SmtpTransport {
             mail_from: env.mail_from.to_owned(),
             rcpt_to: env.rcpt_to.to_owned(),
         };
-        let r = self
-            .deliverer
-            .deliver(&target, creds, signer.as_deref(), &envelope, body)
-            .await;
-        Attempt {
-            outcome: outcome_of(&r),
-            remote_host: r.remote_host.clone(),
-            tls: r.tls,
-            rcpt_domain: mailroute_api::pattern::domain_of(env.rcpt_to).map(|d| d.to_ascii_lowercase()),
+        let r = match &self.slots {
+            Some(pacer) => {
+                let gate = ConnectionSlots {
+                    pacer,
+                    route,
+                    rcpt_domain: domain.as_deref().unwrap_or(""),
+                };
+                self.deliverer
+                    .deliver_gated(&target, creds, signer.as_deref(), &envelope, body, &gate)
+                    .await
+            }
+            None => Ok(self
+                .deliverer
+                .deliver(&target, creds, signer.as_deref(), &envelope, body)
+                .await),
+        };
+        match r {
+            Ok(r) => Delivery::Attempted(Attempt {
+                outcome: outcome_of(&r),
+                remote_host: r.remote_host.clone(),
+                tls: r.tls,
+                rcpt_domain: domain,
+            }),
+            Err(NoSlot { at_ms }) => Delivery::Paced {
+                at_ms,
+                reason: PaceReason::Connections.as_str(),
+            },
         }
     }
 }
@@ -134,7 +178,44 @@ mod tests {
     fn carrier_domains_get_strict_connection_limits_on_mx_routes() {
         let (cfg, _, _) = crate::config::load(&crate::config::Source::Embedded).unwrap();
         let mx = &cfg.routes[0];
-        assert_eq!(mx_connection_limits(mx, "docomo.ne.jp"), (Some(2), Some(10)));
-        assert_eq!(mx_connection_limits(mx, "gmail.com"), (None, None));
+        assert_eq!(connection_limits(mx, "docomo.ne.jp"), (Some(2), Some(10)));
+        assert_eq!(connection_limits(mx, "gmail.com"), (None, None));
+    }
+
+    #[test]
+    fn destinations_with_connection_limits_get_their_own_smarthost_pool() {
+        use mailroute_api::config::{DestinationLimits, RouteLimits};
+        use mailroute_api::pattern::DomainPattern;
+
+        use crate::shaping::limits::tests::route;
+        let limits = RouteLimits {
+            max_connections: Some(4),
+            messages_per_connection: Some(50),
+            per_destination: vec![DestinationLimits {
+                domains: vec![DomainPattern::parse("docomo.ne.jp").unwrap()],
+                max_connections: Some(1),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let secrets = RelaySecrets::default();
+        let smarthost = route("mail/o365", false, limits.clone());
+        let target_for = |r: &CompiledRoute, domain: &str| {
+            let mut t = DeliveryTarget::from_route(r, &secrets);
+            apply_connection_limits(&mut t, r, domain);
+            (t.max_connections, t.messages_per_connection, t.connection_scope)
+        };
+        assert_eq!(
+            target_for(&smarthost, "docomo.ne.jp"),
+            (Some(1), Some(50), Some("docomo.ne.jp".into()))
+        );
+        assert_eq!(target_for(&smarthost, "gmail.com"), (Some(4), Some(50), None));
+        // Carrier defaults are for MX delivery only: through a smarthost au.com shares the pool.
+        assert_eq!(target_for(&smarthost, "au.com"), (Some(4), Some(50), None));
+        // MX pools are per domain anyway: limits change, the key needs no scope.
+        let mx = route("mail/mx", true, limits);
+        assert_eq!(target_for(&mx, "docomo.ne.jp"), (Some(1), Some(50), None));
+        assert_eq!(target_for(&mx, "au.com"), (Some(2), Some(10), None));
+        assert_eq!(target_for(&mx, "gmail.com"), (Some(4), Some(50), None));
     }
 }

@@ -86,6 +86,17 @@ pub struct Attempt {
     pub rcpt_domain: Option<String>,
 }
 
+/// What a [`Transport`] did with one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// It went to the route's next hop (delivered or not).
+    Attempted(Attempt),
+    /// Nothing was sent: no connection could be opened within a limit shared by the relays
+    /// (`maxConnections`). Not an attempt; the job waits until `at_ms` (`reason` labels the
+    /// paced-jobs metric).
+    Paced { at_ms: i64, reason: &'static str },
+}
+
 /// Sends one message to one recipient through one route (smarthost or MX).
 #[async_trait]
 pub trait Transport: Send + Sync {
@@ -95,7 +106,7 @@ pub trait Transport: Send + Sync {
         secrets: &RelaySecrets,
         env: &OutEnvelope<'_>,
         body: &[u8],
-    ) -> Attempt;
+    ) -> Delivery;
 }
 
 /// Outbound pacing shared by all pods.
@@ -467,7 +478,24 @@ impl Worker {
                 mail_from: &meta.mail_from,
                 rcpt_to: &rcpt,
             };
-            let attempt = self.transport.deliver(route, &snap.secrets, &env, &stored.body).await;
+            let attempt = match self.transport.deliver(route, &snap.secrets, &env, &stored.body).await {
+                Delivery::Attempted(a) => a,
+                // No connection slot on the first route: wait for it, no attempt counted. (Its
+                // rate limit already counted the message: erring on the slow side.)
+                Delivery::Paced { at_ms, reason } if i == 0 => {
+                    self.telemetry
+                        .metrics
+                        .paced_jobs
+                        .with_label_values(&[&route.id, reason])
+                        .inc();
+                    return self.wait(&leased, job, at_ms, reason, Some(&route.id)).await;
+                }
+                // A later route without a free slot is skipped, like one over its rate.
+                Delivery::Paced { reason, .. } => {
+                    tracing::debug!(message = %job.msg, route = %route.id, reason, "failover route paced; skipped");
+                    continue;
+                }
+            };
             self.pacing.report(route, &attempt, now_ms()).await;
             let temporary = attempt.outcome.is_temporary();
             let result = match &attempt.outcome {

@@ -68,6 +68,7 @@ fn smarthost(route: &str, up: Upstream) -> DeliveryTarget {
         custom_ca_pem: None,
         max_connections: None,
         messages_per_connection: None,
+        connection_scope: None,
     }
 }
 

@@ -5,12 +5,17 @@
 //! Owns: preparing the outgoing bytes (From override, then DKIM), choosing and connecting to the
 //! next hop, pooled connection reuse with per-route limits, and timeouts. Must not schedule
 //! retries, choose between routes, write the delivery log or build DSNs: the worker does that
-//! from the [`AttemptResult`] (see [`AttemptResult::verdict`]).
+//! from the [`AttemptResult`] (see [`AttemptResult::verdict`]). Nor does it know pacing: limits
+//! shared with other relays (`maxConnections` across pods) reach it as a [`ConnectionGate`]
+//! asked before each new connection ([`Deliverer::deliver_gated`]); the lease it grants lives
+//! with the pooled session until the connection closes.
 //!
 //! Submodules: [`resolve`] (MX/address lookup, injectable), [`rewrite`] (From override, pure),
-//! [`dkim`] (signing), `session` (the SMTP dialogue over mail-send), `pool`, `tls`.
+//! [`dkim`] (signing), [`gate`] (connection leases), `session` (the SMTP dialogue over
+//! mail-send), `pool`, `tls`.
 
 pub mod dkim;
+pub mod gate;
 mod pool;
 pub mod resolve;
 pub mod rewrite;
@@ -29,6 +34,7 @@ use mailroute_api::route::TlsMode;
 use sha2::{Digest, Sha256};
 
 pub use self::dkim::{DkimError, DkimSigner};
+pub use self::gate::{Admission, ConnectionGate, Lease, Slot, Ungated};
 pub use self::resolve::{DnsError, HickoryResolver, MxRecord, MxResolver, StaticResolver};
 pub use self::tls::TlsSetupError;
 
@@ -90,6 +96,10 @@ pub struct DeliveryTarget {
     pub custom_ca_pem: Option<String>,
     pub max_connections: Option<u32>,
     pub messages_per_connection: Option<u32>,
+    /// Smarthost delivery to a recipient domain with connection limits of its own (the route's
+    /// `perDestination`): its connections are pooled apart from the route's others, so each
+    /// carries only mail the limits were granted for. MX pools are always per domain.
+    pub connection_scope: Option<String>,
 }
 
 impl DeliveryTarget {
@@ -105,6 +115,7 @@ impl DeliveryTarget {
             custom_ca_pem,
             max_connections: route.limits.max_connections,
             messages_per_connection: route.limits.messages_per_connection,
+            connection_scope: None,
         }
     }
 
@@ -117,6 +128,7 @@ impl DeliveryTarget {
             custom_ca_pem: None,
             max_connections: None,
             messages_per_connection: None,
+            connection_scope: None,
         }
     }
 }
@@ -359,6 +371,13 @@ pub fn prepare_message<'a>(
     (mail_from, message)
 }
 
+/// [`Deliverer::deliver_gated`] got no connection slot: nothing was sent; try again at `at_ms`
+/// (ms since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoSlot {
+    pub at_ms: i64,
+}
+
 /// Counts of pooled connections, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -444,7 +463,7 @@ impl Deliverer {
 
     /// One delivery attempt of `body` to `env.rcpt_to` through `target`. `creds` are the route's
     /// upstream credentials and `dkim` its signer, if any. Waits for a free connection slot of
-    /// the route when all are busy.
+    /// the route in this process when all are busy.
     pub async fn deliver(
         &self,
         target: &DeliveryTarget,
@@ -453,6 +472,26 @@ impl Deliverer {
         env: &Envelope,
         body: &[u8],
     ) -> AttemptResult {
+        match self.deliver_gated(target, creds, dkim, env, body, &Ungated).await {
+            Ok(r) => r,
+            // `Ungated` never refuses; kept total instead of panicking.
+            Err(NoSlot { .. }) => {
+                AttemptResult::failed(Stage::Connect, Failure::ConnectionRefused, "no connection slot")
+            }
+        }
+    }
+
+    /// Like [`Deliverer::deliver`], asking `gate` before opening a new connection (a pooled one
+    /// is reused without asking). `Err` when the gate refuses: nothing was sent.
+    pub async fn deliver_gated(
+        &self,
+        target: &DeliveryTarget,
+        creds: Option<&Credentials>,
+        dkim: Option<&DkimSigner>,
+        env: &Envelope,
+        body: &[u8],
+        gate: &dyn ConnectionGate,
+    ) -> Result<AttemptResult, NoSlot> {
         let (mail_from, message) = prepare_message(target, dkim, env, body);
         match &target.target {
             Target::Smarthost(up) => {
@@ -461,7 +500,7 @@ impl Deliverer {
                     match self.verifying_config(target.custom_ca_pem.as_deref()) {
                         Ok(c) => c,
                         Err(e) => {
-                            return AttemptResult {
+                            return Ok(AttemptResult {
                                 outcome: Outcome::Protocol {
                                     stage: Stage::Setup,
                                     class: BounceClass::TlsFailure,
@@ -471,23 +510,24 @@ impl Deliverer {
                                 remote_addr: None,
                                 tls: false,
                                 reused_connection: false,
-                            };
+                            });
                         }
                     }
                 } else {
                     Arc::clone(&self.inner.non_verifying)
                 };
                 let pool = self.pool(&key, target, tls_config);
-                self.run(&pool, Hop::Smarthost { up, creds }, &mail_from, &env.rcpt_to, &message)
+                let hop = Hop::Smarthost { up, creds };
+                self.run(target, &pool, hop, gate, &mail_from, &env.rcpt_to, &message)
                     .await
             }
             Target::Mx => {
                 let Some(domain) = mailroute_api::pattern::domain_of(&env.rcpt_to) else {
-                    return AttemptResult::failed(
+                    return Ok(AttemptResult::failed(
                         Stage::Dns,
                         Failure::DnsNoSuchDomain,
                         format!("recipient `{}` has no domain", env.rcpt_to),
-                    );
+                    ));
                 };
                 let key = format!("{}|mx|{}", target.route_id, domain);
                 let tls_config = if self.inner.config.verify_mx_tls {
@@ -496,7 +536,8 @@ impl Deliverer {
                     Arc::clone(&self.inner.non_verifying)
                 };
                 let pool = self.pool(&key, target, tls_config);
-                self.run(&pool, Hop::Mx { domain: &domain }, &mail_from, &env.rcpt_to, &message)
+                let hop = Hop::Mx { domain: &domain };
+                self.run(target, &pool, hop, gate, &mail_from, &env.rcpt_to, &message)
                     .await
             }
         }
@@ -513,7 +554,7 @@ impl Deliverer {
     }
 
     /// Closes idle connections older than the idle timeout now (the background task does this
-    /// periodically) and forgets unused pools.
+    /// periodically, and renews the leases of the others) and forgets unused pools.
     pub async fn close_expired(&self) {
         let expired = self.inner.reap();
         for s in expired {
@@ -521,7 +562,8 @@ impl Deliverer {
         }
     }
 
-    /// Sends QUIT on every idle connection (graceful shutdown). In-flight attempts finish normally.
+    /// Sends QUIT on every idle connection and frees their connection slots (graceful shutdown).
+    /// In-flight attempts finish normally.
     pub async fn close_idle(&self) {
         let sessions: Vec<Session> = lock(&self.inner.pools).values().flat_map(|p| p.drain()).collect();
         futures::future::join_all(sessions.into_iter().map(Session::quit)).await;
@@ -541,7 +583,10 @@ impl Deliverer {
             creds.map(|c| c.password.as_str()).unwrap_or(""),
             target.custom_ca_pem.as_deref().unwrap_or(""),
         ]);
-        format!("{}|smarthost|{}", target.route_id, fingerprint)
+        match &target.connection_scope {
+            Some(scope) => format!("{}|smarthost|{}|{}", target.route_id, fingerprint, scope),
+            None => format!("{}|smarthost|{}", target.route_id, fingerprint),
+        }
     }
 
     fn verifying_config(&self, ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
@@ -573,21 +618,63 @@ impl Deliverer {
         )
     }
 
-    async fn run(&self, pool: &Pool, hop: Hop<'_>, mail_from: &str, rcpt_to: &str, message: &[u8]) -> AttemptResult {
+    #[allow(clippy::too_many_arguments)]
+    async fn run(
+        &self,
+        target: &DeliveryTarget,
+        pool: &Pool,
+        hop: Hop<'_>,
+        gate: &dyn ConnectionGate,
+        mail_from: &str,
+        rcpt_to: &str,
+        message: &[u8],
+    ) -> Result<AttemptResult, NoSlot> {
         let Some(_permit) = pool.acquire().await else {
-            return AttemptResult::failed(Stage::Setup, Failure::ConnectionLost, "connection pool closed");
+            return Ok(AttemptResult::failed(
+                Stage::Setup,
+                Failure::ConnectionLost,
+                "connection pool closed",
+            ));
         };
         let idle_timeout = self.inner.config.idle_timeout;
         let mut fresh_only = false;
         loop {
             let (mut session, reused) = match self.checkout(pool, idle_timeout, fresh_only).await {
                 Some(s) => (s, true),
-                None => match self.open(pool, &hop).await {
-                    Ok(s) => (s, false),
-                    Err(result) => return result,
-                },
+                None => {
+                    let mut lease = match gate.admit().await {
+                        Admission::Open(lease) => lease,
+                        Admission::Wait { at_ms } => {
+                            // The slot may be held by an idle connection of this route in
+                            // another of our pools (another MX domain): close one, ask again.
+                            let Some(idle) = self.inner.take_leased(&target.route_id) else {
+                                return Err(NoSlot { at_ms });
+                            };
+                            idle.quit().await;
+                            match gate.admit().await {
+                                Admission::Open(lease) => lease,
+                                Admission::Wait { at_ms } => return Err(NoSlot { at_ms }),
+                            }
+                        }
+                    };
+                    match gate::keep_alive(&mut lease, self.open(pool, &hop)).await {
+                        Ok(mut s) => {
+                            s.lease = lease;
+                            (s, false)
+                        }
+                        Err(result) => {
+                            if let Some(l) = lease {
+                                l.release().await;
+                            }
+                            return Ok(result);
+                        }
+                    }
+                }
             };
-            match session.send(mail_from, rcpt_to, message).await {
+            let mut lease = session.lease.take();
+            let sent = gate::keep_alive(&mut lease, session.send(mail_from, rcpt_to, message)).await;
+            session.lease = lease;
+            match sent {
                 Ok(reply) => {
                     let result = AttemptResult {
                         outcome: Outcome::Delivered { reply },
@@ -596,23 +683,26 @@ impl Deliverer {
                         tls: session.tls,
                         reused_connection: reused,
                     };
-                    self.check_in(pool, session);
-                    return result;
+                    self.check_in(pool, session).await;
+                    return Ok(result);
                 }
                 Err(e) => {
                     let broken = matches!(e.kind, StepErrorKind::Failure(Failure::ConnectionLost, _));
                     if reused && broken && !e.stage.content_sent() && !fresh_only {
                         // A pooled connection died under us before the content went out:
-                        // once more on a fresh connection.
+                        // once more on a fresh connection (its slot freed first).
                         tracing::debug!(host = %session.host, stage = e.stage.as_str(), "pooled connection broken; retrying on a new one");
+                        session.discard().await;
                         fresh_only = true;
                         continue;
                     }
                     let result = AttemptResult::from_step(e.clone(), &session.host, session.addr, reused);
                     if e.session_usable() {
-                        self.check_in(pool, session);
+                        self.check_in(pool, session).await;
+                    } else {
+                        session.discard().await;
                     }
-                    return result;
+                    return Ok(result);
                 }
             }
         }
@@ -626,21 +716,22 @@ impl Deliverer {
         loop {
             let (session, expired) = pool.take_idle(idle_timeout);
             for s in expired {
-                tokio::spawn(s.quit());
+                close(s).await;
             }
             let mut session = session?;
             match session.reset().await {
                 Ok(()) => return Some(session),
                 Err(e) => {
                     tracing::debug!(host = %session.host, error = ?e.kind, "dropping stale pooled connection");
+                    session.discard().await;
                 }
             }
         }
     }
 
-    fn check_in(&self, pool: &Pool, session: Session) {
+    async fn check_in(&self, pool: &Pool, session: Session) {
         if let Some(spent) = pool.put_idle(session) {
-            tokio::spawn(spent.quit());
+            close(spent).await;
         }
     }
 
@@ -831,6 +922,17 @@ impl Deliverer {
     }
 }
 
+/// Closes a session leaving the pool. One holding a lease is closed before the caller goes on,
+/// so its slot is free for the next connection (a QUIT in the background would still hold it);
+/// others close in the background.
+async fn close(s: Session) {
+    if s.lease.is_some() {
+        s.quit().await;
+    } else {
+        tokio::spawn(s.quit());
+    }
+}
+
 impl Inner {
     /// Expired idle sessions of every pool; forgets pools unused for a while.
     fn reap(&self) -> Vec<Session> {
@@ -840,11 +942,30 @@ impl Inner {
         pools.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_unused_for(idle_timeout * 2));
         expired
     }
+
+    /// An idle session of `route_id` holding a lease, from any of its pools.
+    fn take_leased(&self, route_id: &str) -> Option<Session> {
+        let pools = lock(&self.pools);
+        pools
+            .iter()
+            .filter(|(key, _)| key.split('|').next() == Some(route_id))
+            .find_map(|(_, p)| p.take_leased())
+    }
+
+    /// Idle sessions whose lease is due for renewal, with their pools.
+    fn due_leases(&self, now_ms: i64) -> Vec<(Arc<Pool>, Session)> {
+        let pools = lock(&self.pools);
+        pools
+            .values()
+            .flat_map(|p| p.take_due(now_ms).into_iter().map(|s| (Arc::clone(p), s)))
+            .collect()
+    }
 }
 
 async fn reaper(inner: Weak<Inner>) {
     let period = match inner.upgrade() {
-        Some(i) => (i.config.idle_timeout / 2).max(Duration::from_millis(50)),
+        // At least every minute, so idle connections' leases are renewed in time.
+        Some(i) => (i.config.idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(60)),
         None => return,
     };
     let mut tick = tokio::time::interval(period);
@@ -853,9 +974,17 @@ async fn reaper(inner: Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let expired = inner.reap();
+        let due = inner.due_leases(gate::now_ms());
         drop(inner);
         for s in expired {
             tokio::spawn(s.quit());
+        }
+        // Idle connections keep their slot: renew before the lease runs out.
+        for (pool, mut s) in due {
+            if let Some(l) = s.lease.as_mut() {
+                l.renew_if_due(gate::now_ms()).await;
+            }
+            pool.put_back(s);
         }
     }
 }

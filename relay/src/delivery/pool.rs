@@ -3,7 +3,9 @@
 //!
 //! Invariant: a session is only opened by a permit holder who found no idle session, so open
 //! sessions (idle + in use) never exceed the permits. Sessions go back to the idle list before the
-//! permit is released. This module must not speak SMTP beyond handing sessions out and back.
+//! permit is released. (Across relays the gate's leases bound them; an idle session keeps its
+//! lease and leaves the list briefly only to renew it.) This module must not speak SMTP beyond
+//! handing sessions out and back.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -76,6 +78,29 @@ impl Pool {
             idle.drain(..).partition(|s| s.idle_since.elapsed() < idle_timeout);
         *idle = keep;
         expired
+    }
+
+    /// Removes the idle sessions whose lease is due for renewal at `now_ms` (see
+    /// [`Pool::put_back`]).
+    pub fn take_due(&self, now_ms: i64) -> Vec<Session> {
+        let mut idle = lock(&self.idle);
+        let (due, keep): (Vec<Session>, Vec<Session>) = idle
+            .drain(..)
+            .partition(|s| s.lease.as_ref().is_some_and(|l| l.is_due(now_ms)));
+        *idle = keep;
+        due
+    }
+
+    /// Returns a session taken by [`Pool::take_due`], still idle since it was checked in.
+    pub fn put_back(&self, s: Session) {
+        lock(&self.idle).push(s);
+    }
+
+    /// Removes the longest idle session that holds a lease (to free its slot for another pool).
+    pub fn take_leased(&self) -> Option<Session> {
+        let mut idle = lock(&self.idle);
+        let i = idle.iter().position(|s| s.lease.is_some())?;
+        Some(idle.remove(i))
     }
 
     /// Removes every idle session (shutdown).

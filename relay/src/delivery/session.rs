@@ -11,6 +11,9 @@
 //!   sessions two different types; the TLS config comes from `tls` (custom CA roots).
 //! * STARTTLS is optional for MX delivery; mail-send's builder only knows "required".
 //!
+//! A session carries the connection slot ([`Lease`]) it was opened under and frees it only
+//! after the connection is closed ([`Session::quit`], [`Session::discard`]).
+//!
 //! This module must not pool, retry or classify; it reports what happened at which [`Stage`].
 
 use std::io;
@@ -32,6 +35,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::gate::Lease;
 use super::{SmtpReply, Stage};
 use crate::bounce::{BounceClass, Failure};
 
@@ -226,6 +230,8 @@ pub(crate) struct Session {
     pub addr: SocketAddr,
     pub messages: u32,
     pub idle_since: Instant,
+    /// The cross-relay connection slot held while this connection is open, if a limit applies.
+    pub lease: Option<Lease>,
     timeouts: Timeouts,
 }
 
@@ -365,6 +371,7 @@ impl Session {
             addr: spec.addr,
             messages: 0,
             idle_since: Instant::now(),
+            lease: None,
             timeouts: spec.timeouts,
         })
     }
@@ -428,10 +435,28 @@ impl Session {
             .map_err(|e| map_error(&self.client, Stage::Reset, e, self.tls))
     }
 
-    /// Polite QUIT, bounded by the command timeout; errors do not matter any more.
+    /// Polite QUIT, bounded by the command timeout; errors do not matter any more. The slot is
+    /// freed after the connection is closed, so no other relay opens one while this one lasts.
     pub async fn quit(self) {
-        let timeout = self.timeouts.command;
-        let _ = tokio::time::timeout(timeout, self.client.quit()).await;
+        let Session {
+            client,
+            lease,
+            timeouts,
+            ..
+        } = self;
+        let _ = tokio::time::timeout(timeouts.command, client.quit()).await;
+        if let Some(l) = lease {
+            l.release().await;
+        }
+    }
+
+    /// Closes without QUIT (the connection is broken or out of step) and frees the slot.
+    pub async fn discard(self) {
+        let Session { client, lease, .. } = self;
+        drop(client);
+        if let Some(l) = lease {
+            l.release().await;
+        }
     }
 }
 

@@ -16,8 +16,12 @@
 //! - Back-off: a `421`, `450 4.7.x`, `451 4.7.x` or another rate-limit reply stops a smarthost
 //!   route (an MX route: only that destination domain) for 1 minute, doubling per repeated
 //!   reply up to 15 minutes; a success clears it.
-//! - `maxConnections` (route and destination): leases in Redis sorted sets, expiring after
-//!   [`DEFAULT_LEASE_MS`] unless renewed, so a crashed pod's connections free themselves.
+//! - `maxConnections` (route and destination): counts the open connections of all pods
+//!   together. Each new connection first takes a lease ([`Pacer::connect`]) in a Redis sorted
+//!   set, holds it while open (idle in a pool included), renews it halfway through
+//!   [`DEFAULT_LEASE_MS`] and gives it back when it closes; a crashed pod's leases expire by
+//!   themselves. No free slot: the job waits (reason `connections`). The relay side is
+//!   `crate::pacing::ConnectionSlots`.
 
 pub mod backoff;
 pub mod gcra;
@@ -82,6 +86,14 @@ pub struct ConnectionPermit {
     pub messages_per_connection: Option<u32>,
 }
 
+impl ConnectionPermit {
+    /// Whether a `maxConnections` applies, i.e. the permit holds a lease that must be renewed
+    /// and given back (otherwise it was granted without I/O).
+    pub fn is_limited(&self) -> bool {
+        !self.keys.is_empty()
+    }
+}
+
 /// The answer of [`Pacer::connect`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Connect {
@@ -139,6 +151,11 @@ impl Pacer {
     pub fn with_lease_ms(mut self, lease_ms: i64) -> Self {
         self.lease_ms = lease_ms;
         self
+    }
+
+    /// How long a connection lease lasts unless renewed.
+    pub fn lease_ms(&self) -> i64 {
+        self.lease_ms
     }
 
     /// The request `acquire` sends to the store (pure; exposed for tests and diagnostics).

@@ -3,8 +3,9 @@
 //!
 //! The server owns: listening on `127.0.0.1:0`, the SMTP dialogue (EHLO/HELO,
 //! STARTTLS, implicit TLS, AUTH PLAIN/LOGIN, MAIL/RCPT/DATA, RSET, NOOP, QUIT,
-//! pipelining), applying the scripted per-message [`Behaviour`]s, and recording
-//! every accepted message as a [`Received`]. It stops when dropped.
+//! pipelining), applying the scripted per-message [`Behaviour`]s, recording
+//! every accepted message as a [`Received`], and counting open sessions (now
+//! and at most at once). It stops when dropped.
 
 pub mod client;
 mod io;
@@ -283,6 +284,9 @@ struct Shared {
     queue: Mutex<Queue>,
     received: Mutex<Vec<Received>>,
     connections: AtomicUsize,
+    /// Sessions open now, and the most ever open at once (see [`SmtpServer::open_sessions`]).
+    open: AtomicUsize,
+    peak_open: AtomicUsize,
     attempts: AtomicUsize,
     /// Bumped on every observable change; waiters re-check their condition.
     changed: watch::Sender<u64>,
@@ -307,6 +311,14 @@ impl Shared {
         behaviour
     }
 
+    /// Counts a session as open until the guard is dropped.
+    fn open_session(self: &Arc<Self>) -> OpenSession {
+        let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_open.fetch_max(now, Ordering::SeqCst);
+        self.bump();
+        OpenSession(Arc::clone(self))
+    }
+
     fn record(&self, message: Received) -> usize {
         let n = {
             let mut received = lock(&self.received);
@@ -315,6 +327,16 @@ impl Shared {
         };
         self.bump();
         n
+    }
+}
+
+/// One open session, counted in [`SmtpServer::open_sessions`] while it lives.
+struct OpenSession(Arc<Shared>);
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.bump();
     }
 }
 
@@ -356,6 +378,8 @@ impl SmtpServer {
             queue: Mutex::new(queue),
             received: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            peak_open: AtomicUsize::new(0),
             attempts: AtomicUsize::new(0),
             changed: watch::Sender::new(0),
         });
@@ -385,6 +409,18 @@ impl SmtpServer {
     /// Number of TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Sessions open now. A session counts from the TCP accept until the client's `QUIT`
+    /// arrives (before the reply) or the connection ends, so a client that waits for the `221`
+    /// before another connection opens is never seen with both open.
+    pub fn open_sessions(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// The most sessions ever open at once (see [`open_sessions`](Self::open_sessions)).
+    pub fn max_open_sessions(&self) -> usize {
+        self.shared.peak_open.load(Ordering::SeqCst)
     }
 
     /// Number of delivery attempts seen (ends of DATA, or RCPTs with
@@ -476,11 +512,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
                     shared.connections.fetch_add(1, Ordering::SeqCst);
-                    shared.bump();
+                    let open = shared.open_session();
                     let shared = Arc::clone(&shared);
                     connections.spawn(async move {
                         // Errors just end the connection.
-                        let _ = serve(shared, tcp).await;
+                        let _ = serve(shared, tcp, open).await;
                     });
                 }
                 Err(_) => tokio::task::yield_now().await,
@@ -534,7 +570,7 @@ fn parse_path<'a>(arg: &'a str, keyword: &str) -> Option<&'a str> {
     }
 }
 
-async fn serve(shared: Arc<Shared>, tcp: TcpStream) -> std::io::Result<()> {
+async fn serve(shared: Arc<Shared>, tcp: TcpStream, open: OpenSession) -> std::io::Result<()> {
     let _ = tcp.set_nodelay(true);
     let (stream, tls) = match &shared.script.tls {
         Tls::Implicit(config) => {
@@ -546,6 +582,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream) -> std::io::Result<()> {
     let mut io = BufReader::new(stream);
     let mut session = Session {
         shared: Arc::clone(&shared),
+        open: Some(open),
         tls,
         helo: None,
         auth_user: None,
@@ -615,6 +652,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream) -> std::io::Result<()> {
 
 struct Session {
     shared: Arc<Shared>,
+    /// Dropped at `QUIT` or when the connection ends.
+    open: Option<OpenSession>,
     tls: bool,
     helo: Option<String>,
     auth_user: Option<String>,
@@ -687,7 +726,10 @@ impl Session {
             }
             "NOOP" => reply(io, "250 2.0.0 OK").await,
             "VRFY" => reply(io, "252 2.5.2 Cannot VRFY user").await,
-            "QUIT" => reply_and_close(io, "221 2.0.0 Bye").await,
+            "QUIT" => {
+                self.open = None;
+                reply_and_close(io, "221 2.0.0 Bye").await
+            }
             _ => reply(io, "500 5.5.2 Syntax error, command unrecognized").await,
         }
     }

@@ -1,0 +1,315 @@
+//! `maxConnections` across relays, on a real redis-server and real SMTP: two relays on one Redis
+//! never hold more connections to the upstream than the route allows between them; a job
+//! without a free slot is paced (not failed, no attempt counted); a crashed relay's lease runs
+//! out by itself; a connection gives its slot back when it closes (messages per connection
+//! reached, broken, idle timeout, shutdown), and reusing a pooled connection needs no new slot.
+
+use std::time::Duration;
+
+use mailroute_api::Manifests;
+use mailroute_api::config::{CompiledRoute, RelaySecrets};
+use mailroute_relay::delivery::gate::now_ms;
+use mailroute_relay::delivery::{
+    Deliverer, DelivererConfig, DeliveryTarget, Envelope, NoSlot, Outcome, StaticResolver,
+};
+use mailroute_relay::dlog::{DeliveryEvent, EventFilter, EventResult};
+use mailroute_relay::pacing::ConnectionSlots;
+use mailroute_relay::server::RelayOptions;
+use mailroute_relay::shaping::{Pacer, RedisPaceStore};
+use mailroute_relay::transport::apply_connection_limits;
+use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
+
+use crate::common::*;
+
+/// The relay's default Redis key prefix.
+const PREFIX: &str = "{mailroute}:";
+
+/// A smarthost route (see [`route`]) with `limits` (flow YAML).
+fn limited(name: &str, port: u16, limits: &str) -> String {
+    route(name, port, 10, &["*"]).replace("  priority: 10\n", &format!("  priority: 10\n  limits: {limits}\n"))
+}
+
+fn lease_key(route_id: &str) -> String {
+    format!("{PREFIX}pace:conn:route:{route_id}")
+}
+
+/// The connection leases held for `route_id` (expired ones included until someone connects).
+async fn leases(redis: &RedisServer, route_id: &str) -> Vec<String> {
+    let mut c = redis
+        .client()
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("ZRANGE")
+        .arg(lease_key(route_id))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+fn paced(r: &TestRelay, route_id: &str) -> u64 {
+    r.relay
+        .metrics()
+        .paced_jobs
+        .with_label_values(&[route_id, "connections"])
+        .get()
+}
+
+fn attempts(r: &TestRelay, route_id: &str, result: &str) -> u64 {
+    r.relay
+        .metrics()
+        .delivery_attempts
+        .with_label_values(&[route_id, result])
+        .get()
+}
+
+/// Every delivery log event of the relays' shared Redis.
+async fn events(r: &TestRelay) -> Vec<DeliveryEvent> {
+    r.relay
+        .telemetry
+        .dlog
+        .query(&EventFilter::default(), None, 1000)
+        .await
+        .unwrap()
+        .events
+}
+
+async fn delivered(r: &TestRelay) -> Vec<DeliveryEvent> {
+    events(r)
+        .await
+        .into_iter()
+        .filter(|e| e.result == EventResult::Delivered)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_hold_one_connection_between_them() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let cfg = limited("one", up.port(), "{maxConnections: 1}");
+    // Idle connections stay long enough for the other relay to find the slot taken.
+    let tweak = |o: &mut RelayOptions| o.outbound_idle_timeout = Duration::from_secs(1);
+    let a = start(&cfg, &redis.url(), tweak).await;
+    let b = start(&cfg, &redis.url(), tweak).await;
+    const N: usize = 20;
+    let send = async |addr: std::net::SocketAddr, tag: &str| {
+        for i in 0..N / 2 {
+            let rcpt = format!("{tag}{i}@example.com");
+            let t = submit(addr, "app@app.example", &[&rcpt], &message(&format!("{tag}{i}"), "")).await;
+            assert!(t.delivered(), "{t}");
+        }
+    };
+    tokio::join!(send(a.smtp(), "a"), send(b.smtp(), "b"));
+    assert_eq!(up.wait_for(N, WAIT).await.unwrap().len(), N);
+    assert_eq!(
+        up.max_open_sessions(),
+        1,
+        "the upstream saw more than one connection at once ({} in all)",
+        up.connections()
+    );
+    assert!(
+        paced(&a, "mail/one") + paced(&b, "mail/one") >= 1,
+        "the slot was never contended: the test proves nothing"
+    );
+    // Waiting for a slot is no failed attempt: every recipient went out on its first.
+    let (ar, rd) = (&a, &redis);
+    assert!(eventually(move || async move { delivered(ar).await.len() == N }).await);
+    let all = events(&a).await;
+    assert!(
+        all.iter()
+            .all(|e| matches!(e.result, EventResult::Received | EventResult::Delivered)),
+        "{all:#?}"
+    );
+    assert!(delivered(&a).await.iter().all(|e| e.attempt == Some(1)));
+    for r in [&a, &b] {
+        assert_eq!(attempts(r, "mail/one", "deferred"), 0);
+        assert_eq!(attempts(r, "mail/one", "bounced"), 0);
+    }
+    // The idle connection closes after its timeout and frees the slot.
+    assert!(eventually(move || async move { leases(rd, "mail/one").await.is_empty() }).await);
+    assert_eq!(up.open_sessions(), 0);
+    a.relay.shutdown().await;
+    b.relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_relays_lease_runs_out_and_the_waiting_job_is_paced_not_failed() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = start(&limited("one", up.port(), "{maxConnections: 1}"), &redis.url(), |_| {}).await;
+    // A relay that crashed while connected left its lease behind, 3 s from running out.
+    let expires = now_ms() + 3_000;
+    let mut c = redis
+        .client()
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("ZADD")
+        .arg(lease_key("mail/one"))
+        .arg(expires)
+        .arg("crashed-relay")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let t = submit(r.smtp(), "app@app.example", &["u@example.com"], &message("c", "")).await;
+    assert!(t.delivered(), "{t}");
+    let rr = &r;
+    assert!(eventually(move || async move { paced(rr, "mail/one") >= 1 }).await);
+    let connections = up.connections();
+    assert!(now_ms() < expires, "the machine is too slow for this test");
+    assert_eq!(connections, 0, "connected while another relay held the only slot");
+    up.wait_for(1, WAIT).await.unwrap();
+    assert!(eventually(move || async move { delivered(rr).await.len() == 1 }).await);
+    assert_eq!(delivered(&r).await[0].attempt, Some(1), "waiting burned no attempt");
+    assert_eq!(attempts(&r, "mail/one", "deferred"), 0);
+    assert_eq!(up.attempts(), 1);
+    // The idle connection holds the slot (the crashed lease is gone) until shutdown frees it.
+    let held = leases(&redis, "mail/one").await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_ne!(held[0], "crashed-relay");
+    assert_eq!(up.open_sessions(), 1);
+    r.relay.shutdown().await;
+    assert_eq!(leases(&redis, "mail/one").await, Vec::<String>::new());
+    assert_eq!(up.open_sessions(), 0, "QUIT before the slot was freed");
+}
+
+fn compiled(name: &str, port: u16, limits: &str) -> CompiledRoute {
+    let c = Manifests::from_yaml(&limited(name, port, limits), "mail")
+        .unwrap()
+        .compile();
+    assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+    c.config.routes.into_iter().next().unwrap()
+}
+
+/// A relay's deliverer and pacer ("a pod"), sharing `redis` with the others.
+async fn pod(redis: &RedisServer, idle_timeout: Duration) -> (Deliverer, Pacer) {
+    let d = Deliverer::new(
+        DelivererConfig {
+            helo_name: "relay.test".into(),
+            connect_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+            data_timeout: Duration::from_secs(10),
+            idle_timeout,
+            ..DelivererConfig::default()
+        },
+        std::sync::Arc::new(StaticResolver::new()),
+    )
+    .unwrap();
+    let store = RedisPaceStore::connect(&redis.url(), PREFIX).await.unwrap();
+    (d, Pacer::new(std::sync::Arc::new(store)))
+}
+
+async fn send_via(
+    (d, pacer): &(Deliverer, Pacer),
+    route: &CompiledRoute,
+    rcpt: &str,
+) -> Result<mailroute_relay::delivery::AttemptResult, NoSlot> {
+    let domain = rcpt.split_once('@').map_or("", |(_, d)| d);
+    let gate = ConnectionSlots {
+        pacer,
+        route,
+        rcpt_domain: domain,
+    };
+    let env = Envelope {
+        mail_from: "app@app.example".into(),
+        rcpt_to: rcpt.into(),
+    };
+    let mut target = DeliveryTarget::from_route(route, &RelaySecrets::default());
+    apply_connection_limits(&mut target, route, domain);
+    d.deliver_gated(&target, None, None, &env, &message(rcpt, ""), &gate)
+        .await
+}
+
+#[tokio::test]
+async fn a_connection_gives_its_slot_back_when_it_closes() {
+    let redis = RedisServer::start().unwrap();
+    let long = Duration::from_secs(30);
+    let (p1, p2) = (pod(&redis, long).await, pod(&redis, long).await);
+
+    // Held while idle; the other pod gets no connection, a reused one needs no new slot.
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = compiled("idle", up.port(), "{maxConnections: 1}");
+    assert!(send_via(&p1, &r, "a@example.com").await.unwrap().is_delivered());
+    assert_eq!(leases(&redis, "mail/idle").await.len(), 1);
+    let before = now_ms();
+    let Err(NoSlot { at_ms }) = send_via(&p2, &r, "b@example.com").await else {
+        panic!("the other pod connected while the slot was held")
+    };
+    assert!(
+        at_ms >= before + 2_000 && at_ms < now_ms() + 2_250,
+        "retry in about 2 s: {at_ms}"
+    );
+    let again = send_via(&p1, &r, "c@example.com").await.unwrap();
+    assert!(again.is_delivered() && again.reused_connection, "{again:?}");
+    p1.0.close_idle().await;
+    assert!(leases(&redis, "mail/idle").await.is_empty(), "closing freed the slot");
+    assert!(send_via(&p2, &r, "b@example.com").await.unwrap().is_delivered());
+    assert_eq!(up.max_open_sessions(), 1);
+    p2.0.close_idle().await;
+
+    // Spent after one message: closed (QUIT answered) and the slot free before the call returns.
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = compiled("spent", up.port(), "{maxConnections: 1, messagesPerConnection: 1}");
+    for (i, p) in [&p1, &p2, &p1, &p2].into_iter().enumerate() {
+        let res = send_via(p, &r, &format!("s{i}@example.com")).await.unwrap();
+        assert!(res.is_delivered(), "{res:?}");
+        assert!(leases(&redis, "mail/spent").await.is_empty());
+    }
+    assert_eq!((up.connections(), up.max_open_sessions()), (4, 1));
+
+    // Broken under the message: discarded, slot freed; the next connection gets it.
+    let up = SmtpServer::start(Script::new().then(Behaviour::Drop)).unwrap();
+    let r = compiled("broken", up.port(), "{maxConnections: 1}");
+    let res = send_via(&p1, &r, "x@example.com").await.unwrap();
+    assert!(matches!(res.outcome, Outcome::Failed { .. }), "{res:?}");
+    assert!(leases(&redis, "mail/broken").await.is_empty());
+    assert!(send_via(&p2, &r, "y@example.com").await.unwrap().is_delivered());
+    p2.0.close_idle().await;
+
+    // Idle timeout: the pool's reaper closes the connection and frees the slot.
+    let p3 = pod(&redis, Duration::from_millis(200)).await;
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = compiled("reaped", up.port(), "{maxConnections: 1}");
+    assert!(send_via(&p3, &r, "z@example.com").await.unwrap().is_delivered());
+    assert_eq!(leases(&redis, "mail/reaped").await.len(), 1);
+    let rd = &redis;
+    assert!(eventually(move || async move { leases(rd, "mail/reaped").await.is_empty() }).await);
+    assert_eq!(up.open_sessions(), 0);
+
+    // A domain with limits of its own has its own pool; the route's only slot is held by this
+    // pod's idle connection in the other pool: that one is closed to make room.
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = compiled(
+        "scoped",
+        up.port(),
+        "{maxConnections: 1, perDestination: [{domains: [strict.example], messagesPerConnection: 5}]}",
+    );
+    assert!(send_via(&p1, &r, "a@example.com").await.unwrap().is_delivered());
+    assert!(send_via(&p1, &r, "b@strict.example").await.unwrap().is_delivered());
+    assert_eq!((up.connections(), up.max_open_sessions()), (2, 1));
+    assert_eq!(leases(&redis, "mail/scoped").await.len(), 1);
+    // Another pod's idle connection is not ours to close.
+    assert!(send_via(&p2, &r, "c@example.com").await.is_err());
+    p1.0.close_idle().await;
+
+    // No maxConnections: no lease is ever written.
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = compiled("free", up.port(), "{messagesPerConnection: 5}");
+    assert!(send_via(&p1, &r, "f@example.com").await.unwrap().is_delivered());
+    let mut c = redis
+        .client()
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{PREFIX}pace:conn:*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(keys.iter().all(|k| !k.contains("mail/free")), "{keys:?}");
+}
