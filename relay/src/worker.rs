@@ -522,7 +522,6 @@ impl Worker {
             Decision::Delivered => {
                 let mut ev = event_for(meta, EventResult::Delivered, idx);
                 fill(&mut ev, route, &attempt, attempts);
-                self.telemetry.record_now(ev).await;
                 let latency = (now - meta.received_at_ms).max(0) as f64 / 1000.0;
                 self.telemetry
                     .metrics
@@ -535,7 +534,12 @@ impl Worker {
                     None,
                     Some((short(&attempt.outcome), route.id.clone())),
                 );
-                self.complete(&leased, Disposition::Final { state: st }).await;
+                // Sent together, the record and the completion reach Redis in the same event-loop
+                // turn (one fsync with appendfsync always) instead of one wait after the other.
+                tokio::join!(
+                    self.telemetry.record_now(ev),
+                    self.complete(&leased, Disposition::Final { state: st })
+                );
             }
             Decision::Retry { at_ms } => {
                 let at_ms = match meta
@@ -549,7 +553,6 @@ impl Worker {
                 };
                 let mut ev = event_for(meta, EventResult::Deferred, idx);
                 fill(&mut ev, route, &attempt, attempts);
-                self.telemetry.record_now(ev).await;
                 self.telemetry.metrics.retries.with_label_values(&[&route.id]).inc();
                 let st = state(
                     "deferred",
@@ -558,15 +561,12 @@ impl Worker {
                     Some((short(&attempt.outcome), route.id.clone())),
                 );
                 let job = Job { attempts, ..job };
-                self.complete(
-                    &leased,
-                    Disposition::Reschedule {
-                        job,
-                        due_ms: at_ms,
-                        state: st,
-                    },
-                )
-                .await;
+                let reschedule = Disposition::Reschedule {
+                    job,
+                    due_ms: at_ms,
+                    state: st,
+                };
+                tokio::join!(self.telemetry.record_now(ev), self.complete(&leased, reschedule));
             }
             d @ (Decision::Bounce { .. } | Decision::Expired) => {
                 let expired = d == Decision::Expired;
