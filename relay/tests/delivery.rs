@@ -994,3 +994,98 @@ async fn xoauth2_sends_the_bearer_token() {
         "a spent connection is closed politely: {lines:?}"
     );
 }
+
+/// Reads from `s` into `buf` until it ends with `end`.
+async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, end: &[u8]) {
+    let mut chunk = [0u8; 4096];
+    while !buf.ends_with(end) {
+        let n = s.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "client closed early; got {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn with_pipelining_the_envelope_goes_out_without_waiting_for_replies() {
+    let listener = TcpListener::bind((lo(), 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = Vec::new();
+        s.write_all(b"220 fake ESMTP\r\n").await.expect("greet");
+        read_until(&mut s, &mut buf, b"\r\n").await;
+        s.write_all(b"250-fake\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n")
+            .await
+            .expect("ehlo");
+        buf.clear();
+        // Nothing is answered before DATA arrives: a client waiting for each reply stalls here.
+        tokio::time::timeout(WAIT, read_until(&mut s, &mut buf, b"DATA\r\n"))
+            .await
+            .expect("MAIL, RCPT and DATA were sent without waiting for replies");
+        let envelope = String::from_utf8_lossy(&buf).into_owned();
+        s.write_all(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+            .await
+            .expect("replies");
+        buf.clear();
+        read_until(&mut s, &mut buf, b"\r\n.\r\n").await;
+        s.write_all(b"250 2.0.0 queued as P1\r\n").await.expect("final");
+        (envelope, buf)
+    });
+    let d = plain_deliverer();
+    let r = d
+        .deliver(
+            &smarthost("mail/pipelined", upstream(port, TlsMode::None)),
+            None,
+            None,
+            &env("bob@example.test"),
+            BODY,
+        )
+        .await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert_eq!(r.reply().expect("reply").text, "2.0.0 queued as P1");
+    let (envelope, content) = server.await.expect("server");
+    assert_eq!(
+        envelope,
+        "MAIL FROM:<orders@shop.example>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+    );
+    assert!(content.starts_with(b"From: Shop"), "{content:?}");
+    assert!(
+        content.ends_with(b"\r\n..a line starting with a dot\r\n.\r\n"),
+        "dot-stuffed"
+    );
+}
+
+#[tokio::test]
+async fn replies_are_reported_at_their_stage_with_and_without_pipelining() {
+    for pipelining in [true, false] {
+        let mut script = Script::new()
+            .stage(ServerStage::Rcpt)
+            .then(Behaviour::PermFail("550 5.1.1 User unknown".into()))
+            .then(Behaviour::TempFail("452 4.2.2 Mailbox full".into()));
+        if !pipelining {
+            script.ehlo_extensions.retain(|e| e != "PIPELINING");
+        }
+        let server = SmtpServer::start(script).expect("server");
+        let d = plain_deliverer();
+        let t = smarthost("mail/stages", upstream(server.port(), TlsMode::None));
+        let r = d.deliver(&t, None, None, &env("nobody@example.test"), BODY).await;
+        assert_eq!(
+            reply_of(&r),
+            (Stage::RcptTo, 550, "5.1.1 User unknown".to_string()),
+            "pipelining {pipelining}"
+        );
+        let r = d.deliver(&t, None, None, &env("full@example.test"), BODY).await;
+        assert_eq!(
+            reply_of(&r),
+            (Stage::RcptTo, 452, "4.2.2 Mailbox full".to_string()),
+            "pipelining {pipelining}"
+        );
+        let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+        assert!(r.is_delivered(), "pipelining {pipelining}: {r:?}");
+        assert!(r.reused_connection, "one connection carries all three");
+        let got = server.wait_for(1, WAIT).await.expect("received");
+        assert_eq!(got[0].rcpts, ["bob@example.test"]);
+        assert_eq!(got[0].data, BODY, "pipelining {pipelining}");
+        assert_eq!(server.connections(), 1);
+    }
+}

@@ -10,6 +10,8 @@
 //!   `start_tls`/`into_tls`, which only exist for a bare `TcpStream` and would give pooled
 //!   sessions two different types; the TLS config comes from `tls` (custom CA roots).
 //! * STARTTLS is optional for MX delivery; mail-send's builder only knows "required".
+//! * With PIPELINING offered, MAIL, RCPT and DATA go in one write (mail-send's `cmds`) and the
+//!   content follows once DATA is open; mail-send's own `data` would wait for each reply.
 //!
 //! A session carries the connection slot ([`Lease`]) it was opened under and frees it only
 //! after the connection is closed ([`Session::quit`], [`Session::discard`]).
@@ -28,7 +30,8 @@ use mail_send::smtp::message::Parameters;
 use mailroute_api::route::AuthMechanism;
 use rustls::pki_types::ServerName;
 use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, EXT_8BIT_MIME, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
+    AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
+    EhloResponse,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -110,12 +113,18 @@ pub(crate) type Stream = crate::smtp::MaybeTls<TlsStream<TcpStream>>;
 /// Upper bound of recorded reply bytes (smtp-proto caps a reply at 4 KiB).
 const RECORD_LIMIT: usize = 16 * 1024;
 
-/// Passes everything through and keeps the bytes read since the last [`Recorder::clear`].
+/// Writes held until this many bytes are waiting (or a flush).
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Keeps the bytes read since the last [`Recorder::clear`], and buffers writes until a flush:
+/// mail-send writes a command, or each dot-stuffed piece of a message, with its own `write_all`
+/// and flushes after each step, so one step becomes one system call instead of many.
 pub(crate) struct Recorder<S> {
     inner: S,
     log: Vec<u8>,
     /// The peer closed the stream (a read returned no bytes).
     eof: bool,
+    out: Vec<u8>,
 }
 
 impl<S> Recorder<S> {
@@ -124,6 +133,7 @@ impl<S> Recorder<S> {
             inner,
             log: Vec::new(),
             eof: false,
+            out: Vec::new(),
         }
     }
 
@@ -158,17 +168,40 @@ impl<S: AsyncRead + Unpin> AsyncRead for Recorder<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Recorder<S> {
+    /// Hands every buffered byte to the inner stream.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Recorder<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.out.len() >= WRITE_BUFFER {
+            std::task::ready!(this.poll_drain(cx))?;
+        }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -176,9 +209,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Recorder<S> {
 /// The enhanced code repeated at the start of continuation lines is dropped; lines are joined
 /// with a space.
 pub(crate) fn parse_last_reply(raw: &[u8]) -> Option<SmtpReply> {
+    parse_replies(raw).pop()
+}
+
+/// Every complete reply in `raw`, in order (the answers to pipelined commands).
+pub(crate) fn parse_replies(raw: &[u8]) -> Vec<SmtpReply> {
     let text = String::from_utf8_lossy(raw);
     let lines: Vec<&str> = text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
-    let mut last: Option<(usize, usize)> = None;
+    let mut out = Vec::new();
     let mut start: Option<usize> = None;
     for (i, line) in lines.iter().enumerate() {
         let b = line.as_bytes();
@@ -191,17 +229,21 @@ pub(crate) fn parse_last_reply(raw: &[u8]) -> Option<SmtpReply> {
                 start.get_or_insert(i);
             }
             None | Some(b' ') => {
-                last = Some((start.unwrap_or(i), i));
+                out.extend(reply_of(&lines[start.unwrap_or(i)..=i]));
                 start = None;
             }
             _ => start = None,
         }
     }
-    let (first, end) = last?;
-    let code: u16 = lines[first][..3].parse().ok()?;
+    out
+}
+
+/// One reply from its lines (all starting with the same code).
+fn reply_of(lines: &[&str]) -> Option<SmtpReply> {
+    let code: u16 = lines.first()?.get(..3)?.parse().ok()?;
     let mut enhanced_prefix: Option<String> = None;
     let mut parts: Vec<String> = Vec::new();
-    for line in &lines[first..=end] {
+    for line in lines {
         let body = line.get(4..).unwrap_or("").trim();
         let body = match &enhanced_prefix {
             None => {
@@ -391,6 +433,9 @@ impl Session {
             params.add("SMTPUTF8");
         }
 
+        if self.caps.has_capability(EXT_PIPELINING) {
+            return self.send_pipelined(mail_from, rcpt_to, &params, message).await;
+        }
         self.client.stream.clear();
         if let Err(e) = self.client.mail_from(mail_from, &params).await {
             return Err(map_error(&self.client, Stage::MailFrom, e, tls));
@@ -418,6 +463,87 @@ impl Session {
                 let stage = if self.saw_354() { Stage::Message } else { Stage::Data };
                 Err(map_error(&self.client, stage, e, tls))
             }
+        }
+    }
+
+    /// RFC 2920: MAIL, RCPT and DATA in one write, their replies read together, then the
+    /// content: two round trips instead of four.
+    async fn send_pipelined(
+        &mut self,
+        mail_from: &str,
+        rcpt_to: &str,
+        params: &Parameters<'_>,
+        message: &[u8],
+    ) -> Result<SmtpReply, StepError> {
+        const STAGES: [Stage; 3] = [Stage::MailFrom, Stage::RcptTo, Stage::Data];
+        let tls = self.tls;
+        let envelope = [
+            format!("MAIL FROM:<{mail_from}>{params}\r\n"),
+            format!("RCPT TO:<{rcpt_to}>\r\n"),
+            "DATA\r\n".to_owned(),
+        ];
+        self.client.stream.clear();
+        let replies = match self.client.cmds(&envelope).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The first command without a complete reply is where it stopped.
+                let answered = parse_replies(&self.client.stream.log).len();
+                let stage = STAGES.get(answered).copied().unwrap_or(Stage::Data);
+                return Err(map_error(&self.client, stage, e, tls));
+            }
+        };
+        let raw = parse_replies(&self.client.stream.log);
+        let reply = |i: usize| {
+            raw.get(i).cloned().unwrap_or_else(|| {
+                let r = &replies[i];
+                SmtpReply::new(r.code(), r.message().to_owned())
+            })
+        };
+        let data_open = replies.get(2).is_some_and(|r| r.code() == 354);
+        let refused = (0..2).find(|&i| !replies.get(i).is_some_and(|r| r.is_positive_completion()));
+        if let Some(i) = refused {
+            if data_open {
+                // A server that opened DATA anyway gets an empty message ended at once.
+                self.client.stream.clear();
+                if let Err(e) = self.client.cmd(b".\r\n").await {
+                    return Err(map_error(&self.client, Stage::Message, e, tls));
+                }
+            }
+            return Err(StepError {
+                stage: STAGES[i],
+                kind: StepErrorKind::Reply(reply(i)),
+                tls,
+            });
+        }
+        if !data_open {
+            return Err(StepError {
+                stage: Stage::Data,
+                kind: StepErrorKind::Reply(reply(2)),
+                tls,
+            });
+        }
+
+        // mail-send's write_message appends "\r\n.\r\n": drop our final CRLF (see `send`).
+        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
+        self.client.stream.clear();
+        let client = &mut self.client;
+        let sent = tokio::time::timeout(self.timeouts.data, async {
+            client.write_message(content).await?;
+            client.read().await
+        })
+        .await;
+        let last = || self.client.stream.last_reply();
+        match sent {
+            Err(_) => Err(map_error(&self.client, Stage::Message, mail_send::Error::Timeout, tls)),
+            Ok(Err(e)) => Err(map_error(&self.client, Stage::Message, e, tls)),
+            Ok(Ok(r)) if r.is_positive_completion() => {
+                Ok(last().unwrap_or_else(|| SmtpReply::new(r.code(), r.message().to_owned())))
+            }
+            Ok(Ok(r)) => Err(StepError {
+                stage: Stage::Message,
+                kind: StepErrorKind::Reply(last().unwrap_or_else(|| SmtpReply::new(r.code(), r.message().to_owned()))),
+                tls,
+            }),
         }
     }
 
@@ -597,6 +723,21 @@ fn map_error(client: &Client, stage: Stage, e: mail_send::Error, tls: bool) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_every_reply_of_a_pipelined_exchange_in_order() {
+        let raw = b"250 2.1.0 Sender ok\r\n550-5.1.1 No such\r\n550-5.1.1 user here\r\n550 5.1.1 sorry\r\n554 5.5.1 No valid recipients\r\n";
+        let got: Vec<(u16, String)> = parse_replies(raw).into_iter().map(|r| (r.code, r.text)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (250, "2.1.0 Sender ok".to_string()),
+                (550, "5.1.1 No such user here sorry".to_string()),
+                (554, "5.5.1 No valid recipients".to_string()),
+            ]
+        );
+        assert!(parse_replies(b"250-incomplete\r\n").is_empty());
+    }
 
     #[test]
     fn parses_single_and_multi_line_replies() {
