@@ -1089,3 +1089,90 @@ async fn replies_are_reported_at_their_stage_with_and_without_pipelining() {
         assert_eq!(server.connections(), 1);
     }
 }
+
+#[tokio::test]
+async fn rset_only_after_an_unfinished_transaction_or_without_pipelining() {
+    for pipelining in [true, false] {
+        let mut script = Script::new()
+            .stage(ServerStage::Rcpt)
+            .then(Behaviour::Accept)
+            .then(Behaviour::Accept)
+            .then(Behaviour::PermFail("550 5.1.1 User unknown".into()));
+        if !pipelining {
+            script.ehlo_extensions.retain(|e| e != "PIPELINING");
+        }
+        let server = SmtpServer::start(script).expect("server");
+        let d = plain_deliverer();
+        let t = smarthost("mail/rset", upstream(server.port(), TlsMode::None));
+        for rcpt in ["a@example.test", "b@example.test"] {
+            assert!(d.deliver(&t, None, None, &env(rcpt), BODY).await.is_delivered());
+        }
+        let after_two = server.resets();
+        assert_eq!(
+            reply_of(&d.deliver(&t, None, None, &env("nobody@example.test"), BODY).await).1,
+            550
+        );
+        let r = d.deliver(&t, None, None, &env("c@example.test"), BODY).await;
+        assert!(r.is_delivered() && r.reused_connection, "{r:?}");
+        if pipelining {
+            assert_eq!(after_two, 0, "a delivered transaction needs no RSET before the next");
+            assert_eq!(server.resets(), 1, "the refused one does");
+        } else {
+            assert_eq!((after_two, server.resets()), (1, 3), "RSET before every reuse");
+        }
+        assert_eq!(server.connections(), 1);
+    }
+}
+
+/// One pipelined transaction on a fake server: greeting and EHLO already done.
+async fn serve_pipelined_transaction(s: &mut TcpStream, queue_id: &str) {
+    let mut buf = Vec::new();
+    read_until(s, &mut buf, b"DATA\r\n").await;
+    s.write_all(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+        .await
+        .expect("replies");
+    buf.clear();
+    read_until(s, &mut buf, b"\r\n.\r\n").await;
+    s.write_all(format!("250 2.0.0 queued as {queue_id}\r\n").as_bytes())
+        .await
+        .expect("final");
+}
+
+async fn greet_pipelining(s: &mut TcpStream) {
+    let mut buf = Vec::new();
+    s.write_all(b"220 fake ESMTP\r\n").await.expect("greet");
+    read_until(s, &mut buf, b"\r\n").await;
+    s.write_all(b"250-fake\r\n250 PIPELINING\r\n").await.expect("ehlo");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_without_an_error() {
+    let listener = TcpListener::bind((lo(), 0)).await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let (mut first, _) = listener.accept().await.expect("accept");
+        greet_pipelining(&mut first).await;
+        serve_pipelined_transaction(&mut first, "A1").await;
+        // The server's idle timeout: a 421 and the connection goes.
+        first.write_all(b"421 4.4.2 idle timeout\r\n").await.expect("421");
+        drop(first);
+        let _ = closed_tx.send(());
+        let (mut second, _) = listener.accept().await.expect("accept again");
+        greet_pipelining(&mut second).await;
+        serve_pipelined_transaction(&mut second, "B2").await;
+    });
+    let d = plain_deliverer();
+    let t = smarthost("mail/idle-closed", upstream(port, TlsMode::None));
+    assert!(
+        d.deliver(&t, None, None, &env("a@example.test"), BODY)
+            .await
+            .is_delivered()
+    );
+    closed_rx.await.expect("server closed the first connection");
+    let r = d.deliver(&t, None, None, &env("b@example.test"), BODY).await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert_eq!(r.reply().expect("reply").text, "2.0.0 queued as B2");
+    assert!(!r.reused_connection, "delivered on a new connection");
+    server.await.expect("server");
+}

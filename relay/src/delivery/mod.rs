@@ -708,7 +708,8 @@ impl Deliverer {
         }
     }
 
-    /// An idle session, reset and alive, unless `fresh_only`.
+    /// An idle session, reset and alive (or clean and pipelining, see
+    /// [`Session::ready_without_reset`]), unless `fresh_only`.
     async fn checkout(&self, pool: &Pool, idle_timeout: Duration, fresh_only: bool) -> Option<Session> {
         if fresh_only {
             return None;
@@ -719,6 +720,9 @@ impl Deliverer {
                 close(s).await;
             }
             let mut session = session?;
+            if session.ready_without_reset() {
+                return Some(session);
+            }
             match session.reset().await {
                 Ok(()) => return Some(session),
                 Err(e) => {

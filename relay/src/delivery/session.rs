@@ -275,6 +275,8 @@ pub(crate) struct Session {
     /// The cross-relay connection slot held while this connection is open, if a limit applies.
     pub lease: Option<Lease>,
     timeouts: Timeouts,
+    /// No transaction is open: the last one ended with a reply to its content (or RSET).
+    clean: bool,
 }
 
 impl Session {
@@ -415,11 +417,26 @@ impl Session {
             idle_since: Instant::now(),
             lease: None,
             timeouts: spec.timeouts,
+            clean: true,
         })
     }
 
     /// One transaction: MAIL, RCPT, DATA. Returns the final reply to the message content.
     pub async fn send(&mut self, mail_from: &str, rcpt_to: &str, message: &[u8]) -> Result<SmtpReply, StepError> {
+        let r = self.transaction(mail_from, rcpt_to, message).await;
+        self.clean = r.is_ok();
+        r
+    }
+
+    /// Whether the next transaction may start without RSET: the last one was delivered and the
+    /// server pipelines. A connection the server dropped meanwhile then fails at MAIL with no
+    /// reply, which the pool retries once on a new connection; without PIPELINING an idle
+    /// server's `421` would arrive as the reply to MAIL, so RSET goes first there.
+    pub fn ready_without_reset(&self) -> bool {
+        self.clean && self.caps.has_capability(EXT_PIPELINING)
+    }
+
+    async fn transaction(&mut self, mail_from: &str, rcpt_to: &str, message: &[u8]) -> Result<SmtpReply, StepError> {
         self.messages += 1;
         let tls = self.tls;
         let mut params = Parameters::new();
@@ -558,7 +575,9 @@ impl Session {
         self.client
             .rset()
             .await
-            .map_err(|e| map_error(&self.client, Stage::Reset, e, self.tls))
+            .map_err(|e| map_error(&self.client, Stage::Reset, e, self.tls))?;
+        self.clean = true;
+        Ok(())
     }
 
     /// Polite QUIT, bounded by the command timeout; errors do not matter any more. The slot is

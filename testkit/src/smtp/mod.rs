@@ -288,6 +288,7 @@ struct Shared {
     open: AtomicUsize,
     peak_open: AtomicUsize,
     attempts: AtomicUsize,
+    resets: AtomicUsize,
     /// Bumped on every observable change; waiters re-check their condition.
     changed: watch::Sender<u64>,
 }
@@ -380,6 +381,7 @@ impl SmtpServer {
             connections: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
             peak_open: AtomicUsize::new(0),
+            resets: AtomicUsize::new(0),
             attempts: AtomicUsize::new(0),
             changed: watch::Sender::new(0),
         });
@@ -404,6 +406,11 @@ impl SmtpServer {
     /// Messages accepted so far, in order.
     pub fn received(&self) -> Vec<Received> {
         lock(&self.shared.received).clone()
+    }
+
+    /// Number of RSET commands received.
+    pub fn resets(&self) -> usize {
+        self.shared.resets.load(Ordering::SeqCst)
     }
 
     /// Number of TCP connections accepted so far.
@@ -721,6 +728,7 @@ impl Session {
             "RCPT" => self.rcpt(io, arg).await,
             "DATA" => self.data(io).await,
             "RSET" => {
+                self.shared.resets.fetch_add(1, Ordering::SeqCst);
                 self.reset_transaction();
                 reply(io, "250 2.0.0 OK").await
             }
