@@ -84,7 +84,7 @@ async fn relay_runs_on_a_redis_cluster() {
         .unwrap();
     assert_eq!(delivered.events.len(), 4);
 
-    // The keys are on the slot's primary, and its replica has them too.
+    // The keys (queue, quota counters, pacing state) live on the slot's primary.
     let mut on_owner = owner
         .client()
         .unwrap()
