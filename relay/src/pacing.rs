@@ -152,66 +152,13 @@ impl Slot for PacerSlot {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
 
     use mailroute_api::config::RouteLimits;
 
     use super::*;
     use crate::shaping::limits::tests::route;
-    use crate::shaping::{
-        BackoffPolicy, BackoffState, ConnRequest, MemoryPaceStore, PaceError, PaceRequest, PaceStore,
-    };
-
-    /// The memory store, counting connection-lease calls; can fail them.
-    #[derive(Default)]
-    struct Counting {
-        inner: MemoryPaceStore,
-        calls: AtomicUsize,
-        down: AtomicBool,
-    }
-
-    impl Counting {
-        fn call(&self) -> Result<(), PaceError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            if self.down.load(Ordering::SeqCst) {
-                return Err(PaceError::Protocol("down".into()));
-            }
-            Ok(())
-        }
-    }
-
-    #[async_trait]
-    impl PaceStore for Counting {
-        async fn acquire(&self, req: &PaceRequest, now_ms: i64) -> Result<Pace, PaceError> {
-            self.inner.acquire(req, now_ms).await
-        }
-        async fn rate_limited(
-            &self,
-            key: &str,
-            p: BackoffPolicy,
-            now_ms: i64,
-        ) -> Result<Option<BackoffState>, PaceError> {
-            self.inner.rate_limited(key, p, now_ms).await
-        }
-        async fn clear_backoff(&self, key: &str) -> Result<bool, PaceError> {
-            self.inner.clear_backoff(key).await
-        }
-        async fn backoff(&self, key: &str, now_ms: i64) -> Result<Option<BackoffState>, PaceError> {
-            self.inner.backoff(key, now_ms).await
-        }
-        async fn connect(&self, req: &ConnRequest, now_ms: i64) -> Result<Option<i64>, PaceError> {
-            self.call()?;
-            self.inner.connect(req, now_ms).await
-        }
-        async fn renew(&self, keys: &[String], id: &str, expires_ms: i64, now_ms: i64) -> Result<(), PaceError> {
-            self.call()?;
-            self.inner.renew(keys, id, expires_ms, now_ms).await
-        }
-        async fn disconnect(&self, keys: &[String], id: &str) -> Result<(), PaceError> {
-            self.call()?;
-            self.inner.disconnect(keys, id).await
-        }
-    }
+    use crate::shaping::store::CountingPaceStore;
 
     fn one_connection() -> CompiledRoute {
         route(
@@ -237,7 +184,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slot_is_held_until_released_and_renewed_on_time() {
-        let store = Arc::new(Counting::default());
+        let store = Arc::new(CountingPaceStore::default());
         let pacer = Pacer::new(store.clone()).with_lease_ms(60_000);
         let r = one_connection();
         let gate = ConnectionSlots {
@@ -258,12 +205,12 @@ mod tests {
             "{at_ms}"
         );
         // Not due yet: no I/O; due: renewed for another lease.
-        let calls = store.calls.load(Ordering::SeqCst);
+        let calls = store.calls();
         assert!(!lease.renew_if_due(before).await);
-        assert_eq!(store.calls.load(Ordering::SeqCst), calls);
+        assert_eq!(store.calls(), calls);
         let due = lease.renew_at_ms();
         assert!(lease.renew_if_due(due).await);
-        assert_eq!(store.calls.load(Ordering::SeqCst), calls + 1);
+        assert_eq!(store.calls(), calls + 1);
         assert_eq!(lease.renew_at_ms(), due + 30_000);
         // A failed renewal is retried soon, not after half a lease.
         store.down.store(true, Ordering::SeqCst);
@@ -295,7 +242,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_limit_no_io_and_an_unreachable_store_lets_connections_open() {
-        let store = Arc::new(Counting::default());
+        let store = Arc::new(CountingPaceStore::default());
         let pacer = Pacer::new(store.clone());
         let free = route("mail/free", false, RouteLimits::default());
         let gate = ConnectionSlots {
@@ -306,11 +253,7 @@ mod tests {
         for _ in 0..3 {
             assert!(matches!(gate.admit().await, Admission::Open(None)));
         }
-        assert_eq!(
-            store.calls.load(Ordering::SeqCst),
-            0,
-            "no maxConnections: no store calls"
-        );
+        assert_eq!(store.calls(), 0, "no maxConnections: no store calls");
         // Carrier defaults apply to MX delivery without any route limit.
         let mx = route("mail/mx", true, RouteLimits::default());
         let carrier = ConnectionSlots {

@@ -406,58 +406,9 @@ mod tests {
         );
     }
 
-    /// A store that counts the calls reaching it (the Redis round trips of the real one).
-    struct Counting(MemoryPaceStore, std::sync::atomic::AtomicUsize);
-
-    impl Counting {
-        fn calls(&self) -> usize {
-            self.1.load(std::sync::atomic::Ordering::SeqCst)
-        }
-        fn hit(&self) {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl PaceStore for Counting {
-        async fn acquire(&self, req: &PaceRequest, now_ms: i64) -> Result<Pace, PaceError> {
-            self.hit();
-            self.0.acquire(req, now_ms).await
-        }
-        async fn rate_limited(
-            &self,
-            key: &str,
-            policy: BackoffPolicy,
-            now_ms: i64,
-        ) -> Result<Option<BackoffState>, PaceError> {
-            self.hit();
-            self.0.rate_limited(key, policy, now_ms).await
-        }
-        async fn clear_backoff(&self, key: &str) -> Result<bool, PaceError> {
-            self.hit();
-            self.0.clear_backoff(key).await
-        }
-        async fn backoff(&self, key: &str, now_ms: i64) -> Result<Option<BackoffState>, PaceError> {
-            self.hit();
-            self.0.backoff(key, now_ms).await
-        }
-        async fn connect(&self, req: &ConnRequest, now_ms: i64) -> Result<Option<i64>, PaceError> {
-            self.hit();
-            self.0.connect(req, now_ms).await
-        }
-        async fn renew(&self, keys: &[String], permit_id: &str, expires_ms: i64, now_ms: i64) -> Result<(), PaceError> {
-            self.hit();
-            self.0.renew(keys, permit_id, expires_ms, now_ms).await
-        }
-        async fn disconnect(&self, keys: &[String], permit_id: &str) -> Result<(), PaceError> {
-            self.hit();
-            self.0.disconnect(keys, permit_id).await
-        }
-    }
-
     #[tokio::test]
     async fn unlimited_route_known_clear_costs_no_store_calls_and_sees_other_pods_within_the_window() {
-        let store = Arc::new(Counting(MemoryPaceStore::new(), Default::default()));
+        let store = Arc::new(store::CountingPaceStore::default());
         let here = Pacer::new(store.clone());
         let other_pod = Pacer::new(store.clone());
         let r = route("mail/relay", false, RouteLimits::default());

@@ -613,3 +613,61 @@ impl PaceStore for RedisPaceStore {
         Ok(())
     }
 }
+
+/// Test double shared by the pacing tests: the memory store, counting every call (each would be
+/// a Redis round trip in the real store); with `down` set every call fails.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct CountingPaceStore {
+    pub inner: MemoryPaceStore,
+    pub calls: std::sync::atomic::AtomicUsize,
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl CountingPaceStore {
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn call(&self) -> Result<(), PaceError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PaceError::Protocol("down".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[async_trait]
+impl PaceStore for CountingPaceStore {
+    async fn acquire(&self, req: &PaceRequest, now_ms: i64) -> Result<Pace, PaceError> {
+        self.call()?;
+        self.inner.acquire(req, now_ms).await
+    }
+    async fn rate_limited(&self, key: &str, p: BackoffPolicy, now_ms: i64) -> Result<Option<BackoffState>, PaceError> {
+        self.call()?;
+        self.inner.rate_limited(key, p, now_ms).await
+    }
+    async fn clear_backoff(&self, key: &str) -> Result<bool, PaceError> {
+        self.call()?;
+        self.inner.clear_backoff(key).await
+    }
+    async fn backoff(&self, key: &str, now_ms: i64) -> Result<Option<BackoffState>, PaceError> {
+        self.call()?;
+        self.inner.backoff(key, now_ms).await
+    }
+    async fn connect(&self, req: &ConnRequest, now_ms: i64) -> Result<Option<i64>, PaceError> {
+        self.call()?;
+        self.inner.connect(req, now_ms).await
+    }
+    async fn renew(&self, keys: &[String], id: &str, expires_ms: i64, now_ms: i64) -> Result<(), PaceError> {
+        self.call()?;
+        self.inner.renew(keys, id, expires_ms, now_ms).await
+    }
+    async fn disconnect(&self, keys: &[String], id: &str) -> Result<(), PaceError> {
+        self.call()?;
+        self.inner.disconnect(keys, id).await
+    }
+}
