@@ -68,6 +68,12 @@ impl Target {
 #[error("{0}")]
 pub struct TargetError(String);
 
+impl From<TargetError> for RedisError {
+    fn from(e: TargetError) -> Self {
+        RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad Redis URL", e.0))
+    }
+}
+
 /// A URL for logs: the password (and user) replaced by `***`.
 pub fn redact(url: &str) -> String {
     match (url.split_once("://"), url.rsplit_once('@')) {
@@ -100,6 +106,11 @@ pub enum RedisConn {
 }
 
 impl RedisConn {
+    /// Parses `url` (see [`Target::parse`]) and opens a connection to it.
+    pub async fn open(url: &str, timeouts: Timeouts) -> RedisResult<RedisConn> {
+        Self::connect(&Target::parse(url)?, timeouts).await
+    }
+
     /// Opens a new connection (callers that block, such as `XREADGROUP BLOCK`, open their own).
     pub async fn connect(target: &Target, timeouts: Timeouts) -> RedisResult<RedisConn> {
         match target {

@@ -204,8 +204,7 @@ impl Relay {
             let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability)
                 .await
                 .with_context(|| format!("connecting to the queue at {}", redis_client::redact(&opts.queue)))?;
-            let target = redis_client::Target::parse(&opts.queue)?;
-            let conn = redis_client::RedisConn::connect(&target, redis_client::Timeouts::default()).await?;
+            let conn = redis_client::RedisConn::open(&opts.queue, redis_client::Timeouts::default()).await?;
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),

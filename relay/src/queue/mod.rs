@@ -25,8 +25,6 @@ pub enum QueueError {
     Corrupt(String),
     #[error("durability not reached: {0}")]
     Durability(String),
-    #[error("queue configuration: {0}")]
-    Config(String),
 }
 
 pub type Result<T> = std::result::Result<T, QueueError>;

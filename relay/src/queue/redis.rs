@@ -90,7 +90,7 @@ impl RedisQueue {
     /// Connects to `url` (one server or a cluster, see [`Target::parse`]) and creates the
     /// consumer group if missing. `prefix` must contain a hash tag.
     pub async fn connect(url: &str, prefix: &str, durability: Durability) -> Result<Self> {
-        let target = Target::parse(url).map_err(|e| QueueError::Config(e.to_string()))?;
+        let target = Target::parse(url).map_err(redis::RedisError::from)?;
         let conn = RedisConn::connect(&target, Timeouts::default()).await?;
         // Longer than the longest BLOCK a fetch asks for.
         let block_timeouts = Timeouts {
@@ -312,15 +312,7 @@ impl Queue for RedisQueue {
     }
 
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>> {
-        let mut c = self.conn.clone();
-        let v: Vec<Value> = redis::cmd("HMGET")
-            .arg(self.keys.msg(msg_id))
-            .arg("meta")
-            .arg("body")
-            .arg("cancelled")
-            .query_async(&mut c)
-            .await?;
-        stored_from(msg_id, &v)
+        Ok(self.load_many(&[msg_id]).await?.pop().flatten())
     }
 
     async fn load_many(&self, msg_ids: &[&str]) -> Result<Vec<Option<Stored>>> {

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use crate::redis_client::{RedisConn, Target, Timeouts};
+use crate::redis_client::{RedisConn, Timeouts};
 use async_trait::async_trait;
 use redis::Script;
 
@@ -395,12 +395,9 @@ impl RedisQuotaStore {
         }
     }
 
-    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see [`Target::parse`]).
+    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see [`crate::redis_client::Target::parse`]).
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, QuotaError> {
-        let target = Target::parse(url).map_err(|e| {
-            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad Redis URL", e.to_string()))
-        })?;
-        let conn = RedisConn::connect(&target, Timeouts::default()).await?;
+        let conn = RedisConn::open(url, Timeouts::default()).await?;
         Ok(Self::new(conn, prefix))
     }
 

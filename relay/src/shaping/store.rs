@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use crate::redis_client::{RedisConn, Target, Timeouts};
+use crate::redis_client::{RedisConn, Timeouts};
 use async_trait::async_trait;
 use redis::Script;
 
@@ -436,12 +436,9 @@ impl RedisPaceStore {
         }
     }
 
-    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see [`Target::parse`]).
+    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see [`crate::redis_client::Target::parse`]).
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PaceError> {
-        let target = Target::parse(url).map_err(|e| {
-            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad Redis URL", e.to_string()))
-        })?;
-        let conn = RedisConn::connect(&target, Timeouts::default()).await?;
+        let conn = RedisConn::open(url, Timeouts::default()).await?;
         Ok(Self::new(conn, prefix))
     }
 
