@@ -470,11 +470,7 @@ impl Session {
         let result = self.client.data(content).await;
         self.client.timeout = self.timeouts.command;
         match result {
-            Ok(response) => Ok(self
-                .client
-                .stream
-                .last_reply()
-                .unwrap_or_else(|| SmtpReply::new(response.code, response.message))),
+            Ok(response) => Ok(raw_or(self.client.stream.last_reply(), &response)),
             Err(e) => {
                 // "354" is the reply to DATA itself; anything after it is about the content.
                 let stage = if self.saw_354() { Stage::Message } else { Stage::Data };
@@ -510,12 +506,7 @@ impl Session {
             }
         };
         let raw = parse_replies(&self.client.stream.log);
-        let reply = |i: usize| {
-            raw.get(i).cloned().unwrap_or_else(|| {
-                let r = &replies[i];
-                SmtpReply::new(r.code(), r.message().to_owned())
-            })
-        };
+        let reply = |i: usize| raw_or(raw.get(i).cloned(), &replies[i]);
         let data_open = replies.get(2).is_some_and(|r| r.code() == 354);
         let refused = (0..2).find(|&i| !replies.get(i).is_some_and(|r| r.is_positive_completion()));
         if let Some(i) = refused {
@@ -549,18 +540,21 @@ impl Session {
             client.read().await
         })
         .await;
-        let last = || self.client.stream.last_reply();
         match sent {
             Err(_) => Err(map_error(&self.client, Stage::Message, mail_send::Error::Timeout, tls)),
             Ok(Err(e)) => Err(map_error(&self.client, Stage::Message, e, tls)),
-            Ok(Ok(r)) if r.is_positive_completion() => {
-                Ok(last().unwrap_or_else(|| SmtpReply::new(r.code(), r.message().to_owned())))
+            Ok(Ok(r)) => {
+                let reply = raw_or(self.client.stream.last_reply(), &r);
+                if r.is_positive_completion() {
+                    Ok(reply)
+                } else {
+                    Err(StepError {
+                        stage: Stage::Message,
+                        kind: StepErrorKind::Reply(reply),
+                        tls,
+                    })
+                }
             }
-            Ok(Ok(r)) => Err(StepError {
-                stage: Stage::Message,
-                kind: StepErrorKind::Reply(last().unwrap_or_else(|| SmtpReply::new(r.code(), r.message().to_owned()))),
-                tls,
-            }),
         }
     }
 
@@ -686,6 +680,12 @@ fn mechanism_name(m: Option<AuthMechanism>) -> &'static str {
     }
 }
 
+/// The reply as the recorder saw it, else mail-send's parse of it (which mangles enhanced codes,
+/// see the module doc).
+fn raw_or(recorded: Option<SmtpReply>, r: &smtp_proto::Response<String>) -> SmtpReply {
+    recorded.unwrap_or_else(|| SmtpReply::new(r.code(), r.message().to_owned()))
+}
+
 fn failure(stage: Stage, f: Failure, detail: String, tls: bool) -> StepError {
     StepError {
         stage,
@@ -707,9 +707,7 @@ fn map_error(client: &Client, stage: Stage, e: mail_send::Error, tls: bool) -> S
     use mail_send::Error as E;
     let recorded = client.stream.last_reply();
     let kind = match e {
-        E::UnexpectedReply(r) | E::AuthenticationFailed(r) => {
-            StepErrorKind::Reply(recorded.unwrap_or_else(|| SmtpReply::new(r.code, r.message)))
-        }
+        E::UnexpectedReply(r) | E::AuthenticationFailed(r) => StepErrorKind::Reply(raw_or(recorded, &r)),
         E::Io(io) => match io.kind() {
             io::ErrorKind::TimedOut => StepErrorKind::Failure(Failure::Timeout, io.to_string()),
             _ => StepErrorKind::Failure(Failure::ConnectionLost, io.to_string()),
