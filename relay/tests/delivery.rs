@@ -780,9 +780,6 @@ async fn hickory_resolver_against_a_real_dns_server() {
 
 #[tokio::test]
 async fn from_override_and_dkim_as_received() {
-    use mail_auth::common::parse::TxtRecordParser as _;
-    use mail_auth::common::verify::DomainKey;
-
     let server = SmtpServer::start(Script::new()).expect("server");
     let d = plain_deliverer();
     let mut t = smarthost("mail/override", upstream(server.port(), TlsMode::None));
@@ -808,70 +805,9 @@ async fn from_override_and_dkim_as_received() {
     );
 
     // The signature on the received bytes verifies against the public key.
-    let key = {
-        use rustls::pki_types::pem::PemObject as _;
-        let der = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).expect("pem");
-        let rustls::pki_types::PrivateKeyDer::Pkcs8(p) = der else {
-            panic!("pkcs8")
-        };
-        mail_auth::common::crypto::Ed25519Key::from_pkcs8_maybe_unchecked_der(p.secret_pkcs8_der())
-            .expect("key")
-            .public_key()
-    };
-    use base64::Engine as _;
-    let record = format!(
-        "v=DKIM1; k=ed25519; p={}",
-        base64::engine::general_purpose::STANDARD.encode(key)
-    );
-    let domain_key = DomainKey::parse(record.as_bytes()).expect("record");
-    let results = verify_dkim(&got[0].data, domain_key).await;
+    let record = mailroute_testkit::dkim::ed25519_record(pem);
+    let results = mailroute_testkit::dkim::verify(&got[0].data, "mailroute._domainkey.relay.example.", &record).await;
     assert_eq!(results, vec![mail_auth::DkimResult::Pass]);
-}
-
-async fn verify_dkim(message: &[u8], key: mail_auth::common::verify::DomainKey) -> Vec<mail_auth::DkimResult> {
-    use mail_auth::hickory_resolver::config::{ResolverConfig, ResolverOpts};
-    use mail_auth::{AuthenticatedMessage, MessageAuthenticator, Parameters, ResolverCache, Txt};
-    use std::borrow::Borrow;
-    use std::collections::HashMap;
-    use std::hash::Hash;
-
-    struct Cache(Mutex<HashMap<Box<str>, Txt>>);
-    impl ResolverCache<Box<str>, Txt> for Cache {
-        fn get<Q>(&self, name: &Q) -> Option<Txt>
-        where
-            Box<str>: Borrow<Q>,
-            Q: Hash + Eq + ?Sized,
-        {
-            self.0.lock().expect("lock").get(name).cloned()
-        }
-        fn remove<Q>(&self, name: &Q) -> Option<Txt>
-        where
-            Box<str>: Borrow<Q>,
-            Q: Hash + Eq + ?Sized,
-        {
-            self.0.lock().expect("lock").remove(name)
-        }
-        fn insert(&self, key: Box<str>, value: Txt, _: std::time::Instant) {
-            self.0.lock().expect("lock").insert(key, value);
-        }
-    }
-    let cache = Cache(Mutex::new(HashMap::new()));
-    cache.insert(
-        "mailroute._domainkey.relay.example.".into(),
-        Txt::from(key),
-        std::time::Instant::now() + Duration::from_secs(60),
-    );
-    let auth = MessageAuthenticator::new(
-        ResolverConfig::from_parts(None, vec![], vec![]),
-        ResolverOpts::default(),
-    )
-    .expect("authenticator");
-    let parsed = AuthenticatedMessage::parse(message).expect("parse");
-    auth.verify_dkim(Parameters::new(&parsed).with_txt_cache(&cache))
-        .await
-        .iter()
-        .map(|o| o.result().clone())
-        .collect()
 }
 
 #[tokio::test]

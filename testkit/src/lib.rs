@@ -10,6 +10,7 @@
 //! shuts down by itself when dropped.
 
 pub mod certs;
+pub mod dkim;
 pub mod redis;
 pub mod redis_cluster;
 pub mod smtp;

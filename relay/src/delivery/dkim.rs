@@ -152,18 +152,7 @@ impl DkimSigner {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::borrow::Borrow;
-    use std::collections::HashMap;
-    use std::hash::Hash;
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
-
-    use base64::Engine as _;
     use mail_auth::DkimResult;
-    use mail_auth::common::parse::TxtRecordParser as _;
-    use mail_auth::common::verify::DomainKey;
-    use mail_auth::hickory_resolver::config::{ResolverConfig, ResolverOpts};
-    use mail_auth::{AuthenticatedMessage, MessageAuthenticator, Parameters, ResolverCache, Txt};
 
     use super::*;
 
@@ -172,50 +161,10 @@ pub(crate) mod tests {
     /// The example key of examples/mx-default-route.yaml (Ed25519, PKCS#8 v1).
     pub(crate) const ED25519_PEM: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqI1cA4MPeCfi0VBYZ2cZ0gC0dK2ajbFxVGAiHKXqmc\n-----END PRIVATE KEY-----\n";
 
-    /// A TXT cache pre-populated with the public key, so verification needs no DNS.
-    struct TxtCache(Mutex<HashMap<Box<str>, Txt>>);
-
-    impl ResolverCache<Box<str>, Txt> for TxtCache {
-        fn get<Q>(&self, name: &Q) -> Option<Txt>
-        where
-            Box<str>: Borrow<Q>,
-            Q: Hash + Eq + ?Sized,
-        {
-            self.0.lock().expect("lock").get(name).cloned()
-        }
-        fn remove<Q>(&self, name: &Q) -> Option<Txt>
-        where
-            Box<str>: Borrow<Q>,
-            Q: Hash + Eq + ?Sized,
-        {
-            self.0.lock().expect("lock").remove(name)
-        }
-        fn insert(&self, key: Box<str>, value: Txt, _valid_until: Instant) {
-            self.0.lock().expect("lock").insert(key, value);
-        }
-    }
-
     const MESSAGE: &[u8] = b"From: Shop <orders@example.com>\r\nTo: alice@example.net\r\nSubject: Order 42\r\nDate: Sun, 1 Mar 2026 10:00:00 +0000\r\nMessage-ID: <42@example.com>\r\n\r\nThanks for your order.\r\n";
 
     async fn verify(signed: &[u8], record: &str) -> Vec<DkimResult> {
-        let cache = TxtCache(Mutex::new(HashMap::new()));
-        let key = DomainKey::parse(record.as_bytes()).expect("key record parses");
-        cache.insert(
-            "mailroute._domainkey.example.com.".into(),
-            Txt::from(key),
-            Instant::now() + Duration::from_secs(3600),
-        );
-        // No name servers: every lookup must be answered by the cache.
-        let authenticator = MessageAuthenticator::new(
-            ResolverConfig::from_parts(None, vec![], vec![]),
-            ResolverOpts::default(),
-        )
-        .expect("authenticator");
-        let message = AuthenticatedMessage::parse(signed).expect("message parses");
-        let outputs = authenticator
-            .verify_dkim(Parameters::new(&message).with_txt_cache(&cache))
-            .await;
-        outputs.iter().map(|o| o.result().clone()).collect()
+        mailroute_testkit::dkim::verify(signed, "mailroute._domainkey.example.com.", record).await
     }
 
     #[tokio::test]
@@ -224,17 +173,7 @@ pub(crate) mod tests {
         assert_eq!(signer.algorithm(), "ed25519-sha256");
         let signed = signer.sign(MESSAGE).expect("signs");
         assert!(signed.starts_with(b"DKIM-Signature: "));
-        let public = {
-            let der = PrivateKeyDer::from_pem_slice(ED25519_PEM.as_bytes()).expect("pem");
-            let PrivateKeyDer::Pkcs8(p) = der else { panic!("pkcs8") };
-            Ed25519Key::from_pkcs8_maybe_unchecked_der(p.secret_pkcs8_der())
-                .expect("key")
-                .public_key()
-        };
-        let record = format!(
-            "v=DKIM1; k=ed25519; p={}",
-            base64::engine::general_purpose::STANDARD.encode(public)
-        );
+        let record = mailroute_testkit::dkim::ed25519_record(ED25519_PEM);
         assert_eq!(verify(&signed, &record).await, vec![DkimResult::Pass]);
 
         // Tampering with a signed header breaks it.
