@@ -15,6 +15,8 @@ need_apt() { # need_apt COMMAND PACKAGE
   fi
 }
 need_apt redis-server redis-server
+# redis-cli builds the Redis Cluster of the cluster tests (redis-server pulls it in; be explicit).
+need_apt redis-cli redis-tools
 need_apt swaks swaks
 # Postfix for the bench crate's reference test, which runs its own private instance; with
 # "No configuration" the system instance has no main.cf and never starts.
