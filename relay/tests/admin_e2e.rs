@@ -53,6 +53,12 @@ async fn events_csv_messages_and_metrics() {
             .await
             .delivered()
     );
+    // The upstream's scripted 550 goes to whichever RCPT comes first: the second message is
+    // sent only after the first bounced, or two workers could race for that reply.
+    poll_json(&base, "/api/v1/events?result=bounced", |v| {
+        v["events"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
     assert!(
         submit(r.smtp(), "app@app.example", &["ok@example.com"], &message("d", ""))
             .await
@@ -70,10 +76,6 @@ async fn events_csv_messages_and_metrics() {
     assert_eq!(ev["reply_code"], 250);
     assert!(ev.get("subject").is_none() && ev.get("body").is_none());
 
-    poll_json(&base, "/api/v1/events?result=bounced", |v| {
-        v["events"].as_array().is_some_and(|a| !a.is_empty())
-    })
-    .await;
     let csv = get(
         &base,
         "/api/v1/events.csv?result=bounced&bounce_class=invalid_recipient",
@@ -131,13 +133,7 @@ async fn events_csv_messages_and_metrics() {
     assert_eq!(anon.status(), 401);
     assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
 
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for series in [
+    let series = [
         // The message to ok@ and the DSN for gone@ (it leaves through the same route).
         r#"mailroute_delivery_attempts_total{result="delivered",route="mail/up"} 2"#,
         r#"mailroute_bounces_total{class="invalid_recipient",code="550",route="mail/up"} 1"#,
@@ -146,8 +142,24 @@ async fn events_csv_messages_and_metrics() {
         "mailroute_accept_latency_seconds_count 3",
         "mailroute_config_generation 1",
         "mailroute_dsn_sent_total 1",
-    ] {
-        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    ];
+    let scrape = || async {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .expect("http")
+            .text()
+            .await
+            .expect("text")
+    };
+    // The DSN may still be on its way: wait until the counters reach these values.
+    let complete = eventually(|| async {
+        let m = scrape().await;
+        series.iter().all(|s| m.contains(s))
+    })
+    .await;
+    let metrics = scrape().await;
+    for s in series {
+        assert!(complete && metrics.contains(s), "missing {s} in\n{metrics}");
     }
     r.relay.shutdown().await;
 }
