@@ -32,6 +32,7 @@ pub const NAMES: &[&str] = &[
     "mailroute_bounces_total",
     "mailroute_expired_total",
     "mailroute_dsn_sent_total",
+    "mailroute_jobs_reclaimed_total",
     "mailroute_queue_ready_jobs",
     "mailroute_queue_scheduled_jobs",
     "mailroute_queue_inflight_jobs",
@@ -71,6 +72,8 @@ pub struct Metrics {
     /// `{route}`.
     pub expired: IntCounterVec,
     pub dsn_sent: IntCounter,
+    /// Jobs this relay took over from another one that stopped or stalled.
+    pub jobs_reclaimed: IntCounter,
     pub queue_ready_jobs: IntGauge,
     pub queue_scheduled_jobs: IntGauge,
     pub queue_inflight_jobs: IntGauge,
@@ -158,6 +161,11 @@ impl Metrics {
                 &["route"],
             )?,
             dsn_sent: counter(r, "mailroute_dsn_sent_total", "Delivery status notifications queued.")?,
+            jobs_reclaimed: counter(
+                r,
+                "mailroute_jobs_reclaimed_total",
+                "Jobs taken over after their relay held them past the visibility timeout (it stopped or stalled).",
+            )?,
             queue_ready_jobs: gauge_int(r, "mailroute_queue_ready_jobs", "Jobs ready for delivery.")?,
             queue_scheduled_jobs: gauge_int(
                 r,
@@ -351,6 +359,7 @@ mod tests {
             .inc();
         m.expired.with_label_values(&["mail/o365"]).inc();
         m.dsn_sent.inc();
+        m.jobs_reclaimed.inc();
         m.queue_ready_jobs.set(4);
         m.queue_scheduled_jobs.set(2);
         m.queue_inflight_jobs.set(1);

@@ -7,7 +7,8 @@
 //! format (`dsn`) and route order (`route`) are pure modules it calls. It must not hold message
 //! bodies longer than one attempt.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -243,12 +244,49 @@ fn short(o: &AttemptOutcome) -> String {
     }
 }
 
+/// Leases this process is working on; [`Worker::renew_loop`] keeps them alive together.
+#[derive(Clone, Default)]
+struct Held(Arc<Mutex<HashSet<String>>>);
+
+/// Removes its lease from [`Held`] when the job's task ends, however it ends.
+struct HeldLease {
+    held: Held,
+    lease: String,
+}
+
+impl Held {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn hold(&self, lease: &str) -> HeldLease {
+        self.set().insert(lease.to_owned());
+        HeldLease {
+            held: self.clone(),
+            lease: lease.to_owned(),
+        }
+    }
+
+    fn leases(&self) -> Vec<String> {
+        self.set().iter().cloned().collect()
+    }
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        self.held.set().remove(&self.lease);
+    }
+}
+
 impl Worker {
     /// Runs until `shutdown` turns true; in-flight deliveries finish first.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let sem = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
+        let held = Held::default();
         let promoter = tokio::spawn(self.clone().promote_loop(shutdown.clone()));
-        let reclaimer = tokio::spawn(self.clone().reclaim_loop(sem.clone(), shutdown.clone()));
+        let reclaimer = tokio::spawn(self.clone().reclaim_loop(sem.clone(), held.clone(), shutdown.clone()));
+        // Not stopped by shutdown: the drain below still needs its leases kept.
+        let renewer = tokio::spawn(self.clone().renew_loop(held.clone()));
         loop {
             if *shutdown.borrow() {
                 break;
@@ -289,7 +327,9 @@ impl Worker {
                     },
                 };
                 let me = self.clone();
+                let lease = held.hold(&leased.lease);
                 tokio::spawn(async move {
+                    let _lease = lease;
                     match stored {
                         Some(stored) => me.process_loaded(leased, stored).await,
                         None => me.process(leased).await,
@@ -302,6 +342,27 @@ impl Worker {
         let _ = sem.acquire_many(self.settings.concurrency.max(1) as u32).await;
         promoter.abort();
         reclaimer.abort();
+        renewer.abort();
+    }
+
+    /// Renews every held lease a few times per visibility timeout, so only a relay that stopped
+    /// (or stalled for longer than the timeout) loses its jobs to another one.
+    async fn renew_loop(self: Arc<Self>, held: Held) {
+        let every = (self.settings.visibility_timeout / 3).max(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let leases = held.leases();
+            if leases.is_empty() {
+                continue;
+            }
+            match self.queue.renew(&self.settings.consumer, &leases).await {
+                // Fewer: completed since the snapshot, or taken over after a stall.
+                Ok(n) => tracing::debug!(held = leases.len(), renewed = n, "renewed leases"),
+                Err(e) => tracing::warn!(error = %e, "renewing leases failed; retrying next tick"),
+            }
+        }
     }
 
     async fn promote_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -324,7 +385,7 @@ impl Worker {
         }
     }
 
-    async fn reclaim_loop(self: Arc<Self>, sem: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
+    async fn reclaim_loop(self: Arc<Self>, sem: Arc<Semaphore>, held: Held, mut shutdown: watch::Receiver<bool>) {
         let every = (self.settings.visibility_timeout / 4).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(every);
         loop {
@@ -344,11 +405,14 @@ impl Worker {
                 Ok(jobs) => {
                     for leased in jobs {
                         tracing::info!(message = %leased.job.msg, rcpt = leased.job.rcpt, "reclaimed a job from a relay that stopped");
+                        self.telemetry.metrics.jobs_reclaimed.inc();
                         let Ok(p) = sem.clone().acquire_owned().await else {
                             return;
                         };
                         let me = self.clone();
+                        let lease = held.hold(&leased.lease);
                         tokio::spawn(async move {
+                            let _lease = lease;
                             me.process(leased).await;
                             drop(p);
                         });

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use mailroute_testkit::smtp::client::SmtpClient;
-use mailroute_testkit::{RedisServer, Script, SmtpServer};
+use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -43,6 +43,15 @@ fn spawn_relay(routes: &std::path::Path, redis: &str, smtp_port: u16, workers: u
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn relay")
+}
+
+/// Messages `r` delivered through the route `mail/up`.
+fn delivered(r: &TestRelay) -> u64 {
+    r.relay
+        .metrics()
+        .delivery_attempts
+        .with_label_values(&["mail/up", "delivered"])
+        .get()
 }
 
 async fn connect_when_up(port: u16) -> SmtpClient {
@@ -195,16 +204,42 @@ async fn two_relays_on_one_redis_deliver_each_message_once() {
     assert!(got.values().all(|n| *n == 1), "every message exactly once");
     assert_eq!(up.received().len(), 200);
     // Both relays took part in delivering.
-    let delivered = |r: &TestRelay| {
-        r.relay
-            .metrics()
-            .delivery_attempts
-            .with_label_values(&["mail/up", "delivered"])
-            .get()
-    };
     let (da, db) = (delivered(&a), delivered(&b));
     assert_eq!(da + db, 200);
     assert!(da > 0 && db > 0, "a={da} b={db}");
+    a.relay.shutdown().await;
+    b.relay.shutdown().await;
+}
+
+/// A delivery slower than the visibility timeout keeps its lease: the relay working on it
+/// renews it, so the other relay never takes the job over and the upstream gets it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_slower_than_the_visibility_timeout_is_not_taken_over() {
+    let redis = RedisServer::start().unwrap();
+    // The first message's end of DATA is answered after three visibility timeouts; a copy
+    // sent by a relay that took the job over would be accepted at once.
+    let up = SmtpServer::start(Script::new().then(Behaviour::AcceptAfter(Duration::from_secs(3)))).unwrap();
+    let routes = route("up", up.port(), 10, &["*"]);
+    let url = redis.url();
+    let relay = |name: &'static str| {
+        start(&routes, &url, move |o| {
+            o.consumer = name.into();
+            o.visibility_timeout = Duration::from_secs(1);
+        })
+    };
+    let a = relay("relay-a").await;
+    let b = relay("relay-b").await;
+    assert!(
+        submit(a.smtp(), "app@app.example", &["user@example.com"], &message("slow", ""))
+            .await
+            .delivered()
+    );
+    assert!(eventually(|| async { delivered(&a) + delivered(&b) == 1 }).await);
+    assert_eq!(up.received().len(), 1);
+    assert_eq!(up.attempts(), 1, "nobody tried a second copy");
+    for r in [&a, &b] {
+        assert_eq!(r.relay.metrics().jobs_reclaimed.get(), 0);
+    }
     a.relay.shutdown().await;
     b.relay.shutdown().await;
 }

@@ -1,6 +1,6 @@
 //! The queue contract on both implementations (real Redis and the memory queue): a message
-//! enqueued is fetched once, loaded alone or in a batch with a missing one, and gone when its
-//! last recipient is final.
+//! enqueued is fetched once, loaded alone or in a batch with a missing one, its lease renewed by
+//! its holder or taken over when idle, and gone when its last recipient is final.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +53,16 @@ async fn contract(q: Arc<dyn Queue>) {
         q.load(&b).await.unwrap().map(|s| s.body.to_vec()),
         Some(b"body-b".to_vec())
     );
+
+    // Renewal restarts the visibility timeout, and only of leases the consumer still holds.
+    // The sleep lets both leases age past the timeout used below; it synchronises nothing.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(q.renew("c1", std::slice::from_ref(&leased[0].lease)).await.unwrap(), 1);
+    let taken = q.reclaim("c2", Duration::from_millis(400), 10).await.unwrap();
+    assert_eq!(taken, vec![leased[1].clone()], "the renewed lease stays with c1");
+    let both = [leased[0].lease.clone(), leased[1].lease.clone()];
+    assert_eq!(q.renew("c1", &both).await.unwrap(), 1, "c2 holds the other one now");
+    assert_eq!(q.renew("c2", &both).await.unwrap(), 1);
 
     for l in &leased {
         let state = RecipientState {

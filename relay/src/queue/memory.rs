@@ -19,12 +19,20 @@ struct Msg {
     states: HashMap<u32, RecipientState>,
 }
 
+/// A leased job: who holds it, since when (renewed), and when it became ready (for age).
+struct Inflight {
+    job: Job,
+    consumer: String,
+    since: Instant,
+    ready_at: i64,
+}
+
 #[derive(Default)]
 struct State {
     messages: HashMap<String, Msg>,
     /// (lease id, job, became ready at ms)
     ready: VecDeque<(u64, Job, i64)>,
-    inflight: HashMap<u64, (Job, Instant, i64)>,
+    inflight: HashMap<u64, Inflight>,
     sched: BTreeMap<(i64, u64), Job>,
     seq: u64,
 }
@@ -101,7 +109,7 @@ impl Queue for MemoryQueue {
         Ok(due.len())
     }
 
-    async fn fetch(&self, _consumer: &str, max: usize, block: Duration) -> Result<Vec<Leased>> {
+    async fn fetch(&self, consumer: &str, max: usize, block: Duration) -> Result<Vec<Leased>> {
         let deadline = tokio::time::Instant::now() + block;
         loop {
             let notified = self.notify.notified();
@@ -113,7 +121,15 @@ impl Queue for MemoryQueue {
                         let Some((lease, job, ready_at)) = s.ready.pop_front() else {
                             break;
                         };
-                        s.inflight.insert(lease, (job.clone(), Instant::now(), ready_at));
+                        s.inflight.insert(
+                            lease,
+                            Inflight {
+                                job: job.clone(),
+                                consumer: consumer.to_owned(),
+                                since: Instant::now(),
+                                ready_at,
+                            },
+                        );
                         out.push(Leased {
                             lease: lease.to_string(),
                             job,
@@ -128,22 +144,35 @@ impl Queue for MemoryQueue {
         }
     }
 
-    async fn reclaim(&self, _consumer: &str, min_idle: Duration, max: usize) -> Result<Vec<Leased>> {
+    async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> Result<Vec<Leased>> {
         let mut s = self.state.lock().await;
         let mut out = Vec::new();
-        for (lease, (job, at, _)) in s.inflight.iter_mut() {
+        for (lease, held) in s.inflight.iter_mut() {
             if out.len() >= max {
                 break;
             }
-            if at.elapsed() >= min_idle {
-                *at = Instant::now();
+            if held.since.elapsed() >= min_idle {
+                held.since = Instant::now();
+                consumer.clone_into(&mut held.consumer);
                 out.push(Leased {
                     lease: lease.to_string(),
-                    job: job.clone(),
+                    job: held.job.clone(),
                 });
             }
         }
         Ok(out)
+    }
+
+    async fn renew(&self, consumer: &str, leases: &[String]) -> Result<usize> {
+        let mut s = self.state.lock().await;
+        let mut n = 0;
+        for lease in leases.iter().filter_map(|l| l.parse::<u64>().ok()) {
+            if let Some(held) = s.inflight.get_mut(&lease).filter(|h| h.consumer == consumer) {
+                held.since = Instant::now();
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>> {
@@ -212,7 +241,7 @@ impl Queue for MemoryQueue {
             .ready
             .iter()
             .map(|r| r.2)
-            .chain(s.inflight.values().map(|v| v.2))
+            .chain(s.inflight.values().map(|v| v.ready_at))
             .min();
         Ok(QueueStats {
             ready: s.ready.len() as u64,

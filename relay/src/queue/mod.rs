@@ -101,6 +101,12 @@ pub trait Queue: Send + Sync + 'static {
     /// Takes over jobs leased to any consumer longer than `min_idle` ago (a crashed relay).
     async fn reclaim(&self, consumer: &str, min_idle: Duration, max: usize) -> Result<Vec<Leased>>;
 
+    /// Restarts the visibility timeout of leases `consumer` still holds, so a delivery that
+    /// takes longer than the timeout is not taken over by another relay while this one is
+    /// alive. Leases held by someone else (taken over after this relay stalled) or already
+    /// completed are left alone. Returns how many were renewed.
+    async fn renew(&self, consumer: &str, leases: &[String]) -> Result<usize>;
+
     /// The message and its body, None if it no longer exists.
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>>;
 

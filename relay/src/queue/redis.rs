@@ -35,6 +35,7 @@ pub struct RedisQueue {
     durability: Durability,
     complete: Script,
     promote: Script,
+    renew: Script,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +87,20 @@ end
 return #due
 ";
 
+// XCLAIM with min-idle 0 resets the entry's idle time; JUSTID leaves its delivery count alone.
+// Only entries still pending for this consumer are touched.
+const RENEW: &str = r"
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+";
+
 impl RedisQueue {
     /// Connects to `url` (one server or a cluster, see [`Target::parse`]) and creates the
     /// consumer group if missing. `prefix` must contain a hash tag.
@@ -105,6 +120,7 @@ impl RedisQueue {
             durability,
             complete: Script::new(COMPLETE),
             promote: Script::new(PROMOTE),
+            renew: Script::new(RENEW),
         };
         q.ensure_group().await?;
         Ok(q)
@@ -309,6 +325,20 @@ impl Queue for RedisQueue {
             }
         }
         Ok(out)
+    }
+
+    async fn renew(&self, consumer: &str, leases: &[String]) -> Result<usize> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.conn.clone();
+        let mut inv = self.renew.key(&self.keys.ready);
+        inv.arg(GROUP).arg(consumer);
+        for l in leases {
+            inv.arg(l);
+        }
+        let n: i64 = inv.invoke_async(&mut c).await?;
+        Ok(n.max(0) as usize)
     }
 
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>> {

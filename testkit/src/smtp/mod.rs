@@ -74,6 +74,8 @@ pub enum Behaviour {
     Drop,
     /// Reply [`RATE_LIMIT_REPLY`] and close the connection.
     RateLimit,
+    /// Accept, but only after this long (a slow upstream).
+    AcceptAfter(Duration),
 }
 
 impl Behaviour {
@@ -777,8 +779,11 @@ impl Session {
             Stage::Rcpt => self.shared.next_behaviour(),
             Stage::Data => Behaviour::Accept,
         };
+        if let Behaviour::AcceptAfter(delay) = behaviour {
+            tokio::time::sleep(delay).await;
+        }
         match behaviour {
-            Behaviour::Accept => {
+            Behaviour::Accept | Behaviour::AcceptAfter(_) => {
                 self.rcpts.push(to.to_string());
                 reply(io, "250 2.1.5 OK").await
             }
@@ -830,8 +835,11 @@ impl Session {
             Stage::Data => self.shared.next_behaviour(),
             Stage::Rcpt => Behaviour::Accept,
         };
+        if let Behaviour::AcceptAfter(delay) = behaviour {
+            tokio::time::sleep(delay).await;
+        }
         match behaviour {
-            Behaviour::Accept => {
+            Behaviour::Accept | Behaviour::AcceptAfter(_) => {
                 let id = self.shared.record(Received {
                     mail_from,
                     rcpts,
