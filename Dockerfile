@@ -27,6 +27,7 @@ WORKDIR /src
 # and the deployment files out of the context.
 COPY Cargo.toml Cargo.lock ./
 COPY api ./api
+COPY tls ./tls
 COPY operator ./operator
 COPY relay ./relay
 COPY testkit ./testkit

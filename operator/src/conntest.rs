@@ -13,10 +13,7 @@ use mail_send::smtp::message::Message;
 use mailroute_api::config::{Credentials, Upstream, short_hash};
 use mailroute_api::route::{AuthMechanism, TlsMode};
 use mailroute_api::status::{ConnectionTest, condition_type};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, RootCertStore};
 use serde_json::json;
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, EXT_START_TLS, EhloResponse, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -244,9 +241,7 @@ async fn session(job: &ConnTestJob, settings: &Settings) -> Result<Option<String
         stream: tcp,
         timeout: settings.timeout,
     };
-    let connector = TlsConnector::from(Arc::new(
-        tls_config(up, job.ca_pem.as_deref()).map_err(|e| Failure::error("tls", e))?,
-    ));
+    let connector = TlsConnector::from(tls_config(up, job.ca_pem.as_deref()).map_err(|e| Failure::error("tls", e))?);
     let server_name = up.server_name.clone().unwrap_or_else(|| up.host.clone());
     match up.tls {
         TlsMode::Implicit => {
@@ -400,72 +395,22 @@ fn test_message_body(route_id: &str, m: &TestMessage) -> String {
     )
 }
 
-fn native_roots() -> &'static [CertificateDer<'static>] {
-    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
-    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+/// The platform's trust anchors, read once.
+fn system_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(mailroute_tls::system_roots)
 }
 
-fn tls_config(up: &Upstream, ca_pem: Option<&str>) -> Result<ClientConfig, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    if !up.verify_tls {
-        return Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-            .with_no_client_auth());
-    }
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(native_roots().iter().cloned());
-    if let Some(pem) = ca_pem {
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| format!("the CA bundle is not valid PEM: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("the CA bundle holds an unusable certificate: {e}"))?;
-        }
-    }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
-}
-
-/// `tls.verify: false`: any certificate and name, but handshake signatures are still checked.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+/// The relay's own client configuration for this upstream, so a route reported as verified is
+/// trusted by the relay in the same way (the route's CA bundle added to the system roots, or no
+/// verification at all with `tls.verify: false`).
+fn tls_config(up: &Upstream, ca_pem: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+    let config = if up.verify_tls {
+        mailroute_tls::verifying(system_roots(), ca_pem)
+    } else {
+        mailroute_tls::non_verifying()
+    };
+    config.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

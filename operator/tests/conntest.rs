@@ -160,6 +160,14 @@ async fn an_untrusted_certificate_fails_at_tls_unless_verification_is_off() {
     j.upstream.server_name = Some("smtp.example.com".into());
     let record = conntest::run(&j, &settings()).await;
     assert_eq!(record.step.as_deref(), Some("tls"), "{record:?}");
+
+    // A CA bundle without a certificate fails here as it would in the relay.
+    j.upstream.server_name = None;
+    j.ca_pem = Some("not a certificate".into());
+    let record = conntest::run(&j, &settings()).await;
+    assert_eq!(record.step.as_deref(), Some("tls"), "{record:?}");
+    let error = record.error.unwrap_or_default();
+    assert!(error.contains("holds no PEM certificate"), "{error}");
 }
 
 #[tokio::test]

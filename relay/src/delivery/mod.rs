@@ -20,7 +20,6 @@ mod pool;
 pub mod resolve;
 pub mod rewrite;
 mod session;
-mod tls;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -36,7 +35,8 @@ use sha2::{Digest, Sha256};
 pub use self::dkim::{DkimError, DkimSigner};
 pub use self::gate::{Admission, ConnectionGate, Lease, Slot, Ungated};
 pub use self::resolve::{DnsError, HickoryResolver, MxRecord, MxResolver, StaticResolver};
-pub use self::tls::TlsSetupError;
+use mailroute_tls as tls;
+pub use mailroute_tls::TlsSetupError;
 
 use self::pool::Pool;
 use self::resolve::MxPlan;

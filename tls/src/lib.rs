@@ -2,6 +2,9 @@
 //! optionally plus a route's extra CA bundle) and the non-verifying config used for
 //! opportunistic STARTTLS to MX hosts and for routes with `verifyTls: false`.
 //!
+//! One crate for the relay's delivery and the operator's connection test, so a route the
+//! operator reports as verified is trusted by the relay in exactly the same way.
+//!
 //! Built here rather than through mail-send's `build_tls_connector`, which only offers the
 //! platform verifier or no verification at all, not extra CA roots. No I/O besides reading the
 //! system roots once.
@@ -25,12 +28,12 @@ pub enum TlsSetupError {
     Config(String),
 }
 
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The platform's trust anchors (`/etc/ssl/certs` and friends); empty when none are found.
-pub(crate) fn system_roots() -> RootCertStore {
+pub fn system_roots() -> RootCertStore {
     let mut roots = RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     roots.add_parsable_certificates(found.certs);
@@ -38,7 +41,7 @@ pub(crate) fn system_roots() -> RootCertStore {
 }
 
 /// A config verifying the server certificate against `roots` plus the certificates in `extra_pem`.
-pub(crate) fn verifying(roots: &RootCertStore, extra_pem: Option<&str>) -> Result<Arc<ClientConfig>, TlsSetupError> {
+pub fn verifying(roots: &RootCertStore, extra_pem: Option<&str>) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let mut roots = roots.clone();
     if let Some(pem) = extra_pem {
         let mut added = 0;
@@ -61,7 +64,7 @@ pub(crate) fn verifying(roots: &RootCertStore, extra_pem: Option<&str>) -> Resul
 
 /// A config accepting any certificate (handshake signatures are still checked). Only for
 /// opportunistic encryption and routes that explicitly turned verification off.
-pub(crate) fn non_verifying() -> Result<Arc<ClientConfig>, TlsSetupError> {
+pub fn non_verifying() -> Result<Arc<ClientConfig>, TlsSetupError> {
     let provider = provider();
     let verifier = AcceptAnyCertificate(provider.signature_verification_algorithms);
     let config = ClientConfig::builder_with_provider(provider)
@@ -74,7 +77,7 @@ pub(crate) fn non_verifying() -> Result<Arc<ClientConfig>, TlsSetupError> {
 }
 
 /// The name to present in SNI and to verify: a DNS name or an IP address.
-pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, TlsSetupError> {
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsSetupError> {
     ServerName::try_from(host.trim_end_matches('.').to_owned())
         .map_err(|_| TlsSetupError::Config(format!("`{host}` is not a valid TLS server name")))
 }
