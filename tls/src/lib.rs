@@ -3,11 +3,14 @@
 //! opportunistic STARTTLS to MX hosts and for routes with `verifyTls: false`.
 //!
 //! One crate for the relay's delivery and the operator's connection test, so a route the
-//! operator reports as verified is trusted by the relay in exactly the same way.
+//! operator reports as verified is trusted by the relay in exactly the same way. Also
+//! [`MaybeTls`], the plain-or-TLS stream of every SMTP session that can upgrade.
 //!
 //! Built here rather than through mail-send's `build_tls_connector`, which only offers the
 //! platform verifier or no verification at all, not extra CA roots. No I/O besides reading the
 //! system roots once.
+
+mod stream;
 
 use std::sync::Arc;
 
@@ -16,6 +19,8 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+pub use self::stream::MaybeTls;
 
 /// Errors building a TLS configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

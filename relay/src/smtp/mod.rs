@@ -6,12 +6,10 @@ pub mod inbound;
 
 use std::io;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Which port a session arrived on; decides what is offered and required.
@@ -71,45 +69,10 @@ pub fn server_tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerCo
     Ok(Arc::new(cfg))
 }
 
-/// Plain TCP or TLS over TCP; `T` is tokio-rustls' server or client `TlsStream`. Shared with
-/// the outbound side (`delivery`).
-pub enum MaybeTls<T> {
-    Plain(TcpStream),
-    Tls(Box<T>),
-}
+pub use mailroute_tls::MaybeTls;
 
 /// An inbound connection.
 pub type Stream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
-
-impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
 
 /// What reading a line produced.
 pub enum Line {
