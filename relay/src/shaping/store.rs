@@ -457,6 +457,15 @@ fn reason_of(code: i64) -> Result<PaceReason, PaceError> {
     })
 }
 
+/// The script takes every key: an absent rate gets a key it never touches and a zero rate.
+fn rate_or_unused<'a>(rate: &'a Option<(String, Gcra)>, unused: &'a str) -> (&'a str, Gcra) {
+    let none = Gcra {
+        interval_ms: 0,
+        tolerance_ms: 0,
+    };
+    rate.as_ref().map_or((unused, none), |(k, g)| (k.as_str(), *g))
+}
+
 fn at_least(v: Vec<i64>, n: usize) -> Result<Vec<i64>, PaceError> {
     if v.len() < n {
         return Err(PaceError::Protocol(format!("{v:?}")));
@@ -468,27 +477,9 @@ fn at_least(v: Vec<i64>, n: usize) -> Result<Vec<i64>, PaceError> {
 impl PaceStore for RedisPaceStore {
     async fn acquire(&self, req: &PaceRequest, now_ms: i64) -> Result<Pace, PaceError> {
         let unused = "pace:unused";
-        let (rk, rg) = req.route_rate.as_ref().map_or(
-            (
-                unused,
-                Gcra {
-                    interval_ms: 0,
-                    tolerance_ms: 0,
-                },
-            ),
-            |(k, g)| (k.as_str(), *g),
-        );
+        let (rk, rg) = rate_or_unused(&req.route_rate, unused);
         let (dk, dmax) = req.route_daily.as_ref().map_or((unused, 0), |(k, m)| (k.as_str(), *m));
-        let (xk, xg) = req.destination_rate.as_ref().map_or(
-            (
-                unused,
-                Gcra {
-                    interval_ms: 0,
-                    tolerance_ms: 0,
-                },
-            ),
-            |(k, g)| (k.as_str(), *g),
-        );
+        let (xk, xg) = rate_or_unused(&req.destination_rate, unused);
         let mut inv = self.acquire.prepare_invoke();
         inv.key(self.key(&req.backoff_key))
             .key(self.key(rk))
