@@ -7,6 +7,7 @@ pub mod config;
 pub mod delivery;
 pub mod dlog;
 pub mod dsn;
+pub mod expiring;
 pub mod headers;
 pub mod message;
 pub mod metrics;

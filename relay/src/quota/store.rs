@@ -5,9 +5,9 @@
 //! storage only; which counters a decision touches and what the answer means is decided by the
 //! caller (`quota::counters`, `quota::QuotaEngine`), and every instant is passed in.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 
+use crate::expiring::{ExpiringMap, SharedExpiringMap};
 use crate::redis_client::{RedisConn, Timeouts};
 use async_trait::async_trait;
 use redis::Script;
@@ -104,54 +104,26 @@ enum Slot {
     Value(u64),
 }
 
-#[derive(Debug)]
-struct Entry {
-    slot: Slot,
-    expire_at_ms: i64,
-}
-
 /// Counters in this process only: lost on exit, not shared with other pods.
 #[derive(Debug, Default)]
 pub struct MemoryQuotaStore {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: SharedExpiringMap<Slot>,
 }
 
 impl MemoryQuotaStore {
     pub fn new() -> Self {
         Self::default()
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        // A panic while holding the lock leaves plain counters behind; keep using them.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
-fn live<'a>(map: &'a mut HashMap<String, Entry>, key: &str, now_ms: i64) -> Option<&'a mut Entry> {
-    if map.get(key).is_some_and(|e| e.expire_at_ms <= now_ms) {
-        map.remove(key);
-    }
-    map.get_mut(key)
-}
-
-fn memory_used(map: &mut HashMap<String, Entry>, c: &Counter, now_ms: i64) -> (u64, Vec<(i64, u64)>) {
-    match (c.window, live(map, &c.key, now_ms)) {
-        (
-            CounterWindow::Rolling(r),
-            Some(Entry {
-                slot: Slot::Buckets(b), ..
-            }),
-        ) => {
+fn memory_used(map: &mut ExpiringMap<Slot>, c: &Counter, now_ms: i64) -> (u64, Vec<(i64, u64)>) {
+    match (c.window, map.live(&c.key, now_ms)) {
+        (CounterWindow::Rolling(r), Some(Slot::Buckets(b))) => {
             let r = Rolling::at(r.bucket_ms, r.span, now_ms);
             b.retain(|i, _| r.is_live(*i));
             (b.values().sum(), b.iter().map(|(i, v)| (*i, *v)).collect())
         }
-        (
-            CounterWindow::Calendar { .. },
-            Some(Entry {
-                slot: Slot::Value(v), ..
-            }),
-        ) => (*v, vec![]),
+        (CounterWindow::Calendar { .. }, Some(Slot::Value(v))) => (*v, vec![]),
         _ => (0, vec![]),
     }
 }
@@ -159,10 +131,8 @@ fn memory_used(map: &mut HashMap<String, Entry>, c: &Counter, now_ms: i64) -> (u
 #[async_trait]
 impl QuotaStore for MemoryQuotaStore {
     async fn try_add(&self, counters: &[Counter], amount: u64, now_ms: i64) -> Result<Added, QuotaError> {
-        let mut map = self.lock();
-        if map.len() > 4096 {
-            map.retain(|_, e| e.expire_at_ms > now_ms);
-        }
+        let mut map = self.entries.lock();
+        map.sweep(now_ms);
         let mut deny: Option<(usize, u64, i64)> = None;
         for (i, c) in counters.iter().enumerate() {
             let (used, buckets) = memory_used(&mut map, c, now_ms);
@@ -188,26 +158,20 @@ impl QuotaStore for MemoryQuotaStore {
             match c.window {
                 CounterWindow::Rolling(r) => {
                     let r = Rolling::at(r.bucket_ms, r.span, now_ms);
-                    let e = map.entry(c.key.clone()).or_insert(Entry {
-                        slot: Slot::Buckets(BTreeMap::new()),
-                        expire_at_ms: 0,
-                    });
-                    if !matches!(e.slot, Slot::Buckets(_)) {
-                        e.slot = Slot::Buckets(BTreeMap::new());
-                    }
-                    if let Slot::Buckets(b) = &mut e.slot {
+                    let e = map.entry(
+                        &c.key,
+                        |s| matches!(s, Slot::Buckets(_)),
+                        || Slot::Buckets(BTreeMap::new()),
+                    );
+                    if let Slot::Buckets(b) = &mut e.value {
                         *b.entry(r.current).or_default() += amount;
                     }
                     e.expire_at_ms = now_ms + r.ttl_ms();
                 }
                 CounterWindow::Calendar { expire_at_ms, .. } => {
-                    let e = map.entry(c.key.clone()).or_insert(Entry {
-                        slot: Slot::Value(0),
-                        expire_at_ms,
-                    });
-                    match &mut e.slot {
-                        Slot::Value(v) => *v += amount,
-                        s => *s = Slot::Value(amount),
+                    let e = map.entry(&c.key, |s| matches!(s, Slot::Value(_)), || Slot::Value(0));
+                    if let Slot::Value(v) = &mut e.value {
+                        *v += amount;
                     }
                     e.expire_at_ms = expire_at_ms;
                 }
@@ -217,10 +181,10 @@ impl QuotaStore for MemoryQuotaStore {
     }
 
     async fn release(&self, held: &[Held]) -> Result<(), QuotaError> {
-        let mut map = self.lock();
+        let mut map = self.entries.lock();
         for h in held {
-            let Some(e) = map.get_mut(&h.key) else { continue };
-            match (&mut e.slot, h.bucket) {
+            let Some(slot) = map.get_mut(&h.key) else { continue };
+            match (slot, h.bucket) {
                 (Slot::Buckets(b), Some(idx)) => {
                     if let Some(v) = b.get_mut(&idx) {
                         *v = v.saturating_sub(h.amount);
@@ -237,7 +201,7 @@ impl QuotaStore for MemoryQuotaStore {
     }
 
     async fn read(&self, counters: &[Counter], now_ms: i64) -> Result<Vec<Reading>, QuotaError> {
-        let mut map = self.lock();
+        let mut map = self.entries.lock();
         Ok(counters
             .iter()
             .map(|c| {

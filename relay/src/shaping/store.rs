@@ -4,9 +4,9 @@
 //! and [`MemoryPaceStore`] (one process, for `--queue memory`). This module owns storage only;
 //! which limits apply is decided by `limits::Shaping`, and every instant is passed in.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 
+use crate::expiring::{Expiring, ExpiringMap, SharedExpiringMap};
 use crate::redis_client::{RedisConn, Timeouts};
 use async_trait::async_trait;
 use redis::Script;
@@ -100,16 +100,10 @@ enum Value {
     Leases(BTreeMap<String, i64>),
 }
 
-#[derive(Debug)]
-struct Entry {
-    value: Value,
-    expire_at_ms: i64,
-}
-
 /// Pacing state in this process only.
 #[derive(Debug, Default)]
 pub struct MemoryPaceStore {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: SharedExpiringMap<Value>,
 }
 
 impl MemoryPaceStore {
@@ -117,36 +111,32 @@ impl MemoryPaceStore {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExpiringMap<Value>> {
+        self.entries.lock()
     }
 }
 
-fn get<'a>(map: &'a mut HashMap<String, Entry>, key: &str, now_ms: i64) -> Option<&'a mut Value> {
-    if map.get(key).is_some_and(|e| e.expire_at_ms <= now_ms) {
-        map.remove(key);
-    }
-    map.get_mut(key).map(|e| &mut e.value)
-}
-
-fn put(map: &mut HashMap<String, Entry>, key: &str, value: Value, expire_at_ms: i64) {
-    map.insert(key.to_string(), Entry { value, expire_at_ms });
+/// The connection-lease set under `key`.
+fn leases<'a>(map: &'a mut ExpiringMap<Value>, key: &str) -> &'a mut Expiring<Value> {
+    map.entry(
+        key,
+        |v| matches!(v, Value::Leases(_)),
+        || Value::Leases(BTreeMap::new()),
+    )
 }
 
 #[async_trait]
 impl PaceStore for MemoryPaceStore {
     async fn acquire(&self, req: &PaceRequest, now_ms: i64) -> Result<Pace, PaceError> {
         let mut map = self.lock();
-        if map.len() > 4096 {
-            map.retain(|_, e| e.expire_at_ms > now_ms);
-        }
+        map.sweep(now_ms);
         let mut later = Later::default();
-        if let Some(Value::Backoff(b)) = get(&mut map, &req.backoff_key, now_ms)
+        if let Some(Value::Backoff(b)) = map.live(&req.backoff_key, now_ms)
             && b.until_ms > now_ms
         {
             later.add(b.until_ms, PaceReason::Backoff);
         }
-        let tat_of = |map: &mut HashMap<String, Entry>, key: &str| match get(map, key, now_ms) {
+        let tat_of = |map: &mut ExpiringMap<Value>, key: &str| match map.live(key, now_ms) {
             Some(Value::Tat(t)) => Some(*t),
             _ => None,
         };
@@ -159,7 +149,7 @@ impl PaceStore for MemoryPaceStore {
         }
         let day = daily(now_ms);
         if let Some((k, max)) = &req.route_daily {
-            let buckets: Vec<(i64, u64)> = match get(&mut map, k, now_ms) {
+            let buckets: Vec<(i64, u64)> = match map.live(k, now_ms) {
                 Some(Value::Buckets(b)) => {
                     b.retain(|i, _| day.is_live(*i));
                     b.iter().map(|(i, v)| (*i, *v)).collect()
@@ -186,17 +176,15 @@ impl PaceStore for MemoryPaceStore {
         }
         for (k, g, tat) in [route_tat, dest_tat].into_iter().flatten() {
             if let Ok(new_tat) = tat {
-                put(&mut map, k, Value::Tat(new_tat), now_ms + g.ttl_ms(new_tat, now_ms));
+                map.put(k, Value::Tat(new_tat), now_ms + g.ttl_ms(new_tat, now_ms));
             }
         }
         if let Some((k, _)) = &req.route_daily {
-            let e = map.entry(k.clone()).or_insert(Entry {
-                value: Value::Buckets(BTreeMap::new()),
-                expire_at_ms: 0,
-            });
-            if !matches!(e.value, Value::Buckets(_)) {
-                e.value = Value::Buckets(BTreeMap::new());
-            }
+            let e = map.entry(
+                k,
+                |v| matches!(v, Value::Buckets(_)),
+                || Value::Buckets(BTreeMap::new()),
+            );
             if let Value::Buckets(b) = &mut e.value {
                 *b.entry(day.current).or_default() += req.recipients;
             }
@@ -212,24 +200,24 @@ impl PaceStore for MemoryPaceStore {
         now_ms: i64,
     ) -> Result<Option<BackoffState>, PaceError> {
         let mut map = self.lock();
-        let prev = match get(&mut map, key, now_ms) {
+        let prev = match map.live(key, now_ms) {
             Some(Value::Backoff(b)) => Some(*b),
             _ => None,
         };
         let next = policy.escalate(prev, now_ms);
         if let Some(s) = next {
-            put(&mut map, key, Value::Backoff(s), s.until_ms + policy.memory_ms);
+            map.put(key, Value::Backoff(s), s.until_ms + policy.memory_ms);
         }
         Ok(next)
     }
 
     async fn clear_backoff(&self, key: &str) -> Result<bool, PaceError> {
-        Ok(self.lock().remove(key).is_some())
+        Ok(self.lock().remove(key))
     }
 
     async fn backoff(&self, key: &str, now_ms: i64) -> Result<Option<BackoffState>, PaceError> {
         let mut map = self.lock();
-        Ok(match get(&mut map, key, now_ms) {
+        Ok(match map.live(key, now_ms) {
             Some(Value::Backoff(b)) if b.until_ms > now_ms => Some(*b),
             _ => None,
         })
@@ -239,7 +227,7 @@ impl PaceStore for MemoryPaceStore {
         let mut map = self.lock();
         let mut wait: Option<i64> = None;
         for (k, max) in &req.sets {
-            if let Some(Value::Leases(l)) = get(&mut map, k, now_ms) {
+            if let Some(Value::Leases(l)) = map.live(k, now_ms) {
                 l.retain(|_, exp| *exp > now_ms);
                 if l.len() >= *max as usize {
                     let first = l.values().min().copied().unwrap_or(now_ms);
@@ -252,13 +240,7 @@ impl PaceStore for MemoryPaceStore {
             return Ok(wait);
         }
         for (k, _) in &req.sets {
-            let e = map.entry(k.clone()).or_insert(Entry {
-                value: Value::Leases(BTreeMap::new()),
-                expire_at_ms: 0,
-            });
-            if !matches!(e.value, Value::Leases(_)) {
-                e.value = Value::Leases(BTreeMap::new());
-            }
+            let e = leases(&mut map, k);
             if let Value::Leases(l) = &mut e.value {
                 l.insert(req.permit_id.clone(), req.expires_ms);
             }
@@ -270,10 +252,7 @@ impl PaceStore for MemoryPaceStore {
     async fn renew(&self, keys: &[String], permit_id: &str, expires_ms: i64, _now_ms: i64) -> Result<(), PaceError> {
         let mut map = self.lock();
         for k in keys {
-            let e = map.entry(k.clone()).or_insert(Entry {
-                value: Value::Leases(BTreeMap::new()),
-                expire_at_ms: 0,
-            });
+            let e = leases(&mut map, k);
             if let Value::Leases(l) = &mut e.value {
                 l.insert(permit_id.to_string(), expires_ms);
             }
@@ -285,11 +264,7 @@ impl PaceStore for MemoryPaceStore {
     async fn disconnect(&self, keys: &[String], permit_id: &str) -> Result<(), PaceError> {
         let mut map = self.lock();
         for k in keys {
-            if let Some(Entry {
-                value: Value::Leases(l),
-                ..
-            }) = map.get_mut(k)
-            {
+            if let Some(Value::Leases(l)) = map.get_mut(k) {
                 l.remove(permit_id);
             }
         }
