@@ -89,6 +89,9 @@ struct RunArgs {
     visibility_timeout: Duration,
     #[arg(long, env = "MAILROUTE_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Idle outbound connections are closed after this, giving back their `maxConnections` slot.
+    #[arg(long, env = "MAILROUTE_OUTBOUND_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    outbound_idle_timeout: Duration,
     /// Deliver directly to MX when no route matches (otherwise bounce).
     #[arg(long, env = "MAILROUTE_FALLBACK_MX")]
     fallback_mx: bool,
@@ -153,6 +156,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.log_retention = a.log_retention;
     o.visibility_timeout = a.visibility_timeout;
     o.drain_timeout = a.drain_timeout;
+    o.outbound_idle_timeout = a.outbound_idle_timeout;
     o.fallback_mx = a.fallback_mx;
     o.mx_port = a.mx_port;
     o.dns_server = a.dns_server;
@@ -189,5 +193,58 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RelayOptions> {
+        let cli = Cli::try_parse_from(["mailroute-relay", "run"].iter().chain(args))?;
+        let Command::Run(a) = cli.command;
+        options(a)
+    }
+
+    #[test]
+    fn flags_reach_the_relay_options() {
+        let o = parse(&[
+            "--routes",
+            "a.yaml,b.yaml",
+            "--queue",
+            "redis://127.0.0.1:6379",
+            "--visibility-timeout",
+            "90s",
+            "--outbound-idle-timeout",
+            "5s",
+            "--wait-replicas",
+            "1",
+            "--admin-listen",
+            "",
+            "--relay-cidrs",
+            "10.0.0.0/8",
+        ])
+        .unwrap();
+        assert!(matches!(&o.source, Source::Manifests(p) if p.len() == 2));
+        assert_eq!(o.queue, "redis://127.0.0.1:6379");
+        assert_eq!(o.visibility_timeout, Duration::from_secs(90));
+        assert_eq!(o.outbound_idle_timeout, Duration::from_secs(5));
+        assert_eq!(o.durability.replicas, 1);
+        assert_eq!(o.admin_listen, None);
+        assert_eq!(o.inbound.relay_cidrs.len(), 1);
+
+        let d = parse(&[]).unwrap();
+        assert!(matches!(d.source, Source::Embedded));
+        assert_eq!(d.outbound_idle_timeout, Duration::from_secs(30));
+        assert_eq!(d.visibility_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_a_reason() {
+        let e = parse(&["--config", "relay.json", "--routes", "a.yaml"]).unwrap_err();
+        assert!(e.to_string().contains("either --config or --routes"), "{e}");
+        let e = parse(&["--smtp-listen", "nowhere"]).unwrap_err();
+        assert!(e.to_string().contains("invalid smtp listen address"), "{e}");
+        assert!(parse(&["--outbound-idle-timeout", "soon"]).is_err());
     }
 }
