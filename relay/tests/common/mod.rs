@@ -135,6 +135,15 @@ pub fn csv_records(bytes: &[u8]) -> Vec<csv::StringRecord> {
     reader.records().map(Result::unwrap).collect()
 }
 
+/// A connection straight to the test Redis `server`, to read or plant keys behind the relay.
+pub async fn redis_connection(server: &mailroute_testkit::RedisServer) -> redis::aio::MultiplexedConnection {
+    let client = server.client().expect("redis client");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection")
+}
+
 /// Polls `f` until it is true or [`WAIT`] passes; returns the last result.
 pub async fn eventually<F, Fut>(f: F) -> bool
 where
