@@ -73,36 +73,23 @@ async fn eventually<T>(what: &str, logs: &Mutex<Vec<String>>, mut f: impl AsyncF
     }
 }
 
+/// Who holds the operator's Lease now.
+async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
+    let lease = leases.get("mailroute-operator").await.unwrap();
+    lease.spec.unwrap().holder_identity
+}
+
 #[tokio::test]
 async fn the_binary_reconciles_serves_health_and_stops_on_sigterm() {
     let pki = TestPki::new();
     let smtp = SmtpServer::start(Script::new().starttls(pki.server_config()).auth("relay", "upstream-pw")).unwrap();
-    let upstream_route = format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: SmtpRoute
-metadata: {{name: upstream, namespace: mail}}
-spec:
-  host: localhost
-  port: {}
-  tls: {{mode: starttls, caSecretRef: {{name: upstream-ca, key: ca.crt}}}}
-  auth: {{secretRef: {{name: upstream-creds}}}}
-  match: {{recipientDomains: [example.org]}}
-"#,
-        smtp.port()
-    );
+    let upstream_route = upstream_route(smtp.port(), "starttls", "  match: {recipientDomains: [example.org]}\n");
     // Only examples that reach no host outside 127.0.0.1 (the others name real providers).
     let mut objs = examples_from(
         &["mx-default-route.yaml", "quota-app.yaml", "quota-shop.yaml"],
         &upstream_route,
     );
-    objs.secrets
-        .push(secret("mail", "upstream-ca", &[("ca.crt", &pki.ca_pem)]));
-    objs.secrets.push(secret(
-        "mail",
-        "upstream-creds",
-        &[("username", "relay"), ("password", "upstream-pw")],
-    ));
+    add_upstream_secrets(&mut objs, &pki.ca_pem, "relay", "upstream-pw");
     let client = fake_client(objs, None).await;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -186,14 +173,7 @@ spec:
     assert_eq!(smtp.connections(), 1, "one connection test");
 
     let leases = Api::<Lease>::namespaced(client.clone(), OPERATOR_NS);
-    let holder = leases
-        .get("mailroute-operator")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .holder_identity;
-    assert_eq!(holder.as_deref(), Some("operator-test-0"));
+    assert_eq!(lease_holder(&leases).await.as_deref(), Some("operator-test-0"));
 
     assert!(http_get(health_port, "/healthz").await.ends_with("\r\n\r\nok"));
     assert!(http_get(health_port, "/readyz").await.ends_with("ready (leader)"));
@@ -222,14 +202,7 @@ spec:
     for r in readers {
         r.await.unwrap();
     }
-    let holder = leases
-        .get("mailroute-operator")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .holder_identity;
-    assert_eq!(holder, None, "the Lease is released on shutdown");
+    assert_eq!(lease_holder(&leases).await, None, "the Lease is released on shutdown");
 
     let logs = logs.lock().unwrap().clone();
     assert!(!logs.is_empty());

@@ -5,19 +5,13 @@
 
 use std::time::Duration;
 
+use crate::support::conntest_settings;
 use mailroute_api::config::{Credentials, Upstream};
 use mailroute_api::route::{AuthMechanism, TlsMode};
 use mailroute_operator::conditions::Status;
-use mailroute_operator::conntest::{self, ConnTestJob, Settings, TestMessage};
+use mailroute_operator::conntest::{self, ConnTestJob, TestMessage};
 use mailroute_testkit::smtp::DEFAULT_AUTH_FAIL_REPLY;
 use mailroute_testkit::{Script, SmtpServer, TestPki};
-
-fn settings() -> Settings {
-    Settings {
-        helo_name: "operator.test".into(),
-        timeout: Duration::from_secs(10),
-    }
-}
 
 fn job(port: u16, tls: TlsMode, auth: Option<(&str, &str)>, ca: Option<&TestPki>) -> ConnTestJob {
     ConnTestJob {
@@ -47,7 +41,7 @@ async fn good_credentials_over_starttls_verify_the_route() {
     let pki = TestPki::new();
     let server = SmtpServer::start(Script::new().starttls(pki.server_config()).auth("user", "secret")).unwrap();
     let j = job(server.port(), TlsMode::Starttls, Some(("user", "secret")), Some(&pki));
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.result, conntest::SUCCEEDED, "{record:?}");
     assert_eq!(record.fingerprint.as_deref(), Some("fp1"));
     assert!(record.step.is_none() && record.reply.is_none());
@@ -72,7 +66,7 @@ async fn implicit_tls_with_a_test_message_delivers_it_once() {
         from: "ops@example.com".into(),
         to: "check@example.net".into(),
     });
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.result, conntest::SUCCEEDED, "{record:?}");
     let reply = record.test_message.clone().expect("the accepted message is recorded");
     assert!(reply.starts_with("250"), "{reply}");
@@ -98,7 +92,7 @@ async fn implicit_tls_with_a_test_message_delivers_it_once() {
     assert_eq!(decision, conntest::Decision::Run { send_message: false });
     j.message = None;
     j.previous_test_message = record.test_message.clone();
-    let again = conntest::run(&j, &settings()).await;
+    let again = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(again.test_message, record.test_message);
     assert_eq!(server.received().len(), 1);
 }
@@ -113,7 +107,7 @@ async fn wrong_credentials_show_the_upstreams_reply_in_the_condition() {
     let pki = TestPki::new();
     let server = SmtpServer::start(Script::new().starttls(pki.server_config()).auth("user", "secret")).unwrap();
     let j = job(server.port(), TlsMode::Starttls, Some(("user", "wrong")), Some(&pki));
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.result, conntest::FAILED);
     assert_eq!(record.step.as_deref(), Some("auth"));
     assert_eq!(record.reply.as_deref(), Some(DEFAULT_AUTH_FAIL_REPLY));
@@ -134,7 +128,7 @@ async fn an_untrusted_certificate_fails_at_tls_unless_verification_is_off() {
     let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config()).auth("user", "secret")).unwrap();
     // No CA bundle: the test CA is not among the system roots.
     let mut j = job(server.port(), TlsMode::Implicit, Some(("user", "secret")), None);
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.result, conntest::FAILED, "{record:?}");
     assert_eq!(record.step.as_deref(), Some("tls"));
     let error = record.error.clone().unwrap();
@@ -149,22 +143,28 @@ async fn an_untrusted_certificate_fails_at_tls_unless_verification_is_off() {
 
     // The route's own CA bundle makes it trusted; `verify: false` accepts it too.
     j.ca_pem = Some(pki.ca_pem.clone());
-    assert_eq!(conntest::run(&j, &settings()).await.result, conntest::SUCCEEDED);
+    assert_eq!(
+        conntest::run(&j, &conntest_settings()).await.result,
+        conntest::SUCCEEDED
+    );
     j.ca_pem = None;
     j.upstream.verify_tls = false;
-    assert_eq!(conntest::run(&j, &settings()).await.result, conntest::SUCCEEDED);
+    assert_eq!(
+        conntest::run(&j, &conntest_settings()).await.result,
+        conntest::SUCCEEDED
+    );
 
     // The certificate is for localhost and 127.0.0.1; another name fails verification.
     j.upstream.verify_tls = true;
     j.ca_pem = Some(pki.ca_pem.clone());
     j.upstream.server_name = Some("smtp.example.com".into());
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.step.as_deref(), Some("tls"), "{record:?}");
 
     // A CA bundle without a certificate fails here as it would in the relay.
     j.upstream.server_name = None;
     j.ca_pem = Some("not a certificate".into());
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.step.as_deref(), Some("tls"), "{record:?}");
     let error = record.error.unwrap_or_default();
     assert!(error.contains("holds no PEM certificate"), "{error}");
@@ -177,7 +177,7 @@ async fn a_closed_port_fails_at_connect() {
     drop(listener);
     let mut j = job(port, TlsMode::None, None, None);
     j.upstream.host = "127.0.0.1".into();
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.result, conntest::FAILED);
     assert_eq!(record.step.as_deref(), Some("connect"));
     assert!(
@@ -197,7 +197,7 @@ async fn a_closed_port_fails_at_connect() {
 async fn starttls_required_but_not_offered_fails_at_starttls() {
     let server = SmtpServer::start(Script::new()).unwrap();
     let j = job(server.port(), TlsMode::Starttls, None, None);
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.step.as_deref(), Some("starttls"), "{record:?}");
     assert_eq!(record.error.as_deref(), Some("the upstream does not offer STARTTLS"));
 }
@@ -208,7 +208,7 @@ async fn a_mechanism_the_upstream_does_not_offer_fails_at_auth() {
     let server = SmtpServer::start(Script::new().starttls(pki.server_config()).auth("user", "secret")).unwrap();
     let mut j = job(server.port(), TlsMode::Starttls, Some(("user", "secret")), Some(&pki));
     j.upstream.auth = Some(AuthMechanism::Xoauth2);
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.step.as_deref(), Some("auth"));
     assert_eq!(
         record.error.as_deref(),
@@ -216,14 +216,17 @@ async fn a_mechanism_the_upstream_does_not_offer_fails_at_auth() {
     );
     // LOGIN works as well as PLAIN.
     j.upstream.auth = Some(AuthMechanism::Login);
-    assert_eq!(conntest::run(&j, &settings()).await.result, conntest::SUCCEEDED);
+    assert_eq!(
+        conntest::run(&j, &conntest_settings()).await.result,
+        conntest::SUCCEEDED
+    );
 }
 
 #[tokio::test]
 async fn a_rejecting_greeting_is_reported_with_its_reply() {
     let server = SmtpServer::start(Script::new().greeting("554 5.3.2 No service for you")).unwrap();
     let j = job(server.port(), TlsMode::None, None, None);
-    let record = conntest::run(&j, &settings()).await;
+    let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.step.as_deref(), Some("greeting"));
     assert_eq!(record.reply.as_deref(), Some("554 5.3.2 No service for you"));
 }

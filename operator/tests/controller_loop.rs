@@ -10,7 +10,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 use kube::api::PostParams;
 use mailroute_api::SmtpRoute;
-use mailroute_operator::conntest;
 use mailroute_operator::controller::{self, LoopSettings};
 use mailroute_testkit::{Script, SmtpServer, TestPki};
 use tokio::sync::watch;
@@ -42,27 +41,8 @@ fn verified(r: &SmtpRoute) -> Option<(String, String)> {
 async fn reconciles_tests_and_reacts_while_leading_and_stops_on_shutdown() {
     let pki = TestPki::new();
     let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config()).auth("relay", "pw")).unwrap();
-    let yaml = format!(
-        r#"
-apiVersion: mailroute.io/v1alpha1
-kind: SmtpRoute
-metadata: {{name: upstream, namespace: mail}}
-spec:
-  host: localhost
-  port: {}
-  tls: {{mode: implicit, caSecretRef: {{name: upstream-ca, key: ca.crt}}}}
-  auth: {{secretRef: {{name: upstream-creds}}}}
-"#,
-        server.port()
-    );
-    let mut objs = objects(&yaml);
-    objs.secrets
-        .push(secret("mail", "upstream-ca", &[("ca.crt", &pki.ca_pem)]));
-    objs.secrets.push(secret(
-        "mail",
-        "upstream-creds",
-        &[("username", "relay"), ("password", "pw")],
-    ));
+    let mut objs = objects(&upstream_route(server.port(), "implicit", ""));
+    add_upstream_secrets(&mut objs, &pki.ca_pem, "relay", "pw");
     let client = fake_client(objs, None).await;
     let reconciler = reconciler(client.clone(), Some(Duration::from_secs(3600)), None);
 
@@ -73,10 +53,7 @@ spec:
         debounce: Duration::from_millis(10),
         resync: Duration::from_secs(3600),
         max_concurrent_tests: 2,
-        conntest: conntest::Settings {
-            helo_name: "operator.test".into(),
-            timeout: Duration::from_secs(10),
-        },
+        conntest: conntest_settings(),
     };
     let task = tokio::spawn(controller::run(
         reconciler.clone(),

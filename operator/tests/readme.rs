@@ -124,6 +124,20 @@ fn age(d: i64) -> String {
     }
 }
 
+/// The rows of `kubectl get`: a header of the `(name, path)` columns and AGE, then one row per
+/// object, all of the same `age`.
+fn get_rows<T: serde::Serialize>(cols: &[(&str, &str)], objects: &[T], age: &str) -> Vec<Vec<String>> {
+    let header = cols.iter().map(|(h, _)| h.to_string()).chain(["AGE".into()]).collect();
+    let mut rows = vec![header];
+    for o in objects {
+        let v = serde_json::to_value(o).unwrap();
+        let mut row: Vec<String> = cols.iter().map(|(_, p)| jsonpath(&v, p)).collect();
+        row.push(age.to_string());
+        rows.push(row);
+    }
+    rows
+}
+
 /// Columns padded like kubectl's tab writer (three spaces between columns).
 fn table(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
@@ -336,23 +350,11 @@ fn render() -> String {
         ("READY", ".status.conditions[type=Ready].status"),
         ("VERIFIED", ".status.conditions[type=Verified].status"),
     ];
-    let mut rows = vec![
-        route_cols
-            .iter()
-            .map(|(h, _)| h.to_string())
-            .chain(["AGE".into()])
-            .collect::<Vec<_>>(),
-    ];
+    let object_age = age(now.as_second() - at(created).as_second());
     let mut sorted = w.routes.clone();
     sorted.sort_by_key(|r| r.name_any());
-    for r in &sorted {
-        let v = serde_json::to_value(r).unwrap();
-        let mut row: Vec<String> = route_cols.iter().map(|(_, p)| jsonpath(&v, p)).collect();
-        row.push(age(now.as_second() - at(created).as_second()));
-        rows.push(row);
-    }
     let mut out = String::from("```console\n$ kubectl get smtproutes -n mail\n");
-    out.push_str(&table(&rows));
+    out.push_str(&table(&get_rows(&route_cols, &sorted, &object_age)));
     out.push_str("```\n\nA healthy route:\n\n```console\n");
     out.push_str(&describe_route(&w, "gmail", now));
     out.push_str("```\n\nA route whose upstream refuses the credentials (it stays in the configuration; the\nrelay would get the same answer):\n\n```console\n");
@@ -370,21 +372,8 @@ fn render() -> String {
         ("REMAINING", ".status.usage.month.remaining"),
         ("READY", ".status.conditions[type=Ready].status"),
     ];
-    let mut rows = vec![
-        quota_cols
-            .iter()
-            .map(|(h, _)| h.to_string())
-            .chain(["AGE".into()])
-            .collect::<Vec<_>>(),
-    ];
-    for q in &w.quotas {
-        let v = serde_json::to_value(q).unwrap();
-        let mut row: Vec<String> = quota_cols.iter().map(|(_, p)| jsonpath(&v, p)).collect();
-        row.push(age(now.as_second() - at(created).as_second()));
-        rows.push(row);
-    }
     out.push_str("```\n\nQuota usage, read from the relays (`Remaining` is a wide column):\n\n```console\n$ kubectl get senderquotas -n mail -o wide\n");
-    out.push_str(&table(&rows));
+    out.push_str(&table(&get_rows(&quota_cols, &w.quotas, &object_age)));
     out.push_str("```\n");
     out
 }

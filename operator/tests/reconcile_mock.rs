@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::pin::pin;
 
+use crate::support::list_failed;
 use base64::Engine;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
@@ -13,7 +14,7 @@ use kube::client::Body;
 use mailroute_api::Manifests;
 use mailroute_operator::metrics::Metrics;
 use mailroute_operator::plan::Fleet;
-use mailroute_operator::reconcile::{ReconcileError, Reconciler, Settings};
+use mailroute_operator::reconcile::{Reconciler, Settings};
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
 
@@ -290,16 +291,7 @@ async fn a_failed_list_stops_before_any_write() {
         assert!(h.next_request().await.is_none(), "a request after the failed list");
     });
     let err = r.reconcile().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ReconcileError::List {
-                kind: "SenderQuotas",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(list_failed(&err, "SenderQuotas"), "{err}");
     assert!(err.to_string().contains("etcd leader changed"), "{err}");
     drop(r);
     server.await.unwrap();

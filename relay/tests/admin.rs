@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::common::csv_records;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use mailroute_api::quota::{PeriodUsage, QuotaUsage};
@@ -417,22 +418,7 @@ async fn csv_export_lists_hard_bounces() {
             .contains("events.csv")
     );
     let body = r.bytes().await.unwrap();
-    let mut reader = csv::Reader::from_reader(body.as_ref());
-    assert_eq!(
-        reader.headers().unwrap().iter().collect::<Vec<_>>(),
-        [
-            "time",
-            "recipient",
-            "result",
-            "reply_code",
-            "enhanced_code",
-            "reply_text",
-            "bounce_class",
-            "sender",
-            "route"
-        ]
-    );
-    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let rows = csv_records(&body);
     let expected: Vec<&DeliveryEvent> = events
         .iter()
         .filter(|e| e.bounce_class.as_deref() == Some("invalid_recipient"))

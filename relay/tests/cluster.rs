@@ -85,12 +85,7 @@ async fn relay_runs_on_a_redis_cluster() {
     assert_eq!(delivered.events.len(), 4);
 
     // The keys (queue, quota counters, pacing state) live on the slot's primary.
-    let mut on_owner = owner
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut on_owner = redis_connection(owner).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("{mailroute}:*")
         .query_async(&mut on_owner)

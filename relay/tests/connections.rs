@@ -35,12 +35,7 @@ fn lease_key(route_id: &str) -> String {
 
 /// The connection leases held for `route_id` (expired ones included until someone connects).
 async fn leases(redis: &RedisServer, route_id: &str) -> Vec<String> {
-    let mut c = redis
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = redis_connection(redis).await;
     redis::cmd("ZRANGE")
         .arg(lease_key(route_id))
         .arg(0)
@@ -142,12 +137,7 @@ async fn a_crashed_relays_lease_runs_out_and_the_waiting_job_is_paced_not_failed
     let r = start(&limited("one", up.port(), "{maxConnections: 1}"), &redis.url(), |_| {}).await;
     // A relay that crashed while connected left its lease behind, 3 s from running out.
     let expires = now_ms() + 3_000;
-    let mut c = redis
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = redis_connection(&redis).await;
     let _: i64 = redis::cmd("ZADD")
         .arg(lease_key("mail/one"))
         .arg(expires)
@@ -300,12 +290,7 @@ async fn a_connection_gives_its_slot_back_when_it_closes() {
     let up = SmtpServer::start(Script::new()).unwrap();
     let r = compiled("free", up.port(), "{messagesPerConnection: 5}");
     assert!(send_via(&p1, &r, "f@example.com").await.unwrap().is_delivered());
-    let mut c = redis
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = redis_connection(&redis).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{PREFIX}pace:conn:*"))
         .query_async(&mut c)

@@ -40,8 +40,13 @@ fn config() -> DelivererConfig {
     }
 }
 
-fn deliverer(config: DelivererConfig, resolver: StaticResolver) -> Deliverer {
+fn deliverer(config: DelivererConfig, resolver: impl MxResolver + 'static) -> Deliverer {
     Deliverer::new(config, Arc::new(resolver)).expect("deliverer")
+}
+
+/// A deliverer whose MX deliveries go to `mx_port` (a test server's) instead of 25.
+fn mx_deliverer(mx_port: u16, resolver: impl MxResolver + 'static) -> Deliverer {
+    deliverer(DelivererConfig { mx_port, ..config() }, resolver)
 }
 
 fn plain_deliverer() -> Deliverer {
@@ -72,6 +77,21 @@ fn smarthost(route: &str, up: Upstream) -> DeliveryTarget {
     }
 }
 
+/// A smarthost target to 127.0.0.1:`port` without TLS, the target of most tests here.
+fn plain(route: &str, port: u16) -> DeliveryTarget {
+    smarthost(route, upstream(port, TlsMode::None))
+}
+
+/// A smarthost target that verifies the server's certificate for `server_name` against `ca_pem`.
+fn verifying(route: &str, mut up: Upstream, server_name: &str, ca_pem: &str) -> DeliveryTarget {
+    up.verify_tls = true;
+    up.custom_ca = true;
+    up.server_name = Some(server_name.into());
+    let mut t = smarthost(route, up);
+    t.custom_ca_pem = Some(ca_pem.into());
+    t
+}
+
 fn env(rcpt: &str) -> Envelope {
     Envelope {
         mail_from: "orders@shop.example".into(),
@@ -84,6 +104,16 @@ fn creds(user: &str, pass: &str) -> Credentials {
         username: user.into(),
         password: pass.into(),
     }
+}
+
+/// Delivers [`BODY`] to `rcpt` without credentials or DKIM.
+async fn send(d: &Deliverer, t: &DeliveryTarget, rcpt: &str) -> AttemptResult {
+    d.deliver(t, None, None, &env(rcpt), BODY).await
+}
+
+/// Delivers [`BODY`] to `rcpt`, authenticating as `(user, password)`.
+async fn send_as(d: &Deliverer, t: &DeliveryTarget, (user, pass): (&str, &str), rcpt: &str) -> AttemptResult {
+    d.deliver(t, Some(&creds(user, pass)), None, &env(rcpt), BODY).await
 }
 
 fn reply_of(r: &AttemptResult) -> (Stage, u16, String) {
@@ -104,15 +134,7 @@ fn failure_of(r: &AttemptResult) -> (Stage, Failure) {
 async fn plain_delivery_is_byte_exact() {
     let server = SmtpServer::start(Script::new()).expect("server");
     let d = plain_deliverer();
-    let r = d
-        .deliver(
-            &smarthost("mail/plain", upstream(server.port(), TlsMode::None)),
-            None,
-            None,
-            &env("bob@example.test"),
-            BODY,
-        )
-        .await;
+    let r = send(&d, &plain("mail/plain", server.port()), "bob@example.test").await;
     assert!(r.is_delivered(), "{r:?}");
     let reply = r.reply().expect("reply");
     assert_eq!(reply.code, 250);
@@ -145,20 +167,8 @@ async fn required_starttls_with_auth_plain_and_login() {
     for (i, mechanism) in [AuthMechanism::Plain, AuthMechanism::Login].into_iter().enumerate() {
         let mut up = upstream(server.port(), TlsMode::Starttls);
         up.auth = Some(mechanism);
-        up.verify_tls = true;
-        up.custom_ca = true;
-        up.server_name = Some("localhost".into());
-        let mut t = smarthost(&format!("mail/starttls-{i}"), up);
-        t.custom_ca_pem = Some(pki.ca_pem.clone());
-        let r = d
-            .deliver(
-                &t,
-                Some(&creds("relay-user", "s3cret")),
-                None,
-                &env("bob@example.test"),
-                BODY,
-            )
-            .await;
+        let t = verifying(&format!("mail/starttls-{i}"), up, "localhost", &pki.ca_pem);
+        let r = send_as(&d, &t, ("relay-user", "s3cret"), "bob@example.test").await;
         assert!(r.is_delivered(), "{mechanism:?}: {r:?}");
         assert!(r.tls, "{mechanism:?}");
     }
@@ -249,15 +259,7 @@ async fn configured_auth_mechanism_is_the_one_used() {
         let proxy = RecordingProxy::start(server.addr()).await;
         let mut up = upstream(proxy.addr.port(), TlsMode::None);
         up.auth = Some(mechanism);
-        let r = d
-            .deliver(
-                &smarthost(&format!("mail/{expected}"), up),
-                Some(&creds("u", "p")),
-                None,
-                &env("b@x.test"),
-                BODY,
-            )
-            .await;
+        let r = send_as(&d, &smarthost(&format!("mail/{expected}"), up), ("u", "p"), "b@x.test").await;
         assert!(r.is_delivered(), "{r:?}");
         let sent = proxy.commands();
         assert!(sent.contains(expected), "{mechanism:?}: {sent}");
@@ -271,13 +273,9 @@ async fn implicit_tls_trusting_a_custom_ca() {
     let pki = TestPki::new();
     let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config())).expect("server");
     let d = plain_deliverer();
-    let mut up = upstream(server.port(), TlsMode::Implicit);
-    up.verify_tls = true;
-    up.custom_ca = true;
-    up.server_name = Some("localhost".into());
-    let mut t = smarthost("mail/smtps", up);
-    t.custom_ca_pem = Some(pki.ca_pem.clone());
-    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    let up = upstream(server.port(), TlsMode::Implicit);
+    let t = verifying("mail/smtps", up, "localhost", &pki.ca_pem);
+    let r = send(&d, &t, "bob@example.test").await;
     assert!(r.is_delivered(), "{r:?}");
     assert!(r.tls);
     assert!(server.wait_for(1, WAIT).await.expect("received")[0].tls);
@@ -289,37 +287,28 @@ async fn certificate_verification_failure_is_a_tls_failure() {
     let other_ca = TestPki::new();
     let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config())).expect("server");
     let d = plain_deliverer();
-    let mut up = upstream(server.port(), TlsMode::Implicit);
-    up.verify_tls = true;
-    up.custom_ca = true;
-    up.server_name = Some("localhost".into());
+    let up = upstream(server.port(), TlsMode::Implicit);
     // Trusting an unrelated CA: the server's certificate does not chain to it.
-    let mut t = smarthost("mail/wrong-ca", up.clone());
-    t.custom_ca_pem = Some(other_ca.ca_pem.clone());
-    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    let t = verifying("mail/wrong-ca", up.clone(), "localhost", &other_ca.ca_pem);
+    let r = send(&d, &t, "bob@example.test").await;
     assert_eq!(failure_of(&r).1, Failure::Tls, "{r:?}");
     let v = r.verdict().expect("a failure");
     assert_eq!((v.kind, v.class), (Kind::Temporary, BounceClass::TlsFailure));
 
     // Right CA, wrong name.
-    up.server_name = Some("smtp.elsewhere.test".into());
-    let mut t = smarthost("mail/wrong-name", up);
-    t.custom_ca_pem = Some(pki.ca_pem.clone());
-    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    let t = verifying("mail/wrong-name", up, "smtp.elsewhere.test", &pki.ca_pem);
+    let r = send(&d, &t, "bob@example.test").await;
     assert_eq!(failure_of(&r).1, Failure::Tls, "{r:?}");
     assert_eq!(server.received().len(), 0);
 
     // STARTTLS required but not offered.
     let plain = SmtpServer::start(Script::new()).expect("server");
-    let r = d
-        .deliver(
-            &smarthost("mail/no-starttls", upstream(plain.port(), TlsMode::Starttls)),
-            None,
-            None,
-            &env("b@x.test"),
-            BODY,
-        )
-        .await;
+    let r = send(
+        &d,
+        &smarthost("mail/no-starttls", upstream(plain.port(), TlsMode::Starttls)),
+        "b@x.test",
+    )
+    .await;
     assert_eq!(failure_of(&r), (Stage::StartTls, Failure::Tls), "{r:?}");
     assert_eq!(plain.received().len(), 0, "nothing may be sent in plain text");
 }
@@ -332,15 +321,7 @@ async fn bad_credentials_surface_the_535_reply() {
     let d = plain_deliverer();
     let mut up = upstream(server.port(), TlsMode::Starttls);
     up.auth = Some(AuthMechanism::Plain);
-    let r = d
-        .deliver(
-            &smarthost("mail/auth", up),
-            Some(&creds("relay-user", "wrong")),
-            None,
-            &env("b@x.test"),
-            BODY,
-        )
-        .await;
+    let r = send_as(&d, &smarthost("mail/auth", up), ("relay-user", "wrong"), "b@x.test").await;
     assert_eq!(
         reply_of(&r),
         (
@@ -364,9 +345,9 @@ async fn temporary_and_permanent_replies_are_reported_exactly() {
     ]))
     .expect("server");
     let d = plain_deliverer();
-    let t = smarthost("mail/replies", upstream(server.port(), TlsMode::None));
+    let t = plain("mail/replies", server.port());
 
-    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    let r = send(&d, &t, "bob@example.test").await;
     let (stage, code, text) = reply_of(&r);
     assert_eq!((stage, code), (Stage::Message, 451));
     assert_eq!(
@@ -381,7 +362,7 @@ async fn temporary_and_permanent_replies_are_reported_exactly() {
     let v = r.verdict().expect("failure");
     assert_eq!((v.kind, v.class), (Kind::Temporary, BounceClass::RateLimited));
 
-    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    let r = send(&d, &t, "bob@example.test").await;
     let (stage, code, text) = reply_of(&r);
     assert_eq!((stage, code), (Stage::Message, 550));
     assert_eq!(
@@ -399,10 +380,10 @@ async fn temporary_and_permanent_replies_are_reported_exactly() {
             .then(Behaviour::PermFail("550 5.1.1 User unknown".into())),
     )
     .expect("server");
-    let t = smarthost("mail/rcpt", upstream(rcpt_server.port(), TlsMode::None));
-    let r = d.deliver(&t, None, None, &env("nobody@example.test"), BODY).await;
+    let t = plain("mail/rcpt", rcpt_server.port());
+    let r = send(&d, &t, "nobody@example.test").await;
     assert_eq!(reply_of(&r), (Stage::RcptTo, 550, "5.1.1 User unknown".to_string()));
-    let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+    let r = send(&d, &t, "bob@example.test").await;
     assert!(r.is_delivered(), "{r:?}");
     assert!(r.reused_connection, "the connection survives a rejected recipient");
     assert_eq!(rcpt_server.connections(), 1);
@@ -412,15 +393,7 @@ async fn temporary_and_permanent_replies_are_reported_exactly() {
 async fn dropped_and_refused_connections_are_temporary_failures() {
     let server = SmtpServer::start(Script::new().then(Behaviour::Drop)).expect("server");
     let d = plain_deliverer();
-    let r = d
-        .deliver(
-            &smarthost("mail/drop", upstream(server.port(), TlsMode::None)),
-            None,
-            None,
-            &env("b@x.test"),
-            BODY,
-        )
-        .await;
+    let r = send(&d, &plain("mail/drop", server.port()), "b@x.test").await;
     assert_eq!(failure_of(&r), (Stage::Message, Failure::ConnectionLost), "{r:?}");
     assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Temporary));
     assert_eq!(server.received().len(), 0);
@@ -429,29 +402,13 @@ async fn dropped_and_refused_connections_are_temporary_failures() {
         let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let r = d
-        .deliver(
-            &smarthost("mail/refused", upstream(closed, TlsMode::None)),
-            None,
-            None,
-            &env("b@x.test"),
-            BODY,
-        )
-        .await;
+    let r = send(&d, &plain("mail/refused", closed), "b@x.test").await;
     assert_eq!(failure_of(&r), (Stage::Connect, Failure::ConnectionRefused), "{r:?}");
     assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Temporary));
 
     // A 421 greeting is a reply, reported at the greeting.
     let busy = SmtpServer::start(Script::new().greeting("421 4.3.2 Too busy, try later")).expect("server");
-    let r = d
-        .deliver(
-            &smarthost("mail/busy", upstream(busy.port(), TlsMode::None)),
-            None,
-            None,
-            &env("b@x.test"),
-            BODY,
-        )
-        .await;
+    let r = send(&d, &plain("mail/busy", busy.port()), "b@x.test").await;
     assert_eq!(
         reply_of(&r),
         (Stage::Greeting, 421, "4.3.2 Too busy, try later".to_string())
@@ -462,12 +419,10 @@ async fn dropped_and_refused_connections_are_temporary_failures() {
 async fn connections_are_reused_up_to_messages_per_connection() {
     let server = SmtpServer::start(Script::new()).expect("server");
     let d = plain_deliverer();
-    let t = smarthost("mail/reuse", upstream(server.port(), TlsMode::None));
+    let t = plain("mail/reuse", server.port());
     let mut reused = Vec::new();
     for i in 0..5 {
-        let r = d
-            .deliver(&t, None, None, &env(&format!("r{i}@example.test")), BODY)
-            .await;
+        let r = send(&d, &t, &format!("r{i}@example.test")).await;
         assert!(r.is_delivered(), "{r:?}");
         reused.push(r.reused_connection);
     }
@@ -487,14 +442,10 @@ async fn connections_are_reused_up_to_messages_per_connection() {
     );
 
     let server = SmtpServer::start(Script::new()).expect("server");
-    let mut t = smarthost("mail/reuse-2", upstream(server.port(), TlsMode::None));
+    let mut t = plain("mail/reuse-2", server.port());
     t.messages_per_connection = Some(2);
     for i in 0..5 {
-        assert!(
-            d.deliver(&t, None, None, &env(&format!("r{i}@example.test")), BODY)
-                .await
-                .is_delivered()
-        );
+        assert!(send(&d, &t, &format!("r{i}@example.test")).await.is_delivered());
     }
     server.wait_for(5, WAIT).await.expect("received");
     assert_eq!(server.connections(), 3, "2 + 2 + 1 messages");
@@ -506,16 +457,13 @@ async fn concurrent_connections(limit: u32) -> usize {
     let server = SmtpServer::start(Script::new()).expect("server");
     let proxy = RecordingProxy::with_latency(server.addr(), Duration::from_millis(30)).await;
     let d = plain_deliverer();
-    let mut t = smarthost("mail/limited", upstream(proxy.addr.port(), TlsMode::None));
+    let mut t = plain("mail/limited", proxy.addr.port());
     t.max_connections = Some(limit);
     let tasks: Vec<_> = (0..12)
         .map(|i| {
             let d = d.clone();
             let t = t.clone();
-            tokio::spawn(async move {
-                d.deliver(&t, None, None, &env(&format!("c{i}@example.test")), BODY)
-                    .await
-            })
+            tokio::spawn(async move { send(&d, &t, &format!("c{i}@example.test")).await })
         })
         .collect();
     for task in tasks {
@@ -548,12 +496,8 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
         },
         StaticResolver::new(),
     );
-    let t = smarthost("mail/idle", upstream(server.port(), TlsMode::None));
-    assert!(
-        d.deliver(&t, None, None, &env("a@example.test"), BODY)
-            .await
-            .is_delivered()
-    );
+    let t = plain("mail/idle", server.port());
+    assert!(send(&d, &t, "a@example.test").await.is_delivered());
     assert_eq!(d.stats().idle, 1);
     let deadline = Instant::now() + WAIT;
     while d.stats().idle > 0 {
@@ -564,7 +508,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = d.deliver(&t, None, None, &env("b@example.test"), BODY).await;
+    let r = send(&d, &t, "b@example.test").await;
     assert!(r.is_delivered() && !r.reused_connection, "{r:?}");
     assert_eq!(server.connections(), 2);
 }
@@ -580,13 +524,9 @@ async fn broken_pooled_connection_is_retried_once_on_a_fresh_one() {
     ]))
     .expect("server");
     let d = plain_deliverer();
-    let t = smarthost("mail/stale", upstream(server.port(), TlsMode::None));
-    assert!(
-        d.deliver(&t, None, None, &env("a@example.test"), BODY)
-            .await
-            .is_delivered()
-    );
-    let r = d.deliver(&t, None, None, &env("b@example.test"), BODY).await;
+    let t = plain("mail/stale", server.port());
+    assert!(send(&d, &t, "a@example.test").await.is_delivered());
+    let r = send(&d, &t, "b@example.test").await;
     assert!(r.is_delivered(), "{r:?}");
     assert!(!r.reused_connection, "delivered on the fresh connection");
     assert_eq!(server.connections(), 2);
@@ -594,8 +534,8 @@ async fn broken_pooled_connection_is_retried_once_on_a_fresh_one() {
 
     // On a fresh connection the same drop is reported, not retried.
     let server = SmtpServer::start(Script::new().stage(ServerStage::Rcpt).then(Behaviour::Drop)).expect("server");
-    let t = smarthost("mail/stale-fresh", upstream(server.port(), TlsMode::None));
-    let r = d.deliver(&t, None, None, &env("a@example.test"), BODY).await;
+    let t = plain("mail/stale-fresh", server.port());
+    let r = send(&d, &t, "a@example.test").await;
     assert_eq!(failure_of(&r), (Stage::RcptTo, Failure::ConnectionLost), "{r:?}");
     assert_eq!(server.connections(), 1);
 }
@@ -614,15 +554,9 @@ async fn mx_delivery_with_opportunistic_starttls_and_preference_fallback() {
         .with_mx("example.test", 10, "mx1.example.test")
         .with_host("mx1.example.test", IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
         .with_host("mx2.example.test", lo());
-    let d = deliverer(
-        DelivererConfig {
-            mx_port: server.port(),
-            ..config()
-        },
-        resolver,
-    );
+    let d = mx_deliverer(server.port(), resolver);
     let target = DeliveryTarget::direct_mx("mail/direct");
-    let r = d.deliver(&target, None, None, &env("bob@example.test"), BODY).await;
+    let r = send(&d, &target, "bob@example.test").await;
     assert!(r.is_delivered(), "{r:?}");
     assert!(r.tls, "STARTTLS is used when offered (certificate not verified for MX)");
     assert_eq!(r.remote_host.as_deref(), Some("mx2.example.test"));
@@ -632,16 +566,13 @@ async fn mx_delivery_with_opportunistic_starttls_and_preference_fallback() {
 
     // Without STARTTLS on offer, MX delivery goes ahead in plain text.
     let plain = SmtpServer::start(Script::new()).expect("server");
-    let d = deliverer(
-        DelivererConfig {
-            mx_port: plain.port(),
-            ..config()
-        },
+    let d = mx_deliverer(
+        plain.port(),
         StaticResolver::new()
             .with_mx("plain.test", 10, "mx.plain.test")
             .with_host("mx.plain.test", lo()),
     );
-    let r = d.deliver(&target, None, None, &env("bob@plain.test"), BODY).await;
+    let r = send(&d, &target, "bob@plain.test").await;
     assert!(r.is_delivered() && !r.tls, "{r:?}");
 }
 
@@ -655,7 +586,7 @@ async fn mx_dns_failures() {
     );
     let target = DeliveryTarget::direct_mx("mail/direct");
     for rcpt in ["a@nxdomain.test", "a@nullmx.test", "a@dangling.test"] {
-        let r = d.deliver(&target, None, None, &env(rcpt), BODY).await;
+        let r = send(&d, &target, rcpt).await;
         assert_eq!(failure_of(&r), (Stage::Dns, Failure::DnsNoSuchDomain), "{rcpt}: {r:?}");
         let v = r.verdict().expect("failure");
         assert_eq!((v.kind, v.class), (Kind::Permanent, BounceClass::DnsFailure), "{rcpt}");
@@ -747,34 +678,11 @@ async fn hickory_resolver_against_a_real_dns_server() {
 
     // End to end: the deliverer resolves through the DNS server and falls back from mx0.
     let server = SmtpServer::start(Script::new()).expect("server");
-    let d = Deliverer::new(
-        DelivererConfig {
-            mx_port: server.port(),
-            ..config()
-        },
-        Arc::new(resolver),
-    )
-    .expect("deliverer");
-    let r = d
-        .deliver(
-            &DeliveryTarget::direct_mx("mail/direct"),
-            None,
-            None,
-            &env("bob@example.test"),
-            BODY,
-        )
-        .await;
+    let d = mx_deliverer(server.port(), resolver);
+    let r = send(&d, &DeliveryTarget::direct_mx("mail/direct"), "bob@example.test").await;
     assert!(r.is_delivered(), "{r:?}");
     assert_eq!(r.remote_host.as_deref(), Some("mx.example.test"));
-    let r = d
-        .deliver(
-            &DeliveryTarget::direct_mx("mail/direct"),
-            None,
-            None,
-            &env("bob@missing.test"),
-            BODY,
-        )
-        .await;
+    let r = send(&d, &DeliveryTarget::direct_mx("mail/direct"), "bob@missing.test").await;
     assert_eq!(failure_of(&r), (Stage::Dns, Failure::DnsNoSuchDomain), "{r:?}");
 }
 
@@ -782,7 +690,7 @@ async fn hickory_resolver_against_a_real_dns_server() {
 async fn from_override_and_dkim_as_received() {
     let server = SmtpServer::start(Script::new()).expect("server");
     let d = plain_deliverer();
-    let mut t = smarthost("mail/override", upstream(server.port(), TlsMode::None));
+    let mut t = plain("mail/override", server.port());
     t.from_override = Some("noreply@relay.example".into());
     let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqI1cA4MPeCfi0VBYZ2cZ0gC0dK2ajbFxVGAiHKXqmc\n-----END PRIVATE KEY-----\n";
     let signer = DkimSigner::new("relay.example", "mailroute", pem).expect("key");
@@ -829,15 +737,7 @@ async fn silent_server_times_out() {
         StaticResolver::new(),
     );
     let started = Instant::now();
-    let r = d
-        .deliver(
-            &smarthost("mail/silent", upstream(port, TlsMode::None)),
-            None,
-            None,
-            &env("b@x.test"),
-            BODY,
-        )
-        .await;
+    let r = send(&d, &plain("mail/silent", port), "b@x.test").await;
     assert_eq!(failure_of(&r), (Stage::Greeting, Failure::Timeout), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Temporary));
@@ -909,15 +809,7 @@ async fn xoauth2_sends_the_bearer_token() {
     up.auth = Some(AuthMechanism::Xoauth2);
     let mut t = smarthost("mail/gmail", up);
     t.messages_per_connection = Some(1);
-    let r = d
-        .deliver(
-            &t,
-            Some(&creds("me@gmail.test", "ya29.token")),
-            None,
-            &env("b@x.test"),
-            BODY,
-        )
-        .await;
+    let r = send_as(&d, &t, ("me@gmail.test", "ya29.token"), "b@x.test").await;
     assert!(r.is_delivered(), "{r:?}");
     assert_eq!(r.reply().map(|x| x.text.as_str()), Some("2.0.0 queued"));
     let lines = tokio::time::timeout(WAIT, server)
@@ -968,15 +860,7 @@ async fn with_pipelining_the_envelope_goes_out_without_waiting_for_replies() {
         (envelope, buf)
     });
     let d = plain_deliverer();
-    let r = d
-        .deliver(
-            &smarthost("mail/pipelined", upstream(port, TlsMode::None)),
-            None,
-            None,
-            &env("bob@example.test"),
-            BODY,
-        )
-        .await;
+    let r = send(&d, &plain("mail/pipelined", port), "bob@example.test").await;
     assert!(r.is_delivered(), "{r:?}");
     assert_eq!(r.reply().expect("reply").text, "2.0.0 queued as P1");
     let (envelope, content) = server.await.expect("server");
@@ -991,32 +875,40 @@ async fn with_pipelining_the_envelope_goes_out_without_waiting_for_replies() {
     );
 }
 
+/// A server answering RCPTs with `behaviours`, offering PIPELINING only if `pipelining`.
+fn rcpt_scripted(pipelining: bool, behaviours: impl IntoIterator<Item = Behaviour>) -> SmtpServer {
+    let mut script = Script::new().stage(ServerStage::Rcpt).behaviours(behaviours);
+    if !pipelining {
+        script.ehlo_extensions.retain(|e| e != "PIPELINING");
+    }
+    SmtpServer::start(script).expect("server")
+}
+
 #[tokio::test]
 async fn replies_are_reported_at_their_stage_with_and_without_pipelining() {
     for pipelining in [true, false] {
-        let mut script = Script::new()
-            .stage(ServerStage::Rcpt)
-            .then(Behaviour::PermFail("550 5.1.1 User unknown".into()))
-            .then(Behaviour::TempFail("452 4.2.2 Mailbox full".into()));
-        if !pipelining {
-            script.ehlo_extensions.retain(|e| e != "PIPELINING");
-        }
-        let server = SmtpServer::start(script).expect("server");
+        let server = rcpt_scripted(
+            pipelining,
+            [
+                Behaviour::PermFail("550 5.1.1 User unknown".into()),
+                Behaviour::TempFail("452 4.2.2 Mailbox full".into()),
+            ],
+        );
         let d = plain_deliverer();
-        let t = smarthost("mail/stages", upstream(server.port(), TlsMode::None));
-        let r = d.deliver(&t, None, None, &env("nobody@example.test"), BODY).await;
+        let t = plain("mail/stages", server.port());
+        let r = send(&d, &t, "nobody@example.test").await;
         assert_eq!(
             reply_of(&r),
             (Stage::RcptTo, 550, "5.1.1 User unknown".to_string()),
             "pipelining {pipelining}"
         );
-        let r = d.deliver(&t, None, None, &env("full@example.test"), BODY).await;
+        let r = send(&d, &t, "full@example.test").await;
         assert_eq!(
             reply_of(&r),
             (Stage::RcptTo, 452, "4.2.2 Mailbox full".to_string()),
             "pipelining {pipelining}"
         );
-        let r = d.deliver(&t, None, None, &env("bob@example.test"), BODY).await;
+        let r = send(&d, &t, "bob@example.test").await;
         assert!(r.is_delivered(), "pipelining {pipelining}: {r:?}");
         assert!(r.reused_connection, "one connection carries all three");
         let got = server.wait_for(1, WAIT).await.expect("received");
@@ -1029,26 +921,22 @@ async fn replies_are_reported_at_their_stage_with_and_without_pipelining() {
 #[tokio::test]
 async fn rset_only_after_an_unfinished_transaction_or_without_pipelining() {
     for pipelining in [true, false] {
-        let mut script = Script::new()
-            .stage(ServerStage::Rcpt)
-            .then(Behaviour::Accept)
-            .then(Behaviour::Accept)
-            .then(Behaviour::PermFail("550 5.1.1 User unknown".into()));
-        if !pipelining {
-            script.ehlo_extensions.retain(|e| e != "PIPELINING");
-        }
-        let server = SmtpServer::start(script).expect("server");
+        let server = rcpt_scripted(
+            pipelining,
+            [
+                Behaviour::Accept,
+                Behaviour::Accept,
+                Behaviour::PermFail("550 5.1.1 User unknown".into()),
+            ],
+        );
         let d = plain_deliverer();
-        let t = smarthost("mail/rset", upstream(server.port(), TlsMode::None));
+        let t = plain("mail/rset", server.port());
         for rcpt in ["a@example.test", "b@example.test"] {
-            assert!(d.deliver(&t, None, None, &env(rcpt), BODY).await.is_delivered());
+            assert!(send(&d, &t, rcpt).await.is_delivered());
         }
         let after_two = server.resets();
-        assert_eq!(
-            reply_of(&d.deliver(&t, None, None, &env("nobody@example.test"), BODY).await).1,
-            550
-        );
-        let r = d.deliver(&t, None, None, &env("c@example.test"), BODY).await;
+        assert_eq!(reply_of(&send(&d, &t, "nobody@example.test").await).1, 550);
+        let r = send(&d, &t, "c@example.test").await;
         assert!(r.is_delivered() && r.reused_connection, "{r:?}");
         if pipelining {
             assert_eq!(after_two, 0, "a delivered transaction needs no RSET before the next");
@@ -1099,14 +987,10 @@ async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_without_an
         serve_pipelined_transaction(&mut second, "B2").await;
     });
     let d = plain_deliverer();
-    let t = smarthost("mail/idle-closed", upstream(port, TlsMode::None));
-    assert!(
-        d.deliver(&t, None, None, &env("a@example.test"), BODY)
-            .await
-            .is_delivered()
-    );
+    let t = plain("mail/idle-closed", port);
+    assert!(send(&d, &t, "a@example.test").await.is_delivered());
     closed_rx.await.expect("server closed the first connection");
-    let r = d.deliver(&t, None, None, &env("b@example.test"), BODY).await;
+    let r = send(&d, &t, "b@example.test").await;
     assert!(r.is_delivered(), "{r:?}");
     assert_eq!(r.reply().expect("reply").text, "2.0.0 queued as B2");
     assert!(!r.reused_connection, "delivered on a new connection");

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::csv_records;
 use chrono::{DateTime, TimeZone, Utc};
 use mailroute_relay::dlog::{DEFAULT_PREFIX, DeliveryEvent, DeliveryLog, EventFilter, EventResult, write_csv};
 use mailroute_testkit::RedisServer;
@@ -485,23 +486,7 @@ async fn csv_export_of_bounces_quotes_reply_texts() {
     assert_eq!(page.events, vec![tricky.clone()]);
     let bytes = write_csv(&page.events, true).unwrap();
 
-    let mut reader = csv::Reader::from_reader(bytes.as_slice());
-    let header: Vec<String> = reader.headers().unwrap().iter().map(str::to_string).collect();
-    assert_eq!(
-        header,
-        [
-            "time",
-            "recipient",
-            "result",
-            "reply_code",
-            "enhanced_code",
-            "reply_text",
-            "bounce_class",
-            "sender",
-            "route"
-        ]
-    );
-    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let rows = csv_records(&bytes);
     assert_eq!(rows.len(), 1);
     let row = &rows[0];
     assert_eq!(&row[0], "2025-03-01T00:00:03.000Z");

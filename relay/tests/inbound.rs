@@ -887,12 +887,7 @@ async fn a_future_deliver_after_schedules_the_jobs() {
 async fn the_250_carries_the_queue_id_and_comes_after_redis_stored_the_message() {
     let redis = RedisServer::start().unwrap();
     let r = start(&routes(closed_port()), &redis.url(), |o| o.workers = 0).await;
-    let mut con = redis
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut con = redis_connection(&redis).await;
     let mut c = connect(r.smtp()).await;
     c.ehlo("client.example").await.unwrap();
     let mut ids = Vec::new();

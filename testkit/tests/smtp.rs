@@ -4,10 +4,40 @@
 use std::time::Duration;
 
 use mailroute_testkit::TestPki;
-use mailroute_testkit::smtp::{Behaviour, DEFAULT_TEMP_FAIL_REPLY, Script, SmtpClient, SmtpServer, Stage, send};
+use mailroute_testkit::smtp::{
+    Behaviour, DEFAULT_TEMP_FAIL_REPLY, Reply, Script, SmtpClient, SmtpServer, Stage, Transcript, send,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 const BODY: &[u8] = b"Subject: hi\r\n\r\nhello\r\n.leading dot\r\n..two dots\r\n";
+const FROM: &str = "a@example.org";
+const TO: &[&str] = &["b@example.net"];
+
+/// Sends `BODY` from a@example.org to b@example.net without TLS, with `auth` if given.
+async fn send_plain(server: &SmtpServer, auth: Option<(&str, &str)>) -> anyhow::Result<Transcript> {
+    send(server.addr(), None, false, auth, FROM, TO, BODY).await
+}
+
+/// Sends `body` from a@example.org to b@example.net over TLS (STARTTLS or implicit) trusting `pki`.
+async fn send_tls(
+    server: &SmtpServer,
+    pki: &TestPki,
+    starttls: bool,
+    auth: Option<(&str, &str)>,
+    body: &[u8],
+) -> anyhow::Result<Transcript> {
+    let tls = Some(pki.client_config());
+    send(server.addr(), tls, starttls, auth, FROM, TO, body).await
+}
+
+/// The replies to the EHLO commands of a session, in order.
+fn ehlo_replies(t: &Transcript) -> Vec<&Reply> {
+    t.exchanges
+        .iter()
+        .filter(|e| e.command.as_deref().is_some_and(|c| c.starts_with("EHLO")))
+        .map(|e| &e.reply)
+        .collect()
+}
 
 #[tokio::test]
 async fn plain_message_is_recorded() -> anyhow::Result<()> {
@@ -49,26 +79,13 @@ async fn plain_message_is_recorded() -> anyhow::Result<()> {
 async fn starttls_message() -> anyhow::Result<()> {
     let pki = TestPki::new();
     let server = SmtpServer::start(Script::new().starttls(pki.server_config()).require_starttls(true))?;
-    let t = send(
-        server.addr(),
-        Some(pki.client_config()),
-        true,
-        None,
-        "a@example.org",
-        &["b@example.net"],
-        b"body",
-    )
-    .await?;
+    let t = send_tls(&server, &pki, true, None, b"body").await?;
     assert!(t.delivered(), "{t}");
     // Before TLS STARTTLS is offered, after it is not.
-    let ehlos: Vec<_> = t
-        .exchanges
-        .iter()
-        .filter(|e| e.command.as_deref().is_some_and(|c| c.starts_with("EHLO")))
-        .collect();
+    let ehlos = ehlo_replies(&t);
     assert_eq!(ehlos.len(), 2);
-    assert!(ehlos[0].reply.has_extension("STARTTLS"));
-    assert!(!ehlos[1].reply.has_extension("STARTTLS"));
+    assert!(ehlos[0].has_extension("STARTTLS"));
+    assert!(!ehlos[1].has_extension("STARTTLS"));
     assert_eq!(
         t.reply_to("STARTTLS").map(|r| r.lines.clone()),
         Some(vec!["220 2.0.0 Ready to start TLS".to_string()])
@@ -84,16 +101,7 @@ async fn starttls_message() -> anyhow::Result<()> {
 async fn implicit_tls_message() -> anyhow::Result<()> {
     let pki = TestPki::new();
     let server = SmtpServer::start(Script::new().implicit_tls(pki.server_config()))?;
-    let t = send(
-        server.addr(),
-        Some(pki.client_config()),
-        false,
-        None,
-        "a@example.org",
-        &["b@example.net"],
-        BODY,
-    )
-    .await?;
+    let t = send_tls(&server, &pki, false, None, BODY).await?;
     assert!(t.delivered(), "{t}");
     assert!(!t.reply_to("EHLO").expect("EHLO").has_extension("STARTTLS"));
     let got = server.wait_for(1, WAIT).await?;
@@ -106,29 +114,16 @@ async fn implicit_tls_message() -> anyhow::Result<()> {
 async fn auth_after_starttls() -> anyhow::Result<()> {
     let pki = TestPki::new();
     let server = SmtpServer::start(Script::new().starttls(pki.server_config()).auth("user", "s3cret"))?;
-    let t = send(
-        server.addr(),
-        Some(pki.client_config()),
-        true,
-        Some(("user", "s3cret")),
-        "a@example.org",
-        &["b@example.net"],
-        BODY,
-    )
-    .await?;
+    let t = send_tls(&server, &pki, true, Some(("user", "s3cret")), BODY).await?;
     assert!(t.delivered(), "{t}");
     assert_eq!(
         t.reply_to("AUTH").map(|r| r.lines.clone()),
         Some(vec!["235 2.7.0 Authentication successful".to_string()])
     );
     // AUTH is only advertised once TLS is active.
-    let ehlos: Vec<_> = t
-        .exchanges
-        .iter()
-        .filter(|e| e.command.as_deref().is_some_and(|c| c.starts_with("EHLO")))
-        .collect();
-    assert!(!ehlos[0].reply.has_extension("AUTH"));
-    assert!(ehlos[1].reply.has_extension("AUTH"));
+    let ehlos = ehlo_replies(&t);
+    assert!(!ehlos[0].has_extension("AUTH"));
+    assert!(ehlos[1].has_extension("AUTH"));
 
     let got = server.wait_for(1, WAIT).await?;
     assert_eq!(got[0].auth_user.as_deref(), Some("user"));
@@ -139,16 +134,7 @@ async fn auth_after_starttls() -> anyhow::Result<()> {
 #[tokio::test]
 async fn bad_credentials_get_configured_reply() -> anyhow::Result<()> {
     let server = SmtpServer::start(Script::new().auth("user", "right"))?;
-    let t = send(
-        server.addr(),
-        None,
-        false,
-        Some(("user", "wrong")),
-        "a@example.org",
-        &["b@example.net"],
-        BODY,
-    )
-    .await?;
+    let t = send_plain(&server, Some(("user", "wrong"))).await?;
     assert!(!t.delivered());
     assert_eq!(
         t.reply_to("AUTH").map(|r| r.lines.clone()),
@@ -158,16 +144,7 @@ async fn bad_credentials_get_configured_reply() -> anyhow::Result<()> {
 
     let custom = "535 5.7.139 Authentication unsuccessful, basic auth is disabled";
     let server = SmtpServer::start(Script::new().auth("user", "right").auth_fail_reply(custom))?;
-    let t = send(
-        server.addr(),
-        None,
-        false,
-        Some(("user", "wrong")),
-        "a@example.org",
-        &["b@example.net"],
-        BODY,
-    )
-    .await?;
+    let t = send_plain(&server, Some(("user", "wrong"))).await?;
     assert_eq!(t.last().map(|r| r.code), Some(221));
     assert_eq!(
         t.reply_to("AUTH").map(|r| r.lines.clone()),
@@ -200,16 +177,7 @@ async fn mail_without_auth_is_rejected_and_auth_login_works() -> anyhow::Result<
 async fn temp_fail_twice_then_accept() -> anyhow::Result<()> {
     let server = SmtpServer::start(Script::new().fail_then_accept(2, DEFAULT_TEMP_FAIL_REPLY))?;
     for attempt in 1..=3 {
-        let t = send(
-            server.addr(),
-            None,
-            false,
-            None,
-            "a@example.org",
-            &["b@example.net"],
-            BODY,
-        )
-        .await?;
+        let t = send_plain(&server, None).await?;
         let end = t.reply_to(".").expect("end-of-data reply");
         if attempt < 3 {
             assert_eq!(end.lines, ["451 4.3.0 Try again later"], "attempt {attempt}");
@@ -228,16 +196,7 @@ async fn temp_fail_twice_then_accept() -> anyhow::Result<()> {
 async fn mail_before_starttls_is_rejected_when_required() -> anyhow::Result<()> {
     let pki = TestPki::new();
     let server = SmtpServer::start(Script::new().starttls(pki.server_config()).require_starttls(true))?;
-    let t = send(
-        server.addr(),
-        None,
-        false,
-        None,
-        "a@example.org",
-        &["b@example.net"],
-        BODY,
-    )
-    .await?;
+    let t = send_plain(&server, None).await?;
     assert_eq!(
         t.reply_to("MAIL").map(|r| r.lines.clone()),
         Some(vec!["530 5.7.0 Must issue a STARTTLS command first".to_string()])

@@ -15,9 +15,10 @@ use kube::{Api, Client, ResourceExt};
 use kube_fake_client::{ClientBuilder, interceptor};
 use mailroute_api::status::Condition;
 use mailroute_api::{Manifests, SenderQuota, SmtpRoute};
+use mailroute_operator::conntest;
 use mailroute_operator::metrics::Metrics;
 use mailroute_operator::plan::Fleet;
-use mailroute_operator::reconcile::{Reconciler, Settings};
+use mailroute_operator::reconcile::{ReconcileError, Reconciler, Settings};
 use mailroute_operator::usage::UsageClient;
 
 pub const OPERATOR_NS: &str = "mailroute-system";
@@ -104,6 +105,44 @@ pub fn examples_from(files: &[&str], extra: &str) -> Objects {
     }
     text.push_str(extra);
     objects(&text)
+}
+
+/// An SmtpRoute mail/upstream to localhost:`port` (a test SMTP server) with TLS `tls_mode`,
+/// trusting Secret upstream-ca and logging in with Secret upstream-creds (see
+/// [`add_upstream_secrets`]); `extra` is appended to its spec.
+pub fn upstream_route(port: u16, tls_mode: &str, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: mailroute.io/v1alpha1
+kind: SmtpRoute
+metadata: {{name: upstream, namespace: mail}}
+spec:
+  host: localhost
+  port: {port}
+  tls: {{mode: {tls_mode}, caSecretRef: {{name: upstream-ca, key: ca.crt}}}}
+  auth: {{secretRef: {{name: upstream-creds}}}}
+{extra}"#
+    )
+}
+
+/// Adds the Secrets [`upstream_route`] refers to: the CA `ca_pem` and the login `user`/`password`.
+pub fn add_upstream_secrets(objs: &mut Objects, ca_pem: &str, user: &str, password: &str) {
+    objs.secrets.push(secret("mail", "upstream-ca", &[("ca.crt", ca_pem)]));
+    let login = [("username", user), ("password", password)];
+    objs.secrets.push(secret("mail", "upstream-creds", &login));
+}
+
+/// Connection-test settings of these tests: a fixed HELO name and a timeout loopback never reaches.
+pub fn conntest_settings() -> conntest::Settings {
+    conntest::Settings {
+        helo_name: "operator.test".into(),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// Whether `err` is the failure to list `kind` (e.g. `SmtpRoutes`).
+pub fn list_failed(err: &ReconcileError, kind: &str) -> bool {
+    matches!(err, ReconcileError::List { kind: k, .. } if *k == kind)
 }
 
 pub async fn fake_client(objects: Objects, interceptors: Option<interceptor::Funcs>) -> Client {

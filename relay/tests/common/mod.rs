@@ -123,6 +123,27 @@ impl TestRelay {
     }
 }
 
+/// The CSV export's header row, written out here (not taken from the crate's `CSV_COLUMNS`) so
+/// that the tests pin the columns.
+pub const CSV_HEADER: &str = "time,recipient,result,reply_code,enhanced_code,reply_text,bounce_class,sender,route";
+
+/// The records of a delivery log CSV export, after asserting that its header is [`CSV_HEADER`].
+pub fn csv_records(bytes: &[u8]) -> Vec<csv::StringRecord> {
+    let mut reader = csv::Reader::from_reader(bytes);
+    let header: Vec<&str> = reader.headers().unwrap().iter().collect();
+    assert_eq!(header, CSV_HEADER.split(',').collect::<Vec<_>>());
+    reader.records().map(Result::unwrap).collect()
+}
+
+/// A connection straight to the test Redis `server`, to read or plant keys behind the relay.
+pub async fn redis_connection(server: &mailroute_testkit::RedisServer) -> redis::aio::MultiplexedConnection {
+    let client = server.client().expect("redis client");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection")
+}
+
 /// Polls `f` until it is true or [`WAIT`] passes; returns the last result.
 pub async fn eventually<F, Fut>(f: F) -> bool
 where
