@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod backend;
 pub mod bounce;
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dlog;

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use mailroute_api::config::CompiledRoute;
 
 use crate::bounce::{Failure, Outcome, Reply};
-use crate::delivery::gate::now_ms;
+use crate::clock::now_ms;
 use crate::delivery::{Admission, ConnectionGate, Lease, Slot};
 use crate::metrics::Metrics;
 use crate::shaping::{BackoffChange, Connect, ConnectionPermit, Pace, Pacer};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mailroute_api::Manifests;
 use mailroute_api::config::{CompiledRoute, RelaySecrets};
-use mailroute_relay::delivery::gate::now_ms;
+use mailroute_relay::clock::now_ms;
 use mailroute_relay::delivery::{
     Deliverer, DelivererConfig, DeliveryTarget, Envelope, NoSlot, Outcome, StaticResolver,
 };

@@ -9,9 +9,11 @@
 //! close connections.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
+
+use crate::clock::now_ms;
 
 /// The answer of a [`ConnectionGate`].
 pub enum Admission {
@@ -97,13 +99,6 @@ impl Drop for Lease {
             rt.spawn(s.release());
         }
     }
-}
-
-/// Wall-clock milliseconds since the epoch (leases are shared with other hosts).
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// How long to wait from `now_ms` until `at_ms` (zero when it has passed).

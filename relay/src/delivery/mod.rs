@@ -978,7 +978,7 @@ async fn reaper(inner: Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let expired = inner.reap();
-        let due = inner.due_leases(gate::now_ms());
+        let due = inner.due_leases(crate::clock::now_ms());
         drop(inner);
         for s in expired {
             tokio::spawn(s.quit());
@@ -986,7 +986,7 @@ async fn reaper(inner: Weak<Inner>) {
         // Idle connections keep their slot: renew before the lease runs out.
         for (pool, mut s) in due {
             if let Some(l) = s.lease.as_mut() {
-                l.renew_if_due(gate::now_ms()).await;
+                l.renew_if_due(crate::clock::now_ms()).await;
             }
             pool.put_back(s);
         }

@@ -8,6 +8,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{Mutex, Notify};
 
+use crate::clock::now_ms;
+
 use super::{Disposition, Leased, MessageView, Queue, QueueStats, Result, Stored};
 use crate::message::{Job, MessageMeta, RecipientState};
 
@@ -47,10 +49,6 @@ impl MemoryQueue {
     pub fn new() -> Self {
         Self::default()
     }
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 #[async_trait]
