@@ -15,9 +15,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mailroute_api::config::{CompiledRoute, RelaySecrets, Target};
 use mailroute_api::pattern::domain_of;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::bounce::{self, Failure};
+use crate::clock::now_ms;
 use crate::config::ConfigHandle;
 use crate::dlog::EventResult;
 use crate::dsn;
@@ -221,10 +222,6 @@ pub fn decide(last: &AttemptOutcome, policy: &RetryPolicy, meta: &MessageMeta, n
     }
 }
 
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
 fn reply_parts(o: &AttemptOutcome) -> (Option<u16>, Option<String>) {
     match o {
         AttemptOutcome::Delivered { code, text } => (Some(*code), Some(text.clone())),
@@ -326,16 +323,7 @@ impl Worker {
                         Err(_) => break,
                     },
                 };
-                let me = self.clone();
-                let lease = held.hold(&leased.lease);
-                tokio::spawn(async move {
-                    let _lease = lease;
-                    match stored {
-                        Some(stored) => me.process_loaded(leased, stored).await,
-                        None => me.process(leased).await,
-                    }
-                    drop(p);
-                });
+                self.spawn_job(&held, p, leased, stored);
             }
         }
         // Drain: wait until every in-flight delivery returned its permit.
@@ -343,6 +331,26 @@ impl Worker {
         promoter.abort();
         reclaimer.abort();
         renewer.abort();
+    }
+
+    /// Works on `leased` in a task of its own, keeping its lease renewed and `permit` taken
+    /// until the job is done. `stored`: the message if it was loaded with its batch.
+    fn spawn_job(
+        self: &Arc<Self>,
+        held: &Held,
+        permit: OwnedSemaphorePermit,
+        leased: Leased,
+        stored: Option<Result<Option<Stored>, QueueError>>,
+    ) {
+        let me = self.clone();
+        let lease = held.hold(&leased.lease);
+        tokio::spawn(async move {
+            match stored {
+                Some(stored) => me.process_loaded(leased, stored).await,
+                None => me.process(leased).await,
+            }
+            drop((lease, permit));
+        });
     }
 
     /// Renews every held lease a few times per visibility timeout, so only a relay that stopped
@@ -409,13 +417,7 @@ impl Worker {
                         let Ok(p) = sem.clone().acquire_owned().await else {
                             return;
                         };
-                        let me = self.clone();
-                        let lease = held.hold(&leased.lease);
-                        tokio::spawn(async move {
-                            let _lease = lease;
-                            me.process(leased).await;
-                            drop(p);
-                        });
+                        self.spawn_job(&held, p, leased, None);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "reclaiming jobs failed"),
@@ -523,12 +525,7 @@ impl Worker {
                 .await;
         };
         if let Some((at, reason)) = self.pacing.acquire(first, &domain, now).await {
-            self.telemetry
-                .metrics
-                .paced_jobs
-                .with_label_values(&[&first.id, reason])
-                .inc();
-            return self.wait(&leased, job, at, reason, Some(&first.id)).await;
+            return self.paced(&leased, job, at, reason, &first.id).await;
         }
 
         let attempts = job.attempts + 1;
@@ -547,12 +544,7 @@ impl Worker {
                 // No connection slot on the first route: wait for it, no attempt counted. (Its
                 // rate limit already counted the message: erring on the slow side.)
                 Delivery::Paced { at_ms, reason } if i == 0 => {
-                    self.telemetry
-                        .metrics
-                        .paced_jobs
-                        .with_label_values(&[&route.id, reason])
-                        .inc();
-                    return self.wait(&leased, job, at_ms, reason, Some(&route.id)).await;
+                    return self.paced(&leased, job, at_ms, reason, &route.id).await;
                 }
                 // A later route without a free slot is skipped, like one over its rate.
                 Delivery::Paced { reason, .. } => {
@@ -639,6 +631,17 @@ impl Worker {
                     .await
             }
         }
+    }
+
+    /// The first route has no capacity now (rate, daily budget, back-off or connections):
+    /// counted by route and reason, then the job waits.
+    async fn paced(&self, leased: &Leased, job: Job, at_ms: i64, reason: &str, route: &str) {
+        self.telemetry
+            .metrics
+            .paced_jobs
+            .with_label_values(&[route, reason])
+            .inc();
+        self.wait(leased, job, at_ms, reason, Some(route)).await;
     }
 
     async fn wait(&self, leased: &Leased, job: Job, at_ms: i64, reason: &str, route: Option<&str>) {
