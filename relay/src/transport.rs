@@ -13,7 +13,9 @@ use async_trait::async_trait;
 use mailroute_api::config::{CompiledRoute, RelaySecrets};
 
 use crate::bounce::BounceClass;
-use crate::delivery::{AttemptResult, Deliverer, DeliveryTarget, DkimSigner, Envelope, NoSlot, Stage};
+use crate::delivery::{
+    AttemptResult, ConnectionGate, Deliverer, DeliveryTarget, DkimSigner, Envelope, NoSlot, Stage, Ungated,
+};
 use crate::pacing::ConnectionSlots;
 use crate::shaping::{PaceReason, Pacer, Shaping};
 use crate::worker::{Attempt, AttemptOutcome, Delivery, OutEnvelope, Transport};
@@ -139,22 +141,19 @@ impl Transport for SmtpTransport {
             mail_from: env.mail_from.to_owned(),
             rcpt_to: env.rcpt_to.to_owned(),
         };
-        let r = match &self.slots {
-            Some(pacer) => {
-                let gate = ConnectionSlots {
-                    pacer,
-                    route,
-                    rcpt_domain: domain.as_deref().unwrap_or(""),
-                };
-                self.deliverer
-                    .deliver_gated(&target, creds, signer.as_deref(), &envelope, body, &gate)
-                    .await
-            }
-            None => Ok(self
-                .deliverer
-                .deliver(&target, creds, signer.as_deref(), &envelope, body)
-                .await),
+        let slots = self.slots.as_ref().map(|pacer| ConnectionSlots {
+            pacer,
+            route,
+            rcpt_domain: domain.as_deref().unwrap_or(""),
+        });
+        let gate: &dyn ConnectionGate = match &slots {
+            Some(slots) => slots,
+            None => &Ungated,
         };
+        let r = self
+            .deliverer
+            .deliver_gated(&target, creds, signer.as_deref(), &envelope, body, gate)
+            .await;
         match r {
             Ok(r) => Delivery::Attempted(Attempt {
                 outcome: outcome_of(&r),
