@@ -351,7 +351,7 @@ def operator_args(objs: list[dict]) -> list[str]:
     return pod_spec(dep)["containers"][0]["args"]
 
 
-def check_production(default: list[dict]) -> None:
+def check_production(default: list[dict], binaries: dict[str, str]) -> None:
     """What a production install needs beyond valid objects (issue: production install review)."""
     before = len(failures)
     # Node drains: unready pods (Redis outage) must stay evictable.
@@ -409,6 +409,23 @@ def check_production(default: list[dict]) -> None:
             fail(f"with watchNamespaces, namespace {ns} has no Role to read its routes and Secrets: {sorted(rules)}")
         if not any(o["kind"] == "RoleBinding" and o["metadata"].get("namespace") == ns for o in scoped):
             fail(f"with watchNamespaces, namespace {ns} has no RoleBinding")
+    # IPv6-only and dual-stack clusters: listeners on [::] (accepted by the binaries), Redis on both.
+    for family in ("IPv6", "DualStack"):
+        objs, _ = render({"ipFamily": family, "relay": {"tls": {"enabled": True, "secretName": "tls"}}})
+        relay = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-relay"))
+        listens = [a for a in pod_spec(relay)["containers"][0]["args"] if a.startswith("--") and "-listen=" in a]
+        if len(listens) != 4 or not all(a.split("=", 1)[1].startswith("[::]:") for a in listens):
+            fail(f"ipFamily={family}: relay listeners {listens}, want all four on [::]")
+        if not any(a.startswith("--health-listen=[::]:") for a in operator_args(objs)):
+            fail(f"ipFamily={family}: the operator's health listener is not on [::]")
+        if binaries:
+            problems, _ = cli_problems(objs, binaries)
+            for p in problems:
+                fail(f"ipFamily={family}: {p}")
+    conf = next(o for o in default if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-redis"))["data"]["redis.conf"]
+    if "bind * -::*" not in conf:
+        fail("Redis binds IPv4 only (want `bind * -::*`)")
+
     # Names: Helm allows 53-character release names; Services are DNS-1035 labels (63).
     long_release = "r" * 53
     objs, _ = render({"autoscaling": {"enabled": True}, "operator": {"replicas": 2}}, release=long_release)
@@ -426,7 +443,7 @@ def check_production(default: list[dict]) -> None:
         if o["kind"] == "Service" and not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
             fail(f"with a 53-character release name, Service {name!r} is not a DNS-1035 label")
     if len(failures) == before:
-        ok("production: PDB eviction policy, KEDA adoption, Redis maxmemory, Redis peers, output ownership, optional admin token, namespaced RBAC, 53-character release names")
+        ok("production: IPv6 listeners, PDB eviction policy, KEDA adoption, Redis maxmemory, Redis peers, output ownership, optional admin token, namespaced RBAC, 53-character release names")
 
 
 def cli_problems(objs: list[dict], binaries: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -902,7 +919,7 @@ def main() -> int:
     if any(o["kind"] == "StatefulSet" for o in keda):
         fail("[keda-external-redis-tls-values.yaml] renders the in-cluster Redis although externalRedis is used")
 
-    check_production(rendered.get("default", []))
+    check_production(rendered.get("default", []), binaries)
 
     print("== values the chart must refuse")
     refusals = {

@@ -237,7 +237,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let m = metrics.clone();
         tokio::spawn(async move {
             loop {
-                m.is_leader.set(i64::from(*leading.borrow_and_update()));
+                m.set_leading(*leading.borrow_and_update());
                 if leading.changed().await.is_err() {
                     break;
                 }

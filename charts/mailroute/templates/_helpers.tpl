@@ -280,7 +280,8 @@ Pass (dict "ctx" $ "name" secretName "key" key "memo" memoKey).
 {{/* redis.conf of the in-cluster Redis: durable queue settings. */}}
 {{- define "mailroute.redis.conf" -}}
 # Written by the mailroute chart. The queue must never lose an acknowledged message.
-bind 0.0.0.0
+# Both families where the pod has them ("-" : an absent IPv6 stack is not an error).
+bind * -::*
 port 6379
 protected-mode no
 dir /data
@@ -330,4 +331,9 @@ maxmemory {{ include "mailroute.redis.maxmemory" . }}
 {{- end }}
 {{- div (mul (include "mailroute.quantityBytes" $limit | int64) (int64 $rd.maxmemoryPercent)) 100 }}
 {{- end }}
+{{- end }}
+
+{{/* Wildcard address of the listeners for .Values.ipFamily. */}}
+{{- define "mailroute.anyAddress" -}}
+{{- if eq .Values.ipFamily "IPv4" }}0.0.0.0{{ else }}[::]{{ end }}
 {{- end }}
