@@ -15,7 +15,8 @@ use crate::common::*;
 use chrono::{TimeZone, Utc};
 use mailroute_api::config::{Target, Upstream};
 use mailroute_api::route::TlsMode;
-use mailroute_relay::delivery::{Deliverer, DelivererConfig, DeliveryTarget, Envelope, StaticResolver};
+use mailroute_relay::bounce::Kind;
+use mailroute_relay::delivery::{Deliverer, DelivererConfig, DeliveryTarget, Envelope, Outcome, Stage, StaticResolver};
 use mailroute_relay::dsn::{self, Action, DsnRequest, RecipientReport};
 use mailroute_testkit::smtp::{Received, SmtpClient};
 use mailroute_testkit::{Script, SmtpServer};
@@ -636,4 +637,53 @@ async fn a_dsn_to_a_quoted_sender_keeps_the_quotes() {
         text.contains("Final-Recipient: rfc822; \"x y\"@example.com\r\n"),
         "{text}"
     );
+}
+
+/// An address that cannot be written safely (here a CR LF that would start a new command, as
+/// only a queue entry from before the inbound checks could hold) is refused before anything
+/// is sent, permanently, and the connection stays usable.
+#[tokio::test]
+async fn an_unwritable_address_is_never_sent() {
+    let up = SmtpServer::start(no_size()).unwrap();
+    let d = deliverer(up.port());
+    let target = smarthost(up.port());
+    for (mail_from, rcpt_to, stage) in [
+        ("app@app.example", "a\r\nRSET@example.com", Stage::RcptTo),
+        (
+            "a\r\nMAIL FROM:<x@y.example>@app.example",
+            "b@example.com",
+            Stage::MailFrom,
+        ),
+    ] {
+        let env = Envelope {
+            mail_from: mail_from.into(),
+            rcpt_to: rcpt_to.into(),
+        };
+        let r = d.deliver(&target, None, None, &env, b"Subject: x\r\n\r\nx\r\n").await;
+        match &r.outcome {
+            Outcome::Rejected { stage: s, reply } => {
+                assert_eq!(*s, stage, "{r:?}");
+                assert_eq!(reply.code, 553, "{r:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Permanent), "{r:?}");
+    }
+    // The same connection then delivers a good message: nothing was left half-sent.
+    let env = Envelope {
+        mail_from: "app@app.example".into(),
+        rcpt_to: "ok@example.com".into(),
+    };
+    let r = d.deliver(&target, None, None, &env, b"Subject: x\r\n\r\nx\r\n").await;
+    assert!(r.is_delivered(), "{r:?}");
+    let got = up.wait_for(1, WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].envelope_lines,
+        [
+            b"MAIL FROM:<app@app.example>\r\n".to_vec(),
+            b"RCPT TO:<ok@example.com>\r\n".to_vec()
+        ]
+    );
+    assert_eq!(up.attempts(), 1, "no other transaction reached the upstream");
 }
