@@ -6,6 +6,7 @@ mod common;
 mod admin;
 mod admin_e2e;
 mod cluster;
+mod conformance;
 mod connections;
 mod delivery;
 mod dlog;

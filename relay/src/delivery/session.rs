@@ -12,6 +12,9 @@
 //! * STARTTLS is optional for MX delivery; mail-send's builder only knows "required".
 //! * With PIPELINING offered, MAIL, RCPT and DATA go in one write (mail-send's `cmds`) and the
 //!   content follows once DATA is open; mail-send's own `data` would wait for each reply.
+//! * Envelope addresses are written in RFC 5321 form (`smtp::address::wire_form`: a quoted local
+//!   part stays quoted, so it cannot add parameters), and the content is dot-stuffed by
+//!   `smtp::data::write_dot_stuffed`: mail-send's `write_message` misses a dot on the first line.
 //!
 //! A session carries the connection slot ([`Lease`]) it was opened under and frees it only
 //! after the connection is closed ([`Session::quit`], [`Session::discard`]).
@@ -26,6 +29,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use mail_send::SmtpClient;
+use mail_send::smtp::AssertReply;
 use mail_send::smtp::message::Parameters;
 use mailroute_api::route::AuthMechanism;
 use rustls::pki_types::ServerName;
@@ -41,6 +45,8 @@ use tokio_rustls::client::TlsStream;
 use super::gate::Lease;
 use super::{SmtpReply, Stage};
 use crate::bounce::{BounceClass, Failure};
+use crate::smtp::address::{AddressError, wire_form};
+use crate::smtp::data::write_dot_stuffed;
 
 /// How TLS is used on a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,6 +445,12 @@ impl Session {
     async fn transaction(&mut self, mail_from: &str, rcpt_to: &str, message: &[u8]) -> Result<SmtpReply, StepError> {
         self.messages += 1;
         let tls = self.tls;
+        let (mail_from, rcpt_to) = match (wire_form(mail_from), wire_form(rcpt_to)) {
+            (Ok(f), Ok(t)) => (f, t),
+            (Err(e), _) => return Err(unwritable(Stage::MailFrom, "5.1.7", &e, tls)),
+            (_, Err(e)) => return Err(unwritable(Stage::RcptTo, "5.1.3", &e, tls)),
+        };
+        let (mail_from, rcpt_to) = (mail_from.as_ref(), rcpt_to.as_ref());
         let mut params = Parameters::new();
         if self.caps.has_capability(EXT_SIZE) {
             params.add(format!("SIZE={}", message.len()));
@@ -462,12 +474,9 @@ impl Session {
             return Err(map_error(&self.client, Stage::RcptTo, e, tls));
         }
 
-        // mail-send appends "\r\n.\r\n" unconditionally; drop our final CRLF so the
-        // receiver gets the message byte for byte.
-        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
         self.client.stream.clear();
         self.client.timeout = self.timeouts.data;
-        let result = self.client.data(content).await;
+        let result = send_data(&mut self.client, message).await;
         self.client.timeout = self.timeouts.command;
         match result {
             Ok(response) => Ok(raw_or(self.client.stream.last_reply(), &response)),
@@ -531,12 +540,11 @@ impl Session {
             });
         }
 
-        // mail-send's write_message appends "\r\n.\r\n": drop our final CRLF (see `send`).
-        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
         self.client.stream.clear();
         let client = &mut self.client;
         let sent = tokio::time::timeout(self.timeouts.data, async {
-            client.write_message(content).await?;
+            write_dot_stuffed(&mut client.stream, message).await?;
+            tokio::io::AsyncWriteExt::flush(&mut client.stream).await?;
             client.read().await
         })
         .await;
@@ -596,6 +604,29 @@ impl Session {
         if let Some(l) = lease {
             l.release().await;
         }
+    }
+}
+
+/// mail-send's `data` with our dot-stuffing (see the module doc).
+async fn send_data(client: &mut Client, message: &[u8]) -> mail_send::Result<smtp_proto::Response<String>> {
+    client.cmd(b"DATA\r\n").await?.assert_code(354)?;
+    tokio::time::timeout(client.timeout, async {
+        write_dot_stuffed(&mut client.stream, message).await?;
+        tokio::io::AsyncWriteExt::flush(&mut client.stream).await?;
+        client.read().await
+    })
+    .await
+    .map_err(|_| mail_send::Error::Timeout)??
+    .into_positive_completion()
+}
+
+/// An address the relay cannot write safely is refused here, as a server would refuse it: the
+/// inbound side refuses such addresses, so only older queue entries can have one.
+fn unwritable(stage: Stage, enhanced: &str, e: &AddressError, tls: bool) -> StepError {
+    StepError {
+        stage,
+        kind: StepErrorKind::Reply(SmtpReply::new(553, format!("{enhanced} relay: {e}, not sent"))),
+        tls,
     }
 }
 
