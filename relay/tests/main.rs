@@ -8,6 +8,7 @@ mod admin_e2e;
 mod cluster;
 mod connections;
 mod delivery;
+mod dkim_interop;
 mod dlog;
 mod dsn;
 mod durability;
