@@ -10,6 +10,7 @@ mod connections;
 mod delivery;
 mod dkim_interop;
 mod dlog;
+mod dlog_e2e;
 mod dsn;
 mod durability;
 mod e2e;
