@@ -1,0 +1,141 @@
+//! What the queue owes mail it accepted: a gap in the configuration defers instead of bouncing,
+//! a cancel takes effect at once, a message's log records are in event order, and the admin API
+//! says 503 with a reason while Redis is down.
+
+use crate::common::*;
+use mailroute_relay::dlog::{DeliveryEvent, EventFilter, EventResult};
+use mailroute_testkit::{RedisServer, Script, SmtpServer};
+
+/// Every log record of one message, in log order.
+async fn records(r: &TestRelay, id: &str) -> Vec<DeliveryEvent> {
+    let filter = EventFilter {
+        message_id: Some(id.to_owned()),
+        ..Default::default()
+    };
+    r.relay
+        .telemetry
+        .dlog
+        .query(&filter, None, 1000)
+        .await
+        .expect("query the delivery log")
+        .events
+}
+
+/// Every log record of one result, in log order.
+async fn records_of(r: &TestRelay, result: EventResult) -> Vec<DeliveryEvent> {
+    let filter = EventFilter {
+        result: Some(result),
+        ..Default::default()
+    };
+    r.relay
+        .telemetry
+        .dlog
+        .query(&filter, None, 1000)
+        .await
+        .expect("query the delivery log")
+        .events
+}
+
+/// The queue id from the relay's reply to the end of DATA.
+fn queue_id(t: &mailroute_testkit::smtp::client::Transcript) -> String {
+    let reply = t.reply_to(".").expect("a reply to DATA").text();
+    reply.rsplit("queued as ").next().expect("queue id").trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_a_route_waits_for_one_instead_of_bouncing() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    // The configuration has a gap: no route serves example.com (its route is missing).
+    let others = route("others", up.port(), 10, &["other.example"]);
+    let r = start(&others, &redis.url(), |_| {}).await;
+    let t = submit(
+        r.smtp(),
+        "app@app.example",
+        &["user@example.com"],
+        &message("gap", "X-Mailroute-Retry-Interval: 1s\r\n"),
+    )
+    .await;
+    assert!(t.delivered(), "{:?}", t.lines());
+    let id = queue_id(&t);
+    let deferred =
+        eventually(|| async { records(&r, &id).await.iter().any(|e| e.result == EventResult::Deferred) }).await;
+    let log = records(&r, &id).await;
+    assert!(deferred, "no deferred record: {log:?}");
+    let d = log.iter().find(|e| e.result == EventResult::Deferred).unwrap();
+    assert_eq!(d.bounce_class.as_deref(), Some("no_route"), "{d:?}");
+    assert_eq!(d.enhanced_code.as_deref(), Some("4.4.4"), "{d:?}");
+    assert!(
+        log.iter().all(|e| e.result != EventResult::Bounced),
+        "bounced for a gap in the configuration: {log:?}"
+    );
+
+    // The route comes back: the message is delivered on a later retry, and no DSN was sent.
+    let both = format!("{others}{}", route("all", up.port(), 20, &["example.com"]));
+    std::fs::write(r.dir.path().join("routes.yaml"), both).unwrap();
+    let got = up.wait_for(1, WAIT).await.expect("delivered once the route is back");
+    assert_eq!(got[0].rcpts, ["user@example.com"]);
+    assert!(
+        eventually(|| async {
+            records(&r, &id)
+                .await
+                .iter()
+                .any(|e| e.result == EventResult::Delivered)
+        })
+        .await
+    );
+    let log = records(&r, &id).await;
+    assert!(log.iter().all(|e| e.result != EventResult::Bounced), "{log:?}");
+    assert!(up.received().iter().all(|m| !m.mail_from.is_empty()), "a DSN was sent");
+    r.relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_route_a_message_expires_at_the_end_of_its_lifetime_and_an_unroutable_dsn_is_reported() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = start(
+        &route("others", up.port(), 10, &["other.example"]),
+        &redis.url(),
+        |_| {},
+    )
+    .await;
+    let t = submit(
+        r.smtp(),
+        "app@app.example",
+        &["user@example.com"],
+        &message("gone", "X-Mailroute-Retry-Interval: 1s\r\nX-Mailroute-Expire: 3s\r\n"),
+    )
+    .await;
+    assert!(t.delivered(), "{:?}", t.lines());
+    let id = queue_id(&t);
+    let expired =
+        eventually(|| async { records(&r, &id).await.iter().any(|e| e.result == EventResult::Expired) }).await;
+    let log = records(&r, &id).await;
+    assert!(expired, "never expired: {log:?}");
+    assert!(
+        log.iter().filter(|e| e.result == EventResult::Deferred).count() >= 2,
+        "retried within its lifetime: {log:?}"
+    );
+    assert!(log.iter().all(|e| e.result != EventResult::Bounced), "{log:?}");
+
+    // Its DSN to app@app.example has no route either: the log and the metrics say so.
+    let reported = eventually(|| async {
+        records_of(&r, EventResult::Deferred).await.iter().any(|e| {
+            e.envelope_from.is_empty()
+                && e.recipient == "app@app.example"
+                && e.bounce_class.as_deref() == Some("no_route")
+        })
+    })
+    .await;
+    assert!(reported, "{:?}", records_of(&r, EventResult::Deferred).await);
+    let scrape = r.relay.telemetry.metrics.encode();
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l.starts_with("mailroute_dsn_unroutable_total ") && !l.ends_with(" 0")),
+        "{scrape}"
+    );
+    assert!(up.received().is_empty());
+    r.relay.shutdown().await;
+}
