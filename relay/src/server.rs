@@ -54,7 +54,7 @@ pub struct RelayOptions {
     pub log_retention: Duration,
     pub config_poll: Duration,
     pub drain_timeout: Duration,
-    /// Deliver directly to MX when no route matches (otherwise bounce).
+    /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     pub fallback_mx: bool,
     pub mx_port: u16,
     pub dns_server: Option<SocketAddr>,

@@ -139,7 +139,7 @@ pub struct WorkerSettings {
     /// A job leased longer than this is taken over by another relay.
     pub visibility_timeout: Duration,
     pub hostname: String,
-    /// Deliver via MX when no route matches, instead of bouncing.
+    /// Deliver via MX when no route matches, instead of waiting for a route.
     pub fallback_mx: bool,
     /// How often due jobs are promoted from the schedule.
     pub promote_every: Duration,
