@@ -139,3 +139,46 @@ async fn without_a_route_a_message_expires_at_the_end_of_its_lifetime_and_an_unr
     assert!(up.received().is_empty());
     r.relay.shutdown().await;
 }
+
+const TOKEN: &str = "integrity-token";
+
+fn api(r: &TestRelay, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    let base = format!("http://{}", r.relay.admin_addr.expect("admin listener"));
+    reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(TOKEN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_503_with_a_reason_while_redis_is_down() {
+    let mut redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    // A quota, so that /quotas reads Redis.
+    let routes = format!(
+        "{}{}",
+        route("up", up.port(), 10, &["*"]),
+        inbound_user("shop", "shop", "pw")
+    );
+    let r = start(&routes, &redis.url(), |o| o.admin_token = Some(TOKEN.into())).await;
+    let ok = api(&r, reqwest::Method::GET, "/api/v1/events").send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    redis.kill();
+    let paths = [
+        (reqwest::Method::GET, "/api/v1/events"),
+        (reqwest::Method::GET, "/api/v1/events.csv"),
+        (reqwest::Method::GET, "/api/v1/messages/abc"),
+        (reqwest::Method::DELETE, "/api/v1/messages/abc"),
+        (reqwest::Method::GET, "/api/v1/quotas"),
+    ];
+    for (method, path) in paths {
+        let resp = api(&r, method.clone(), path).send().await.unwrap();
+        let status = resp.status();
+        let retry_after = resp.headers().get("retry-after").cloned();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        assert_eq!(status, 503, "{method} {path}: {body}");
+        let reason = body["error"].as_str().unwrap_or_default();
+        assert!(reason.contains("Redis is unreachable"), "{method} {path}: {body}");
+        assert!(retry_after.is_some(), "{method} {path}");
+    }
+    r.relay.shutdown().await;
+}
