@@ -49,8 +49,9 @@ pub trait AdminBackend: Send + Sync {
 /// Outcome of `DELETE /api/v1/messages/{id}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CancelResult {
-    /// The message's pending recipients (this many) will not be delivered.
-    Cancelled { recipients: usize },
+    /// `recipients` pending recipients will not be delivered (their jobs are gone);
+    /// `in_flight` more were being delivered at that moment and may still be.
+    Cancelled { recipients: usize, in_flight: usize },
     /// No such message (unknown, or every recipient already final).
     NotFound,
     /// It exists but cannot be cancelled now; the reason is returned with 409.
@@ -383,12 +384,20 @@ async fn cancel(State(st): State<AdminState>, Path(id): Path<String>) -> Respons
         return error(StatusCode::BAD_REQUEST, "invalid message id");
     }
     match st.backend.cancel(&id).await {
-        Ok(CancelResult::Cancelled { recipients }) => axum::Json(json!({
-            "id": id,
-            "cancelled": true,
-            "recipients": recipients,
-        }))
-        .into_response(),
+        Ok(CancelResult::Cancelled { recipients, in_flight }) => {
+            let mut body = json!({
+                "id": id,
+                "cancelled": true,
+                "recipients": recipients,
+                "in_flight": in_flight,
+            });
+            if in_flight > 0 {
+                body["note"] = json!(format!(
+                    "{in_flight} recipient(s) were being delivered when the cancel arrived and may still be delivered"
+                ));
+            }
+            axum::Json(body).into_response()
+        }
         Ok(CancelResult::NotFound) => error(StatusCode::NOT_FOUND, "message not found"),
         Ok(CancelResult::Conflict(reason)) => error(StatusCode::CONFLICT, reason),
         Err(e) => internal("cancelling the message", e),

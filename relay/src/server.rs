@@ -308,6 +308,7 @@ impl Relay {
             config: config.clone(),
             quotas: quotas.clone(),
             metrics: metrics.clone(),
+            dlog: dlog.clone(),
         });
         let admin_state = AdminState {
             backend,

@@ -59,6 +59,7 @@ impl AdminBackend for TestBackend {
         Ok(match self.messages.lock().unwrap().remove(id) {
             Some(m) => CancelResult::Cancelled {
                 recipients: m["recipients"].as_array().map_or(0, Vec::len),
+                in_flight: 0,
             },
             None => CancelResult::NotFound,
         })

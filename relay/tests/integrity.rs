@@ -2,9 +2,11 @@
 //! a cancel takes effect at once, a message's log records are in event order, and the admin API
 //! says 503 with a reason while Redis is down.
 
+use std::time::Duration;
+
 use crate::common::*;
 use mailroute_relay::dlog::{DeliveryEvent, EventFilter, EventResult};
-use mailroute_testkit::{RedisServer, Script, SmtpServer};
+use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
 
 /// Every log record of one message, in log order.
 async fn records(r: &TestRelay, id: &str) -> Vec<DeliveryEvent> {
@@ -180,5 +182,135 @@ async fn the_admin_api_answers_503_with_a_reason_while_redis_is_down() {
         assert!(reason.contains("Redis is unreachable"), "{method} {path}: {body}");
         assert!(retry_after.is_some(), "{method} {path}");
     }
+    r.relay.shutdown().await;
+}
+
+/// The value of an unlabelled series in a scrape.
+async fn gauge(r: &TestRelay, name: &str) -> Option<f64> {
+    let base = format!("http://{}", r.relay.admin_addr.expect("admin listener"));
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn cancelled_records(r: &TestRelay, id: &str) -> Vec<DeliveryEvent> {
+    let path = format!("/api/v1/events?result=cancelled&message_id={id}");
+    let v: serde_json::Value = api(r, reqwest::Method::GET, &path)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    serde_json::from_value(v["events"].clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_a_scheduled_message_takes_effect_at_once() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| {
+        o.admin_token = Some(TOKEN.into())
+    })
+    .await;
+    let t = submit(
+        r.smtp(),
+        "app@app.example",
+        &["a@example.com", "b@example.com"],
+        &message("later", "X-Mailroute-Deliver-After: 1h\r\n"),
+    )
+    .await;
+    assert!(t.delivered(), "{:?}", t.lines());
+    let id = queue_id(&t);
+    assert_eq!(gauge(&r, "mailroute_queue_scheduled_jobs").await, Some(2.0));
+    assert_eq!(gauge(&r, "mailroute_queue_messages").await, Some(1.0));
+
+    let del = api(&r, reqwest::Method::DELETE, &format!("/api/v1/messages/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+    let body: serde_json::Value = del.json().await.unwrap();
+    assert_eq!(body["recipients"], 2, "{body}");
+    // No waiting: the records, the queue and the gauges say so as soon as the answer came.
+    let log = cancelled_records(&r, &id).await;
+    let mut rcpts: Vec<&str> = log.iter().map(|e| e.recipient.as_str()).collect();
+    rcpts.sort_unstable();
+    assert_eq!(rcpts, ["a@example.com", "b@example.com"], "{log:?}");
+    assert_eq!(gauge(&r, "mailroute_queue_scheduled_jobs").await, Some(0.0));
+    assert_eq!(gauge(&r, "mailroute_queue_messages").await, Some(0.0));
+    let gone = api(&r, reqwest::Method::GET, &format!("/api/v1/messages/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    r.relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_of_a_ready_message_removes_its_jobs_from_the_stream() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    // No workers: the jobs stay in the ready stream.
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| {
+        o.admin_token = Some(TOKEN.into());
+        o.workers = 0;
+    })
+    .await;
+    let t = submit(r.smtp(), "app@app.example", &["a@example.com"], &message("now", "")).await;
+    assert!(t.delivered(), "{:?}", t.lines());
+    let id = queue_id(&t);
+    assert_eq!(gauge(&r, "mailroute_queue_ready_jobs").await, Some(1.0));
+    let del = api(&r, reqwest::Method::DELETE, &format!("/api/v1/messages/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+    assert_eq!(cancelled_records(&r, &id).await.len(), 1);
+    assert_eq!(gauge(&r, "mailroute_queue_ready_jobs").await, Some(0.0));
+    assert_eq!(gauge(&r, "mailroute_queue_messages").await, Some(0.0));
+    let again = api(&r, reqwest::Method::DELETE, &format!("/api/v1/messages/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+    r.relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_says_which_recipients_a_worker_is_delivering_at_that_moment() {
+    let redis = RedisServer::start().unwrap();
+    // The upstream holds the message: the job stays leased while the cancel arrives.
+    let up = SmtpServer::start(Script::new().then(Behaviour::AcceptAfter(Duration::from_secs(3)))).unwrap();
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| {
+        o.admin_token = Some(TOKEN.into())
+    })
+    .await;
+    let t = submit(r.smtp(), "app@app.example", &["a@example.com"], &message("held", "")).await;
+    assert!(t.delivered(), "{:?}", t.lines());
+    let id = queue_id(&t);
+    assert!(eventually(|| async { gauge(&r, "mailroute_queue_inflight_jobs").await == Some(1.0) }).await);
+    let del = api(&r, reqwest::Method::DELETE, &format!("/api/v1/messages/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+    let body: serde_json::Value = del.json().await.unwrap();
+    assert_eq!(
+        (body["recipients"].as_u64(), body["in_flight"].as_u64()),
+        (Some(0), Some(1)),
+        "{body}"
+    );
+    assert!(
+        body["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("may still be delivered")),
+        "{body}"
+    );
     r.relay.shutdown().await;
 }
