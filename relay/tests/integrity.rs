@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use mailroute_relay::dlog::{DeliveryEvent, EventFilter, EventResult};
-use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
+use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer, Stage};
 
 /// Every log record of one message, in log order.
 async fn records(r: &TestRelay, id: &str) -> Vec<DeliveryEvent> {
@@ -312,5 +312,54 @@ async fn cancel_says_which_recipients_a_worker_is_delivering_at_that_moment() {
             .is_some_and(|n| n.contains("may still be delivered")),
         "{body}"
     );
+    r.relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_bounces_at_once_is_logged_received_before_bounced() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(
+        Script::new()
+            .stage(Stage::Rcpt)
+            .default_behaviour(Behaviour::PermFail("550 5.1.1 no such user".into())),
+    )
+    .unwrap();
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| {
+        o.admin_token = Some(TOKEN.into())
+    })
+    .await;
+    // Many sessions at once, several recipients each: the relay is busy while it answers.
+    let rcpts: Vec<String> = (0..8).map(|i| format!("gone{i}@example.com")).collect();
+    let mut sessions = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let (addr, rcpts) = (r.smtp(), rcpts.clone());
+        sessions.spawn(async move {
+            let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+            let t = submit(addr, "", &rcpts, &message(&format!("b{i}"), "")).await;
+            assert!(t.delivered(), "{:?}", t.lines());
+            queue_id(&t)
+        });
+    }
+    let ids = sessions.join_all().await;
+    for id in &ids {
+        let path = format!("/api/v1/events?message_id={id}");
+        let events = || async {
+            let v: serde_json::Value = api(&r, reqwest::Method::GET, &path)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            serde_json::from_value::<Vec<DeliveryEvent>>(v["events"].clone()).unwrap()
+        };
+        let all = eventually(|| async { events().await.len() >= 2 * rcpts.len() }).await;
+        let log = events().await;
+        assert!(all, "{id}: {log:?}");
+        for rcpt in &rcpts {
+            let results: Vec<EventResult> = log.iter().filter(|e| &e.recipient == rcpt).map(|e| e.result).collect();
+            assert_eq!(results, [EventResult::Received, EventResult::Bounced], "{id} {rcpt}");
+        }
+    }
     r.relay.shutdown().await;
 }
