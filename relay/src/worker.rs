@@ -502,7 +502,12 @@ impl Worker {
         let now = now_ms();
 
         if now >= policy.expires_at_ms(meta.received_at_ms) && job.attempts > 0 {
-            let outcome = AttemptOutcome::from_failure(Failure::Expired, "queue lifetime exceeded");
+            // Without a route, that is what the sender needs to read.
+            let outcome = if routes.is_empty() {
+                no_route_outcome(&domain)
+            } else {
+                AttemptOutcome::from_failure(Failure::Expired, "queue lifetime exceeded")
+            };
             return self
                 .fail(&leased, meta, &stored.body, idx, &rcpt, None, &outcome, true)
                 .await;
