@@ -286,7 +286,7 @@ async fn cancel_of_a_ready_message_removes_its_jobs_from_the_stream() {
 async fn cancel_says_which_recipients_a_worker_is_delivering_at_that_moment() {
     let redis = RedisServer::start().unwrap();
     // The upstream holds the message: the job stays leased while the cancel arrives.
-    let up = SmtpServer::start(Script::new().then(Behaviour::AcceptAfter(Duration::from_secs(3)))).unwrap();
+    let up = SmtpServer::start(Script::new().then(Behaviour::AcceptAfter(Duration::from_secs(8)))).unwrap();
     let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| {
         o.admin_token = Some(TOKEN.into())
     })
