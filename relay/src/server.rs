@@ -54,7 +54,7 @@ pub struct RelayOptions {
     pub log_retention: Duration,
     pub config_poll: Duration,
     pub drain_timeout: Duration,
-    /// Deliver directly to MX when no route matches (otherwise bounce).
+    /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     pub fallback_mx: bool,
     pub mx_port: u16,
     pub dns_server: Option<SocketAddr>,
@@ -308,6 +308,7 @@ impl Relay {
             config: config.clone(),
             quotas: quotas.clone(),
             metrics: metrics.clone(),
+            dlog: dlog.clone(),
         });
         let admin_state = AdminState {
             backend,

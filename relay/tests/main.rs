@@ -17,6 +17,7 @@ mod durability;
 mod e2e;
 mod inbound;
 mod listen;
+mod integrity;
 mod queue;
 mod quota;
 mod quota_e2e;
