@@ -21,4 +21,5 @@ mod queue;
 mod quota;
 mod quota_e2e;
 mod shaping;
+mod startup;
 mod swaks;
