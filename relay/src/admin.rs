@@ -107,6 +107,23 @@ pub async fn serve(
         .await
 }
 
+/// While the relay waits for Redis at start-up: `/healthz` 200 (the process is alive, do not
+/// restart it), everything else 503 with the reason in `reason`. Serves until its sender is
+/// dropped.
+pub async fn serve_starting(listener: tokio::net::TcpListener, reason: tokio::sync::watch::Receiver<String>) {
+    let mut closed = reason.clone();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "starting" }))
+        .fallback(move || {
+            let reason = reason.borrow().clone();
+            async move { (StatusCode::SERVICE_UNAVAILABLE, reason) }
+        });
+    let stop = async move { while closed.changed().await.is_ok() {} };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::error!(error = %e, "admin server (starting) failed");
+    }
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
 }

@@ -22,4 +22,5 @@ mod queue;
 mod quota;
 mod quota_e2e;
 mod shaping;
+mod startup;
 mod swaks;
