@@ -13,6 +13,7 @@ mod dsn;
 mod durability;
 mod e2e;
 mod inbound;
+mod inbound_limits;
 mod queue;
 mod quota;
 mod quota_e2e;
