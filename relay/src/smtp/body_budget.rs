@@ -231,7 +231,7 @@ mod tests {
         let mut b = budget.begin(0, 500_000).unwrap();
         feed(&mut b, &vec![b'x'; 300_000]);
         let reserved = m.smtp_body_bytes_reserved.get() as usize;
-        assert!(reserved >= 300_000 && reserved <= 500_001 + HEADROOM, "{reserved}");
+        assert!((300_000..=500_001 + HEADROOM).contains(&reserved), "{reserved}");
         let (body, held) = b.finish().unwrap();
         assert_eq!(body.len(), 300_000);
         assert!(body.capacity() <= reserved);
