@@ -2,12 +2,16 @@
 //! its buffer's capacity from one process-wide budget before allocating it, at DATA (the
 //! declared `SIZE`, or a first chunk) and then as bytes arrive. A message that does not fit is
 //! discarded as it arrives and refused with `452 4.3.1`, so bodies in memory never exceed the
-//! budget however many clients send at once.
+//! budget however many clients send at once. Handing bodies to the queue is bounded as well:
+//! the Redis client copies a body about three times while sending it, so bytes being enqueued
+//! at once are limited to one maximum-size message (small messages still go side by side).
 //!
 //! It owns the accounting and the body buffer's growth; the session decodes DATA into
 //! [`Body::sink`] and decides the replies. It must not look at the content.
 
 use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::metrics::Metrics;
 
@@ -24,6 +28,9 @@ pub struct BodyBudget {
     limit: usize,
     usage: Mutex<Usage>,
     metrics: Arc<Metrics>,
+    /// Bytes being handed to the queue, one permit per byte.
+    enqueueing: Semaphore,
+    enqueue_window: usize,
 }
 
 #[derive(Default)]
@@ -33,13 +40,25 @@ struct Usage {
 }
 
 impl BodyBudget {
-    pub fn new(limit: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// `limit` bytes of bodies held at once; `max_size` (the message size limit) bytes being
+    /// enqueued at once.
+    pub fn new(limit: usize, max_size: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         metrics.smtp_body_budget_bytes.set(limit.min(i64::MAX as usize) as i64);
+        let enqueue_window = max_size.saturating_add(HEADROOM).min(u32::MAX as usize);
         Arc::new(BodyBudget {
             limit,
             usage: Mutex::new(Usage::default()),
             metrics,
+            enqueueing: Semaphore::new(enqueue_window),
+            enqueue_window,
         })
+    }
+
+    /// Waits until a body of `bytes` may be handed to the queue; hold the permit until the
+    /// queue answered.
+    pub async fn enqueue_permit(&self, bytes: usize) -> Option<SemaphorePermit<'_>> {
+        let n = bytes.clamp(1, self.enqueue_window) as u32;
+        self.enqueueing.acquire_many(n).await.ok()
     }
 
     pub fn limit(&self) -> usize {
@@ -227,7 +246,7 @@ mod tests {
     #[test]
     fn reservations_follow_capacity_and_come_back() {
         let m = Arc::new(Metrics::new());
-        let budget = BodyBudget::new(1 << 20, m.clone());
+        let budget = BodyBudget::new(1 << 20, 500_000, m.clone());
         let mut b = budget.begin(0, 500_000).unwrap();
         feed(&mut b, &vec![b'x'; 300_000]);
         let reserved = m.smtp_body_bytes_reserved.get() as usize;
@@ -244,7 +263,7 @@ mod tests {
     #[test]
     fn a_declared_size_is_reserved_at_once() {
         let m = Arc::new(Metrics::new());
-        let budget = BodyBudget::new(1 << 20, m.clone());
+        let budget = BodyBudget::new(1 << 20, 500_000, m.clone());
         let b = budget.begin(400_000, 500_000).unwrap();
         assert_eq!(m.smtp_body_bytes_reserved.get() as usize, 400_000 + HEADROOM);
         assert!(
@@ -259,7 +278,7 @@ mod tests {
     #[test]
     fn over_the_budget_the_body_is_dropped_and_its_bytes_given_back() {
         let m = Arc::new(Metrics::new());
-        let budget = BodyBudget::new(250_000, m.clone());
+        let budget = BodyBudget::new(250_000, 1_000_000, m.clone());
         let mut a = budget.begin(0, 1_000_000).unwrap();
         feed(&mut a, &vec![b'x'; 150_000]);
         let mut b = budget.begin(0, 1_000_000).unwrap();
@@ -274,7 +293,7 @@ mod tests {
     #[test]
     fn too_big_bodies_are_dropped_as_they_arrive() {
         let m = Arc::new(Metrics::new());
-        let budget = BodyBudget::new(10_000_000, m.clone());
+        let budget = BodyBudget::new(10_000_000, 100_000, m.clone());
         let mut b = budget.begin(0, 100_000).unwrap();
         feed(&mut b, &vec![b'x'; 1_000_000]);
         assert_eq!(m.smtp_body_bytes_reserved.get(), 0);
@@ -284,5 +303,24 @@ mod tests {
         let mut b = budget.begin(0, 100_000).unwrap();
         feed(&mut b, &vec![b'x'; 100_000]);
         assert_eq!(b.finish().unwrap().0.len(), 100_000);
+    }
+
+    #[tokio::test]
+    async fn bytes_being_enqueued_stay_within_one_maximum_size_message() {
+        let budget = BodyBudget::new(10_000_000, 100_000, Arc::new(Metrics::new()));
+        let big = budget.enqueue_permit(100_000).await.unwrap();
+        let small = budget.enqueue_permit(5_000);
+        tokio::pin!(small);
+        assert!(
+            futures::poll!(small.as_mut()).is_pending(),
+            "waits while a full-size body is being enqueued"
+        );
+        drop(big);
+        let small = small.await.unwrap();
+        // Small ones go side by side.
+        let other = budget.enqueue_permit(5_000).await.unwrap();
+        drop((small, other));
+        // A body a little over the window (the added headers) still gets through, alone.
+        drop(budget.enqueue_permit(10_000_000).await.unwrap());
     }
 }

@@ -267,7 +267,7 @@ impl Inbound {
         let metrics = Arc::new(Metrics::new());
         Inbound {
             auth_guard: AuthGuard::new(settings.auth_limits.clone(), metrics.clone()),
-            body_budget: BodyBudget::new(settings.body_budget(), metrics),
+            body_budget: BodyBudget::new(settings.body_budget(), settings.max_message_size, metrics),
             settings,
             config,
             queue,
@@ -282,7 +282,7 @@ impl Inbound {
     /// Reports the AUTH and body-memory gauges into `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.auth_guard = AuthGuard::new(self.settings.auth_limits.clone(), metrics.clone());
-        self.body_budget = BodyBudget::new(self.settings.body_budget(), metrics);
+        self.body_budget = BodyBudget::new(self.settings.body_budget(), self.settings.max_message_size, metrics);
         self
     }
 
@@ -884,7 +884,10 @@ impl Inbound {
             quota,
             is_dsn: false,
         };
-        match self.queue.enqueue(&meta, &stored, &jobs).await {
+        let enqueueing = self.body_budget.enqueue_permit(stored.len()).await;
+        let enqueued = self.queue.enqueue(&meta, &stored, &jobs).await;
+        drop((enqueueing, stored));
+        match enqueued {
             Ok(()) => {
                 // Accepted mail stays counted, even if it bounces later.
                 if let Some(t) = txn {
