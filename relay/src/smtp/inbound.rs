@@ -4,7 +4,9 @@
 //!
 //! This module owns the protocol state machine and the relay-access decision. Sender policy and
 //! quota arithmetic are the quota engine's (`crate::quota`), consulted at MAIL, RCPT and the end
-//! of DATA; logging and metrics go out through [`Observer`]. It must not deliver or route.
+//! of DATA; logging and metrics go out through [`Observer`]. What a session may cost is bounded
+//! outside it: password checks and AUTH failures per address by [`super::auth_guard`], body
+//! memory by [`super::body_budget`]. It must not deliver or route.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
