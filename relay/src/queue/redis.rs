@@ -162,7 +162,7 @@ local n = 0
 for _, c in ipairs(consumers) do
   local f = {}
   for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if f['name'] and f['pending'] == 0 and tonumber(f['idle']) > tonumber(ARGV[2]) then
+  if f['name'] and f['pending'] == 0 and f['idle'] and tonumber(f['idle']) > tonumber(ARGV[2]) then
     redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
     n = n + 1
   end
