@@ -30,7 +30,7 @@ build() {
   if [ ${#go_targets[@]} -gt 0 ] || [ ! -x "$bin/etcd" ]; then
     command -v go >/dev/null || { log "go is needed to build the control plane"; exit 1; }
     local start=$SECONDS
-    log "building ${go_targets[*]} etcd $etcd_version for Kubernetes $k8s_version (several minutes on 2 cores)"
+    log "building ${go_targets[*]:-} $([ -x "$bin/etcd" ] || echo "etcd $etcd_version") for Kubernetes $k8s_version (many minutes on 2 cores)"
     # -mod=mod: go.sum is committed, but let go fill in what a newer toolchain wants.
     export GOFLAGS=-mod=mod
     (
@@ -38,7 +38,14 @@ build() {
       local tmp
       tmp="$(mktemp -d "$cache/build.XXXXXX")"
       if [ ${#go_targets[@]} -gt 0 ]; then
-        go build -trimpath -ldflags='-s -w' -o "$tmp/" "${go_targets[@]}"
+        # The version stamp Kubernetes' own build sets (helm checks a chart's kubeVersion against it).
+        local minor="${k8s_version#v1.}"; minor="${minor%%.*}"
+        local v
+        local ldflags="-s -w"
+        for v in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+          ldflags+=" -X $v.gitVersion=$k8s_version -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean"
+        done
+        go build -trimpath -ldflags="$ldflags" -o "$tmp/" "${go_targets[@]}"
       fi
       [ -x "$bin/etcd" ] || go build -trimpath -ldflags='-s -w' -o "$tmp/etcd" go.etcd.io/etcd/server/v3
       # Move into place only once built, so an interrupted build is never taken for a good one.
