@@ -105,6 +105,45 @@ fn condition(route: &DynamicObject, type_: &str) -> Option<(String, i64, i64)> {
     ))
 }
 
+/// Starts the operator binary as the chart runs it, authenticated by `kubeconfig`.
+fn start_operator(
+    cp: &ControlPlane,
+    kubeconfig: &std::path::Path,
+    ns: &str,
+    fullname: &str,
+    identity: &str,
+    extra: &[&str],
+) -> Process {
+    let health = free_port().unwrap();
+    let mut cmd = Command::new(operator_binary());
+    cmd.env_clear()
+        .env("KUBECONFIG", kubeconfig)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info,kube=debug")
+        .args([
+            "run".to_string(),
+            "--fleet=mailroute".to_string(),
+            format!("--namespace={ns}"),
+            format!("--health-listen=127.0.0.1:{health}"),
+            "--leader-elect=true".to_string(),
+            format!("--lease-name={fullname}"),
+            format!("--identity={identity}"),
+            "--connection-test-timeout=5s".to_string(),
+            "--debounce=200ms".to_string(),
+        ])
+        .args(extra)
+        .stdin(Stdio::null());
+    Process::start(identity, cmd, cp.dir.join(format!("{ns}-{identity}.log"))).unwrap()
+}
+
+/// The `Forbidden` lines of an operator log.
+fn forbidden(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("Forbidden") || l.contains("forbidden"))
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test]
 async fn operator_works_with_the_charts_rbac_only() {
     let cp = ControlPlane::shared();
@@ -134,27 +173,7 @@ async fn operator_works_with_the_charts_rbac_only() {
         .await
         .unwrap();
 
-    let health = free_port().unwrap();
-    let mut cmd = Command::new(operator_binary());
-    cmd.env_clear()
-        .env("KUBECONFIG", &kubeconfig)
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info,kube=debug")
-        .args([
-            "run".to_string(),
-            "--fleet=mailroute".to_string(),
-            format!("--namespace={ns}"),
-            format!("--health-listen=127.0.0.1:{health}"),
-            "--leader-elect=true".to_string(),
-            format!("--lease-name={fullname}"),
-            "--identity=operator-test".to_string(),
-            "--connection-test-timeout=5s".to_string(),
-            "--debounce=200ms".to_string(),
-        ])
-        .stdin(Stdio::null());
-    let operator = std::cell::RefCell::new(
-        Process::start("mailroute-operator", cmd, cp.dir.join(format!("{ns}-operator.log"))).unwrap(),
-    );
+    let operator = std::cell::RefCell::new(start_operator(cp, &kubeconfig, &ns, &fullname, "operator-test", &[]));
 
     let configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
     let secrets = Api::<Secret>::namespaced(admin.clone(), &ns);
@@ -255,4 +274,86 @@ async fn operator_works_with_the_charts_rbac_only() {
         "the API server refused the operator with the chart's RBAC:\n{}",
         refused.join("\n")
     );
+}
+
+/// Whether the operator wrote the relay configuration (it logs each apply).
+fn applied(p: &Process) -> bool {
+    p.log_text().contains("relay configuration applied")
+}
+
+#[tokio::test]
+async fn two_operators_elect_one_leader_and_the_other_takes_over() {
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.unwrap();
+    apply_crds(&admin).await.unwrap();
+    let ns = cp.namespace("leader").await.unwrap();
+    let (sa, fullname) = install_chart_rbac(cp, &ns, &ns);
+    let kubeconfig = cp.service_account_kubeconfig(&ns, &sa).await.unwrap();
+    let apply = PatchParams::apply("mailroute-tests").force();
+    let routes = Api::<DynamicObject>::namespaced_with(admin.clone(), &ns, &route_resource());
+    let mut r = route(&ns, free_port().unwrap(), 10);
+    r.data["spec"].as_object_mut().unwrap().remove("auth");
+    // Domains of its own: the other test's operator watches every namespace and would see two
+    // routes of the same priority for the same domain as a conflict.
+    r.data["spec"]["match"]["recipientDomains"] = serde_json::json!(["leader.example"]);
+    routes.patch("upstream", &apply, &Patch::Apply(&r)).await.unwrap();
+
+    let lease_flags = ["--lease-duration=4s", "--connection-tests=false", "--watch-namespaces"];
+    let extra = [lease_flags[0], lease_flags[1], lease_flags[2], ns.as_str()];
+    let a = start_operator(cp, &kubeconfig, &ns, &fullname, "operator-a", &extra);
+    let b = start_operator(cp, &kubeconfig, &ns, &fullname, "operator-b", &extra);
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(admin.clone(), &ns);
+    let holder = || async {
+        let lease = leases.get_opt(&fullname).await?;
+        Ok(lease
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty()))
+    };
+    let first = eventually("a Lease holder", WAIT, holder).await.unwrap();
+    let (mut leader, follower) = if first == "operator-a" { (a, b) } else { (b, a) };
+    eventually("the leader's relay configuration", WAIT, || async {
+        Ok(applied(&leader).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(
+        !applied(&follower),
+        "the follower wrote while not leading:\n{}",
+        follower.log_tail(20)
+    );
+
+    // Kill the leader without releasing the Lease: the follower must take over once it expires.
+    leader.kill();
+    let killed = std::time::Instant::now();
+    let follower = std::cell::RefCell::new(follower);
+    let second = eventually("a new Lease holder", WAIT, || async {
+        follower.borrow_mut().check_running()?;
+        Ok(holder().await?.filter(|h| *h != first))
+    })
+    .await
+    .unwrap();
+    let took = killed.elapsed();
+    let follower = follower.into_inner();
+    assert_eq!(second, follower.name);
+    // The lease lasts 4 s; allow generous margin for 2 busy cores, not an unbounded wait.
+    assert!(took < Duration::from_secs(30), "takeover took {took:?}");
+    // The new leader serves changes: a new route domain reaches the ConfigMap.
+    r.data["spec"]["match"]["recipientDomains"] = serde_json::json!(["leader.example", "after-failover.example"]);
+    routes.patch("upstream", &apply, &Patch::Apply(&r)).await.unwrap();
+    let configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
+    eventually("the new leader's ConfigMap", WAIT, || async {
+        let cm = configmaps.get_opt("mailroute-config").await?;
+        Ok(cm.filter(|cm| {
+            serde_json::to_string(&cm.data)
+                .unwrap_or_default()
+                .contains("after-failover.example")
+        }))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", follower.log_tail(30)));
+    for p in [&leader, &follower] {
+        let refused = forbidden(&p.log_text());
+        assert!(refused.is_empty(), "{} was refused:\n{}", p.name, refused.join("\n"));
+    }
 }
