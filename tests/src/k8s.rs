@@ -7,7 +7,7 @@
 //! missing, never skipped). The API server runs with RBAC authorization and a service-account
 //! issuer with its signing key, so TokenRequest, TokenReview and SubjectAccessReview work; there
 //! is no kubelet, so Pods are accepted but never run. The controller manager runs only the
-//! garbage collector, the namespace controller and the service-account controller.
+//! garbage collector, the namespace, service-account and ClusterRole-aggregation controllers.
 //!
 //! Lifetime: every child process is spawned from one thread that lives as long as the process,
 //! with `PR_SET_PDEATHSIG` = SIGKILL, so the kernel kills them whenever the test process ends,
@@ -190,6 +190,18 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `n` distinct free ports (all held until all are chosen).
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, l) in ports.iter_mut().zip(&listeners) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -366,7 +378,7 @@ impl ControlPlane {
         let sa_pub = write("sa.pub", &pki.sa_pub)?;
 
         // etcd on tmpfs without fsync: the data is thrown away with the test process.
-        let (etcd_client, etcd_peer) = (free_port()?, free_port()?);
+        let [etcd_client, etcd_peer, port] = free_ports::<3>()?;
         let mut etcd = Command::new(bin_dir.join("etcd"));
         etcd.args([
             "--name=test".to_string(),
@@ -381,7 +393,6 @@ impl ControlPlane {
         ]);
         let mut etcd = Process::start("etcd", etcd, dir.join("etcd.log"))?;
 
-        let port = free_port()?;
         let server = format!("https://127.0.0.1:{port}");
         let mut apiserver = Command::new(bin_dir.join("kube-apiserver"));
         apiserver.args([
@@ -442,7 +453,7 @@ impl ControlPlane {
         let mut kcm = Command::new(bin_dir.join("kube-controller-manager"));
         kcm.args([
             format!("--kubeconfig={}", cp.admin_kubeconfig.display()),
-            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller".to_string(),
+            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,clusterrole-aggregation-controller".to_string(),
             "--leader-elect=false".to_string(),
             "--secure-port=0".to_string(),
             "--concurrent-gc-syncs=5".to_string(),
