@@ -930,6 +930,7 @@ def main() -> int:
         "password in a cluster URL": {"redis": {"enabled": False}, "externalRedis": {"url": "redis+cluster://app:pw@a:6379,b:6379"}},
         "cluster URL without ports": {"redis": {"enabled": False}, "externalRedis": {"url": "redis+cluster://a,b"}},
         "drain longer than the grace period": {"relay": {"shutdown": {"preStopSleepSeconds": 30, "drainTimeoutSeconds": 150, "terminationGracePeriodSeconds": 180}}},
+        "a preStop sleep of 0 (API servers before 1.33 refuse it)": {"relay": {"shutdown": {"preStopSleepSeconds": 0}}},
         "two operators without leader election": {"operator": {"replicas": 2, "leaderElection": {"enabled": False}}},
         "minReplicas above maxReplicas": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}},
         "ServiceMonitor behind a NetworkPolicy that admits no Prometheus": {"metrics": {"serviceMonitor": {"enabled": True}}},

@@ -2,7 +2,8 @@
 # Runs every check and test of the workspace on a fresh machine: installs what is missing
 # (redis-server, swaks, postfix, the DKIM verifiers dkimpy and libopendkim), then fmt, clippy,
 # the CRD drift check and the whole test suite.
-# Tests start their own redis-server instances on 127.0.0.1 with free ports.
+# Tests start their own redis-server instances on 127.0.0.1 with free ports, and a real
+# Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager; tests/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A one-shot build gains nothing from incremental state, which would double the disk it takes.
@@ -42,5 +43,9 @@ cargo run -q --locked -p mailroute-operator -- crd --out target/crd-check
 diff -r crds target/crd-check >/dev/null || { echo "crds/ is out of date: run 'cargo run -p mailroute-operator -- crd --out crds'"; exit 1; }
 echo "== packaging checks (Helm chart, Kubernetes schemas, deploy/, Dockerfile)"
 ./scripts/check-packaging.sh
+echo "== Kubernetes control plane (built once, then reused from the cache)"
+./scripts/k8s-control-plane.sh build
+# tests/tests/k8s_operator.rs runs the operator binary itself.
+cargo build -q --locked -p mailroute-operator --bin mailroute-operator
 echo "== tests"
 cargo test --workspace --locked

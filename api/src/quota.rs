@@ -56,6 +56,7 @@ pub struct SenderQuotaSpec {
     /// A header whose presence marks a message as bulk (for example `X-Campaign-Id`), in
     /// addition to `Precedence: bulk|list`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9-]+$')").message("bulkHeader must be a header name"))]
     pub bulk_header: Option<String>,
 
@@ -165,6 +166,7 @@ pub enum OnExceeded {
 #[serde(rename_all = "camelCase")]
 pub struct SenderQuotaStatus {
     /// `Accepted` and `Ready` conditions.
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The generation the conditions describe.

@@ -39,7 +39,8 @@ use crate::status::{Condition, ConnectionTest};
 )]
 #[x_kube(
     validation = Rule::new("self.delivery == 'mx' ? (!has(self.host) && !has(self.provider) && !has(self.auth)) : (has(self.host) || (has(self.provider) && self.provider != 'custom'))")
-        .message("exactly one delivery mode: `delivery: mx` takes no host, provider or auth; `delivery: smarthost` needs a host or a provider preset other than custom"),
+        .message("exactly one delivery mode: `delivery: mx` takes no host, provider or auth; `delivery: smarthost` needs a host or a provider preset other than custom")
+        .field_path(".delivery"),
     validation = Rule::new("!has(self.region) || (has(self.provider) && self.provider == 'ses')").message("region is only used with provider: ses")
 )]
 #[serde(rename_all = "camelCase")]
@@ -56,6 +57,8 @@ pub struct SmtpRouteSpec {
 
     /// Upstream smarthost host name. Required for `delivery: smarthost` without a preset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Bounded so the API server can bound its CEL rule's cost.
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$')").message("host must be a DNS name or an IP address"))]
     pub host: Option<String>,
 
@@ -89,6 +92,7 @@ pub struct SmtpRouteSpec {
     /// Replaces the envelope sender and the `From:` header of mail leaving through this route
     /// (some upstreams only accept their own mailbox as sender). Omitted: the original is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 254))]
     #[x_kube(validation = Rule::new("self.matches('^[^@\\\\s<>]+@[A-Za-z0-9.-]+\\\\.[A-Za-z0-9-]+$')").message("fromOverride must be an e-mail address"))]
     pub from_override: Option<String>,
 
@@ -234,6 +238,9 @@ pub struct RouteMatch {
     /// Recipient domains: `*` (all), `docomo.ne.jp` (exactly), `*.example.com` (every subdomain).
     /// Default `["*"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // Bounded so the API server can bound its CEL rule's cost (a domain is at most 253
+    // characters, plus `*.`).
+    #[schemars(length(max = 256), inner(length(max = 255)))]
     #[x_kube(validation = Rule::new("self.all(d, d == '*' || d.matches('^(\\\\*\\\\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\\\.)+[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$'))").message("recipientDomains entries must be `*`, `example.com` or `*.example.com`"))]
     pub recipient_domains: Vec<String>,
     /// Senders this route serves. Omitted: every sender.
@@ -289,6 +296,7 @@ pub struct UpstreamLimits {
     /// 2 connections and 10 messages per connection unless an entry here matches them (an entry
     /// with no limits set lifts them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub per_destination: Vec<DestinationLimitSpec>,
 }
 
@@ -298,6 +306,8 @@ pub struct UpstreamLimits {
 pub struct DestinationLimitSpec {
     /// Recipient domains these limits apply to: `docomo.ne.jp` (exactly), `*.example.com` (every
     /// subdomain) or `*` (every domain, each with its own budget).
+    // Bounded with perDestination so the API server's CEL cost budget holds (64 x 32 domains).
+    #[schemars(length(max = 64), inner(length(max = 255)))]
     #[x_kube(
         validation = Rule::new("self.size() > 0").message("domains must not be empty"),
         validation = Rule::new("self.all(d, d == '*' || d.matches('^(\\\\*\\\\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\\\.)+[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$'))").message("domains entries must be `*`, `example.com` or `*.example.com`")
@@ -352,6 +362,7 @@ pub struct DkimSpec {
     /// Signing domain (`d=`).
     pub domain: String,
     /// Selector (`s=`); the public key is published at `SELECTOR._domainkey.DOMAIN`.
+    #[schemars(length(max = 63))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._-]*$')").message("selector must be a DNS label"))]
     pub selector: String,
     /// Secret holding the private key (PEM: RSA of 2048 to 4096 bits, or Ed25519; default key
@@ -380,6 +391,7 @@ fn default_dkim_key() -> String {
 pub struct SmtpRouteStatus {
     /// `Accepted` (the spec compiled), `Ready` (in the live relay configuration) and `Verified`
     /// (the last connection test succeeded).
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The generation the conditions describe.

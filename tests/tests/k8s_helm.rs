@@ -1,0 +1,176 @@
+//! The Helm chart with the real helm CLI against a real kube-apiserver (see tests/README.md):
+//! `helm install` for the default values and each `charts/mailroute/ci/*.yaml` (every rendered
+//! object accepted and present), `helm upgrade`, and `helm uninstall` leaving none of them behind.
+//! There is no kubelet: Pods never run, so this proves the objects, not the workloads.
+
+use std::path::{Path, PathBuf};
+
+use mailroute_tests::k8s::{ControlPlane, apply_crds, run, workspace_root};
+
+/// CRDs of other projects that the chart can render objects of (KEDA, Prometheus Operator,
+/// cert-manager), reduced to "any object of this kind": enough for the API server to store them.
+fn foreign_crds() -> String {
+    let kinds = [
+        ("keda.sh", "v1alpha1", "ScaledObject", "scaledobjects"),
+        ("keda.sh", "v1alpha1", "TriggerAuthentication", "triggerauthentications"),
+        ("monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors"),
+        ("monitoring.coreos.com", "v1", "PrometheusRule", "prometheusrules"),
+        ("cert-manager.io", "v1", "Certificate", "certificates"),
+    ];
+    let mut out = String::new();
+    for (group, version, kind, plural) in kinds {
+        let crd = serde_json::json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.{group}")},
+            "spec": {
+                "group": group,
+                "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural},
+                "versions": [{
+                    "name": version, "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+                }],
+            },
+        });
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd).expect("JSON serialises as YAML"));
+    }
+    out
+}
+
+fn chart() -> String {
+    workspace_root().join("charts/mailroute").display().to_string()
+}
+
+/// The objects of a helm manifest that exist, as `kind/name` (kind in lower case); objects that
+/// name no namespace are in `ns`.
+fn existing(cp: &ControlPlane, ns: &str, manifest: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(manifest).unwrap();
+    let mut found = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        let (Some(kind), Some(name)) = (v["kind"].as_str(), v["metadata"]["name"].as_str()) else {
+            continue;
+        };
+        let object = format!("{}/{name}", kind.to_lowercase());
+        let object_ns = v["metadata"]["namespace"].as_str().unwrap_or(ns);
+        let out = run(cp
+            .kubectl()
+            .args(["get", "-n", object_ns, "--ignore-not-found", "-o", "name", &object]))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        if !out.trim().is_empty() {
+            found.push(object);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() {
+    let cp = ControlPlane::shared();
+    apply_crds(&cp.admin_client().await.unwrap()).await.unwrap();
+    let foreign = cp.dir.join("foreign-crds.yaml");
+    std::fs::write(&foreign, foreign_crds()).unwrap();
+    run(cp.kubectl().args(["apply", "--server-side", "-f"]).arg(&foreign)).unwrap();
+    run(cp
+        .kubectl()
+        .args(["wait", "--for=condition=Established", "--timeout=60s", "-f"])
+        .arg(&foreign))
+    .unwrap();
+
+    // keda-external-redis-tls-values.yaml puts the PrometheusRule into an existing namespace.
+    run(cp.kubectl().args(["create", "namespace", "monitoring"])).unwrap();
+
+    let mut values: Vec<Option<PathBuf>> = vec![None];
+    let mut ci: Vec<PathBuf> = std::fs::read_dir(workspace_root().join("charts/mailroute/ci"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    ci.sort();
+    values.extend(ci.into_iter().map(Some));
+
+    for values in values {
+        let label = values
+            .as_ref()
+            .map_or("default values".to_string(), |v| v.display().to_string());
+        let ns = cp.namespace("helm").await.unwrap();
+        let release = ns.clone();
+        let with_values = |cmd: &mut std::process::Command| {
+            if let Some(v) = &values {
+                cmd.arg("-f").arg(v);
+            }
+        };
+
+        let mut install = cp.helm();
+        install.args(["install", &release, &chart(), "-n", &ns]);
+        with_values(&mut install);
+        run(&mut install).unwrap_or_else(|e| panic!("helm install with {label}: {e:#}"));
+
+        let manifest_text = run(cp.helm().args(["get", "manifest", &release, "-n", &ns])).unwrap();
+        let manifest = cp.dir.join(format!("{release}-manifest.yaml"));
+        std::fs::write(&manifest, &manifest_text).unwrap();
+        let rendered = manifest_text.lines().filter(|l| l.starts_with("kind:")).count();
+        let mut kept = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&manifest_text) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" {
+                let kind = v["kind"].as_str().unwrap_or_default().to_lowercase();
+                kept.push(format!("{kind}/{}", v["metadata"]["name"].as_str().unwrap_or_default()));
+            }
+        }
+        let present = existing(cp, &ns, &manifest);
+        assert!(rendered > 0, "{label}: helm rendered nothing");
+        assert_eq!(
+            present.len(),
+            rendered,
+            "{label}: not every object of the release exists: {present:?}"
+        );
+
+        // An upgrade with a changed value is accepted as well.
+        let mut upgrade = cp.helm();
+        upgrade.args(["upgrade", &release, &chart(), "-n", &ns]);
+        with_values(&mut upgrade);
+        upgrade.args(["--set", "relay.shutdown.preStopSleepSeconds=5"]);
+        run(&mut upgrade).unwrap_or_else(|e| panic!("helm upgrade with {label}: {e:#}"));
+        let history = run(cp.helm().args(["history", &release, "-n", &ns, "-o", "json"])).unwrap();
+        assert!(
+            history.contains("\"revision\":2"),
+            "{label}: no second revision: {history}"
+        );
+
+        run(cp
+            .helm()
+            .args(["uninstall", &release, "-n", &ns, "--wait", "--timeout", "120s"]))
+        .unwrap_or_else(|e| panic!("helm uninstall with {label}: {e:#}"));
+        // Only what the chart marks `helm.sh/resource-policy: keep` (generated passwords that
+        // must survive a reinstall) stays.
+        let left: Vec<String> = existing(cp, &ns, &manifest)
+            .into_iter()
+            .filter(|o| !kept.contains(&o.to_lowercase()))
+            .collect();
+        assert!(left.is_empty(), "{label}: helm uninstall left {left:?}");
+    }
+}
+
+#[test]
+fn helm_refuses_a_prestop_sleep_of_zero() {
+    // API servers before 1.33 refuse a preStop sleep of 0 seconds; the chart's schema says so
+    // before anything reaches a cluster.
+    let cp = ControlPlane::shared();
+    let out = cp
+        .helm()
+        .args([
+            "template",
+            "r",
+            &chart(),
+            "--set",
+            "relay.shutdown.preStopSleepSeconds=0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "helm accepted preStopSleepSeconds=0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("preStopSleepSeconds"), "unexpected refusal: {err}");
+}
