@@ -167,6 +167,7 @@ fn fallback_route() -> CompiledRoute {
         retry: Default::default(),
         dkim: None,
         test_recipient: None,
+        timeouts: Default::default(),
     }
 }
 

@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use mail_send::SmtpClient;
+use mail_send::smtp::AssertReply;
 use mail_send::smtp::message::Parameters;
 use mailroute_api::route::AuthMechanism;
 use rustls::pki_types::ServerName;
@@ -55,12 +56,32 @@ pub(crate) enum TlsUse {
     Implicit,
 }
 
-/// Timeouts of one session.
+/// Timeouts of one session, per step (the route's `timeouts`, Postfix's by default).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timeouts {
     pub connect: Duration,
-    pub command: Duration,
-    pub data: Duration,
+    /// Greeting, EHLO, STARTTLS and the TLS handshake, AUTH.
+    pub greeting: Duration,
+    /// MAIL FROM, RSET, QUIT.
+    pub mail: Duration,
+    pub rcpt: Duration,
+    pub data_init: Duration,
+    pub data_transfer: Duration,
+    pub data_done: Duration,
+}
+
+impl From<&mailroute_api::config::SessionTimeouts> for Timeouts {
+    fn from(t: &mailroute_api::config::SessionTimeouts) -> Self {
+        Timeouts {
+            connect: Duration::from_millis(t.connect_ms),
+            greeting: Duration::from_millis(t.greeting_ms),
+            mail: Duration::from_millis(t.mail_ms),
+            rcpt: Duration::from_millis(t.rcpt_ms),
+            data_init: Duration::from_millis(t.data_init_ms),
+            data_transfer: Duration::from_millis(t.data_transfer_ms),
+            data_done: Duration::from_millis(t.data_done_ms),
+        }
+    }
 }
 
 /// Everything needed to open a session.
@@ -313,11 +334,11 @@ impl Session {
         };
         let mut client = SmtpClient {
             stream: Recorder::new(stream),
-            timeout: t.command,
+            timeout: t.greeting,
         };
 
         // Greeting.
-        match tokio::time::timeout(t.command, client.read()).await {
+        match tokio::time::timeout(t.greeting, client.read()).await {
             Err(_) => return Err(failure(Stage::Greeting, Failure::Timeout, "no greeting".into(), tls)),
             Ok(Err(e)) => return Err(map_error(&client, Stage::Greeting, e, tls)),
             Ok(Ok(_)) => {
@@ -390,7 +411,7 @@ impl Session {
             let tls_stream = handshake(&spec, tcp, Stage::StartTls).await?;
             client = SmtpClient {
                 stream: Recorder::new(Stream::Tls(Box::new(tls_stream))),
-                timeout: t.command,
+                timeout: t.greeting,
             };
             tls = true;
             caps = ehlo(&mut client, spec.helo, tls).await?;
@@ -407,6 +428,7 @@ impl Session {
         if let Some((creds, mechanism)) = spec.auth {
             authenticate(&mut client, &caps, creds, mechanism, tls).await?;
         }
+        client.timeout = spec.timeouts.mail;
         Ok(Session {
             client,
             caps,
@@ -454,10 +476,12 @@ impl Session {
             return self.send_pipelined(mail_from, rcpt_to, &params, message).await;
         }
         self.client.stream.clear();
+        self.client.timeout = self.timeouts.mail;
         if let Err(e) = self.client.mail_from(mail_from, &params).await {
             return Err(map_error(&self.client, Stage::MailFrom, e, tls));
         }
         self.client.stream.clear();
+        self.client.timeout = self.timeouts.rcpt;
         if let Err(e) = self.client.rcpt_to(rcpt_to, &Parameters::new()).await {
             return Err(map_error(&self.client, Stage::RcptTo, e, tls));
         }
@@ -466,9 +490,16 @@ impl Session {
         // receiver gets the message byte for byte.
         let content = message.strip_suffix(b"\r\n").unwrap_or(message);
         self.client.stream.clear();
-        self.client.timeout = self.timeouts.data;
-        let result = self.client.data(content).await;
-        self.client.timeout = self.timeouts.command;
+        self.client.timeout = self.timeouts.data_init;
+        let opened = self.client.cmd(b"DATA\r\n").await.and_then(|r| r.assert_code(354));
+        self.client.timeout = self.timeouts.mail;
+        let result = match opened {
+            Ok(()) => self
+                .send_content(content)
+                .await
+                .and_then(|r| r.into_positive_completion()),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(response) => Ok(raw_or(self.client.stream.last_reply(), &response)),
             Err(e) => {
@@ -496,7 +527,12 @@ impl Session {
             "DATA\r\n".to_owned(),
         ];
         self.client.stream.clear();
-        let replies = match self.client.cmds(&envelope).await {
+        // The replies come together: the longest of their timeouts bounds the wait.
+        let t = self.timeouts;
+        self.client.timeout = t.mail.max(t.rcpt).max(t.data_init);
+        let replies = self.client.cmds(&envelope).await;
+        self.client.timeout = t.mail;
+        let replies = match replies {
             Ok(r) => r,
             Err(e) => {
                 // The first command without a complete reply is where it stopped.
@@ -534,16 +570,9 @@ impl Session {
         // mail-send's write_message appends "\r\n.\r\n": drop our final CRLF (see `send`).
         let content = message.strip_suffix(b"\r\n").unwrap_or(message);
         self.client.stream.clear();
-        let client = &mut self.client;
-        let sent = tokio::time::timeout(self.timeouts.data, async {
-            client.write_message(content).await?;
-            client.read().await
-        })
-        .await;
-        match sent {
-            Err(_) => Err(map_error(&self.client, Stage::Message, mail_send::Error::Timeout, tls)),
-            Ok(Err(e)) => Err(map_error(&self.client, Stage::Message, e, tls)),
-            Ok(Ok(r)) => {
+        match self.send_content(content).await {
+            Err(e) => Err(map_error(&self.client, Stage::Message, e, tls)),
+            Ok(r) => {
                 let reply = raw_or(self.client.stream.last_reply(), &r);
                 if r.is_positive_completion() {
                     Ok(reply)
@@ -556,6 +585,18 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Writes the content once DATA is open (within the transfer timeout) and reads the reply to
+    /// its final dot (within the end-of-data timeout).
+    async fn send_content(&mut self, content: &[u8]) -> Result<smtp_proto::Response<String>, mail_send::Error> {
+        let t = self.timeouts;
+        tokio::time::timeout(t.data_transfer, self.client.write_message(content))
+            .await
+            .map_err(|_| mail_send::Error::Timeout)??;
+        tokio::time::timeout(t.data_done, self.client.read())
+            .await
+            .map_err(|_| mail_send::Error::Timeout)?
     }
 
     fn saw_354(&self) -> bool {
@@ -574,7 +615,7 @@ impl Session {
         Ok(())
     }
 
-    /// Polite QUIT, bounded by the command timeout; errors do not matter any more. The slot is
+    /// Polite QUIT, bounded by the MAIL timeout; errors do not matter any more. The slot is
     /// freed after the connection is closed, so no other relay opens one while this one lasts.
     pub async fn quit(self) {
         let Session {
@@ -583,7 +624,7 @@ impl Session {
             timeouts,
             ..
         } = self;
-        let _ = tokio::time::timeout(timeouts.command, client.quit()).await;
+        let _ = tokio::time::timeout(timeouts.mail, client.quit()).await;
         if let Some(l) = lease {
             l.release().await;
         }
@@ -601,7 +642,7 @@ impl Session {
 
 async fn handshake(spec: &OpenSpec<'_>, tcp: TcpStream, stage: Stage) -> Result<TlsStream<TcpStream>, StepError> {
     let connector = TlsConnector::from(Arc::clone(&spec.tls_config));
-    match tokio::time::timeout(spec.timeouts.command, connector.connect(spec.server_name.clone(), tcp)).await {
+    match tokio::time::timeout(spec.timeouts.greeting, connector.connect(spec.server_name.clone(), tcp)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(failure(
             stage,

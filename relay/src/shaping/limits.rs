@@ -169,6 +169,7 @@ pub(crate) mod tests {
             retry: RetryConfig::default(),
             dkim: None,
             test_recipient: None,
+            timeouts: Default::default(),
         }
     }
 
