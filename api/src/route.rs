@@ -104,8 +104,11 @@ pub struct SmtpRouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dkim: Option<DkimSpec>,
 
-    /// How long to wait for the upstream at each step of an SMTP session. Omitted fields keep
-    /// Postfix's defaults (`smtp_*_timeout`).
+    /// How long to wait for the upstream at each step of an SMTP session, as durations (`30s`,
+    /// `5m`) from one second to one hour; a step that takes longer fails the attempt as a
+    /// temporary error. Omitted fields keep Postfix's defaults (`smtp_*_timeout`). With
+    /// PIPELINING the replies to MAIL, RCPT and DATA are awaited together, within the longest
+    /// of the three.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<TimeoutsSpec>,
 
@@ -325,7 +328,8 @@ pub struct RetrySpec {
 
 /// Waits for the upstream during one SMTP session, as durations (`30s`, `5m`), each at least one
 /// second and at most one hour. A step that takes longer fails the attempt as a temporary
-/// error (the message is retried on the route's schedule).
+/// error (the message is retried on the route's schedule). With PIPELINING the replies to MAIL,
+/// RCPT and DATA are awaited together, within the longest of the three.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TimeoutsSpec {

@@ -463,3 +463,52 @@ async fn a_black_holed_route_does_not_stall_the_others() {
     assert_eq!(up.received().len(), 20);
     b.relay.shutdown().await;
 }
+
+/// A route's `timeouts` reach its sessions through the compiled configuration: a greeting that
+/// never comes and a final reply that comes too late each fail the attempt at that step, as a
+/// timeout, after the route's time and not Postfix's default (300 s, 600 s).
+#[tokio::test]
+async fn route_timeouts_reach_the_session() {
+    use mailroute_relay::bounce::Failure;
+    use mailroute_relay::delivery::Stage;
+
+    let with_timeouts = |name: &str, port: u16, timeouts: &str| {
+        let yaml = route(name, port, 10, &["*"])
+            .replace("  priority: 10\n", &format!("  priority: 10\n  timeouts: {timeouts}\n"));
+        let c = Manifests::from_yaml(&yaml, "mail").unwrap().compile();
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        DeliveryTarget::from_route(&c.config.routes[0], &RelaySecrets::default())
+    };
+    let d = Deliverer::new(
+        DelivererConfig {
+            helo_name: "relay.test".into(),
+            ..DelivererConfig::default()
+        },
+        std::sync::Arc::new(StaticResolver::new()),
+    )
+    .unwrap();
+    let env = Envelope {
+        mail_from: "app@app.example".into(),
+        rcpt_to: "u@example.com".into(),
+    };
+    let failure = |r: &mailroute_relay::delivery::AttemptResult| match &r.outcome {
+        Outcome::Failed { stage, failure, .. } => Some((*stage, *failure)),
+        _ => None,
+    };
+
+    let (hole_port, _, hole) = black_hole().await;
+    let target = with_timeouts("silent", hole_port, "{greeting: 1s}");
+    assert_eq!(target.timeouts.greeting_ms, 1_000);
+    let started = std::time::Instant::now();
+    let r = d.deliver(&target, None, None, &env, &message("silent", "")).await;
+    assert_eq!(failure(&r), Some((Stage::Greeting, Failure::Timeout)), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    hole.abort();
+
+    let slow = SmtpServer::start(Script::new().then(Behaviour::AcceptAfter(Duration::from_secs(120)))).unwrap();
+    let target = with_timeouts("slow", slow.port(), "{dataDone: 1s}");
+    let started = std::time::Instant::now();
+    let r = d.deliver(&target, None, None, &env, &message("slow", "")).await;
+    assert_eq!(failure(&r), Some((Stage::Message, Failure::Timeout)), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+}
