@@ -105,11 +105,11 @@ def lint(values: dict, label: str) -> None:
         ok(f"helm lint --strict [{label}]" + (f" (info: {'; '.join(infos)})" if infos else ""))
 
 
-def render(values: dict) -> tuple[list[dict], str]:
+def render(values: dict, release: str = RELEASE) -> tuple[list[dict], str]:
     """Renders like `helm template mailroute charts/mailroute -n mailroute`: objects and NOTES."""
     with helm.Chart.load(str(CHART)) as chart:
         chart.validate_schema(values)
-        out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        out = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
     objs: list[dict] = []
     notes_txt = ""
     for path in sorted(out):
@@ -344,6 +344,106 @@ def check_references(objs: list[dict], values: dict, label: str) -> None:
                 fail(f"[{label}] {kn(d)}: {flag} does not point into a mounted volume")
     if len(failures) == problems_before:
         ok(f"[{label}] references, selectors, ports, security contexts, probes, drain and scaling consistent")
+
+
+def operator_args(objs: list[dict]) -> list[str]:
+    dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator"))
+    return pod_spec(dep)["containers"][0]["args"]
+
+
+def check_production(default: list[dict], binaries: dict[str, str]) -> None:
+    """What a production install needs beyond valid objects (issue: production install review)."""
+    before = len(failures)
+    # Node drains: unready pods (Redis outage) must stay evictable.
+    for values in (None, {"operator": {"replicas": 2}}):
+        objs = default if values is None else render(values)[0]
+        for pdb in (o for o in objs if o["kind"] == "PodDisruptionBudget"):
+            if pdb["spec"].get("unhealthyPodEvictionPolicy") != "AlwaysAllow":
+                fail(f"{kn(pdb)}: unhealthyPodEvictionPolicy is not AlwaysAllow (blocks drains while Redis is down)")
+    # HPA -> KEDA: KEDA's webhook refuses a ScaledObject whose Deployment has an HPA unless it may adopt it.
+    keda, _ = render({"autoscaling": {"enabled": True, "keda": {"enabled": True}}})
+    for so in (o for o in keda if o["kind"] == "ScaledObject"):
+        if so["metadata"].get("annotations", {}).get("scaledobject.keda.sh/transfer-hpa-ownership") != "true":
+            fail(f"{kn(so)}: no transfer-hpa-ownership annotation; switching from the HPA is refused")
+        hpa_name = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["name"]
+        chart_hpa = [o["metadata"]["name"] for o in render({"autoscaling": {"enabled": True}})[0] if o["kind"] == "HorizontalPodAutoscaler"]
+        if chart_hpa != [hpa_name]:
+            fail(f"{kn(so)}: KEDA's HPA {hpa_name} is not the chart's HPA {chart_hpa}: ownership cannot transfer")
+    # Redis: maxmemory below the container limit, noeviction.
+    for values, want in ((None, 1024**3 * 70 // 100), ({"redis": {"resources": {"limits": {"memory": "4G"}}}}, 4 * 10**9 * 70 // 100),
+                         ({"redis": {"maxmemoryPercent": 50, "resources": {"limits": {"memory": "512Mi"}}}}, 256 * 1024**2),
+                         ({"redis": {"maxmemory": "2gb"}}, "2gb")):
+        objs = default if values is None else render(values)[0]
+        conf = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-redis"))["data"]["redis.conf"]
+        got = re.findall(r"^maxmemory (\S+)$", conf, re.M)
+        if got != [str(want)] or "maxmemory-policy noeviction" not in conf:
+            fail(f"redis.conf for {values}: maxmemory {got}, want [{want}] with noeviction")
+    # Redis admits the relays (and KEDA), not the operator, which never uses Redis.
+    np = next(o for o in default if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-redis"))
+    for rule in np["spec"]["ingress"]:
+        for peer in rule.get("from", []):
+            if peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "operator":
+                fail(f"{kn(np)} admits the operator, which never uses Redis")
+    # The operator owns its outputs (uninstall removes them) and may read its Deployment for that.
+    args = operator_args(default)
+    op_name = next(o["metadata"]["name"] for o in default if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator"))
+    if f"--owner-deployment={op_name}" not in args:
+        fail(f"the operator is not passed --owner-deployment={op_name}: its ConfigMap and Secret outlive `helm uninstall`")
+    if ("apps", "deployments", "*", "get") not in rbac_rules(default)["Role"]:
+        fail("the operator's Role lacks get on deployments, which --owner-deployment reads")
+    # Without an admin token the operator must start (usage is optional): no --relay-admin-url.
+    no_token, _ = render({"relay": {"adminToken": {"create": False, "existingSecret": ""}}})
+    if any(a.startswith("--relay-admin-url") for a in operator_args(no_token)):
+        fail("with the admin token off the operator still gets --relay-admin-url (and exits without a token)")
+    if not any(a.startswith("--relay-admin-url") for a in args):
+        fail("with the admin token on the operator gets no --relay-admin-url (no quota usage)")
+    # watchNamespaces: Roles in those namespaces only, no cluster-wide Secret access.
+    scoped, _ = render({"operator": {"watchNamespaces": ["team-a", "team-b"]}})
+    cluster_roles = [o for o in scoped if o["kind"] in ("ClusterRole", "ClusterRoleBinding") and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "operator"]
+    if cluster_roles:
+        fail(f"with watchNamespaces the operator still gets {[kn(o) for o in cluster_roles]}")
+    for ns in ("team-a", "team-b"):
+        roles = [o for o in scoped if o["kind"] == "Role" and o["metadata"].get("namespace") == ns]
+        rules = rbac_rules(roles)["Role"]
+        if ("", "secrets", "*", "get") not in rules or ("mailroute.io", "smtproutes", "*", "watch") not in rules:
+            fail(f"with watchNamespaces, namespace {ns} has no Role to read its routes and Secrets: {sorted(rules)}")
+        if not any(o["kind"] == "RoleBinding" and o["metadata"].get("namespace") == ns for o in scoped):
+            fail(f"with watchNamespaces, namespace {ns} has no RoleBinding")
+    # IPv6-only and dual-stack clusters: listeners on [::] (accepted by the binaries), Redis on both.
+    for family in ("IPv6", "DualStack"):
+        objs, _ = render({"ipFamily": family, "relay": {"tls": {"enabled": True, "secretName": "tls"}}})
+        relay = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-relay"))
+        listens = [a for a in pod_spec(relay)["containers"][0]["args"] if a.startswith("--") and "-listen=" in a]
+        if len(listens) != 4 or not all(a.split("=", 1)[1].startswith("[::]:") for a in listens):
+            fail(f"ipFamily={family}: relay listeners {listens}, want all four on [::]")
+        if not any(a.startswith("--health-listen=[::]:") for a in operator_args(objs)):
+            fail(f"ipFamily={family}: the operator's health listener is not on [::]")
+        if binaries:
+            problems, _ = cli_problems(objs, binaries)
+            for p in problems:
+                fail(f"ipFamily={family}: {p}")
+    conf = next(o for o in default if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-redis"))["data"]["redis.conf"]
+    if "bind * -::*" not in conf:
+        fail("Redis binds IPv4 only (want `bind * -::*`)")
+
+    # Names: Helm allows 53-character release names; Services are DNS-1035 labels (63).
+    long_release = "r" * 53
+    objs, _ = render({"autoscaling": {"enabled": True}, "operator": {"replicas": 2}}, release=long_release)
+    seen: set[tuple] = set()
+    for o in objs:
+        name = o["metadata"]["name"]
+        key = (o["kind"], o["metadata"].get("namespace"), name)
+        if key in seen:
+            fail(f"with a 53-character release name, two {o['kind']} objects are both named {name!r}")
+        seen.add(key)
+        # A StatefulSet's pods carry controller-revision-hash=<name>-<10-character hash>, a label value.
+        limit = {"Service": 63, "Deployment": 63, "StatefulSet": 52}.get(o["kind"], 253)
+        if len(name) > limit or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name):
+            fail(f"with a 53-character release name, {o['kind']} {name!r} ({len(name)} characters) is not a valid name")
+        if o["kind"] == "Service" and not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+            fail(f"with a 53-character release name, Service {name!r} is not a DNS-1035 label")
+    if len(failures) == before:
+        ok("production: IPv6 listeners, PDB eviction policy, KEDA adoption, Redis maxmemory, Redis peers, output ownership, optional admin token, namespaced RBAC, 53-character release names")
 
 
 def cli_problems(objs: list[dict], binaries: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -819,6 +919,8 @@ def main() -> int:
     if any(o["kind"] == "StatefulSet" for o in keda):
         fail("[keda-external-redis-tls-values.yaml] renders the in-cluster Redis although externalRedis is used")
 
+    check_production(rendered.get("default", []), binaries)
+
     print("== values the chart must refuse")
     refusals = {
         "writable root filesystem": {"containerSecurityContext": {"readOnlyRootFilesystem": False}},
@@ -830,6 +932,9 @@ def main() -> int:
         "drain longer than the grace period": {"relay": {"shutdown": {"preStopSleepSeconds": 30, "drainTimeoutSeconds": 150, "terminationGracePeriodSeconds": 180}}},
         "two operators without leader election": {"operator": {"replicas": 2, "leaderElection": {"enabled": False}}},
         "minReplicas above maxReplicas": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}},
+        "ServiceMonitor behind a NetworkPolicy that admits no Prometheus": {"metrics": {"serviceMonitor": {"enabled": True}}},
+        "Redis without a memory limit or maxmemory": {"redis": {"resources": {"limits": {"memory": None}}}},
+        "an unreadable Redis memory limit": {"redis": {"resources": {"limits": {"memory": "lots"}}}},
     }
     for what, values in refusals.items():
         err = render_fails(values)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the workspace on a fresh machine: installs what is missing
-# (redis-server, swaks), then fmt, clippy, the CRD drift check and the whole test suite.
+# (redis-server, swaks, postfix, the DKIM verifiers dkimpy and libopendkim), then fmt, clippy,
+# the CRD drift check and the whole test suite.
 # Tests start their own redis-server instances on 127.0.0.1 with free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,13 @@ need_apt swaks swaks
 # "No configuration" the system instance has no main.cf and never starts.
 command -v postfix >/dev/null 2>&1 || echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 need_apt postfix postfix
+# The DKIM verifiers of relay/tests/dkim_interop.rs, which fails (never skips) without them:
+# OpenDKIM's libopendkim (opendkim-tools pulls it in) and dkimpy with PyNaCl for Ed25519.
+if ! python3 -c "import ctypes; ctypes.CDLL('libopendkim.so.11')" >/dev/null 2>&1; then
+  if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opendkim-tools >/dev/null
+fi
+python3 -c "import dkim, nacl" >/dev/null 2>&1 || python3 -m pip install --quiet "dkimpy[ed25519]==1.1.8" "PyNaCl==1.6.2"
 # redis-server from apt starts a system instance; tests do not use it, so stop it if it runs.
 if command -v service >/dev/null 2>&1; then service redis-server stop >/dev/null 2>&1 || true; fi
 

@@ -571,10 +571,13 @@ fn compile_route(
             }
             let field = "spec.dkim.keySecretRef";
             if let Some(pem) = secret_value(secrets, ns, &k.key_secret_ref.name, &k.key_secret_ref.key, field, d) {
-                if !pem.contains("PRIVATE KEY-----") {
-                    d.error(Reason::InvalidSpec, field, "the DKIM key is not a PEM private key");
+                // A key the relay cannot sign with would send every message unsigned.
+                match crate::dkim_key::check_signing_key(&pem) {
+                    Ok(_) => {
+                        out.dkim_keys.insert(id.clone(), pem);
+                    }
+                    Err(reason) => d.error(Reason::InvalidSpec, field, reason),
                 }
-                out.dkim_keys.insert(id.clone(), pem);
             }
             Some(DkimConfig {
                 domain: k.domain.to_ascii_lowercase(),
@@ -1061,5 +1064,57 @@ mod per_destination_tests {
             "{fields:?}"
         );
         assert!(fields.contains("spec.limits.perDestination[1].domains"), "{fields:?}");
+    }
+}
+
+#[cfg(test)]
+mod dkim_key_tests {
+    use super::*;
+    use crate::Manifests;
+
+    fn compile_with_key(pem: &str) -> Compiled {
+        let key: String = pem.lines().map(|l| format!("    {l}\n")).collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: dkim\n  namespace: mail\nstringData:\n  private.key: |\n{key}---\napiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata:\n  name: mx\n  namespace: mail\nspec:\n  delivery: mx\n  dkim:\n    domain: example.com\n    selector: s1\n    keySecretRef:\n      name: dkim\n"
+        );
+        let mut m = Manifests::default();
+        m.add_yaml(&yaml, "default").unwrap();
+        m.compile()
+    }
+
+    #[test]
+    fn a_key_the_relay_signs_with_compiles() {
+        for pem in [
+            include_str!("../../testkit/keys/dkim-rsa-2048.pem"),
+            include_str!("../../testkit/keys/dkim-rsa-4096.pem"),
+            include_str!("../../testkit/keys/dkim-ed25519.pem"),
+        ] {
+            let c = compile_with_key(pem);
+            assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+            assert_eq!(c.config.routes.len(), 1);
+            assert!(c.secrets.dkim_keys.contains_key("mail/mx"));
+        }
+    }
+
+    #[test]
+    fn a_1024_bit_rsa_key_is_refused_when_compiled() {
+        let c = compile_with_key(include_str!("../../testkit/keys/dkim-rsa-1024.pem"));
+        let [d] = c.diagnostics.as_slice() else {
+            panic!("{:#?}", c.diagnostics)
+        };
+        assert_eq!(
+            (d.severity, d.reason, d.field.as_deref()),
+            (Severity::Error, Reason::InvalidSpec, Some("spec.dkim.keySecretRef"))
+        );
+        assert_eq!(
+            d.message,
+            "the DKIM key is a 1024-bit RSA key; the relay signs with RSA keys of 2048 to 4096 bits or Ed25519 keys"
+        );
+        // Left out, with its key: never a route that sends unsigned mail.
+        assert!(c.config.routes.is_empty());
+        assert!(c.secrets.dkim_keys.is_empty());
+        let not_a_key = compile_with_key("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----");
+        assert_eq!(not_a_key.diagnostics.len(), 1, "{:#?}", not_a_key.diagnostics);
+        assert!(not_a_key.config.routes.is_empty());
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod dkim_key;
 pub mod manifest;
 pub mod pattern;
 pub mod provider;

@@ -141,9 +141,12 @@ pub fn split_address(addr: &str) -> Result<(&str, String), PatternError> {
     Ok((local, domain.to_ascii_lowercase()))
 }
 
-/// The lower-cased domain of an address, if it has a valid one.
+/// The lower-cased domain of an address (after its last `@`), if it has a valid one. The local
+/// part is not judged: a quoted local part (`"john smith"@example.com`, kept unquoted) has a
+/// domain like any other, for routing and sender policies alike.
 pub fn domain_of(addr: &str) -> Option<String> {
-    split_address(addr).ok().map(|(_, d)| d)
+    let (local, domain) = addr.rsplit_once('@')?;
+    (!local.is_empty() && is_valid_domain(domain)).then(|| domain.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -218,5 +221,9 @@ mod tests {
         assert!(split_address("a b@example.com").is_err());
         assert!(split_address("a@localhost").is_err());
         assert_eq!(domain_of("x@a.b"), Some("a.b".into()));
+        assert_eq!(domain_of("john smith@Example.COM"), Some("example.com".into()));
+        assert_eq!(domain_of("a> AUTH=<c@d.e>@good.example"), Some("good.example".into()));
+        assert_eq!(domain_of("@a.b"), None);
+        assert_eq!(domain_of("x@-bad-.b"), None);
     }
 }

@@ -377,7 +377,8 @@ pub struct DkimSpec {
     /// Selector (`s=`); the public key is published at `SELECTOR._domainkey.DOMAIN`.
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._-]*$')").message("selector must be a DNS label"))]
     pub selector: String,
-    /// Secret holding the private key (PEM, RSA or Ed25519; default key `private.key`).
+    /// Secret holding the private key (PEM: RSA of 2048 to 4096 bits, or Ed25519; default key
+    /// `private.key`). Another key is refused: the route is not used and its status says why.
     pub key_secret_ref: DkimKeyRef,
 }
 

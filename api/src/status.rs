@@ -62,6 +62,8 @@ pub mod condition_type {
     pub const READY: &str = "Ready";
     /// The last connection test against the upstream succeeded (routes only).
     pub const VERIFIED: &str = "Verified";
+    /// The quota's usage is read from the relays (quotas only; shown only while it is not).
+    pub const USAGE_REPORTED: &str = "UsageReported";
 }
 
 impl Condition {

@@ -109,7 +109,9 @@ fn namespace(args: &RunArgs, client: &Client) -> String {
         .unwrap_or_else(|| client.default_namespace().to_string())
 }
 
-async fn owner(client: &Client, namespace: &str, name: &str) -> anyhow::Result<OwnerReference> {
+/// The owner reference to the operator's Deployment, which the outputs carry so that deleting
+/// the install (`helm uninstall`) lets the garbage collector remove them.
+pub async fn owner(client: &Client, namespace: &str, name: &str) -> anyhow::Result<OwnerReference> {
     let d = Api::<Deployment>::namespaced(client.clone(), namespace)
         .get(name)
         .await
@@ -134,7 +136,13 @@ fn usage_client(args: &RunArgs) -> anyhow::Result<Option<UsageClient>> {
             .with_context(|| format!("reading the admin token from {}", path.display()))?
             .trim()
             .to_string(),
-        (None, None) => anyhow::bail!("--relay-admin-url needs --admin-token or --admin-token-file"),
+        (None, None) => {
+            // Usage is optional: run without it and say so in the SenderQuota statuses.
+            tracing::warn!(
+                "--relay-admin-url without --admin-token or --admin-token-file: quota usage is not reported"
+            );
+            return Ok(None);
+        }
     };
     Ok(Some(UsageClient::new(url, token, Duration::from_secs(10))?))
 }
@@ -229,7 +237,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let m = metrics.clone();
         tokio::spawn(async move {
             loop {
-                m.is_leader.set(i64::from(*leading.borrow_and_update()));
+                m.set_leading(*leading.borrow_and_update());
                 if leading.changed().await.is_err() {
                     break;
                 }
@@ -271,4 +279,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("mailroute operator stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn args(extra: &[&str]) -> RunArgs {
+        Cli::parse_from(std::iter::once("mailroute-operator").chain(extra.iter().copied())).run
+    }
+
+    #[test]
+    fn an_admin_url_without_a_token_runs_without_usage_instead_of_exiting() {
+        let a = args(&["--relay-admin-url=http://relay-admin:8080"]);
+        assert!(usage_client(&a).unwrap().is_none());
+        let a = args(&["--relay-admin-url=http://relay-admin:8080", "--admin-token=t"]);
+        assert!(usage_client(&a).unwrap().is_some());
+        assert!(usage_client(&args(&[])).unwrap().is_none());
+    }
 }

@@ -2,7 +2,7 @@
 //! previous ones (keeping `lastTransitionTime` while the status stays the same) and finding the
 //! transitions that deserve an Event. Pure functions; no I/O, no clock (the caller passes `now`).
 
-use mailroute_api::status::Condition;
+use mailroute_api::status::{Condition, condition_type};
 
 /// `True`, `False` or `Unknown`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,9 +83,10 @@ pub struct Transition {
 }
 
 impl Transition {
-    /// Transitions to `False` are warnings; everything else is normal.
+    /// Transitions to `False` are warnings; everything else is normal. `UsageReported=False` is a
+    /// setting (no admin token), not a fault.
     pub fn is_warning(&self) -> bool {
-        self.to.status == Status::False.as_str()
+        self.to.status == Status::False.as_str() && self.to.type_ != condition_type::USAGE_REPORTED
     }
 }
 

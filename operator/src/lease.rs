@@ -147,9 +147,18 @@ impl Elector {
     }
 
     /// One attempt; returns whether this candidate leads afterwards. API errors count as "not
-    /// renewed" (the leader keeps leading until its renew deadline passes).
+    /// renewed" (the leader keeps leading until its renew deadline passes). The attempt itself
+    /// is bounded by what is left of the renew deadline: a request that hangs must not keep a
+    /// leader acting after its lease may have passed to another replica.
     pub async fn try_acquire_or_renew(&mut self) -> bool {
-        match self.attempt().await {
+        let budget = match self.last_renew {
+            Some(t) => self.params.renew_deadline.saturating_sub(clock::age(t, (self.clock)())),
+            None => self.params.renew_deadline,
+        };
+        let outcome = tokio::time::timeout(budget, self.attempt())
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service(format!("no answer within {budget:?}").into())));
+        match outcome {
             Ok(true) => {
                 self.last_renew = Some((self.clock)());
                 true

@@ -103,6 +103,15 @@ impl Metrics {
         }
     }
 
+    /// Publishes leadership. A replica that is not leading exports no route verdicts: it does
+    /// not reconcile, so what it showed as leader would go stale beside the new leader's.
+    pub fn set_leading(&self, leading: bool) {
+        self.is_leader.set(i64::from(leading));
+        if !leading {
+            self.route_verified.reset();
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -135,5 +144,20 @@ mod tests {
         }
         m.set_verified(&BTreeMap::new());
         assert!(!m.render().contains("mail/gmail"), "a deleted route's series stays");
+    }
+
+    #[test]
+    fn a_replica_that_stops_leading_drops_its_route_verdicts() {
+        let m = Metrics::new();
+        m.set_leading(true);
+        m.set_verified(&BTreeMap::from([("mail/gmail".to_string(), false)]));
+        assert!(m.render().contains("mailroute_operator_is_leader 1"));
+        m.set_leading(false);
+        let text = m.render();
+        assert!(text.contains("mailroute_operator_is_leader 0"), "{text}");
+        assert!(
+            !text.contains("mail/gmail"),
+            "a follower still exports a stale verdict:\n{text}"
+        );
     }
 }

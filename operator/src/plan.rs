@@ -100,12 +100,22 @@ pub struct Inputs<'a> {
     pub tests: &'a BTreeMap<String, ConnectionTest>,
     /// Routes whose test is running now.
     pub tests_in_flight: &'a BTreeSet<String>,
-    /// Quota usage from the relays, by quota id; `None` when it could not be read (the statuses
-    /// then keep the usage they show).
-    pub usage: Option<&'a BTreeMap<String, QuotaUsage>>,
+    /// Quota usage from the relays.
+    pub usage: Usage<'a>,
     /// Interval of periodic connection tests; `None` turns them off.
     pub test_interval: Option<Duration>,
     pub now: Timestamp,
+}
+
+/// Quota usage as the relays reported it, by quota id.
+#[derive(Clone, Copy, Debug)]
+pub enum Usage<'a> {
+    /// Read this reconcile.
+    Read(&'a BTreeMap<String, QuotaUsage>),
+    /// The relays could not be read: the statuses keep the usage they show.
+    Unavailable,
+    /// Not configured (no admin URL or token): the statuses say so.
+    Disabled,
 }
 
 /// A status to write.
@@ -532,14 +542,24 @@ fn plan_quota(inputs: &Inputs<'_>, compiled: &Compiled, quota: &SenderQuota, now
     let object = object_ref(ObjectKind::SenderQuota, &quota.metadata);
     let id = object.id();
     let diagnostics: Vec<&Diagnostic> = compiled.diagnostics_for(&object).collect();
-    let desired = compile_conditions(&diagnostics, inputs.fleet);
+    let mut desired = compile_conditions(&diagnostics, inputs.fleet).to_vec();
     let previous = quota.status.clone().unwrap_or_default();
     let generation = quota.metadata.generation;
     let summary = compiled.summaries.get(&object).cloned().unwrap_or_default();
-    let usage = inputs
-        .usage
-        .and_then(|u| u.get(&id).cloned())
-        .or(previous.usage.clone());
+    let usage = match inputs.usage {
+        Usage::Read(u) => u.get(&id).cloned().or(previous.usage.clone()),
+        Usage::Unavailable => previous.usage.clone(),
+        Usage::Disabled => {
+            desired.push(Desired::new(
+                condition_type::USAGE_REPORTED,
+                Status::False,
+                "UsageDisabled",
+                "usage is not reported: the operator has no admin token for the relays' admin API \
+                 (chart value relay.adminToken); limits are enforced by the relays all the same",
+            ));
+            None
+        }
+    };
     let status = SenderQuotaStatus {
         conditions: conditions::merge(&previous.conditions, &desired, generation, now),
         observed_generation: generation,
@@ -624,8 +644,8 @@ spec:
             }
         }
 
-        fn plan(&self, live: Option<(&ConfigMap, &Secret)>, usage: Option<&BTreeMap<String, QuotaUsage>>) -> Plan {
-            plan(&Inputs {
+        fn inputs<'a>(&'a self, live: Option<(&'a ConfigMap, &'a Secret)>) -> Inputs<'a> {
+            Inputs {
                 fleet: &self.fleet,
                 routes: &self.m.routes,
                 quotas: &self.m.quotas,
@@ -634,9 +654,16 @@ spec:
                 live_secret: live.map(|l| l.1),
                 tests: &self.tests,
                 tests_in_flight: &self.in_flight,
-                usage,
+                usage: Usage::Unavailable,
                 test_interval: Some(Duration::from_secs(3600)),
                 now: "2024-05-01T12:00:00Z".parse().unwrap(),
+            }
+        }
+
+        fn plan(&self, live: Option<(&ConfigMap, &Secret)>, usage: Option<&BTreeMap<String, QuotaUsage>>) -> Plan {
+            plan(&Inputs {
+                usage: usage.map_or(Usage::Unavailable, Usage::Read),
+                ..self.inputs(live)
             })
         }
 
@@ -877,6 +904,22 @@ spec: {host: b.example.com, tls: {mode: none}, priority: 5}
         w.apply_statuses(&p);
         // Relays unreachable: nothing to write, the usage shown stays.
         assert!(w.plan(None, None).quota_statuses.is_empty());
+        assert!(s.conditions.iter().all(|c| c.type_ != "UsageReported"));
+    }
+
+    #[test]
+    fn quota_status_says_usage_is_disabled_without_an_admin_token() {
+        let w = World::new(QUOTA);
+        let p = plan(&Inputs {
+            usage: Usage::Disabled,
+            ..w.inputs(None)
+        });
+        let s = &p.quota_statuses[0].status;
+        assert!(s.usage.is_none());
+        assert_eq!(cond(&s.conditions, "Ready").status, "True");
+        let u = cond(&s.conditions, "UsageReported");
+        assert_eq!((u.status.as_str(), u.reason.as_str()), ("False", "UsageDisabled"));
+        assert!(u.message.contains("admin token"), "{}", u.message);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::conntest::ConnTestJob;
 use crate::metrics::Metrics;
-use crate::plan::{self, FIELD_MANAGER, Fleet, Inputs, SecretData};
+use crate::plan::{self, FIELD_MANAGER, Fleet, Inputs, SecretData, Usage};
 use crate::usage::UsageClient;
 
 #[derive(Debug, thiserror::Error)]
@@ -198,13 +198,14 @@ impl Reconciler {
         Ok(out)
     }
 
-    async fn read_usage(&self) -> Option<BTreeMap<String, QuotaUsage>> {
+    /// `None` when no usage client is configured.
+    async fn read_usage(&self) -> Option<Option<BTreeMap<String, QuotaUsage>>> {
         let client = self.usage.as_ref()?;
         match client.fetch().await {
-            Ok(u) => Some(u),
+            Ok(u) => Some(Some(u)),
             Err(e) => {
                 tracing::warn!(error = %e, "quota usage unavailable; statuses keep the usage they show");
-                None
+                Some(None)
             }
         }
     }
@@ -265,7 +266,11 @@ impl Reconciler {
             live_secret: live_secret.as_ref(),
             tests: &tests,
             tests_in_flight: &in_flight,
-            usage: usage.as_ref(),
+            usage: match &usage {
+                None => Usage::Disabled,
+                Some(None) => Usage::Unavailable,
+                Some(Some(u)) => Usage::Read(u),
+            },
             test_interval: self.settings.test_interval,
             now: Timestamp::now(),
         });

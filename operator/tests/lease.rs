@@ -112,3 +112,69 @@ async fn the_election_loop_publishes_leadership_and_releases_on_shutdown() {
     assert!(!*leading.borrow(), "leadership is withdrawn on shutdown");
     assert_eq!(lease(&client).await.holder_identity, None, "the lease is released");
 }
+
+/// A renewal whose request never gets an answer: the leader must step down within its renew
+/// deadline instead of acting on a lease that may have passed to another replica meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_hanging_renewal_is_bounded_by_the_renew_deadline() {
+    use std::pin::pin;
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use tower_test::mock;
+
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    // Answers the first two requests (GET: not found, POST: created), then holds every later
+    // request without an answer, as an API server behind a broken connection would.
+    let server = tokio::spawn(async move {
+        let mut h = pin!(handle);
+        let mut held = Vec::new();
+        let mut n = 0;
+        while let Some((request, send)) = h.next_request().await {
+            n += 1;
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap();
+            match n {
+                1 => send.send_response(
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Body::from(
+                            br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#
+                                .to_vec(),
+                        ))
+                        .unwrap(),
+                ),
+                2 => {
+                    assert_eq!(parts.method, http::Method::POST);
+                    let mut lease: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    lease["metadata"]["resourceVersion"] = "1".into();
+                    send.send_response(
+                        Response::builder()
+                            .body(Body::from(serde_json::to_vec(&lease).unwrap()))
+                            .unwrap(),
+                    );
+                }
+                _ => held.push(send),
+            }
+        }
+    });
+    let client = kube::Client::new(service, NS);
+    // The election's clock follows tokio's (paused, auto-advancing) time.
+    let start: Timestamp = "2024-05-01T12:00:00Z".parse().unwrap();
+    let base = tokio::time::Instant::now();
+    let clock: Clock = Arc::new(move || start.checked_add(base.elapsed()).unwrap());
+    let mut a = Elector::with_clock(client, Params::new(NS, "mailroute-operator", "a"), clock);
+    assert!(a.try_acquire_or_renew().await, "a creates the lease");
+
+    let renewal_started = tokio::time::Instant::now();
+    let leading = tokio::time::timeout(Duration::from_secs(300), a.try_acquire_or_renew())
+        .await
+        .expect("the renewal hung past its renew deadline");
+    assert!(!leading, "a leader whose renewal got no answer still leads");
+    assert!(
+        renewal_started.elapsed() <= Params::new(NS, "x", "a").renew_deadline,
+        "stepped down only after {:?}",
+        renewal_started.elapsed()
+    );
+    server.abort();
+}

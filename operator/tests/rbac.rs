@@ -142,6 +142,11 @@ fn respond(
             json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "apps", "resourceVersion": "5"},
                    "data": {"username": "dQ==", "password": "cA=="}}),
         ),
+        ("GET", "/apis/apps/v1/namespaces/mailroute/deployments/mailroute-operator") => (
+            StatusCode::OK,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                   "metadata": {"name": "mailroute-operator", "namespace": "mailroute", "uid": "d-1"}}),
+        ),
         ("GET", p) if p.contains("/leases/") => match lease.lock().unwrap().clone() {
             Some(l) => (StatusCode::OK, l),
             None => (StatusCode::NOT_FOUND, not_found),
@@ -193,9 +198,17 @@ async fn the_rbac_file_grants_exactly_what_the_operator_uses() {
     let server = serve(handle, seen.clone());
     let client = Client::new(service, "default");
 
+    // The outputs' owner (--owner-deployment), read once at start-up.
+    let mut fleet = Fleet::new("mailroute", NS);
+    fleet.owner = Some(
+        mailroute_operator::app::owner(&client, NS, "mailroute-operator")
+            .await
+            .unwrap(),
+    );
+
     // Reconciles creating the outputs, writing statuses and Events.
     let settings = Settings {
-        fleet: Fleet::new("mailroute", NS),
+        fleet,
         namespaces: Vec::new(),
         test_interval: None,
         instance: "operator-0".into(),

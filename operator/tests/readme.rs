@@ -15,7 +15,7 @@ use mailroute_api::quota::{PeriodUsage, QuotaUsage};
 use mailroute_api::status::ConnectionTest;
 use mailroute_api::{Manifests, SenderQuota, SmtpRoute};
 use mailroute_operator::conntest;
-use mailroute_operator::plan::{self, Fleet, Inputs, PlannedEvent, SecretData};
+use mailroute_operator::plan::{self, Fleet, Inputs, PlannedEvent, SecretData, Usage};
 use serde_json::Value;
 
 const BEGIN: &str = "<!-- status-examples:begin -->";
@@ -97,7 +97,7 @@ impl World {
             live_secret: None,
             tests,
             tests_in_flight: &BTreeSet::new(),
-            usage: Some(usage),
+            usage: Usage::Read(usage),
             test_interval: Some(Duration::from_secs(3600)),
             now,
         });

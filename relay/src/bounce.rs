@@ -512,6 +512,16 @@ const RULES: &[Rule] = &[
         &["dns", "nonexistentdomain", "host not found"],
         BounceClass::DnsFailure,
     ),
+    // Deferrals that ask us to slow down, which is how the back-off (shaping::backoff) reads
+    // them: any other 421 ("421 4.7.0 Try again later", service closing) and 450/451 with an
+    // X.7.x code. Last, so TLS, authentication, SPF/DKIM/DMARC and greylisting keep their class.
+    row(CodePat::OneOf(&[421]), EnhPat::Any, &[], BounceClass::RateLimited),
+    row(
+        CodePat::OneOf(&[450, 451]),
+        enh(None, 7, 0, 999),
+        &[],
+        BounceClass::RateLimited,
+    ),
 ];
 
 #[cfg(test)]
@@ -719,7 +729,10 @@ mod tests {
     fn basic_code_fallbacks_and_non_failures() {
         assert_eq!(classify_reply(250, "2.0.0 OK queued as 12345"), None);
         assert_eq!(classify_reply(354, "End data with <CR><LF>.<CR><LF>"), None);
-        check("421 Service not available, closing channel", T, C::Other);
+        check("421 Service not available, closing channel", T, C::RateLimited);
+        // A deferral the back-off reads as "slow down" is classed so too (it was spam_or_policy).
+        check("421 4.7.0 Try again later", T, C::RateLimited);
+        check("450 4.7.1 Client host rejected: too fast", T, C::RateLimited);
         check("554 Transaction failed", P, C::Other);
         check("452 Insufficient system storage", T, C::MailboxFull);
         // With an enhanced code, the basic code fallback does not apply.

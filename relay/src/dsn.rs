@@ -153,7 +153,7 @@ pub fn build(req: &DsnRequest<'_>, now: DateTime<Utc>, unique: &str) -> Dsn {
 
     let mut m = String::with_capacity(2048);
     push_header(&mut m, "From", &format!("Mail Delivery System <MAILER-DAEMON@{host}>"));
-    push_header(&mut m, "To", &format!("<{}>", one_line(req.original_sender)));
+    push_header(&mut m, "To", &format!("<{}>", mailbox(req.original_sender)));
     push_header(&mut m, "Subject", subject);
     push_header(&mut m, "Date", &now.to_rfc2822());
     push_header(&mut m, "Message-ID", &format!("<{unique}.dsn@{host}>"));
@@ -206,11 +206,7 @@ fn human_text(req: &DsnRequest<'_>, host: &str, subject: Option<&str>, any_faile
         t.push_str(&format!("\r\nSubject of your message: {s}\r\n"));
     }
     for r in req.recipients {
-        t.push_str(&format!(
-            "\r\n<{}>: {}\r\n",
-            one_line(&r.recipient),
-            one_line(&r.reason)
-        ));
+        t.push_str(&format!("\r\n<{}>: {}\r\n", mailbox(&r.recipient), one_line(&r.reason)));
         match (&r.diagnostic, &r.remote_mta) {
             (Some(d), Some(mta)) => t.push_str(&format!(
                 "    {} replied: {} {}\r\n",
@@ -287,7 +283,7 @@ fn original_headers(original: &[u8]) -> String {
 
 /// `rfc822; addr` for ASCII addresses, RFC 6533 `utf-8; ...` with `\x{HEX}` escapes otherwise.
 fn address_field(addr: &str) -> String {
-    let addr = one_line(addr);
+    let addr = mailbox(addr);
     if addr.is_ascii() {
         return format!("rfc822; {addr}");
     }
@@ -300,6 +296,15 @@ fn address_field(addr: &str) -> String {
         }
     }
     out
+}
+
+/// An address as written in a header field: one line, in RFC 5321 form (a local part that needs
+/// quotes keeps them, so it reads as the same address; see `smtp::address`).
+fn mailbox(addr: &str) -> String {
+    let addr = one_line(addr);
+    crate::smtp::address::wire_form(&addr)
+        .map(std::borrow::Cow::into_owned)
+        .unwrap_or(addr)
 }
 
 /// Collapses CR/LF and other control characters (header injection, multi-line replies) into spaces.
@@ -537,6 +542,28 @@ More body.\r\n";
         for bad in ["\r\nBcc:", "\r\nX-Injected:", "\nBcc:"] {
             assert!(!text.contains(bad), "{bad:?} injected:\n{text}");
         }
+    }
+
+    #[test]
+    fn quoted_local_parts_stay_quoted() {
+        let mut r = failed_rcpt();
+        r.recipient = "x y@example.net".into();
+        let rcpts = [r];
+        let mut req = request(&rcpts);
+        req.original_sender = "a> AUTH=<ceo@corp.example>@good.example";
+        let dsn = build(&req, t(10, 6), "q1");
+        // The envelope keeps the stored form; the session writes it out quoted.
+        assert_eq!(dsn.rcpt_to, req.original_sender);
+        let text = String::from_utf8_lossy(&dsn.message).replace("\r\n ", " ");
+        assert!(
+            text.contains("\r\nTo: <\"a> AUTH=<ceo@corp.example>\"@good.example>\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Final-Recipient: rfc822; \"x y\"@example.net\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("<\"x y\"@example.net>: the recipient's"), "{text}");
     }
 
     #[test]

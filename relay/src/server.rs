@@ -406,6 +406,8 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
             r = l.accept() => match r {
                 Ok((tcp, peer)) => {
+                    // A listener on [::] sees IPv4 clients as ::ffff:a.b.c.d; rules are written for a.b.c.d.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     let guard = sessions.enter();
                     let inbound = inbound.clone();
                     tokio::spawn(async move {

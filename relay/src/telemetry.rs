@@ -31,12 +31,33 @@ impl Telemetry {
         });
     }
 
+    /// [`Self::record`] for several records, stored in their order.
+    pub fn record_all(&self, evs: Vec<DeliveryEvent>) {
+        let dlog = self.dlog.clone();
+        tokio::spawn(async move {
+            for ev in evs {
+                if let Err(e) = dlog.record(&ev).await {
+                    tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
+                }
+            }
+        });
+    }
+
     /// Records and waits for the store (worker paths, where ordering matters more than latency).
     pub async fn record_now(&self, ev: DeliveryEvent) {
         if let Err(e) = self.dlog.record(&ev).await {
             tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
         }
     }
+}
+
+/// The `scheduled` record of a recipient held until `at_ms` (ms since the epoch) by `reason`.
+pub fn scheduled_event(meta: &MessageMeta, rcpt_index: usize, at_ms: i64, reason: &str) -> DeliveryEvent {
+    let mut ev = event_for(meta, EventResult::Scheduled, rcpt_index);
+    ev.not_before = chrono::DateTime::from_timestamp_millis(at_ms);
+    let until = ev.not_before.as_ref().map(crate::dlog::format_time).unwrap_or_default();
+    ev.reply_text = Some(format!("held by {reason} until {until}"));
+    ev
 }
 
 /// A log record for a message event, with the submission facts filled in.
@@ -85,9 +106,16 @@ impl Observer for Telemetry {
             .recipients_received
             .with_label_values(&[&meta.listener, "accepted"])
             .inc_by(meta.rcpts.len() as u64);
+        // The enqueue path holds the jobs of a future X-Mailroute-Deliver-After until then.
+        let held = meta.options.deliver_after_ms.filter(|t| *t > meta.received_at_ms);
+        let mut evs = Vec::with_capacity(meta.rcpts.len() * 2);
         for i in 0..meta.rcpts.len() {
-            self.record(event_for(meta, EventResult::Received, i));
+            evs.push(event_for(meta, EventResult::Received, i));
+            if let Some(at) = held {
+                evs.push(scheduled_event(meta, i, at, crate::headers::DELIVER_AFTER));
+            }
         }
+        self.record_all(evs);
     }
 
     fn quota_decision(&self, quota: &str, result: &str) {

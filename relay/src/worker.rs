@@ -1,6 +1,7 @@
 //! The delivery worker: takes jobs from the queue, chooses routes, attempts delivery, and moves
-//! each job to its next state: delivered, retried on the route's schedule, paced, bounced (with
-//! a DSN to the return-path) or expired. Several workers on several pods share one queue.
+//! each job to its next state: delivered, retried on the route's schedule, paced, held for
+//! quiet hours (logged as `scheduled`), bounced (with a DSN to the return-path) or expired.
+//! Several workers on several pods share one queue.
 //!
 //! It owns the per-job decision sequence and the order of the queue writes. SMTP I/O is behind
 //! [`Transport`], pacing behind [`Pacing`]; classification (`bounce`), schedules (`retry`), DSN
@@ -25,7 +26,7 @@ use crate::dsn;
 use crate::message::{Job, MessageMeta, RecipientState, new_id};
 use crate::queue::{Disposition, Leased, Queue, QueueError, Stored};
 use crate::retry::{self, Next, RetryPolicy};
-use crate::telemetry::{Telemetry, event_for};
+use crate::telemetry::{Telemetry, event_for, scheduled_event};
 
 /// The envelope of one delivery attempt.
 #[derive(Clone, Debug)]
@@ -516,6 +517,8 @@ impl Worker {
             && q.contains_ms(now)
         {
             let at = retry::defer_out_of_quiet(&q, now);
+            let ev = scheduled_event(meta, idx, at, &format!("quiet hours {q}"));
+            self.telemetry.record_now(ev).await;
             return self.wait(&leased, job, at, "quiet hours", None).await;
         }
         let Some(first) = routes.first() else {

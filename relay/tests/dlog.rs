@@ -439,6 +439,7 @@ async fn stored_and_printed_records_hold_no_content_fields() {
         "attempt",
         "bounce_class",
         "tls",
+        "not_before",
     ]
     .into_iter()
     .collect();

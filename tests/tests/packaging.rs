@@ -22,6 +22,16 @@ fn read(rel: &str) -> String {
 
 /// Series Prometheus itself adds to every scrape target.
 const PROMETHEUS_SERIES: &[&str] = &["up"];
+/// Series of the standard cluster exporters a Prometheus for Kubernetes scrapes (kube-state-metrics,
+/// the kubelet's volume stats and cAdvisor), used by the alerts on pods and on Redis.
+const CLUSTER_SERIES: &[&str] = &[
+    "kube_deployment_spec_replicas",
+    "kube_deployment_status_replicas_available",
+    "kube_statefulset_status_replicas_ready",
+    "container_memory_working_set_bytes",
+    "kubelet_volume_stats_used_bytes",
+    "kubelet_volume_stats_capacity_bytes",
+];
 
 /// Metric family names a query may use (the relay's contract list and the operator's
 /// exposition), and which of them are histograms (whose `_bucket`, `_sum` and `_count` series
@@ -58,7 +68,7 @@ impl Exported {
         let operator_names: BTreeSet<String> = exposition_types(&operator_text).into_keys().collect();
         assert!(operator_names.contains("mailroute_route_verified"), "{operator_text}");
         names.extend(operator_names);
-        names.extend(PROMETHEUS_SERIES.iter().map(|s| s.to_string()));
+        names.extend(PROMETHEUS_SERIES.iter().chain(CLUSTER_SERIES).map(|s| s.to_string()));
         Exported { names, histograms }
     }
 
@@ -366,9 +376,26 @@ fn alert_rules_parse_and_use_only_exported_metrics() {
         "MailrouteRouteNotVerified",
         "MailrouteQuotaNearLimit",
         "MailrouteRelayDown",
+        "MailrouteDeliveriesStalled",
+        "MailrouteOperatorReconcileErrors",
+        "MailrouteOperatorStale",
+        "MailrouteMailExpired",
+        "MailrouteRelaysNotReady",
+        "MailrouteRedisDown",
+        "MailrouteRedisNearMaxmemory",
+        "MailrouteRedisDiskFilling",
     ] {
         assert!(names.contains(must), "no alert {must}; have {names:?}");
     }
+    // A counter without series (no attempt since start) must not make "no deliveries" unknowable.
+    let stalled = rules
+        .iter()
+        .find(|(a, _)| a == "MailrouteDeliveriesStalled")
+        .map(|(_, e)| e);
+    assert!(
+        stalled.is_some_and(|e| e.contains("or vector(0)")),
+        "MailrouteDeliveriesStalled cannot fire while mailroute_delivery_attempts_total has no series: {stalled:?}"
+    );
     for (alert, expr) in &rules {
         let used = names_in_query(expr);
         assert!(!used.is_empty(), "alert {alert} selects no metric");

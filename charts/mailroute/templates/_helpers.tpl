@@ -6,15 +6,18 @@ Names, labels, images and the Redis connection shared by the templates.
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* At most 46 characters, so that every component name stays a distinct DNS label: the longest
+     Service suffix is "-redis-headless" (63 - 15 = 48), and the Redis StatefulSet's name plus the
+     11-character revision hash of its pods' controller-revision-hash label must fit in 63. */}}
 {{- define "mailroute.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 46 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- .Release.Name | trunc 46 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 46 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -277,7 +280,8 @@ Pass (dict "ctx" $ "name" secretName "key" key "memo" memoKey).
 {{/* redis.conf of the in-cluster Redis: durable queue settings. */}}
 {{- define "mailroute.redis.conf" -}}
 # Written by the mailroute chart. The queue must never lose an acknowledged message.
-bind 0.0.0.0
+# Both families where the pod has them ("-" : an absent IPv6 stack is not an error).
+bind * -::*
 port 6379
 protected-mode no
 dir /data
@@ -295,10 +299,41 @@ auto-aof-rewrite-min-size 1gb
 save ""
 # A queue must never evict: when full, writes fail and relays answer 4xx (clients retry).
 maxmemory-policy noeviction
-{{- with .Values.redis.maxmemory }}
-maxmemory {{ . }}
-{{- end }}
+# Below the container's memory limit, so that a full queue answers 4xx at the door instead of
+# the cgroup killing Redis (which then could not replay its AOF within the same limit).
+maxmemory {{ include "mailroute.redis.maxmemory" . }}
 {{- with .Values.redis.extraConfig }}
 {{ . }}
 {{- end }}
+{{- end }}
+
+{{/* Bytes of a Kubernetes memory quantity such as 1Gi, 512Mi, 2G or 1073741824. */}}
+{{- define "mailroute.quantityBytes" -}}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9]+" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $mult := get (dict "" 1 "k" 1000 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776) $unit }}
+{{- if or (not $num) (not $mult) }}
+{{- fail (printf "cannot read the memory quantity %q (use an integer with Ki, Mi, Gi, Ti, k, M, G or T)" $q) }}
+{{- end }}
+{{- mul (int64 $num) (int64 $mult) }}
+{{- end }}
+
+{{/* Redis maxmemory: redis.maxmemory, else redis.maxmemoryPercent of the memory limit. */}}
+{{- define "mailroute.redis.maxmemory" -}}
+{{- $rd := .Values.redis }}
+{{- if $rd.maxmemory }}
+{{- $rd.maxmemory }}
+{{- else }}
+{{- $limit := dig "limits" "memory" "" $rd.resources }}
+{{- if not $limit }}
+{{- fail "redis.resources.limits.memory is required (maxmemory is derived from it), or set redis.maxmemory" }}
+{{- end }}
+{{- div (mul (include "mailroute.quantityBytes" $limit | int64) (int64 $rd.maxmemoryPercent)) 100 }}
+{{- end }}
+{{- end }}
+
+{{/* Wildcard address of the listeners for .Values.ipFamily. */}}
+{{- define "mailroute.anyAddress" -}}
+{{- if eq .Values.ipFamily "IPv4" }}0.0.0.0{{ else }}[::]{{ end }}
 {{- end }}

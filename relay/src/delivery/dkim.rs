@@ -4,12 +4,20 @@
 //!
 //! Signing happens after the From override so the signature covers the final headers. Must not
 //! log key material; the key never leaves this module.
+//!
+//! Two of mail-auth's outputs differ from what other verifiers (dkimpy, OpenDKIM) compute, and
+//! are worked around here: its header puts a fold between a `b=` value that fills its line and
+//! the closing `;` ([`close_b_value`]), and its relaxed body hash counts whitespace-only lines at
+//! the end of the body ([`empty_trailing_blank_lines`]). relay/tests/dkim_interop.rs checks
+//! every key type, canonicalization and awkward message shape with those verifiers.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter as _;
-use mail_auth::dkim::{Canonicalization, Done};
+pub use mail_auth::dkim::Canonicalization;
+use mail_auth::dkim::Done;
 use mailroute_api::config::DkimConfig;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject as _;
@@ -55,6 +63,7 @@ pub struct DkimSigner {
     domain: String,
     selector: String,
     key: Key,
+    relaxed_body: bool,
 }
 
 impl fmt::Debug for DkimSigner {
@@ -98,6 +107,7 @@ impl DkimSigner {
             domain: domain.to_owned(),
             selector: selector.to_owned(),
             key,
+            relaxed_body: true,
         })
     }
 
@@ -130,24 +140,86 @@ impl DkimSigner {
         }
     }
 
-    /// The `DKIM-Signature:` header field (with CRLF) for `message`.
-    pub fn signature_header(&self, message: &[u8]) -> Result<String, DkimError> {
+    /// The same signer with other canonicalizations (relaxed/relaxed by default).
+    pub fn with_canonicalization(self, header: Canonicalization, body: Canonicalization) -> Self {
+        let key = match self.key {
+            Key::Rsa(s) => Key::Rsa(s.header_canonicalization(header).body_canonicalization(body)),
+            Key::Ed25519(s) => Key::Ed25519(s.header_canonicalization(header).body_canonicalization(body)),
+        };
+        Self {
+            key,
+            relaxed_body: body == Canonicalization::Relaxed,
+            ..self
+        }
+    }
+
+    /// The `DKIM-Signature:` header field (with CRLF) for `message` exactly as given; [`Self::sign`]
+    /// first makes the message one that every verifier hashes alike.
+    fn signature_header(&self, message: &[u8]) -> Result<String, DkimError> {
         let signature = match &self.key {
             Key::Rsa(s) => s.sign(message),
             Key::Ed25519(s) => s.sign(message),
         }
         .map_err(|e| DkimError::Sign(e.to_string()))?;
-        Ok(signature.to_header())
+        Ok(close_b_value(signature.to_header()))
     }
 
-    /// `message` with the signature prepended.
+    /// `message` with the signature prepended. With relaxed body canonicalization, whitespace-only
+    /// lines at the end of the body come out empty ([`empty_trailing_blank_lines`]).
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, DkimError> {
-        let header = self.signature_header(message)?;
+        let message = if self.relaxed_body {
+            empty_trailing_blank_lines(message)
+        } else {
+            Cow::Borrowed(message)
+        };
+        let header = self.signature_header(&message)?;
         let mut out = Vec::with_capacity(header.len() + message.len());
         out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(message);
+        out.extend_from_slice(&message);
         Ok(out)
     }
+}
+
+/// Removes the fold mail-auth puts between the `b=` value and its closing `;` when the value
+/// exactly fills a line (`b=…\r\n\t;`). mail-auth signs the header with an empty `b=` value and
+/// no whitespace after it (`b=;`); RFC 6376 §3.7 deletes the value "including all surrounding
+/// whitespace", which mail-auth's verifier reads as covering that fold, but dkimpy and others
+/// delete only the base64 text (and the folds inside it), keep the fold, and find the signature
+/// bad (every RSA-2048 message with our usual headers). `b=` is always the last tag mail-auth
+/// writes and only a fold after a full line can end the header this way, so the result, with
+/// the `b=` value deleted, is byte for byte what was signed, under either reading. The last line
+/// gets one character longer (77), within RFC 5322's 78.
+pub fn close_b_value(header: String) -> String {
+    match header.strip_suffix("\r\n\t;\r\n") {
+        Some(head) if head.rsplit_once("; b=").is_some_and(|(_, b)| !b.contains(';')) => format!("{head};\r\n"),
+        _ => header,
+    }
+}
+
+/// `message` with the spaces and tabs removed from the whitespace at the end of its body (the
+/// body's last non-whitespace character stays where it is; line breaks stay). RFC 6376 §3.4.4
+/// relaxed body canonicalization ignores whitespace at the end of lines and empty lines at the
+/// end of the body, so whitespace-only trailing lines count for nothing; mail-auth counts them
+/// (`Body.\r\n  \r\n` hashes as `Body.\r\n\r\n`), and dkimpy and OpenDKIM then reject the body
+/// hash. Removing that whitespace changes no verifier's canonical body, and makes mail-auth's
+/// agree. A message without a header/body separator is returned as it is.
+pub fn empty_trailing_blank_lines(message: &[u8]) -> Cow<'_, [u8]> {
+    let Some(body_start) = message.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
+        return Cow::Borrowed(message);
+    };
+    let body = &message[body_start..];
+    let tail_start = body
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .map_or(0, |p| p + 1);
+    let tail = &body[tail_start..];
+    if !tail.iter().any(|b| matches!(b, b' ' | b'\t')) {
+        return Cow::Borrowed(message);
+    }
+    let mut out = Vec::with_capacity(message.len());
+    out.extend_from_slice(&message[..body_start + tail_start]);
+    out.extend(tail.iter().filter(|b| !matches!(b, b' ' | b'\t')));
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -190,10 +262,45 @@ pub(crate) mod tests {
         let record = format!("v=DKIM1; k=rsa; p={}", include_str!("testdata/dkim-rsa.pub.b64").trim());
         assert_eq!(verify(&signed, &record).await, vec![DkimResult::Pass]);
         // The header covers the From the override produced.
-        let header = signer.signature_header(MESSAGE).expect("signs");
+        let header = String::from_utf8(signer.sign(MESSAGE).expect("signs")).expect("UTF-8");
         assert!(header.contains("d=example.com"), "{header}");
         assert!(header.contains("s=mailroute"), "{header}");
         assert!(header.to_ascii_lowercase().contains("from"), "{header}");
+    }
+
+    #[test]
+    fn a_b_value_that_fills_its_line_is_closed_without_a_fold() {
+        let head = "DKIM-Signature: v=1; a=rsa-sha256; s=s; d=example.com; c=relaxed/relaxed;\r\n\th=From; t=1; bh=AAAA; b=\r\n\tBBBB";
+        assert_eq!(close_b_value(format!("{head}\r\n\t;\r\n")), format!("{head};\r\n"));
+        // Already closed, or a fold that is not after the b= value: left alone.
+        for other in [format!("{head};\r\n"), "X: a; b=c; d=\r\n\t;\r\n".to_owned()] {
+            assert_eq!(close_b_value(other.clone()), other);
+        }
+    }
+
+    #[test]
+    fn whitespace_at_the_end_of_the_body_is_emptied() {
+        let cases: [(&[u8], &[u8]); 7] = [
+            (
+                b"A: b\r\n\r\nBody.\r\n\r\n  \r\n\t\r\n",
+                b"A: b\r\n\r\nBody.\r\n\r\n\r\n\r\n",
+            ),
+            (b"A: b\r\n\r\nBody.  \r\n \r\n", b"A: b\r\n\r\nBody.\r\n\r\n"),
+            (b"A: b\r\n\r\nBody. ", b"A: b\r\n\r\nBody."),
+            (b"A: b\r\n\r\n \r\n", b"A: b\r\n\r\n\r\n"),
+            // Whitespace inside the body and in the headers stays.
+            (b"A:  b \r\n\r\n x \r\n  y\r\n", b"A:  b \r\n\r\n x \r\n  y\r\n"),
+            (b"A: b\r\n\r\nBody.\r\n\r\n", b"A: b\r\n\r\nBody.\r\n\r\n"),
+            (b"A: b  \r\n", b"A: b  \r\n"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                &*empty_trailing_blank_lines(input),
+                want,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
     }
 
     #[test]

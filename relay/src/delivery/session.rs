@@ -12,6 +12,9 @@
 //! * STARTTLS is optional for MX delivery; mail-send's builder only knows "required".
 //! * With PIPELINING offered, MAIL, RCPT and DATA go in one write (mail-send's `cmds`) and the
 //!   content follows once DATA is open; mail-send's own `data` would wait for each reply.
+//! * Envelope addresses are written in RFC 5321 form (`smtp::address::wire_form`: a quoted local
+//!   part stays quoted, so it cannot add parameters), and the content is dot-stuffed by
+//!   `smtp::data::write_dot_stuffed`: mail-send's `write_message` misses a dot on the first line.
 //!
 //! A session carries the connection slot ([`Lease`]) it was opened under and frees it only
 //! after the connection is closed ([`Session::quit`], [`Session::discard`]).
@@ -42,6 +45,8 @@ use tokio_rustls::client::TlsStream;
 use super::gate::Lease;
 use super::{SmtpReply, Stage};
 use crate::bounce::{BounceClass, Failure};
+use crate::smtp::address::{AddressError, wire_form};
+use crate::smtp::data::write_dot_stuffed;
 
 /// How TLS is used on a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -461,6 +466,12 @@ impl Session {
     async fn transaction(&mut self, mail_from: &str, rcpt_to: &str, message: &[u8]) -> Result<SmtpReply, StepError> {
         self.messages += 1;
         let tls = self.tls;
+        let (mail_from, rcpt_to) = match (wire_form(mail_from), wire_form(rcpt_to)) {
+            (Ok(f), Ok(t)) => (f, t),
+            (Err(e), _) => return Err(unwritable(Stage::MailFrom, "5.1.7", &e, tls)),
+            (_, Err(e)) => return Err(unwritable(Stage::RcptTo, "5.1.3", &e, tls)),
+        };
+        let (mail_from, rcpt_to) = (mail_from.as_ref(), rcpt_to.as_ref());
         let mut params = Parameters::new();
         if self.caps.has_capability(EXT_SIZE) {
             params.add(format!("SIZE={}", message.len()));
@@ -486,16 +497,13 @@ impl Session {
             return Err(map_error(&self.client, Stage::RcptTo, e, tls));
         }
 
-        // mail-send appends "\r\n.\r\n" unconditionally; drop our final CRLF so the
-        // receiver gets the message byte for byte.
-        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
         self.client.stream.clear();
         self.client.timeout = self.timeouts.data_init;
         let opened = self.client.cmd(b"DATA\r\n").await.and_then(|r| r.assert_code(354));
         self.client.timeout = self.timeouts.mail;
         let result = match opened {
             Ok(()) => self
-                .send_content(content)
+                .send_content(message)
                 .await
                 .and_then(|r| r.into_positive_completion()),
             Err(e) => Err(e),
@@ -567,10 +575,8 @@ impl Session {
             });
         }
 
-        // mail-send's write_message appends "\r\n.\r\n": drop our final CRLF (see `send`).
-        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
         self.client.stream.clear();
-        match self.send_content(content).await {
+        match self.send_content(message).await {
             Err(e) => Err(map_error(&self.client, Stage::Message, e, tls)),
             Ok(r) => {
                 let reply = raw_or(self.client.stream.last_reply(), &r);
@@ -587,13 +593,17 @@ impl Session {
         }
     }
 
-    /// Writes the content once DATA is open (within the transfer timeout) and reads the reply to
-    /// its final dot (within the end-of-data timeout).
-    async fn send_content(&mut self, content: &[u8]) -> Result<smtp_proto::Response<String>, mail_send::Error> {
+    /// Writes the content once DATA is open, dot-stuffed (see the module doc), within the
+    /// transfer timeout, and reads the reply to its final dot within the end-of-data timeout.
+    async fn send_content(&mut self, message: &[u8]) -> Result<smtp_proto::Response<String>, mail_send::Error> {
         let t = self.timeouts;
-        tokio::time::timeout(t.data_transfer, self.client.write_message(content))
-            .await
-            .map_err(|_| mail_send::Error::Timeout)??;
+        let stream = &mut self.client.stream;
+        tokio::time::timeout(t.data_transfer, async {
+            write_dot_stuffed(&mut *stream, message).await?;
+            tokio::io::AsyncWriteExt::flush(stream).await
+        })
+        .await
+        .map_err(|_| mail_send::Error::Timeout)??;
         tokio::time::timeout(t.data_done, self.client.read())
             .await
             .map_err(|_| mail_send::Error::Timeout)?
@@ -637,6 +647,16 @@ impl Session {
         if let Some(l) = lease {
             l.release().await;
         }
+    }
+}
+
+/// An address the relay cannot write safely is refused here, as a server would refuse it: the
+/// inbound side refuses such addresses, so only older queue entries can have one.
+fn unwritable(stage: Stage, enhanced: &str, e: &AddressError, tls: bool) -> StepError {
+    StepError {
+        stage,
+        kind: StepErrorKind::Reply(SmtpReply::new(553, format!("{enhanced} relay: {e}, not sent"))),
+        tls,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The delivery log: one [`DeliveryEvent`] per thing that happened to a
-//! recipient (received, delivered, deferred, bounced, expired, rejected,
-//! cancelled), written as a JSON line to stdout and kept in a store that can
+//! recipient (received, scheduled, delivered, deferred, bounced, expired,
+//! rejected, cancelled), written as a JSON line to stdout and kept in a store that can
 //! be queried by time range with filters and cursor paging, and trimmed by age.
 //!
 //! This module owns the event record, the filter and paging logic, the
@@ -55,6 +55,8 @@ pub const DEFAULT_SCAN_BUDGET: usize = 20_000;
 pub enum EventResult {
     /// Accepted from a client and queued.
     Received,
+    /// Held until `not_before` (`X-Mailroute-Deliver-After`, quiet hours): not tried before then.
+    Scheduled,
     /// The destination accepted it (2xx).
     Delivered,
     /// Temporary failure; a retry is scheduled.
@@ -70,8 +72,9 @@ pub enum EventResult {
 }
 
 impl EventResult {
-    pub const ALL: [EventResult; 7] = [
+    pub const ALL: [EventResult; 8] = [
         EventResult::Received,
+        EventResult::Scheduled,
         EventResult::Delivered,
         EventResult::Deferred,
         EventResult::Bounced,
@@ -83,6 +86,7 @@ impl EventResult {
     pub fn as_str(self) -> &'static str {
         match self {
             EventResult::Received => "received",
+            EventResult::Scheduled => "scheduled",
             EventResult::Delivered => "delivered",
             EventResult::Deferred => "deferred",
             EventResult::Bounced => "bounced",
@@ -146,6 +150,9 @@ pub struct DeliveryEvent {
     /// Whether the connection this event describes used TLS.
     #[serde(default)]
     pub tls: bool,
+    /// `scheduled`: when delivery will be tried (RFC 3339 UTC, milliseconds).
+    #[serde(default, with = "opt_time_ms")]
+    pub not_before: Option<DateTime<Utc>>,
 }
 
 impl DeliveryEvent {
@@ -176,6 +183,7 @@ impl DeliveryEvent {
             attempt: None,
             bounce_class: None,
             tls: false,
+            not_before: None,
         }
     }
 
@@ -203,6 +211,28 @@ mod time_ms {
         DateTime::parse_from_rfc3339(&s)
             .map(|t| t.with_timezone(&Utc))
             .map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_time_ms {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => super::time_ms::serialize(t, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| {
+                DateTime::parse_from_rfc3339(&s)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(serde::de::Error::custom)
+            })
+            .transpose()
     }
 }
 

@@ -66,16 +66,16 @@ pub enum Signal {
     Neutral,
 }
 
-/// Classifies an attempt's outcome for pacing. Per-message recipient-count replies
-/// (`452 4.5.3`, `552 … too many recipients`) are about that message, not the pace.
+/// Classifies an attempt's outcome for pacing: a reply the bounce classification calls
+/// [`BounceClass::RateLimited`] (the class the delivery log and metrics show) backs off, except
+/// per-message recipient-count replies (`452 4.5.3`, `552 … too many recipients`), which are
+/// about that message, not the pace.
 pub fn signal(outcome: &Outcome<'_>) -> Signal {
     let Outcome::Reply(r) = outcome else {
         return Signal::Neutral;
     };
     match r.code {
         200..=299 => return Signal::Success,
-        421 => return Signal::RateLimited,
-        450 | 451 if r.enhanced.is_some_and(|(_, s, _)| s == 7) => return Signal::RateLimited,
         452 | 552 => return Signal::Neutral,
         _ => {}
     }
@@ -119,6 +119,40 @@ mod tests {
         assert_eq!(sig(550, "5.1.1 User unknown"), Signal::Neutral);
         assert_eq!(sig(354, "Start mail input"), Signal::Neutral);
         assert_eq!(signal(&Outcome::Failure(Failure::Timeout)), Signal::Neutral);
+    }
+
+    /// The back-off and the delivery log/metrics class read a reply the same way: a reply backs
+    /// the route off exactly when it is classed `rate_limited` (but for recipient counts).
+    #[test]
+    fn backoff_follows_the_rate_limited_class() {
+        for (code, text, backs_off) in [
+            (421, "4.7.0 Try again later", true),
+            (421, "4.7.0 Try again later, closing connection", true),
+            (421, "Service not available, closing channel", true),
+            (421, "4.3.2 System shutting down", true),
+            (450, "4.7.1 Client host rejected: too fast", true),
+            (451, "4.7.1 Please try again later", true),
+            (451, "4.7.500 Server busy. Please try again later", true),
+            (550, "5.4.5 Daily user sending quota exceeded", true),
+            (421, "4.7.0 Must issue a STARTTLS command first", false),
+            (451, "4.7.1 Greylisted, please try again in 5 minutes", false),
+            (450, "4.7.1 SPF check failed, try again", false),
+            (454, "4.7.0 Temporary authentication failure", false),
+            (451, "4.3.0 Local error in processing", false),
+            (550, "5.7.1 Message rejected as spam", false),
+        ] {
+            let class = classify_parsed(&Reply::new(code, text)).map(|v| v.class);
+            assert_eq!(
+                sig(code, text) == Signal::RateLimited,
+                backs_off,
+                "{code} {text}: back-off"
+            );
+            assert_eq!(
+                class == Some(BounceClass::RateLimited),
+                backs_off,
+                "{code} {text}: class {class:?}"
+            );
+        }
     }
 
     #[test]

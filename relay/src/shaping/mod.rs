@@ -13,7 +13,8 @@
 //! - Route `recipientsPerDay`: rolling 24 hours (hourly buckets; a recipient counts for 24 to 25
 //!   hours), which never exceeds a calendar-day limit either. A message with more recipients
 //!   than the whole limit goes alone once nothing else counts.
-//! - Back-off: a `421`, `450 4.7.x`, `451 4.7.x` or another rate-limit reply stops a smarthost
+//! - Back-off: a reply classed `rate_limited` (`421`, `450 4.7.x`, `451 4.7.x`, provider
+//!   throttling; the class the delivery log shows, see [`crate::bounce`]) stops a smarthost
 //!   route (an MX route: only that destination domain) for 1 minute, doubling per repeated
 //!   reply up to 15 minutes; a success clears it.
 //! - `maxConnections` (route and destination): counts the open connections of all pods

@@ -5,6 +5,8 @@
 //! This module owns the protocol state machine and the relay-access decision. Sender policy and
 //! quota arithmetic are the quota engine's (`crate::quota`), consulted at MAIL, RCPT and the end
 //! of DATA; logging and metrics go out through [`Observer`]. It must not deliver or route.
+//! DATA transparency (a message with a bare CR or LF is refused) is `super::data`'s; raw
+//! MAIL/RCPT line checks and the RFC 5321 form of addresses are `super::address`'s.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -14,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use ipnet::IpNet;
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, Request};
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, MAIL_SMTPUTF8, Request};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{Conn, Line, ListenerKind, MaybeTls};
+use super::data::DataReceiver;
+use super::{Conn, Line, ListenerKind, MaybeTls, address};
 use crate::config::ConfigHandle;
 use crate::headers;
 use crate::message::{Job, MessageMeta, new_id};
@@ -207,6 +210,8 @@ struct Session {
     auth_failures: u32,
     errors: u32,
     mail_from: Option<String>,
+    /// MAIL had the SMTPUTF8 parameter (RFC 6531): non-ASCII addresses are allowed.
+    smtputf8: bool,
     rcpts: Vec<String>,
     /// Quota reservations of the open transaction; given back unless the message is queued.
     txn: Option<QuotaTxn>,
@@ -215,6 +220,7 @@ struct Session {
 impl Session {
     fn reset_transaction(&mut self) -> Option<QuotaTxn> {
         self.mail_from = None;
+        self.smtputf8 = false;
         self.rcpts.clear();
         self.txn.take()
     }
@@ -301,6 +307,7 @@ impl Inbound {
             auth_failures: 0,
             errors: 0,
             mail_from: None,
+            smtputf8: false,
             rcpts: Vec::new(),
             txn: None,
         };
@@ -385,6 +392,15 @@ impl Inbound {
     }
 
     async fn command(&self, conn: &mut Conn, s: &mut Session, line: &[u8]) -> std::io::Result<Flow> {
+        // What smtp-proto's parser would get wrong on MAIL/RCPT (see `address`).
+        if let Err(reply) = address::check_envelope_line(line) {
+            conn.reply(&reply);
+            return Ok(if self.count_error(conn, s) {
+                Flow::Close
+            } else {
+                Flow::Continue
+            });
+        }
         let req = match Request::parse(&mut line.iter()) {
             Ok(r) => r,
             Err(e) => {
@@ -445,7 +461,10 @@ impl Inbound {
             } => {
                 return self.auth(conn, s, mechanism, initial_response).await;
             }
-            Request::Mail { from } => self.mail(conn, s, from.address.as_ref(), from.size).await,
+            Request::Mail { from } => {
+                let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+                self.mail(conn, s, from.address.as_ref(), from.size, smtputf8).await
+            }
             Request::Rcpt { to } => self.rcpt(conn, s, to.address.as_ref()).await,
             Request::Data => return self.data(conn, s).await,
             Request::Rset => {
@@ -601,7 +620,7 @@ impl Inbound {
         }
     }
 
-    async fn mail(&self, conn: &mut Conn, s: &mut Session, from: &str, size: usize) {
+    async fn mail(&self, conn: &mut Conn, s: &mut Session, from: &str, size: usize, smtputf8: bool) {
         if s.helo.is_none() {
             return conn.reply("503 5.5.1 Send HELO/EHLO first");
         }
@@ -623,7 +642,14 @@ impl Inbound {
         if !from.is_empty() && !valid_recipient(from) {
             return conn.reply("501 5.1.7 Bad sender address syntax");
         }
+        if !smtputf8 && !from.is_ascii() {
+            return conn.reply(NEEDS_SMTPUTF8);
+        }
+        if address::wire_form(from).is_err() {
+            return conn.reply("553 5.1.7 Sender address cannot be written in RFC 5321 form");
+        }
         s.mail_from = Some(from.to_owned());
+        s.smtputf8 = smtputf8;
         let cfg = self.config.get();
         let ctx = SenderCtx {
             auth_user: s.auth_user.as_deref(),
@@ -660,6 +686,12 @@ impl Inbound {
         if !valid_recipient(to) {
             return conn.reply("501 5.1.3 Bad recipient address syntax");
         }
+        if !s.smtputf8 && !to.is_ascii() {
+            return conn.reply(NEEDS_SMTPUTF8);
+        }
+        if address::wire_form(to).is_err() {
+            return conn.reply("553 5.1.3 Recipient address cannot be written in RFC 5321 form");
+        }
         if let Some(txn) = s.txn.as_mut() {
             let decision = self.quotas.rcpt(txn, chrono::Utc::now().timestamp_millis()).await;
             if let Some(r) = self.quota_reply(txn, decision) {
@@ -685,14 +717,11 @@ impl Inbound {
         conn.reply("354 End data with <CR><LF>.<CR><LF>");
         let max = self.settings.max_message_size;
         let mut body = Vec::with_capacity(16 * 1024);
-        let mut receiver = smtp_proto::request::receiver::DataReceiver::new();
+        let mut receiver = DataReceiver::new();
         let mut too_big = false;
         loop {
-            let buf = conn.buffered();
-            let mut it = buf.iter();
             let before = body.len();
-            let done = receiver.ingest(&mut it, &mut body);
-            let used = buf.len() - it.as_slice().len();
+            let (used, done) = receiver.ingest(conn.buffered(), &mut body);
             conn.consume(used);
             if body.len() > max {
                 too_big = true;
@@ -722,6 +751,17 @@ impl Inbound {
             let r = Reply::new(
                 552,
                 format!("5.3.4 Message size exceeds fixed maximum message size of {max} bytes"),
+            );
+            self.observer.rejected(&sender, None, &r);
+            conn.reply(&r.line());
+            return Ok(Flow::Continue);
+        }
+        if receiver.saw_bare_line_ending() {
+            // Refused, not normalised: see the `data` module.
+            self.abort(txn).await;
+            let r = Reply::new(
+                554,
+                "5.6.0 Bare CR or LF in the message: lines must end with CRLF (RFC 5321 section 2.3.8)",
             );
             self.observer.rejected(&sender, None, &r);
             conn.reply(&r.line());
@@ -833,6 +873,9 @@ impl Inbound {
         }
     }
 }
+
+/// RFC 6531 §3.5: a non-ASCII address without SMTPUTF8 on MAIL.
+const NEEDS_SMTPUTF8: &str = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter (RFC 6531)";
 
 fn parse_error_reply(e: &ProtoError) -> String {
     match e {

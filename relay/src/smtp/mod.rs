@@ -1,7 +1,10 @@
 //! SMTP plumbing shared by the inbound listeners: the buffered connection (plain or TLS),
 //! server TLS configuration from PEM files, and the listener kinds. The session logic lives in
-//! [`inbound`]; this module must not make protocol decisions.
+//! [`inbound`], DATA transparency in [`data`], envelope address syntax and wire form in
+//! [`address`]; this module must not make protocol decisions.
 
+pub mod address;
+pub mod data;
 pub mod inbound;
 
 use std::io;

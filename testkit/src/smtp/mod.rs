@@ -267,6 +267,11 @@ pub struct Received {
     pub tls: bool,
     /// The authenticated user, if any.
     pub auth_user: Option<String>,
+    /// The accepted MAIL and RCPT command lines exactly as they came over the wire.
+    pub envelope_lines: Vec<Vec<u8>>,
+    /// The content exactly as it came over the wire: dot-stuffed, up to and including the
+    /// terminating `.` line.
+    pub wire_data: Vec<u8>,
 }
 
 impl Received {
@@ -597,6 +602,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, open: OpenSession) -> std::i
         auth_user: None,
         mail_from: None,
         rcpts: Vec::new(),
+        raw_line: Vec::new(),
+        envelope_lines: Vec::new(),
     };
 
     let script = &shared.script;
@@ -621,7 +628,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, open: OpenSession) -> std::i
             }
             Err(e) => return Err(e),
         };
-        let line = String::from_utf8_lossy(trim_eol(&line)).into_owned();
+        let line_bytes = line;
+        let line = String::from_utf8_lossy(trim_eol(&line_bytes)).into_owned();
         let (verb, arg) = split_command(&line);
 
         let flow = if refused && verb != "QUIT" {
@@ -651,6 +659,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, open: OpenSession) -> std::i
             session.reset_transaction();
             Flow::Continue
         } else {
+            session.raw_line = line_bytes;
             session.command(&mut io, &verb, arg).await?
         };
         if let Flow::Close = flow {
@@ -668,6 +677,10 @@ struct Session {
     auth_user: Option<String>,
     mail_from: Option<String>,
     rcpts: Vec<String>,
+    /// The command line being handled, as received.
+    raw_line: Vec<u8>,
+    /// The accepted MAIL and RCPT lines of the open transaction, as received.
+    envelope_lines: Vec<Vec<u8>>,
 }
 
 enum AuthOutcome {
@@ -684,6 +697,7 @@ impl Session {
     fn reset_transaction(&mut self) {
         self.mail_from = None;
         self.rcpts.clear();
+        self.envelope_lines.clear();
     }
 
     fn ehlo_reply(&self) -> String {
@@ -762,6 +776,7 @@ impl Session {
             return reply(io, "501 5.5.4 Syntax: MAIL FROM:<address>").await;
         };
         self.mail_from = Some(from.to_string());
+        self.envelope_lines = vec![std::mem::take(&mut self.raw_line)];
         reply(io, "250 2.1.0 OK").await
     }
 
@@ -785,6 +800,7 @@ impl Session {
         match behaviour {
             Behaviour::Accept | Behaviour::AcceptAfter(_) => {
                 self.rcpts.push(to.to_string());
+                self.envelope_lines.push(std::mem::take(&mut self.raw_line));
                 reply(io, "250 2.1.5 OK").await
             }
             Behaviour::TempFail(text) | Behaviour::PermFail(text) => reply(io, &text).await,
@@ -804,6 +820,7 @@ impl Session {
 
         let max_size = self.script().max_size;
         let mut data = Vec::new();
+        let mut wire_data = Vec::new();
         let mut oversized = false;
         loop {
             let line = match read_line(io, MAX_DATA_LINE).await {
@@ -814,6 +831,9 @@ impl Session {
                 }
                 Err(e) => return Err(e),
             };
+            if !oversized {
+                wire_data.extend_from_slice(&line);
+            }
             if line == b".\r\n" || line == b".\n" {
                 break;
             }
@@ -828,6 +848,7 @@ impl Session {
 
         let mail_from = self.mail_from.take().unwrap_or_default();
         let rcpts = std::mem::take(&mut self.rcpts);
+        let envelope_lines = std::mem::take(&mut self.envelope_lines);
         if oversized {
             return reply(io, "552 5.3.4 Message size exceeds fixed maximum message size").await;
         }
@@ -846,6 +867,8 @@ impl Session {
                     data,
                     tls: self.tls,
                     auth_user: self.auth_user.clone(),
+                    envelope_lines,
+                    wire_data,
                 });
                 reply(io, &format!("250 2.0.0 OK queued as {id}")).await
             }
