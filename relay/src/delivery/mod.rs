@@ -3,8 +3,9 @@
 //! side said ([`AttemptResult`]).
 //!
 //! Owns: preparing the outgoing bytes (From override, then DKIM), choosing and connecting to the
-//! next hop, pooled connection reuse with per-route limits (on the worker's path a full pool
-//! answers "come back at T" instead of waiting, so one stuck upstream cannot hold every worker),
+//! next hop, pooled connection reuse with per-route limits (on the worker's path a stuck full
+//! pool answers "come back at T" instead of waiting, so one stuck upstream cannot hold every
+//! worker; see `pool`),
 //! and the session timeouts the route sets (`DeliveryTarget::timeouts`). Must not schedule
 //! retries, choose between routes, write the delivery log or build DSNs: the worker does that
 //! from the [`AttemptResult`] (see [`AttemptResult::verdict`]). Nor does it know pacing: limits
@@ -481,10 +482,11 @@ impl Deliverer {
     }
 
     /// Like [`Deliverer::deliver`], asking `gate` before opening a new connection (a pooled one
-    /// is reused without asking), and never waiting for a slot: `Err` when the route's (or
-    /// destination's) connections in this process are all in use or the gate refuses, with
-    /// the time to come back. Nothing was sent then. The worker's path: a job that cannot get a
-    /// slot goes back to the schedule instead of holding a worker.
+    /// is reused without asking), and not waiting for a stuck pool: `Err` when the route's (or
+    /// destination's) connections in this process are all in use and none came back lately
+    /// (or none within a second), or the gate refuses, with the time to come back. Nothing was
+    /// sent then. The worker's path: such a job goes back to the schedule instead of holding a
+    /// worker.
     pub async fn deliver_gated(
         &self,
         target: &DeliveryTarget,
@@ -651,10 +653,7 @@ impl Deliverer {
         let slot = if wait {
             pool.acquire().await
         } else {
-            Some(
-                pool.try_acquire(crate::clock::now_ms())
-                    .map_err(|at_ms| NoSlot { at_ms })?,
-            )
+            Some(pool.acquire_or_come_back().await.map_err(|at_ms| NoSlot { at_ms })?)
         };
         let Some(_slot) = slot else {
             return Ok(AttemptResult::failed(

@@ -1,10 +1,13 @@
 //! Connection reuse: one pool per route (per route and recipient domain for MX delivery) of idle,
 //! authenticated sessions, with a semaphore bounding the sessions in use.
 //!
-//! The semaphore is the route's (destination's) concurrency limit in this process. The worker
-//! path does not wait for it ([`Pool::try_acquire`]): a job turned away comes back later, at a
-//! time spread by how fast the pool's slots free up ([`turn_away`]), so an upstream that holds
-//! its connections (a black hole) holds at most its limit of the shared workers.
+//! The semaphore is the route's (destination's) concurrency limit in this process. On the
+//! worker's path ([`Pool::acquire_or_come_back`]) a job waits for a slot only while the pool's
+//! slots are coming back (one came back within [`STUCK_MS`]) and for at most [`MAX_SLOT_WAIT`];
+//! otherwise it is turned away and comes back later, at a time spread by how fast the slots free
+//! up ([`turn_away`]). So an upstream that holds its connections (a black hole) holds its limit
+//! of the shared workers and no more, while a busy healthy upstream keeps its connections fed
+//! without sending every queued job through the schedule.
 //!
 //! Invariant: a session is only opened by a permit holder who found no idle session, so open
 //! sessions (idle + in use) never exceed the permits. Sessions go back to the idle list before the
@@ -18,6 +21,18 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::session::Session;
+
+/// A full pool none of whose slots came back for this long is stuck: jobs are turned away at
+/// once instead of waiting for it in a worker. Pure rule: [`worth_waiting`].
+pub(crate) const STUCK_MS: i64 = 1_000;
+/// The longest a job waits in its worker for a slot of a pool that is not stuck.
+pub(crate) const MAX_SLOT_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether a job may wait (at most [`MAX_SLOT_WAIT`]) for a slot of a pool that has been full
+/// without a slot coming back for `full_for_ms`. Pure.
+pub(crate) fn worth_waiting(full_for_ms: i64) -> bool {
+    full_for_ms < STUCK_MS
+}
 
 /// A job turned away by a full pool comes back after at least this long ...
 pub(crate) const MIN_RETRY_MS: i64 = 1_000;
@@ -112,18 +127,46 @@ impl Pool {
 
     /// A connection slot if one is free now; otherwise when to come back (ms since the epoch,
     /// see [`turn_away`]).
+    #[cfg(test)]
     pub fn try_acquire(&self, now_ms: i64) -> Result<PoolSlot, i64> {
         *lock(&self.last_used) = Instant::now();
         if let Ok(permit) = Arc::clone(&self.sem).try_acquire_owned() {
             return Ok(self.slot(permit));
         }
+        Err(self.come_back_at(now_ms))
+    }
+
+    /// A connection slot, waiting for one (at most [`MAX_SLOT_WAIT`]) only while the pool is not
+    /// stuck ([`worth_waiting`]); otherwise when to come back (ms since the epoch).
+    pub async fn acquire_or_come_back(&self) -> Result<PoolSlot, i64> {
+        let now = crate::clock::now_ms();
+        *lock(&self.last_used) = Instant::now();
+        if let Ok(permit) = Arc::clone(&self.sem).try_acquire_owned() {
+            return Ok(self.slot(permit));
+        }
+        if worth_waiting(self.full_for_ms())
+            && let Ok(Ok(permit)) = tokio::time::timeout(MAX_SLOT_WAIT, Arc::clone(&self.sem).acquire_owned()).await
+        {
+            return Ok(self.slot(permit));
+        }
+        Err(self.come_back_at(crate::clock::now_ms().max(now)))
+    }
+
+    /// How long every slot has been taken without one coming back (from the first refusal).
+    fn full_for_ms(&self) -> i64 {
         let mut h = lock(&self.holds);
         let full_since = *h.full_since.get_or_insert_with(Instant::now);
-        let full_for = i64::try_from(full_since.elapsed().as_millis()).unwrap_or(i64::MAX);
+        i64::try_from(full_since.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// When a job turned away now comes back; moves the pool's reservations on.
+    fn come_back_at(&self, now_ms: i64) -> i64 {
+        let full_for = self.full_for_ms();
+        let mut h = lock(&self.holds);
         let expected = expected_hold_ms(h.average_ms, full_for);
         let (at, horizon) = turn_away(h.horizon_ms, now_ms, expected, self.max_connections);
         h.horizon_ms = horizon;
-        Err(at)
+        at
     }
 
     fn slot(&self, permit: OwnedSemaphorePermit) -> PoolSlot {
@@ -240,6 +283,9 @@ mod tests {
         assert_eq!(expected_hold_ms(Some(150), 60_000), 60_000);
         assert_eq!(averaged(None, 80), 80);
         assert_eq!(averaged(Some(80), 160), 90);
+        // Waiting in a worker is only worth it while slots keep coming back.
+        assert!(worth_waiting(0) && worth_waiting(STUCK_MS - 1));
+        assert!(!worth_waiting(STUCK_MS) && !worth_waiting(60_000));
     }
 
     #[tokio::test]
@@ -256,5 +302,33 @@ mod tests {
         drop(first);
         assert_eq!(pool.in_use(), 1);
         assert!(pool.try_acquire(now).is_ok(), "a returned slot is taken at once");
+    }
+
+    #[tokio::test]
+    async fn a_job_waits_briefly_for_a_busy_pool_but_not_for_a_stuck_one() {
+        let tls = mailroute_tls::non_verifying().expect("tls config");
+        let pool = Arc::new(Pool::new(1, 10, tls));
+        let held = pool.acquire_or_come_back().await.expect("free slot");
+        // Busy: the slot comes back while the job waits, and it gets it.
+        let waiter = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.acquire_or_come_back().await.is_ok() }
+        });
+        // Until the waiter found the pool full (single-threaded runtime: it waits from then on).
+        while lock(&pool.holds).full_since.is_none() {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert!(
+            waiter.await.expect("waiter"),
+            "the slot that came back went to the waiting job"
+        );
+        // Stuck: nothing came back for longer than STUCK_MS, so the job is turned away at once.
+        let _held = pool.acquire_or_come_back().await.expect("free slot");
+        lock(&pool.holds).full_since = Some(Instant::now() - Duration::from_millis(STUCK_MS as u64 + 10));
+        let started = Instant::now();
+        let at = pool.acquire_or_come_back().await.err().expect("turned away");
+        assert!(started.elapsed() < MAX_SLOT_WAIT, "waited for a stuck pool");
+        assert!(at >= crate::clock::now_ms(), "{at}");
     }
 }
