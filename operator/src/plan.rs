@@ -2,6 +2,9 @@
 //! ConfigMap and Secret to apply (only when they differ from the live ones), the status of every
 //! object whose status changes, the Events for condition transitions and the connection tests
 //! that are due. No I/O and no clock: the caller passes what it read and the time.
+//!
+//! The live ConfigMap and Secret are the last good configuration: a route left out only because
+//! of a Secret error (a rotation in progress) keeps its version from there, and its status says so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -11,8 +14,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use mailroute_api::compile::{Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, compile};
-use mailroute_api::config::{CONFIG_KEY, CompiledRoute, SECRETS_KEY, Target, short_hash};
+use mailroute_api::compile::{
+    Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, compile, keep_last_good,
+};
+use mailroute_api::config::{
+    CONFIG_KEY, CONFIG_VERSION, CompiledRoute, RelayConfig, RelaySecrets, SECRETS_KEY, Target, short_hash,
+};
 use mailroute_api::quota::{QuotaUsage, SenderQuotaStatus};
 use mailroute_api::route::SmtpRouteStatus;
 use mailroute_api::status::{Condition, ConnectionTest, condition_type};
@@ -30,6 +37,10 @@ pub const FLEET_LABEL: &str = "mailroute.io/fleet";
 pub const FIELD_MANAGER: &str = "mailroute-operator";
 /// `apiVersion` of the custom resources.
 pub const API_VERSION: &str = "mailroute.io/v1alpha1";
+
+/// `Ready` reason of a route running on its last good version because a Secret it references
+/// is missing or unusable.
+pub const SECRET_UNAVAILABLE_USING_LAST_GOOD: &str = "SecretUnavailableUsingLastGood";
 
 /// Where the compiled configuration goes.
 #[derive(Clone, Debug, PartialEq)]
@@ -349,7 +360,11 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     for ((ns, name), s) in inputs.secrets {
         store.insert(ns, name, s.data.clone());
     }
-    let compiled = compile(inputs.routes, inputs.quotas, &store);
+    let mut compiled = compile(inputs.routes, inputs.quotas, &store);
+    let last_good = match live_outputs(inputs.live_config, inputs.live_secret) {
+        Some((config, secrets)) => keep_last_good(&mut compiled, &config, &secrets),
+        None => BTreeSet::new(),
+    };
     let config_json = compiled.config.to_canonical_json();
     let config_hash = compiled.config.content_hash();
     let secrets_json = compiled.secrets.to_canonical_json();
@@ -375,7 +390,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     };
 
     for route in inputs.routes {
-        plan_route(inputs, &compiled, route, &now, &mut plan);
+        plan_route(inputs, &compiled, &last_good, route, &now, &mut plan);
     }
     for quota in inputs.quotas {
         plan_quota(inputs, &compiled, quota, &now, &mut plan);
@@ -391,11 +406,38 @@ fn object_ref(kind: ObjectKind, meta: &ObjectMeta) -> ObjectRef {
     }
 }
 
-fn plan_route(inputs: &Inputs<'_>, compiled: &Compiled, route: &SmtpRoute, now: &str, plan: &mut Plan) {
+/// The configuration the relays run now (the live outputs), if both can be read.
+fn live_outputs(config: Option<&ConfigMap>, secret: Option<&Secret>) -> Option<(RelayConfig, RelaySecrets)> {
+    let config: RelayConfig = serde_json::from_str(config?.data.as_ref()?.get(CONFIG_KEY)?).ok()?;
+    let secrets: RelaySecrets = serde_json::from_slice(&secret?.data.as_ref()?.get(SECRETS_KEY)?.0).ok()?;
+    (config.version == CONFIG_VERSION).then_some((config, secrets))
+}
+
+fn plan_route(
+    inputs: &Inputs<'_>,
+    compiled: &Compiled,
+    last_good: &BTreeSet<String>,
+    route: &SmtpRoute,
+    now: &str,
+    plan: &mut Plan,
+) {
     let object = object_ref(ObjectKind::SmtpRoute, &route.metadata);
     let id = object.id();
     let diagnostics: Vec<&Diagnostic> = compiled.diagnostics_for(&object).collect();
-    let [accepted, ready] = compile_conditions(&diagnostics, inputs.fleet);
+    let [accepted, mut ready] = compile_conditions(&diagnostics, inputs.fleet);
+    if last_good.contains(&id) {
+        ready = Desired::new(
+            condition_type::READY,
+            Status::True,
+            SECRET_UNAVAILABLE_USING_LAST_GOOD,
+            format!(
+                "its last good version stays in the relay configuration {}/{} until this is fixed: {}",
+                inputs.fleet.namespace,
+                inputs.fleet.config_map_name(),
+                join_distinct(diagnostics.iter().copied().filter(|d| d.severity == Severity::Error))
+            ),
+        );
+    }
     let previous = route.status.clone().unwrap_or_default();
     let in_config = compiled.config.routes.iter().find(|r| r.id == id);
 
@@ -814,6 +856,57 @@ spec:
         assert_eq!(warnings, ["SecretNotFound"], "one Event for both conditions");
         assert!(p.events[0].note.starts_with("Accepted is False: spec.auth.secretRef"));
         assert!(!p.apply_config.as_ref().unwrap().data.as_ref().unwrap()[CONFIG_KEY].contains("gmail"));
+    }
+
+    #[test]
+    fn a_secret_missing_during_a_rotation_keeps_the_last_good_route_and_says_so() {
+        let mut w = World::new(GMAIL);
+        let p = w.plan(None, None);
+        w.apply_statuses(&p);
+        let (cm, secret) = (p.apply_config.unwrap(), p.apply_secret.unwrap());
+        let saved = std::mem::take(&mut w.secrets);
+
+        let p = w.plan(Some((&cm, &secret)), None);
+        assert!(p.apply_config.is_none(), "the working configuration stays");
+        assert!(p.apply_secret.is_none(), "with the route's last good credentials");
+        assert_eq!(p.routes_in_config, 1);
+        let [s] = &p.route_statuses[..] else { panic!() };
+        let accepted = cond(&s.status.conditions, "Accepted");
+        assert_eq!(
+            (accepted.status.as_str(), accepted.reason.as_str()),
+            ("False", "SecretNotFound")
+        );
+        let ready = cond(&s.status.conditions, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", SECRET_UNAVAILABLE_USING_LAST_GOOD)
+        );
+        assert!(
+            ready.message.contains("last good version") && ready.message.contains("gmail-credentials not found"),
+            "{}",
+            ready.message
+        );
+        let warnings: Vec<_> = p
+            .events
+            .iter()
+            .filter(|e| e.warning)
+            .map(|e| e.reason.as_str())
+            .collect();
+        assert_eq!(warnings, ["SecretNotFound"]);
+        w.apply_statuses(&p);
+
+        // Still missing at the next reconcile: still kept, nothing rewritten.
+        let again = w.plan(Some((&cm, &secret)), None);
+        assert!(again.apply_config.is_none() && again.apply_secret.is_none());
+        assert!(again.route_statuses.is_empty(), "{:?}", again.route_statuses);
+
+        // The Secret is back: the route is in the configuration as compiled.
+        w.secrets = saved;
+        let fixed = w.plan(Some((&cm, &secret)), None);
+        let [s] = &fixed.route_statuses[..] else { panic!() };
+        let ready = cond(&s.status.conditions, "Ready");
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "InConfig"));
+        assert_eq!(cond(&s.status.conditions, "Accepted").status, "True");
     }
 
     #[test]

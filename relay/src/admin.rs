@@ -49,8 +49,9 @@ pub trait AdminBackend: Send + Sync {
 /// Outcome of `DELETE /api/v1/messages/{id}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CancelResult {
-    /// The message's pending recipients (this many) will not be delivered.
-    Cancelled { recipients: usize },
+    /// `recipients` pending recipients will not be delivered (their jobs are gone);
+    /// `in_flight` more were being delivered at that moment and may still be.
+    Cancelled { recipients: usize, in_flight: usize },
     /// No such message (unknown, or every recipient already final).
     NotFound,
     /// It exists but cannot be cancelled now; the reason is returned with 409.
@@ -106,13 +107,66 @@ pub async fn serve(
         .await
 }
 
+/// While the relay waits for Redis at start-up: `/healthz` 200 (the process is alive, do not
+/// restart it), everything else 503 with the reason in `reason`. Serves until its sender is
+/// dropped.
+pub async fn serve_starting(listener: tokio::net::TcpListener, reason: tokio::sync::watch::Receiver<String>) {
+    let mut closed = reason.clone();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "starting" }))
+        .fallback(move || {
+            let reason = reason.borrow().clone();
+            async move { (StatusCode::SERVICE_UNAVAILABLE, reason) }
+        });
+    let stop = async move { while closed.changed().await.is_ok() {} };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::error!(error = %e, "admin server (starting) failed");
+    }
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// A failed answer: 503 with a reason when the store (Redis) is down or not serving, so
+/// clients and probes can tell an outage from a bug; 500 otherwise. Neither echoes the error.
 fn internal(what: &str, err: anyhow::Error) -> Response {
+    if let Some(reason) = store_unavailable(&err) {
+        tracing::warn!(error = format!("{err:#}"), "admin API: {what}: {reason}");
+        let mut resp = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{what} failed: {reason}; try again later"),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return resp;
+    }
     tracing::error!(error = format!("{err:#}"), "admin API: {what}");
     error(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {what}"))
+}
+
+/// Why the store is unavailable, when a Redis error in `err`'s chain says it cannot be reached
+/// or is not serving (down, loading, failing over); `None` for any other failure.
+fn store_unavailable(err: &anyhow::Error) -> Option<&'static str> {
+    use redis::{ErrorKind as K, ServerErrorKind as S};
+    err.chain()
+        .filter_map(|c| c.downcast_ref::<redis::RedisError>())
+        .find_map(|e| {
+            if e.is_timeout() {
+                Some("Redis did not answer in time")
+            } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+                Some("Redis is unreachable")
+            } else {
+                match e.kind() {
+                    K::ClusterConnectionNotFound | K::Server(S::ClusterDown | S::MasterDown | S::TryAgain) => {
+                        Some("Redis is unreachable")
+                    }
+                    K::Server(S::BusyLoading) => Some("Redis is loading its data"),
+                    K::Server(S::ReadOnly) => Some("Redis is failing over"),
+                    _ => None,
+                }
+            }
+        })
 }
 
 async fn healthz() -> &'static str {
@@ -297,7 +351,7 @@ async fn events_csv(State(st): State<AdminState>, q: Result<Query<Vec<(String, S
         remaining: q.limit.unwrap_or(usize::MAX),
     };
     // The first page is fetched before answering, so a store failure is a
-    // clean 500; later failures can only cut the download short.
+    // clean 503 or 500; later failures can only cut the download short.
     let first = match state.page().await {
         Ok(page) => page,
         Err(e) => return internal("querying the delivery log", e.into()),
@@ -347,12 +401,20 @@ async fn cancel(State(st): State<AdminState>, Path(id): Path<String>) -> Respons
         return error(StatusCode::BAD_REQUEST, "invalid message id");
     }
     match st.backend.cancel(&id).await {
-        Ok(CancelResult::Cancelled { recipients }) => axum::Json(json!({
-            "id": id,
-            "cancelled": true,
-            "recipients": recipients,
-        }))
-        .into_response(),
+        Ok(CancelResult::Cancelled { recipients, in_flight }) => {
+            let mut body = json!({
+                "id": id,
+                "cancelled": true,
+                "recipients": recipients,
+                "in_flight": in_flight,
+            });
+            if in_flight > 0 {
+                body["note"] = json!(format!(
+                    "{in_flight} recipient(s) were being delivered when the cancel arrived and may still be delivered"
+                ));
+            }
+            axum::Json(body).into_response()
+        }
         Ok(CancelResult::NotFound) => error(StatusCode::NOT_FOUND, "message not found"),
         Ok(CancelResult::Conflict(reason)) => error(StatusCode::CONFLICT, reason),
         Err(e) => internal("cancelling the message", e),
@@ -455,6 +517,26 @@ mod tests {
         assert!(!token_matches("s3cre", "s3cret"));
         assert!(!token_matches("s3cret ", "s3cret"));
         assert!(!token_matches("", "s3cret"));
+    }
+
+    #[test]
+    fn redis_outages_are_told_apart_from_other_failures() {
+        let io = |kind| anyhow::Error::new(crate::queue::QueueError::Redis(std::io::Error::from(kind).into()));
+        assert_eq!(
+            store_unavailable(&io(std::io::ErrorKind::ConnectionRefused)),
+            Some("Redis is unreachable")
+        );
+        assert_eq!(
+            store_unavailable(&io(std::io::ErrorKind::TimedOut)),
+            Some("Redis did not answer in time")
+        );
+        let loading =
+            redis::RedisError::from((redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading), "loading"));
+        let wrapped = anyhow::Error::new(crate::dlog::DlogError::Redis(loading)).context("querying");
+        assert_eq!(store_unavailable(&wrapped), Some("Redis is loading its data"));
+        let corrupt = anyhow::Error::new(crate::queue::QueueError::Corrupt("bad record".into()));
+        assert_eq!(store_unavailable(&corrupt), None);
+        assert_eq!(store_unavailable(&anyhow::anyhow!("bug")), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The relay's side of the admin API ([`crate::admin::AdminBackend`]): message state and
-//! cancellation from the queue, quota usage from the quota engine, readiness, and the queue and
-//! quota gauges refreshed on each scrape. Thin: every answer comes from the module that owns it.
+//! cancellation from the queue (and the `cancelled` log records of a cancel), quota usage from
+//! the quota engine, readiness, and the queue and quota gauges refreshed on each scrape. Thin: every answer comes from the module that owns it.
 
 use std::sync::Arc;
 
@@ -9,15 +9,19 @@ use chrono::Utc;
 
 use crate::admin::{AdminBackend, CancelResult, QuotaReport};
 use crate::config::ConfigHandle;
+use crate::dlog::{DeliveryLog, EventResult};
 use crate::metrics::Metrics;
-use crate::queue::Queue;
+use crate::queue::{CancelOutcome, Queue};
 use crate::quota::QuotaEngine;
+use crate::telemetry::event_for;
 
 pub struct RelayBackend {
     pub queue: Arc<dyn Queue>,
     pub config: Arc<ConfigHandle>,
     pub quotas: QuotaEngine,
     pub metrics: Arc<Metrics>,
+    /// For the `cancelled` records of a cancel.
+    pub dlog: DeliveryLog,
 }
 
 #[async_trait]
@@ -44,11 +48,21 @@ impl AdminBackend for RelayBackend {
         if view.cancelled {
             return Ok(CancelResult::Conflict("already cancelled".into()));
         }
-        if !self.queue.cancel(id).await? {
-            return Ok(CancelResult::NotFound);
+        let (now, in_flight) = match self.queue.cancel(id).await? {
+            CancelOutcome::NotFound => return Ok(CancelResult::NotFound),
+            CancelOutcome::AlreadyCancelled => return Ok(CancelResult::Conflict("already cancelled".into())),
+            CancelOutcome::Cancelled { now, in_flight } => (now, in_flight),
+        };
+        // The queue already made these final: their records are written before the answer.
+        for i in &now {
+            let ev = event_for(&view.meta, EventResult::Cancelled, *i as usize);
+            if let Err(e) = self.dlog.record(&ev).await {
+                tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
+            }
         }
         Ok(CancelResult::Cancelled {
-            recipients: view.pending.max(0) as usize,
+            recipients: now.len(),
+            in_flight: in_flight.len(),
         })
     }
 

@@ -58,13 +58,15 @@ pub enum BounceClass {
     DnsFailure,
     TlsFailure,
     RateLimited,
+    /// No route serves the recipient (a gap in the configuration): ours, not the receiver's.
+    NoRoute,
     Expired,
     Other,
 }
 
 impl BounceClass {
     /// Every class, in declaration order.
-    pub const ALL: [BounceClass; 9] = [
+    pub const ALL: [BounceClass; 10] = [
         BounceClass::InvalidRecipient,
         BounceClass::MailboxFull,
         BounceClass::SpamOrPolicy,
@@ -72,6 +74,7 @@ impl BounceClass {
         BounceClass::DnsFailure,
         BounceClass::TlsFailure,
         BounceClass::RateLimited,
+        BounceClass::NoRoute,
         BounceClass::Expired,
         BounceClass::Other,
     ];
@@ -86,6 +89,7 @@ impl BounceClass {
             BounceClass::DnsFailure => "dns_failure",
             BounceClass::TlsFailure => "tls_failure",
             BounceClass::RateLimited => "rate_limited",
+            BounceClass::NoRoute => "no_route",
             BounceClass::Expired => "expired",
             BounceClass::Other => "other",
         }
@@ -829,6 +833,7 @@ mod tests {
                 "dns_failure",
                 "tls_failure",
                 "rate_limited",
+                "no_route",
                 "expired",
                 "other"
             ]

@@ -92,7 +92,7 @@ struct RunArgs {
     /// Idle outbound connections are closed after this, giving back their `maxConnections` slot.
     #[arg(long, env = "MAILROUTE_OUTBOUND_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     outbound_idle_timeout: Duration,
-    /// Deliver directly to MX when no route matches (otherwise bounce).
+    /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     #[arg(long, env = "MAILROUTE_FALLBACK_MX")]
     fallback_mx: bool,
     #[arg(long, env = "MAILROUTE_MX_PORT", default_value_t = 25)]

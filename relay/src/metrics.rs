@@ -32,6 +32,7 @@ pub const NAMES: &[&str] = &[
     "mailroute_bounces_total",
     "mailroute_expired_total",
     "mailroute_dsn_sent_total",
+    "mailroute_dsn_unroutable_total",
     "mailroute_jobs_reclaimed_total",
     "mailroute_queue_ready_jobs",
     "mailroute_queue_scheduled_jobs",
@@ -72,6 +73,8 @@ pub struct Metrics {
     /// `{route}`.
     pub expired: IntCounterVec,
     pub dsn_sent: IntCounter,
+    /// DSNs found without a route (each time one is deferred for it): their senders learn nothing.
+    pub dsn_unroutable: IntCounter,
     /// Jobs this relay took over from another one that stopped or stalled.
     pub jobs_reclaimed: IntCounter,
     pub queue_ready_jobs: IntGauge,
@@ -161,6 +164,11 @@ impl Metrics {
                 &["route"],
             )?,
             dsn_sent: counter(r, "mailroute_dsn_sent_total", "Delivery status notifications queued.")?,
+            dsn_unroutable: counter(
+                r,
+                "mailroute_dsn_unroutable_total",
+                "Delivery attempts of DSNs that found no route (the DSN waits until it expires; its sender learns nothing).",
+            )?,
             jobs_reclaimed: counter(
                 r,
                 "mailroute_jobs_reclaimed_total",
@@ -359,6 +367,7 @@ mod tests {
             .inc();
         m.expired.with_label_values(&["mail/o365"]).inc();
         m.dsn_sent.inc();
+        m.dsn_unroutable.inc();
         m.jobs_reclaimed.inc();
         m.queue_ready_jobs.set(4);
         m.queue_scheduled_jobs.set(2);

@@ -54,7 +54,7 @@ pub struct RelayOptions {
     pub log_retention: Duration,
     pub config_poll: Duration,
     pub drain_timeout: Duration,
-    /// Deliver directly to MX when no route matches (otherwise bounce).
+    /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     pub fallback_mx: bool,
     pub mx_port: u16,
     pub dns_server: Option<SocketAddr>,
@@ -177,6 +177,62 @@ pub struct Overrides {
     pub dlog_writer: Option<Box<dyn std::io::Write + Send>>,
 }
 
+/// First wait for Redis: 1 s, doubling to this.
+const REDIS_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Connects the queue and a shared connection to Redis, retrying with back-off while Redis is
+/// unreachable instead of exiting (an exit would add Kubernetes' crash-loop back-off to the
+/// outage). Meanwhile the admin address answers `/healthz` 200 and `/readyz` 503 with the
+/// reason, so probes tell "waiting" from "dead". A malformed URL fails at once.
+async fn connect_redis(opts: &RelayOptions) -> Result<(RedisQueue, redis_client::RedisConn)> {
+    let bad_url = || format!("the queue URL {}", redis_client::redact(&opts.queue));
+    let nodes = match redis_client::Target::parse(&opts.queue).with_context(bad_url)? {
+        redis_client::Target::Single(u) => vec![u],
+        redis_client::Target::Cluster(nodes) => nodes,
+    };
+    for node in nodes {
+        redis::IntoConnectionInfo::into_connection_info(node.as_str()).with_context(bad_url)?;
+    }
+    let attempt = async || -> Result<(RedisQueue, redis_client::RedisConn)> {
+        let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability).await?;
+        let conn = redis_client::RedisConn::open(&opts.queue, redis_client::Timeouts::default()).await?;
+        Ok((q, conn))
+    };
+    let mut waiting: Option<(watch::Sender<String>, tokio::task::JoinHandle<()>)> = None;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match attempt().await {
+            Ok(stores) => {
+                if let Some((stop, server)) = waiting.take() {
+                    drop(stop);
+                    let _ = server.await;
+                }
+                return Ok(stores);
+            }
+            Err(e) => {
+                let reason = format!("waiting for the queue at {}: {e:#}", redis_client::redact(&opts.queue));
+                tracing::warn!(retry_in = ?delay, "{reason}");
+                match &waiting {
+                    Some((tx, _)) => {
+                        tx.send_replace(reason);
+                    }
+                    None => {
+                        if let Some(addr) = opts.admin_listen {
+                            let l = TcpListener::bind(addr)
+                                .await
+                                .with_context(|| format!("binding admin on {addr}"))?;
+                            let (tx, rx) = watch::channel(reason);
+                            waiting = Some((tx, tokio::spawn(crate::admin::serve_starting(l, rx))));
+                        }
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(REDIS_RETRY_MAX);
+            }
+        }
+    }
+}
+
 impl Relay {
     pub async fn start(opts: RelayOptions) -> Result<Relay> {
         Self::start_with(opts, Overrides::default()).await
@@ -201,10 +257,7 @@ impl Relay {
                 Arc::new(MemoryPaceStore::new()),
             )
         } else {
-            let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability)
-                .await
-                .with_context(|| format!("connecting to the queue at {}", redis_client::redact(&opts.queue)))?;
-            let conn = redis_client::RedisConn::open(&opts.queue, redis_client::Timeouts::default()).await?;
+            let (q, conn) = connect_redis(&opts).await?;
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
@@ -308,6 +361,7 @@ impl Relay {
             config: config.clone(),
             quotas: quotas.clone(),
             metrics: metrics.clone(),
+            dlog: dlog.clone(),
         });
         let admin_state = AdminState {
             backend,

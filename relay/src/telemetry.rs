@@ -21,14 +21,10 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Records without making the caller wait for the store; the JSON line is written at once.
+    /// Records without making the caller wait for the store; the JSON line is written and the
+    /// record handed to the log at once, so it is stored before anything recorded after it.
     pub fn record(&self, ev: DeliveryEvent) {
-        let dlog = self.dlog.clone();
-        tokio::spawn(async move {
-            if let Err(e) = dlog.record(&ev).await {
-                tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
-            }
-        });
+        self.dlog.record_detached(&ev);
     }
 
     /// [`Self::record`] for several records, stored in their order.
@@ -157,7 +153,49 @@ impl Observer for Telemetry {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::bounce::enhanced_string;
+    use crate::dlog::EventFilter;
+
+    /// A worker may bounce a message right after the session accepted it: the session's
+    /// `received` records must still come first in the log.
+    #[tokio::test]
+    async fn records_are_stored_in_the_order_they_are_reported() {
+        let dlog = DeliveryLog::memory(100).without_writer();
+        let t = Telemetry {
+            dlog: dlog.clone(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let meta = MessageMeta {
+            id: "m1".into(),
+            received_at_ms: 1,
+            source_ip: "127.0.0.1".into(),
+            listener: "smtp".into(),
+            auth_user: None,
+            tls: false,
+            mail_from: "a@b.example".into(),
+            rcpts: vec!["c@d.example".into(), "e@d.example".into()],
+            message_id_header: None,
+            size: 1,
+            options: Default::default(),
+            quota: None,
+            is_dsn: false,
+        };
+        t.accepted(&meta, Duration::ZERO);
+        t.record_now(event_for(&meta, EventResult::Bounced, 0)).await;
+        t.record_now(event_for(&meta, EventResult::Bounced, 1)).await;
+        let page = dlog.query(&EventFilter::default(), None, 10).await.unwrap();
+        let order: Vec<(EventResult, &str)> = page.events.iter().map(|e| (e.result, e.recipient.as_str())).collect();
+        assert_eq!(
+            order,
+            [
+                (EventResult::Received, "c@d.example"),
+                (EventResult::Received, "e@d.example"),
+                (EventResult::Bounced, "c@d.example"),
+                (EventResult::Bounced, "e@d.example"),
+            ]
+        );
+    }
 
     #[test]
     fn enhanced_code_extraction() {

@@ -140,7 +140,7 @@ pub struct WorkerSettings {
     /// A job leased longer than this is taken over by another relay.
     pub visibility_timeout: Duration,
     pub hostname: String,
-    /// Deliver via MX when no route matches, instead of bouncing.
+    /// Deliver via MX when no route matches, instead of waiting for a route.
     pub fallback_mx: bool,
     /// How often due jobs are promoted from the schedule.
     pub promote_every: Duration,
@@ -504,7 +504,12 @@ impl Worker {
         let now = now_ms();
 
         if now >= policy.expires_at_ms(meta.received_at_ms) && job.attempts > 0 {
-            let outcome = AttemptOutcome::from_failure(Failure::Expired, "queue lifetime exceeded");
+            // Without a route, that is what the sender needs to read.
+            let outcome = if routes.is_empty() {
+                no_route_outcome(&domain)
+            } else {
+                AttemptOutcome::from_failure(Failure::Expired, "queue lifetime exceeded")
+            };
             return self
                 .fail(&leased, meta, &stored.body, idx, &rcpt, None, &outcome, true)
                 .await;
@@ -522,10 +527,8 @@ impl Worker {
             return self.wait(&leased, job, at, "quiet hours", None).await;
         }
         let Some(first) = routes.first() else {
-            let outcome =
-                AttemptOutcome::from_reply(550, format!("5.4.4 No route configured for recipient domain {domain}"));
             return self
-                .fail(&leased, meta, &stored.body, idx, &rcpt, None, &outcome, false)
+                .no_route(&leased, job, meta, &stored.body, idx, &rcpt, &domain, &policy)
                 .await;
         };
         if let Some((at, reason)) = self.pacing.acquire(first, &domain, now).await {
@@ -635,6 +638,59 @@ impl Worker {
                     .await
             }
         }
+    }
+
+    /// No route serves the recipient: a gap in the configuration (a reload during a rollout, a
+    /// route left out while its Secret is broken), not a verdict on the mail. Accepted mail
+    /// waits on the retry schedule and only expires at the end of its lifetime; it is never
+    /// bounced for this. A DSN without a route is reported loudly: its sender learns nothing.
+    #[allow(clippy::too_many_arguments)]
+    async fn no_route(
+        &self,
+        leased: &Leased,
+        job: Job,
+        meta: &MessageMeta,
+        body: &[u8],
+        idx: usize,
+        rcpt: &str,
+        domain: &str,
+        policy: &RetryPolicy,
+    ) {
+        let outcome = no_route_outcome(domain);
+        let attempts = job.attempts + 1;
+        let m = &self.telemetry.metrics;
+        if meta.is_dsn {
+            m.dsn_unroutable.inc();
+            tracing::error!(message = %meta.id, domain, "DSN undeliverable: no route serves its recipient's domain");
+        } else {
+            tracing::warn!(message = %meta.id, domain, "no route serves the recipient's domain; delivery deferred");
+        }
+        let at_ms = match decide(&outcome, policy, meta, now_ms(), attempts) {
+            Decision::Retry { at_ms } => at_ms,
+            _ => {
+                return self.fail(leased, meta, body, idx, rcpt, None, &outcome, true).await;
+            }
+        };
+        let mut ev = event_for(meta, EventResult::Deferred, idx);
+        let (code, text) = reply_parts(&outcome);
+        ev.reply_code = code;
+        ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
+        ev.reply_text = text;
+        ev.attempt = Some(attempts);
+        ev.bounce_class = Some(bounce::BounceClass::NoRoute.as_str().to_owned());
+        m.retries.with_label_values(&["none"]).inc();
+        let st = state(
+            "deferred",
+            attempts,
+            Some(at_ms),
+            Some((short(&outcome), "none".into())),
+        );
+        let reschedule = Disposition::Reschedule {
+            job: Job { attempts, ..job },
+            due_ms: at_ms,
+            state: st,
+        };
+        tokio::join!(self.telemetry.record_now(ev), self.complete(leased, reschedule));
     }
 
     /// The first route has no capacity now (rate, daily budget, back-off or connections):
@@ -803,6 +859,16 @@ impl Worker {
     }
 }
 
+/// What "no route serves the recipient" counts as: a temporary failure of class `no_route`.
+pub fn no_route_outcome(domain: &str) -> AttemptOutcome {
+    AttemptOutcome::Failed {
+        code: None,
+        text: format!("4.4.4 No route configured for recipient domain {domain}"),
+        permanent: false,
+        class: bounce::BounceClass::NoRoute,
+    }
+}
+
 /// DSN status for a failure that produced no reply.
 fn status_for_class(class: bounce::BounceClass, expired: bool) -> bounce::Enhanced {
     use bounce::BounceClass as C;
@@ -887,6 +953,20 @@ mod tests {
         assert!(matches!(decide(&refused, &p, &m, 10, 1), Decision::Retry { .. }));
         let nx = AttemptOutcome::from_failure(Failure::DnsNoSuchDomain, "NXDOMAIN");
         assert!(matches!(decide(&nx, &p, &m, 10, 1), Decision::Bounce { .. }));
+    }
+
+    #[test]
+    fn no_route_is_deferred_until_the_lifetime_ends() {
+        let m = meta(0);
+        let p = policy_for(None, &m);
+        let none = no_route_outcome("d.example");
+        assert!(none.is_temporary());
+        assert_eq!(decide(&none, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
+        assert_eq!(decide(&none, &p, &m, 1_800_000, 31), Decision::Expired);
+        let AttemptOutcome::Failed { class, .. } = none else {
+            unreachable!("a failure")
+        };
+        assert_eq!(class.as_str(), "no_route");
     }
 
     #[test]

@@ -59,6 +59,7 @@ impl AdminBackend for TestBackend {
         Ok(match self.messages.lock().unwrap().remove(id) {
             Some(m) => CancelResult::Cancelled {
                 recipients: m["recipients"].as_array().map_or(0, Vec::len),
+                in_flight: 0,
             },
             None => CancelResult::NotFound,
         })
@@ -496,7 +497,7 @@ async fn messages_can_be_read_and_cancelled() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
         r.json::<Value>().await.unwrap(),
-        json!({"id": "m1", "cancelled": true, "recipients": 2})
+        json!({"id": "m1", "cancelled": true, "recipients": 2, "in_flight": 0})
     );
     assert_eq!(
         h.api("/messages/m1").send().await.unwrap().status(),

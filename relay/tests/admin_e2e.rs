@@ -120,12 +120,14 @@ async fn events_csv_messages_and_metrics() {
         .await
         .unwrap();
     assert!(del.status().is_success(), "{}", del.status());
-    let m: serde_json::Value = get(&base, &format!("/api/v1/messages/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(m["cancelled"], true, "{m}");
+    let body: serde_json::Value = del.json().await.unwrap();
+    assert_eq!(
+        (body["cancelled"].as_bool(), body["recipients"].as_u64()),
+        (Some(true), Some(1)),
+        "{body}"
+    );
+    // Its only recipient is final at once: the message is gone.
+    assert_eq!(get(&base, &format!("/api/v1/messages/{id}")).await.status(), 404);
     assert_eq!(get(&base, "/api/v1/messages/nope").await.status(), 404);
 
     // Without the token: 401.
@@ -138,7 +140,8 @@ async fn events_csv_messages_and_metrics() {
         r#"mailroute_delivery_attempts_total{result="delivered",route="mail/up"} 2"#,
         r#"mailroute_bounces_total{class="invalid_recipient",code="550",route="mail/up"} 1"#,
         r#"mailroute_messages_received_total{listener="smtp",result="accepted"} 3"#,
-        "mailroute_queue_scheduled_jobs 1",
+        // The cancelled message's job left the schedule at once.
+        "mailroute_queue_scheduled_jobs 0",
         "mailroute_accept_latency_seconds_count 3",
         "mailroute_config_generation 1",
         "mailroute_dsn_sent_total 1",

@@ -171,8 +171,10 @@ async fn recipient_domain_chooses_the_route() {
     r.relay.shutdown().await;
 }
 
+/// Mail no route serves is not bounced at once (a gap in the configuration is temporary): it
+/// waits for a route, and the sender learns why when it expires.
 #[tokio::test]
-async fn no_matching_route_bounces_with_a_reason() {
+async fn no_matching_route_waits_then_expires_with_a_reason() {
     let redis = RedisServer::start().unwrap();
     let senders = SmtpServer::start(Script::new()).unwrap();
     let r = start(
@@ -182,15 +184,21 @@ async fn no_matching_route_bounces_with_a_reason() {
     )
     .await;
     assert!(
-        submit(r.smtp(), "app@app.example", &["x@nowhere.example"], &message("nr", ""))
-            .await
-            .delivered()
+        submit(
+            r.smtp(),
+            "app@app.example",
+            &["x@nowhere.example"],
+            &message("nr", "X-Mailroute-Retry-Interval: 1s\r\nX-Mailroute-Expire: 2s\r\n")
+        )
+        .await
+        .delivered()
     );
     let got = senders.wait_for(1, WAIT).await.unwrap();
+    let dsn = got[0].data_str();
+    assert!(dsn.contains("expired"), "{dsn}");
     assert!(
-        got[0]
-            .data_str()
-            .contains("No route configured for recipient domain nowhere.example")
+        dsn.contains("No route configured for recipient domain nowhere.example"),
+        "{dsn}"
     );
     r.relay.shutdown().await;
 }

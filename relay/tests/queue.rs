@@ -8,7 +8,7 @@ use std::time::Duration;
 use mailroute_relay::message::{Job, MessageMeta, RecipientState, new_id};
 use mailroute_relay::queue::memory::MemoryQueue;
 use mailroute_relay::queue::redis::{Durability, RedisQueue};
-use mailroute_relay::queue::{Disposition, Queue};
+use mailroute_relay::queue::{CancelOutcome, Disposition, Queue};
 use mailroute_testkit::RedisServer;
 
 fn meta(id: &str, rcpts: &[&str]) -> MessageMeta {
@@ -93,4 +93,69 @@ async fn redis_queue_contract() {
 #[tokio::test]
 async fn memory_queue_contract() {
     contract(Arc::new(MemoryQueue::new())).await;
+}
+
+/// A cancel removes the scheduled and ready jobs of the message at once, leaves the leased one to
+/// its holder (reported in flight), and leaves other messages alone.
+async fn cancel_contract(q: Arc<dyn Queue>) {
+    let a = new_id(1);
+    let other = new_id(2);
+    let later = Some(4_000_000_000_000);
+    let rcpts = ["s@example.com", "l@example.com", "r@example.com"];
+    let jobs = [
+        (Job::new(&a, 0), later),
+        (Job::new(&a, 1), None),
+        (Job::new(&a, 2), None),
+    ];
+    q.enqueue(&meta(&a, &rcpts), b"a", &jobs).await.unwrap();
+    q.enqueue(&meta(&other, &["o@example.com"]), b"o", &[(Job::new(&other, 0), later)])
+        .await
+        .unwrap();
+    let leased = q.fetch("c1", 1, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].job.rcpt, 1);
+
+    let CancelOutcome::Cancelled { mut now, in_flight } = q.cancel(&a).await.unwrap() else {
+        panic!("not cancelled")
+    };
+    now.sort_unstable();
+    assert_eq!((now, in_flight), (vec![0, 2], vec![1]));
+    assert_eq!(q.cancel(&a).await.unwrap(), CancelOutcome::AlreadyCancelled);
+    assert_eq!(q.cancel("no-such-message").await.unwrap(), CancelOutcome::NotFound);
+    let s = q.stats(0).await.unwrap();
+    assert_eq!((s.ready, s.inflight, s.scheduled, s.messages), (0, 1, 1, 2));
+    let view = q.view(&a).await.unwrap().expect("the leased recipient keeps it");
+    assert_eq!(view.pending, 1);
+    let status: Vec<Option<String>> = view
+        .recipients
+        .iter()
+        .map(|(_, st)| st.as_ref().map(|s| s.status.clone()))
+        .collect();
+    assert_eq!(status, [Some("cancelled".into()), None, Some("cancelled".into())]);
+    assert!(q.fetch("c2", 10, Duration::from_millis(50)).await.unwrap().is_empty());
+
+    let state = RecipientState {
+        status: "delivered".into(),
+        attempts: 1,
+        next_attempt_ms: None,
+        last_reply: None,
+        route: None,
+    };
+    assert!(q.complete(&leased[0], Disposition::Final { state }).await.unwrap());
+    assert!(q.view(&a).await.unwrap().is_none(), "gone with its last recipient");
+    assert_eq!(q.stats(0).await.unwrap().messages, 1);
+}
+
+#[tokio::test]
+async fn redis_queue_cancel() {
+    let redis = RedisServer::start().unwrap();
+    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
+        .await
+        .unwrap();
+    cancel_contract(Arc::new(q)).await;
+}
+
+#[tokio::test]
+async fn memory_queue_cancel() {
+    cancel_contract(Arc::new(MemoryQueue::new())).await;
 }

@@ -34,6 +34,21 @@ impl Batcher {
         Batcher { tx }
     }
 
+    /// Hands a record to the writer before returning, without waiting: records handed in
+    /// one after the other are stored in that order, whoever stores later. Only when the queue
+    /// is full does the record wait in a task of its own (then its order is not kept).
+    pub(super) fn submit(&self, time_ms: u64, json: String) -> oneshot::Receiver<Result<RecordId, String>> {
+        let (done, result) = oneshot::channel();
+        if let Err(mpsc::error::TrySendError::Full(p)) = self.tx.try_send(Pending { time_ms, json, done }) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(p).await;
+            });
+        }
+        // Closed: the receiver reports the writer stopped.
+        result
+    }
+
     pub(super) async fn append(&self, time_ms: u64, json: String) -> Result<RecordId, DlogError> {
         let (done, result) = oneshot::channel();
         self.tx

@@ -514,6 +514,35 @@ impl DeliveryLog {
     /// Writes `ev` as a JSON line and stores it. The line is written first,
     /// so an event survives on stdout when the store is unreachable.
     pub async fn record(&self, ev: &DeliveryEvent) -> Result<RecordId, DlogError> {
+        let json = self.line(ev)?;
+        self.batcher().append(ev.time_ms(), json).await
+    }
+
+    /// [`DeliveryLog::record`] without waiting for the store: the line is written and the record
+    /// handed to the writer before this returns, so it is stored before every record handed in
+    /// after it (a session's `received` before a worker's `bounced` of the same message). Store
+    /// errors are logged. Must be called within a Tokio runtime.
+    pub fn record_detached(&self, ev: &DeliveryEvent) {
+        let json = match self.line(ev) {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::warn!(error = %e, "delivery log record not written");
+                return;
+            }
+        };
+        let stored = self.batcher().submit(ev.time_ms(), json);
+        tokio::spawn(async move {
+            let err = match stored.await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => e,
+                Err(_) => "delivery log writer stopped".to_owned(),
+            };
+            tracing::warn!(error = %err, "delivery log store unavailable; record kept on stdout only");
+        });
+    }
+
+    /// The record as JSON, after writing it as a line and counting it.
+    fn line(&self, ev: &DeliveryEvent) -> Result<String, DlogError> {
         let json = serde_json::to_string(ev)?;
         if let Some(sink) = &self.sink {
             write_line(sink, &json);
@@ -521,8 +550,11 @@ impl DeliveryLog {
         if let Some(m) = &self.metrics {
             m.dlog_events.with_label_values(&[ev.result.as_str()]).inc();
         }
-        let batcher = self.batcher.get_or_init(|| batch::Batcher::spawn(self.store.clone()));
-        batcher.append(ev.time_ms(), json).await
+        Ok(json)
+    }
+
+    fn batcher(&self) -> &batch::Batcher {
+        self.batcher.get_or_init(|| batch::Batcher::spawn(self.store.clone()))
     }
 
     /// Events matching `filter` in record order, after `cursor`, at most

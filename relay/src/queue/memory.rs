@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::clock::now_ms;
 
-use super::{Disposition, Leased, MessageView, Queue, QueueStats, Result, Stored};
+use super::{CancelOutcome, Disposition, Leased, MessageView, Queue, QueueStats, Result, Stored};
 use crate::message::{Job, MessageMeta, RecipientState};
 
 struct Msg {
@@ -212,9 +212,56 @@ impl Queue for MemoryQueue {
         Ok(true)
     }
 
-    async fn cancel(&self, msg_id: &str) -> Result<bool> {
-        let mut s = self.state.lock().await;
-        Ok(s.messages.get_mut(msg_id).map(|m| m.cancelled = true).is_some())
+    async fn cancel(&self, msg_id: &str) -> Result<CancelOutcome> {
+        let mut guard = self.state.lock().await;
+        let s = &mut *guard;
+        let Some(m) = s.messages.get_mut(msg_id) else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        if m.cancelled {
+            return Ok(CancelOutcome::AlreadyCancelled);
+        }
+        m.cancelled = true;
+        let mut now = Vec::new();
+        s.sched.retain(|_, job| {
+            let mine = job.msg == msg_id;
+            if mine {
+                now.push(job.rcpt);
+            }
+            !mine
+        });
+        s.ready.retain(|(_, job, _)| {
+            let mine = job.msg == msg_id;
+            if mine {
+                now.push(job.rcpt);
+            }
+            !mine
+        });
+        let in_flight = s
+            .inflight
+            .values()
+            .filter(|h| h.job.msg == msg_id)
+            .map(|h| h.job.rcpt)
+            .collect();
+        for i in &now {
+            let attempts = m.states.get(i).map_or(0, |st| st.attempts);
+            m.states.insert(
+                *i,
+                RecipientState {
+                    status: "cancelled".into(),
+                    attempts,
+                    next_attempt_ms: None,
+                    last_reply: None,
+                    route: None,
+                },
+            );
+        }
+        m.pending -= now.len() as i64;
+        if m.pending <= 0 {
+            s.messages.remove(msg_id);
+        }
+        now.sort_unstable();
+        Ok(CancelOutcome::Cancelled { now, in_flight })
     }
 
     async fn view(&self, msg_id: &str) -> Result<Option<MessageView>> {

@@ -59,6 +59,21 @@ pub enum Disposition {
     Final { state: RecipientState },
 }
 
+/// What [`Queue::cancel`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// No such message (unknown, or every recipient already final).
+    NotFound,
+    /// It was cancelled before.
+    AlreadyCancelled,
+    Cancelled {
+        /// Recipients (indexes) made final as cancelled now; their jobs are gone.
+        now: Vec<u32>,
+        /// Recipients whose job a worker holds at this moment: they may still be delivered.
+        in_flight: Vec<u32>,
+    },
+}
+
 /// Per-message view for the admin API.
 #[derive(Clone, Debug, Serialize)]
 pub struct MessageView {
@@ -123,8 +138,11 @@ pub trait Queue: Send + Sync + 'static {
     /// is ignored, so a recipient is never counted final twice. Returns whether it applied.
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool>;
 
-    /// Marks a message cancelled; its remaining jobs finish as cancelled when next seen.
-    async fn cancel(&self, msg_id: &str) -> Result<bool>;
+    /// Cancels a message at once, in one atomic step: marks it cancelled, removes its scheduled
+    /// and ready jobs, makes those recipients final (`cancelled`) and drops the record when none
+    /// is left. Jobs leased by a worker at that moment cannot be taken back: they are reported
+    /// as in flight (their delivery may still happen; a retry of theirs finishes as cancelled).
+    async fn cancel(&self, msg_id: &str) -> Result<CancelOutcome>;
 
     async fn view(&self, msg_id: &str) -> Result<Option<MessageView>>;
 

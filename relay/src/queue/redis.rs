@@ -12,7 +12,7 @@ use bytes::Bytes;
 use redis::{Script, Value};
 use tokio::sync::Mutex;
 
-use super::{Disposition, Leased, MessageView, Queue, QueueError, QueueStats, Result, Stored};
+use super::{CancelOutcome, Disposition, Leased, MessageView, Queue, QueueError, QueueStats, Result, Stored};
 use crate::message::{Job, MessageMeta, RecipientState};
 use crate::redis_client::{RedisConn, Target, Timeouts};
 
@@ -36,6 +36,7 @@ pub struct RedisQueue {
     complete: Script,
     promote: Script,
     renew: Script,
+    cancel: Script,
 }
 
 #[derive(Clone, Debug)]
@@ -87,6 +88,66 @@ end
 return #due
 ";
 
+// Cancels a message: marks it, removes its scheduled jobs and its ready jobs no consumer holds
+// (found by the job's message-id prefix: a scan of the schedule and the ready stream, so it costs
+// O(queue length), for a rare admin action), and makes those recipients final. Jobs a consumer
+// holds are left to it and returned as in flight. Reply: {status, cancelled now, in flight},
+// status 0 = no such message, 1 = cancelled, 2 = already cancelled.
+const CANCEL: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, {}, {}} end
+if redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then return {2, {}, {}} end
+redis.call('HSET', KEYS[1], 'cancelled', '1')
+local now, held = {}, {}
+local cursor = '0'
+repeat
+  local r = redis.call('ZSCAN', KEYS[2], cursor, 'MATCH', ARGV[2], 'COUNT', 1000)
+  cursor = r[1]
+  for i = 1, #r[2], 2 do
+    local m = r[2][i]
+    if string.sub(m, 1, #ARGV[3]) == ARGV[3] and redis.call('ZREM', KEYS[2], m) == 1 then
+      table.insert(now, cjson.decode(m)['r'])
+    end
+  end
+until cursor == '0'
+local start = '-'
+while true do
+  local entries = redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', 1000)
+  for _, e in ipairs(entries) do
+    local id, f = e[1], e[2]
+    local j = f[2]
+    if f[1] == 'j' and j and string.sub(j, 1, #ARGV[3]) == ARGV[3] then
+      local p = redis.call('XPENDING', KEYS[3], ARGV[1], id, id, 1)
+      if #p > 0 then
+        table.insert(held, cjson.decode(j)['r'])
+      else
+        redis.call('XDEL', KEYS[3], id)
+        table.insert(now, cjson.decode(j)['r'])
+      end
+    end
+  end
+  if #entries < 1000 then break end
+  start = '(' .. entries[#entries][1]
+end
+for _, i in ipairs(now) do
+  local field = 'r:' .. i
+  local st = {status = 'cancelled', attempts = 0}
+  local old = redis.call('HGET', KEYS[1], field)
+  if old then
+    local o = cjson.decode(old)
+    if type(o.attempts) == 'number' then st.attempts = o.attempts end
+  end
+  redis.call('HSET', KEYS[1], field, cjson.encode(st))
+end
+if #now > 0 then
+  local left = redis.call('HINCRBY', KEYS[1], 'pending', -#now)
+  if left <= 0 then
+    redis.call('DEL', KEYS[1])
+    redis.call('DECR', KEYS[4])
+  end
+end
+return {1, now, held}
+";
+
 // XCLAIM with min-idle 0 resets the entry's idle time; JUSTID leaves its delivery count alone.
 // Only entries still pending for this consumer are touched.
 const RENEW: &str = r"
@@ -121,6 +182,7 @@ impl RedisQueue {
             complete: Script::new(COMPLETE),
             promote: Script::new(PROMOTE),
             renew: Script::new(RENEW),
+            cancel: Script::new(CANCEL),
         };
         q.ensure_group().await?;
         Ok(q)
@@ -387,16 +449,33 @@ impl Queue for RedisQueue {
         Ok(applied == 1)
     }
 
-    async fn cancel(&self, msg_id: &str) -> Result<bool> {
+    async fn cancel(&self, msg_id: &str) -> Result<CancelOutcome> {
         let mut c = self.conn.clone();
-        // HSETNX-free: only mark records that exist, in one round trip.
-        let n: i64 = Script::new(
-            "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'cancelled', '1') return 1 end return 0",
-        )
-        .key(self.keys.msg(msg_id))
-        .invoke_async(&mut c)
-        .await?;
-        Ok(n == 1)
+        // Jobs are encoded with the message id first, so a prefix finds them.
+        let prefix = format!("{{\"m\":{},", serde_json::Value::from(msg_id));
+        let glob: String = prefix
+            .chars()
+            .flat_map(|ch| match ch {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', ch],
+                _ => vec![ch],
+            })
+            .collect();
+        let (status, now, in_flight): (i64, Vec<u32>, Vec<u32>) = self
+            .cancel
+            .key(self.keys.msg(msg_id))
+            .key(&self.keys.sched)
+            .key(&self.keys.ready)
+            .key(&self.keys.count)
+            .arg(GROUP)
+            .arg(format!("{glob}*"))
+            .arg(&prefix)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match status {
+            0 => CancelOutcome::NotFound,
+            2 => CancelOutcome::AlreadyCancelled,
+            _ => CancelOutcome::Cancelled { now, in_flight },
+        })
     }
 
     async fn view(&self, msg_id: &str) -> Result<Option<MessageView>> {
