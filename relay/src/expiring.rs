@@ -63,6 +63,15 @@ impl<V> ExpiringMap<V> {
         e
     }
 
+    /// Entries held, expired ones not swept yet included.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Drops expired entries once the map has grown large, so keys nobody reads again go.
     pub fn sweep(&mut self, now_ms: i64) {
         if self.entries.len() > SWEEP_ABOVE {

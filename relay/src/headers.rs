@@ -70,31 +70,8 @@ pub fn get(msg: &[u8], name: &str) -> Option<String> {
 
 /// Removes every field whose name satisfies `drop` (with its continuation lines).
 pub fn remove_fields(msg: &[u8], drop: impl Fn(&str) -> bool) -> Vec<u8> {
-    let hlen = header_len(msg);
-    let mut out = Vec::with_capacity(msg.len());
-    let mut dropping = false;
-    let mut i = 0;
-    while i < hlen {
-        let end = msg[i..hlen]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|p| i + p + 1)
-            .unwrap_or(hlen);
-        let line = &msg[i..end];
-        let continuation = matches!(line.first(), Some(b' ' | b'\t'));
-        if !continuation {
-            let name = line
-                .iter()
-                .position(|&b| b == b':')
-                .map(|p| String::from_utf8_lossy(&line[..p]).into_owned());
-            dropping = name.is_some_and(|n| drop(n.trim()));
-        }
-        if !dropping {
-            out.extend_from_slice(line);
-        }
-        i = end;
-    }
-    out.extend_from_slice(&msg[hlen..]);
+    let mut out = msg.to_vec();
+    remove_fields_in_place(&mut out, drop);
     out
 }
 
@@ -161,24 +138,68 @@ fn is_extension(name: &str) -> bool {
 /// What the relay stores: extension headers stripped, `Received:` prepended, `Message-ID:`
 /// added when missing. Returns the new message and its Message-ID.
 pub fn prepare(msg: &[u8], received: &str, hostname: &str, queue_id: &str) -> (Vec<u8>, String) {
-    let stripped = remove_fields(msg, is_extension);
-    let existing = get(&stripped, "Message-ID");
-    let mut out = Vec::with_capacity(stripped.len() + 256);
-    out.extend_from_slice(received.as_bytes());
-    let id = match existing {
+    let mut out = Vec::with_capacity(msg.len() + 256);
+    out.extend_from_slice(msg);
+    let id = prepare_in_place(&mut out, received, hostname, queue_id);
+    (out, id)
+}
+
+/// [`prepare`] on the message's own buffer: only the header block is rewritten and the rest
+/// moved once, so a large body is never copied into a second buffer. Returns the Message-ID.
+pub fn prepare_in_place(msg: &mut Vec<u8>, received: &str, hostname: &str, queue_id: &str) -> String {
+    remove_fields_in_place(msg, is_extension);
+    let mut ours = Vec::with_capacity(received.len() + 128);
+    ours.extend_from_slice(received.as_bytes());
+    let id = match get(msg, "Message-ID") {
         Some(id) => id,
         None => {
             let id = format!("<{queue_id}@{hostname}>");
-            out.extend_from_slice(format!("Message-ID: {id}\r\n").as_bytes());
+            ours.extend_from_slice(format!("Message-ID: {id}\r\n").as_bytes());
             id
         }
     };
     // A message without any header block still gets ours in front, separated properly.
-    if !starts_with_field(&stripped) {
-        out.extend_from_slice(b"\r\n");
+    if !starts_with_field(msg) {
+        ours.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(&stripped);
-    (out, id)
+    msg.splice(0..0, ours);
+    id
+}
+
+/// [`remove_fields`] on the message's own buffer: kept header lines move forward over dropped
+/// ones, then the body once.
+fn remove_fields_in_place(msg: &mut Vec<u8>, drop: impl Fn(&str) -> bool) {
+    let hlen = header_len(msg);
+    let mut kept = 0;
+    let mut dropping = false;
+    let mut i = 0;
+    while i < hlen {
+        let end = msg[i..hlen]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|p| i + p + 1)
+            .unwrap_or(hlen);
+        let line = &msg[i..end];
+        let continuation = matches!(line.first(), Some(b' ' | b'\t'));
+        if !continuation {
+            let name = line
+                .iter()
+                .position(|&b| b == b':')
+                .map(|p| String::from_utf8_lossy(&line[..p]).into_owned());
+            dropping = name.is_some_and(|n| drop(n.trim()));
+        }
+        if !dropping {
+            if kept != i {
+                msg.copy_within(i..end, kept);
+            }
+            kept += end - i;
+        }
+        i = end;
+    }
+    if kept < hlen {
+        msg.copy_within(hlen.., kept);
+        msg.truncate(msg.len() - (hlen - kept));
+    }
 }
 
 /// A `Received:` field for this hop (RFC 5321 §4.4), folded, ending in CRLF. No recipient is
@@ -280,6 +301,25 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "Received: x\r\nMessage-ID: <abc@x>\r\n\r\nbody"
         );
+    }
+
+    #[test]
+    fn prepare_in_place_matches_prepare_and_reuses_the_buffer() {
+        let rcv = "Received: x\r\n";
+        for msg in [
+            MSG,
+            b"just text\r\n".as_slice(),
+            b"Message-ID: <abc@x>\r\n\r\nbody",
+            b"",
+        ] {
+            let (copy, id) = prepare(msg, rcv, "h", "q");
+            let mut buf = Vec::with_capacity(msg.len() + 1024);
+            buf.extend_from_slice(msg);
+            let ptr = buf.as_ptr();
+            assert_eq!(prepare_in_place(&mut buf, rcv, "h", "q"), id);
+            assert_eq!(buf, copy);
+            assert_eq!(buf.as_ptr(), ptr, "rewritten in its own buffer");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use mailroute_relay::config::Source;
 use mailroute_relay::queue::redis::Durability;
 use mailroute_relay::server::{Relay, RelayOptions, parse_cidrs};
+use mailroute_relay::smtp::auth_guard::AuthLimits;
 use mailroute_relay::smtp::inbound::InboundSettings;
 
 #[derive(Parser)]
@@ -79,6 +80,19 @@ struct RunArgs {
     max_recipients: usize,
     #[arg(long, env = "MAILROUTE_MAX_SESSIONS_PER_IP", default_value_t = 100)]
     max_sessions_per_ip: usize,
+    /// Bytes of message bodies held in memory at once, over all sessions; a message that does
+    /// not fit is refused with 452 4.3.1. Default: 4 × --max-message-size.
+    #[arg(long, env = "MAILROUTE_MAX_BODY_MEMORY")]
+    max_body_memory: Option<usize>,
+    /// SMTP AUTH password checks run at once (about 19 MiB each); more get 454 4.7.0.
+    #[arg(long, env = "MAILROUTE_AUTH_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    auth_concurrency: u16,
+    /// AUTH failures from one client address (IPv6: one /64) before it is locked out; 0: never.
+    #[arg(long, env = "MAILROUTE_AUTH_FAILURES_PER_ADDRESS", default_value_t = 20)]
+    auth_failures_per_address: u32,
+    /// How long an address's AUTH failures count (and a lock-out lasts) after its last one.
+    #[arg(long, env = "MAILROUTE_AUTH_FAILURE_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    auth_failure_window: Duration,
     /// Concurrent deliveries of this process (0: accept only, deliver nothing).
     #[arg(long, env = "MAILROUTE_WORKERS", default_value_t = 64)]
     workers: usize,
@@ -150,6 +164,12 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         max_recipients: a.max_recipients,
         max_sessions_per_ip: a.max_sessions_per_ip,
         relay_cidrs: parse_cidrs(&a.relay_cidrs)?,
+        max_body_memory: a.max_body_memory,
+        auth_limits: AuthLimits {
+            concurrency: usize::from(a.auth_concurrency),
+            max_failures_per_address: a.auth_failures_per_address,
+            failure_window: a.auth_failure_window,
+        },
         ..InboundSettings::default()
     };
     o.workers = a.workers;
@@ -223,6 +243,14 @@ mod tests {
             "",
             "--relay-cidrs",
             "10.0.0.0/8",
+            "--max-body-memory",
+            "1000000",
+            "--auth-concurrency",
+            "3",
+            "--auth-failures-per-address",
+            "7",
+            "--auth-failure-window",
+            "1h",
         ])
         .unwrap();
         assert!(matches!(&o.source, Source::Manifests(p) if p.len() == 2));
@@ -232,11 +260,17 @@ mod tests {
         assert_eq!(o.durability.replicas, 1);
         assert_eq!(o.admin_listen, None);
         assert_eq!(o.inbound.relay_cidrs.len(), 1);
+        assert_eq!(o.inbound.body_budget(), 1_000_000);
+        assert_eq!(o.inbound.auth_limits.concurrency, 3);
+        assert_eq!(o.inbound.auth_limits.max_failures_per_address, 7);
+        assert_eq!(o.inbound.auth_limits.failure_window, Duration::from_secs(3600));
 
         let d = parse(&[]).unwrap();
         assert!(matches!(d.source, Source::Embedded));
         assert_eq!(d.outbound_idle_timeout, Duration::from_secs(30));
         assert_eq!(d.visibility_timeout, Duration::from_secs(300));
+        assert_eq!(d.inbound.body_budget(), 4 * 26_214_400, "4 × the message size limit");
+        assert_eq!(d.inbound.auth_limits.concurrency, 2);
     }
 
     #[test]
@@ -246,5 +280,6 @@ mod tests {
         let e = parse(&["--smtp-listen", "nowhere"]).unwrap_err();
         assert!(e.to_string().contains("invalid smtp listen address"), "{e}");
         assert!(parse(&["--outbound-idle-timeout", "soon"]).is_err());
+        assert!(parse(&["--auth-concurrency", "0"]).is_err());
     }
 }

@@ -43,6 +43,13 @@ pub const NAMES: &[&str] = &[
     "mailroute_delivery_latency_seconds",
     "mailroute_smtp_sessions_active",
     "mailroute_smtp_auth_failures_total",
+    "mailroute_smtp_auth_checks_in_flight",
+    "mailroute_smtp_auth_checks_in_flight_max",
+    "mailroute_smtp_auth_refused_total",
+    "mailroute_smtp_body_bytes_reserved",
+    "mailroute_smtp_body_bytes_reserved_max",
+    "mailroute_smtp_body_budget_bytes",
+    "mailroute_smtp_body_budget_refused_total",
     "mailroute_config_generation",
     "mailroute_config_info",
     "mailroute_config_reloads_total",
@@ -90,6 +97,21 @@ pub struct Metrics {
     pub smtp_sessions_active: IntGaugeVec,
     /// `{listener}`.
     pub smtp_auth_failures: IntCounterVec,
+    /// Password checks running now (bounded by `--auth-concurrency`).
+    pub smtp_auth_checks_in_flight: IntGauge,
+    /// The most password checks that ran at once since the start.
+    pub smtp_auth_checks_in_flight_max: IntGauge,
+    /// `{reason}`: busy (all password-check slots taken) | locked_out (too many failures from
+    /// the client's address).
+    pub smtp_auth_refused: IntCounterVec,
+    /// Bytes of message bodies held by SMTP sessions now (reserved from the body budget).
+    pub smtp_body_bytes_reserved: IntGauge,
+    /// The most body bytes reserved at once since the start.
+    pub smtp_body_bytes_reserved_max: IntGauge,
+    /// The body budget (`--max-body-memory`).
+    pub smtp_body_budget_bytes: IntGauge,
+    /// Messages refused with `452 4.3.1` because the body budget was spent.
+    pub smtp_body_budget_refused: IntCounter,
     pub config_generation: IntGauge,
     /// `{hash}` = 1 for the loaded configuration; set it with [`Metrics::set_config_info`].
     pub config_info: IntGaugeVec,
@@ -225,6 +247,42 @@ impl Metrics {
                 "mailroute_smtp_auth_failures_total",
                 "Failed SMTP AUTH attempts by listener.",
                 &["listener"],
+            )?,
+            smtp_auth_checks_in_flight: gauge_int(
+                r,
+                "mailroute_smtp_auth_checks_in_flight",
+                "SMTP AUTH password checks running now.",
+            )?,
+            smtp_auth_checks_in_flight_max: gauge_int(
+                r,
+                "mailroute_smtp_auth_checks_in_flight_max",
+                "The most SMTP AUTH password checks that ran at once since the start.",
+            )?,
+            smtp_auth_refused: counter_vec(
+                r,
+                "mailroute_smtp_auth_refused_total",
+                "SMTP AUTH attempts refused without a password check, by reason (busy, locked_out).",
+                &["reason"],
+            )?,
+            smtp_body_bytes_reserved: gauge_int(
+                r,
+                "mailroute_smtp_body_bytes_reserved",
+                "Bytes of message bodies held by SMTP sessions now.",
+            )?,
+            smtp_body_bytes_reserved_max: gauge_int(
+                r,
+                "mailroute_smtp_body_bytes_reserved_max",
+                "The most message body bytes held at once since the start.",
+            )?,
+            smtp_body_budget_bytes: gauge_int(
+                r,
+                "mailroute_smtp_body_budget_bytes",
+                "Budget for message bodies held by SMTP sessions at once.",
+            )?,
+            smtp_body_budget_refused: counter(
+                r,
+                "mailroute_smtp_body_budget_refused_total",
+                "Messages refused with 452 4.3.1 because the body budget was spent.",
             )?,
             config_generation: gauge_int(
                 r,
@@ -378,6 +436,13 @@ mod tests {
         m.delivery_latency.with_label_values(&["mail/o365"]).observe(1.5);
         m.smtp_sessions_active.with_label_values(&["smtps"]).inc();
         m.smtp_auth_failures.with_label_values(&["submission"]).inc();
+        m.smtp_auth_checks_in_flight.set(1);
+        m.smtp_auth_checks_in_flight_max.set(2);
+        m.smtp_auth_refused.with_label_values(&["busy"]).inc();
+        m.smtp_body_bytes_reserved.set(1024);
+        m.smtp_body_bytes_reserved_max.set(4096);
+        m.smtp_body_budget_bytes.set(1 << 20);
+        m.smtp_body_budget_refused.inc();
         m.config_generation.set(3);
         m.set_config_info("abc123");
         m.config_reloads.with_label_values(&["ok"]).inc();

@@ -287,16 +287,20 @@ impl Relay {
         if tls.is_none() && (opts.submission_listen.is_some() || opts.smtps_listen.is_some()) {
             anyhow::bail!("the submission and smtps listeners need --tls-cert and --tls-key");
         }
-        let inbound = Arc::new(Inbound::new(
-            opts.inbound.clone(),
-            config.clone(),
-            queue.clone(),
-            quotas.clone(),
-            Arc::new(telemetry.clone()),
-            tls,
-        ));
-
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let inbound = Arc::new(
+            Inbound::new(
+                opts.inbound.clone(),
+                config.clone(),
+                queue.clone(),
+                quotas.clone(),
+                Arc::new(telemetry.clone()),
+                tls,
+            )
+            .with_metrics(metrics.clone())
+            .with_shutdown(shutdown_rx.clone()),
+        );
+
         let sessions = Arc::new(Sessions::default());
         let mut listeners = Vec::new();
         let mut bind = async |addr: Option<SocketAddr>, kind: ListenerKind| -> Result<Option<SocketAddr>> {
@@ -420,7 +424,8 @@ impl Relay {
         })
     }
 
-    /// Stops accepting, lets open sessions finish (up to the drain timeout), stops the workers
+    /// Stops accepting, ends sessions waiting for a command (`421 4.3.2`), lets sessions in DATA
+    /// finish (up to the drain timeout), stops the workers
     /// after their in-flight deliveries, closes idle outbound connections (freeing their
     /// connection slots for the other relays), and returns.
     pub async fn shutdown(self) {

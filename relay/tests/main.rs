@@ -18,6 +18,7 @@ mod e2e;
 mod inbound;
 mod listen;
 mod integrity;
+mod inbound_limits;
 mod queue;
 mod quota;
 mod quota_e2e;

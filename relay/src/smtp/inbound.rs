@@ -4,7 +4,9 @@
 //!
 //! This module owns the protocol state machine and the relay-access decision. Sender policy and
 //! quota arithmetic are the quota engine's (`crate::quota`), consulted at MAIL, RCPT and the end
-//! of DATA; logging and metrics go out through [`Observer`]. It must not deliver or route.
+//! of DATA; logging and metrics go out through [`Observer`]. What a session may cost is bounded
+//! outside it: password checks and AUTH failures per address by [`super::auth_guard`], body
+//! memory by [`super::body_budget`]. It must not deliver or route.
 //! DATA transparency (a message with a bare CR or LF is refused) is `super::data`'s; raw
 //! MAIL/RCPT line checks and the RFC 5321 form of addresses are `super::address`'s.
 
@@ -20,11 +22,15 @@ use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, MAIL_SMTPUTF8, Req
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::auth_guard::{AuthGuard, AuthLimits, Verdict};
+use super::body_budget::{self, BodyBudget};
 use super::data::DataReceiver;
+use super::shutdown;
 use super::{Conn, Line, ListenerKind, MaybeTls, address};
 use crate::config::ConfigHandle;
 use crate::headers;
 use crate::message::{Job, MessageMeta, new_id};
+use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::quota::{QuotaDecision, QuotaEngine, QuotaTxn, SenderCtx, UNAVAILABLE_REPLY};
 
@@ -110,6 +116,18 @@ pub struct InboundSettings {
     pub relay_cidrs: Vec<IpNet>,
     /// Delay per AUTH failure beyond the threshold (zero in tests that count failures).
     pub auth_delay: Duration,
+    /// Concurrent password checks and AUTH failures per client address.
+    pub auth_limits: AuthLimits,
+    /// Bytes of message bodies held in memory at once; `None`: 4 × `max_message_size`.
+    pub max_body_memory: Option<usize>,
+}
+
+impl InboundSettings {
+    /// The body budget in effect.
+    pub fn body_budget(&self) -> usize {
+        self.max_body_memory
+            .unwrap_or_else(|| self.max_message_size.saturating_mul(4))
+    }
 }
 
 impl Default for InboundSettings {
@@ -127,6 +145,8 @@ impl Default for InboundSettings {
             max_errors: 20,
             relay_cidrs: vec!["127.0.0.0/8".parse().expect("cidr"), "::1/128".parse().expect("cidr")],
             auth_delay: Duration::from_secs(1),
+            auth_limits: AuthLimits::default(),
+            max_body_memory: None,
         }
     }
 }
@@ -140,6 +160,10 @@ pub struct Inbound {
     pub observer: Arc<dyn Observer>,
     pub tls: Option<TlsAcceptor>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    auth_guard: AuthGuard,
+    body_budget: Arc<BodyBudget>,
+    /// Turns true when the relay shuts down: sessions waiting for a command then end.
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 struct IpSlot<'a> {
@@ -212,6 +236,8 @@ struct Session {
     mail_from: Option<String>,
     /// MAIL had the SMTPUTF8 parameter (RFC 6531): non-ASCII addresses are allowed.
     smtputf8: bool,
+    /// `SIZE=` of the MAIL command (0: none), reserved from the body budget at DATA.
+    declared_size: usize,
     rcpts: Vec<String>,
     /// Quota reservations of the open transaction; given back unless the message is queued.
     txn: Option<QuotaTxn>,
@@ -246,7 +272,10 @@ impl Inbound {
         observer: Arc<dyn Observer>,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Self {
+        let metrics = Arc::new(Metrics::new());
         Inbound {
+            auth_guard: AuthGuard::new(settings.auth_limits.clone(), metrics.clone()),
+            body_budget: BodyBudget::new(settings.body_budget(), settings.max_message_size, metrics),
             settings,
             config,
             queue,
@@ -254,7 +283,21 @@ impl Inbound {
             observer,
             tls: tls.map(TlsAcceptor::from),
             per_ip: Mutex::new(HashMap::new()),
+            shutdown: None,
         }
+    }
+
+    /// Reports the AUTH and body-memory gauges into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.auth_guard = AuthGuard::new(self.settings.auth_limits.clone(), metrics.clone());
+        self.body_budget = BodyBudget::new(self.settings.body_budget(), self.settings.max_message_size, metrics);
+        self
+    }
+
+    /// Sessions waiting for a command end with `421 4.3.2` once `shutdown` turns true.
+    pub fn with_shutdown(mut self, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
     }
 
     fn take_ip_slot(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
@@ -308,6 +351,7 @@ impl Inbound {
             errors: 0,
             mail_from: None,
             smtputf8: false,
+            declared_size: 0,
             rcpts: Vec::new(),
             txn: None,
         };
@@ -354,11 +398,24 @@ impl Inbound {
     }
 
     async fn command_loop(&self, conn: &mut Conn, s: &mut Session) -> std::io::Result<Flow> {
+        let mut closing = self.shutdown.clone();
         loop {
-            let line = match conn
-                .read_line(self.settings.max_line_length, self.settings.command_timeout)
-                .await
-            {
+            if closing.is_some() && !conn.buffered().contains(&b'\n') {
+                // Replies go out before the wait, which shutdown may cut short.
+                conn.flush().await?;
+            }
+            let read = conn.read_line(self.settings.max_line_length, self.settings.command_timeout);
+            let read = match closing.as_mut() {
+                Some(rx) => match shutdown::between_commands(read, rx).await {
+                    Some(r) => r,
+                    None => {
+                        conn.reply("421 4.3.2 Service shutting down");
+                        return Ok(Flow::Close);
+                    }
+                },
+                None => read.await,
+            };
+            let line = match read {
                 Ok(Line::Line(l)) => l,
                 Ok(Line::TooLong) => {
                     conn.reply("500 5.5.2 Line too long");
@@ -516,6 +573,10 @@ impl Inbound {
             conn.reply("503 5.5.1 AUTH not allowed during a mail transaction");
             return Ok(Flow::Continue);
         }
+        if self.auth_guard.locked_out(s.peer.ip(), crate::clock::now_ms()) {
+            conn.reply("421 4.7.0 Too many authentication failures from your address, try again later");
+            return Ok(Flow::Close);
+        }
         let creds = match mechanism {
             AUTH_PLAIN => {
                 let resp = if initial.is_empty() {
@@ -558,41 +619,31 @@ impl Inbound {
             return Ok(Flow::Continue);
         };
         let snap = self.config.get();
-        let hash = snap
-            .secrets
-            .inbound_users
-            .get(&user)
-            .map(|u| (u.password_hash.clone(), u.quota.clone()));
-        // Unknown users are checked against a dummy hash too, so timing does not reveal names.
-        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let known = hash.is_some();
-        let h = match &hash {
-            Some((h, _)) => h.clone(),
-            None => DUMMY
-                .get_or_init(|| mailroute_api::compile::hash_password("-", "-", "-"))
-                .clone(),
-        };
-        // argon2 takes milliseconds of CPU: keep it off the reactor threads.
-        let ok = tokio::task::spawn_blocking(move || mailroute_api::config::verify_password(&h, &pass))
-            .await
-            .unwrap_or(false)
-            && known;
-        if ok {
-            s.auth_user = Some(user);
-            s.user_quota = hash.map(|(_, q)| q);
-            conn.reply("235 2.7.0 Authentication successful");
-            return Ok(Flow::Continue);
+        match self.auth_guard.verify(&snap.secrets.inbound_users, &user, pass).await {
+            Verdict::Authenticated { quota } => {
+                s.auth_user = Some(user);
+                s.user_quota = Some(quota);
+                conn.reply("235 2.7.0 Authentication successful");
+                return Ok(Flow::Continue);
+            }
+            Verdict::Busy => {
+                conn.reply("454 4.7.0 Temporary authentication failure, try again later");
+                return Ok(Flow::Continue);
+            }
+            Verdict::Refused => {}
         }
         s.auth_failures += 1;
+        // Counted per address too, so reconnecting does not start afresh.
+        let from_address = self.auth_guard.failed(s.peer.ip(), crate::clock::now_ms());
+        let failures = s.auth_failures.max(from_address);
         self.observer.auth_failed(s.listener, s.peer.ip());
-        if s.auth_failures >= self.settings.max_auth_failures {
+        if s.auth_failures >= self.settings.max_auth_failures || self.auth_guard.over_limit(from_address) {
             conn.reply("421 4.7.0 Too many authentication failures, closing connection");
             return Ok(Flow::Close);
         }
-        if s.auth_failures > self.settings.auth_failures_before_delay && !self.settings.auth_delay.is_zero() {
+        if failures > self.settings.auth_failures_before_delay && !self.settings.auth_delay.is_zero() {
             conn.flush().await?;
-            tokio::time::sleep(self.settings.auth_delay * (s.auth_failures - self.settings.auth_failures_before_delay))
-                .await;
+            tokio::time::sleep(self.settings.auth_delay * (failures - self.settings.auth_failures_before_delay)).await;
         }
         conn.reply("535 5.7.8 Authentication credentials invalid");
         Ok(Flow::Continue)
@@ -650,6 +701,7 @@ impl Inbound {
         }
         s.mail_from = Some(from.to_owned());
         s.smtputf8 = smtputf8;
+        s.declared_size = size;
         let cfg = self.config.get();
         let ctx = SenderCtx {
             auth_user: s.auth_user.as_deref(),
@@ -714,23 +766,24 @@ impl Inbound {
             conn.reply("554 5.5.1 No valid recipients");
             return Ok(Flow::Continue);
         }
-        conn.reply("354 End data with <CR><LF>.<CR><LF>");
         let max = self.settings.max_message_size;
-        let mut body = Vec::with_capacity(16 * 1024);
+        let Some(mut body) = self.body_budget.begin(s.declared_size, max) else {
+            return Ok(self.refuse_for_memory(conn, s).await);
+        };
+        conn.reply("354 End data with <CR><LF>.<CR><LF>");
         let mut receiver = DataReceiver::new();
-        let mut too_big = false;
         loop {
-            let before = body.len();
-            let (used, done) = receiver.ingest(conn.buffered(), &mut body);
+            // Only as much as the body budget has room for; the rest on the next round.
+            let available = conn.buffered().len();
+            let n = body.room(available);
+            let (used, done) = receiver.ingest(&conn.buffered()[..n], body.sink());
             conn.consume(used);
-            if body.len() > max {
-                too_big = true;
-                body.truncate(before.min(max));
-                // Keep consuming to the terminating dot without storing.
-                body.shrink_to(max);
-            }
+            body.check();
             if done {
                 break;
+            }
+            if n < available {
+                continue;
             }
             match conn.fill(self.settings.data_timeout).await {
                 Ok(0) => return Ok(Flow::Close),
@@ -743,19 +796,27 @@ impl Inbound {
             }
         }
         let end_of_data = Instant::now();
+        let body = match body.finish() {
+            Ok(b) => b,
+            Err(body_budget::Refused::OverBudget) => return Ok(self.refuse_for_memory(conn, s).await),
+            Err(body_budget::Refused::TooBig) => {
+                let sender = s.sender();
+                let txn = s.reset_transaction();
+                self.abort(txn).await;
+                let r = Reply::new(
+                    552,
+                    format!("5.3.4 Message size exceeds fixed maximum message size of {max} bytes"),
+                );
+                self.observer.rejected(&sender, None, &r);
+                conn.reply(&r.line());
+                return Ok(Flow::Continue);
+            }
+        };
+        // The reservation is held until the body is freed, after the enqueue.
+        let (body, _reserved) = body;
         let sender = s.sender();
         let rcpts = std::mem::take(&mut s.rcpts);
         let txn = s.reset_transaction();
-        if too_big {
-            self.abort(txn).await;
-            let r = Reply::new(
-                552,
-                format!("5.3.4 Message size exceeds fixed maximum message size of {max} bytes"),
-            );
-            self.observer.rejected(&sender, None, &r);
-            conn.reply(&r.line());
-            return Ok(Flow::Continue);
-        }
         if receiver.saw_bare_line_ending() {
             // Refused, not normalised: see the `data` module.
             self.abort(txn).await;
@@ -770,6 +831,17 @@ impl Inbound {
         let reply = self.accept_message(s, sender, rcpts, body, end_of_data, txn).await;
         conn.reply(&reply.line());
         Ok(Flow::Continue)
+    }
+
+    /// `452 4.3.1`: the message does not fit in the body budget; the transaction ends.
+    async fn refuse_for_memory(&self, conn: &mut Conn, s: &mut Session) -> Flow {
+        let sender = s.sender();
+        let txn = s.reset_transaction();
+        self.abort(txn).await;
+        let r = Reply::parse(body_budget::REPLY);
+        self.observer.rejected(&sender, None, &r);
+        conn.reply(&r.line());
+        Flow::Continue
     }
 
     /// Metrics for a quota answer, and the reply when it refuses (`None`: accepted).
@@ -794,7 +866,7 @@ impl Inbound {
         s: &Session,
         sender: SenderInfo,
         rcpts: Vec<String>,
-        body: Vec<u8>,
+        mut body: Vec<u8>,
         end_of_data: Instant,
         mut txn: Option<QuotaTxn>,
     ) -> Reply {
@@ -835,8 +907,9 @@ impl Inbound {
             (rcpts.len() == 1).then(|| rcpts[0].as_str()),
             now,
         );
-        let (stored, message_id) = headers::prepare(&body, &received, &self.settings.hostname, &id);
-        drop(body);
+        // In place: a second copy of a large body is what the body budget cannot see.
+        let message_id = headers::prepare_in_place(&mut body, &received, &self.settings.hostname, &id);
+        let stored = body;
         let due = options.deliver_after_ms.filter(|t| *t > now_ms);
         let jobs: Vec<(Job, Option<i64>)> = (0..rcpts.len() as u32).map(|i| (Job::new(&id, i), due)).collect();
         let meta = MessageMeta {
@@ -854,7 +927,10 @@ impl Inbound {
             quota,
             is_dsn: false,
         };
-        match self.queue.enqueue(&meta, &stored, &jobs).await {
+        let enqueueing = self.body_budget.enqueue_permit(stored.len()).await;
+        let enqueued = self.queue.enqueue(&meta, &stored, &jobs).await;
+        drop((enqueueing, stored));
+        match enqueued {
             Ok(()) => {
                 // Accepted mail stays counted, even if it bounces later.
                 if let Some(t) = txn {
