@@ -17,6 +17,7 @@ use crate::provider::Provider;
 use crate::quota::{SenderQuota, SenderQuotaSpec};
 use crate::route::{
     AuthMechanism, Backoff, DeliveryMode, DestinationLimitSpec, SmtpRoute, SmtpRouteSpec, TimeoutsSpec, TlsMode,
+    TlsSpec,
 };
 
 /// Secret data by (namespace, name), as the operator reads it from the API or the relay from YAML.
@@ -339,6 +340,63 @@ fn merge_secrets(into: &mut RelaySecrets, from: RelaySecrets) {
     into.dkim_keys.extend(from.dkim_keys);
 }
 
+/// A SHA-256 fingerprint as 64 lower-case hex digits, from hex with or without `:` separators.
+pub fn parse_sha256_fingerprint(s: &str) -> Option<String> {
+    let hex: String = s.trim().chars().filter(|c| *c != ':').collect();
+    (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| hex.to_ascii_lowercase())
+}
+
+/// The DER certificates of a PEM bundle (nothing else is read from it).
+fn pem_certificates(pem: &str) -> Result<Vec<Vec<u8>>, String> {
+    use base64::Engine as _;
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find(BEGIN) {
+        let body = &rest[start + BEGIN.len()..];
+        let end = body.find(END).ok_or("a certificate has no END line")?;
+        let b64: String = body[..end].chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| format!("a certificate is not valid base64: {e}"))?;
+        out.push(der);
+        rest = &body[end + END.len()..];
+    }
+    Ok(out)
+}
+
+/// The fingerprints a route pins: `tls.pinnedSha256` and those of the certificates in
+/// `tls.pinnedCertSecretRef`; each bad one is reported.
+fn pins(secrets: &SecretStore, ns: &str, tls: &TlsSpec, d: &mut Diags<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, fp) in tls.pinned_sha256.iter().enumerate() {
+        match parse_sha256_fingerprint(fp) {
+            Some(fp) => out.push(fp),
+            None => d.error(
+                Reason::InvalidSpec,
+                &format!("spec.tls.pinnedSha256[{i}]"),
+                format!("`{fp}` is not a SHA-256 fingerprint (64 hex digits, colons allowed)"),
+            ),
+        }
+    }
+    if let Some(r) = &tls.pinned_cert_secret_ref {
+        let field = "spec.tls.pinnedCertSecretRef";
+        if let Some(pem) = secret_value(secrets, ns, &r.name, &r.key, field, d) {
+            match pem_certificates(&pem) {
+                Ok(certs) if !certs.is_empty() => {
+                    out.extend(certs.iter().map(|der| hex::encode(Sha256::digest(der))));
+                }
+                Ok(_) => d.error(Reason::InvalidSpec, field, "the Secret holds no PEM certificate"),
+                Err(e) => d.error(Reason::InvalidSpec, field, e),
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn secret_value(
     secrets: &SecretStore,
     namespace: &str,
@@ -507,6 +565,14 @@ fn compile_route(
                     true
                 }
             };
+            let pinned_sha256 = pins(secrets, ns, &tls_spec, d);
+            if !pinned_sha256.is_empty() && (custom_ca || tls_spec.verify == Some(false)) {
+                d.error(
+                    Reason::InvalidSpec,
+                    "spec.tls",
+                    "a pinned certificate replaces verification: set either the pin or `caSecretRef` / `verify: false`",
+                );
+            }
             Target::Smarthost(Upstream {
                 host,
                 port,
@@ -515,6 +581,7 @@ fn compile_route(
                 server_name: tls_spec.server_name.clone(),
                 auth,
                 custom_ca,
+                pinned_sha256,
             })
         }
     };
@@ -1281,5 +1348,78 @@ spec:
         let mut c = compile_yaml(&taken);
         assert!(keep_last_good(&mut c, &good.config, &good.secrets).is_empty());
         assert_eq!(ids(&c), ["mail/local", "mail/other"]);
+    }
+}
+
+#[cfg(test)]
+mod pinning_tests {
+    use super::*;
+    use crate::Manifests;
+
+    // A certificate (not a real one: only its bytes matter here) and its SHA-256.
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nYWJj\n-----END CERTIFICATE-----\n";
+    const ABC_SHA256: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    fn compile_tls(tls: &str) -> Compiled {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: up, namespace: mail}}\ntype: Opaque\nstringData:\n  tls.crt: |\n    {}\n    YWJj\n    {}\n  junk: hello\n---\napiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {{name: r, namespace: mail}}\nspec:\n  host: smtp.example.net\n  tls: {tls}\n",
+            PEM.lines().next().unwrap(),
+            PEM.lines().nth(2).unwrap()
+        );
+        let mut m = Manifests::default();
+        m.add_yaml(&yaml, "default").unwrap();
+        m.compile()
+    }
+
+    fn pins(c: &Compiled) -> Vec<String> {
+        match &c.config.routes.first().map(|r| &r.target) {
+            Some(Target::Smarthost(up)) => up.pinned_sha256.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn fingerprints_are_normalised_or_refused() {
+        let colons = "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:F2:00:15:AD";
+        assert_eq!(parse_sha256_fingerprint(colons).as_deref(), Some(ABC_SHA256));
+        assert_eq!(parse_sha256_fingerprint(ABC_SHA256).as_deref(), Some(ABC_SHA256));
+        assert_eq!(parse_sha256_fingerprint(&ABC_SHA256[2..]), None);
+        assert_eq!(parse_sha256_fingerprint(&ABC_SHA256.replace('b', "g")), None);
+
+        let c = compile_tls(&format!("{{pinnedSha256: [\"{colons}\"]}}"));
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        assert_eq!(pins(&c), vec![ABC_SHA256.to_owned()]);
+
+        let c = compile_tls("{pinnedSha256: [\"sha256:1234\"]}");
+        let d = c.diagnostics.first().expect("an error");
+        assert_eq!(d.field.as_deref(), Some("spec.tls.pinnedSha256[0]"));
+        assert!(d.message.contains("is not a SHA-256 fingerprint"), "{d:?}");
+    }
+
+    #[test]
+    fn a_pinned_certificate_compiles_to_its_fingerprint() {
+        let c = compile_tls("{pinnedCertSecretRef: {name: up, key: tls.crt}}");
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        assert_eq!(pins(&c), vec![ABC_SHA256.to_owned()]);
+        // Nothing secret: the fingerprint is in the config, the certificate is not.
+        assert!(!c.config.to_canonical_json().contains("YWJj"));
+
+        let c = compile_tls("{pinnedCertSecretRef: {name: up, key: junk}}");
+        assert!(
+            c.diagnostics
+                .iter()
+                .any(|d| d.field.as_deref() == Some("spec.tls.pinnedCertSecretRef")
+                    && d.message.contains("no PEM certificate")),
+            "{:#?}",
+            c.diagnostics
+        );
+        let c = compile_tls(&format!("{{verify: false, pinnedSha256: [\"{ABC_SHA256}\"]}}"));
+        assert!(
+            c.diagnostics
+                .iter()
+                .any(|d| d.message.contains("replaces verification")),
+            "{:#?}",
+            c.diagnostics
+        );
     }
 }

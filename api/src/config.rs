@@ -128,6 +128,10 @@ pub struct Upstream {
     /// Whether `RelaySecrets::upstream_ca` holds an extra CA bundle for this route.
     #[serde(default)]
     pub custom_ca: bool,
+    /// SHA-256 fingerprints (64 lower-case hex digits) of the only certificates accepted from
+    /// this upstream; empty = no pinning. From `tls.pinnedSha256` and `tls.pinnedCertSecretRef`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned_sha256: Vec<String>,
 }
 
 /// Sender selectors of a route; empty means any sender.

@@ -147,9 +147,27 @@ pub struct TlsSpec {
     /// Name to verify the certificate against, if it differs from `host`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
-    /// Extra trusted CA bundle (PEM) from a Secret in the route's namespace.
+    /// Extra trusted CA bundle (PEM) from a Secret in the route's namespace. For an upstream
+    /// whose certificate is issued by a private CA. Not for a self-signed certificate that is
+    /// its own CA (what `openssl req -x509` makes): TLS refuses a CA certificate as the server's
+    /// own; pin it instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Pin the upstream's certificate: the PEM of the certificate itself from a Secret in the
+    /// route's namespace (several certificates in the PEM: any of them, e.g. during a
+    /// rotation). Only exactly this certificate is accepted, whatever its issuer, names, dates
+    /// or CA flag; use it for self-signed upstreams. Replaces chain verification, so it cannot
+    /// be combined with `caSecretRef` or `verify: false`. Renewing the upstream's certificate
+    /// needs the Secret updated at the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_cert_secret_ref: Option<SecretKeyRef>,
+    /// Pin the upstream's certificate by its SHA-256 fingerprint, 64 hex digits with or without
+    /// colons (`openssl x509 -noout -fingerprint -sha256 -in cert.pem`), as Postfix's
+    /// `smtp_tls_fingerprint_digest = sha256`. Any listed fingerprint is accepted. Same effect as
+    /// `pinnedCertSecretRef`, without a Secret; use it when you have the fingerprint rather than
+    /// the certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned_sha256: Vec<String>,
 }
 
 /// TLS mode of an SMTP connection.

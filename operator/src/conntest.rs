@@ -402,10 +402,12 @@ fn system_roots() -> &'static RootCertStore {
 }
 
 /// The relay's own client configuration for this upstream, so a route reported as verified is
-/// trusted by the relay in the same way (the route's CA bundle added to the system roots, or no
-/// verification at all with `tls.verify: false`).
+/// trusted by the relay in the same way (the pinned certificates only, the route's CA bundle
+/// added to the system roots, or no verification at all with `tls.verify: false`).
 fn tls_config(up: &Upstream, ca_pem: Option<&str>) -> Result<Arc<ClientConfig>, String> {
-    let config = if up.verify_tls {
+    let config = if !up.pinned_sha256.is_empty() {
+        mailroute_tls::pinned_hex(&up.pinned_sha256)
+    } else if up.verify_tls {
         mailroute_tls::verifying(system_roots(), ca_pem)
     } else {
         mailroute_tls::non_verifying()
@@ -494,6 +496,7 @@ mod tests {
             server_name: None,
             auth: Some(AuthMechanism::Login),
             custom_ca: false,
+            pinned_sha256: Vec::new(),
         }
     }
 

@@ -24,6 +24,7 @@ fn job(port: u16, tls: TlsMode, auth: Option<(&str, &str)>, ca: Option<&TestPki>
             server_name: None,
             auth: auth.map(|_| AuthMechanism::Plain),
             custom_ca: ca.is_some(),
+            pinned_sha256: Vec::new(),
         },
         credentials: auth.map(|(u, p)| Credentials {
             username: u.into(),
@@ -229,4 +230,35 @@ async fn a_rejecting_greeting_is_reported_with_its_reply() {
     let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.step.as_deref(), Some("greeting"));
     assert_eq!(record.reply.as_deref(), Some("554 5.3.2 No service for you"));
+}
+
+/// A self-signed certificate with the CA flag (`openssl req -x509`): refused as a CA bundle,
+/// accepted when pinned by its fingerprint, refused with a clear error for another fingerprint,
+/// exactly as the relay does.
+#[tokio::test]
+async fn a_self_signed_ca_certificate_is_verified_by_pinning() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let own = TestPki::self_signed_ca().unwrap();
+    let server = SmtpServer::start(Script::new().starttls(own.server_config())).unwrap();
+    let mut j = job(server.port(), TlsMode::Starttls, None, Some(&own));
+    let record = conntest::run(&j, &conntest_settings()).await;
+    assert_eq!(record.step.as_deref(), Some("tls"), "{record:?}");
+    assert!(record.error.unwrap_or_default().contains("CaUsedAsEndEntity"));
+
+    let fp = |pem: &str| {
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        hex::encode(mailroute_tls::sha256_fingerprint(&der))
+    };
+    j.ca_pem = None;
+    j.upstream.custom_ca = false;
+    j.upstream.pinned_sha256 = vec![fp(&own.cert_pem)];
+    let record = conntest::run(&j, &conntest_settings()).await;
+    assert_eq!(record.result, conntest::SUCCEEDED, "{record:?}");
+
+    j.upstream.pinned_sha256 = vec![fp(&TestPki::self_signed_ca().unwrap().cert_pem)];
+    let record = conntest::run(&j, &conntest_settings()).await;
+    assert_eq!(record.step.as_deref(), Some("tls"), "{record:?}");
+    let error = record.error.unwrap_or_default();
+    assert!(error.contains("is not the pinned one"), "{error}");
 }

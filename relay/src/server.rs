@@ -405,6 +405,11 @@ impl Relay {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(dlog_trimmer(dlog.clone(), shutdown_rx.clone())),
+            tokio::spawn(queue_housekeeper(
+                queue.clone(),
+                opts.visibility_timeout,
+                shutdown_rx.clone(),
+            )),
         ]);
 
         Ok(Relay {
@@ -527,6 +532,34 @@ async fn dlog_trimmer(dlog: DeliveryLog, mut shutdown: watch::Receiver<bool>) {
             Ok(n) if n > 0 => tracing::info!(removed = n, "delivery log trimmed"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "delivery log trim failed"),
+        }
+    }
+}
+
+/// How old an enqueue that was never committed must be before any relay purges it: far beyond
+/// the few seconds a relay takes between staging and committing (clock skew included).
+const UNCOMMITTED_TTL: Duration = Duration::from_secs(600);
+
+/// Once per visibility timeout (1 s to 1 min): purges enqueues that were never committed and
+/// removes the queue consumers of relays that stopped.
+async fn queue_housekeeper(queue: Arc<dyn Queue>, visibility_timeout: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(visibility_timeout.clamp(Duration::from_secs(1), Duration::from_secs(60)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let before = crate::clock::now_ms() - UNCOMMITTED_TTL.as_millis() as i64;
+        match queue.purge_uncommitted(before, 1000).await {
+            Ok(n) if n > 0 => tracing::info!(purged = n, "purged enqueues that were never committed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "purging uncommitted enqueues failed"),
+        }
+        match queue.prune_consumers(visibility_timeout).await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "removed queue consumers of stopped relays"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "removing idle queue consumers failed"),
         }
     }
 }

@@ -6,9 +6,11 @@
 //! It owns the per-job decision sequence and the order of the queue writes. SMTP I/O is behind
 //! [`Transport`], pacing behind [`Pacing`]; classification (`bounce`), schedules (`retry`), DSN
 //! format (`dsn`) and route order (`route`) are pure modules it calls. It must not hold message
-//! bodies longer than one attempt.
+//! bodies longer than one attempt and the writing of its outcome (kept while the store is away,
+//! at most one per worker slot).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -243,9 +245,13 @@ fn short(o: &AttemptOutcome) -> String {
     }
 }
 
-/// Leases this process is working on; [`Worker::renew_loop`] keeps them alive together.
+/// How long a job's outcome is kept and written again while the store cannot be reached.
+const COMPLETE_RETRY_FOR: Duration = Duration::from_secs(600);
+
+/// Leases this process is working on; [`Worker::renew_loop`] keeps them alive together. A job
+/// keeps its lease until its outcome is written, however long the store is away.
 #[derive(Clone, Default)]
-struct Held(Arc<Mutex<HashSet<String>>>);
+struct Held(Arc<Mutex<HashSet<String>>>, Arc<AtomicI64>);
 
 /// Removes its lease from [`Held`] when the job's task ends, however it ends.
 struct HeldLease {
@@ -268,6 +274,21 @@ impl Held {
 
     fn leases(&self) -> Vec<String> {
         self.set().iter().cloned().collect()
+    }
+
+    fn contains(&self, lease: &str) -> bool {
+        self.set().contains(lease)
+    }
+
+    /// Notes that the store could not be reached (renewing or reclaiming failed).
+    fn store_failed(&self) {
+        self.1.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the store failed within the last `window`: leases of live relays may then look
+    /// idle until those relays had the time to renew them.
+    fn store_failed_within(&self, window: Duration) -> bool {
+        now_ms() - self.1.load(Ordering::Relaxed) < window.as_millis() as i64
     }
 }
 
@@ -305,6 +326,7 @@ impl Worker {
                 Ok(j) => j,
                 Err(e) => {
                     drop(permit);
+                    held.store_failed();
                     tracing::warn!(error = %e, "queue fetch failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
@@ -370,7 +392,10 @@ impl Worker {
             match self.queue.renew(&self.settings.consumer, &leases).await {
                 // Fewer: completed since the snapshot, or taken over after a stall.
                 Ok(n) => tracing::debug!(held = leases.len(), renewed = n, "renewed leases"),
-                Err(e) => tracing::warn!(error = %e, "renewing leases failed; retrying next tick"),
+                Err(e) => {
+                    held.store_failed();
+                    tracing::warn!(error = %e, "renewing leases failed; retrying next tick");
+                }
             }
         }
     }
@@ -404,7 +429,9 @@ impl Worker {
                 _ = tick.tick() => {}
             }
             let free = sem.available_permits();
-            if free == 0 {
+            // After the store was away, every lease looks idle for as long as it was: give the
+            // relays still working on theirs one visibility timeout to renew them first.
+            if free == 0 || held.store_failed_within(self.settings.visibility_timeout) {
                 continue;
             }
             match self
@@ -413,7 +440,8 @@ impl Worker {
                 .await
             {
                 Ok(jobs) => {
-                    for leased in jobs {
+                    // Its own jobs still running here (outcome not yet written) stay with their task.
+                    for leased in jobs.into_iter().filter(|l| !held.contains(&l.lease)) {
                         tracing::info!(message = %leased.job.msg, rcpt = leased.job.rcpt, "reclaimed a job from a relay that stopped");
                         self.telemetry.metrics.jobs_reclaimed.inc();
                         let Ok(p) = sem.clone().acquire_owned().await else {
@@ -422,16 +450,36 @@ impl Worker {
                         self.spawn_job(&held, p, leased, None);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "reclaiming jobs failed"),
+                Err(e) => {
+                    held.store_failed();
+                    tracing::warn!(error = %e, "reclaiming jobs failed");
+                }
             }
         }
     }
 
-    /// Completes a lease, logging store errors: the job then stays leased and is retried after
-    /// the visibility timeout, so nothing is lost.
+    /// Completes a lease. While the store cannot be reached the outcome is kept and written
+    /// again (with back-off, for up to [`COMPLETE_RETRY_FOR`]); the job's task, its lease
+    /// (renewed meanwhile) and its worker slot stay taken, so the outcomes kept are bounded by
+    /// the concurrency and no other relay repeats a finished delivery. Past that the job is
+    /// reclaimed after the visibility timeout: delivered at least once.
     async fn complete(&self, leased: &Leased, d: Disposition) {
-        if let Err(e) = self.queue.complete(leased, d).await {
-            tracing::error!(error = %e, message = %leased.job.msg, "completing job failed; it will be reclaimed");
+        let deadline = tokio::time::Instant::now() + COMPLETE_RETRY_FOR;
+        let most = (self.settings.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
+        let mut backoff = Duration::from_millis(50).min(most);
+        loop {
+            match self.queue.complete(leased, d.clone()).await {
+                Ok(_) => return,
+                Err(QueueError::Redis(e)) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, message = %leased.job.msg, "writing a job's outcome failed; keeping it and retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(most);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, message = %leased.job.msg, "completing job failed; it will be reclaimed");
+                    return;
+                }
+            }
         }
     }
 

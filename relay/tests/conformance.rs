@@ -526,6 +526,7 @@ fn smarthost(port: u16) -> DeliveryTarget {
             server_name: None,
             auth: None,
             custom_ca: false,
+            pinned_sha256: Vec::new(),
         }),
         from_override: None,
         custom_ca_pem: None,

@@ -59,6 +59,7 @@ fn upstream(port: u16, tls: TlsMode) -> Upstream {
         server_name: None,
         auth: None,
         custom_ca: false,
+        pinned_sha256: Vec::new(),
     }
 }
 
@@ -1002,4 +1003,84 @@ async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_without_an
     assert_eq!(r.reply().expect("reply").text, "2.0.0 queued as B2");
     assert!(!r.reused_connection, "delivered on a new connection");
     server.await.expect("server");
+}
+
+/// The SHA-256 fingerprint of the certificate in `pem`, as `openssl x509 -fingerprint -sha256`
+/// prints it (upper case, colons).
+fn openssl_fingerprint(pem: &str) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM");
+    mailroute_tls::format_fingerprint(&mailroute_tls::sha256_fingerprint(&der))
+}
+
+/// A self-signed certificate with the CA flag (what `openssl req -x509` makes) used as the
+/// upstream's own: trusting it as a CA fails (rustls: CaUsedAsEndEntity); pinning it by its
+/// fingerprint delivers; a wrong fingerprint is refused with an error naming the certificate's.
+#[tokio::test]
+async fn a_self_signed_ca_certificate_is_trusted_by_pinning_only() {
+    let own = TestPki::self_signed_ca().expect("certificate");
+    let server = SmtpServer::start(Script::new().starttls(own.server_config())).expect("server");
+    let d = plain_deliverer();
+    let up = upstream(server.port(), TlsMode::Starttls);
+
+    let t = verifying("mail/as-ca", up.clone(), "localhost", &own.cert_pem);
+    let r = send(&d, &t, "bob@example.test").await;
+    assert_eq!(failure_of(&r).1, Failure::Tls, "{r:?}");
+    assert!(format!("{r:?}").contains("CaUsedAsEndEntity"), "{r:?}");
+
+    let fp = openssl_fingerprint(&own.cert_pem);
+    let pinned = |route: &str, fp: &str| {
+        let mut up = up.clone();
+        up.verify_tls = true;
+        up.pinned_sha256 = vec![mailroute_api::compile::parse_sha256_fingerprint(fp).expect("fingerprint")];
+        smarthost(route, up)
+    };
+    let r = send(&d, &pinned("mail/pinned", &fp), "bob@example.test").await;
+    assert!(r.is_delivered(), "{r:?}");
+    assert!(r.tls);
+
+    let wrong = openssl_fingerprint(&TestPki::self_signed_ca().expect("certificate").cert_pem);
+    let r = send(&d, &pinned("mail/wrong-pin", &wrong), "bob@example.test").await;
+    assert_eq!(failure_of(&r).1, Failure::Tls, "{r:?}");
+    let text = format!("{r:?}");
+    assert!(
+        text.contains(&format!(
+            "the server's certificate (SHA-256 {fp}) is not the pinned one"
+        )),
+        "{text}"
+    );
+    assert_eq!(server.received().len(), 1);
+}
+
+/// The same upstream through a route's YAML: `tls.pinnedCertSecretRef` (the certificate's PEM
+/// in a Secret) and `tls.pinnedSha256` both deliver through the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_route_pinned_by_certificate_or_fingerprint_delivers() {
+    let own = TestPki::self_signed_ca().expect("certificate");
+    let server = SmtpServer::start(Script::new().starttls(own.server_config())).expect("server");
+    let pem: String = own.cert_pem.lines().map(|l| format!("    {l}\n")).collect();
+    let fp = openssl_fingerprint(&own.cert_pem);
+    let port = server.port();
+    let routes = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: upstream-cert, namespace: mail}}\ntype: Opaque\nstringData:\n  tls.crt: |\n{pem}---\n\
+         apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {{name: by-cert, namespace: mail}}\nspec:\n  host: 127.0.0.1\n  port: {port}\n  tls: {{mode: starttls, serverName: localhost, pinnedCertSecretRef: {{name: upstream-cert, key: tls.crt}}}}\n  match: {{recipientDomains: [cert.example]}}\n---\n\
+         apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {{name: by-fp, namespace: mail}}\nspec:\n  host: 127.0.0.1\n  port: {port}\n  tls: {{mode: starttls, pinnedSha256: [\"{fp}\"]}}\n  match: {{recipientDomains: [fp.example]}}\n---\n"
+    );
+    let r = crate::common::start(&routes, "memory", |_| {}).await;
+    assert!(
+        r.relay.config.get().warnings.is_empty(),
+        "{:?}",
+        r.relay.config.get().warnings
+    );
+    for rcpt in ["a@cert.example", "b@fp.example"] {
+        let t = crate::common::submit(r.smtp(), "app@app.example", &[rcpt], &crate::common::message(rcpt, "")).await;
+        assert!(t.delivered(), "{t}");
+    }
+    let got = server
+        .wait_for(2, Duration::from_secs(30))
+        .await
+        .expect("both delivered");
+    assert!(got.iter().all(|m| m.tls));
+    r.relay.shutdown().await;
 }

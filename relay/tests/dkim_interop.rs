@@ -354,6 +354,7 @@ async fn signed_mail_as_received_verifies_with_every_verifier() {
             server_name: None,
             auth: None,
             custom_ca: false,
+            pinned_sha256: Vec::new(),
         }),
         from_override: None,
         custom_ca_pem: None,

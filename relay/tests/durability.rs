@@ -1,14 +1,17 @@
 //! Once the relay said 250, the message is delivered or bounced, whatever crashes: a relay
-//! killed with SIGKILL mid-flight, Redis killed and restarted with AOF, and two relays sharing
-//! one Redis (each message delivered once).
+//! killed with SIGKILL mid-flight, Redis killed and restarted with AOF (also while outcomes
+//! wait to be written), and two relays sharing one Redis (each message delivered once). Any
+//! other reply means not delivered (`--wait-replicas` without a replica). Consumers of stopped
+//! relays are removed.
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
+use mailroute_relay::queue::redis::Durability;
 use mailroute_testkit::smtp::client::SmtpClient;
-use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
+use mailroute_testkit::{Behaviour, Gate, RedisServer, Script, SmtpServer};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -244,4 +247,231 @@ async fn a_delivery_slower_than_the_visibility_timeout_is_not_taken_over() {
     }
     a.relay.shutdown().await;
     b.relay.shutdown().await;
+}
+
+/// The queue's keys in Redis under the default prefix: (ready stream length, jobs leased,
+/// scheduled jobs, stored messages).
+async fn queue_keys(c: &mut redis::aio::MultiplexedConnection) -> (i64, i64, i64, i64) {
+    let (ready, pending, sched, count): (i64, redis::Value, i64, Option<i64>) = redis::pipe()
+        .cmd("XLEN")
+        .arg("{mailroute}:ready")
+        .cmd("XPENDING")
+        .arg("{mailroute}:ready")
+        .arg("relays")
+        .cmd("ZCARD")
+        .arg("{mailroute}:sched")
+        .cmd("GET")
+        .arg("{mailroute}:messages")
+        .query_async(c)
+        .await
+        .unwrap();
+    let leased = match pending {
+        redis::Value::Array(a) => a
+            .first()
+            .map(|v| redis::from_redis_value(v.clone()).unwrap())
+            .unwrap_or(0),
+        _ => 0,
+    };
+    (ready, leased, sched, count.unwrap_or(0))
+}
+
+/// With `--wait-replicas 1` and no replica, the client gets 451 and the message is not in the
+/// queue at all: no job in the ready stream or the schedule, no record (so a retry by the
+/// client cannot produce a second copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_for_missing_replicas_is_never_deliverable() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    // No workers: the queue's state after the reply is what a worker would find.
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| {
+        o.workers = 0;
+        o.durability = Durability {
+            replicas: 1,
+            timeout: Duration::from_millis(200),
+        };
+    })
+    .await;
+    let t = submit(
+        r.smtp(),
+        "app@app.example",
+        &["user@example.com"],
+        &message("norep", ""),
+    )
+    .await;
+    assert!(!t.delivered(), "refused without a replica");
+    assert!(t.to_string().contains("451 4.3.0"), "{t}");
+    let mut c = redis_connection(&redis).await;
+    assert_eq!(
+        queue_keys(&mut c).await,
+        (0, 0, 0, 0),
+        "(ready, leased, scheduled, messages)"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("{mailroute}:msg:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+    r.relay.shutdown().await;
+}
+
+/// With a real replica the same relay answers 250 and delivers once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_acknowledged_by_a_replica_is_delivered_once() {
+    let primary = RedisServer::start().unwrap();
+    let replica = RedisServer::builder()
+        .args(["--replicaof", "127.0.0.1", &primary.port().to_string()])
+        .start()
+        .unwrap();
+    let c = redis_connection(&primary).await;
+    assert!(
+        eventually(|| {
+            let mut c = c.clone();
+            async move {
+                let info: String = redis::cmd("INFO").arg("replication").query_async(&mut c).await.unwrap();
+                info.contains("connected_slaves:1") && info.contains("state=online")
+            }
+        })
+        .await,
+        "replica never synced"
+    );
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = start(&route("up", up.port(), 10, &["*"]), &primary.url(), |o| {
+        o.durability = Durability {
+            replicas: 1,
+            timeout: Duration::from_secs(5),
+        };
+    })
+    .await;
+    let t = submit(r.smtp(), "app@app.example", &["user@example.com"], &message("rep", "")).await;
+    assert!(t.delivered(), "{t}");
+    let got = wait_all_delivered(&up, &["rep".to_owned()].into()).await;
+    assert_eq!(got.get("rep"), Some(&1));
+    assert!(
+        eventually(|| {
+            let mut c = c.clone();
+            async move { queue_keys(&mut c).await == (0, 0, 0, 0) }
+        })
+        .await
+    );
+    r.relay.shutdown().await;
+    drop(replica);
+}
+
+/// Redis is killed while deliveries are in flight, and stays away longer than the visibility
+/// timeout while the upstream's 250s arrive: the relays keep those outcomes, write them once
+/// Redis is back (AOF, same port), and hold their leases meanwhile, so nobody delivers a
+/// finished message again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_finished_while_redis_is_down_are_kept_not_redelivered() {
+    let data = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::builder().aof(true).dir(data.path()).start().unwrap();
+    let gate = Gate::new();
+    let up = SmtpServer::start(Script::new().default_behaviour(Behaviour::AcceptWhenOpen(gate.clone()))).unwrap();
+    let routes = route("up", up.port(), 10, &["*"]);
+    let vt = Duration::from_secs(2);
+    let url = redis.url();
+    let relay = |name: &'static str| {
+        start(&routes, &url, move |o| {
+            o.consumer = name.into();
+            o.visibility_timeout = vt;
+        })
+    };
+    let a = relay("relay-a").await;
+    let b = relay("relay-b").await;
+    let markers: Vec<String> = (0..6).map(|i| format!("g{i}")).collect();
+    let (ra, rb) = tokio::join!(
+        send_all(a.smtp().port(), &markers[..3]),
+        send_all(b.smtp().port(), &markers[3..])
+    );
+    assert_eq!(ra.len() + rb.len(), 6);
+    // Every delivery is at the upstream, its 250 held.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gate.waiting() < 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} deliveries in flight",
+            gate.waiting()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    redis.kill();
+    gate.open();
+    // The relays have their 250s; their outcomes cannot be written.
+    assert!(eventually(|| async { delivered(&a) + delivered(&b) == 6 }).await);
+    // The outage itself (not a synchronisation): longer than the visibility timeout, so every
+    // lease looks expired when Redis is back.
+    tokio::time::sleep(vt + Duration::from_secs(1)).await;
+    redis.restart().unwrap();
+
+    let mut c = redis_connection(&redis).await;
+    let drained = eventually(|| {
+        let mut c = c.clone();
+        async move { queue_keys(&mut c).await == (0, 0, 0, 0) }
+    })
+    .await;
+    assert!(drained, "queue left: {:?}", queue_keys(&mut c).await);
+    let got = delivered_markers(&up);
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert!(got.values().all(|n| *n == 1), "every message exactly once: {got:?}");
+    assert_eq!(up.received().len(), 6);
+    for r in [&a, &b] {
+        assert_eq!(r.relay.metrics().jobs_reclaimed.get(), 0);
+    }
+    a.relay.shutdown().await;
+    b.relay.shutdown().await;
+}
+
+/// A relay removes the consumer a stopped relay left in the consumer group (it holds nothing
+/// and has been idle longer than the visibility timeout), so restarts do not pile them up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_stopped_relays_are_removed() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |o| {
+        o.consumer = "live".into();
+        o.visibility_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = redis_connection(&redis).await;
+    // What a relay that stopped leaves: a consumer holding nothing.
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg("{mailroute}:ready")
+        .arg("relays")
+        .arg("dead-relay")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let names = |c: redis::aio::MultiplexedConnection| async move {
+        let mut c = c;
+        let v: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg("{mailroute}:ready")
+            .arg("relays")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        v.iter()
+            .map(|m| redis::from_redis_value::<String>(m["name"].clone()).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert!(names(c.clone()).await.contains(&"dead-relay".to_owned()));
+    assert!(
+        eventually(|| {
+            let c = c.clone();
+            async move { !names(c).await.contains(&"dead-relay".to_owned()) }
+        })
+        .await,
+        "the stopped relay's consumer was never removed"
+    );
+    // The live relay still delivers.
+    assert!(
+        submit(r.smtp(), "app@app.example", &["user@example.com"], &message("live", ""))
+            .await
+            .delivered()
+    );
+    wait_all_delivered(&up, &["live".to_owned()].into()).await;
+    r.relay.shutdown().await;
 }

@@ -159,3 +159,131 @@ async fn redis_queue_cancel() {
 async fn memory_queue_cancel() {
     cancel_contract(Arc::new(MemoryQueue::new())).await;
 }
+
+/// The names of the consumers of the group `relays` on `ready`, with their pending counts.
+async fn consumers(c: &mut redis::aio::MultiplexedConnection, ready: &str) -> Vec<(String, i64)> {
+    let v: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(ready)
+        .arg("relays")
+        .query_async(c)
+        .await
+        .unwrap();
+    v.iter()
+        .map(|m| {
+            let name: String = redis::from_redis_value(m["name"].clone()).unwrap();
+            let pending: i64 = redis::from_redis_value(m["pending"].clone()).unwrap();
+            (name, pending)
+        })
+        .collect()
+}
+
+/// A consumer that holds nothing and has been idle longer than the limit is removed; one that
+/// holds a job stays, however idle.
+#[tokio::test]
+async fn idle_consumers_holding_nothing_are_pruned() {
+    let redis = RedisServer::start().unwrap();
+    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
+        .await
+        .unwrap();
+    let id = new_id(1);
+    q.enqueue(&meta(&id, &["x@example.com"]), b"body", &[(Job::new(&id, 0), None)])
+        .await
+        .unwrap();
+    assert_eq!(q.fetch("busy", 10, Duration::from_millis(100)).await.unwrap().len(), 1);
+    let mut c = redis
+        .client()
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(q.ready_key())
+        .arg("relays")
+        .arg("idle")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut names: Vec<(String, i64)> = consumers(&mut c, q.ready_key()).await;
+    names.sort();
+    assert_eq!(names, vec![("busy".into(), 1), ("idle".into(), 0)]);
+
+    assert_eq!(
+        q.prune_consumers(Duration::from_secs(60)).await.unwrap(),
+        0,
+        "not idle long enough"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while q.prune_consumers(Duration::from_millis(200)).await.unwrap() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "idle consumer never pruned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(consumers(&mut c, q.ready_key()).await, vec![("busy".into(), 1)]);
+}
+
+/// A message whose enqueue was never committed (its relay died between the two steps) is inert:
+/// no job of it is fetched, and the purge removes it once it is older than the cut-off, without
+/// touching committed messages.
+#[tokio::test]
+async fn uncommitted_enqueues_are_inert_and_purged() {
+    let redis = RedisServer::start().unwrap();
+    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
+        .await
+        .unwrap();
+    let mut c = redis
+        .client()
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // What the first step of an enqueue leaves behind (see queue::redis).
+    let staged = new_id(1);
+    let meta_json = serde_json::to_string(&meta(&staged, &["x@example.com"])).unwrap();
+    let () = redis::pipe()
+        .atomic()
+        .cmd("HSET")
+        .arg(format!("{{q}}:msg:{staged}"))
+        .arg("meta")
+        .arg(meta_json)
+        .arg("body")
+        .arg("b")
+        .arg("pending")
+        .arg(1)
+        .arg("staged")
+        .arg(1)
+        .ignore()
+        .cmd("ZADD")
+        .arg("{q}:staged")
+        .arg(1)
+        .arg(&staged)
+        .ignore()
+        .cmd("INCR")
+        .arg("{q}:messages")
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let committed = new_id(2);
+    q.enqueue(
+        &meta(&committed, &["y@example.com"]),
+        b"body",
+        &[(Job::new(&committed, 0), None)],
+    )
+    .await
+    .unwrap();
+    let n: i64 = redis::cmd("ZCARD").arg("{q}:staged").query_async(&mut c).await.unwrap();
+    assert_eq!(n, 1, "a committed message is no longer listed as staged");
+
+    assert_eq!(
+        q.purge_uncommitted(0, 100).await.unwrap(),
+        0,
+        "younger than the cut-off"
+    );
+    assert_eq!(q.purge_uncommitted(10, 100).await.unwrap(), 1);
+    assert!(q.load(&staged).await.unwrap().is_none());
+    assert_eq!(q.stats(0).await.unwrap().messages, 1);
+    let leased = q.fetch("c1", 10, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].job.msg, committed);
+}

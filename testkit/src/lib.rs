@@ -18,4 +18,4 @@ pub mod smtp;
 pub use certs::TestPki;
 pub use redis::RedisServer;
 pub use redis_cluster::RedisCluster;
-pub use smtp::{Behaviour, Received, Script, SmtpServer, Stage, Tls};
+pub use smtp::{Behaviour, Gate, Received, Script, SmtpServer, Stage, Tls};

@@ -1,6 +1,8 @@
 //! TLS client configurations for outbound SMTP: certificate-verifying configs (system roots,
-//! optionally plus a route's extra CA bundle) and the non-verifying config used for
-//! opportunistic STARTTLS to MX hosts and for routes with `verifyTls: false`.
+//! optionally plus a route's extra CA bundle), pinned configs (exactly the certificates with
+//! the given SHA-256 fingerprints, as Postfix's `smtp_tls_fingerprint_digest = sha256`), and
+//! the non-verifying config used for opportunistic STARTTLS to MX hosts and for routes with
+//! `verifyTls: false`.
 //!
 //! One crate for the relay's delivery and the operator's connection test, so a route the
 //! operator reports as verified is trusted by the relay in exactly the same way. Also
@@ -31,6 +33,48 @@ pub enum TlsSetupError {
     InvalidCa(String),
     #[error("TLS configuration: {0}")]
     Config(String),
+    #[error("no certificate fingerprint to pin")]
+    NoPin,
+    #[error("`{0}` is not a SHA-256 fingerprint (64 hex digits)")]
+    BadFingerprint(String),
+}
+
+/// The SHA-256 fingerprint of a DER certificate (what `openssl x509 -fingerprint -sha256`
+/// prints, without the colons).
+pub fn sha256_fingerprint(der: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(der).into()
+}
+
+/// `ab:cd:…` (upper case, as openssl prints it), for messages.
+pub fn format_fingerprint(fp: &[u8; 32]) -> String {
+    let hex = hex::encode_upper(fp);
+    hex.as_bytes()
+        .chunks(2)
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A config accepting exactly the server certificates whose SHA-256 fingerprint is in `pins`,
+/// whatever their issuer, names, dates or CA flag (a self-signed certificate used as the
+/// server's own); the handshake signature is still checked against the pinned certificate.
+pub fn pinned(pins: &[[u8; 32]]) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    if pins.is_empty() {
+        return Err(TlsSetupError::NoPin);
+    }
+    let provider = provider();
+    let verifier = PinnedCertificate {
+        pins: pins.to_vec(),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsSetupError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -87,6 +131,69 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsSetupError> {
         .map_err(|_| TlsSetupError::Config(format!("`{host}` is not a valid TLS server name")))
 }
 
+/// [`pinned`] with the fingerprints as hex (the compiled route's form).
+pub fn pinned_hex(pins: &[String]) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let pins = pins
+        .iter()
+        .map(|p| {
+            hex::decode(p)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| TlsSetupError::BadFingerprint(p.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    pinned(&pins)
+}
+
+#[derive(Debug)]
+struct PinnedCertificate {
+    pins: Vec<[u8; 32]>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fp = sha256_fingerprint(end_entity);
+        if self.pins.contains(&fp) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate (SHA-256 {}) is not the pinned one",
+                format_fingerprint(&fp)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 #[derive(Debug)]
 struct AcceptAnyCertificate(WebPkiSupportedAlgorithms);
 
@@ -141,5 +248,20 @@ mod tests {
         assert!(server_name("mx.example.com.").is_ok());
         assert!(server_name("127.0.0.1").is_ok());
         assert!(server_name("bad name").is_err());
+        assert_eq!(pinned(&[]).err(), Some(TlsSetupError::NoPin));
+        assert!(pinned(&[[7; 32]]).is_ok());
+        assert!(pinned_hex(&["07".repeat(32)]).is_ok());
+        assert_eq!(
+            pinned_hex(&["07".into()]).err(),
+            Some(TlsSetupError::BadFingerprint("07".into()))
+        );
+    }
+
+    #[test]
+    fn fingerprints_print_like_openssl() {
+        // `printf abc | openssl dgst -sha256`
+        let fp = sha256_fingerprint(b"abc");
+        assert!(format_fingerprint(&fp).starts_with("BA:78:16:BF:8F:01:CF:EA"));
+        assert_eq!(format_fingerprint(&fp).len(), 32 * 3 - 1);
     }
 }

@@ -515,8 +515,13 @@ impl Deliverer {
         match &target.target {
             Target::Smarthost(up) => {
                 let key = self.smarthost_key(target, up, creds);
-                let tls_config = if up.verify_tls {
-                    match self.verifying_config(target.custom_ca_pem.as_deref()) {
+                let config = if up.pinned_sha256.is_empty() {
+                    self.verifying_config(target.custom_ca_pem.as_deref())
+                } else {
+                    self.pinned_config(&up.pinned_sha256)
+                };
+                let tls_config = if up.verify_tls || !up.pinned_sha256.is_empty() {
+                    match config {
                         Ok(c) => c,
                         Err(e) => {
                             return Ok(AttemptResult {
@@ -601,6 +606,7 @@ impl Deliverer {
             creds.map(|c| c.username.as_str()).unwrap_or(""),
             creds.map(|c| c.password.as_str()).unwrap_or(""),
             target.custom_ca_pem.as_deref().unwrap_or(""),
+            &up.pinned_sha256.join(","),
         ]);
         match &target.connection_scope {
             Some(scope) => format!("{}|smarthost|{}|{}", target.route_id, fingerprint, scope),
@@ -617,6 +623,17 @@ impl Deliverer {
             return Ok(Arc::clone(c));
         }
         let config = tls::verifying(&self.inner.system_roots, Some(pem))?;
+        lock(&self.inner.with_ca).insert(id, Arc::clone(&config));
+        Ok(config)
+    }
+
+    /// A config accepting only the certificates with these SHA-256 fingerprints (hex).
+    fn pinned_config(&self, pins: &[String]) -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
+        let id = format!("pin|{}", pins.join(","));
+        if let Some(c) = lock(&self.inner.with_ca).get(&id) {
+            return Ok(Arc::clone(c));
+        }
+        let config = tls::pinned_hex(pins)?;
         lock(&self.inner.with_ca).insert(id, Arc::clone(&config));
         Ok(config)
     }
@@ -1101,6 +1118,7 @@ mod tests {
             server_name: None,
             auth: None,
             custom_ca: true,
+            pinned_sha256: Vec::new(),
         };
         let route = CompiledRoute {
             id: "mail/r".into(),

@@ -150,4 +150,18 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Cheap liveness check of the store.
     async fn ping(&self) -> Result<()>;
+
+    /// Removes messages whose enqueue was never committed (the relay answered anything but 250,
+    /// or died before answering) and that were received before `before_ms`. Safe to run on
+    /// every relay at once; returns how many went. Stores that commit in one step have none.
+    async fn purge_uncommitted(&self, _before_ms: i64, _max: usize) -> Result<usize> {
+        Ok(0)
+    }
+
+    /// Removes consumers that hold no job and were idle longer than `min_idle` (relays that
+    /// stopped). Safe to run on every relay at once: a live consumer removed this way holds
+    /// nothing and comes back with its next fetch. Returns how many went.
+    async fn prune_consumers(&self, _min_idle: Duration) -> Result<usize> {
+        Ok(0)
+    }
 }

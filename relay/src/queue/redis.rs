@@ -4,6 +4,19 @@
 //! stored messages. Every key shares one hash tag (`{mailroute}` by default) so the scripts run
 //! on Redis Cluster too. State transitions that touch several keys are one MULTI/EXEC or one
 //! Lua script, so a crash of a relay between two commands cannot lose or duplicate a job.
+//!
+//! An enqueue is two steps, so that a message answered with anything but 250 is never
+//! delivered: the message is first stored *staged* (its record only, listed in the sorted set
+//! `staged`, no job anywhere a worker looks), then, once Redis (and with `--wait-replicas`, the
+//! replicas) acknowledged it, one script *commits* it (its jobs into `ready`/`sched`), and the
+//! commit is waited for on the replicas too. A failed step deletes the message again; a staged
+//! message whose relay died or lost Redis before the commit stays inert and is purged by
+//! [`Queue::purge_uncommitted`]. What remains, and the protocol cannot avoid: a commit that
+//! Redis applied but whose answer never arrived (Redis crashed in that instant) is retried
+//! for [`COMMIT_SETTLE`]; if Redis is still unreachable the client gets 451 while the message
+//! may be delivered (a duplicate if the client sends it again), and with replicas, a commit
+//! whose replication fails after the stage's succeeded is answered 451 although a worker may
+//! already have taken the job in the milliseconds between.
 
 use std::time::Duration;
 
@@ -18,6 +31,12 @@ use crate::redis_client::{RedisConn, Target, Timeouts};
 
 pub const GROUP: &str = "relays";
 pub const DEFAULT_PREFIX: &str = "{mailroute}:";
+
+/// How long an enqueue keeps retrying a commit whose answer was lost before it answers 451.
+pub const COMMIT_SETTLE: Duration = Duration::from_secs(10);
+
+/// Field of a message record that is present while the message is staged (not deliverable).
+const STAGED: &str = "staged";
 
 /// How many acknowledgements an enqueue waits for beyond the primary's own.
 #[derive(Clone, Copy, Debug, Default)]
@@ -37,6 +56,9 @@ pub struct RedisQueue {
     promote: Script,
     renew: Script,
     cancel: Script,
+    commit: Script,
+    drop_msg: Script,
+    prune: Script,
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +67,7 @@ struct Keys {
     ready: String,
     sched: String,
     count: String,
+    staged: String,
 }
 
 impl Keys {
@@ -54,6 +77,7 @@ impl Keys {
             ready: format!("{prefix}ready"),
             sched: format!("{prefix}sched"),
             count: format!("{prefix}messages"),
+            staged: format!("{prefix}staged"),
         }
     }
     fn msg(&self, id: &str) -> String {
@@ -162,6 +186,51 @@ end
 return n
 ";
 
+// KEYS: msg, staged, ready, sched. ARGV: id, then (job, due ms or '' for ready now) pairs.
+// 1 = deliverable (now or already), 0 = the record is gone (aborted or purged).
+const COMMIT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HDEL', KEYS[1], 'staged') == 0 then return 1 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 2, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('XADD', KEYS[3], '*', 'j', ARGV[i])
+  else
+    redis.call('ZADD', KEYS[4], ARGV[i + 1], ARGV[i])
+  end
+end
+return 1
+";
+
+// KEYS: msg, staged, count. ARGV: id, 'staged' (only if still staged) or 'any'.
+// A committed message's jobs may stay in the stream or schedule: a worker finds the record
+// gone and finishes them without delivering.
+const DROP: &str = r"
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] == 'staged' and redis.call('HEXISTS', KEYS[1], 'staged') == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('DECR', KEYS[3])
+return 1
+";
+
+// KEYS: ready. ARGV: group, min idle ms. Checked and deleted in one step: DELCONSUMER would
+// drop the pending entries of a consumer that took a job in between.
+const PRUNE: &str = r"
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+local n = 0
+for _, c in ipairs(consumers) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] and f['pending'] == 0 and f['idle'] and tonumber(f['idle']) > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    n = n + 1
+  end
+end
+return n
+";
+
 impl RedisQueue {
     /// Connects to `url` (one server or a cluster, see [`Target::parse`]) and creates the
     /// consumer group if missing. `prefix` must contain a hash tag.
@@ -183,6 +252,9 @@ impl RedisQueue {
             promote: Script::new(PROMOTE),
             renew: Script::new(RENEW),
             cancel: Script::new(CANCEL),
+            commit: Script::new(COMMIT),
+            drop_msg: Script::new(DROP),
+            prune: Script::new(PRUNE),
         };
         q.ensure_group().await?;
         Ok(q)
@@ -202,6 +274,83 @@ impl RedisQueue {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes message `id` (`only_staged`: unless it was committed meanwhile); true if it went.
+    async fn drop_message(&self, id: &str, only_staged: bool) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let n: i64 = self
+            .drop_msg
+            .key(self.keys.msg(id))
+            .key(&self.keys.staged)
+            .key(&self.keys.count)
+            .arg(id)
+            .arg(if only_staged { "staged" } else { "any" })
+            .invoke_async(&mut c)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Takes back a message the client will be refused: best effort, since a staged record
+    /// left behind is inert and purged later.
+    async fn abort(&self, id: &str) {
+        if let Err(e) = self.drop_message(id, false).await {
+            tracing::warn!(error = %e, message = %id, "removing a refused message failed; it stays inert until purged");
+        }
+    }
+
+    /// `WAIT` for the configured replicas after a write to `key`; on failure the message is
+    /// taken back, so that the 451 the client gets holds.
+    async fn replicated(&self, key: &str, id: &str) -> Result<()> {
+        if self.durability.replicas == 0 {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let acked = c
+            .wait_replicas(key, self.durability.replicas, self.durability.timeout)
+            .await;
+        let err = match acked {
+            Ok(n) if n >= i64::from(self.durability.replicas) => return Ok(()),
+            Ok(n) => QueueError::Durability(format!("{n} of {} replicas acknowledged", self.durability.replicas)),
+            Err(e) => e.into(),
+        };
+        self.abort(id).await;
+        Err(err)
+    }
+
+    /// Makes a staged message deliverable. An unanswered attempt is retried for
+    /// [`COMMIT_SETTLE`] (Redis may come back and say what happened); then, or when the record
+    /// is gone, the message is taken back and the error returned.
+    async fn commit(&self, meta: &MessageMeta, jobs: &[(Job, Option<i64>)]) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + COMMIT_SETTLE;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let mut c = self.conn.clone();
+            let mut inv = self.commit.key(self.keys.msg(&meta.id));
+            inv.key(&self.keys.staged)
+                .key(&self.keys.ready)
+                .key(&self.keys.sched)
+                .arg(&meta.id);
+            for (job, due) in jobs {
+                inv.arg(job.encode())
+                    .arg(due.map(|d| d.to_string()).unwrap_or_default());
+            }
+            let err = match inv.invoke_async::<i64>(&mut c).await {
+                Ok(1) => return Ok(()),
+                // Gone: purged, or (after an unanswered attempt) possibly committed and already
+                // finished by a worker. Refusing risks a duplicate, accepting would risk a loss.
+                Ok(_) => QueueError::Durability(format!("message {} vanished before its commit", meta.id)),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, message = %meta.id, "commit unanswered; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => e.into(),
+            };
+            self.abort(&meta.id).await;
+            return Err(err);
         }
     }
 
@@ -274,6 +423,7 @@ impl Queue for RedisQueue {
     async fn enqueue(&self, meta: &MessageMeta, body: &[u8], jobs: &[(Job, Option<i64>)]) -> Result<()> {
         let meta_json = serde_json::to_vec(meta).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let key = self.keys.msg(&meta.id);
+        // Stage: the record only, listed for the purge until the commit.
         let mut p = redis::pipe();
         p.atomic();
         p.cmd("HSET")
@@ -284,34 +434,23 @@ impl Queue for RedisQueue {
             .arg(body)
             .arg("pending")
             .arg(jobs.len())
+            .arg(STAGED)
+            .arg(1)
             .ignore();
-        for (job, due) in jobs {
-            match due {
-                Some(due) => p.cmd("ZADD").arg(&self.keys.sched).arg(*due).arg(job.encode()).ignore(),
-                None => p
-                    .cmd("XADD")
-                    .arg(&self.keys.ready)
-                    .arg("*")
-                    .arg("j")
-                    .arg(job.encode())
-                    .ignore(),
-            };
-        }
+        p.cmd("ZADD")
+            .arg(&self.keys.staged)
+            .arg(meta.received_at_ms)
+            .arg(&meta.id)
+            .ignore();
         p.cmd("INCR").arg(&self.keys.count).ignore();
         let mut c = self.conn.clone();
-        let () = p.query_async(&mut c).await?;
-        if self.durability.replicas > 0 {
-            let acked = c
-                .wait_replicas(&key, self.durability.replicas, self.durability.timeout)
-                .await?;
-            if acked < i64::from(self.durability.replicas) {
-                return Err(QueueError::Durability(format!(
-                    "{acked} of {} replicas acknowledged",
-                    self.durability.replicas
-                )));
-            }
+        if let Err(e) = p.query_async::<()>(&mut c).await {
+            self.abort(&meta.id).await;
+            return Err(e.into());
         }
-        Ok(())
+        self.replicated(&key, &meta.id).await?;
+        self.commit(meta, jobs).await?;
+        self.replicated(&key, &meta.id).await
     }
 
     async fn promote_due(&self, now_ms: i64, max: usize) -> Result<usize> {
@@ -553,6 +692,39 @@ impl Queue for RedisQueue {
             messages: count.unwrap_or(0).max(0) as u64,
             oldest_age_ms: oldest_ms.map(|t| (now_ms - t).max(0) as u64).unwrap_or(0),
         })
+    }
+
+    async fn purge_uncommitted(&self, before_ms: i64, max: usize) -> Result<usize> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&self.keys.staged)
+            .arg("-inf")
+            .arg(before_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(max)
+            .query_async(&mut c)
+            .await?;
+        let mut n = 0;
+        for id in ids {
+            if self.drop_message(&id, true).await? {
+                tracing::info!(message = %id, "purged a message whose enqueue was never committed");
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn prune_consumers(&self, min_idle: Duration) -> Result<usize> {
+        let mut c = self.conn.clone();
+        let n: i64 = self
+            .prune
+            .key(&self.keys.ready)
+            .arg(GROUP)
+            .arg(min_idle.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(n.max(0) as usize)
     }
 
     async fn ping(&self) -> Result<()> {

@@ -160,6 +160,7 @@ pub(crate) mod tests {
                     server_name: None,
                     auth: None,
                     custom_ca: false,
+                    pinned_sha256: Vec::new(),
                 })
             },
             recipient_domains: vec![DomainPattern::Any],

@@ -76,6 +76,55 @@ pub enum Behaviour {
     RateLimit,
     /// Accept, but only after this long (a slow upstream).
     AcceptAfter(Duration),
+    /// Accept, but hold the reply until the [`Gate`] is opened (the test decides when).
+    AcceptWhenOpen(Gate),
+}
+
+/// A gate that holds [`Behaviour::AcceptWhenOpen`] replies until [`Gate::open`]; clones share it.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    open: Arc<watch::Sender<bool>>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            open: Arc::new(watch::channel(false).0),
+            waiting: Arc::default(),
+        }
+    }
+}
+
+impl PartialEq for Gate {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.open, &other.open)
+    }
+}
+
+impl Eq for Gate {}
+
+impl Gate {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets every held and future reply through.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Replies held at the gate now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    async fn pass(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Behaviour {
@@ -794,11 +843,13 @@ impl Session {
             Stage::Rcpt => self.shared.next_behaviour(),
             Stage::Data => Behaviour::Accept,
         };
-        if let Behaviour::AcceptAfter(delay) = behaviour {
-            tokio::time::sleep(delay).await;
+        match &behaviour {
+            Behaviour::AcceptAfter(delay) => tokio::time::sleep(*delay).await,
+            Behaviour::AcceptWhenOpen(gate) => gate.pass().await,
+            _ => {}
         }
         match behaviour {
-            Behaviour::Accept | Behaviour::AcceptAfter(_) => {
+            Behaviour::Accept | Behaviour::AcceptAfter(_) | Behaviour::AcceptWhenOpen(_) => {
                 self.rcpts.push(to.to_string());
                 self.envelope_lines.push(std::mem::take(&mut self.raw_line));
                 reply(io, "250 2.1.5 OK").await
@@ -856,11 +907,13 @@ impl Session {
             Stage::Data => self.shared.next_behaviour(),
             Stage::Rcpt => Behaviour::Accept,
         };
-        if let Behaviour::AcceptAfter(delay) = behaviour {
-            tokio::time::sleep(delay).await;
+        match &behaviour {
+            Behaviour::AcceptAfter(delay) => tokio::time::sleep(*delay).await,
+            Behaviour::AcceptWhenOpen(gate) => gate.pass().await,
+            _ => {}
         }
         match behaviour {
-            Behaviour::Accept | Behaviour::AcceptAfter(_) => {
+            Behaviour::Accept | Behaviour::AcceptAfter(_) | Behaviour::AcceptWhenOpen(_) => {
                 let id = self.shared.record(Received {
                     mail_from,
                     rcpts,
