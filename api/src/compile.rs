@@ -16,7 +16,8 @@ use crate::pattern::{DomainPattern, split_address};
 use crate::provider::Provider;
 use crate::quota::{SenderQuota, SenderQuotaSpec};
 use crate::route::{
-    AuthMechanism, Backoff, DeliveryMode, DestinationLimitSpec, SmtpRoute, SmtpRouteSpec, TlsMode, TlsSpec,
+    AuthMechanism, Backoff, DeliveryMode, DestinationLimitSpec, SmtpRoute, SmtpRouteSpec, TimeoutsSpec, TlsMode,
+    TlsSpec,
 };
 
 /// Secret data by (namespace, name), as the operator reads it from the API or the relay from YAML.
@@ -730,7 +731,45 @@ fn compile_route(
         retry,
         dkim,
         test_recipient: spec.test_recipient.clone(),
+        timeouts: compile_timeouts(spec.timeouts.as_ref(), d),
     })
+}
+
+/// Longest accepted session timeout: longer waits only hold a connection slot.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// `spec.timeouts`: each given field replaces its default from [`SessionTimeouts::default`].
+fn compile_timeouts(spec: Option<&TimeoutsSpec>, d: &mut Diags<'_>) -> SessionTimeouts {
+    let mut t = SessionTimeouts::default();
+    let Some(spec) = spec else { return t };
+    let fields = [
+        ("connect", &spec.connect, &mut t.connect_ms),
+        ("greeting", &spec.greeting, &mut t.greeting_ms),
+        ("mail", &spec.mail, &mut t.mail_ms),
+        ("rcpt", &spec.rcpt, &mut t.rcpt_ms),
+        ("dataInit", &spec.data_init, &mut t.data_init_ms),
+        ("dataTransfer", &spec.data_transfer, &mut t.data_transfer_ms),
+        ("dataDone", &spec.data_done, &mut t.data_done_ms),
+    ];
+    for (name, value, out) in fields {
+        let Some(s) = value else { continue };
+        let field = format!("spec.timeouts.{name}");
+        match humantime::parse_duration(s) {
+            Ok(dur) if dur < Duration::from_secs(1) => {
+                d.error(Reason::InvalidSpec, &field, format!("`{s}` is shorter than one second"));
+            }
+            Ok(dur) if dur > MAX_TIMEOUT => {
+                d.error(Reason::InvalidSpec, &field, format!("`{s}` is longer than one hour"));
+            }
+            Ok(dur) => *out = dur.as_millis() as u64,
+            Err(e) => d.error(
+                Reason::InvalidSpec,
+                &field,
+                format!("`{s}` is not a duration like `30s` or `5m`: {e}"),
+            ),
+        }
+    }
+    t
 }
 
 /// `spec.limits.perDestination`, in the route's order (the order decides ties).
@@ -1026,6 +1065,65 @@ pub fn mechanism_name(m: AuthMechanism) -> &'static str {
         AuthMechanism::Plain => "PLAIN",
         AuthMechanism::Login => "LOGIN",
         AuthMechanism::Xoauth2 => "XOAUTH2",
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+    use crate::Manifests;
+
+    fn compile_with(timeouts: &str) -> Compiled {
+        let yaml = format!(
+            "apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata:\n  name: up\n  namespace: mail\nspec:\n  host: smtp.example.com\n{timeouts}"
+        );
+        let mut m = Manifests::default();
+        m.add_yaml(&yaml, "default").unwrap();
+        m.compile()
+    }
+
+    #[test]
+    fn postfix_defaults_unless_overridden() {
+        let c = compile_with("");
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        let t = c.config.routes[0].timeouts;
+        assert_eq!(
+            (t.connect_ms, t.greeting_ms, t.mail_ms, t.rcpt_ms),
+            (30_000, 300_000, 300_000, 300_000)
+        );
+        assert_eq!(
+            (t.data_init_ms, t.data_transfer_ms, t.data_done_ms),
+            (120_000, 180_000, 600_000)
+        );
+        // Default timeouts leave the compiled JSON as it was.
+        assert!(!c.config.to_canonical_json().contains("timeouts"));
+
+        let c = compile_with("  timeouts: {connect: 5s, greeting: 1m, dataDone: 20m}\n");
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        let t = c.config.routes[0].timeouts;
+        assert_eq!(
+            t,
+            SessionTimeouts {
+                connect_ms: 5_000,
+                greeting_ms: 60_000,
+                data_done_ms: 1_200_000,
+                ..SessionTimeouts::default()
+            }
+        );
+        let json = c.config.to_canonical_json();
+        let back: RelayConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.routes[0].timeouts, t, "{json}");
+    }
+
+    #[test]
+    fn broken_timeouts_are_reported_and_leave_the_route_out() {
+        let c = compile_with("  timeouts: {connect: soon, mail: 500ms, rcpt: 2h, dataInit: 30s}\n");
+        let fields: BTreeSet<&str> = c.diagnostics.iter().filter_map(|d| d.field.as_deref()).collect();
+        assert_eq!(
+            fields,
+            BTreeSet::from(["spec.timeouts.connect", "spec.timeouts.mail", "spec.timeouts.rcpt"])
+        );
+        assert!(c.config.routes.is_empty());
     }
 }
 

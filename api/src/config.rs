@@ -80,6 +80,9 @@ pub struct CompiledRoute {
     pub dkim: Option<DkimConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_recipient: Option<String>,
+    /// SMTP session timeouts; omitted from the JSON when they are the defaults.
+    #[serde(default, skip_serializing_if = "SessionTimeouts::is_default")]
+    pub timeouts: SessionTimeouts,
 }
 
 impl CompiledRoute {
@@ -247,6 +250,45 @@ impl Default for RetryConfig {
             backoff: Backoff::Fixed,
             max_interval_secs: 30 * 60,
         }
+    }
+}
+
+/// How long an outbound SMTP session waits for the upstream at each step, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionTimeouts {
+    pub connect_ms: u64,
+    /// Greeting, EHLO, STARTTLS and its handshake, AUTH.
+    pub greeting_ms: u64,
+    /// MAIL FROM, RSET, QUIT.
+    pub mail_ms: u64,
+    pub rcpt_ms: u64,
+    /// The reply to DATA.
+    pub data_init_ms: u64,
+    /// Writing the content.
+    pub data_transfer_ms: u64,
+    /// The reply to the content's final dot.
+    pub data_done_ms: u64,
+}
+
+impl Default for SessionTimeouts {
+    /// Postfix's `smtp_*_timeout` defaults: the one place they are defined.
+    fn default() -> Self {
+        Self {
+            connect_ms: 30_000,
+            greeting_ms: 300_000,
+            mail_ms: 300_000,
+            rcpt_ms: 300_000,
+            data_init_ms: 120_000,
+            data_transfer_ms: 180_000,
+            data_done_ms: 600_000,
+        }
+    }
+}
+
+impl SessionTimeouts {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
     }
 }
 

@@ -108,6 +108,14 @@ pub struct SmtpRouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dkim: Option<DkimSpec>,
 
+    /// How long to wait for the upstream at each step of an SMTP session, as durations (`30s`,
+    /// `5m`) from one second to one hour; a step that takes longer fails the attempt as a
+    /// temporary error. Omitted fields keep Postfix's defaults (`smtp_*_timeout`). With
+    /// PIPELINING the replies to MAIL, RCPT and DATA are awaited together, within the longest
+    /// of the three.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<TimeoutsSpec>,
+
     /// If set, the operator's connection test also sends a real test message to this address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_recipient: Option<String>,
@@ -344,6 +352,39 @@ pub struct RetrySpec {
     /// Longest interval with exponential back-off (default `30m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_interval: Option<String>,
+}
+
+/// Waits for the upstream during one SMTP session, as durations (`30s`, `5m`), each at least one
+/// second and at most one hour. A step that takes longer fails the attempt as a temporary
+/// error (the message is retried on the route's schedule). With PIPELINING the replies to MAIL,
+/// RCPT and DATA are awaited together, within the longest of the three.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeoutsSpec {
+    /// Opening the TCP connection (default `30s`, Postfix `smtp_connect_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<String>,
+    /// The server's greeting, and each of EHLO, STARTTLS with its TLS handshake, and AUTH
+    /// (default `300s`, Postfix `smtp_helo_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub greeting: Option<String>,
+    /// The reply to MAIL FROM, also to RSET and QUIT (default `300s`, Postfix
+    /// `smtp_mail_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail: Option<String>,
+    /// The reply to RCPT TO (default `300s`, Postfix `smtp_rcpt_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcpt: Option<String>,
+    /// The reply to DATA (default `120s`, Postfix `smtp_data_init_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_init: Option<String>,
+    /// Sending the message content (default `180s`, Postfix `smtp_data_xfer_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_transfer: Option<String>,
+    /// The reply after the content's final dot (default `600s`, Postfix
+    /// `smtp_data_done_timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_done: Option<String>,
 }
 
 /// Retry back-off.

@@ -170,6 +170,7 @@ fn fallback_route() -> CompiledRoute {
         retry: Default::default(),
         dkim: None,
         test_recipient: None,
+        timeouts: Default::default(),
     }
 }
 

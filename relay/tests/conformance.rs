@@ -9,11 +9,10 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::common::*;
 use chrono::{TimeZone, Utc};
-use mailroute_api::config::{Target, Upstream};
+use mailroute_api::config::{SessionTimeouts, Target, Upstream};
 use mailroute_api::route::TlsMode;
 use mailroute_relay::bounce::Kind;
 use mailroute_relay::delivery::{Deliverer, DelivererConfig, DeliveryTarget, Envelope, Outcome, Stage, StaticResolver};
@@ -505,9 +504,6 @@ fn deliverer(mx_port: u16) -> Deliverer {
         DelivererConfig {
             mx_port,
             helo_name: "relay.test".into(),
-            connect_timeout: Duration::from_secs(10),
-            command_timeout: Duration::from_secs(10),
-            data_timeout: Duration::from_secs(10),
             ..DelivererConfig::default()
         },
         Arc::new(
@@ -537,6 +533,15 @@ fn smarthost(port: u16) -> DeliveryTarget {
         max_connections: None,
         messages_per_connection: None,
         connection_scope: None,
+        timeouts: SessionTimeouts {
+            connect_ms: 10_000,
+            greeting_ms: 10_000,
+            mail_ms: 10_000,
+            rcpt_ms: 10_000,
+            data_init_ms: 10_000,
+            data_transfer_ms: 10_000,
+            data_done_ms: 10_000,
+        },
     }
 }
 

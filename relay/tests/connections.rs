@@ -180,9 +180,6 @@ async fn pod(redis: &RedisServer, idle_timeout: Duration) -> (Deliverer, Pacer) 
     let d = Deliverer::new(
         DelivererConfig {
             helo_name: "relay.test".into(),
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(5),
-            data_timeout: Duration::from_secs(10),
             idle_timeout,
             ..DelivererConfig::default()
         },
@@ -297,4 +294,221 @@ async fn a_connection_gives_its_slot_back_when_it_closes() {
         .await
         .unwrap();
     assert!(keys.iter().all(|k| !k.contains("mail/free")), "{keys:?}");
+}
+
+/// A relay in a runtime of its own, so that the test can crash it: dropping the runtime ends
+/// every task at once, as SIGKILL would (nothing completes, no lease is renewed any more).
+struct CrashableRelay {
+    smtp: std::net::SocketAddr,
+    crash: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl CrashableRelay {
+    fn start(routes: String, queue: String, workers: usize) -> Self {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (crash, crash_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let relay = rt.block_on(start(&routes, &queue, |o| o.workers = workers));
+            addr_tx.send(relay.smtp()).unwrap();
+            let _ = crash_rx.recv();
+            rt.shutdown_background();
+            drop(relay);
+        });
+        let smtp = addr_rx.recv().expect("relay started");
+        CrashableRelay { smtp, crash, thread }
+    }
+
+    fn crash(self) {
+        let _ = self.crash.send(());
+        self.thread.join().expect("relay thread");
+    }
+}
+
+/// An upstream that accepts TCP connections and never writes a byte; counts the connections.
+async fn black_hole() -> (
+    u16,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    (port, accepted, task)
+}
+
+/// One black-holed route must not stall the others: with 100 jobs queued for an upstream that
+/// accepts connections and never answers, the relay (64 workers, the default) still delivers a
+/// healthy route's mail at once. Jobs whose route has no free connection go back to the schedule
+/// instead of waiting in a worker; they stay in Redis, so a relay crash loses none of them, and
+/// another relay delivers each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_route_does_not_stall_the_others() {
+    let redis = RedisServer::start().unwrap();
+    let (hole_port, hole_connections, hole) = black_hole().await;
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let routes = route("hole", hole_port, 10, &["hole.example"]) + &route("ok", up.port(), 10, &["ok.example"]);
+    let a = CrashableRelay::start(routes, redis.url(), 64);
+
+    for i in 0..100 {
+        let t = submit(
+            a.smtp,
+            "app@app.example",
+            &[&format!("h{i}@hole.example")],
+            &message(&format!("hole-{i}"), ""),
+        )
+        .await;
+        assert!(t.delivered(), "{t}");
+    }
+    for i in 0..20 {
+        let t = submit(
+            a.smtp,
+            "app@app.example",
+            &[&format!("k{i}@ok.example")],
+            &message(&format!("ok-{i}"), ""),
+        )
+        .await;
+        assert!(t.delivered(), "{t}");
+    }
+    let got = up.wait_for(20, WAIT).await;
+    assert!(
+        got.is_ok(),
+        "the healthy route delivered {} of 20 within {WAIT:?}",
+        up.received().len()
+    );
+    let hole_seen = hole_connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        hole_seen >= 1,
+        "the black hole was never reached: the test proves nothing"
+    );
+    // The route's connection limit in this process (10 by default) bounds what the black hole holds.
+    assert!(hole_seen <= 10, "{hole_seen} connections to the black hole");
+
+    // Every black-holed job is still queued: none bounced, expired, deferred or delivered.
+    let watcher = start(&route("ok", up.port(), 10, &["ok.example"]), &redis.url(), |o| {
+        o.workers = 0
+    })
+    .await;
+    let stats = watcher.relay.queue.stats(now_ms()).await.unwrap();
+    assert_eq!(stats.messages, 100, "{stats:?}");
+    assert_eq!(stats.ready + stats.inflight + stats.scheduled, 100, "{stats:?}");
+    let hole_results: Vec<EventResult> = events(&watcher)
+        .await
+        .into_iter()
+        .filter(|e| e.recipient.ends_with("@hole.example"))
+        .map(|e| e.result)
+        .filter(|r| *r != EventResult::Received)
+        .collect();
+    assert!(hole_results.is_empty(), "{hole_results:?}");
+    watcher.relay.shutdown().await;
+
+    // The relay dies with jobs in flight to the black hole and jobs parked in the schedule.
+    a.crash();
+    hole.abort();
+    // Parked jobs come back when the pool expects a free slot (up to minutes for a black hole):
+    // due now, so that the next relay need not wait for them.
+    let mut c = redis_connection(&redis).await;
+    let _: () = redis::Script::new(
+        "for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do redis.call('ZADD', KEYS[1], 0, m) end",
+    )
+    .key(format!("{PREFIX}sched"))
+    .invoke_async(&mut c)
+    .await
+    .unwrap();
+
+    // Another relay, the route's upstream repaired: each black-holed message arrives once.
+    let repaired = SmtpServer::start(Script::new()).unwrap();
+    let routes = route("hole", repaired.port(), 10, &["hole.example"]) + &route("ok", up.port(), 10, &["ok.example"]);
+    let b = start(&routes, &redis.url(), |o| o.workers = 64).await;
+    repaired.wait_for(100, WAIT * 2).await.unwrap();
+    let br = &b;
+    assert!(
+        eventually(move || async move {
+            let s = br.relay.queue.stats(now_ms()).await.unwrap();
+            s.ready + s.inflight + s.scheduled == 0
+        })
+        .await
+    );
+    let mut markers: Vec<String> = repaired
+        .received()
+        .iter()
+        .map(|m| {
+            let text = m.data_str();
+            let start = text.find("hole-").expect("marker");
+            text[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches('.')
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(markers.len(), 100, "delivered twice: {} messages", markers.len());
+    markers.sort();
+    markers.dedup();
+    assert_eq!(markers.len(), 100);
+    assert_eq!(up.received().len(), 20);
+    b.relay.shutdown().await;
+}
+
+/// A route's `timeouts` reach its sessions through the compiled configuration: a greeting that
+/// never comes and a final reply that comes too late each fail the attempt at that step, as a
+/// timeout, after the route's time and not Postfix's default (300 s, 600 s).
+#[tokio::test]
+async fn route_timeouts_reach_the_session() {
+    use mailroute_relay::bounce::Failure;
+    use mailroute_relay::delivery::Stage;
+
+    let with_timeouts = |name: &str, port: u16, timeouts: &str| {
+        let yaml = route(name, port, 10, &["*"])
+            .replace("  priority: 10\n", &format!("  priority: 10\n  timeouts: {timeouts}\n"));
+        let c = Manifests::from_yaml(&yaml, "mail").unwrap().compile();
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        DeliveryTarget::from_route(&c.config.routes[0], &RelaySecrets::default())
+    };
+    let d = Deliverer::new(
+        DelivererConfig {
+            helo_name: "relay.test".into(),
+            ..DelivererConfig::default()
+        },
+        std::sync::Arc::new(StaticResolver::new()),
+    )
+    .unwrap();
+    let env = Envelope {
+        mail_from: "app@app.example".into(),
+        rcpt_to: "u@example.com".into(),
+    };
+    let failure = |r: &mailroute_relay::delivery::AttemptResult| match &r.outcome {
+        Outcome::Failed { stage, failure, .. } => Some((*stage, *failure)),
+        _ => None,
+    };
+
+    let (hole_port, _, hole) = black_hole().await;
+    let target = with_timeouts("silent", hole_port, "{greeting: 1s}");
+    assert_eq!(target.timeouts.greeting_ms, 1_000);
+    let started = std::time::Instant::now();
+    let r = d.deliver(&target, None, None, &env, &message("silent", "")).await;
+    assert_eq!(failure(&r), Some((Stage::Greeting, Failure::Timeout)), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    hole.abort();
+
+    let slow = SmtpServer::start(Script::new().then(Behaviour::AcceptAfter(Duration::from_secs(120)))).unwrap();
+    let target = with_timeouts("slow", slow.port(), "{dataDone: 1s}");
+    let started = std::time::Instant::now();
+    let r = d.deliver(&target, None, None, &env, &message("slow", "")).await;
+    assert_eq!(failure(&r), Some((Stage::Message, Failure::Timeout)), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
 }

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mailroute_api::config::{Credentials, Target, Upstream};
+use mailroute_api::config::{Credentials, SessionTimeouts, Target, Upstream};
 use mailroute_api::route::{AuthMechanism, TlsMode};
 use mailroute_relay::bounce::{BounceClass, Failure, Kind};
 use mailroute_relay::delivery::{
@@ -33,9 +33,6 @@ Thanks for your order.\r\n\
 fn config() -> DelivererConfig {
     DelivererConfig {
         helo_name: "relay.test".into(),
-        connect_timeout: Duration::from_secs(5),
-        command_timeout: Duration::from_secs(5),
-        data_timeout: Duration::from_secs(10),
         ..DelivererConfig::default()
     }
 }
@@ -75,6 +72,20 @@ fn smarthost(route: &str, up: Upstream) -> DeliveryTarget {
         max_connections: None,
         messages_per_connection: None,
         connection_scope: None,
+        timeouts: short_timeouts(),
+    }
+}
+
+/// Session timeouts short enough for a failing test to end soon.
+fn short_timeouts() -> SessionTimeouts {
+    SessionTimeouts {
+        connect_ms: 5_000,
+        greeting_ms: 5_000,
+        mail_ms: 5_000,
+        rcpt_ms: 5_000,
+        data_init_ms: 5_000,
+        data_transfer_ms: 10_000,
+        data_done_ms: 10_000,
     }
 }
 
@@ -730,15 +741,11 @@ async fn silent_server_times_out() {
             open.push(s);
         }
     });
-    let d = deliverer(
-        DelivererConfig {
-            command_timeout: Duration::from_millis(300),
-            ..config()
-        },
-        StaticResolver::new(),
-    );
+    let d = plain_deliverer();
+    let mut target = plain("mail/silent", port);
+    target.timeouts.greeting_ms = 300;
     let started = Instant::now();
-    let r = send(&d, &plain("mail/silent", port), "b@x.test").await;
+    let r = send(&d, &target, "b@x.test").await;
     assert_eq!(failure_of(&r), (Stage::Greeting, Failure::Timeout), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Temporary));

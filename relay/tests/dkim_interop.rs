@@ -341,9 +341,6 @@ async fn signed_mail_as_received_verifies_with_every_verifier() {
     let server = SmtpServer::start(Script::new()).expect("server");
     let config = DelivererConfig {
         helo_name: "relay.test".into(),
-        connect_timeout: Duration::from_secs(10),
-        command_timeout: Duration::from_secs(10),
-        data_timeout: Duration::from_secs(20),
         ..DelivererConfig::default()
     };
     let d = Deliverer::new(config, Arc::new(StaticResolver::new())).expect("deliverer");
@@ -364,6 +361,15 @@ async fn signed_mail_as_received_verifies_with_every_verifier() {
         max_connections: None,
         messages_per_connection: None,
         connection_scope: None,
+        timeouts: mailroute_api::config::SessionTimeouts {
+            connect_ms: 10_000,
+            greeting_ms: 10_000,
+            mail_ms: 10_000,
+            rcpt_ms: 10_000,
+            data_init_ms: 10_000,
+            data_transfer_ms: 20_000,
+            data_done_ms: 20_000,
+        },
     };
     let env = Envelope {
         mail_from: "orders@example.com".into(),

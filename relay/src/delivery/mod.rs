@@ -3,7 +3,10 @@
 //! side said ([`AttemptResult`]).
 //!
 //! Owns: preparing the outgoing bytes (From override, then DKIM), choosing and connecting to the
-//! next hop, pooled connection reuse with per-route limits, and timeouts. Must not schedule
+//! next hop, pooled connection reuse with per-route limits (on the worker's path a stuck full
+//! pool answers "come back at T" instead of waiting, so one stuck upstream cannot hold every
+//! worker; see `pool`),
+//! and the session timeouts the route sets (`DeliveryTarget::timeouts`). Must not schedule
 //! retries, choose between routes, write the delivery log or build DSNs: the worker does that
 //! from the [`AttemptResult`] (see [`AttemptResult::verdict`]). Nor does it know pacing: limits
 //! shared with other relays (`maxConnections` across pods) reach it as a [`ConnectionGate`]
@@ -28,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use mailroute_api::config::{CompiledRoute, Credentials, RelaySecrets, Target, Upstream};
+use mailroute_api::config::{CompiledRoute, Credentials, RelaySecrets, SessionTimeouts, Target, Upstream};
 use mailroute_api::route::TlsMode;
 use sha2::{Digest, Sha256};
 
@@ -48,11 +51,6 @@ use crate::bounce::{self, BounceClass, Enhanced, Failure, Kind, Verdict};
 pub struct DelivererConfig {
     /// Our name in EHLO.
     pub helo_name: String,
-    pub connect_timeout: Duration,
-    /// Per command (greeting, EHLO, STARTTLS, AUTH step, MAIL, RCPT, RSET, DATA).
-    pub command_timeout: Duration,
-    /// Sending the content and waiting for the final reply.
-    pub data_timeout: Duration,
     /// Idle pooled connections are closed after this.
     pub idle_timeout: Duration,
     /// Port of MX hosts (25; tests use another).
@@ -71,9 +69,6 @@ impl Default for DelivererConfig {
     fn default() -> Self {
         Self {
             helo_name: "localhost".into(),
-            connect_timeout: Duration::from_secs(30),
-            command_timeout: Duration::from_secs(120),
-            data_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(30),
             mx_port: 25,
             verify_mx_tls: false,
@@ -100,6 +95,8 @@ pub struct DeliveryTarget {
     /// `perDestination`): its connections are pooled apart from the route's others, so each
     /// carries only mail the limits were granted for. MX pools are always per domain.
     pub connection_scope: Option<String>,
+    /// How long each step of a session may take (the route's `timeouts`).
+    pub timeouts: SessionTimeouts,
 }
 
 impl DeliveryTarget {
@@ -116,6 +113,7 @@ impl DeliveryTarget {
             max_connections: route.limits.max_connections,
             messages_per_connection: route.limits.messages_per_connection,
             connection_scope: None,
+            timeouts: route.timeouts,
         }
     }
 
@@ -129,6 +127,7 @@ impl DeliveryTarget {
             max_connections: None,
             messages_per_connection: None,
             connection_scope: None,
+            timeouts: SessionTimeouts::default(),
         }
     }
 }
@@ -463,7 +462,8 @@ impl Deliverer {
 
     /// One delivery attempt of `body` to `env.rcpt_to` through `target`. `creds` are the route's
     /// upstream credentials and `dkim` its signer, if any. Waits for a free connection slot of
-    /// the route in this process when all are busy.
+    /// the route in this process when all are busy (tools and tests; the worker uses
+    /// [`Deliverer::deliver_gated`], which does not wait).
     pub async fn deliver(
         &self,
         target: &DeliveryTarget,
@@ -472,7 +472,7 @@ impl Deliverer {
         env: &Envelope,
         body: &[u8],
     ) -> AttemptResult {
-        match self.deliver_gated(target, creds, dkim, env, body, &Ungated).await {
+        match self.deliver_with(target, creds, dkim, env, body, &Ungated, true).await {
             Ok(r) => r,
             // `Ungated` never refuses; kept total instead of panicking.
             Err(NoSlot { .. }) => {
@@ -482,7 +482,11 @@ impl Deliverer {
     }
 
     /// Like [`Deliverer::deliver`], asking `gate` before opening a new connection (a pooled one
-    /// is reused without asking). `Err` when the gate refuses: nothing was sent.
+    /// is reused without asking), and not waiting for a stuck pool: `Err` when the route's (or
+    /// destination's) connections in this process are all in use and none came back lately
+    /// (or none within a second), or the gate refuses, with the time to come back. Nothing was
+    /// sent then. The worker's path: such a job goes back to the schedule instead of holding a
+    /// worker.
     pub async fn deliver_gated(
         &self,
         target: &DeliveryTarget,
@@ -491,6 +495,21 @@ impl Deliverer {
         env: &Envelope,
         body: &[u8],
         gate: &dyn ConnectionGate,
+    ) -> Result<AttemptResult, NoSlot> {
+        self.deliver_with(target, creds, dkim, env, body, gate, false).await
+    }
+
+    /// `wait`: wait for a free slot of the pool instead of returning [`NoSlot`].
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_with(
+        &self,
+        target: &DeliveryTarget,
+        creds: Option<&Credentials>,
+        dkim: Option<&DkimSigner>,
+        env: &Envelope,
+        body: &[u8],
+        gate: &dyn ConnectionGate,
+        wait: bool,
     ) -> Result<AttemptResult, NoSlot> {
         let (mail_from, message) = prepare_message(target, dkim, env, body);
         match &target.target {
@@ -523,7 +542,7 @@ impl Deliverer {
                 };
                 let pool = self.pool(&key, target, tls_config);
                 let hop = Hop::Smarthost { up, creds };
-                self.run(target, &pool, hop, gate, &mail_from, &env.rcpt_to, &message)
+                self.run(target, &pool, hop, gate, wait, &mail_from, &env.rcpt_to, &message)
                     .await
             }
             Target::Mx => {
@@ -542,7 +561,7 @@ impl Deliverer {
                 };
                 let pool = self.pool(&key, target, tls_config);
                 let hop = Hop::Mx { domain: &domain };
-                self.run(target, &pool, hop, gate, &mail_from, &env.rcpt_to, &message)
+                self.run(target, &pool, hop, gate, wait, &mail_from, &env.rcpt_to, &message)
                     .await
             }
         }
@@ -625,8 +644,9 @@ impl Deliverer {
         let per_conn = target
             .messages_per_connection
             .unwrap_or(c.default_messages_per_connection);
-        // Limits are part of the key: a changed limit starts a fresh pool.
-        let key = format!("{key}|{max}|{per_conn}");
+        // Limits and timeouts are part of the key: a change starts a fresh pool.
+        let timeouts = digest(&[&format!("{:?}", target.timeouts)]);
+        let key = format!("{key}|{max}|{per_conn}|{timeouts}");
         let mut pools = lock(&self.inner.pools);
         Arc::clone(
             pools
@@ -642,11 +662,17 @@ impl Deliverer {
         pool: &Pool,
         hop: Hop<'_>,
         gate: &dyn ConnectionGate,
+        wait: bool,
         mail_from: &str,
         rcpt_to: &str,
         message: &[u8],
     ) -> Result<AttemptResult, NoSlot> {
-        let Some(_permit) = pool.acquire().await else {
+        let slot = if wait {
+            pool.acquire().await
+        } else {
+            Some(pool.acquire_or_come_back().await.map_err(|at_ms| NoSlot { at_ms })?)
+        };
+        let Some(_slot) = slot else {
             return Ok(AttemptResult::failed(
                 Stage::Setup,
                 Failure::ConnectionLost,
@@ -674,7 +700,8 @@ impl Deliverer {
                             }
                         }
                     };
-                    match gate::keep_alive(&mut lease, self.open(pool, &hop)).await {
+                    let timeouts = Timeouts::from(&target.timeouts);
+                    match gate::keep_alive(&mut lease, self.open(pool, &hop, timeouts)).await {
                         Ok(mut s) => {
                             s.lease = lease;
                             (s, false)
@@ -756,19 +783,10 @@ impl Deliverer {
         }
     }
 
-    async fn open(&self, pool: &Pool, hop: &Hop<'_>) -> Result<Session, AttemptResult> {
+    async fn open(&self, pool: &Pool, hop: &Hop<'_>, timeouts: Timeouts) -> Result<Session, AttemptResult> {
         match hop {
-            Hop::Smarthost { up, creds } => self.open_smarthost(pool, up, *creds).await,
-            Hop::Mx { domain } => self.open_mx(pool, domain).await,
-        }
-    }
-
-    fn timeouts(&self) -> Timeouts {
-        let c = &self.inner.config;
-        Timeouts {
-            connect: c.connect_timeout,
-            command: c.command_timeout,
-            data: c.data_timeout,
+            Hop::Smarthost { up, creds } => self.open_smarthost(pool, up, *creds, timeouts).await,
+            Hop::Mx { domain } => self.open_mx(pool, domain, timeouts).await,
         }
     }
 
@@ -777,6 +795,7 @@ impl Deliverer {
         pool: &Pool,
         up: &Upstream,
         creds: Option<&Credentials>,
+        timeouts: Timeouts,
     ) -> Result<Session, AttemptResult> {
         let name = up.server_name.as_deref().unwrap_or(&up.host);
         let server_name = tls::server_name(name).map_err(|e| AttemptResult {
@@ -797,7 +816,7 @@ impl Deliverer {
             Ok(ip) => vec![SocketAddr::new(ip, up.port)],
             Err(_) => {
                 let lookup = tokio::net::lookup_host((up.host.as_str(), up.port));
-                match tokio::time::timeout(self.inner.config.connect_timeout, lookup).await {
+                match tokio::time::timeout(timeouts.connect, lookup).await {
                     Ok(Ok(addrs)) => addrs.collect(),
                     Ok(Err(e)) => {
                         let mut r =
@@ -832,7 +851,7 @@ impl Deliverer {
                 server_name: server_name.clone(),
                 helo: &self.inner.config.helo_name,
                 auth: creds.map(|c| (c, up.auth)),
-                timeouts: self.timeouts(),
+                timeouts,
             };
             match Session::open(spec).await {
                 Ok(s) => return Ok(s),
@@ -856,7 +875,7 @@ impl Deliverer {
         }))
     }
 
-    async fn open_mx(&self, pool: &Pool, domain: &str) -> Result<Session, AttemptResult> {
+    async fn open_mx(&self, pool: &Pool, domain: &str, timeouts: Timeouts) -> Result<Session, AttemptResult> {
         let resolver = &self.inner.resolver;
         let records = match resolver.mx(domain).await {
             Ok(r) => r,
@@ -912,7 +931,7 @@ impl Deliverer {
                     server_name: server_name.clone(),
                     helo: &config.helo_name,
                     auth: None,
-                    timeouts: self.timeouts(),
+                    timeouts,
                 };
                 match Session::open(spec(TlsUse::Opportunistic)).await {
                     Ok(s) => return Ok(s),
@@ -1116,6 +1135,7 @@ mod tests {
             retry: Default::default(),
             dkim: None,
             test_recipient: None,
+            timeouts: Default::default(),
         };
         let mut secrets = RelaySecrets::default();
         secrets.upstream_ca.insert("mail/r".into(), "PEM".into());

@@ -61,12 +61,32 @@ pub(crate) enum TlsUse {
     Implicit,
 }
 
-/// Timeouts of one session.
+/// Timeouts of one session, per step (the route's `timeouts`, Postfix's by default).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timeouts {
     pub connect: Duration,
-    pub command: Duration,
-    pub data: Duration,
+    /// Greeting, EHLO, STARTTLS and the TLS handshake, AUTH.
+    pub greeting: Duration,
+    /// MAIL FROM, RSET, QUIT.
+    pub mail: Duration,
+    pub rcpt: Duration,
+    pub data_init: Duration,
+    pub data_transfer: Duration,
+    pub data_done: Duration,
+}
+
+impl From<&mailroute_api::config::SessionTimeouts> for Timeouts {
+    fn from(t: &mailroute_api::config::SessionTimeouts) -> Self {
+        Timeouts {
+            connect: Duration::from_millis(t.connect_ms),
+            greeting: Duration::from_millis(t.greeting_ms),
+            mail: Duration::from_millis(t.mail_ms),
+            rcpt: Duration::from_millis(t.rcpt_ms),
+            data_init: Duration::from_millis(t.data_init_ms),
+            data_transfer: Duration::from_millis(t.data_transfer_ms),
+            data_done: Duration::from_millis(t.data_done_ms),
+        }
+    }
 }
 
 /// Everything needed to open a session.
@@ -319,11 +339,11 @@ impl Session {
         };
         let mut client = SmtpClient {
             stream: Recorder::new(stream),
-            timeout: t.command,
+            timeout: t.greeting,
         };
 
         // Greeting.
-        match tokio::time::timeout(t.command, client.read()).await {
+        match tokio::time::timeout(t.greeting, client.read()).await {
             Err(_) => return Err(failure(Stage::Greeting, Failure::Timeout, "no greeting".into(), tls)),
             Ok(Err(e)) => return Err(map_error(&client, Stage::Greeting, e, tls)),
             Ok(Ok(_)) => {
@@ -396,7 +416,7 @@ impl Session {
             let tls_stream = handshake(&spec, tcp, Stage::StartTls).await?;
             client = SmtpClient {
                 stream: Recorder::new(Stream::Tls(Box::new(tls_stream))),
-                timeout: t.command,
+                timeout: t.greeting,
             };
             tls = true;
             caps = ehlo(&mut client, spec.helo, tls).await?;
@@ -413,6 +433,7 @@ impl Session {
         if let Some((creds, mechanism)) = spec.auth {
             authenticate(&mut client, &caps, creds, mechanism, tls).await?;
         }
+        client.timeout = spec.timeouts.mail;
         Ok(Session {
             client,
             caps,
@@ -466,18 +487,27 @@ impl Session {
             return self.send_pipelined(mail_from, rcpt_to, &params, message).await;
         }
         self.client.stream.clear();
+        self.client.timeout = self.timeouts.mail;
         if let Err(e) = self.client.mail_from(mail_from, &params).await {
             return Err(map_error(&self.client, Stage::MailFrom, e, tls));
         }
         self.client.stream.clear();
+        self.client.timeout = self.timeouts.rcpt;
         if let Err(e) = self.client.rcpt_to(rcpt_to, &Parameters::new()).await {
             return Err(map_error(&self.client, Stage::RcptTo, e, tls));
         }
 
         self.client.stream.clear();
-        self.client.timeout = self.timeouts.data;
-        let result = send_data(&mut self.client, message).await;
-        self.client.timeout = self.timeouts.command;
+        self.client.timeout = self.timeouts.data_init;
+        let opened = self.client.cmd(b"DATA\r\n").await.and_then(|r| r.assert_code(354));
+        self.client.timeout = self.timeouts.mail;
+        let result = match opened {
+            Ok(()) => self
+                .send_content(message)
+                .await
+                .and_then(|r| r.into_positive_completion()),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(response) => Ok(raw_or(self.client.stream.last_reply(), &response)),
             Err(e) => {
@@ -505,7 +535,12 @@ impl Session {
             "DATA\r\n".to_owned(),
         ];
         self.client.stream.clear();
-        let replies = match self.client.cmds(&envelope).await {
+        // The replies come together: the longest of their timeouts bounds the wait.
+        let t = self.timeouts;
+        self.client.timeout = t.mail.max(t.rcpt).max(t.data_init);
+        let replies = self.client.cmds(&envelope).await;
+        self.client.timeout = t.mail;
+        let replies = match replies {
             Ok(r) => r,
             Err(e) => {
                 // The first command without a complete reply is where it stopped.
@@ -541,17 +576,9 @@ impl Session {
         }
 
         self.client.stream.clear();
-        let client = &mut self.client;
-        let sent = tokio::time::timeout(self.timeouts.data, async {
-            write_dot_stuffed(&mut client.stream, message).await?;
-            tokio::io::AsyncWriteExt::flush(&mut client.stream).await?;
-            client.read().await
-        })
-        .await;
-        match sent {
-            Err(_) => Err(map_error(&self.client, Stage::Message, mail_send::Error::Timeout, tls)),
-            Ok(Err(e)) => Err(map_error(&self.client, Stage::Message, e, tls)),
-            Ok(Ok(r)) => {
+        match self.send_content(message).await {
+            Err(e) => Err(map_error(&self.client, Stage::Message, e, tls)),
+            Ok(r) => {
                 let reply = raw_or(self.client.stream.last_reply(), &r);
                 if r.is_positive_completion() {
                     Ok(reply)
@@ -564,6 +591,22 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Writes the content once DATA is open, dot-stuffed (see the module doc), within the
+    /// transfer timeout, and reads the reply to its final dot within the end-of-data timeout.
+    async fn send_content(&mut self, message: &[u8]) -> Result<smtp_proto::Response<String>, mail_send::Error> {
+        let t = self.timeouts;
+        let stream = &mut self.client.stream;
+        tokio::time::timeout(t.data_transfer, async {
+            write_dot_stuffed(&mut *stream, message).await?;
+            tokio::io::AsyncWriteExt::flush(stream).await
+        })
+        .await
+        .map_err(|_| mail_send::Error::Timeout)??;
+        tokio::time::timeout(t.data_done, self.client.read())
+            .await
+            .map_err(|_| mail_send::Error::Timeout)?
     }
 
     fn saw_354(&self) -> bool {
@@ -582,7 +625,7 @@ impl Session {
         Ok(())
     }
 
-    /// Polite QUIT, bounded by the command timeout; errors do not matter any more. The slot is
+    /// Polite QUIT, bounded by the MAIL timeout; errors do not matter any more. The slot is
     /// freed after the connection is closed, so no other relay opens one while this one lasts.
     pub async fn quit(self) {
         let Session {
@@ -591,7 +634,7 @@ impl Session {
             timeouts,
             ..
         } = self;
-        let _ = tokio::time::timeout(timeouts.command, client.quit()).await;
+        let _ = tokio::time::timeout(timeouts.mail, client.quit()).await;
         if let Some(l) = lease {
             l.release().await;
         }
@@ -607,19 +650,6 @@ impl Session {
     }
 }
 
-/// mail-send's `data` with our dot-stuffing (see the module doc).
-async fn send_data(client: &mut Client, message: &[u8]) -> mail_send::Result<smtp_proto::Response<String>> {
-    client.cmd(b"DATA\r\n").await?.assert_code(354)?;
-    tokio::time::timeout(client.timeout, async {
-        write_dot_stuffed(&mut client.stream, message).await?;
-        tokio::io::AsyncWriteExt::flush(&mut client.stream).await?;
-        client.read().await
-    })
-    .await
-    .map_err(|_| mail_send::Error::Timeout)??
-    .into_positive_completion()
-}
-
 /// An address the relay cannot write safely is refused here, as a server would refuse it: the
 /// inbound side refuses such addresses, so only older queue entries can have one.
 fn unwritable(stage: Stage, enhanced: &str, e: &AddressError, tls: bool) -> StepError {
@@ -632,7 +662,7 @@ fn unwritable(stage: Stage, enhanced: &str, e: &AddressError, tls: bool) -> Step
 
 async fn handshake(spec: &OpenSpec<'_>, tcp: TcpStream, stage: Stage) -> Result<TlsStream<TcpStream>, StepError> {
     let connector = TlsConnector::from(Arc::clone(&spec.tls_config));
-    match tokio::time::timeout(spec.timeouts.command, connector.connect(spec.server_name.clone(), tcp)).await {
+    match tokio::time::timeout(spec.timeouts.greeting, connector.connect(spec.server_name.clone(), tcp)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(failure(
             stage,

@@ -170,6 +170,7 @@ pub(crate) mod tests {
             retry: RetryConfig::default(),
             dkim: None,
             test_recipient: None,
+            timeouts: Default::default(),
         }
     }
 
