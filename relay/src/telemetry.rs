@@ -29,14 +29,9 @@ impl Telemetry {
 
     /// [`Self::record`] for several records, stored in their order.
     pub fn record_all(&self, evs: Vec<DeliveryEvent>) {
-        let dlog = self.dlog.clone();
-        tokio::spawn(async move {
-            for ev in evs {
-                if let Err(e) = dlog.record(&ev).await {
-                    tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
-                }
-            }
-        });
+        for ev in &evs {
+            self.dlog.record_detached(ev);
+        }
     }
 
     /// Records and waits for the store (worker paths, where ordering matters more than latency).
