@@ -45,7 +45,7 @@ echo "== packaging checks (Helm chart, Kubernetes schemas, deploy/, Dockerfile)"
 ./scripts/check-packaging.sh
 echo "== Kubernetes control plane (built once, then reused from the cache)"
 ./scripts/k8s-control-plane.sh build
-# tests/tests/k8s_operator.rs runs the operator binary itself.
-cargo build -q --locked -p mailroute-operator --bin mailroute-operator
+# The k8s tests run the operator and relay binaries themselves.
+cargo build -q --locked -p mailroute-operator --bin mailroute-operator -p mailroute-relay --bin mailroute-relay
 echo "== tests"
 cargo test --workspace --locked
