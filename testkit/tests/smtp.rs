@@ -155,6 +155,18 @@ async fn bad_credentials_get_configured_reply() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn set_auth_rotates_the_accepted_password() -> anyhow::Result<()> {
+    let server = SmtpServer::start(Script::new().auth("user", "old"))?;
+    assert!(send_plain(&server, Some(("user", "old"))).await?.delivered());
+    server.set_auth("user", "new");
+    let t = send_plain(&server, Some(("user", "old"))).await?;
+    assert_eq!(t.reply_to("AUTH").map(|r| r.code), Some(535), "{t}");
+    assert!(send_plain(&server, Some(("user", "new"))).await?.delivered());
+    assert_eq!(server.wait_for(2, WAIT).await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
 async fn mail_without_auth_is_rejected_and_auth_login_works() -> anyhow::Result<()> {
     let server = SmtpServer::start(Script::new().auth("user", "pw"))?;
     let mut c = SmtpClient::connect(server.addr()).await?;

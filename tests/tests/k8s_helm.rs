@@ -81,6 +81,10 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() 
 
     // keda-external-redis-tls-values.yaml puts the PrometheusRule into an existing namespace.
     run(cp.kubectl().args(["create", "namespace", "monitoring"])).unwrap();
+    // ... and grants the operator access in its watched namespaces, which must exist.
+    for ns in ["mail", "shop"] {
+        run(cp.kubectl().args(["create", "namespace", ns])).unwrap();
+    }
 
     let mut values: Vec<Option<PathBuf>> = vec![None];
     let mut ci: Vec<PathBuf> = std::fs::read_dir(workspace_root().join("charts/mailroute/ci"))

@@ -337,6 +337,8 @@ struct Queue {
 
 struct Shared {
     script: Script,
+    /// The credentials AUTH accepts now: the script's, until [`SmtpServer::set_auth`].
+    auth: Mutex<Option<(String, String)>>,
     queue: Mutex<Queue>,
     received: Mutex<Vec<Received>>,
     connections: AtomicUsize,
@@ -431,6 +433,7 @@ impl SmtpServer {
             default: script.default_behaviour.clone(),
         };
         let shared = Arc::new(Shared {
+            auth: Mutex::new(script.auth.clone()),
             script,
             queue: Mutex::new(queue),
             received: Mutex::new(Vec::new()),
@@ -495,6 +498,13 @@ impl SmtpServer {
     /// Appends a behaviour to the queue of the running server.
     pub fn push_behaviour(&self, behaviour: Behaviour) {
         lock(&self.shared.queue).pending.push_back(behaviour);
+    }
+
+    /// Changes the credentials AUTH accepts from now on (a password rotated at the upstream); the
+    /// old ones get the script's `auth_fail_reply`. Only for a server scripted with
+    /// [`Script::auth`].
+    pub fn set_auth(&self, username: impl Into<String>, password: impl Into<String>) {
+        *lock(&self.shared.auth) = Some((username.into(), password.into()));
     }
 
     /// Changes the behaviour used once the queue is exhausted.
@@ -933,7 +943,7 @@ impl Session {
 
     async fn auth(&mut self, io: &mut ServerIo, arg: &str) -> std::io::Result<Flow> {
         let script = self.script();
-        let Some((user, pass)) = script.auth.clone() else {
+        let Some((user, pass)) = script.auth.as_ref().and_then(|_| lock(&self.shared.auth).clone()) else {
             return reply(io, "502 5.5.1 AUTH not supported").await;
         };
         if !matches!(script.tls, Tls::None) && !self.tls {
