@@ -332,6 +332,9 @@ impl ControlPlane {
     /// # Panics
     /// If it cannot be built or started (the message carries the failing process' log).
     pub fn shared() -> &'static ControlPlane {
+        // A workspace build enables both of rustls' providers (feature unification), and rustls
+        // then refuses to guess: pick ring, as the relay and the operator do.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let started = SHARED.get_or_init(|| {
             // Readiness polling needs a runtime; the caller may be inside one (tokio::test), so
             // start on a plain thread with its own.
