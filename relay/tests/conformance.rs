@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use crate::common::*;
 use chrono::{TimeZone, Utc};
-use mailroute_api::config::{SessionTimeouts, Target, Upstream};
-use mailroute_api::route::TlsMode;
+use mailroute_api::config::SessionTimeouts;
 use mailroute_relay::bounce::Kind;
 use mailroute_relay::delivery::{Deliverer, DelivererConfig, DeliveryTarget, Envelope, Outcome, Stage, StaticResolver};
 use mailroute_relay::dsn::{self, Action, DsnRequest, RecipientReport};
@@ -515,34 +514,19 @@ fn deliverer(mx_port: u16) -> Deliverer {
     .expect("deliverer")
 }
 
+/// A plain smarthost target with 10 s per step.
 fn smarthost(port: u16) -> DeliveryTarget {
-    DeliveryTarget {
-        route_id: "mail/up".into(),
-        target: Target::Smarthost(Upstream {
-            host: "127.0.0.1".into(),
-            port,
-            tls: TlsMode::None,
-            verify_tls: false,
-            server_name: None,
-            auth: None,
-            custom_ca: false,
-            pinned_sha256: Vec::new(),
-        }),
-        from_override: None,
-        custom_ca_pem: None,
-        max_connections: None,
-        messages_per_connection: None,
-        connection_scope: None,
-        timeouts: SessionTimeouts {
-            connect_ms: 10_000,
-            greeting_ms: 10_000,
-            mail_ms: 10_000,
-            rcpt_ms: 10_000,
-            data_init_ms: 10_000,
-            data_transfer_ms: 10_000,
-            data_done_ms: 10_000,
-        },
-    }
+    let mut t = plain("mail/up", port);
+    t.timeouts = SessionTimeouts {
+        connect_ms: 10_000,
+        greeting_ms: 10_000,
+        mail_ms: 10_000,
+        rcpt_ms: 10_000,
+        data_init_ms: 10_000,
+        data_transfer_ms: 10_000,
+        data_done_ms: 10_000,
+    };
+    t
 }
 
 /// Smarthost with and without PIPELINING (two code paths) and MX: the quoted sender and a

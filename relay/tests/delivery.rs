@@ -7,7 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mailroute_api::config::{Credentials, SessionTimeouts, Target, Upstream};
+use crate::common::{plain, smarthost, upstream};
+use mailroute_api::config::{Credentials, Upstream};
 use mailroute_api::route::{AuthMechanism, TlsMode};
 use mailroute_relay::bounce::{BounceClass, Failure, Kind};
 use mailroute_relay::delivery::{
@@ -48,50 +49,6 @@ fn mx_deliverer(mx_port: u16, resolver: impl MxResolver + 'static) -> Deliverer 
 
 fn plain_deliverer() -> Deliverer {
     deliverer(config(), StaticResolver::new())
-}
-
-fn upstream(port: u16, tls: TlsMode) -> Upstream {
-    Upstream {
-        host: "127.0.0.1".into(),
-        port,
-        tls,
-        verify_tls: false,
-        server_name: None,
-        auth: None,
-        custom_ca: false,
-        pinned_sha256: Vec::new(),
-    }
-}
-
-fn smarthost(route: &str, up: Upstream) -> DeliveryTarget {
-    DeliveryTarget {
-        route_id: route.into(),
-        target: Target::Smarthost(up),
-        from_override: None,
-        custom_ca_pem: None,
-        max_connections: None,
-        messages_per_connection: None,
-        connection_scope: None,
-        timeouts: short_timeouts(),
-    }
-}
-
-/// Session timeouts short enough for a failing test to end soon.
-fn short_timeouts() -> SessionTimeouts {
-    SessionTimeouts {
-        connect_ms: 5_000,
-        greeting_ms: 5_000,
-        mail_ms: 5_000,
-        rcpt_ms: 5_000,
-        data_init_ms: 5_000,
-        data_transfer_ms: 10_000,
-        data_done_ms: 10_000,
-    }
-}
-
-/// A smarthost target to 127.0.0.1:`port` without TLS, the target of most tests here.
-fn plain(route: &str, port: u16) -> DeliveryTarget {
-    smarthost(route, upstream(port, TlsMode::None))
 }
 
 /// A smarthost target that verifies the server's certificate for `server_name` against `ca_pem`.

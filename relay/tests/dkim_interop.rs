@@ -15,9 +15,8 @@ use mail_auth::DkimResult;
 use mail_auth::common::crypto::Algorithm;
 use mail_auth::common::headers::HeaderWriter as _;
 use mail_auth::dkim::Signature;
-use mailroute_api::config::Target;
 use mailroute_relay::delivery::dkim::{Canonicalization, SIGNED_HEADERS};
-use mailroute_relay::delivery::{Deliverer, DelivererConfig, DeliveryTarget, DkimSigner, Envelope, StaticResolver};
+use mailroute_relay::delivery::{Deliverer, DelivererConfig, DkimSigner, Envelope, StaticResolver};
 use mailroute_testkit::dkim::{ED25519, RSA_1024, RSA_2048, RSA_3072, RSA_4096, TestKey, Verifier};
 use mailroute_testkit::smtp::{Script, SmtpServer};
 
@@ -344,32 +343,15 @@ async fn signed_mail_as_received_verifies_with_every_verifier() {
         ..DelivererConfig::default()
     };
     let d = Deliverer::new(config, Arc::new(StaticResolver::new())).expect("deliverer");
-    let target = DeliveryTarget {
-        route_id: "mail/dkim".into(),
-        target: Target::Smarthost(mailroute_api::config::Upstream {
-            host: "127.0.0.1".into(),
-            port: server.port(),
-            tls: mailroute_api::route::TlsMode::None,
-            verify_tls: false,
-            server_name: None,
-            auth: None,
-            custom_ca: false,
-            pinned_sha256: Vec::new(),
-        }),
-        from_override: None,
-        custom_ca_pem: None,
-        max_connections: None,
-        messages_per_connection: None,
-        connection_scope: None,
-        timeouts: mailroute_api::config::SessionTimeouts {
-            connect_ms: 10_000,
-            greeting_ms: 10_000,
-            mail_ms: 10_000,
-            rcpt_ms: 10_000,
-            data_init_ms: 10_000,
-            data_transfer_ms: 20_000,
-            data_done_ms: 20_000,
-        },
+    let mut target = crate::common::plain("mail/dkim", server.port());
+    target.timeouts = mailroute_api::config::SessionTimeouts {
+        connect_ms: 10_000,
+        greeting_ms: 10_000,
+        mail_ms: 10_000,
+        rcpt_ms: 10_000,
+        data_init_ms: 10_000,
+        data_transfer_ms: 20_000,
+        data_done_ms: 20_000,
     };
     let env = Envelope {
         mail_from: "orders@example.com".into(),

@@ -5,8 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailroute_api::config::{SessionTimeouts, Target, Upstream};
+use mailroute_api::route::TlsMode;
 use mailroute_relay::config::Source;
-use mailroute_relay::delivery::StaticResolver;
+use mailroute_relay::delivery::{DeliveryTarget, StaticResolver};
 use mailroute_relay::server::{Overrides, Relay, RelayOptions};
 use mailroute_testkit::smtp::client::{Transcript, send};
 
@@ -160,4 +162,49 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// An upstream at 127.0.0.1:`port`, not verifying its certificate.
+pub fn upstream(port: u16, tls: TlsMode) -> Upstream {
+    Upstream {
+        host: "127.0.0.1".into(),
+        port,
+        tls,
+        verify_tls: false,
+        server_name: None,
+        auth: None,
+        custom_ca: false,
+        pinned_sha256: Vec::new(),
+    }
+}
+
+pub fn smarthost(route: &str, up: Upstream) -> DeliveryTarget {
+    DeliveryTarget {
+        route_id: route.into(),
+        target: Target::Smarthost(up),
+        from_override: None,
+        custom_ca_pem: None,
+        max_connections: None,
+        messages_per_connection: None,
+        connection_scope: None,
+        timeouts: short_timeouts(),
+    }
+}
+
+/// Session timeouts short enough for a failing test to end soon.
+pub fn short_timeouts() -> SessionTimeouts {
+    SessionTimeouts {
+        connect_ms: 5_000,
+        greeting_ms: 5_000,
+        mail_ms: 5_000,
+        rcpt_ms: 5_000,
+        data_init_ms: 5_000,
+        data_transfer_ms: 10_000,
+        data_done_ms: 10_000,
+    }
+}
+
+/// A smarthost target to 127.0.0.1:`port` without TLS, the target of most tests here.
+pub fn plain(route: &str, port: u16) -> DeliveryTarget {
+    smarthost(route, upstream(port, TlsMode::None))
 }
