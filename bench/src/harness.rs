@@ -485,7 +485,7 @@ struct Sut<'a> {
 }
 
 /// The closed-loop throughput phase, then the open-loop latency phase at half the sustainable rate.
-fn measure(opts: &Options, row: &mut Row, sut: &Sut, watch: &mut Watch) -> anyhow::Result<()> {
+fn measure(opts: &Options, row: &mut Row, sut: &Sut<'_>, watch: &mut Watch) -> anyhow::Result<()> {
     let hz = procfs::clock_ticks_per_sec() as f64;
     let s0 = sut.sink.stats()?;
     let info0 = sut.redis.map(redis_info::fetch_info).transpose()?;

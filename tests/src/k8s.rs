@@ -66,6 +66,7 @@ type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
 
 /// The spawner thread: parent-death signals fire when the *thread* that forked the child ends, so
 /// every child is forked from this one thread, which never ends before the process does.
+#[allow(unsafe_code)]
 fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     SPAWNER.get_or_init(|| {
@@ -84,6 +85,7 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     })
 }
 
+#[allow(unsafe_code)]
 extern "C" fn cleanup_at_exit() {
     let pids = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
     for pid in &pids {
@@ -102,6 +104,7 @@ extern "C" fn cleanup_at_exit() {
 
 /// Spawns `cmd` so that it dies with the test process. The child is killed at exit unless the
 /// caller kills it first (see [`Process`]).
+#[allow(unsafe_code)]
 pub fn spawn(mut cmd: Command) -> io::Result<Child> {
     // SAFETY: getpid before the fork.
     let parent = unsafe { libc::getpid() };
