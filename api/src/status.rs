@@ -1,28 +1,145 @@
 //! Status building blocks shared by both resources: conditions in the Kubernetes convention and the
 //! connection-test record. Types only; the operator decides when they change.
 
+use std::borrow::Cow;
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A status condition (the `metav1.Condition` shape).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Accepted`, `Ready` or `Verified`.
+    /// `Accepted`, `Ready`, `Verified` or `UsageReported` (others, written by someone else, are kept).
     #[serde(rename = "type")]
-    pub type_: String,
+    pub type_: ConditionType,
     /// `True`, `False` or `Unknown`.
-    pub status: String,
+    pub status: ConditionStatus,
     /// CamelCase reason, e.g. `SecretNotFound`, `InvalidSpec`, `Conflict`, `Compiled`.
     pub reason: String,
     /// Human-readable detail.
     #[serde(default)]
     pub message: String,
-    /// When the status last changed (RFC 3339).
-    pub last_transition_time: String,
+    /// When the status last changed (RFC 3339, whole seconds).
+    pub last_transition_time: Time,
     /// The generation this condition describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A condition's status, as in `metav1.Condition`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl ConditionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+impl fmt::Display for ConditionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A condition's type: ours, or one written by someone else (kept as it is, never rejected, so a
+/// foreign condition does not make the object unreadable). A string in the schema.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConditionType {
+    /// The spec (and the Secrets it references) compiled without errors.
+    Accepted,
+    /// The object is part of the relay configuration that is live.
+    Ready,
+    /// The last connection test against the upstream succeeded (routes only).
+    Verified,
+    /// The quota's usage is read from the relays (quotas only; shown only while it is not).
+    UsageReported,
+    /// Any other type.
+    Other(String),
+}
+
+impl ConditionType {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Accepted => "Accepted",
+            Self::Ready => "Ready",
+            Self::Verified => "Verified",
+            Self::UsageReported => "UsageReported",
+            Self::Other(s) => s,
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "Accepted" => Self::Accepted,
+            "Ready" => Self::Ready,
+            "Verified" => Self::Verified,
+            "UsageReported" => Self::UsageReported,
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for ConditionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for ConditionType {
+    fn from(s: &str) -> Self {
+        Self::parse(s)
+    }
+}
+
+impl PartialEq<str> for ConditionType {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ConditionType {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for ConditionType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ConditionType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Cow::<'de, str>::deserialize(d)?;
+        Ok(Self::parse(&s))
+    }
+}
+
+impl JsonSchema for ConditionType {
+    fn schema_name() -> Cow<'static, str> {
+        "ConditionType".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        String::json_schema(generator)
+    }
 }
 
 /// Result of the operator's connection test against a route's upstream.
@@ -56,24 +173,43 @@ pub struct ConnectionTest {
 
 /// Condition types used on SmtpRoute and SenderQuota.
 pub mod condition_type {
-    /// The spec (and the Secrets it references) compiled without errors.
-    pub const ACCEPTED: &str = "Accepted";
-    /// The object is part of the relay configuration that is live.
-    pub const READY: &str = "Ready";
-    /// The last connection test against the upstream succeeded (routes only).
-    pub const VERIFIED: &str = "Verified";
-    /// The quota's usage is read from the relays (quotas only; shown only while it is not).
-    pub const USAGE_REPORTED: &str = "UsageReported";
+    use super::ConditionType;
+
+    pub const ACCEPTED: ConditionType = ConditionType::Accepted;
+    pub const READY: ConditionType = ConditionType::Ready;
+    pub const VERIFIED: ConditionType = ConditionType::Verified;
+    pub const USAGE_REPORTED: ConditionType = ConditionType::UsageReported;
 }
 
 impl Condition {
     /// Whether `status` is `True`.
     pub fn is_true(&self) -> bool {
-        self.status == "True"
+        self.status == ConditionStatus::True
     }
 }
 
 /// The condition of `type_` in a list, if present.
-pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
-    conditions.iter().find(|c| c.type_ == type_)
+pub fn find_condition<'a>(conditions: &'a [Condition], type_: &ConditionType) -> Option<&'a Condition> {
+    conditions.iter().find(|c| &c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_keep_their_json_and_foreign_types() {
+        let json = r#"[{"type":"Ready","status":"False","reason":"Conflict","message":"m","lastTransitionTime":"2024-05-01T12:00:00Z","observedGeneration":3},{"type":"Custom","status":"Unknown","reason":"Other","lastTransitionTime":"2023-01-01T00:00:00Z"}]"#;
+        let conditions: Vec<Condition> = serde_json::from_str(json).unwrap();
+        assert_eq!(conditions[0].type_, ConditionType::Ready);
+        assert_eq!(conditions[0].status, ConditionStatus::False);
+        assert_eq!(conditions[0].last_transition_time.0.as_second(), 1_714_564_800);
+        // A condition type written by someone else is kept as it is.
+        assert_eq!(conditions[1].type_, ConditionType::Other("Custom".into()));
+        assert_eq!(find_condition(&conditions, &ConditionType::Ready), Some(&conditions[0]));
+        let back = serde_json::to_string(&conditions).unwrap();
+        assert_eq!(back, json.replace(r#""Other","#, r#""Other","message":"","#));
+        // The status is one of the three values, as in metav1.Condition.
+        assert!(serde_json::from_str::<ConditionStatus>(r#""Maybe""#).is_err());
+    }
 }

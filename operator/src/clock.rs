@@ -3,11 +3,17 @@
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{Timestamp, Unit};
 
 /// `2024-05-01T12:00:00Z`: whole seconds, as Kubernetes condition times are written.
 pub fn format(ts: Timestamp) -> String {
     ts.round(Unit::Second).unwrap_or(ts).to_string()
+}
+
+/// The same instant as a status time (whole seconds, as [`format`] writes it).
+pub fn time(ts: Timestamp) -> Time {
+    Time(ts.round(Unit::Second).unwrap_or(ts))
 }
 
 /// Parses an RFC 3339 time; `None` when it is not one.

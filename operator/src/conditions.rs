@@ -2,37 +2,23 @@
 //! previous ones (keeping `lastTransitionTime` while the status stays the same) and finding the
 //! transitions that deserve an Event. Pure functions; no I/O, no clock (the caller passes `now`).
 
-use mailroute_api::status::{Condition, condition_type};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use mailroute_api::status::{Condition, ConditionType, condition_type};
 
-/// `True`, `False` or `Unknown`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Status {
-    True,
-    False,
-    Unknown,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::True => "True",
-            Self::False => "False",
-            Self::Unknown => "Unknown",
-        }
-    }
-}
+/// `True`, `False` or `Unknown`: the API's type, under the name the planner has always used.
+pub use mailroute_api::status::ConditionStatus as Status;
 
 /// A condition as the planner wants it, before the bookkeeping fields are filled in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
-    pub type_: &'static str,
+    pub type_: ConditionType,
     pub status: Status,
     pub reason: String,
     pub message: String,
 }
 
 impl Desired {
-    pub fn new(type_: &'static str, status: Status, reason: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(type_: ConditionType, status: Status, reason: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             type_,
             status,
@@ -46,18 +32,18 @@ impl Desired {
 /// by conditions of other types written by someone else (kept untouched). `lastTransitionTime`
 /// is carried over when the status did not change, so an unchanged object gets a byte-identical
 /// status and no write.
-pub fn merge(previous: &[Condition], desired: &[Desired], generation: Option<i64>, now: &str) -> Vec<Condition> {
+pub fn merge(previous: &[Condition], desired: &[Desired], generation: Option<i64>, now: &Time) -> Vec<Condition> {
     let mut out: Vec<Condition> = desired
         .iter()
         .map(|d| {
             let before = previous.iter().find(|c| c.type_ == d.type_);
             let last_transition_time = match before {
-                Some(b) if b.status == d.status.as_str() => b.last_transition_time.clone(),
-                _ => now.to_string(),
+                Some(b) if b.status == d.status => b.last_transition_time.clone(),
+                _ => now.clone(),
             };
             Condition {
-                type_: d.type_.to_string(),
-                status: d.status.as_str().to_string(),
+                type_: d.type_.clone(),
+                status: d.status,
                 reason: d.reason.clone(),
                 message: d.message.clone(),
                 last_transition_time,
@@ -78,7 +64,7 @@ pub fn merge(previous: &[Condition], desired: &[Desired], generation: Option<i64
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     /// The status before, `None` when the condition is new.
-    pub from: Option<String>,
+    pub from: Option<Status>,
     pub to: Condition,
 }
 
@@ -86,7 +72,7 @@ impl Transition {
     /// Transitions to `False` are warnings; everything else is normal. `UsageReported=False` is a
     /// setting (no admin token), not a fault.
     pub fn is_warning(&self) -> bool {
-        self.to.status == Status::False.as_str() && self.to.type_ != condition_type::USAGE_REPORTED
+        self.to.status == Status::False && self.to.type_ != condition_type::USAGE_REPORTED
     }
 }
 
@@ -99,7 +85,7 @@ pub fn transitions(previous: &[Condition], next: &[Condition]) -> Vec<Transition
             match before {
                 Some(b) if b.status == n.status && b.reason == n.reason => None,
                 _ => Some(Transition {
-                    from: before.map(|b| b.status.clone()),
+                    from: before.map(|b| b.status),
                     to: n.clone(),
                 }),
             }
@@ -111,23 +97,27 @@ pub fn transitions(previous: &[Condition], next: &[Condition]) -> Vec<Transition
 mod tests {
     use super::*;
 
-    fn cond(type_: &str, status: &str, reason: &str, time: &str) -> Condition {
+    fn time(s: &str) -> Time {
+        Time(s.parse().unwrap())
+    }
+
+    fn cond(type_: &str, status: Status, reason: &str, t: &str) -> Condition {
         Condition {
             type_: type_.into(),
-            status: status.into(),
+            status,
             reason: reason.into(),
             message: String::new(),
-            last_transition_time: time.into(),
+            last_transition_time: time(t),
             observed_generation: Some(1),
         }
     }
 
     #[test]
     fn transition_time_is_kept_while_status_is_unchanged() {
-        let prev = vec![cond("Ready", "True", "InConfig", "2024-01-01T00:00:00Z")];
-        let desired = [Desired::new("Ready", Status::True, "InConfig", "hash b")];
-        let next = merge(&prev, &desired, Some(2), "2024-02-02T00:00:00Z");
-        assert_eq!(next[0].last_transition_time, "2024-01-01T00:00:00Z");
+        let prev = vec![cond("Ready", Status::True, "InConfig", "2024-01-01T00:00:00Z")];
+        let desired = [Desired::new(ConditionType::Ready, Status::True, "InConfig", "hash b")];
+        let next = merge(&prev, &desired, Some(2), &time("2024-02-02T00:00:00Z"));
+        assert_eq!(next[0].last_transition_time, time("2024-01-01T00:00:00Z"));
         assert_eq!(next[0].observed_generation, Some(2));
         assert_eq!(next[0].message, "hash b");
         assert!(
@@ -138,33 +128,43 @@ mod tests {
 
     #[test]
     fn a_status_change_sets_the_time_and_is_a_warning_transition() {
-        let prev = vec![cond("Ready", "True", "InConfig", "2024-01-01T00:00:00Z")];
-        let desired = [Desired::new("Ready", Status::False, "SecretNotFound", "gone")];
-        let next = merge(&prev, &desired, Some(1), "2024-02-02T00:00:00Z");
-        assert_eq!(next[0].last_transition_time, "2024-02-02T00:00:00Z");
+        let prev = vec![cond("Ready", Status::True, "InConfig", "2024-01-01T00:00:00Z")];
+        let desired = [Desired::new(
+            ConditionType::Ready,
+            Status::False,
+            "SecretNotFound",
+            "gone",
+        )];
+        let next = merge(&prev, &desired, Some(1), &time("2024-02-02T00:00:00Z"));
+        assert_eq!(next[0].last_transition_time, time("2024-02-02T00:00:00Z"));
         let t = transitions(&prev, &next);
         assert_eq!(t.len(), 1);
-        assert_eq!(t[0].from.as_deref(), Some("True"));
+        assert_eq!(t[0].from, Some(Status::True));
         assert!(t[0].is_warning());
     }
 
     #[test]
     fn a_reason_change_with_the_same_status_is_a_transition_but_keeps_the_time() {
-        let prev = vec![cond("Ready", "False", "SecretNotFound", "2024-01-01T00:00:00Z")];
-        let desired = [Desired::new("Ready", Status::False, "InvalidSpec", "bad port")];
-        let next = merge(&prev, &desired, Some(1), "2024-02-02T00:00:00Z");
-        assert_eq!(next[0].last_transition_time, "2024-01-01T00:00:00Z");
+        let prev = vec![cond("Ready", Status::False, "SecretNotFound", "2024-01-01T00:00:00Z")];
+        let desired = [Desired::new(
+            ConditionType::Ready,
+            Status::False,
+            "InvalidSpec",
+            "bad port",
+        )];
+        let next = merge(&prev, &desired, Some(1), &time("2024-02-02T00:00:00Z"));
+        assert_eq!(next[0].last_transition_time, time("2024-01-01T00:00:00Z"));
         assert_eq!(transitions(&prev, &next).len(), 1);
     }
 
     #[test]
     fn new_conditions_are_transitions_and_foreign_conditions_are_kept() {
-        let prev = vec![cond("Custom", "True", "Other", "2023-01-01T00:00:00Z")];
+        let prev = vec![cond("Custom", Status::True, "Other", "2023-01-01T00:00:00Z")];
         let desired = [
-            Desired::new("Accepted", Status::True, "Valid", ""),
-            Desired::new("Ready", Status::Unknown, "Pending", ""),
+            Desired::new(ConditionType::Accepted, Status::True, "Valid", ""),
+            Desired::new(ConditionType::Ready, Status::Unknown, "Pending", ""),
         ];
-        let next = merge(&prev, &desired, None, "2024-02-02T00:00:00Z");
+        let next = merge(&prev, &desired, None, &time("2024-02-02T00:00:00Z"));
         let types: Vec<_> = next.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Accepted", "Ready", "Custom"]);
         let t = transitions(&prev, &next);

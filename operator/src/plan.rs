@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use mailroute_api::compile::{
@@ -332,7 +332,7 @@ fn object_reference(kind: &str, meta: &ObjectMeta) -> ObjectReference {
 fn events_for(kind: &str, meta: &ObjectMeta, before: &[Condition], after: &[Condition], out: &mut Vec<PlannedEvent>) {
     let mut seen: Vec<(String, bool)> = Vec::new();
     for t in conditions::transitions(before, after) {
-        if t.to.status == Status::Unknown.as_str() {
+        if t.to.status == Status::Unknown {
             continue;
         }
         let key = (t.to.reason.clone(), t.is_warning());
@@ -372,7 +372,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
 
     let cm = desired_config_map(inputs.fleet, &config_json, &config_hash);
     let secret = desired_secret(inputs.fleet, &secrets_json, &secrets_hash);
-    let now = clock::format(inputs.now);
+    let now = clock::time(inputs.now);
 
     let mut plan = Plan {
         apply_config: (!config_map_current(inputs.live_config, &cm)).then_some(cm),
@@ -418,7 +418,7 @@ fn plan_route(
     compiled: &Compiled,
     last_good: &BTreeSet<String>,
     route: &SmtpRoute,
-    now: &str,
+    now: &Time,
     plan: &mut Plan,
 ) {
     let object = object_ref(ObjectKind::SmtpRoute, &route.metadata);
@@ -580,7 +580,7 @@ fn verification(
     (desired, shown)
 }
 
-fn plan_quota(inputs: &Inputs<'_>, compiled: &Compiled, quota: &SenderQuota, now: &str, plan: &mut Plan) {
+fn plan_quota(inputs: &Inputs<'_>, compiled: &Compiled, quota: &SenderQuota, now: &Time, plan: &mut Plan) {
     let object = object_ref(ObjectKind::SenderQuota, &quota.metadata);
     let id = object.id();
     let diagnostics: Vec<&Diagnostic> = compiled.diagnostics_for(&object).collect();
@@ -752,10 +752,13 @@ spec:
         let s = &w_status.status;
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!((s.host.as_deref(), s.port), (Some("smtp.gmail.com"), Some(465)));
-        assert_eq!(cond(&s.conditions, "Accepted").status, "True");
+        assert_eq!(cond(&s.conditions, "Accepted").status, Status::True);
         let ready = cond(&s.conditions, "Ready");
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "InConfig"));
-        assert_eq!(ready.last_transition_time, "2024-05-01T12:00:00Z");
+        assert_eq!(
+            ready.last_transition_time,
+            clock::time("2024-05-01T12:00:00Z".parse().unwrap())
+        );
         let verified = cond(&s.conditions, "Verified");
         assert_eq!(
             (verified.status.as_str(), verified.reason.as_str()),
@@ -906,7 +909,7 @@ spec:
         let [s] = &fixed.route_statuses[..] else { panic!() };
         let ready = cond(&s.status.conditions, "Ready");
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "InConfig"));
-        assert_eq!(cond(&s.status.conditions, "Accepted").status, "True");
+        assert_eq!(cond(&s.status.conditions, "Accepted").status, Status::True);
     }
 
     #[test]
@@ -925,11 +928,11 @@ spec: {host: b.example.com, tls: {mode: none}, priority: 5}
         let w = World::new(yaml);
         let p = w.plan(None, None);
         let b = &p.route_statuses.iter().find(|s| s.name == "b").unwrap().status;
-        assert_eq!(cond(&b.conditions, "Accepted").status, "True");
+        assert_eq!(cond(&b.conditions, "Accepted").status, Status::True);
         let ready = cond(&b.conditions, "Ready");
         assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Conflict"));
         let a = &p.route_statuses.iter().find(|s| s.name == "a").unwrap().status;
-        assert_eq!(cond(&a.conditions, "Ready").status, "True");
+        assert_eq!(cond(&a.conditions, "Ready").status, Status::True);
         assert!(cond(&a.conditions, "Accepted").message.contains("same priority 5"));
     }
 
@@ -993,7 +996,7 @@ spec: {host: b.example.com, tls: {mode: none}, priority: 5}
         assert_eq!(s.sender.as_deref(), Some("authUser:shop-42"));
         assert_eq!(s.limits.as_deref(), Some("10000/month"));
         assert_eq!(s.usage.as_ref().unwrap().month.as_ref(), Some(&month));
-        assert_eq!(cond(&s.conditions, "Ready").status, "True");
+        assert_eq!(cond(&s.conditions, "Ready").status, Status::True);
         w.apply_statuses(&p);
         // Relays unreachable: nothing to write, the usage shown stays.
         assert!(w.plan(None, None).quota_statuses.is_empty());
@@ -1009,7 +1012,7 @@ spec: {host: b.example.com, tls: {mode: none}, priority: 5}
         });
         let s = &p.quota_statuses[0].status;
         assert!(s.usage.is_none());
-        assert_eq!(cond(&s.conditions, "Ready").status, "True");
+        assert_eq!(cond(&s.conditions, "Ready").status, Status::True);
         let u = cond(&s.conditions, "UsageReported");
         assert_eq!((u.status.as_str(), u.reason.as_str()), ("False", "UsageDisabled"));
         assert!(u.message.contains("admin token"), "{}", u.message);

@@ -162,7 +162,7 @@ async fn the_binary_reconciles_serves_health_and_stops_on_sigterm() {
             .as_ref()?
             .conditions
             .iter()
-            .any(|c| c.type_ == "Verified" && c.status == "True");
+            .any(|c| c.type_ == "Verified" && c.is_true());
         ok.then_some(r)
     })
     .await;

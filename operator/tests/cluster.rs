@@ -131,7 +131,7 @@ async fn apply_examples(client: &Client) -> usize {
 
 fn condition(r: &SmtpRoute, type_: &str) -> Option<(String, String, String)> {
     let c = r.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+    Some((c.status.to_string(), c.reason.clone(), c.message.clone()))
 }
 
 async fn route_condition_is(client: &Client, name: &str, status: &str, reason: &str) -> (String, String, String) {
@@ -256,7 +256,7 @@ async fn operator_against_a_real_cluster() {
                     .as_ref()?
                     .conditions
                     .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                    .any(|c| c.type_ == "Ready" && c.is_true());
                 ready.then_some(q)
             }
         })

@@ -34,7 +34,7 @@ async fn wait_route(client: &kube::Client, deadline: Duration, done: impl Fn(&Sm
 fn verified(r: &SmtpRoute) -> Option<(String, String)> {
     let s = r.status.as_ref()?;
     let c = s.conditions.iter().find(|c| c.type_ == "Verified")?;
-    Some((c.status.clone(), c.reason.clone()))
+    Some((c.status.to_string(), c.reason.clone()))
 }
 
 #[tokio::test]
