@@ -1,7 +1,7 @@
 //! Packaging contract tests: the Grafana dashboard and the Prometheus alert rules shipped with the
 //! Helm chart parse as PromQL and use only metrics the relay and the operator export, the
-//! dashboard is a complete importable Grafana dashboard, and the CRD copies in the chart and in
-//! deploy/ equal `crds/`. Reads committed files only; the chart rendering itself is checked by
+//! dashboard is a complete importable Grafana dashboard (the CRD copies are checked by
+//! operator/tests/crd_drift.rs). Reads committed files only; the chart rendering itself is checked by
 //! scripts/check-packaging.sh (which also keeps deploy/ equal to the chart's render).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -425,32 +425,6 @@ fn metric_name_check_rejects_unknown_and_misused_names() {
         ),
         BTreeSet::from(["mailroute_retries_total".to_string(), "up".to_string()])
     );
-}
-
-#[test]
-fn crd_copies_equal_crds() {
-    let src = root().join("crds");
-    let mut files: Vec<_> = std::fs::read_dir(&src)
-        .expect("crds/")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty());
-    for copy in ["charts/mailroute/crds", "deploy/base/crds"] {
-        let mut copied: Vec<_> = std::fs::read_dir(root().join(copy))
-            .expect(copy)
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        copied.sort();
-        assert_eq!(copied, files, "{copy} holds other files than crds/");
-        for f in &files {
-            let name = f.to_string_lossy();
-            assert!(
-                read(&format!("crds/{name}")) == read(&format!("{copy}/{name}")),
-                "{copy}/{name} differs from crds/{name}: cp crds/*.yaml {copy}/"
-            );
-        }
-    }
 }
 
 #[test]
