@@ -1,6 +1,6 @@
 //! Provider presets: the host, port, TLS mode and known limits of well-known upstreams, so a route
-//! can say `provider: office365` instead of repeating them. Pure data; the numbers come from the
-//! providers' own help pages (see ../shared/reference.md).
+//! can say `provider: office365` instead of repeating them. Pure data, as the providers publish it
+//! in their own help pages (Microsoft 365's limits are Exchange Online's sending limits).
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
