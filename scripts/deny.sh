@@ -16,4 +16,4 @@ if ! cargo deny --version >/dev/null 2>&1; then
 fi
 checks=(licenses bans sources)
 if [ "${DENY_ADVISORIES:-}" = 1 ]; then checks+=(advisories); fi
-cargo deny --locked check "${checks[@]}"
+cargo deny --locked check --hide-inclusion-graph "${checks[@]}"
