@@ -4,7 +4,7 @@
 Owns: linting and rendering the Helm chart (Helm's own Go engine through helm-python-sdk),
 validating every rendered object against the Kubernetes OpenAPI schemas (kubernetes-validate),
 cross-reference checks between rendered objects (selectors, ports, Secrets, scale targets,
-security contexts), CRD copies, examples/ against the CRDs' openAPIV3Schema, deploy/ against the
+security contexts), the CRDs against the Kubernetes schema, examples/ against the CRDs' openAPIV3Schema, deploy/ against the
 chart, the operator RBAC parity, the values documentation, and the Dockerfile pins.
 Must not: contact a cluster or the network (everything here is offline and deterministic).
 
