@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::pattern::DomainPattern;
 use crate::quota::{AppliesTo, CountBy, OnExceeded};
-use crate::route::{AuthMechanism, Backoff, TlsMode};
+use crate::route::{AssertionAlgorithm, AuthMechanism, Backoff, OAuth2Grant, TlsMode};
 
 /// Format version of `RelayConfig`; relays refuse a document with a version they do not know.
 pub const CONFIG_VERSION: u32 = 1;
@@ -122,7 +122,8 @@ pub struct Upstream {
     pub verify_tls: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
-    /// AUTH mechanism; the credentials are in `RelaySecrets::upstream_credentials` under the route id.
+    /// AUTH mechanism; the credentials are in `RelaySecrets::upstream_credentials` under the route
+    /// id, or for XOAUTH2 with tokens the relay fetches, the client in `upstream_oauth2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthMechanism>,
     /// Whether `RelaySecrets::upstream_ca` holds an extra CA bundle for this route.
@@ -399,6 +400,9 @@ pub struct RelaySecrets {
     /// Inbound SMTP AUTH users by user name.
     #[serde(default)]
     pub inbound_users: BTreeMap<String, InboundUser>,
+    /// OAuth2 clients for upstream XOAUTH2 by route id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream_oauth2: BTreeMap<String, OAuth2Credentials>,
 }
 
 impl fmt::Debug for RelaySecrets {
@@ -411,6 +415,7 @@ impl fmt::Debug for RelaySecrets {
             .field("upstream_ca", &self.upstream_ca.keys().collect::<Vec<_>>())
             .field("dkim_keys", &self.dkim_keys.keys().collect::<Vec<_>>())
             .field("inbound_users", &self.inbound_users.keys().collect::<Vec<_>>())
+            .field("upstream_oauth2", &self.upstream_oauth2.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -434,6 +439,45 @@ impl fmt::Debug for Credentials {
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .finish()
+    }
+}
+
+/// What a relay needs to get OAuth2 access tokens for a route: the token endpoint, the scope, the
+/// SMTP user, and the grant's own values. `Debug` shows the grant and the user only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Credentials {
+    pub grant: OAuth2Grant,
+    /// The token endpoint (holds the tenant for Entra ID).
+    pub token_url: String,
+    pub scope: String,
+    /// The mailbox sent as; for a service account, the user impersonated.
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    /// PEM of the client certificate, for a client assertion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// PEM of the certificate's private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion_algorithm: Option<AssertionAlgorithm>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// The Google service account's JSON key file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_key: Option<String>,
+}
+
+impl fmt::Debug for OAuth2Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OAuth2Credentials")
+            .field("grant", &self.grant)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
     }
 }
 

@@ -186,15 +186,170 @@ pub enum TlsMode {
     Implicit,
 }
 
-/// SMTP AUTH settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// SMTP AUTH settings: a user name and password (or a static XOAUTH2 token) from `secretRef`, or
+/// OAuth2 access tokens the relays fetch and refresh themselves (`oauth2`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.secretRef) != has(self.oauth2)").message("auth takes exactly one of secretRef and oauth2"))]
 #[serde(rename_all = "camelCase")]
 pub struct AuthSpec {
-    /// SASL mechanism: `plain` (default), `login` or `xoauth2` (the password key then holds the OAuth2 access token).
+    /// SASL mechanism with `secretRef`: `plain` (default), `login` or `xoauth2` (the password key
+    /// then holds the OAuth2 access token). With `oauth2` it is always XOAUTH2.
     #[serde(default)]
     pub mechanism: AuthMechanism,
-    /// The Secret holding the credentials; required whenever auth is set.
-    pub secret_ref: CredentialsSecretRef,
+    /// The Secret holding a user name and password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<CredentialsSecretRef>,
+    /// OAuth2: the relays get access tokens from the provider's token endpoint and refresh them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Spec>,
+}
+
+impl AuthSpec {
+    /// The Secret the credentials come from.
+    pub fn secret_name(&self) -> Option<&str> {
+        match (&self.secret_ref, &self.oauth2) {
+            (Some(r), _) => Some(&r.name),
+            (None, Some(o)) => Some(&o.secret_ref.name),
+            (None, None) => None,
+        }
+    }
+}
+
+/// OAuth2 for upstream AUTH. Every value comes from the Secret `secretRef`, under the keys named
+/// there; the SMTP user (`user` key) is the mailbox to send as.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("self.grant != 'clientCredentials' || !has(self.provider) || self.provider == 'microsoft'").message("clientCredentials is Microsoft Entra ID's grant (provider: microsoft)"),
+    validation = Rule::new("self.grant != 'serviceAccount' || !has(self.provider) || self.provider == 'google'").message("serviceAccount is Google's grant (provider: google)"),
+    validation = Rule::new("self.grant != 'refreshToken' || has(self.provider) || has(self.tokenUrl)").message("refreshToken needs a provider (google or microsoft) or a tokenUrl"),
+    validation = Rule::new("!has(self.clientAuth) || self.grant == 'clientCredentials'").message("clientAuth is for the clientCredentials grant"),
+    validation = Rule::new("!has(self.assertionAlgorithm) || (has(self.clientAuth) && self.clientAuth == 'certificate')").message("assertionAlgorithm is for clientAuth: certificate")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Spec {
+    /// `clientCredentials` (Microsoft Entra ID app: keys `tenant`, `client-id`, and
+    /// `client-secret` or `tls.crt` + `tls.key`; the app needs `SMTP.SendAsApp`),
+    /// `refreshToken` (Google or Microsoft delegated: `client-id`, `refresh-token`,
+    /// `client-secret` when the client has one, `tenant` for Microsoft, default `common`),
+    /// `serviceAccount` (Google Workspace domain-wide delegation: `service-account.json`; `user`
+    /// is the user impersonated).
+    pub grant: OAuth2Grant,
+    /// Whose token endpoint and default scope: `microsoft`
+    /// (`https://outlook.office365.com/.default`) or `google` (`https://mail.google.com/`).
+    /// Default: `microsoft` for clientCredentials, `google` for serviceAccount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<OAuth2Provider>,
+    /// clientCredentials: `secret` (default) or `certificate` (a JWT client assertion signed with
+    /// the certificate's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+    /// The client assertion's signature: `RS256` (default) or `PS256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion_algorithm: Option<AssertionAlgorithm>,
+    /// Overrides the provider's scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub scope: Option<String>,
+    /// Overrides the provider's token endpoint (another cloud, a test endpoint); https only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://')").message("tokenUrl must be an https URL"))]
+    pub token_url: Option<String>,
+    /// The Secret holding the values, and the key of each (defaults shown).
+    pub secret_ref: OAuth2SecretRef,
+}
+
+/// The OAuth2 grant the relays use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OAuth2Grant {
+    ClientCredentials,
+    RefreshToken,
+    ServiceAccount,
+}
+
+/// Whose token endpoint and scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OAuth2Provider {
+    Microsoft,
+    Google,
+}
+
+/// How an Entra ID client proves itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Secret,
+    Certificate,
+}
+
+/// The signature algorithm of a client assertion.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum AssertionAlgorithm {
+    #[default]
+    #[serde(rename = "RS256")]
+    Rs256,
+    #[serde(rename = "PS256")]
+    Ps256,
+}
+
+/// The Secret holding an OAuth2 client's values; each key has a default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2SecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// The SMTP user: the mailbox sent as (and the user impersonated by a service account).
+    #[serde(default = "oauth2_keys::user")]
+    pub user_key: String,
+    /// The Entra ID tenant (id or domain).
+    #[serde(default = "oauth2_keys::tenant")]
+    pub tenant_key: String,
+    #[serde(default = "oauth2_keys::client_id")]
+    pub client_id_key: String,
+    #[serde(default = "oauth2_keys::client_secret")]
+    pub client_secret_key: String,
+    /// The client certificate (PEM), for `clientAuth: certificate`.
+    #[serde(default = "oauth2_keys::certificate")]
+    pub certificate_key: String,
+    /// The certificate's RSA private key (PEM).
+    #[serde(default = "oauth2_keys::private_key")]
+    pub private_key_key: String,
+    #[serde(default = "oauth2_keys::refresh_token")]
+    pub refresh_token_key: String,
+    /// The Google service account's JSON key file.
+    #[serde(default = "oauth2_keys::service_account")]
+    pub service_account_key: String,
+}
+
+/// Default keys of an OAuth2 Secret.
+pub mod oauth2_keys {
+    pub fn user() -> String {
+        "user".into()
+    }
+    pub fn tenant() -> String {
+        "tenant".into()
+    }
+    pub fn client_id() -> String {
+        "client-id".into()
+    }
+    pub fn client_secret() -> String {
+        "client-secret".into()
+    }
+    pub fn certificate() -> String {
+        "tls.crt".into()
+    }
+    pub fn private_key() -> String {
+        "tls.key".into()
+    }
+    pub fn refresh_token() -> String {
+        "refresh-token".into()
+    }
+    pub fn service_account() -> String {
+        "service-account.json".into()
+    }
 }
 
 /// A SASL mechanism for upstream AUTH.

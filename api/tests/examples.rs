@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use mailroute_api::config::{Period, QuotaSelector, Target, verify_password};
-use mailroute_api::route::TlsMode;
+use mailroute_api::route::{AuthMechanism, OAuth2Grant, TlsMode};
 use mailroute_api::{Manifests, Severity};
 
 fn examples_dir() -> PathBuf {
@@ -220,4 +220,59 @@ fn cel_rules_catch_what_compile_catches() {
         .find(|q| q.metadata.name.as_deref() == Some("two-selectors"))
         .unwrap();
     assert!(two.validate_cel().is_err());
+}
+
+/// `examples/oauth2/`: one route per OAuth2 grant. Kept apart from the top-level examples, which
+/// the operator's tests run connection tests against, until the relays fetch tokens themselves.
+#[test]
+fn oauth2_examples_compile_with_every_value_in_the_secret_only() {
+    let mut m = Manifests::default();
+    for f in yaml_files(&examples_dir().join("oauth2")) {
+        m.add_yaml(&std::fs::read_to_string(&f).unwrap(), "default").unwrap();
+    }
+    assert_eq!(m.routes.len(), 3);
+    for r in &m.routes {
+        r.validate_cel()
+            .unwrap_or_else(|e| panic!("{:?}: {e:?}", r.metadata.name));
+    }
+    let c = m.compile();
+    assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+    let grants: Vec<(&str, OAuth2Grant)> = c
+        .secrets
+        .upstream_oauth2
+        .iter()
+        .map(|(id, o)| (id.as_str(), o.grant))
+        .collect();
+    assert_eq!(
+        grants,
+        [
+            ("mail/gmail-oauth", OAuth2Grant::RefreshToken),
+            ("mail/office365-oauth", OAuth2Grant::ClientCredentials),
+            ("mail/workspace-oauth", OAuth2Grant::ServiceAccount),
+        ]
+    );
+    let o365 = &c.secrets.upstream_oauth2["mail/office365-oauth"];
+    assert_eq!(
+        o365.token_url,
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    );
+    assert_eq!(o365.scope, "https://outlook.office365.com/.default");
+    assert_eq!(
+        c.secrets.upstream_oauth2["mail/workspace-oauth"].user,
+        "notifications@example.org"
+    );
+    for r in &c.config.routes {
+        let Target::Smarthost(up) = &r.target else { panic!() };
+        assert_eq!(up.auth, Some(AuthMechanism::Xoauth2));
+    }
+    let config = c.config.to_canonical_json();
+    for secret in [
+        "change-me",
+        "contoso.onmicrosoft.com",
+        "00000000-0000-0000-0000-000000000000",
+        "apps.googleusercontent.com",
+        "PRIVATE KEY",
+    ] {
+        assert!(!config.contains(secret), "the config contains {secret:?}");
+    }
 }

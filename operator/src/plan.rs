@@ -191,8 +191,8 @@ pub fn referenced_secrets(routes: &[SmtpRoute], quotas: &[SenderQuota]) -> BTree
 
 fn route_secret_names(r: &SmtpRoute) -> Vec<String> {
     let mut names = Vec::new();
-    if let Some(a) = &r.spec.auth {
-        names.push(a.secret_ref.name.clone());
+    if let Some(name) = r.spec.auth.as_ref().and_then(|a| a.secret_name()) {
+        names.push(name.to_string());
     }
     if let Some(c) = r.spec.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
         names.push(c.name.clone());
@@ -520,7 +520,12 @@ fn verification(
     let ns = route.namespace().unwrap_or_else(|| "default".into());
     // Credentials and CA matter for the test; the DKIM key does not.
     let tested_secrets = [
-        route.spec.auth.as_ref().map(|a| a.secret_ref.name.clone()),
+        route
+            .spec
+            .auth
+            .as_ref()
+            .and_then(|a| a.secret_name())
+            .map(str::to_string),
         route
             .spec
             .tls

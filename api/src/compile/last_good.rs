@@ -51,6 +51,9 @@ pub fn keep_last_good(compiled: &mut Compiled, last: &RelayConfig, last_secrets:
         if let Some(ca) = last_secrets.upstream_ca.get(&id) {
             compiled.secrets.upstream_ca.insert(id.clone(), ca.clone());
         }
+        if let Some(o) = last_secrets.upstream_oauth2.get(&id) {
+            compiled.secrets.upstream_oauth2.insert(id.clone(), o.clone());
+        }
         if let Some(k) = last_secrets.dkim_keys.get(&id) {
             compiled.secrets.dkim_keys.insert(id.clone(), k.clone());
         }

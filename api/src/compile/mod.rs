@@ -5,7 +5,7 @@
 //! This file owns the diagnostics types and the entry point; each concern has its own file (the
 //! way cert-manager splits its validation): `route` (an SmtpRoute's matching, limits, retry,
 //! DKIM, timeouts and the conflicts between routes), `upstream` (a smarthost route's host, TLS,
-//! pins and AUTH), `quota` (SenderQuota and inbound users), `secrets` (reading Secret values),
+//! pins and AUTH; `oauth2` for OAuth2 clients), `quota` (SenderQuota and inbound users), `secrets` (reading Secret values),
 //! `last_good` (keeping a route's last good version through a Secret rotation). No I/O.
 
 use std::collections::BTreeMap;
@@ -19,6 +19,7 @@ use crate::quota::SenderQuota;
 use crate::route::{AuthMechanism, SmtpRoute};
 
 mod last_good;
+mod oauth2;
 mod quota;
 mod route;
 mod secrets;

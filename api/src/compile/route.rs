@@ -365,6 +365,7 @@ pub(super) fn resolve_conflicts(
             secrets.upstream_credentials.remove(&r.id);
             secrets.upstream_ca.remove(&r.id);
             secrets.dkim_keys.remove(&r.id);
+            secrets.upstream_oauth2.remove(&r.id);
             continue;
         }
         kept.push(r);

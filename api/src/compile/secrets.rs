@@ -82,4 +82,5 @@ pub(super) fn merge(into: &mut RelaySecrets, from: RelaySecrets) {
     into.upstream_credentials.extend(from.upstream_credentials);
     into.upstream_ca.extend(from.upstream_ca);
     into.dkim_keys.extend(from.dkim_keys);
+    into.upstream_oauth2.extend(from.upstream_oauth2);
 }

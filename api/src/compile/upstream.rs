@@ -1,9 +1,11 @@
 //! A smarthost route's upstream: host and port (from the route or its provider preset), the TLS
-//! mode, the extra CA bundle, pinned certificates and AUTH. Credentials and the CA bundle go to
-//! `RelaySecrets` under the route id; the compiled `Upstream` holds only what is not secret.
+//! mode, the extra CA bundle, pinned certificates and AUTH (OAuth2 clients: `oauth2`). Credentials
+//! and the CA bundle go to `RelaySecrets` under the route id; the compiled `Upstream` holds only
+//! what is not secret.
 
 use sha2::{Digest, Sha256};
 
+use super::oauth2;
 use super::secrets::secret_value;
 use super::{Diags, Reason, SecretStore};
 use crate::config::{Credentials, RelaySecrets, Upstream};
@@ -107,7 +109,8 @@ fn port(spec: Option<i32>, preset: Option<&Preset>, tls: TlsMode, d: &mut Diags<
     }
 }
 
-/// `spec.auth`: the mechanism for the config, the credentials for the secrets.
+/// `spec.auth`: the mechanism for the config, the credentials (or the OAuth2 client) for the
+/// secrets.
 fn auth(a: &AuthSpec, tls: TlsMode, cx: &mut SecretsCx<'_>, d: &mut Diags<'_>) -> AuthMechanism {
     if tls == TlsMode::None {
         d.error(
@@ -116,16 +119,33 @@ fn auth(a: &AuthSpec, tls: TlsMode, cx: &mut SecretsCx<'_>, d: &mut Diags<'_>) -
             "AUTH over `tls: none` would send the password in clear text",
         );
     }
-    let field = "spec.auth.secretRef";
-    let r = &a.secret_ref;
-    let user = secret_value(cx.secrets, cx.namespace, &r.name, &r.username_key, field, d);
-    let pass = secret_value(cx.secrets, cx.namespace, &r.name, &r.password_key, field, d);
-    if let (Some(username), Some(password)) = (user, pass) {
-        cx.out
-            .upstream_credentials
-            .insert(cx.id.to_string(), Credentials { username, password });
+    match (&a.secret_ref, &a.oauth2) {
+        (Some(r), None) => {
+            let field = "spec.auth.secretRef";
+            let user = secret_value(cx.secrets, cx.namespace, &r.name, &r.username_key, field, d);
+            let pass = secret_value(cx.secrets, cx.namespace, &r.name, &r.password_key, field, d);
+            if let (Some(username), Some(password)) = (user, pass) {
+                cx.out
+                    .upstream_credentials
+                    .insert(cx.id.to_string(), Credentials { username, password });
+            }
+            a.mechanism
+        }
+        (None, Some(o)) => {
+            if let Some(c) = oauth2::compile(o, cx, d) {
+                cx.out.upstream_oauth2.insert(cx.id.to_string(), c);
+            }
+            AuthMechanism::Xoauth2
+        }
+        _ => {
+            d.error(
+                Reason::InvalidSpec,
+                "spec.auth",
+                "auth takes exactly one of secretRef and oauth2",
+            );
+            a.mechanism
+        }
     }
-    a.mechanism
 }
 
 /// A SHA-256 fingerprint as 64 lower-case hex digits, from hex with or without `:` separators.
