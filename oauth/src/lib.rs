@@ -8,16 +8,18 @@
 //! It must not log, print or put in an error any token, refresh token, client secret or private
 //! key: they live in [`SecretString`] and [`RsaKey`], whose `Debug` says `[redacted]`. A provider's
 //! error text (`AADSTS7000215: ...`, `invalid_grant`) is kept verbatim in [`OAuthError`].
-//! It knows nothing of routes or Kubernetes: the relay and the operator build a [`Grant`] from
-//! their compiled configuration.
+//! It knows nothing of Kubernetes: [`grant_from`] turns a route's compiled OAuth2 client
+//! (`RelaySecrets::upstream_oauth2`) into a [`Grant`].
 
 pub mod cache;
+mod compiled;
 pub mod grant;
 pub mod http;
 pub mod jwt;
 mod secret;
 
 pub use cache::{CacheSettings, TokenCache, TokenKey};
+pub use compiled::grant_from;
 pub use grant::{
     ClientCredential, ClientCredentials, Grant, OAuthError, RefreshTokenGrant, ServiceAccount, Token, TokenRequest,
 };
@@ -25,17 +27,8 @@ pub use http::TokenClient;
 pub use jwt::{JwtAlg, RsaKey};
 pub use secret::SecretString;
 
-/// Microsoft Entra ID's token endpoint of a tenant.
-pub fn entra_token_url(tenant: &str) -> String {
-    format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token")
-}
-
-/// Google's token endpoint.
-pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
-/// The scope for SMTP AUTH to Exchange Online with client credentials.
-pub const OFFICE365_SCOPE: &str = "https://outlook.office365.com/.default";
-/// The scope for SMTP AUTH to Gmail.
-pub const GMAIL_SCOPE: &str = "https://mail.google.com/";
+/// The providers' token endpoints and scopes, as `compile` fills them in.
+pub use mailroute_api::compile::{GMAIL_SCOPE, GOOGLE_TOKEN_URL, OFFICE365_SCOPE, entra_token_url};
 
 /// The SASL XOAUTH2 initial response (before base64): `user=U\x01auth=Bearer T\x01\x01`. It holds
 /// the token: a [`SecretString`].

@@ -273,3 +273,45 @@ async fn a_rotated_refresh_token_is_kept_in_redis_until_the_secret_brings_a_new_
     assert_eq!(cache.token(&key(), &renewed).await.unwrap().expose(), "at-4");
     assert_eq!(e.presented.lock().unwrap().last().map(String::as_str), Some("rt-fresh"));
 }
+
+/// From an SmtpRoute and its Secret, through `compile`, to a token over HTTPS: each grant.
+#[tokio::test]
+async fn compiled_routes_of_each_grant_get_tokens() {
+    let e = endpoint(Duration::ZERO).await;
+    let cert = e.pki.cert_pem.clone();
+    let sa = serde_json::json!({"client_email": "relay@p.iam.gserviceaccount.com", "private_key": KEY}).to_string();
+    let indent = |s: &str| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let route = |name: &str, priority: u32, oauth2: &str| {
+        format!(
+            "---\napiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {{name: {name}, namespace: mail}}\nspec:\n  host: smtp.example.com\n  priority: {priority}\n  auth:\n    oauth2: {{{oauth2}, tokenUrl: \"{}\", secretRef: {{name: oauth}}}}\n",
+            e.url()
+        )
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: oauth, namespace: mail}}\nstringData:\n  user: relay@contoso.com\n  tenant: tenant-1\n  client-id: app-1\n  client-secret: right-secret\n  refresh-token: rt-0\n  tls.crt: |\n{}  tls.key: |\n{}  service-account.json: |\n{}{}{}{}{}",
+        indent(&cert),
+        indent(KEY),
+        indent(&sa),
+        route("secret", 1, "grant: clientCredentials"),
+        route(
+            "certificate",
+            2,
+            "grant: clientCredentials, clientAuth: certificate, assertionAlgorithm: PS256"
+        ),
+        route("refresh", 3, "grant: refreshToken, provider: microsoft"),
+        route("sa", 4, "grant: serviceAccount"),
+    );
+    let c = mailroute_api::Manifests::from_yaml(&yaml, "default").unwrap().compile();
+    assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+    assert_eq!(c.secrets.upstream_oauth2.len(), 4);
+    let client = client(&e);
+    for (id, compiled) in &c.secrets.upstream_oauth2 {
+        let grant = mailroute_oauth::grant_from(compiled).unwrap_or_else(|err| panic!("{id}: {err}"));
+        let token = client
+            .fetch(&grant, None)
+            .await
+            .unwrap_or_else(|err| panic!("{id}: {err}"));
+        assert!(token.access_token.expose().starts_with("at-"), "{id}");
+    }
+    assert_eq!(e.requests(), 4);
+}

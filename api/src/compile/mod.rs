@@ -26,6 +26,7 @@ mod secrets;
 mod upstream;
 
 pub use last_good::{is_secret_error, keep_last_good};
+pub use oauth2::{GMAIL_SCOPE, GOOGLE_TOKEN_URL, OFFICE365_SCOPE, entra_token_url};
 pub use quota::hash_password;
 pub use secrets::SecretStore;
 pub use upstream::parse_sha256_fingerprint;
