@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
 use serde::{Deserialize, Serialize};
 
 use crate::grant::{Grant, OAuthError, Token, refresh_ahead};
@@ -64,16 +64,17 @@ impl Default for CacheSettings {
     }
 }
 
-/// The shared cache. Cheap to clone.
+/// The shared cache, over any Redis connection (a single server's or a cluster's: a route and
+/// user's keys share one hash slot). Cheap to clone.
 #[derive(Clone)]
-pub struct TokenCache {
-    redis: ConnectionManager,
+pub struct TokenCache<C = ConnectionManager> {
+    redis: C,
     prefix: String,
     client: TokenClient,
     settings: CacheSettings,
 }
 
-impl std::fmt::Debug for TokenCache {
+impl<C> std::fmt::Debug for TokenCache<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenCache")
             .field("prefix", &self.prefix)
@@ -143,14 +144,9 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-impl TokenCache {
+impl<C: ConnectionLike + Clone + Send + Sync> TokenCache<C> {
     /// `prefix` is the relay's Redis key prefix (`mailroute:`).
-    pub fn new(
-        redis: ConnectionManager,
-        prefix: impl Into<String>,
-        client: TokenClient,
-        settings: CacheSettings,
-    ) -> Self {
+    pub fn new(redis: C, prefix: impl Into<String>, client: TokenClient, settings: CacheSettings) -> Self {
         Self {
             redis,
             prefix: prefix.into(),
@@ -166,18 +162,14 @@ impl TokenCache {
     }
 
     fn keys(&self, key: &TokenKey, grant: &Grant) -> Keys {
-        let base = format!(
-            "{}oauth:{}:{}:{}",
-            self.prefix,
-            key.route,
-            key.user,
-            grant.fingerprint()
-        );
+        // `{route|user}` is the hash tag: one slot for all of them in a cluster.
+        let slot = format!("{}oauth:{{{}|{}}}", self.prefix, key.route, key.user);
+        let base = format!("{slot}:{}", grant.fingerprint());
         Keys {
             token: format!("{base}:token"),
             lock: format!("{base}:lock"),
             error: format!("{base}:error"),
-            refresh: format!("{}oauth:{}:{}:refresh", self.prefix, key.route, key.user),
+            refresh: format!("{slot}:refresh"),
         }
     }
 

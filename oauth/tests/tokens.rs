@@ -315,3 +315,32 @@ async fn compiled_routes_of_each_grant_get_tokens() {
     }
     assert_eq!(e.requests(), 4);
 }
+
+/// The same over a Redis Cluster: a route and user's keys share one hash slot.
+#[tokio::test]
+async fn over_a_redis_cluster_fifty_callers_make_one_request() {
+    let cluster = mailroute_testkit::RedisCluster::start(3, 0).unwrap();
+    let seeds: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| format!("redis://127.0.0.1:{}/", n.port()))
+        .collect();
+    let conn = redis::cluster::ClusterClient::new(seeds)
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    let e = endpoint(Duration::from_millis(300)).await;
+    let cache = TokenCache::new(conn, "mailroute:", client(&e), CacheSettings::default());
+    let grant = Arc::new(secret_grant(&e, "right-secret"));
+    let calls = (0..50).map(|_| {
+        let (cache, grant) = (cache.clone(), grant.clone());
+        tokio::spawn(async move { cache.token(&key(), &grant).await })
+    });
+    for r in futures::future::join_all(calls).await {
+        assert_eq!(r.unwrap().unwrap().expose(), "at-1");
+    }
+    assert_eq!(e.requests(), 1);
+    assert!(cache.invalidate(&key(), &grant, &"at-1".into()).await.unwrap());
+    assert_eq!(cache.token(&key(), &grant).await.unwrap().expose(), "at-2");
+}
