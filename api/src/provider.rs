@@ -13,8 +13,9 @@ use crate::route::TlsMode;
 /// (smtp.mail.yahoo.co.jp:465 implicit), `icloud` (smtp.mail.me.com:587 STARTTLS), `docomo`
 /// (smtp.spmode.ne.jp:465 implicit), `au` (smtp.ezweb.ne.jp:587 STARTTLS), `softbank`
 /// (smtp.softbank.jp:587 STARTTLS), `sendgrid` (smtp.sendgrid.net:587 STARTTLS, user `apikey`),
-/// `ses` (email-smtp.REGION.amazonaws.com:587 STARTTLS), `custom` (no preset). Fields set on the
-/// route override the preset.
+/// `ses` (email-smtp.REGION.amazonaws.com:587 STARTTLS), `google-workspace-relay`
+/// (smtp-relay.gmail.com:587 STARTTLS), `custom` (no preset). Fields set on the route override
+/// the preset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Provider {
@@ -38,6 +39,9 @@ pub enum Provider {
     Sendgrid,
     /// Amazon SES: email-smtp.REGION.amazonaws.com:587, STARTTLS (set `region`).
     Ses,
+    /// Google Workspace's SMTP relay service: smtp-relay.gmail.com:587, STARTTLS (the Workspace
+    /// admin allows the relays' IP addresses, or SMTP AUTH).
+    GoogleWorkspaceRelay,
     /// No preset: `host`, `port` and `tls` come from the route.
     Custom,
 }
@@ -50,6 +54,9 @@ pub struct Preset {
     pub tls: TlsMode,
     pub messages_per_minute: Option<u32>,
     pub recipients_per_day: Option<u32>,
+    /// The AUTH user the provider expects whatever the account (SendGrid: `apikey`); used when
+    /// the route's Secret has no user name.
+    pub fixed_user: Option<&'static str>,
 }
 
 impl Provider {
@@ -61,6 +68,7 @@ impl Provider {
             tls,
             messages_per_minute: None,
             recipients_per_day: None,
+            fixed_user: None,
         };
         Some(match self {
             Self::Gmail => p("smtp.gmail.com", 465, TlsMode::Implicit),
@@ -75,12 +83,16 @@ impl Provider {
             Self::Docomo => p("smtp.spmode.ne.jp", 465, TlsMode::Implicit),
             Self::Au => p("smtp.ezweb.ne.jp", 587, TlsMode::Starttls),
             Self::Softbank => p("smtp.softbank.jp", 587, TlsMode::Starttls),
-            Self::Sendgrid => p("smtp.sendgrid.net", 587, TlsMode::Starttls),
+            Self::Sendgrid => Preset {
+                fixed_user: Some("apikey"),
+                ..p("smtp.sendgrid.net", 587, TlsMode::Starttls)
+            },
             Self::Ses => p(
                 &format!("email-smtp.{}.amazonaws.com", region.unwrap_or("us-east-1")),
                 587,
                 TlsMode::Starttls,
             ),
+            Self::GoogleWorkspaceRelay => p("smtp-relay.gmail.com", 587, TlsMode::Starttls),
             Self::Custom => return None,
         })
     }
@@ -97,6 +109,7 @@ impl Provider {
             Self::Softbank => "softbank",
             Self::Sendgrid => "sendgrid",
             Self::Ses => "ses",
+            Self::GoogleWorkspaceRelay => "google-workspace-relay",
             Self::Custom => "custom",
         }
     }
@@ -128,8 +141,60 @@ mod tests {
     }
 
     #[test]
+    fn every_preset_fills_in_its_host_port_tls_limits_and_user() {
+        use TlsMode::{Implicit, Starttls};
+        let cases = [
+            (Provider::Gmail, "smtp.gmail.com", 465, Implicit, None, None),
+            (Provider::Outlook, "smtp-mail.outlook.com", 587, Starttls, None, None),
+            (Provider::Office365, "smtp.office365.com", 587, Starttls, Some(30), None),
+            (Provider::YahooJp, "smtp.mail.yahoo.co.jp", 465, Implicit, None, None),
+            (Provider::Icloud, "smtp.mail.me.com", 587, Starttls, None, None),
+            (Provider::Docomo, "smtp.spmode.ne.jp", 465, Implicit, None, None),
+            (Provider::Au, "smtp.ezweb.ne.jp", 587, Starttls, None, None),
+            (Provider::Softbank, "smtp.softbank.jp", 587, Starttls, None, None),
+            (
+                Provider::Sendgrid,
+                "smtp.sendgrid.net",
+                587,
+                Starttls,
+                None,
+                Some("apikey"),
+            ),
+            (
+                Provider::Ses,
+                "email-smtp.us-east-1.amazonaws.com",
+                587,
+                Starttls,
+                None,
+                None,
+            ),
+            (
+                Provider::GoogleWorkspaceRelay,
+                "smtp-relay.gmail.com",
+                587,
+                Starttls,
+                None,
+                None,
+            ),
+        ];
+        for (provider, host, port, tls, per_minute, user) in cases {
+            let p = provider.preset(None).unwrap();
+            assert_eq!(
+                (p.host.as_str(), p.port, p.tls, p.messages_per_minute, p.fixed_user),
+                (host, port, tls, per_minute, user),
+                "{provider:?}"
+            );
+        }
+    }
+
+    #[test]
     fn serde_names_match_as_str() {
-        for p in [Provider::YahooJp, Provider::Office365, Provider::Custom] {
+        for p in [
+            Provider::YahooJp,
+            Provider::Office365,
+            Provider::GoogleWorkspaceRelay,
+            Provider::Custom,
+        ] {
             assert_eq!(serde_json::to_value(p).unwrap(), serde_json::json!(p.as_str()));
         }
     }

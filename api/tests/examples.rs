@@ -68,10 +68,19 @@ fn examples_compile_without_diagnostics() {
     assert!(!gmail.serves("a@other.org", None, "anything.org"));
 
     let carriers = c.config.routes.iter().find(|r| r.id == "mail/carriers").unwrap();
-    for domain in ["docomo.ne.jp", "ezweb.ne.jp", "au.com", "softbank.ne.jp", "i.softbank.jp"] {
+    for domain in [
+        "docomo.ne.jp",
+        "ezweb.ne.jp",
+        "au.com",
+        "softbank.ne.jp",
+        "i.softbank.jp",
+    ] {
         assert!(carriers.serves("x@y.org", None, domain), "{domain}");
     }
-    assert!(!carriers.serves("x@y.org", None, "softbank.jp"), "no carrier's mail domain");
+    assert!(
+        !carriers.serves("x@y.org", None, "softbank.jp"),
+        "no carrier's mail domain"
+    );
     assert!(!carriers.serves("x@y.org", None, "gmail.com"));
     assert_eq!(carriers.retry.lifetime_secs, 4 * 3600);
     assert_eq!(carriers.retry.interval_secs, 300);

@@ -53,7 +53,8 @@ pub(super) fn compile_upstream(spec: &SmtpRouteSpec, cx: &mut SecretsCx<'_>, d: 
         .or(preset.as_ref().map(|p| p.tls))
         .unwrap_or(TlsMode::Starttls);
     let port = port(spec.port, preset.as_ref(), tls, d);
-    let auth = spec.auth.as_ref().map(|a| auth(a, tls, cx, d));
+    let fixed_user = preset.as_ref().and_then(|p| p.fixed_user);
+    let auth = spec.auth.as_ref().map(|a| auth(a, tls, fixed_user, cx, d));
     let custom_ca = match &tls_spec.ca_secret_ref {
         None => false,
         Some(r) => {
@@ -110,8 +111,14 @@ fn port(spec: Option<i32>, preset: Option<&Preset>, tls: TlsMode, d: &mut Diags<
 }
 
 /// `spec.auth`: the mechanism for the config, the credentials (or the OAuth2 client) for the
-/// secrets.
-fn auth(a: &AuthSpec, tls: TlsMode, cx: &mut SecretsCx<'_>, d: &mut Diags<'_>) -> AuthMechanism {
+/// secrets. `fixed_user` is the preset's user, for a Secret without one.
+fn auth(
+    a: &AuthSpec,
+    tls: TlsMode,
+    fixed_user: Option<&str>,
+    cx: &mut SecretsCx<'_>,
+    d: &mut Diags<'_>,
+) -> AuthMechanism {
     if tls == TlsMode::None {
         d.error(
             Reason::InvalidSpec,
@@ -122,7 +129,14 @@ fn auth(a: &AuthSpec, tls: TlsMode, cx: &mut SecretsCx<'_>, d: &mut Diags<'_>) -
     match (&a.secret_ref, &a.oauth2) {
         (Some(r), None) => {
             let field = "spec.auth.secretRef";
-            let user = secret_value(cx.secrets, cx.namespace, &r.name, &r.username_key, field, d);
+            let has_user = cx
+                .secrets
+                .get(cx.namespace, &r.name)
+                .is_some_and(|data| data.contains_key(&r.username_key));
+            let user = match fixed_user {
+                Some(u) if !has_user => Some(u.to_string()),
+                _ => secret_value(cx.secrets, cx.namespace, &r.name, &r.username_key, field, d),
+            };
             let pass = secret_value(cx.secrets, cx.namespace, &r.name, &r.password_key, field, d);
             if let (Some(username), Some(password)) = (user, pass) {
                 cx.out
@@ -250,6 +264,20 @@ mod tests {
         let d = c.diagnostics.first().expect("an error");
         assert_eq!(d.field.as_deref(), Some("spec.tls.pinnedSha256[0]"));
         assert!(d.message.contains("is not a SHA-256 fingerprint"), "{d:?}");
+    }
+
+    #[test]
+    fn sendgrid_needs_only_the_api_key() {
+        let yaml = "apiVersion: v1\nkind: Secret\nmetadata: {name: sg, namespace: mail}\nstringData: {password: SG.key}\n---\napiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {name: sg, namespace: mail}\nspec: {provider: sendgrid, auth: {secretRef: {name: sg}}}\n";
+        let c = Manifests::from_yaml(yaml, "default").unwrap().compile();
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        let creds = &c.secrets.upstream_credentials["mail/sg"];
+        assert_eq!((creds.username.as_str(), creds.password.as_str()), ("apikey", "SG.key"));
+        // Another provider still needs the user name.
+        let c = Manifests::from_yaml(&yaml.replace("sendgrid", "office365"), "default")
+            .unwrap()
+            .compile();
+        assert_eq!(c.diagnostics[0].message, "Secret mail/sg has no key `username`");
     }
 
     #[test]
