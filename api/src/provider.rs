@@ -19,11 +19,15 @@ use crate::route::TlsMode;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Provider {
-    /// Gmail / Google Workspace: smtp.gmail.com:465, implicit TLS (app password or XOAUTH2).
+    /// Gmail / Google Workspace: smtp.gmail.com:465, implicit TLS; an app password (needs
+    /// 2-Step Verification) or OAuth2 (`auth.oauth2`: refreshToken, or serviceAccount in Workspace).
     Gmail,
-    /// Outlook.com: smtp-mail.outlook.com:587, STARTTLS.
+    /// Outlook.com (consumer): smtp-mail.outlook.com:587, STARTTLS; OAuth2 only
+    /// (`auth.oauth2` with grant refreshToken, provider microsoft).
     Outlook,
-    /// Microsoft 365: smtp.office365.com:587, STARTTLS; 30 messages a minute, 10,000 recipients a day.
+    /// Microsoft 365: smtp.office365.com:587, STARTTLS; 30 messages a minute, 10,000 recipients a
+    /// day. Use OAuth2 client credentials (`auth.oauth2` with grant clientCredentials): Basic
+    /// authentication for SMTP AUTH is off by default from the end of December 2026.
     Office365,
     /// Yahoo! JAPAN mail: smtp.mail.yahoo.co.jp:465, implicit TLS.
     YahooJp,

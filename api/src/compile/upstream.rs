@@ -53,8 +53,7 @@ pub(super) fn compile_upstream(spec: &SmtpRouteSpec, cx: &mut SecretsCx<'_>, d: 
         .or(preset.as_ref().map(|p| p.tls))
         .unwrap_or(TlsMode::Starttls);
     let port = port(spec.port, preset.as_ref(), tls, d);
-    let fixed_user = preset.as_ref().and_then(|p| p.fixed_user);
-    let auth = spec.auth.as_ref().map(|a| auth(a, tls, fixed_user, cx, d));
+    let auth = spec.auth.as_ref().map(|a| auth(a, tls, spec.provider, cx, d));
     let custom_ca = match &tls_spec.ca_secret_ref {
         None => false,
         Some(r) => {
@@ -111,11 +110,11 @@ fn port(spec: Option<i32>, preset: Option<&Preset>, tls: TlsMode, d: &mut Diags<
 }
 
 /// `spec.auth`: the mechanism for the config, the credentials (or the OAuth2 client) for the
-/// secrets. `fixed_user` is the preset's user, for a Secret without one.
+/// secrets. The provider's preset may fix the user (SendGrid) or refuse passwords (Outlook.com).
 fn auth(
     a: &AuthSpec,
     tls: TlsMode,
-    fixed_user: Option<&str>,
+    provider: Option<Provider>,
     cx: &mut SecretsCx<'_>,
     d: &mut Diags<'_>,
 ) -> AuthMechanism {
@@ -128,6 +127,14 @@ fn auth(
     }
     match (&a.secret_ref, &a.oauth2) {
         (Some(r), None) => {
+            if provider == Some(Provider::Outlook) && a.mechanism != AuthMechanism::Xoauth2 {
+                d.error(
+                    Reason::InvalidSpec,
+                    "spec.auth",
+                    "Outlook.com accepts OAuth2 only (it refuses passwords since September 2024): use auth.oauth2 with grant: refreshToken, provider: microsoft",
+                );
+            }
+            let fixed_user = provider.and_then(|p| p.preset(None)).and_then(|p| p.fixed_user);
             let field = "spec.auth.secretRef";
             let has_user = cx
                 .secrets
