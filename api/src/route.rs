@@ -219,11 +219,11 @@ impl AuthSpec {
 /// there; the SMTP user (`user` key) is the mailbox to send as.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[x_kube(
-    validation = Rule::new("self.grant != 'clientCredentials' || !has(self.provider) || self.provider == 'microsoft'").message("clientCredentials is Microsoft Entra ID's grant (provider: microsoft)"),
-    validation = Rule::new("self.grant != 'serviceAccount' || !has(self.provider) || self.provider == 'google'").message("serviceAccount is Google's grant (provider: google)"),
-    validation = Rule::new("self.grant != 'refreshToken' || has(self.provider) || has(self.tokenUrl)").message("refreshToken needs a provider (google or microsoft) or a tokenUrl"),
-    validation = Rule::new("!has(self.clientAuth) || self.grant == 'clientCredentials'").message("clientAuth is for the clientCredentials grant"),
-    validation = Rule::new("!has(self.assertionAlgorithm) || (has(self.clientAuth) && self.clientAuth == 'certificate')").message("assertionAlgorithm is for clientAuth: certificate")
+    validation = Rule::new("self.grant != 'clientCredentials' || !has(self.provider) || self.provider == 'microsoft'").message("clientCredentials is Microsoft Entra ID's grant (provider: microsoft)").field_path(".provider"),
+    validation = Rule::new("self.grant != 'serviceAccount' || !has(self.provider) || self.provider == 'google'").message("serviceAccount is Google's grant (provider: google)").field_path(".provider"),
+    validation = Rule::new("self.grant != 'refreshToken' || has(self.provider) || has(self.tokenUrl)").message("refreshToken needs a provider (google or microsoft) or a tokenUrl").field_path(".provider"),
+    validation = Rule::new("!has(self.clientAuth) || self.grant == 'clientCredentials'").message("clientAuth is for the clientCredentials grant").field_path(".clientAuth"),
+    validation = Rule::new("!has(self.assertionAlgorithm) || (has(self.clientAuth) && self.clientAuth == 'certificate')").message("assertionAlgorithm is for clientAuth: certificate").field_path(".assertionAlgorithm")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OAuth2Spec {

@@ -214,6 +214,7 @@ fn cel_rules_catch_what_compile_catches() {
         ("mx-with-host.yaml", "mx-and-host"),
         ("bad-domain.yaml", "bad-domain"),
         ("bad-port.yaml", "bad-port"),
+        ("oauth2-wrong-provider.yaml", "entra-at-google"),
     ] {
         let text = std::fs::read_to_string(examples_dir().join("broken").join(file)).unwrap();
         let m = Manifests::from_yaml(&text, "default").unwrap();

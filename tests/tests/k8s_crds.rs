@@ -66,7 +66,7 @@ async fn crds_and_examples_are_accepted_by_the_api_server() {
     let root = workspace_root();
     let mut failures = Vec::new();
     let mut accepted = 0;
-    for dir in ["examples", "examples/local"] {
+    for dir in ["examples", "examples/local", "examples/oauth2"] {
         for file in yaml_files(&root.join(dir)) {
             let ns = cp.namespace("examples").await.unwrap();
             let (docs, _) = documents(&file).unwrap();
