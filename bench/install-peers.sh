@@ -89,7 +89,7 @@ if wanted opensmtpd; then
       mkdir -p /var/lib/opensmtpd/empty
       for u in opensmtpd opensmtpq; do
         getent group "$u" >/dev/null 2>&1 || groupadd --system "$u" 2>/dev/null
-        if id "$u" >/dev/null 2>&1; then usermod --home /var/lib/opensmtpd/empty "$u" 2>/dev/null
+        if id "$u" >/dev/null 2>&1; then usermod --home /var/lib/opensmtpd/empty "$u" >/dev/null 2>&1
         else useradd --system --gid "$u" --no-create-home --home-dir /var/lib/opensmtpd/empty --shell /usr/sbin/nologin "$u" 2>/dev/null; fi
       done
       if id opensmtpd >/dev/null 2>&1 && id opensmtpq >/dev/null 2>&1; then ok opensmtpd "$v" "$prog"

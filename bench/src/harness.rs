@@ -1345,6 +1345,60 @@ mod tests {
         );
     }
 
+    fn options(work: &Path, manifest: PathBuf, peers: Vec<Peer>) -> Options {
+        Options {
+            quick: true,
+            command: "bench/run.sh --quick".into(),
+            bin_dir: work.join("bin"),
+            relay_bin: work.join("bin/mailroute-relay"),
+            results_dir: work.join("results"),
+            work_dir: work.join("run"),
+            size: 1024,
+            recipients: 1,
+            sessions: 2,
+            closed_secs: 1.0,
+            open_secs: 0.0,
+            drain_timeout_secs: 5.0,
+            relay_workers: 1,
+            backlog_messages: 10,
+            backlog_size: 1024,
+            steps: vec![Step::Peers],
+            plan_messages_per_hour: 1000.0,
+            redis_args: vec![],
+            peers_manifest: manifest,
+            peers,
+        }
+    }
+
+    #[test]
+    fn peers_that_are_not_installed_get_a_row_saying_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("manifest.tsv");
+        fs::write(&manifest, "maddy\tfailed\tv0.8.1\tgo build failed: disk full\n").unwrap();
+        let mut notes = vec![];
+        let rows = peer_rows(
+            &options(dir.path(), manifest.clone(), vec![Peer::Maddy, Peer::OpenSmtpd]),
+            &mut notes,
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].system, "maddy v0.8.1");
+        assert_eq!(rows[0].not_run.as_deref(), Some("go build failed: disk full"));
+        assert_eq!(rows[0].commit, Some(Commit::FsyncPerMessage));
+        assert_eq!(rows[1].system, "OpenSMTPD");
+        let why = rows[1].not_run.as_deref().unwrap();
+        assert!(why.contains("not in the install manifest"), "{why}");
+        assert!(rows.iter().all(|r| !r.ok() && r.error.is_none()));
+
+        let missing = dir.path().join("absent.tsv");
+        let rows = peer_rows(&options(dir.path(), missing, vec![Peer::Exim]), &mut notes);
+        let why = rows[0].not_run.as_deref().unwrap();
+        assert!(
+            why.contains("no install manifest") && why.contains("install-peers.sh"),
+            "{why}"
+        );
+        assert!(notes.is_empty());
+    }
+
     #[test]
     fn watch_reports_peaks_and_cpu_of_live_processes() {
         let mut w = Watch::default();
