@@ -330,10 +330,10 @@ pub fn render(r: &BenchResults) -> String {
     }
     let _ = writeln!(
         s,
-        "\nCPU ms/msg is the CPU time of the system under test (relay + Redis, or all Postfix processes) per delivered \
+        "\nCPU ms/msg is the CPU time of the system under test (relay + Redis, or all processes of Postfix or a peer MTA) per delivered \
          message, and in brackets the cores it kept busy at its delivered rate; the generator and sink run on the same \
          cores in every row. Peak memory: the kernel's peak resident \
-         set (VmHWM) of each process; for Postfix, the largest sampled sum of PSS over all its processes (shared \
+         set (VmHWM) of each process; for Postfix and the peers, the largest sampled sum of PSS over all its processes (shared \
          pages counted once). Machine CPU busy: share of all cores busy during the throughput phase, \
          with the share spent idle waiting for disk I/O in brackets; well under 100% busy means the row was limited \
          by latency (fsync, round trips, concurrency), not by CPU.\n"
