@@ -70,6 +70,7 @@ if wanted exim; then
     libs="$(missing_libs "$prog")"
     if [ ! -x "$prog" ]; then failed exim "$v" "no $prog in the package"
     elif [ -n "$libs" ]; then failed exim "$v" "missing shared libraries: $libs"
+    elif ! id Debian-exim >/dev/null 2>&1; then failed exim "$v" "user Debian-exim could not be created (needs root)"
     else ok exim "$v" "$prog"; fi
   else
     failed exim "-" "Debian package exim4-daemon-light could not be downloaded"

@@ -1,7 +1,9 @@
 //! The orchestration behind `bench/run.sh`: starts the sink, Redis (real `redis-server` with AOF),
-//! Postfix and relay processes, drives `bench-loadgen` against each, samples memory and CPU from
-//! /proc and Redis INFO, and assembles [`BenchResults`]. Owns every process it starts and stops
-//! them (also on error, via `Drop`). Measurement arithmetic lives in the pure modules.
+//! Postfix, peer MTA (configured by [`crate::peers`], installed beforehand by
+//! `bench/install-peers.sh`) and relay processes, drives `bench-loadgen` against each, samples
+//! memory and CPU from /proc and Redis INFO, and assembles [`BenchResults`]. Owns every process it
+//! starts and stops them (also on error, via `Drop`). Measurement arithmetic lives in the pure
+//! modules; it installs nothing.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
