@@ -833,6 +833,16 @@ fn peer_row(opts: &Options, peer: Peer, install: Result<Install, String>, notes:
         let root = opts.work_dir.join(peer.key());
         let listen = loopback(free_port()?);
         let setup = peers::setup(peer, &program, &root, listen, sink.smtp);
+        if let Some((spool, system)) = &setup.shared_spool {
+            if system.exists() {
+                bail!(
+                    "{} is installed on this machine and owns {}; the bench instance would share its queue",
+                    system.display(),
+                    spool.display()
+                );
+            }
+            remove_spool(spool)?;
+        }
         fs::create_dir_all(&root)?;
         for d in &setup.dirs {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -890,12 +900,24 @@ fn peer_row(opts: &Options, peer: Peer, install: Result<Install, String>, notes:
             eprintln!("  {} log tail:\n{}", peer.label(), tail(&setup.log, 10));
         }
         proc.terminate(Duration::from_secs(30));
+        if let Some((spool, _)) = &setup.shared_spool {
+            remove_spool(spool)?;
+        }
         res
     })();
     if let Err(e) = r {
         row.error = Some(format!("{e:#}"));
     }
     row
+}
+
+fn remove_spool(spool: &Path) -> anyhow::Result<()> {
+    match fs::remove_dir_all(spool) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", spool.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Says so when `queue` (or its nearest existing parent) is on another filesystem than `work`.

@@ -144,6 +144,10 @@ pub struct Setup {
     pub files: Vec<(PathBuf, String)>,
     /// Files copied (with their permissions) before the start: from, to.
     pub copies: Vec<(PathBuf, PathBuf)>,
+    /// A queue outside the run directory, removed before the start and after the stop so that
+    /// no message of an earlier run is delivered into this one, and the system program whose
+    /// presence means the directory is not the bench's to remove (the row fails instead).
+    pub shared_spool: Option<(PathBuf, PathBuf)>,
     /// Directories handed to this user (`chown -R`) before the start.
     pub chown: Option<(&'static str, Vec<PathBuf>)>,
     pub command: Vec<OsString>,
@@ -303,6 +307,7 @@ pub fn setup(peer: Peer, program: &Path, root: &Path, listen: SocketAddr, sink: 
                 dirs: vec![root.join("spool"), root.join("log"), root.join("bin")],
                 files: vec![(conf.clone(), exim_conf(root, &exe, listen, sink))],
                 copies: vec![(program.to_path_buf(), exe.clone())],
+                shared_spool: None,
                 chown: Some((EXIM_USER, vec![root.join("spool"), root.join("log")])),
                 // -bdf: the daemon in the foreground; -q30m: a queue runner as Debian starts it.
                 command: vec![os(&exe), os("-C"), os(&conf), os("-bdf"), os("-q30m")],
@@ -316,6 +321,8 @@ pub fn setup(peer: Peer, program: &Path, root: &Path, listen: SocketAddr, sink: 
                 dirs: vec![],
                 files: vec![(conf.clone(), smtpd_conf(listen, sink))],
                 copies: vec![],
+                // The spool is compiled in; with no system OpenSMTPD it is only ever the bench's.
+                shared_spool: Some((PathBuf::from(OPENSMTPD_SPOOL), PathBuf::from("/usr/sbin/smtpd"))),
                 chown: None,
                 // -d: stay in the foreground, log to stderr.
                 command: vec![os(program), os("-d"), os("-f"), os(&conf)],
@@ -335,6 +342,7 @@ pub fn setup(peer: Peer, program: &Path, root: &Path, listen: SocketAddr, sink: 
                     (pkg.join("Haraka/config").join(f), root.join("config").join(f))
                 })
                 .collect(),
+            shared_spool: None,
             chown: None,
             command: vec![os(program), os("-c"), os(root)],
             queue: root.join("queue"),
@@ -346,6 +354,7 @@ pub fn setup(peer: Peer, program: &Path, root: &Path, listen: SocketAddr, sink: 
                 dirs: vec![root.join("state"), root.join("run"), root.join("libexec")],
                 files: vec![(conf.clone(), maddy_conf(root, listen, sink))],
                 copies: vec![],
+                shared_spool: None,
                 chown: None,
                 command: vec![
                     os(program),
@@ -523,8 +532,12 @@ mod tests {
             assert!(s.files.iter().all(|(f, _)| f.starts_with(root)));
             if p == Peer::OpenSmtpd {
                 assert_eq!(s.queue, Path::new(OPENSMTPD_SPOOL));
+                let (spool, system) = s.shared_spool.clone().unwrap();
+                assert_eq!(spool, s.queue);
+                assert_eq!(system, Path::new("/usr/sbin/smtpd"));
             } else {
                 assert!(s.queue.starts_with(root), "{p}: {:?}", s.queue);
+                assert_eq!(s.shared_spool, None);
             }
         }
     }
