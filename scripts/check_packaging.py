@@ -772,6 +772,12 @@ def check_helm_test(default: list[dict], binaries: dict[str, str]) -> None:
             if not any("namespaceSelector" not in peer and "ipBlock" not in peer and selects(peer.get("podSelector", {}).get("matchLabels", {}), labels)
                        for r in rules for peer in r.get("from", [])):
                 fail(f"the relay NetworkPolicy does not admit the test Pod to the {port} port")
+    # Also when the namespace's other pods may not send mail.
+    closed, _ = render({"networkPolicy": {"smtp": {"allowSameNamespace": False}}})
+    np = next(o for o in closed if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == relay_np["metadata"]["name"]) if relay_np else None
+    smtp_peers = [peer for r in (np or {}).get("spec", {}).get("ingress", []) if any(p.get("port") == "smtp" for p in r.get("ports", [])) for peer in r.get("from", [])]
+    if np and [peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") for peer in smtp_peers] != ["helm-test"]:
+        fail(f"with allowSameNamespace=false the relay NetworkPolicy's SMTP peers are {smtp_peers}, want only the test Pod")
     # With a recipient it sends one message; a recipient without a sender is refused.
     objs, _ = render({"tests": {"recipient": "postmaster@example.net", "sender": "helm-test@example.org"}})
     pod = next(o for o in objs if o["kind"] == "Pod")
