@@ -772,6 +772,9 @@ def check_helm_test(default: list[dict], binaries: dict[str, str]) -> None:
             if not any("namespaceSelector" not in peer and "ipBlock" not in peer and selects(peer.get("podSelector", {}).get("matchLabels", {}), labels)
                        for r in rules for peer in r.get("from", [])):
                 fail(f"the relay NetworkPolicy does not admit the test Pod to the {port} port")
+    _, notes_txt = render({})
+    if f"helm test {RELEASE} -n {NAMESPACE}" not in notes_txt:
+        fail("NOTES.txt does not tell to run `helm test`")
     # Also when the namespace's other pods may not send mail.
     closed, _ = render({"networkPolicy": {"smtp": {"allowSameNamespace": False}}})
     np = next(o for o in closed if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == relay_np["metadata"]["name"]) if relay_np else None
