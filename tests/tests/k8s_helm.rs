@@ -43,6 +43,10 @@ fn chart() -> String {
     workspace_root().join("charts/mailroute").display().to_string()
 }
 
+/// Names the images (no kubelet pulls them here): the source tree's chart refuses its
+/// unpublished default images (see `helm_install_refuses_the_unpublished_default_images`).
+const IMAGES: [&str; 2] = ["--set", "image.tag=k8s-suite"];
+
 /// The objects of a helm manifest that exist, as `kind/name` (kind in lower case); objects that
 /// name no namespace are in `ns`.
 fn existing(cp: &ControlPlane, ns: &str, manifest: &Path) -> Vec<String> {
@@ -108,7 +112,7 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() 
         };
 
         let mut install = cp.helm();
-        install.args(["install", &release, &chart(), "-n", &ns]);
+        install.args(["install", &release, &chart(), "-n", &ns]).args(IMAGES);
         with_values(&mut install);
         run(&mut install).unwrap_or_else(|e| panic!("helm install with {label}: {e:#}"));
 
@@ -134,7 +138,7 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() 
 
         // An upgrade with a changed value is accepted as well.
         let mut upgrade = cp.helm();
-        upgrade.args(["upgrade", &release, &chart(), "-n", &ns]);
+        upgrade.args(["upgrade", &release, &chart(), "-n", &ns]).args(IMAGES);
         with_values(&mut upgrade);
         upgrade.args(["--set", "relay.shutdown.preStopSleepSeconds=5"]);
         run(&mut upgrade).unwrap_or_else(|e| panic!("helm upgrade with {label}: {e:#}"));
@@ -172,9 +176,32 @@ fn helm_refuses_a_prestop_sleep_of_zero() {
             "--set",
             "relay.shutdown.preStopSleepSeconds=0",
         ])
+        .args(IMAGES)
         .output()
         .unwrap();
     assert!(!out.status.success(), "helm accepted preStopSleepSeconds=0");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("preStopSleepSeconds"), "unexpected refusal: {err}");
+}
+
+#[tokio::test]
+async fn helm_install_refuses_the_unpublished_default_images() {
+    // The source tree's chart is not a release: its appVersion images may not exist, so a default
+    // install must fail with how to build and push them, never end in ImagePullBackOff.
+    let cp = ControlPlane::shared();
+    apply_crds(&cp.admin_client().await.unwrap()).await.unwrap();
+    let ns = cp.namespace("unpublished").await.unwrap();
+    let out = cp
+        .helm()
+        .args(["install", "unpublished", &chart(), "-n", &ns])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "helm installed the unpublished default images");
+    for needle in ["unpublished images", "docker buildx build", "--set image.tag=<tag>"] {
+        assert!(err.contains(needle), "the refusal does not say {needle:?}: {err}");
+    }
+    // helm 4 lists releases in every status by default.
+    let releases = run(cp.helm().args(["list", "-q", "-n", &ns])).unwrap();
+    assert!(releases.trim().is_empty(), "a release was recorded: {releases}");
 }
