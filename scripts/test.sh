@@ -40,7 +40,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== CRD drift check"
 cargo run -q --locked -p mailroute-operator -- crd --out target/crd-check
-diff -r crds target/crd-check >/dev/null || { echo "crds/ is out of date: run 'cargo run -p mailroute-operator -- crd --out crds'"; exit 1; }
+diff -r crds target/crd-check >/dev/null || { echo "crds/ is out of date: run 'cargo run -p mailroute-operator -- crd --out crds && scripts/check-packaging.sh --update-deploy' (it copies them into the chart and deploy/)"; exit 1; }
 echo "== packaging checks (Helm chart, Kubernetes schemas, deploy/, Dockerfile)"
 ./scripts/check-packaging.sh
 echo "== Kubernetes control plane (built once, then reused from the cache)"

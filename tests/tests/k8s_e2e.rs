@@ -166,7 +166,13 @@ async fn helm_uninstall_leaves_nothing_once_the_operator_ran() {
     let ns = cp.namespace("uninstall").await.unwrap();
     let release = "rel";
     let chart = workspace_root().join("charts/mailroute");
-    run(cp.helm().args(["install", release]).arg(&chart).args(["-n", &ns])).unwrap();
+    // The CRDs are the ones applied above (shared by the binary's tests), not the release's.
+    run(cp
+        .helm()
+        .args(["install", release])
+        .arg(&chart)
+        .args(["-n", &ns, "--set", "crds.enabled=false"]))
+    .unwrap();
 
     // The operator Deployment of the release, and the ServiceAccount its pods run as.
     let deployments = Api::<Deployment>::namespaced(admin.clone(), &ns);

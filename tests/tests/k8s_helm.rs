@@ -107,8 +107,10 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() 
             }
         };
 
+        // The CRDs are cluster-wide and applied above (one release per cluster owns them; the
+        // CRD templates are tested in k8s_helm_upgrade.rs): these releases leave them alone.
         let mut install = cp.helm();
-        install.args(["install", &release, &chart(), "-n", &ns]);
+        install.args(["install", &release, &chart(), "-n", &ns, "--set", "crds.enabled=false"]);
         with_values(&mut install);
         run(&mut install).unwrap_or_else(|e| panic!("helm install with {label}: {e:#}"));
 
@@ -134,7 +136,7 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() 
 
         // An upgrade with a changed value is accepted as well.
         let mut upgrade = cp.helm();
-        upgrade.args(["upgrade", &release, &chart(), "-n", &ns]);
+        upgrade.args(["upgrade", &release, &chart(), "-n", &ns, "--set", "crds.enabled=false"]);
         with_values(&mut upgrade);
         upgrade.args(["--set", "relay.shutdown.preStopSleepSeconds=5"]);
         run(&mut upgrade).unwrap_or_else(|e| panic!("helm upgrade with {label}: {e:#}"));
