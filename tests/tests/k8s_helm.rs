@@ -133,6 +133,38 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() 
             rendered,
             "{label}: not every object of the release exists: {present:?}"
         );
+        // The relays' drain needs the preStop `sleep` action (beta and on by default since 1.30;
+        // the chart's kubeVersion rests on it). An API server without it drops the field
+        // silently, so compare what the server stored with what helm rendered.
+        let mut sleeps = 0;
+        for doc in serde_yaml::Deserializer::from_str(&manifest_text) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v["kind"] != "Deployment" {
+                continue;
+            }
+            let name = v["metadata"]["name"].as_str().unwrap_or_default();
+            let stored: serde_json::Value = serde_json::from_str(
+                &run(cp.kubectl().args(["get", "deployment", name, "-n", &ns, "-o", "json"])).unwrap(),
+            )
+            .unwrap();
+            let pre_stop_sleeps = |d: &serde_json::Value| -> Vec<serde_json::Value> {
+                d["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| c["lifecycle"]["preStop"]["sleep"].clone())
+                    .collect()
+            };
+            let want = pre_stop_sleeps(&v);
+            sleeps += want.iter().filter(|s| !s.is_null()).count();
+            assert_eq!(
+                pre_stop_sleeps(&stored),
+                want,
+                "{label}: the API server ({}) did not keep the preStop sleep of {name}",
+                cp.version
+            );
+        }
+        assert!(sleeps > 0, "{label}: no Deployment with a preStop sleep rendered");
 
         // An upgrade with a changed value is accepted as well.
         let mut upgrade = cp.helm();
