@@ -499,7 +499,9 @@ def check_crd_copies(update: bool) -> None:
     """crds/ (the operator's `crd` output) is the one source: the chart serves copies of it as
     templates (files/crds/, so that `helm upgrade` updates them) and deploy/base applies copies."""
     src = {p.name: p.read_bytes() for p in sorted((ROOT / "crds").glob("*.yaml"))}
-    for copy_dir in (CHART / "files" / "crds", DEPLOY / "base" / "crds"):
+    # The repository's chart (CHART may point at a rendered copy of it).
+    source_chart = ROOT / "charts" / "mailroute"
+    for copy_dir in (source_chart / "files" / "crds", DEPLOY / "base" / "crds"):
         if update:
             copy_dir.mkdir(parents=True, exist_ok=True)
             for stale in copy_dir.glob("*.yaml"):
@@ -513,7 +515,7 @@ def check_crd_copies(update: bool) -> None:
         else:
             ok(f"{copy_dir.relative_to(ROOT)} is identical to crds/")
     # Helm installs a chart's crds/ once and never upgrades it: the CRDs must be templates.
-    if (CHART / "crds").exists():
+    if (source_chart / "crds").exists():
         fail("charts/mailroute/crds/ exists: helm never upgrades it (the CRDs are templates/crds.yaml)")
     for p in sorted((ROOT / "crds").glob("*.yaml")):
         for crd in load_yaml_docs(p.read_text()):

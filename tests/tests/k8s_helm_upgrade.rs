@@ -24,6 +24,8 @@ use mailroute_tests::operator::{forbidden, start_operator};
 const WAIT: Duration = Duration::from_secs(60);
 const RELEASE: &str = "rel";
 const CRDS: [&str; 2] = ["smtproutes.mailroute.io", "senderquotas.mailroute.io"];
+/// Names the images (no kubelet pulls them here; a source-tree chart may refuse its defaults).
+const IMAGES: [&str; 2] = ["--set", "image.tag=k8s-suite"];
 
 fn route_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -172,7 +174,8 @@ async fn upgrade_from_0_1_0_brings_crd_changes_and_uninstall_keeps_crds_and_rout
         .helm()
         .args(["upgrade", RELEASE])
         .arg(&chart)
-        .args(["-n", &ns, "--take-ownership"]))
+        .args(["-n", &ns, "--take-ownership"])
+        .args(IMAGES))
     .unwrap_or_else(|e| panic!("helm upgrade 0.1.0 -> working tree: {e:#}"));
     let missing = missing_objects(cp, &ns);
     assert!(missing.is_empty(), "after the upgrade, missing {missing:?}");
@@ -212,8 +215,13 @@ async fn upgrade_from_0_1_0_brings_crd_changes_and_uninstall_keeps_crds_and_rout
         "the field is there already"
     );
     let next = chart_with_new_field(&cp.dir);
-    run(cp.helm().args(["upgrade", RELEASE]).arg(&next).args(["-n", &ns]))
-        .unwrap_or_else(|e| panic!("helm upgrade to a chart with a new CRD field: {e:#}"));
+    run(cp
+        .helm()
+        .args(["upgrade", RELEASE])
+        .arg(&next)
+        .args(["-n", &ns])
+        .args(IMAGES))
+    .unwrap_or_else(|e| panic!("helm upgrade to a chart with a new CRD field: {e:#}"));
     assert!(
         crd_has_probe(&crds.get(CRDS[0]).await.unwrap()),
         "helm upgrade did not bring the CRD's new field to the cluster"
@@ -256,7 +264,8 @@ async fn upgrade_from_0_1_0_brings_crd_changes_and_uninstall_keeps_crds_and_rout
         .helm()
         .args(["install", RELEASE])
         .arg(&chart)
-        .args(["-n", &ns, "--set", "crds.keep=false"]))
+        .args(["-n", &ns, "--set", "crds.keep=false"])
+        .args(IMAGES))
     .unwrap_or_else(|e| panic!("helm install over the kept CRDs: {e:#}"));
     run(cp
         .helm()
