@@ -7,8 +7,9 @@
 #     (kubernetes-validate, strict), plus cross-reference checks; CRD-typed objects
 #     (ServiceMonitor, PrometheusRule, ScaledObject, TriggerAuthentication, Certificate) are
 #     checked structurally because their schemas are not available offline;
-#   - values the chart must refuse, the CRD copies, examples/ against the CRDs' openAPIV3Schema,
-#     deploy/ equal to the chart's render, the operator RBAC parity, the Dockerfile (hadolint,
+#   - values the chart must refuse, the CRD copies (the chart's files/crds/, served by
+#     templates/crds.yaml, and deploy/base/crds/) and their render, examples/ against the CRDs'
+#     openAPIV3Schema, deploy/ equal to the chart's render, the operator RBAC parity, the Dockerfile (hadolint,
 #     digest pins, binary-only runtime stages, a complete build context), and the chart's flags
 #     against the relay and operator binaries (built here in debug, as `cargo test` does);
 #   - images: the source tree's chart refuses its unpublished default images with build-and-push
@@ -20,7 +21,7 @@
 # Installs its tools into a virtualenv on first use (idempotent; pinned versions):
 #   ${MAILROUTE_PACKAGING_VENV:-~/.cache/mailroute/packaging-venv}
 # Usage: scripts/check-packaging.sh [--update-deploy]   (--update-deploy rewrites deploy/'s
-# generated files from the chart before checking)
+# generated files from the chart and copies crds/ into the chart and deploy/ before checking)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

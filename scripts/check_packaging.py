@@ -4,12 +4,14 @@
 Owns: linting and rendering the Helm chart (Helm's own Go engine through helm-python-sdk),
 validating every rendered object against the Kubernetes OpenAPI schemas (kubernetes-validate),
 cross-reference checks between rendered objects (selectors, ports, Secrets, scale targets,
-security contexts), CRD copies, examples/ against the CRDs' openAPIV3Schema, deploy/ against the
+security contexts), the CRD copies (the chart's templates/crds.yaml serves files/crds/; deploy/base/crds)
+and their rendering, examples/ against the CRDs' openAPIV3Schema, deploy/ against the
 chart, the operator RBAC parity, the values documentation, and the Dockerfile pins.
 Must not: contact a cluster or the network (everything here is offline and deterministic).
 
 Usage: check_packaging.py [--update-deploy]
-  --update-deploy  rewrite the generated files under deploy/ from the chart, then check.
+  --update-deploy  rewrite the generated files under deploy/ from the chart and copy crds/ to the
+                   chart's files/crds/ and deploy/base/crds/, then check.
 """
 
 from __future__ import annotations
@@ -862,14 +864,27 @@ def check_gitops() -> None:
 # CRDs and examples
 
 
-def check_crd_copies() -> None:
+def check_crd_copies(update: bool) -> None:
+    """crds/ (the operator's `crd` output) is the one source: the chart serves copies of it as
+    templates (files/crds/, so that `helm upgrade` updates them) and deploy/base applies copies."""
     src = {p.name: p.read_bytes() for p in sorted((ROOT / "crds").glob("*.yaml"))}
-    for copy_dir in (SOURCE_CHART / "crds", DEPLOY / "base" / "crds"):
+    source_chart = SOURCE_CHART
+    for copy_dir in (source_chart / "files" / "crds", DEPLOY / "base" / "crds"):
+        if update:
+            copy_dir.mkdir(parents=True, exist_ok=True)
+            for stale in copy_dir.glob("*.yaml"):
+                if stale.name not in src:
+                    stale.unlink()
+            for name, data in src.items():
+                (copy_dir / name).write_bytes(data)
         dst = {p.name: p.read_bytes() for p in sorted(copy_dir.glob("*.yaml"))}
         if dst != src:
-            fail(f"{copy_dir.relative_to(ROOT)} differs from crds/ (copy the files again: cp crds/*.yaml {copy_dir.relative_to(ROOT)}/)")
+            fail(f"{copy_dir.relative_to(ROOT)} differs from crds/ (run scripts/check-packaging.sh --update-deploy)")
         else:
             ok(f"{copy_dir.relative_to(ROOT)} is identical to crds/")
+    # Helm installs a chart's crds/ once and never upgrades it: the CRDs must be templates.
+    if (source_chart / "crds").exists():
+        fail("charts/mailroute/crds/ exists: helm never upgrades it (the CRDs are templates/crds.yaml)")
     for p in sorted((ROOT / "crds").glob("*.yaml")):
         for crd in load_yaml_docs(p.read_text()):
             for v in KUBE_VERSIONS:
@@ -878,6 +893,31 @@ def check_crd_copies() -> None:
                 except kubernetes_validate.ValidationError as e:
                     fail(f"{p.name}: CRD invalid for Kubernetes {v}: {e.message}")
     ok("CRDs valid as apiextensions.k8s.io/v1 objects")
+
+
+def check_crd_templates(default_objs: list[dict]) -> None:
+    """The chart renders crds/ unchanged but for labels and, with crds.keep, the keep policy."""
+    src = {crd["metadata"]["name"]: crd for p in sorted((ROOT / "crds").glob("*.yaml")) for crd in load_yaml_docs(p.read_text())}
+    cases = {
+        "default": (default_objs, True),
+        "crds.keep=false": (render({"crds": {"keep": False}})[0], False),
+    }
+    for label, (objs, keep) in cases.items():
+        rendered = {o["metadata"]["name"]: o for o in objs if o["kind"] == "CustomResourceDefinition"}
+        if set(rendered) != set(src):
+            fail(f"[{label}] the chart renders CRDs {sorted(rendered)}, crds/ has {sorted(src)}")
+            continue
+        for name, crd in rendered.items():
+            if crd["spec"] != src[name]["spec"]:
+                fail(f"[{label}] the chart's {name} differs from crds/")
+            policy = crd["metadata"].get("annotations", {}).get("helm.sh/resource-policy")
+            if policy != ("keep" if keep else None):
+                fail(f"[{label}] {name} has helm.sh/resource-policy {policy!r}")
+        ok(f"[{label}] the chart renders the CRDs of crds/ as templates" + (" with helm.sh/resource-policy: keep" if keep else ", uninstall deletes them"))
+    if any(o["kind"] == "CustomResourceDefinition" for o in render({"crds": {"enabled": False}})[0]):
+        fail("[crds.enabled=false] the chart still renders CRDs")
+    else:
+        ok("[crds.enabled=false] no CRDs rendered")
 
 
 def openapi_to_jsonschema(s):
@@ -948,7 +988,7 @@ def check_examples() -> None:
         fail(f"CRD schema validation does not reject unknown fields and wrong types (got {found})")
     else:
         ok("CRD schema validation rejects unknown fields and wrong types")
-    note("CEL rules (x-kubernetes-validations) in the CRDs are not evaluated offline; examples/broken/ is covered by the api crate's tests")
+    note("CEL rules (x-kubernetes-validations) in the CRDs are not evaluated offline; tests/tests/k8s_crds.rs runs examples/broken/ against real kube-apiservers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1344,7 +1384,8 @@ def main() -> int:
             ok("the flag check rejects an unknown relay flag and a valueless --leader-elect")
 
     print("== CRDs and examples")
-    check_crd_copies()
+    check_crd_copies(args.update_deploy)
+    check_crd_templates(rendered.get("default", []))
     check_examples()
 
     print("== deploy/ (plain manifests)")

@@ -167,11 +167,15 @@ async fn helm_uninstall_leaves_nothing_once_the_operator_ran() {
     let release = "rel";
     let chart = workspace_root().join("charts/mailroute");
     // No kubelet pulls the images: any tag names them (the default ones are refused).
-    run(cp
-        .helm()
-        .args(["install", release])
-        .arg(&chart)
-        .args(["-n", &ns, "--set", "image.tag=k8s-suite"]))
+    // The CRDs are the ones applied above (shared by the binary's tests), not the release's.
+    run(cp.helm().args(["install", release]).arg(&chart).args([
+        "-n",
+        &ns,
+        "--set",
+        "image.tag=k8s-suite",
+        "--set",
+        "crds.enabled=false",
+    ]))
     .unwrap();
 
     // The operator Deployment of the release, and the ServiceAccount its pods run as.
