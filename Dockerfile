@@ -1,7 +1,11 @@
-# Container images of mailroute, one build with two targets:
+# Container images of mailroute, one build with two targets, for linux/amd64 and linux/arm64:
 #
-#   docker build --target relay    -t <registry>/relay:<version>    .
-#   docker build --target operator -t <registry>/operator:<version> .
+#   docker buildx build --platform linux/amd64,linux/arm64 --target relay    -t <registry>/mailroute-relay:<tag>    --push .
+#   docker buildx build --platform linux/amd64,linux/arm64 --target operator -t <registry>/mailroute-operator:<tag> --push .
+#
+# (.github/workflows/release.yml does this on a version tag, then signs the images.) The build
+# stage runs on the builder's own platform and cross-compiles for the other one with Debian's
+# cross gcc (as scripts/cross-arm64.sh does outside Docker): no Rust compilation under emulation.
 #
 # The runtime images hold one Rust binary (linked only against glibc) on distroless `cc`
 # (glibc, libgcc, CA certificates, tzdata, no shell, no package manager), run as UID/GID 65532, write
@@ -21,7 +25,26 @@
 # (or `crane digest <image>`), then replace the sha256 values below. scripts/check-packaging.sh
 # fails if any FROM line lacks a digest. BuildKit is required (cache mounts).
 
-FROM docker.io/library/rust:1.95.0-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS build
+FROM --platform=$BUILDPLATFORM docker.io/library/rust:1.95.0-bookworm@sha256:6258907abe69656e41cd992e0b705cdcfabcbbe3db374f92ed2d47121282d4a1 AS build
+ARG BUILDARCH
+ARG TARGETARCH
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# The Rust target and, when it differs from the builder's, Debian's cross gcc and glibc for it
+# (bookworm's glibc 2.36, as in the distroless debian12 runtime). The cross packages are not
+# version-pinned: bookworm point releases remove the old versions; the base image is pinned.
+# hadolint ignore=DL3008
+RUN case "$TARGETARCH" in \
+      amd64) echo x86_64-unknown-linux-gnu x86_64-linux-gnu gcc-x86-64-linux-gnu > /rust-target ;; \
+      arm64) echo aarch64-unknown-linux-gnu aarch64-linux-gnu gcc-aarch64-linux-gnu > /rust-target ;; \
+      *) echo "unsupported platform linux/$TARGETARCH (linux/amd64 and linux/arm64 are built)" >&2; exit 1 ;; \
+    esac \
+ && read -r triple _ gcc < /rust-target \
+ && rustup target add "$triple" \
+ && if [ "$TARGETARCH" != "$BUILDARCH" ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends "$gcc" "libc6-dev-$TARGETARCH-cross" \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 WORKDIR /src
 # The whole workspace: cargo needs every member's manifest; .dockerignore keeps target/, .git
 # and the deployment files out of the context.
@@ -33,11 +56,16 @@ COPY relay ./relay
 COPY testkit ./testkit
 COPY tests ./tests
 COPY bench ./bench
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p mailroute-relay -p mailroute-operator \
- && install -D -m 0555 target/release/mailroute-relay /out/mailroute-relay \
- && install -D -m 0555 target/release/mailroute-operator /out/mailroute-operator
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,target=/src/target,id=mailroute-target-$TARGETARCH \
+    read -r triple gnu _ < /rust-target \
+ && env_triple="$(tr 'a-z-' 'A-Z_' <<<"$triple")" \
+ && if [ "$TARGETARCH" != "$BUILDARCH" ]; then \
+      export "CARGO_TARGET_${env_triple}_LINKER=$gnu-gcc" "CC_${triple//-/_}=$gnu-gcc" "AR_${triple//-/_}=$gnu-ar"; \
+    fi \
+ && cargo build --release --locked --target "$triple" -p mailroute-relay -p mailroute-operator \
+ && install -D -m 0555 "target/$triple/release/mailroute-relay" /out/mailroute-relay \
+ && install -D -m 0555 "target/$triple/release/mailroute-operator" /out/mailroute-operator
 
 FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f AS runtime
 LABEL org.opencontainers.image.vendor="mailroute" \

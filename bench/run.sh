@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole benchmark in one command: builds the harness and the relay (release), installs
-# Postfix, redis-server (and perf for --profile) when missing, then runs bench-run, which writes
+# Postfix, redis-server (and perf for --profile) when missing and the peer MTAs
+# (bench/install-peers.sh, cached under ~/.cache), then runs bench-run, which writes
 # bench/results/<date>-<host>[-quick].md and .json. Usage: bench/run.sh [--quick] [--profile]
-# [--only ceiling,postfix,relay,scaling,backlog] [other bench-run flags, see --help].
+# [--only ceiling,postfix,peers,relay,scaling,backlog] [--peers exim,opensmtpd,haraka,maddy]
+# [other bench-run flags, see --help].
 # Must run as root: Postfix's master process requires it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +25,35 @@ case " $* " in *" --profile "*) need_apt perf linux-perf ;; esac
 # The apt package may have started a system redis; the harness starts its own.
 if command -v service >/dev/null 2>&1; then service redis-server stop >/dev/null 2>&1 || true; fi
 
-cargo build --release --locked -p mailroute-bench --bins
-if ! cargo build --release --locked -p mailroute-relay --bin mailroute-relay; then
-  echo "mailroute-relay does not build: the relay rows will be reported as not run" >&2
+# Which steps run (all by default) and which peers, as bench-run will read them.
+only="" peers="exim,opensmtpd,haraka,maddy" manifest=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --only) only="${args[$((i + 1))]:-}" ;;
+    --only=*) only="${args[$i]#--only=}" ;;
+    --peers) peers="${args[$((i + 1))]:-}" ;;
+    --peers=*) peers="${args[$i]#--peers=}" ;;
+    --peers-manifest) manifest="${args[$((i + 1))]:-}" ;;
+    --peers-manifest=*) manifest="${args[$i]#--peers-manifest=}" ;;
+  esac
+done
+wants() { [ -z "$only" ] || case ",$only," in *",$1,"*) true ;; *) false ;; esac; }
+
+extra=()
+if wants peers; then
+  # A peer that fails to install is written to the manifest with the reason; its row says so.
+  if [ -z "$manifest" ]; then
+    manifest="$HOME/.cache/mailroute-bench/peers/manifest.tsv"
+    extra=(--peers-manifest "$manifest")
+  fi
+  bench/install-peers.sh "$manifest" "$peers"
 fi
-exec target/release/bench-run "$@"
+
+cargo build --release --locked -p mailroute-bench --bins
+if wants relay || wants scaling || wants backlog || wants profile || case " $* " in *" --profile "*) true ;; *) false ;; esac; then
+  if ! cargo build --release --locked -p mailroute-relay --bin mailroute-relay; then
+    echo "mailroute-relay does not build: the relay rows will be reported as not run" >&2
+  fi
+fi
+exec target/release/bench-run "$@" "${extra[@]}"

@@ -4,12 +4,15 @@
 Owns: linting and rendering the Helm chart (Helm's own Go engine through helm-python-sdk),
 validating every rendered object against the Kubernetes OpenAPI schemas (kubernetes-validate),
 cross-reference checks between rendered objects (selectors, ports, Secrets, scale targets,
-security contexts), the CRDs against the Kubernetes schema, examples/ against the CRDs' openAPIV3Schema, deploy/ against the
+security contexts), the CRDs (copied into the chart's files/crds/, which its templates/crds.yaml
+serves, and deploy/base/crds by --update-deploy; valid for Kubernetes) and their rendering,
+examples/ against the CRDs' openAPIV3Schema, deploy/ against the
 chart, the operator RBAC parity, the values documentation, and the Dockerfile pins.
 Must not: contact a cluster or the network (everything here is offline and deterministic).
 
 Usage: check_packaging.py [--update-deploy]
-  --update-deploy  rewrite the generated files under deploy/ from the chart, then check.
+  --update-deploy  rewrite the generated files under deploy/ from the chart and copy crds/ to the
+                   chart's files/crds/ and deploy/base/crds/, then check.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ import ipaddress
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import helm_python as helm
@@ -31,8 +38,14 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from release_chart import app_version, release_chart
+
 ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "charts" / "mailroute"
+# The source tree's chart; its values.yaml, schema and files are read from here.
+SOURCE_CHART = ROOT / "charts" / "mailroute"
+CHART = SOURCE_CHART
+# What is rendered: the chart as the release workflow publishes it (scripts/release_chart.py),
+# whose default images exist. main() points CHART there; check_images() checks the source tree's.
 DEPLOY = ROOT / "deploy"
 RELEASE = "mailroute"
 NAMESPACE = "mailroute"
@@ -105,9 +118,9 @@ def lint(values: dict, label: str) -> None:
         ok(f"helm lint --strict [{label}]" + (f" (info: {'; '.join(infos)})" if infos else ""))
 
 
-def render(values: dict, release: str = RELEASE) -> tuple[list[dict], str]:
+def render(values: dict, release: str = RELEASE, chart_dir: Path | None = None) -> tuple[list[dict], str]:
     """Renders like `helm template mailroute charts/mailroute -n mailroute`: objects and NOTES."""
-    with helm.Chart.load(str(CHART)) as chart:
+    with helm.Chart.load(str(chart_dir or CHART)) as chart:
         chart.validate_schema(values)
         out = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
     objs: list[dict] = []
@@ -122,10 +135,10 @@ def render(values: dict, release: str = RELEASE) -> tuple[list[dict], str]:
     return objs, notes_txt
 
 
-def render_fails(values: dict) -> str | None:
+def render_fails(values: dict, chart_dir: Path | None = None) -> str | None:
     """The error message when rendering (schema validation included) fails, else None."""
     try:
-        render(values)
+        render(values, chart_dir=chart_dir)
     except helm.HelmError as e:
         return str(e)
     return None
@@ -490,11 +503,383 @@ def check_cli(objs: list[dict], label: str, binaries: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Images, the release workflow, `helm test`, GitOps
+
+
+def workload_images(objs: list[dict]) -> dict[str, str]:
+    """Container name -> image of the operator and relay Deployments."""
+    return {c["name"]: c["image"] for o in objs if o["kind"] == "Deployment" for c in pod_spec(o)["containers"]}
+
+
+def check_images(published: Path, registry: str) -> None:
+    """The source tree's chart refuses its default (unpublished) images with build-and-push
+    instructions and accepts images the user names; the published chart uses the appVersion tag
+    in the release workflow's registry."""
+    before = len(failures)
+    version = app_version(SOURCE_CHART)
+    err = render_fails({}, chart_dir=SOURCE_CHART)
+    wanted = [
+        "unpublished images",
+        f"{registry}/mailroute-relay:{version}",
+        f"oci://{registry}/charts/mailroute",
+        "docker buildx build --platform linux/amd64,linux/arm64 --target relay -t <registry>/mailroute-relay:<tag> --push .",
+        "docker buildx build --platform linux/amd64,linux/arm64 --target operator -t <registry>/mailroute-operator:<tag> --push .",
+        "--set image.registry=<registry> --set image.tag=<tag>",
+    ]
+    if err is None:
+        fail("the source tree's chart renders its default images, which may not exist (ImagePullBackOff): it must refuse them")
+    elif missing := [w for w in wanted if w not in err]:
+        fail(f"the source tree's chart refuses its default images without saying {missing}: {err}")
+    # Naming one component's image is not enough while the other still uses the default.
+    digest = "sha256:" + "ab" * 32
+    for named, other in (("relay", "operator"), ("operator", "relay")):
+        if render_fails({named: {"image": {"digest": digest}}}, chart_dir=SOURCE_CHART) is None:
+            fail(f"the source tree's chart renders the default {other} image when only the {named} image is named")
+    user_sets = (
+        ({"image": {"registry": "registry.example/team/", "tag": "dev"}},
+         {"relay": "registry.example/team/mailroute-relay:dev", "operator": "registry.example/team/mailroute-operator:dev"}),
+        ({"relay": {"image": {"digest": digest}}, "operator": {"image": {"tag": "op-1"}}},
+         {"relay": f"{registry}/mailroute-relay@{digest}", "operator": f"{registry}/mailroute-operator:op-1"}),
+        ({"relay": {"image": {"tag": "r-1"}}, "operator": {"enabled": False}},
+         {"relay": f"{registry}/mailroute-relay:r-1"}),
+    )
+    for values, want in user_sets:
+        try:
+            got = workload_images(render(values, chart_dir=SOURCE_CHART)[0])
+        except helm.HelmError as e:
+            fail(f"the source tree's chart refuses user-named images {values}: {e}")
+            continue
+        if got != want:
+            fail(f"user-named images {values}: rendered {got}, want {want}")
+    got = workload_images(render({}, chart_dir=published)[0])
+    want = {"relay": f"{registry}/mailroute-relay:{version}", "operator": f"{registry}/mailroute-operator:{version}"}
+    if got != want:
+        fail(f"the published chart's default images are {got}, want {want}")
+    # The release marker is the only thing the release changes besides the registry.
+    other = Path(tempfile.mkdtemp(prefix="mailroute-release-chart-"))
+    try:
+        forked = release_chart(SOURCE_CHART, other, "ghcr.io/some-fork")
+        got = workload_images(render({}, chart_dir=forked)[0])
+        if got.get("relay") != f"ghcr.io/some-fork/mailroute-relay:{version}":
+            fail(f"a chart released for ghcr.io/some-fork names {got}")
+    finally:
+        shutil.rmtree(other)
+    if len(failures) == before:
+        ok(f"images: the source tree's chart refuses its unpublished defaults with build-and-push instructions, accepts user-named images; the published chart pulls {want['relay']}")
+
+
+def check_release_workflow(actionlint: str | None) -> None:
+    """.github/workflows/release.yml publishes what the chart's defaults name."""
+    before = len(failures)
+    if actionlint:
+        workflows = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+        r = subprocess.run([actionlint, "-no-color", *workflows], capture_output=True, text=True, cwd=ROOT)
+        if r.returncode != 0:
+            fail("actionlint .github/workflows:\n" + (r.stdout + r.stderr).strip())
+        else:
+            ok(f"actionlint: {len(workflows)} workflow files")
+    else:
+        note("actionlint not given (--actionlint): the workflow files were not linted")
+    path = ROOT / ".github" / "workflows" / "release.yml"
+    if not path.exists():
+        fail(".github/workflows/release.yml is missing: nothing publishes the chart's default images")
+        return
+    wf = yaml.safe_load(path.read_text())
+    # PyYAML reads the key `on` as True.
+    on = wf.get("on", wf.get(True, {}))
+    if not (isinstance(on, dict) and "tags" in (on.get("push") or {})):
+        fail("release.yml does not run on pushed tags")
+    values = yaml.safe_load((SOURCE_CHART / "values.yaml").read_text())
+    steps = [st for job in wf["jobs"].values() for st in job.get("steps", [])]
+    builds = {st["with"]["target"]: st["with"] for st in steps if str(st.get("uses", "")).startswith("docker/build-push-action@")}
+    for comp in ("relay", "operator"):
+        w = builds.get(comp)
+        repo = values[comp]["image"]["repository"]
+        if not w:
+            fail(f"release.yml builds no `{comp}` image")
+            continue
+        if set(str(w.get("platforms", "")).split(",")) != {"linux/amd64", "linux/arm64"}:
+            fail(f"release.yml builds the {comp} image for {w.get('platforms')}, want linux/amd64,linux/arm64")
+        if w.get("push") is not True or not str(w.get("tags", "")).endswith(f"/{repo}:${{{{ env.VERSION }}}}"):
+            fail(f"release.yml pushes the {comp} image as {w.get('tags')!r}, not <registry>/{repo}:<appVersion>")
+    text = path.read_text()
+    for what, needle in (
+        ("derives the registry and version with scripts/release_chart.py", "python3 scripts/release_chart.py"),
+        ("signs the images", 'cosign sign --yes "$REGISTRY/mailroute-relay@'),
+        ("pushes the chart as OCI", 'helm push "$RUNNER_TEMP"/dist/mailroute-'),
+        ("signs the chart", 'cosign sign --yes "$REGISTRY/charts/mailroute@'),
+    ):
+        if needle not in text:
+            fail(f"release.yml no longer {what}")
+    jobs = wf["jobs"]
+    if "images" not in jobs.get("chart", {}).get("needs", []):
+        fail("release.yml may push the chart before its images exist (the chart job does not need the images job)")
+    for name, job in jobs.items():
+        if "cosign sign" in yaml.safe_dump(job) and job.get("permissions", {}).get("id-token") != "write":
+            fail(f"release.yml job {name} signs without id-token: write (keyless signing needs the OIDC token)")
+    if len(failures) == before:
+        ok("release.yml: on tags, relay and operator images for linux/amd64 and linux/arm64 named as the chart names them, signed, then the chart pushed (OCI) and signed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pod_script(pod: dict, busybox: str, env: dict[str, str], tmp: str) -> subprocess.CompletedProcess:
+    """Runs the test Pod's script with busybox sh (the image's shell, nc and wget) on this host."""
+    c = pod["spec"]["containers"][0]
+    pod_env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+    pod_env.update(env, TMPDIR=tmp, PATH=f"{Path(busybox).parent}:/usr/bin:/bin")
+    # Every applet through busybox, as in the Alpine image.
+    bindir = Path(tmp) / "bin"
+    bindir.mkdir(exist_ok=True)
+    for applet in ("nc", "wget", "mkfifo", "date", "sh", "cat"):
+        (bindir / applet).unlink(missing_ok=True)
+        (bindir / applet).symlink_to(busybox)
+    pod_env["PATH"] = str(bindir)
+    return subprocess.run([busybox, "sh", "-c", c["args"][0]], env=pod_env, capture_output=True, text=True, timeout=90)
+
+
+def run_helm_test_script(default: list[dict], with_message: list[dict], relay_bin: str) -> None:
+    """The test Pod's script against the real relay binary (in-memory queue, no network: DNS goes
+    to a closed local port), with and without a message, and against a server that refuses."""
+    busybox = shutil.which("busybox")
+    if not busybox:
+        note("no busybox: the helm test script was not run against the relay")
+        return
+    pods = [next(o for o in objs if o["kind"] == "Pod") for objs in (default, with_message)]
+    smtp, admin = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "relay.log", "w")
+        relay = subprocess.Popen(
+            [relay_bin, "run", f"--smtp-listen=127.0.0.1:{smtp}", f"--admin-listen=127.0.0.1:{admin}",
+             f"--dns-server=127.0.0.1:{free_port()}", "--no-log-stdout", "--relay-cidrs=127.0.0.0/8"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or relay.poll() is not None:
+                        fail(f"the relay binary did not become ready for the helm test script: {(Path(tmp) / 'relay.log').read_text()[-2000:]}")
+                        return
+                    time.sleep(0.2)
+            env = {"ADMIN_URL": f"http://127.0.0.1:{admin}/readyz", "RELAY_HOST": "127.0.0.1", "RELAY_PORT": str(smtp)}
+            for pod, what in zip(pods, ("EHLO", "one message")):
+                work = Path(tmp) / what.replace(" ", "-")
+                work.mkdir()
+                r = run_pod_script(pod, busybox, env, str(work))
+                if r.returncode != 0 or "ok: relay ready" not in r.stdout:
+                    fail(f"the helm test script ({what}) fails against the real relay: {r.stdout[-1500:]} {r.stderr[-1500:]}")
+                elif what == "one message" and not re.search(r"^S: 250 .*", r.stdout.split("C: .", 1)[-1], re.M):
+                    fail(f"the helm test script sent no message: {r.stdout[-1500:]}")
+        finally:
+            relay.terminate()
+            relay.wait(timeout=60)
+            log.close()
+        # The script must be able to fail: a server that refuses the session.
+        with socket.socket() as srv:
+            srv.bind(("127.0.0.1", 0))
+            srv.listen(1)
+
+            def refuse() -> None:
+                conn, _ = srv.accept()
+                with conn:
+                    conn.sendall(b"554 5.3.2 not accepting mail\r\n")
+            t = threading.Thread(target=refuse, daemon=True)
+            t.start()
+            work = Path(tmp) / "refused"
+            work.mkdir()
+            # /readyz of a dead port fails first; point it at a live one to reach the SMTP part.
+            with http_ok_server() as ok_url:
+                r = run_pod_script(pods[0], busybox, {"ADMIN_URL": ok_url, "RELAY_HOST": "127.0.0.1", "RELAY_PORT": str(srv.getsockname()[1])}, str(work))
+            if r.returncode == 0 or "expected 220" not in r.stderr:
+                fail(f"the helm test script passes against a server that answers 554: {r.stdout} {r.stderr}")
+        work = Path(tmp) / "unready"
+        work.mkdir()
+        r = run_pod_script(pods[0], busybox, {"ADMIN_URL": f"http://127.0.0.1:{free_port()}/readyz", "RELAY_HOST": "127.0.0.1", "RELAY_PORT": "1"}, str(work))
+        if r.returncode == 0:
+            fail("the helm test script passes when /readyz does not answer")
+
+
+class http_ok_server:
+    """A local HTTP server answering 200 (a ready /readyz) while the block runs."""
+
+    def __enter__(self) -> str:
+        import http.server
+
+        class Ok(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ready")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/readyz"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def check_helm_test(default: list[dict], binaries: dict[str, str]) -> None:
+    """`helm test` has a Pod that asks /readyz through the admin Service and speaks SMTP to the
+    relay Service, admitted by the NetworkPolicies."""
+    before = len(failures)
+    tests = [o for o in default if o["kind"] == "Pod" and o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    if len(tests) != 1:
+        fail(f"`helm test` has {len(tests)} test Pods, want 1")
+        return
+    pod = tests[0]
+    c = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    services = {o["metadata"]["name"]: o for o in default if o["kind"] == "Service"}
+    relay_dep = next(o for o in default if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-relay"))
+    relay_svc = services.get(env.get("RELAY_HOST"))
+    if not relay_svc or not selects(relay_svc["spec"]["selector"], pod_labels(relay_dep)):
+        fail(f"the test Pod talks SMTP to {env.get('RELAY_HOST')!r}, which is not the relay Service")
+    elif str(relay_svc["spec"]["ports"][0]["port"]) != env.get("RELAY_PORT") or relay_svc["spec"]["ports"][0]["name"] != "smtp":
+        fail(f"the test Pod uses port {env.get('RELAY_PORT')}, not the relay Service's smtp port")
+    m = re.fullmatch(r"http://([^:/]+):(\d+)(/\S*)", env.get("ADMIN_URL") or "")
+    readiness = pod_spec(relay_dep)["containers"][0]["readinessProbe"]["httpGet"]["path"]
+    admin_svc = services.get(m.group(1)) if m else None
+    if not m or not admin_svc or not selects(admin_svc["spec"]["selector"], pod_labels(relay_dep)) or m.group(3) != readiness \
+            or int(m.group(2)) not in {p["port"] for p in admin_svc["spec"]["ports"]}:
+        fail(f"the test Pod asks {env.get('ADMIN_URL')!r}, not the relays' {readiness} through the admin Service")
+    script = "\n".join(c.get("command", []) + c.get("args", []))
+    for needle in ('wget -q -O - "$ADMIN_URL"', 'nc "$RELAY_HOST" "$RELAY_PORT"', "reply 220", 'send "EHLO $HELO"', "reply 250", 'send "QUIT"', "reply 221"):
+        if needle not in script:
+            fail(f"the test Pod's script lacks {needle!r}")
+    if pod["spec"].get("restartPolicy") != "Never" or not pod["spec"].get("activeDeadlineSeconds"):
+        fail("the test Pod must not restart and must have a deadline (activeDeadlineSeconds)")
+    sc = c.get("securityContext", {})
+    if sc.get("readOnlyRootFilesystem") is not True or sc.get("allowPrivilegeEscalation") is not False or not pod["spec"].get("securityContext", {}).get("runAsNonRoot"):
+        fail("the test Pod runs with a writable root, privilege escalation or as root")
+    if "/tmp" not in {m["mountPath"] for m in c.get("volumeMounts", [])}:
+        fail("the test Pod makes its FIFOs in /tmp, which is not a writable volume")
+    # The NetworkPolicies admit it: SMTP as a pod of the namespace, admin by its labels.
+    nps = {o["metadata"]["name"]: o for o in default if o["kind"] == "NetworkPolicy"}
+    relay_np = next((o for o in nps.values() if selects(o["spec"]["podSelector"]["matchLabels"], pod_labels(relay_dep))), None)
+    if relay_np:
+        labels = pod["metadata"].get("labels", {})
+        for port in ("smtp", "admin"):
+            rules = [r for r in relay_np["spec"].get("ingress", []) if any(p.get("port") == port for p in r.get("ports", []))]
+            if not any("namespaceSelector" not in peer and "ipBlock" not in peer and selects(peer.get("podSelector", {}).get("matchLabels", {}), labels)
+                       for r in rules for peer in r.get("from", [])):
+                fail(f"the relay NetworkPolicy does not admit the test Pod to the {port} port")
+    _, notes_txt = render({})
+    if f"helm test {RELEASE} -n {NAMESPACE}" not in notes_txt:
+        fail("NOTES.txt does not tell to run `helm test`")
+    # Also when the namespace's other pods may not send mail.
+    closed, _ = render({"networkPolicy": {"smtp": {"allowSameNamespace": False}}})
+    np = next(o for o in closed if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == relay_np["metadata"]["name"]) if relay_np else None
+    smtp_peers = [peer for r in (np or {}).get("spec", {}).get("ingress", []) if any(p.get("port") == "smtp" for p in r.get("ports", [])) for peer in r.get("from", [])]
+    if np and [peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") for peer in smtp_peers] != ["helm-test"]:
+        fail(f"with allowSameNamespace=false the relay NetworkPolicy's SMTP peers are {smtp_peers}, want only the test Pod")
+    # With a recipient it sends one message; a recipient without a sender is refused.
+    objs, _ = render({"tests": {"recipient": "postmaster@example.net", "sender": "helm-test@example.org"}})
+    pod = next(o for o in objs if o["kind"] == "Pod")
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    if env.get("RECIPIENT") != "postmaster@example.net" or 'send "DATA"' not in "\n".join(pod["spec"]["containers"][0]["args"]):
+        fail("tests.recipient does not make the test Pod send a message")
+    if render_fails({"tests": {"recipient": "postmaster@example.net"}}) is None:
+        fail("tests.recipient without tests.sender is accepted")
+    if any(o["kind"] == "Pod" for o in render({"tests": {"enabled": False}})[0]):
+        fail("tests.enabled=false still renders the test Pod")
+    if binaries.get("relay"):
+        run_helm_test_script(default, objs, binaries["relay"])
+    if len(failures) == before:
+        ran = " (script run with busybox against the relay binary, and refused by a 554 server)" if binaries.get("relay") and shutil.which("busybox") else ""
+        ok("helm test: a Pod asks the relays' /readyz through the admin Service, then EHLO (and with tests.recipient one message) through the relay Service; the NetworkPolicies admit it" + ran)
+
+
+GITOPS_VALUES = {
+    "relay": {"adminToken": {"existingSecret": "mailroute-admin-token", "key": "token"}, "tls": {"enabled": True, "secretName": "mailroute-relay-tls"}},
+    "redis": {"auth": {"existingSecret": "mailroute-redis", "passwordKey": "redis-password"}},
+}
+
+
+def check_gitops() -> None:
+    """GitOps (Argo CD, Flux: `helm template` on every sync): with the Secrets created outside the
+    chart (SealedSecrets, ExternalSecrets) nothing secret is templated, every reference uses them,
+    and two renders are identical; with generated Secrets they are not (why existingSecret)."""
+    before = len(failures)
+    first, _ = render(GITOPS_VALUES)
+    second, _ = render(GITOPS_VALUES)
+    secrets = [kn(o) for o in first if o["kind"] == "Secret"]
+    if secrets:
+        fail(f"with existingSecret values the chart still templates {secrets}")
+    if first != second:
+        fail("with existingSecret values two renders differ: a GitOps controller would roll the pods on every sync")
+    refs: dict[str, set] = {}
+    for o in first:
+        spec = pod_spec(o) or (o["spec"] if o["kind"] == "Pod" else None)
+        for c in (spec or {}).get("containers", []):
+            for e in c.get("env", []):
+                r = e.get("valueFrom", {}).get("secretKeyRef")
+                if r:
+                    refs.setdefault(r["name"], set()).add((kn(o), r["key"]))
+        for v in (spec or {}).get("volumes", []):
+            if "secret" in v:
+                refs.setdefault(v["secret"]["secretName"], set()).add((kn(o), "(volume)"))
+    for o in first:
+        for r in o.get("spec", {}).get("secretTargetRef", []) if o["kind"] == "TriggerAuthentication" else []:
+            refs.setdefault(r["name"], set()).add((kn(o), r["key"]))
+    relay = f"Deployment/{NAMESPACE}/{RELEASE}-relay"
+    redis = f"StatefulSet/{NAMESPACE}/{RELEASE}-redis"
+    want = {
+        "mailroute-admin-token": {(relay, "token"), (f"Deployment/{NAMESPACE}/{RELEASE}-operator", "token")},
+        "mailroute-redis": {(relay, "redis-password"), (redis, "redis-password")},
+        "mailroute-relay-tls": {(relay, "(volume)")},
+    }
+    for name, uses in want.items():
+        if not uses <= refs.get(name, set()):
+            fail(f"GitOps: Secret {name} is not used as {sorted(uses - refs.get(name, set()))} (uses {sorted(refs.get(name, set()))})")
+    fleet = "mailroute-secrets"  # written by the operator: SMTP passwords and DKIM keys of the routes
+    unexpected = set(refs) - set(want) - {fleet}
+    if unexpected:
+        fail(f"GitOps: the chart refers to Secrets {sorted(unexpected)} that nobody creates")
+    # Without existingSecret the chart generates random values: renders differ (the reason above).
+    a, _ = render({})
+    b, _ = render({})
+    if a == b:
+        fail("two default renders are identical: the generated-secret check above proves nothing")
+    readme = (SOURCE_CHART / "README.md").read_text()
+    section = readme.split("### GitOps", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0] if "### GitOps" in readme else ""
+    for needle in ("relay.adminToken.existingSecret", "redis.auth.existingSecret", "relay.tls.secretName", "SealedSecret", "ExternalSecret", "DKIM"):
+        if needle not in section:
+            fail(f"the chart README has no GitOps section naming {needle}")
+    if len(failures) == before:
+        ok("GitOps: with existingSecret for the admin token, Redis password and TLS, no Secret is templated, every reference uses them, and renders are reproducible")
+
+
+# ---------------------------------------------------------------------------------------------
 # CRDs and examples
 
 
-def check_crds() -> None:
-    # That crds/ and its copies equal what the types generate is operator/tests/crd_drift.rs's job.
+def check_crds(update: bool) -> None:
+    """crds/ (the operator's `crd` output) is the one source: the chart serves copies of it as
+    templates (files/crds/, so that `helm upgrade` updates them) and deploy/base applies copies.
+    --update-deploy writes the copies; that they are current (and that the chart has no crds/,
+    which helm never upgrades) is operator/tests/crd_drift.rs's job, the one CRD drift check."""
+    src = {p.name: p.read_bytes() for p in sorted((ROOT / "crds").glob("*.yaml"))}
+    if update:
+        for copy_dir in (SOURCE_CHART / "files" / "crds", DEPLOY / "base" / "crds"):
+            copy_dir.mkdir(parents=True, exist_ok=True)
+            for stale in copy_dir.glob("*.yaml"):
+                if stale.name not in src:
+                    stale.unlink()
+            for name, data in src.items():
+                (copy_dir / name).write_bytes(data)
+            ok(f"{copy_dir.relative_to(ROOT)} written from crds/")
     for p in sorted((ROOT / "crds").glob("*.yaml")):
         for crd in load_yaml_docs(p.read_text()):
             for v in KUBE_VERSIONS:
@@ -503,6 +888,31 @@ def check_crds() -> None:
                 except kubernetes_validate.ValidationError as e:
                     fail(f"{p.name}: CRD invalid for Kubernetes {v}: {e.message}")
     ok("CRDs valid as apiextensions.k8s.io/v1 objects")
+
+
+def check_crd_templates(default_objs: list[dict]) -> None:
+    """The chart renders crds/ unchanged but for labels and, with crds.keep, the keep policy."""
+    src = {crd["metadata"]["name"]: crd for p in sorted((ROOT / "crds").glob("*.yaml")) for crd in load_yaml_docs(p.read_text())}
+    cases = {
+        "default": (default_objs, True),
+        "crds.keep=false": (render({"crds": {"keep": False}})[0], False),
+    }
+    for label, (objs, keep) in cases.items():
+        rendered = {o["metadata"]["name"]: o for o in objs if o["kind"] == "CustomResourceDefinition"}
+        if set(rendered) != set(src):
+            fail(f"[{label}] the chart renders CRDs {sorted(rendered)}, crds/ has {sorted(src)}")
+            continue
+        for name, crd in rendered.items():
+            if crd["spec"] != src[name]["spec"]:
+                fail(f"[{label}] the chart's {name} differs from crds/")
+            policy = crd["metadata"].get("annotations", {}).get("helm.sh/resource-policy")
+            if policy != ("keep" if keep else None):
+                fail(f"[{label}] {name} has helm.sh/resource-policy {policy!r}")
+        ok(f"[{label}] the chart renders the CRDs of crds/ as templates" + (" with helm.sh/resource-policy: keep" if keep else ", uninstall deletes them"))
+    if any(o["kind"] == "CustomResourceDefinition" for o in render({"crds": {"enabled": False}})[0]):
+        fail("[crds.enabled=false] the chart still renders CRDs")
+    else:
+        ok("[crds.enabled=false] no CRDs rendered")
 
 
 def openapi_to_jsonschema(s):
@@ -573,7 +983,7 @@ def check_examples() -> None:
         fail(f"CRD schema validation does not reject unknown fields and wrong types (got {found})")
     else:
         ok("CRD schema validation rejects unknown fields and wrong types")
-    note("CEL rules (x-kubernetes-validations) in the CRDs are not evaluated offline; examples/broken/ is covered by the api crate's tests")
+    note("CEL rules (x-kubernetes-validations) in the CRDs are not evaluated offline; tests/tests/k8s_crds.rs runs examples/broken/ against real kube-apiservers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,7 +1172,7 @@ def check_kustomize() -> None:
 
 
 def check_values_documented() -> None:
-    lines = (CHART / "values.yaml").read_text().splitlines()
+    lines = (SOURCE_CHART / "values.yaml").read_text().splitlines()
     undocumented = []
     for i, line in enumerate(lines):
         m = re.match(r"^\s*(- )?([A-Za-z_][\w.-]*):", line)
@@ -784,7 +1194,7 @@ def check_values_documented() -> None:
 
 def check_dockerfile(hadolint: str | None) -> None:
     text = (ROOT / "Dockerfile").read_text()
-    froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.M | re.I)
+    froms = re.findall(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.M | re.I)
     stages = {alias for _, alias in froms if alias}
     for image, _ in froms:
         if image in stages:
@@ -794,6 +1204,13 @@ def check_dockerfile(hadolint: str | None) -> None:
     for target in ("relay", "operator"):
         if target not in stages:
             fail(f"Dockerfile: no `{target}` target")
+    # Multi-platform builds (release.yml: linux/amd64,linux/arm64) compile on the builder's own
+    # platform and cross-compile; only the runtime stages are per target platform.
+    platforms = {alias: platform for platform, alias in re.findall(r"^FROM\s+--platform=(\S+)\s+\S+\s+AS\s+(\S+)", text, flags=re.M | re.I)}
+    if platforms != {"build": "$BUILDPLATFORM"}:
+        fail(f"Dockerfile: only the build stage may (and must) run on --platform=$BUILDPLATFORM, got {platforms}")
+    if "TARGETARCH" not in text or "aarch64-unknown-linux-gnu" not in text:
+        fail("Dockerfile: the build stage does not cross-compile for $TARGETARCH (linux/arm64)")
     # Final stages copy exactly one file, the binary, and run as a numeric non-root user.
     blocks = re.split(r"^FROM ", text, flags=re.M)[1:]
     runtime_user = None
@@ -821,7 +1238,7 @@ def check_dockerfile(hadolint: str | None) -> None:
             fail("hadolint Dockerfile:\n" + (r.stdout + r.stderr).strip())
         else:
             ok("hadolint Dockerfile")
-    ok("Dockerfile: digests pinned, targets relay and operator, binary-only runtime stages, numeric non-root user")
+    ok("Dockerfile: digests pinned, targets relay and operator, build stage on $BUILDPLATFORM cross-compiling, binary-only runtime stages, numeric non-root user")
 
 
 def check_build_context(blocks: list[str]) -> None:
@@ -873,14 +1290,22 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--update-deploy", action="store_true")
     ap.add_argument("--hadolint")
+    ap.add_argument("--actionlint", help="actionlint binary to lint .github/workflows with")
     ap.add_argument("--relay-bin", help="mailroute-relay binary to check the chart's flags with")
     ap.add_argument("--operator-bin", help="mailroute-operator binary to check the chart's flags with")
     args = ap.parse_args()
     binaries = {k: v for k, v in (("relay", args.relay_bin), ("operator", args.operator_bin)) if v}
 
+    # Everything below renders the chart as the release workflow publishes it (its default images
+    # exist); check_images() covers the difference to the source tree's chart.
+    global CHART
+    registry = yaml.safe_load((SOURCE_CHART / "values.yaml").read_text())["image"]["registry"]
+    published_dir = Path(tempfile.mkdtemp(prefix="mailroute-published-chart-"))
+    CHART = release_chart(SOURCE_CHART, published_dir, registry)
+
     print(f"== chart (helm SDK {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__})")
     check_values_documented()
-    value_sets = {"default": None, **{p.name: p for p in sorted((CHART / "ci").glob("*.yaml"))}}
+    value_sets = {"default": None, **{p.name: p for p in sorted((SOURCE_CHART / "ci").glob("*.yaml"))}}
     rendered: dict[str, list[dict]] = {}
     for label, path in value_sets.items():
         values = load_values(path)
@@ -915,6 +1340,12 @@ def main() -> int:
 
     check_production(rendered.get("default", []), binaries)
 
+    print("== images, release workflow, helm test, GitOps")
+    check_images(CHART, registry)
+    check_release_workflow(args.actionlint)
+    check_helm_test(rendered.get("default", []), binaries)
+    check_gitops()
+
     print("== values the chart must refuse")
     refusals = {
         "writable root filesystem": {"containerSecurityContext": {"readOnlyRootFilesystem": False}},
@@ -948,7 +1379,8 @@ def main() -> int:
             ok("the flag check rejects an unknown relay flag and a valueless --leader-elect")
 
     print("== CRDs and examples")
-    check_crds()
+    check_crds(args.update_deploy)
+    check_crd_templates(rendered.get("default", []))
     check_examples()
 
     print("== deploy/ (plain manifests)")
@@ -958,6 +1390,7 @@ def main() -> int:
     print("== Dockerfile")
     check_dockerfile(args.hadolint)
 
+    shutil.rmtree(published_dir)
     print()
     if failures:
         print(f"packaging checks: {len(failures)} failed")

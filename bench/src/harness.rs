@@ -1,7 +1,9 @@
 //! The orchestration behind `bench/run.sh`: starts the sink, Redis (real `redis-server` with AOF),
-//! Postfix and relay processes, drives `bench-loadgen` against each, samples memory and CPU from
-//! /proc and Redis INFO, and assembles [`BenchResults`]. Owns every process it starts and stops
-//! them (also on error, via `Drop`). Measurement arithmetic lives in the pure modules.
+//! Postfix, peer MTA (configured by [`crate::peers`], installed beforehand by
+//! `bench/install-peers.sh`) and relay processes, drives `bench-loadgen` against each, samples
+//! memory and CPU from /proc and Redis INFO, and assembles [`BenchResults`]. Owns every process it
+//! starts and stops them (also on error, via `Drop`). Measurement arithmetic lives in the pure
+//! modules; it installs nothing.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
@@ -16,10 +18,11 @@ use mailroute_testkit::RedisServer;
 
 use crate::httpget;
 use crate::loadgen::LoadReport;
+use crate::peers::{self, Install, Peer};
 use crate::postfix::Postfix;
 use crate::procfs;
 use crate::redis_info::{self, OpsDelta};
-use crate::report::{Backlog, BenchResults, Kind, Params, RedisFigures, Row};
+use crate::report::{Backlog, BenchResults, Commit, Kind, Params, RedisFigures, Row};
 use crate::sink_server::{SinkStats, unix_ns};
 use crate::sizing::{self, SizingInput};
 use crate::sysinfo;
@@ -33,11 +36,23 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub enum Step {
     Ceiling,
     Postfix,
+    /// The other MTAs (Exim, OpenSMTPD, Haraka, maddy) that `bench/install-peers.sh` installed.
+    Peers,
     Relay,
     Scaling,
     Backlog,
     Profile,
 }
+
+/// The steps of a complete run (profile is extra).
+pub const ALL_STEPS: [Step; 6] = [
+    Step::Ceiling,
+    Step::Postfix,
+    Step::Peers,
+    Step::Relay,
+    Step::Scaling,
+    Step::Backlog,
+];
 
 /// Everything `bench-run` can be told.
 #[derive(Clone, Debug)]
@@ -64,6 +79,9 @@ pub struct Options {
     pub plan_messages_per_hour: f64,
     /// Extra redis-server arguments for every Redis the harness starts (named in the rows).
     pub redis_args: Vec<String>,
+    /// The manifest `bench/install-peers.sh` wrote, and which peers to run.
+    pub peers_manifest: PathBuf,
+    pub peers: Vec<Peer>,
 }
 
 impl Options {
@@ -601,6 +619,7 @@ fn measure(opts: &Options, row: &mut Row, sut: &Sut<'_>, watch: &mut Watch) -> a
 
 fn ceiling_row(opts: &Options) -> Row {
     let mut row = Row::new(Kind::Ceiling, "ceiling: loadgen → sink", "none (sink discards)");
+    row.commit = Some(Commit::None);
     let r = (|| {
         let sink = Sink::start(opts)?;
         let mut watch = Watch::default();
@@ -627,6 +646,7 @@ fn postfix_row(opts: &Options, version: &str) -> Row {
         &format!("Postfix {version}"),
         "fsync per message (queue file)",
     );
+    row.commit = Some(Commit::FsyncPerMessage);
     let r = (|| {
         let sink = Sink::start(opts)?;
         let dir = opts.work_dir.join("postfix");
@@ -704,6 +724,13 @@ fn relay_row(opts: &Options, fsync: &str, relays: usize) -> Row {
         format!("mailroute relay ×{relays} (one Redis)")
     };
     let mut row = Row::new(Kind::Relay, &system, &redis_durability(opts, fsync));
+    // `always`: Redis fsyncs once per event-loop iteration, before replying to every client
+    // served in it; `everysec`: the 250 can precede the fsync by up to a second.
+    row.commit = Some(if fsync == "always" {
+        Commit::GroupCommit
+    } else {
+        Commit::None
+    });
     let r = (|| {
         let name = format!("{fsync}-{relays}");
         let redis = start_redis(opts, &name, fsync)?;
@@ -745,6 +772,166 @@ fn relay_row(opts: &Options, fsync: &str, relays: usize) -> Row {
         row.error = Some(format!("{e:#}"));
     }
     row
+}
+
+/// The peers' rows: each installed peer measured like Postfix; one that is not installed gets a
+/// row saying so and why.
+fn peer_rows(opts: &Options, notes: &mut Vec<String>) -> Vec<Row> {
+    let manifest = match fs::read_to_string(&opts.peers_manifest) {
+        Ok(text) => peers::parse_manifest(&text).map_err(|e| e.to_string()),
+        Err(e) => Err(format!(
+            "no install manifest at {} ({e}); bench/install-peers.sh writes it",
+            opts.peers_manifest.display()
+        )),
+    };
+    opts.peers
+        .iter()
+        .map(|&peer| {
+            eprintln!("{}…", peer.label());
+            let install = match &manifest {
+                Ok(m) => m.get(&peer).cloned().ok_or_else(|| {
+                    format!(
+                        "not in the install manifest {} (bench/install-peers.sh)",
+                        opts.peers_manifest.display()
+                    )
+                }),
+                Err(e) => Err(e.clone()),
+            };
+            let row = peer_row(opts, peer, install, notes);
+            if let Some(why) = &row.not_run {
+                eprintln!("  {}: not run: {why}", peer.label());
+            }
+            row
+        })
+        .collect()
+}
+
+fn peer_row(opts: &Options, peer: Peer, install: Result<Install, String>, notes: &mut Vec<String>) -> Row {
+    let version = match &install {
+        Ok(Install::Ready { version, .. } | Install::Failed { version, .. }) => version.as_str(),
+        Err(_) => "",
+    };
+    let mut row = Row::new(
+        Kind::Peer,
+        format!("{} {version}", peer.label()).trim(),
+        peer.durability(),
+    );
+    row.commit = Some(peer.commit());
+    let program = match install {
+        Ok(Install::Ready { program, .. }) => program,
+        Ok(Install::Failed { reason, .. }) => {
+            row.not_run = Some(reason);
+            return row;
+        }
+        Err(why) => {
+            row.not_run = Some(why);
+            return row;
+        }
+    };
+    let r = (|| {
+        let sink = Sink::start(opts)?;
+        let root = opts.work_dir.join(peer.key());
+        let listen = loopback(free_port()?);
+        let setup = peers::setup(peer, &program, &root, listen, sink.smtp);
+        if let Some((spool, system)) = &setup.shared_spool {
+            if system.exists() {
+                bail!(
+                    "{} is installed on this machine and owns {}; the bench instance would share its queue",
+                    system.display(),
+                    spool.display()
+                );
+            }
+            remove_spool(spool)?;
+        }
+        fs::create_dir_all(&root)?;
+        for d in &setup.dirs {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        for (from, to) in &setup.copies {
+            fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+        for (path, text) in &setup.files {
+            fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some((user, dirs)) = &setup.chown {
+            let st = Command::new("chown").arg("-R").arg(user).args(dirs).status()?;
+            if !st.success() {
+                bail!("chown -R {user} failed (bench/install-peers.sh creates the user)");
+            }
+        }
+        let out = fs::File::create(&setup.log)?;
+        let err = out.try_clone()?;
+        let (exe, args) = setup.command.split_first().ok_or_else(|| anyhow!("empty command"))?;
+        let child = Command::new(exe)
+            .args(args)
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let mut proc = Proc::new(peer.key(), child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err() {
+            if !proc.alive() {
+                bail!("{} exited at start-up: {}", peer.label(), tail(&setup.log, 15));
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {listen}: {}", peer.label(), tail(&setup.log, 15));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(note) = other_disk(&setup.queue, &opts.work_dir) {
+            notes.push(format!("{}: {note}", peer.label()));
+        }
+        let mut watch = Watch::default();
+        watch.add(&format!("{} (PSS sum)", peer.label()), proc.pid(), true);
+        let res = measure(
+            opts,
+            &mut row,
+            &Sut {
+                targets: vec![listen],
+                sink: &sink,
+                redis: None,
+            },
+            &mut watch,
+        );
+        if res.is_err() || !row.drained {
+            eprintln!("  {} log tail:\n{}", peer.label(), tail(&setup.log, 10));
+        }
+        proc.terminate(Duration::from_secs(30));
+        if let Some((spool, _)) = &setup.shared_spool {
+            remove_spool(spool)?;
+        }
+        res
+    })();
+    if let Err(e) = r {
+        row.error = Some(format!("{e:#}"));
+    }
+    row
+}
+
+fn remove_spool(spool: &Path) -> anyhow::Result<()> {
+    match fs::remove_dir_all(spool) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", spool.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Says so when `queue` (or its nearest existing parent) is on another filesystem than `work`.
+fn other_disk(queue: &Path, work: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = |p: &Path| p.ancestors().find_map(|a| fs::metadata(a).ok()).map(|m| m.dev());
+    match (dev(queue), dev(work)) {
+        (Some(a), Some(b)) if a != b => Some(format!(
+            "its queue {} is on another filesystem than the run directory {}",
+            queue.display(),
+            work.display()
+        )),
+        _ => None,
+    }
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -951,9 +1138,7 @@ fn profile_relay(opts: &Options, out: &Path) -> anyhow::Result<String> {
 /// runs, and the step names when only some steps ran, so a partial run never overwrites a
 /// complete table.
 pub fn result_stem(date: &str, host: &str, quick: bool, steps: &[Step]) -> String {
-    let complete = [Step::Ceiling, Step::Postfix, Step::Relay, Step::Scaling, Step::Backlog]
-        .iter()
-        .all(|s| steps.contains(s));
+    let complete = ALL_STEPS.iter().all(|s| steps.contains(s));
     let mut stem = format!("{date}-{host}{}", if quick { "-quick" } else { "" });
     if !complete {
         for s in steps {
@@ -1003,6 +1188,11 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
     if opts.has(Step::Postfix) {
         eprintln!("Postfix…");
         res.rows.push(postfix_row(opts, &res.machine.postfix_version));
+    }
+    if opts.has(Step::Peers) {
+        let mut notes = vec![];
+        res.rows.extend(peer_rows(opts, &mut notes));
+        res.notes.extend(notes);
     }
     let relay_ok = relay_available(&opts.relay_bin);
     let wants_relay = [Step::Relay, Step::Scaling, Step::Backlog, Step::Profile]
@@ -1157,8 +1347,12 @@ mod tests {
 
     #[test]
     fn partial_runs_get_their_own_file_names() {
-        let all = [Step::Ceiling, Step::Postfix, Step::Relay, Step::Scaling, Step::Backlog];
+        let all = ALL_STEPS;
         assert_eq!(result_stem("2026-01-02", "vm", false, &all), "2026-01-02-vm");
+        assert_eq!(
+            result_stem("2026-01-02", "vm", true, &[Step::Ceiling, Step::Peers]),
+            "2026-01-02-vm-quick-ceiling-peers"
+        );
         let mut with_profile = all.to_vec();
         with_profile.push(Step::Profile);
         assert_eq!(
@@ -1173,6 +1367,60 @@ mod tests {
             result_stem("2026-01-02", "vm", true, &[Step::Profile]),
             "2026-01-02-vm-quick-profile"
         );
+    }
+
+    fn options(work: &Path, manifest: PathBuf, peers: Vec<Peer>) -> Options {
+        Options {
+            quick: true,
+            command: "bench/run.sh --quick".into(),
+            bin_dir: work.join("bin"),
+            relay_bin: work.join("bin/mailroute-relay"),
+            results_dir: work.join("results"),
+            work_dir: work.join("run"),
+            size: 1024,
+            recipients: 1,
+            sessions: 2,
+            closed_secs: 1.0,
+            open_secs: 0.0,
+            drain_timeout_secs: 5.0,
+            relay_workers: 1,
+            backlog_messages: 10,
+            backlog_size: 1024,
+            steps: vec![Step::Peers],
+            plan_messages_per_hour: 1000.0,
+            redis_args: vec![],
+            peers_manifest: manifest,
+            peers,
+        }
+    }
+
+    #[test]
+    fn peers_that_are_not_installed_get_a_row_saying_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("manifest.tsv");
+        fs::write(&manifest, "maddy\tfailed\tv0.8.1\tgo build failed: disk full\n").unwrap();
+        let mut notes = vec![];
+        let rows = peer_rows(
+            &options(dir.path(), manifest.clone(), vec![Peer::Maddy, Peer::OpenSmtpd]),
+            &mut notes,
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].system, "maddy v0.8.1");
+        assert_eq!(rows[0].not_run.as_deref(), Some("go build failed: disk full"));
+        assert_eq!(rows[0].commit, Some(Commit::FsyncPerMessage));
+        assert_eq!(rows[1].system, "OpenSMTPD");
+        let why = rows[1].not_run.as_deref().unwrap();
+        assert!(why.contains("not in the install manifest"), "{why}");
+        assert!(rows.iter().all(|r| !r.ok() && r.error.is_none()));
+
+        let missing = dir.path().join("absent.tsv");
+        let rows = peer_rows(&options(dir.path(), missing, vec![Peer::Exim]), &mut notes);
+        let why = rows[0].not_run.as_deref().unwrap();
+        assert!(
+            why.contains("no install manifest") && why.contains("install-peers.sh"),
+            "{why}"
+        );
+        assert!(notes.is_empty());
     }
 
     #[test]

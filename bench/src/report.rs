@@ -21,6 +21,30 @@ pub enum Kind {
     Ceiling,
     Postfix,
     Relay,
+    /// Another MTA of the comparison (Exim, OpenSMTPD, Haraka, maddy).
+    Peer,
+}
+
+/// What a row's 250 means for durability, so rows compare like with like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Commit {
+    /// Each message is fsynced on its own before its 250.
+    FsyncPerMessage,
+    /// One fsync covers every message accepted in the same batch, before any of their 250s.
+    GroupCommit,
+    /// The 250 comes before the message is on disk (or nothing is stored).
+    None,
+}
+
+impl Commit {
+    pub fn text(self) -> &'static str {
+        match self {
+            Commit::FsyncPerMessage => "fsync per message",
+            Commit::GroupCommit => "group commit",
+            Commit::None => "none",
+        }
+    }
 }
 
 /// The load used for every row.
@@ -77,6 +101,12 @@ pub struct Row {
     /// Peak resident memory per component, MiB.
     pub peak_rss_mib: Vec<(String, f64)>,
     pub redis: Option<RedisFigures>,
+    /// What its 250 means for durability (absent in results written before it was recorded).
+    #[serde(default)]
+    pub commit: Option<Commit>,
+    /// Why the row was not run (a peer that could not be installed), if so.
+    #[serde(default)]
+    pub not_run: Option<String>,
     /// Why the row has no numbers, if it failed.
     pub error: Option<String>,
     /// Something the reader should know about this row's numbers.
@@ -105,6 +135,8 @@ impl Row {
             machine_cpu: None,
             peak_rss_mib: vec![],
             redis: None,
+            commit: None,
+            not_run: None,
             error: None,
             note: None,
         }
@@ -112,7 +144,7 @@ impl Row {
 
     /// The row measured something.
     pub fn ok(&self) -> bool {
-        self.error.is_none() && self.delivered > 0
+        self.error.is_none() && self.not_run.is_none() && self.delivered > 0
     }
 }
 
@@ -233,18 +265,24 @@ pub fn render(r: &BenchResults) -> String {
     let _ = writeln!(s, "## Throughput and latency\n");
     let _ = writeln!(
         s,
-        "| System | Durability | Accepted/s | Delivered/s | Delivered vs Postfix | Delivered vs ceiling | Rate for latency | \
+        "| System | Durability | 250 means | Accepted/s | Delivered/s | Delivered vs Postfix | Delivered vs ceiling | Rate for latency | \
          Accept p50 ms | Accept p99 ms | CPU ms/msg (cores used) | Machine CPU busy (iowait) | Peak memory MiB |"
     );
-    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    let _ = writeln!(s, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
     for row in &r.rows {
-        if let Some(e) = &row.error {
+        let commit = opt(row.commit, |c| c.text().to_string());
+        let why = match (&row.not_run, &row.error) {
+            (Some(n), _) => Some(format!("not run: {n}")),
+            (None, Some(e)) => Some(format!("failed: {e}")),
+            (None, None) => None,
+        };
+        if let Some(why) = why {
             let _ = writeln!(
                 s,
-                "| {} | {} | failed: {} | | | | | | | | |",
+                "| {} | {} | {commit} | {} | | | | | | | | |",
                 row.system,
                 row.durability,
-                e.replace('|', "/")
+                why.replace('|', "/").replace('\n', " ")
             );
             continue;
         }
@@ -264,7 +302,7 @@ pub fn render(r: &BenchResults) -> String {
         );
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {commit} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             row.system,
             row.durability,
             rate(row.accepted_per_sec),
@@ -292,15 +330,15 @@ pub fn render(r: &BenchResults) -> String {
     }
     let _ = writeln!(
         s,
-        "\nCPU ms/msg is the CPU time of the system under test (relay + Redis, or all Postfix processes) per delivered \
+        "\nCPU ms/msg is the CPU time of the system under test (relay + Redis, or all processes of Postfix or a peer MTA) per delivered \
          message, and in brackets the cores it kept busy at its delivered rate; the generator and sink run on the same \
          cores in every row. Peak memory: the kernel's peak resident \
-         set (VmHWM) of each process; for Postfix, the largest sampled sum of PSS over all its processes (shared \
+         set (VmHWM) of each process; for Postfix and the peers, the largest sampled sum of PSS over all its processes (shared \
          pages counted once). Machine CPU busy: share of all cores busy during the throughput phase, \
          with the share spent idle waiting for disk I/O in brackets; well under 100% busy means the row was limited \
          by latency (fsync, round trips, concurrency), not by CPU.\n"
     );
-    for row in r.rows.iter().filter(|row| row.error.is_none()) {
+    for row in r.rows.iter().filter(|row| row.error.is_none() && row.not_run.is_none()) {
         if let Some(n) = &row.note {
             let _ = writeln!(s, "{}: {n}.\n", row.system);
         }
@@ -545,8 +583,14 @@ mod tests {
         relay.peak_rss_mib = vec![("relay".into(), 40.0), ("redis".into(), 20.0)];
         relay.machine_cpu = Some((0.8, 0.05));
         relay.cpu_ms_per_msg = Some(0.5);
+        relay.commit = Some(Commit::GroupCommit);
         let mut failed = Row::new(Kind::Relay, "mailroute relay ×2", "d");
         failed.error = Some("relay did not start | exit 1".into());
+        let mut exim = row(Kind::Peer, "Exim 4.96", 350.0);
+        exim.commit = Some(Commit::FsyncPerMessage);
+        let mut maddy = Row::new(Kind::Peer, "maddy", "fsync per message");
+        maddy.commit = Some(Commit::FsyncPerMessage);
+        maddy.not_run = Some("go build failed:\nno space".into());
         BenchResults {
             started: "2026-01-01".into(),
             command: "bench/run.sh --quick".into(),
@@ -555,6 +599,8 @@ mod tests {
                 row(Kind::Postfix, "Postfix", 400.0),
                 relay,
                 failed,
+                exim,
+                maddy,
             ],
             ..Default::default()
         }
@@ -565,12 +611,20 @@ mod tests {
         let md = render(&results());
         assert!(
             md.contains(
-                "| mailroute relay | d | 3300 | 3000 | 7.50× | 0.30× | 1500/s | 1.50 | 8.00 | 0.500 (1.50) | 80% (5%) | relay 40, redis 20 |"
+                "| mailroute relay | d | group commit | 3300 | 3000 | 7.50× | 0.30× | 1500/s | 1.50 | 8.00 | 0.500 (1.50) | 80% (5%) | relay 40, redis 20 |"
             ),
             "{md}"
         );
-        assert!(md.contains("| Postfix | d | 440 | 400 | 1.00× | 0.04× |"));
-        assert!(md.contains("| mailroute relay ×2 | d | failed: relay did not start / exit 1 |"));
+        assert!(md.contains("| Postfix | d | — | 440 | 400 | 1.00× | 0.04× |"), "{md}");
+        assert!(md.contains("| mailroute relay ×2 | d | — | failed: relay did not start / exit 1 |"));
+        assert!(
+            md.contains("| Exim 4.96 | d | fsync per message | 385 | 350 | 0.88× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| maddy | fsync per message | fsync per message | not run: go build failed: no space |"),
+            "{md}"
+        );
         assert!(
             md.contains("| mailroute relay (d) | 11.50 | EVALSHA 3.00 | 0.050 | — | 12.0 | 2 (1.5) |"),
             "{md}"

@@ -4,7 +4,9 @@
 //! making sure none of those processes outlives the test process.
 //!
 //! The binaries come from `scripts/k8s-control-plane.sh build` (cached by version; built when
-//! missing, never skipped). The API server runs with RBAC authorization and a service-account
+//! missing, never skipped). `MAILROUTE_K8S_VERSION=oldest` runs the oldest Kubernetes minor the
+//! chart claims instead of the latest: only its kube-apiserver is built, so it runs without a
+//! controller manager ([`ControlPlane::controller_manager`] is false). The API server runs with RBAC authorization and a service-account
 //! issuer with its signing key, so TokenRequest, TokenReview and SubjectAccessReview work; there
 //! is no kubelet, so Pods are accepted but never run. The controller manager runs only the
 //! garbage collector, the namespace, service-account and ClusterRole-aggregation controllers.
@@ -54,6 +56,10 @@ pub struct ControlPlane {
     pub bin_dir: PathBuf,
     /// Scratch directory of this control plane (logs, data, kubeconfigs).
     pub dir: PathBuf,
+    /// The API server's `gitVersion` (e.g. `v1.37.2`).
+    pub version: String,
+    /// Whether kube-controller-manager runs (garbage collector, namespace controller, ...).
+    pub controller_manager: bool,
 }
 
 /// Children to kill at exit, and the scratch directory to remove.
@@ -210,8 +216,20 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Runs `scripts/k8s-control-plane.sh build` (a no-op when the cache is complete) and returns the
-/// binary directory. `MAILROUTE_K8S_BIN` overrides it (a directory holding the same binaries).
+/// Which Kubernetes the tests run against: `MAILROUTE_K8S_VERSION` (`latest`, the default, or
+/// `oldest`, the oldest minor the chart claims).
+pub fn version_choice() -> anyhow::Result<String> {
+    match std::env::var("MAILROUTE_K8S_VERSION") {
+        Err(std::env::VarError::NotPresent) => Ok("latest".into()),
+        Ok(v) if v == "latest" || v == "oldest" => Ok(v),
+        Ok(v) => bail!("MAILROUTE_K8S_VERSION={v}: expected latest or oldest"),
+        Err(e) => bail!("MAILROUTE_K8S_VERSION: {e}"),
+    }
+}
+
+/// Runs `scripts/k8s-control-plane.sh build <version>` (a no-op when the cache is complete) and
+/// returns the binary directory. `MAILROUTE_K8S_BIN` overrides it (a directory holding the same
+/// binaries).
 pub fn binaries() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("MAILROUTE_K8S_BIN") {
         return Ok(PathBuf::from(dir));
@@ -220,6 +238,7 @@ pub fn binaries() -> anyhow::Result<PathBuf> {
     let out = Command::new("bash")
         .arg(&script)
         .arg("build")
+        .arg(version_choice()?)
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
@@ -430,12 +449,16 @@ impl ControlPlane {
                 serde_json::json!({"client-certificate-data": b64(&pki.admin.0), "client-key-data": b64(&pki.admin.1)}),
             ),
         )?;
-        let cp = ControlPlane {
+        // The oldest version's build has no controller manager (tests/README.md).
+        let controller_manager = bin_dir.join("kube-controller-manager").exists();
+        let mut cp = ControlPlane {
             server,
             ca_pem: pki.ca_pem.clone(),
             admin_kubeconfig,
             bin_dir: bin_dir.clone(),
             dir: dir.clone(),
+            version: String::new(),
+            controller_manager,
         };
 
         // Ready once /readyz says so (etcd reachable, RBAC bootstrap roles written, ...).
@@ -456,25 +479,35 @@ impl ControlPlane {
             }
         }
 
-        let mut kcm = Command::new(bin_dir.join("kube-controller-manager"));
-        kcm.args([
-            format!("--kubeconfig={}", cp.admin_kubeconfig.display()),
-            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,clusterrole-aggregation-controller".to_string(),
-            "--leader-elect=false".to_string(),
-            "--secure-port=0".to_string(),
-            "--concurrent-gc-syncs=5".to_string(),
-        ]);
-        let kcm = Process::start("kube-controller-manager", kcm, dir.join("kube-controller-manager.log"))?;
+        cp.version = client.apiserver_version().await?.git_version;
+
+        if controller_manager {
+            let mut kcm = Command::new(bin_dir.join("kube-controller-manager"));
+            kcm.args([
+                format!("--kubeconfig={}", cp.admin_kubeconfig.display()),
+                "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,clusterrole-aggregation-controller".to_string(),
+                "--leader-elect=false".to_string(),
+                "--secure-port=0".to_string(),
+                "--concurrent-gc-syncs=5".to_string(),
+            ]);
+            let kcm = Process::start("kube-controller-manager", kcm, dir.join("kube-controller-manager.log"))?;
+            // The processes live as long as the test process: the atexit hook and PDEATHSIG end them.
+            std::mem::forget(kcm);
+        }
         eprintln!(
-            "k8s control plane ready at {} in {:.1} s (logs in {})",
+            "k8s control plane {} ready at {} in {:.1} s (logs in {}{})",
+            cp.version,
             cp.server,
             began.elapsed().as_secs_f64(),
-            dir.display()
+            dir.display(),
+            if controller_manager {
+                ""
+            } else {
+                "; no controller manager"
+            }
         );
-        // The processes live as long as the test process: the atexit hook and PDEATHSIG end them.
         std::mem::forget(etcd);
         std::mem::forget(apiserver);
-        std::mem::forget(kcm);
         Ok(cp)
     }
 

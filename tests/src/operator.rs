@@ -38,6 +38,9 @@ pub fn install_chart_rbac(cp: &ControlPlane, release: &str, ns: &str) -> anyhow:
         "templates/operator-rbac.yaml",
         "--show-only",
         "templates/operator-serviceaccount.yaml",
+        // The source tree's chart renders only with named images.
+        "--set",
+        "image.tag=k8s-suite",
     ]))?;
     let mut sa = None;
     for doc in serde_yaml::Deserializer::from_str(&rendered) {

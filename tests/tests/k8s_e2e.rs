@@ -166,7 +166,17 @@ async fn helm_uninstall_leaves_nothing_once_the_operator_ran() {
     let ns = cp.namespace("uninstall").await.unwrap();
     let release = "rel";
     let chart = workspace_root().join("charts/mailroute");
-    run(cp.helm().args(["install", release]).arg(&chart).args(["-n", &ns])).unwrap();
+    // No kubelet pulls the images: any tag names them (the default ones are refused).
+    // The CRDs are the ones applied above (shared by the binary's tests), not the release's.
+    run(cp.helm().args(["install", release]).arg(&chart).args([
+        "-n",
+        &ns,
+        "--set",
+        "image.tag=k8s-suite",
+        "--set",
+        "crds.enabled=false",
+    ]))
+    .unwrap();
 
     // The operator Deployment of the release, and the ServiceAccount its pods run as.
     let deployments = Api::<Deployment>::namespaced(admin.clone(), &ns);

@@ -43,6 +43,10 @@ fn chart() -> String {
     workspace_root().join("charts/mailroute").display().to_string()
 }
 
+/// Names the images (no kubelet pulls them here): the source tree's chart refuses its
+/// unpublished default images (see `helm_install_refuses_the_unpublished_default_images`).
+const IMAGES: [&str; 2] = ["--set", "image.tag=k8s-suite"];
+
 /// The objects of a helm manifest that exist, as `kind/name` (kind in lower case); objects that
 /// name no namespace are in `ns`.
 fn existing(cp: &ControlPlane, ns: &str, manifest: &Path) -> Vec<String> {
@@ -107,8 +111,13 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() 
             }
         };
 
+        // The CRDs are cluster-wide and applied above (one release per cluster owns them; the
+        // CRD templates are tested in k8s_helm_upgrade.rs): these releases leave them alone.
         let mut install = cp.helm();
-        install.args(["install", &release, &chart(), "-n", &ns]);
+        install
+            .args(["install", &release, &chart(), "-n", &ns])
+            .args(["--set", "crds.enabled=false"])
+            .args(IMAGES);
         with_values(&mut install);
         run(&mut install).unwrap_or_else(|e| panic!("helm install with {label}: {e:#}"));
 
@@ -131,10 +140,45 @@ async fn helm_installs_upgrades_and_uninstalls_the_chart_for_each_values_file() 
             rendered,
             "{label}: not every object of the release exists: {present:?}"
         );
+        // The relays' drain needs the preStop `sleep` action (beta and on by default since 1.30;
+        // the chart's kubeVersion rests on it). An API server without it drops the field
+        // silently, so compare what the server stored with what helm rendered.
+        let mut sleeps = 0;
+        for doc in serde_yaml::Deserializer::from_str(&manifest_text) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v["kind"] != "Deployment" {
+                continue;
+            }
+            let name = v["metadata"]["name"].as_str().unwrap_or_default();
+            let stored: serde_json::Value = serde_json::from_str(
+                &run(cp.kubectl().args(["get", "deployment", name, "-n", &ns, "-o", "json"])).unwrap(),
+            )
+            .unwrap();
+            let pre_stop_sleeps = |d: &serde_json::Value| -> Vec<serde_json::Value> {
+                d["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| c["lifecycle"]["preStop"]["sleep"].clone())
+                    .collect()
+            };
+            let want = pre_stop_sleeps(&v);
+            sleeps += want.iter().filter(|s| !s.is_null()).count();
+            assert_eq!(
+                pre_stop_sleeps(&stored),
+                want,
+                "{label}: the API server ({}) did not keep the preStop sleep of {name}",
+                cp.version
+            );
+        }
+        assert!(sleeps > 0, "{label}: no Deployment with a preStop sleep rendered");
 
         // An upgrade with a changed value is accepted as well.
         let mut upgrade = cp.helm();
-        upgrade.args(["upgrade", &release, &chart(), "-n", &ns]);
+        upgrade
+            .args(["upgrade", &release, &chart(), "-n", &ns])
+            .args(["--set", "crds.enabled=false"])
+            .args(IMAGES);
         with_values(&mut upgrade);
         upgrade.args(["--set", "relay.shutdown.preStopSleepSeconds=5"]);
         run(&mut upgrade).unwrap_or_else(|e| panic!("helm upgrade with {label}: {e:#}"));
@@ -172,9 +216,32 @@ fn helm_refuses_a_prestop_sleep_of_zero() {
             "--set",
             "relay.shutdown.preStopSleepSeconds=0",
         ])
+        .args(IMAGES)
         .output()
         .unwrap();
     assert!(!out.status.success(), "helm accepted preStopSleepSeconds=0");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("preStopSleepSeconds"), "unexpected refusal: {err}");
+}
+
+#[tokio::test]
+async fn helm_install_refuses_the_unpublished_default_images() {
+    // The source tree's chart is not a release: its appVersion images may not exist, so a default
+    // install must fail with how to build and push them, never end in ImagePullBackOff.
+    let cp = ControlPlane::shared();
+    apply_crds(&cp.admin_client().await.unwrap()).await.unwrap();
+    let ns = cp.namespace("unpublished").await.unwrap();
+    let out = cp
+        .helm()
+        .args(["install", "unpublished", &chart(), "-n", &ns])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "helm installed the unpublished default images");
+    for needle in ["unpublished images", "docker buildx build", "--set image.tag=<tag>"] {
+        assert!(err.contains(needle), "the refusal does not say {needle:?}: {err}");
+    }
+    // helm 4 lists releases in every status by default.
+    let releases = run(cp.helm().args(["list", "-q", "-n", &ns])).unwrap();
+    assert!(releases.trim().is_empty(), "a release was recorded: {releases}");
 }

@@ -44,6 +44,9 @@ fn install_chart_rbac(cp: &ControlPlane, release: &str, ns: &str) -> (String, St
         "templates/operator-rbac.yaml",
         "--show-only",
         "templates/operator-serviceaccount.yaml",
+        // The source tree's chart renders only with named images.
+        "--set",
+        "image.tag=k8s-suite",
     ]))
     .unwrap();
     let mut sa = None;

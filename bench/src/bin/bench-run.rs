@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use mailroute_bench::harness::{Options, Step, install_interrupt_cleanup, run};
+use mailroute_bench::harness::{ALL_STEPS, Options, Step, install_interrupt_cleanup, run};
+use mailroute_bench::peers::{self, Peer};
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark mailroute against Postfix and the generator-to-sink ceiling")]
@@ -14,7 +15,8 @@ struct Args {
     /// About two minutes: short phases and a 20,000-message backlog instead of 1,000,000.
     #[arg(long)]
     quick: bool,
-    /// Run only these steps (default: all but profile).
+    /// Run only these steps (default: all but profile). `peers` runs the peer MTAs that
+    /// bench/install-peers.sh installed.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Step>,
     /// Also record a perf profile of the relay at saturation.
@@ -59,6 +61,13 @@ struct Args {
     /// Extra redis-server arguments, space separated (e.g. "--auto-aof-rewrite-min-size 4gb").
     #[arg(long, allow_hyphen_values = true)]
     redis_args: Option<String>,
+    /// Install manifest written by bench/install-peers.sh
+    /// (default: ~/.cache/mailroute-bench/peers/manifest.tsv).
+    #[arg(long)]
+    peers_manifest: Option<PathBuf>,
+    /// Which peers the peers step runs (default: exim,opensmtpd,haraka,maddy).
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
     /// Measure nothing: re-render the Markdown next to this results JSON (after a report change).
     #[arg(long)]
     render: Option<PathBuf>,
@@ -84,13 +93,21 @@ fn main() -> anyhow::Result<()> {
         ),
     };
     let mut steps = if a.only.is_empty() {
-        vec![Step::Ceiling, Step::Postfix, Step::Relay, Step::Scaling, Step::Backlog]
+        ALL_STEPS.to_vec()
     } else {
         a.only.clone()
     };
     if a.profile && !steps.contains(&Step::Profile) {
         steps.push(Step::Profile);
     }
+    let peers = if a.peers.is_empty() {
+        Peer::ALL.to_vec()
+    } else {
+        a.peers
+            .iter()
+            .map(|k| Peer::from_key(k).with_context(|| format!("unknown peer {k:?} (exim, opensmtpd, haraka, maddy)")))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let opts = Options {
         quick: a.quick,
         command: format!(
@@ -121,6 +138,8 @@ fn main() -> anyhow::Result<()> {
             .split_whitespace()
             .map(str::to_string)
             .collect(),
+        peers_manifest: a.peers_manifest.clone().unwrap_or_else(peers::default_manifest),
+        peers,
     };
     install_interrupt_cleanup((scratch && !a.keep).then(|| work_dir.clone()))?;
     let result = run(&opts);

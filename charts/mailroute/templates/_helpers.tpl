@@ -76,14 +76,35 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Image reference for the operator or relay: pass (dict "ctx" $ "image" .Values.relay.image). */}}
+{{/* Image reference for the operator or relay: pass (dict "ctx" $ "image" .Values.relay.image).
+     The appVersion tag names an image only in a published chart (Chart annotation
+     mailroute.io/images-published "true", set by scripts/release_chart.py when the release
+     workflow packages the chart after pushing the images). From the source tree the user names
+     the images (a tag or digest), or the install fails here instead of in ImagePullBackOff. */}}
 {{- define "mailroute.image" -}}
 {{- $repo := printf "%s/%s" (trimSuffix "/" .ctx.Values.image.registry) .image.repository }}
+{{- $tag := .image.tag | default .ctx.Values.image.tag }}
+{{- $published := eq (index (.ctx.Chart.Annotations | default dict) "mailroute.io/images-published" | default "false") "true" }}
+{{- if and (not .image.digest) (not $tag) (not $published) }}
+{{- fail (include "mailroute.unpublishedImagesMessage" (dict "ctx" .ctx "repo" $repo)) }}
+{{- end }}
 {{- if .image.digest }}
 {{- printf "%s@%s" $repo .image.digest }}
 {{- else }}
-{{- printf "%s:%s" $repo (.image.tag | default .ctx.Values.image.tag | default .ctx.Chart.AppVersion) }}
+{{- printf "%s:%s" $repo ($tag | default .ctx.Chart.AppVersion) }}
 {{- end }}
+{{- end }}
+
+{{- define "mailroute.unpublishedImagesMessage" -}}
+{{- $registry := trimSuffix "/" .ctx.Values.image.registry -}}
+unpublished images: this chart comes from the source tree (appVersion {{ .ctx.Chart.AppVersion }}), so {{ .repo }}:{{ .ctx.Chart.AppVersion }} may not exist and the pods would end in ImagePullBackOff.
+Either install a published release of the chart:
+  helm install mailroute oci://{{ $registry }}/charts/mailroute --version <version>
+or build and push the images (from the repository root, Docker with buildx), then name their tag:
+  docker buildx build --platform linux/amd64,linux/arm64 --target relay -t <registry>/{{ .ctx.Values.relay.image.repository }}:<tag> --push .
+  docker buildx build --platform linux/amd64,linux/arm64 --target operator -t <registry>/{{ .ctx.Values.operator.image.repository }}:<tag> --push .
+  helm install mailroute charts/mailroute --set image.registry=<registry> --set image.tag=<tag>
+(or relay.image.digest / operator.image.digest; see the chart README, "Images").
 {{- end }}
 
 {{- define "mailroute.redis.image" -}}
