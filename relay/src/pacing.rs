@@ -8,12 +8,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use mailroute_api::config::CompiledRoute;
 
-use crate::bounce::{Failure, Outcome, Reply};
+use crate::bounce::{Failure, Outcome};
 use crate::clock::now_ms;
 use crate::delivery::{Admission, ConnectionGate, Lease, Slot};
 use crate::metrics::Metrics;
 use crate::shaping::{BackoffChange, Connect, ConnectionPermit, Pace, Pacer};
-use crate::worker::{Attempt, AttemptOutcome, Pacing};
+use crate::worker::{Attempt, Pacing};
 
 /// A lease whose renewal failed is tried again after this long (at most a quarter lease).
 pub const RENEW_RETRY_MS: i64 = 5_000;
@@ -56,13 +56,10 @@ impl Pacing for SharedPacing {
         let Some(domain) = attempt.rcpt_domain.as_deref() else {
             return;
         };
-        let outcome = match &attempt.outcome {
-            AttemptOutcome::Delivered { code, text }
-            | AttemptOutcome::Failed {
-                code: Some(code), text, ..
-            } => Outcome::Reply(Reply::new(*code, text)),
+        let outcome = match attempt.outcome.reply() {
+            Some(reply) => Outcome::Reply(reply),
             // No reply: neutral for back-off.
-            AttemptOutcome::Failed { .. } => Outcome::Failure(Failure::ConnectionLost),
+            None => Outcome::Failure(Failure::ConnectionLost),
         };
         match self.pacer.report(route, domain, &outcome, now_ms).await {
             Ok(BackoffChange::Started { until_ms, level }) => {

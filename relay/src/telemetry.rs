@@ -139,7 +139,7 @@ impl Observer for Telemetry {
         ev.auth_user = s.auth_user.clone();
         ev.listener = Some(listener.to_owned());
         ev.reply_code = Some(reply.code);
-        ev.enhanced_code = crate::bounce::enhanced_string(&reply.text);
+        ev.enhanced_code = reply.enhanced.map(|e| e.to_string());
         ev.reply_text = Some(reply.text.clone());
         ev.tls = s.tls;
         self.record(ev);
@@ -149,7 +149,6 @@ impl Observer for Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bounce::enhanced_string;
     use crate::dlog::EventFilter;
 
     /// A worker may bounce a message right after the session accepted it: the session's
@@ -190,12 +189,5 @@ mod tests {
                 (EventResult::Bounced, "e@d.example"),
             ]
         );
-    }
-
-    #[test]
-    fn enhanced_code_extraction() {
-        assert_eq!(enhanced_string("5.7.1 Relay access denied").as_deref(), Some("5.7.1"));
-        assert_eq!(enhanced_string("Relay access denied"), None);
-        assert_eq!(enhanced_string("5.7 x"), None);
     }
 }

@@ -20,7 +20,7 @@ use mailroute_api::config::{CompiledRoute, RelaySecrets, Target};
 use mailroute_api::pattern::domain_of;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::bounce::{self, Failure};
+use crate::bounce::{self, EnhancedStatusCode, Failure, Reply};
 use crate::clock::now_ms;
 use crate::config::ConfigHandle;
 use crate::dlog::EventResult;
@@ -41,25 +41,34 @@ pub struct OutEnvelope<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AttemptOutcome {
     /// 2xx to the end of DATA.
-    Delivered { code: u16, text: String },
-    /// Anything else: a failure reply (`code`) or none (connection, DNS, TLS, timeout).
+    Delivered { reply: Reply },
+    /// Anything else: a failure reply or none (connection, DNS, TLS, timeout).
     Failed {
-        code: Option<u16>,
-        text: String,
+        cause: Cause,
         permanent: bool,
         class: bounce::BounceClass,
     },
 }
 
+/// What a failed attempt came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The server's reply.
+    Reply(Reply),
+    /// No reply: what happened, and the RFC 3463 status it stands for when the relay names one.
+    NoReply {
+        detail: String,
+        status: Option<EnhancedStatusCode>,
+    },
+}
+
 impl AttemptOutcome {
-    /// A failure from a reply, classified by the bounce table.
-    pub fn from_reply(code: u16, text: impl Into<String>) -> Self {
-        let text = text.into();
-        match bounce::classify_reply(code, &text) {
-            None => AttemptOutcome::Delivered { code, text },
+    /// The outcome of a reply, classified by the bounce table.
+    pub fn from_reply(reply: Reply) -> Self {
+        match bounce::classify_parsed(&reply) {
+            None => AttemptOutcome::Delivered { reply },
             Some(v) => AttemptOutcome::Failed {
-                code: Some(code),
-                text,
+                cause: Cause::Reply(reply),
                 permanent: v.is_permanent(),
                 class: v.class,
             },
@@ -70,10 +79,49 @@ impl AttemptOutcome {
     pub fn from_failure(f: Failure, detail: impl Into<String>) -> Self {
         let v = f.verdict();
         AttemptOutcome::Failed {
-            code: None,
-            text: detail.into(),
+            cause: Cause::NoReply {
+                detail: detail.into(),
+                status: None,
+            },
             permanent: v.is_permanent(),
             class: v.class,
+        }
+    }
+
+    /// The server's reply, if it answered.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            AttemptOutcome::Delivered { reply }
+            | AttemptOutcome::Failed {
+                cause: Cause::Reply(reply),
+                ..
+            } => Some(reply),
+            AttemptOutcome::Failed { .. } => None,
+        }
+    }
+
+    /// The reply, or what happened instead, on one line (recipient state, DSN reason).
+    pub fn summary(&self) -> String {
+        match self {
+            AttemptOutcome::Failed {
+                cause: Cause::NoReply { detail, .. },
+                ..
+            } => detail.clone(),
+            _ => self.reply().map(Reply::to_string).unwrap_or_default(),
+        }
+    }
+
+    /// The reply code, the enhanced status and the text as the delivery log records them.
+    fn log_parts(&self) -> (Option<u16>, Option<EnhancedStatusCode>, String) {
+        match self {
+            AttemptOutcome::Failed {
+                cause: Cause::NoReply { detail, status },
+                ..
+            } => (None, *status, detail.clone()),
+            _ => match self.reply() {
+                Some(r) => (Some(r.code), r.enhanced, r.text.clone()),
+                None => (None, None, String::new()),
+            },
         }
     }
 
@@ -223,25 +271,6 @@ pub fn decide(last: &AttemptOutcome, policy: &RetryPolicy, meta: &MessageMeta, n
             Next::RetryAt(at) => Decision::Retry { at_ms: at },
             Next::Expired => Decision::Expired,
         },
-    }
-}
-
-fn reply_parts(o: &AttemptOutcome) -> (Option<u16>, Option<String>) {
-    match o {
-        AttemptOutcome::Delivered { code, text } => (Some(*code), Some(text.clone())),
-        AttemptOutcome::Failed { code, text, .. } => (*code, Some(text.clone())),
-    }
-}
-
-fn short(o: &AttemptOutcome) -> String {
-    match o {
-        AttemptOutcome::Delivered { code, text }
-        | AttemptOutcome::Failed {
-            code: Some(code), text, ..
-        } => {
-            format!("{code} {text}")
-        }
-        AttemptOutcome::Failed { text, .. } => text.clone(),
     }
 }
 
@@ -643,7 +672,7 @@ impl Worker {
                     "delivered",
                     attempts,
                     None,
-                    Some((short(&attempt.outcome), route.id.clone())),
+                    Some((attempt.outcome.summary(), route.id.clone())),
                 );
                 // Sent together, the record and the completion reach Redis in the same event-loop
                 // turn (one fsync with appendfsync always) instead of one wait after the other.
@@ -669,7 +698,7 @@ impl Worker {
                     "deferred",
                     attempts,
                     Some(at_ms),
-                    Some((short(&attempt.outcome), route.id.clone())),
+                    Some((attempt.outcome.summary(), route.id.clone())),
                 );
                 let job = Job { attempts, ..job };
                 let reschedule = Disposition::Reschedule {
@@ -720,10 +749,7 @@ impl Worker {
             }
         };
         let mut ev = event_for(meta, EventResult::Deferred, idx);
-        let (code, text) = reply_parts(&outcome);
-        ev.reply_code = code;
-        ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
-        ev.reply_text = text;
+        log_outcome(&mut ev, &outcome);
         ev.attempt = Some(attempts);
         ev.bounce_class = Some(bounce::BounceClass::NoRoute.as_str().to_owned());
         m.retries.with_label_values(&["none"]).inc();
@@ -731,7 +757,7 @@ impl Worker {
             "deferred",
             attempts,
             Some(at_ms),
-            Some((short(&outcome), "none".into())),
+            Some((outcome.summary(), "none".into())),
         );
         let reschedule = Disposition::Reschedule {
             job: Job { attempts, ..job },
@@ -790,7 +816,7 @@ impl Worker {
             AttemptOutcome::Failed { class, .. } => *class,
             AttemptOutcome::Delivered { .. } => bounce::BounceClass::Other,
         };
-        let (code, text) = reply_parts(outcome);
+        let code = outcome.reply().map(|r| r.code);
         let result = if expired {
             EventResult::Expired
         } else {
@@ -800,9 +826,7 @@ impl Worker {
         if let Some((r, a)) = via {
             fill(&mut ev, r, a, attempts);
         } else {
-            ev.reply_code = code;
-            ev.reply_text = text.clone();
-            ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
+            log_outcome(&mut ev, outcome);
             ev.attempt = Some(attempts);
         }
         ev.bounce_class = Some(class.as_str().to_owned());
@@ -828,7 +852,7 @@ impl Worker {
             m.dsn_sent.inc();
         }
         let status = if expired { "expired" } else { "bounced" };
-        let st = state(status, attempts, None, Some((short(outcome), route_id)));
+        let st = state(status, attempts, None, Some((outcome.summary(), route_id)));
         self.complete(leased, Disposition::Final { state: st }).await;
     }
 
@@ -842,26 +866,21 @@ impl Worker {
         expired: bool,
     ) -> anyhow::Result<()> {
         let now = Utc::now();
-        let (status, diagnostic) = match outcome {
-            AttemptOutcome::Failed {
-                code: Some(code), text, ..
-            }
-            | AttemptOutcome::Delivered { code, text } => (
-                dsn::status_for_reply(*code, bounce::parse_enhanced(text)),
-                Some(dsn::Diagnostic {
-                    code: *code,
-                    text: text.clone(),
-                }),
-            ),
-            AttemptOutcome::Failed { class, .. } => (status_for_class(*class, expired), None),
+        let (status, diagnostic) = match (outcome.reply(), outcome) {
+            (Some(reply), _) => (dsn::status_for_reply(reply), Some(reply.clone())),
+            (None, AttemptOutcome::Failed { class, .. }) => (status_for_class(*class, expired), None),
+            (None, AttemptOutcome::Delivered { .. }) => (status_for_class(bounce::BounceClass::Other, expired), None),
         };
         let reason = if expired {
             format!(
                 "delivery did not succeed before the message expired; last result: {}",
-                short(outcome)
+                outcome.summary()
             )
         } else {
-            format!("the receiving side refused the message permanently: {}", short(outcome))
+            format!(
+                "the receiving side refused the message permanently: {}",
+                outcome.summary()
+            )
         };
         let reports = [dsn::RecipientReport {
             recipient: rcpt.to_owned(),
@@ -910,15 +929,17 @@ impl Worker {
 /// What "no route serves the recipient" counts as: a temporary failure of class `no_route`.
 pub fn no_route_outcome(domain: &str) -> AttemptOutcome {
     AttemptOutcome::Failed {
-        code: None,
-        text: format!("4.4.4 No route configured for recipient domain {domain}"),
+        cause: Cause::NoReply {
+            detail: format!("4.4.4 No route configured for recipient domain {domain}"),
+            status: Some(EnhancedStatusCode::new(4, 4, 4)),
+        },
         permanent: false,
         class: bounce::BounceClass::NoRoute,
     }
 }
 
 /// DSN status for a failure that produced no reply.
-fn status_for_class(class: bounce::BounceClass, expired: bool) -> bounce::Enhanced {
+fn status_for_class(class: bounce::BounceClass, expired: bool) -> EnhancedStatusCode {
     use bounce::BounceClass as C;
     let f = match class {
         _ if expired => Failure::Expired,
@@ -948,13 +969,18 @@ fn fill(ev: &mut crate::dlog::DeliveryEvent, route: &CompiledRoute, a: &Attempt,
     ev.remote_host = a.remote_host.clone();
     ev.tls = a.tls;
     ev.attempt = Some(attempt_no);
-    let (code, text) = reply_parts(&a.outcome);
-    ev.reply_code = code;
-    ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
-    ev.reply_text = text;
+    log_outcome(ev, &a.outcome);
     if let AttemptOutcome::Failed { class, .. } = &a.outcome {
         ev.bounce_class = Some(class.as_str().to_owned());
     }
+}
+
+/// The reply (or what happened instead) in the delivery log's fields.
+fn log_outcome(ev: &mut crate::dlog::DeliveryEvent, outcome: &AttemptOutcome) {
+    let (code, enhanced, text) = outcome.log_parts();
+    ev.reply_code = code;
+    ev.enhanced_code = enhanced.map(|e| e.to_string());
+    ev.reply_text = Some(text);
 }
 
 #[cfg(test)]
@@ -985,12 +1011,12 @@ mod tests {
         let p = policy_for(None, &m);
         assert_eq!(p.interval, Duration::from_secs(60));
         assert_eq!(p.lifetime, Duration::from_secs(1800));
-        let ok = AttemptOutcome::from_reply(250, "2.0.0 ok");
+        let ok = AttemptOutcome::from_reply(Reply::new(250, "2.0.0 ok"));
         assert_eq!(decide(&ok, &p, &m, 10, 1), Decision::Delivered);
-        let temp = AttemptOutcome::from_reply(451, "4.3.0 try later");
+        let temp = AttemptOutcome::from_reply(Reply::new(451, "4.3.0 try later"));
         assert_eq!(decide(&temp, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
         assert_eq!(decide(&temp, &p, &m, 1_800_000, 31), Decision::Expired);
-        let perm = AttemptOutcome::from_reply(550, "5.1.1 user unknown");
+        let perm = AttemptOutcome::from_reply(Reply::new(550, "5.1.1 user unknown"));
         assert_eq!(
             decide(&perm, &p, &m, 10, 1),
             Decision::Bounce {
@@ -1025,7 +1051,7 @@ mod tests {
         let p = policy_for(None, &m);
         assert_eq!(p.interval, Duration::from_secs(5));
         assert_eq!(p.lifetime, Duration::from_secs(120));
-        let temp = AttemptOutcome::from_reply(421, "4.7.0 busy");
+        let temp = AttemptOutcome::from_reply(Reply::new(421, "4.7.0 busy"));
         assert_eq!(decide(&temp, &p, &m, 2_000, 1), Decision::Retry { at_ms: 7_000 });
         assert_eq!(decide(&temp, &p, &m, 121_000, 9), Decision::Expired);
     }

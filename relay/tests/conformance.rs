@@ -585,7 +585,7 @@ async fn a_dsn_to_a_quoted_sender_keeps_the_quotes() {
     let rcpts = [RecipientReport {
         recipient: "x y@example.com".into(),
         action: Action::Failed,
-        status: (5, 1, 1),
+        status: mailroute_relay::EnhancedStatusCode::new(5, 1, 1),
         remote_mta: None,
         diagnostic: None,
         reason: "the recipient's server rejected the message".into(),

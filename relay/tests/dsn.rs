@@ -12,7 +12,7 @@ use mailroute_relay::bounce::Kind;
 use mailroute_relay::delivery::{
     AttemptResult, Deliverer, DelivererConfig, DeliveryTarget, Envelope, Outcome, StaticResolver,
 };
-use mailroute_relay::dsn::{self, Action, Diagnostic, DsnRequest, RecipientReport};
+use mailroute_relay::dsn::{self, Action, DsnRequest, RecipientReport};
 use mailroute_testkit::smtp::{Behaviour, Script, SmtpServer};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -27,13 +27,7 @@ Private body text that must not come back.\r\n";
 fn report_for(attempt: &AttemptResult, rcpt: &str) -> RecipientReport {
     let verdict = attempt.verdict().expect("a failed attempt");
     let (status, diagnostic) = match &attempt.outcome {
-        Outcome::Rejected { reply, .. } => (
-            dsn::status_for_reply(reply.code, reply.enhanced),
-            Some(Diagnostic {
-                code: reply.code,
-                text: reply.text.clone(),
-            }),
-        ),
+        Outcome::Rejected { reply, .. } => (dsn::status_for_reply(reply), Some(reply.clone())),
         Outcome::Failed { failure, .. } => (dsn::status_for_failure(*failure), None),
         other => panic!("unexpected outcome {other:?}"),
     };

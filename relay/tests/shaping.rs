@@ -221,7 +221,7 @@ async fn upstream_421_backs_the_route_off_until_a_success() {
                     let (code, text) = final_reply(&t);
                     attempts.push((now, code));
                     let change = p
-                        .report(&r, "example.com", &Outcome::Reply(Reply::new(code, &text)), now)
+                        .report(&r, "example.com", &Outcome::Reply(&Reply::new(code, &text)), now)
                         .await
                         .unwrap();
                     if change != BackoffChange::Unchanged {
@@ -289,13 +289,13 @@ async fn scenario(store: Arc<dyn PaceStore>) -> Vec<String> {
         if step % 37 == 5 {
             out.push(format!(
                 "{:?}",
-                p.report(r, domain, &Outcome::Reply(busy), now).await.unwrap()
+                p.report(r, domain, &Outcome::Reply(&busy), now).await.unwrap()
             ));
         }
         if step % 41 == 40 {
             out.push(format!(
                 "{:?}",
-                p.report(r, domain, &Outcome::Reply(ok), now).await.unwrap()
+                p.report(r, domain, &Outcome::Reply(&ok), now).await.unwrap()
             ));
         }
         match p.connect(r, domain, now).await.unwrap() {

@@ -14,8 +14,9 @@
 //! with the pooled session until the connection closes.
 //!
 //! Submodules: [`resolve`] (MX/address lookup, injectable), [`rewrite`] (From override, pure),
-//! [`dkim`] (signing), [`gate`] (connection leases), `session` (the SMTP dialogue over
-//! mail-send), `pool`, `tls`.
+//! [`dkim`] (signing), [`gate`] (connection leases), `session` (a pooled connection of the
+//! shared SMTP client, `mailroute_smtp::client`, with its lease), `pool`. TLS client
+//! configurations come from `mailroute_tls`.
 
 pub mod dkim;
 pub mod gate;
@@ -43,8 +44,10 @@ pub use mailroute_tls::TlsSetupError;
 
 use self::pool::Pool;
 use self::resolve::MxPlan;
-use self::session::{OpenSpec, Session, StepError, StepErrorKind, Timeouts, TlsUse};
-use crate::bounce::{self, BounceClass, Enhanced, Failure, Kind, Verdict};
+use self::session::Session;
+use crate::bounce::{self, BounceClass, Failure, Kind, Verdict};
+use mailroute_smtp::{ErrorKind, OpenSpec, StepError, Timeouts, TlsUse};
+pub use mailroute_smtp::{Reply, Stage};
 
 /// Settings of a [`Deliverer`], fixed for its lifetime.
 #[derive(Debug, Clone)]
@@ -140,102 +143,13 @@ pub struct Envelope {
     pub rcpt_to: String,
 }
 
-/// An SMTP reply as the server sent it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpReply {
-    pub code: u16,
-    /// RFC 3463 code from the start of the text (`5.1.1`), if any.
-    pub enhanced: Option<Enhanced>,
-    /// The text after the code, continuation lines joined with spaces; still starts with the
-    /// enhanced code when there is one.
-    pub text: String,
-}
-
-impl SmtpReply {
-    pub fn new(code: u16, text: impl Into<String>) -> Self {
-        let text = text.into();
-        Self {
-            code,
-            enhanced: bounce::parse_enhanced(&text),
-            text,
-        }
-    }
-
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-
-    /// The reply in the bounce classifier's terms.
-    pub fn as_bounce_reply(&self) -> bounce::Reply<'_> {
-        bounce::Reply {
-            code: self.code,
-            enhanced: self.enhanced,
-            text: &self.text,
-        }
-    }
-}
-
-impl fmt::Display for SmtpReply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.text.is_empty() {
-            write!(f, "{}", self.code)
-        } else {
-            write!(f, "{} {}", self.code, self.text)
-        }
-    }
-}
-
-/// Step of the dialogue an outcome belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    /// Preparing the attempt (configuration such as an invalid CA bundle).
-    Setup,
-    Dns,
-    Connect,
-    Greeting,
-    Ehlo,
-    StartTls,
-    Auth,
-    Reset,
-    MailFrom,
-    RcptTo,
-    /// The DATA command.
-    Data,
-    /// The message content and its final reply.
-    Message,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Setup => "setup",
-            Stage::Dns => "dns",
-            Stage::Connect => "connect",
-            Stage::Greeting => "greeting",
-            Stage::Ehlo => "ehlo",
-            Stage::StartTls => "starttls",
-            Stage::Auth => "auth",
-            Stage::Reset => "rset",
-            Stage::MailFrom => "mail_from",
-            Stage::RcptTo => "rcpt_to",
-            Stage::Data => "data",
-            Stage::Message => "message",
-        }
-    }
-
-    /// Whether the message content may have reached the server.
-    pub fn content_sent(self) -> bool {
-        self == Stage::Message
-    }
-}
-
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The next hop accepted the message (its 2xx reply to the content).
-    Delivered { reply: SmtpReply },
+    Delivered { reply: Reply },
     /// The server answered with a failure reply.
-    Rejected { stage: Stage, reply: SmtpReply },
+    Rejected { stage: Stage, reply: Reply },
     /// No reply: DNS, connection, timeout or TLS failure.
     Failed {
         stage: Stage,
@@ -270,7 +184,7 @@ impl AttemptResult {
     }
 
     /// The remote reply, if the server answered.
-    pub fn reply(&self) -> Option<&SmtpReply> {
+    pub fn reply(&self) -> Option<&Reply> {
         match &self.outcome {
             Outcome::Delivered { reply } | Outcome::Rejected { reply, .. } => Some(reply),
             _ => None,
@@ -289,10 +203,9 @@ impl AttemptResult {
         match &self.outcome {
             Outcome::Delivered { .. } => None,
             // A 2xx/3xx where a failure was reported means an out-of-sequence reply.
-            Outcome::Rejected { reply, .. } => Some(
-                bounce::classify_parsed(&reply.as_bounce_reply())
-                    .unwrap_or(Verdict::new(Kind::Temporary, BounceClass::Other)),
-            ),
+            Outcome::Rejected { reply, .. } => {
+                Some(bounce::classify_parsed(reply).unwrap_or(Verdict::new(Kind::Temporary, BounceClass::Other)))
+            }
             Outcome::Failed { failure, .. } => Some(failure.verdict()),
             Outcome::Protocol { class, .. } => Some(Verdict::new(Kind::Temporary, *class)),
         }
@@ -324,17 +237,26 @@ impl AttemptResult {
 
     fn from_step(e: StepError, host: &str, addr: SocketAddr, reused: bool) -> Self {
         let outcome = match e.kind {
-            StepErrorKind::Reply(reply) => Outcome::Rejected { stage: e.stage, reply },
-            StepErrorKind::Failure(failure, detail) => Outcome::Failed {
-                stage: e.stage,
-                failure,
-                detail,
-            },
-            StepErrorKind::Protocol(class, detail) => Outcome::Protocol {
-                stage: e.stage,
-                class,
-                detail,
-            },
+            ErrorKind::Reply(reply) => Outcome::Rejected { stage: e.stage, reply },
+            kind => {
+                let detail = kind.detail();
+                match no_reply_failure(&kind) {
+                    Some(failure) => Outcome::Failed {
+                        stage: e.stage,
+                        failure,
+                        detail,
+                    },
+                    None => Outcome::Protocol {
+                        stage: e.stage,
+                        class: if matches!(kind, ErrorKind::AuthNotOffered { .. } | ErrorKind::Auth(_)) {
+                            BounceClass::AuthFailure
+                        } else {
+                            BounceClass::Other
+                        },
+                        detail,
+                    },
+                }
+            }
         };
         Self {
             outcome,
@@ -344,6 +266,21 @@ impl AttemptResult {
             reused_connection: reused,
         }
     }
+}
+
+/// The failure a step error without a reply counts as; `None` for a protocol problem.
+fn no_reply_failure(kind: &ErrorKind) -> Option<Failure> {
+    Some(match kind {
+        ErrorKind::Connect(_) => Failure::ConnectionRefused,
+        ErrorKind::ConnectTimeout(_) | ErrorKind::TlsTimeout | ErrorKind::NoGreeting | ErrorKind::Timeout(_) => {
+            Failure::Timeout
+        }
+        ErrorKind::Lost(_) => Failure::ConnectionLost,
+        ErrorKind::TlsHandshake(_) | ErrorKind::Tls(_) | ErrorKind::StartTlsNotOffered => Failure::Tls,
+        ErrorKind::Reply(_) | ErrorKind::AuthNotOffered { .. } | ErrorKind::Auth(_) | ErrorKind::Protocol(_) => {
+            return None;
+        }
+    })
 }
 
 /// Applies the route's From override and DKIM signature, in that order. Returns the envelope
@@ -731,7 +668,7 @@ impl Deliverer {
                     return Ok(result);
                 }
                 Err(e) => {
-                    let broken = matches!(e.kind, StepErrorKind::Failure(Failure::ConnectionLost, _));
+                    let broken = no_reply_failure(&e.kind) == Some(Failure::ConnectionLost);
                     if reused && broken && !e.stage.content_sent() && !fresh_only {
                         // A pooled connection died under us before the content went out:
                         // once more on a fresh connection (its slot freed first).
@@ -858,8 +795,8 @@ impl Deliverer {
                 Err(e) => {
                     // Another address only helps when this one could not be reached.
                     let unreachable = matches!(
-                        e.kind,
-                        StepErrorKind::Failure(Failure::ConnectionRefused | Failure::Timeout, _)
+                        no_reply_failure(&e.kind),
+                        Some(Failure::ConnectionRefused | Failure::Timeout)
                     ) && e.stage == Stage::Connect;
                     last = Some(AttemptResult::from_step(e, &up.host, addr, false));
                     if !unreachable {
@@ -1073,7 +1010,7 @@ mod tests {
         let rejected = AttemptResult {
             outcome: Outcome::Rejected {
                 stage: Stage::RcptTo,
-                reply: SmtpReply::new(550, "5.1.1 User unknown"),
+                reply: Reply::new(550, "5.1.1 User unknown"),
             },
             ..base.clone()
         };
@@ -1085,14 +1022,14 @@ mod tests {
         let auth = AttemptResult {
             outcome: Outcome::Rejected {
                 stage: Stage::Auth,
-                reply: SmtpReply::new(535, "5.7.8 Username and password not accepted."),
+                reply: Reply::new(535, "5.7.8 Username and password not accepted."),
             },
             ..base.clone()
         };
         assert_eq!(auth.verdict().map(|v| v.class), Some(BounceClass::AuthFailure));
         let delivered = AttemptResult {
             outcome: Outcome::Delivered {
-                reply: SmtpReply::new(250, "2.0.0 OK"),
+                reply: Reply::new(250, "2.0.0 OK"),
             },
             ..base.clone()
         };
@@ -1101,7 +1038,7 @@ mod tests {
         let odd = AttemptResult {
             outcome: Outcome::Rejected {
                 stage: Stage::Data,
-                reply: SmtpReply::new(250, "OK"),
+                reply: Reply::new(250, "OK"),
             },
             ..base
         };

@@ -79,7 +79,7 @@ pub fn signal(outcome: &Outcome<'_>) -> Signal {
         452 | 552 => return Signal::Neutral,
         _ => {}
     }
-    if r.enhanced.is_some_and(|(_, s, d)| (s, d) == (5, 3)) {
+    if r.enhanced.is_some_and(|e| (e.subject, e.detail) == (5, 3)) {
         return Signal::Neutral;
     }
     match classify_parsed(r) {
@@ -94,7 +94,7 @@ mod tests {
     use crate::bounce::{Failure, Reply};
 
     fn sig(code: u16, text: &str) -> Signal {
-        signal(&Outcome::Reply(Reply::new(code, text)))
+        signal(&Outcome::Reply(&Reply::new(code, text)))
     }
 
     #[test]

@@ -357,7 +357,7 @@ mod tests {
     async fn backoff_after_421_cleared_by_success() {
         let p = pacer();
         let r = route("mail/o365", false, RouteLimits::default());
-        let busy = Outcome::Reply(Reply::new(421, "4.7.0 Too many connections, slow down"));
+        let busy = Outcome::Reply(&Reply::new(421, "4.7.0 Too many connections, slow down"));
         assert_eq!(
             p.report(&r, "a.example", &busy, 1_000).await.unwrap(),
             BackoffChange::Started {
@@ -386,7 +386,7 @@ mod tests {
                 level: 2
             }
         );
-        let ok = Outcome::Reply(Reply::new(250, "2.0.0 OK"));
+        let ok = Outcome::Reply(&Reply::new(250, "2.0.0 OK"));
         assert_eq!(
             p.report(&r, "a.example", &ok, 70_000).await.unwrap(),
             BackoffChange::Cleared
@@ -413,8 +413,8 @@ mod tests {
         let here = Pacer::new(store.clone());
         let other_pod = Pacer::new(store.clone());
         let r = route("mail/relay", false, RouteLimits::default());
-        let ok = Outcome::Reply(Reply::new(250, "2.0.0 OK"));
-        let busy = Outcome::Reply(Reply::new(421, "4.7.0 slow down"));
+        let ok = Outcome::Reply(&Reply::new(250, "2.0.0 OK"));
+        let busy = Outcome::Reply(&Reply::new(421, "4.7.0 slow down"));
 
         assert_eq!(here.acquire(&r, "a.example", 1, 0).await.unwrap(), Pace::Go);
         here.report(&r, "a.example", &ok, 10).await.unwrap();
@@ -466,7 +466,7 @@ mod tests {
     async fn mx_backoff_is_per_domain() {
         let p = pacer();
         let r = route("mail/mx", true, RouteLimits::default());
-        let busy = Outcome::Reply(Reply::new(451, "4.7.1 Rate limited"));
+        let busy = Outcome::Reply(&Reply::new(451, "4.7.1 Rate limited"));
         p.report(&r, "slow.example", &busy, 0).await.unwrap();
         assert!(matches!(
             p.acquire(&r, "slow.example", 1, 1).await.unwrap(),

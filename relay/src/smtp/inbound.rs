@@ -34,37 +34,12 @@ use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::quota::{QuotaDecision, QuotaEngine, QuotaTxn, SenderCtx, UNAVAILABLE_REPLY};
 
-/// An SMTP reply: code and text (the text carries the enhanced status code).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    pub text: String,
-}
+pub use mailroute_smtp::Reply;
 
-impl Reply {
-    pub fn new(code: u16, text: impl Into<String>) -> Self {
-        Reply {
-            code,
-            text: text.into(),
-        }
-    }
-    pub fn line(&self) -> String {
-        format!("{} {}", self.code, self.text)
-    }
-
-    /// From a full reply line `"451 4.7.1 text"`; an unparsable line becomes a 451.
-    pub fn parse(line: &str) -> Self {
-        match line.split_once(' ') {
-            Some((code, text)) if code.len() == 3 => match code.parse() {
-                Ok(code) => Reply {
-                    code,
-                    text: text.to_owned(),
-                },
-                Err(_) => Reply::new(451, line),
-            },
-            _ => Reply::new(451, line),
-        }
-    }
+/// A reply from a full line `"451 4.7.1 text"` (quota and policy answers); an unparsable line
+/// becomes a 451.
+fn reply_from_line(line: &str) -> Reply {
+    Reply::from_line(line).unwrap_or_else(|| Reply::new(451, line))
 }
 
 /// Who is sending, as known at the time of a policy check.
@@ -713,10 +688,10 @@ impl Inbound {
             Ok(txn) => s.txn = Some(txn),
             Err(rej) => {
                 self.observer.quota_decision(&rej.quota_id, "rejected");
-                let r = Reply::parse(&rej.reply());
+                let r = reply_from_line(&rej.reply());
                 self.observer.rejected(&s.sender(), None, &r);
                 s.mail_from = None;
-                return conn.reply(&r.line());
+                return conn.reply(&r.to_string());
             }
         }
         conn.reply("250 2.1.0 Ok");
@@ -733,7 +708,7 @@ impl Inbound {
         if s.auth_user.is_none() && !may_relay_unauthenticated(s.listener, s.peer.ip(), &self.settings.relay_cidrs) {
             let r = Reply::new(554, "5.7.1 Relay access denied: authenticate first");
             self.observer.rejected(&sender, Some(to), &r);
-            return conn.reply(&r.line());
+            return conn.reply(&r.to_string());
         }
         if !valid_recipient(to) {
             return conn.reply("501 5.1.3 Bad recipient address syntax");
@@ -748,7 +723,7 @@ impl Inbound {
             let decision = self.quotas.rcpt(txn, chrono::Utc::now().timestamp_millis()).await;
             if let Some(r) = self.quota_reply(txn, decision) {
                 self.observer.rejected(&sender, Some(to), &r);
-                return conn.reply(&r.line());
+                return conn.reply(&r.to_string());
             }
         }
         // Store U-label domains as A-labels: the form routes, MX lookups and servers without
@@ -808,7 +783,7 @@ impl Inbound {
                     format!("5.3.4 Message size exceeds fixed maximum message size of {max} bytes"),
                 );
                 self.observer.rejected(&sender, None, &r);
-                conn.reply(&r.line());
+                conn.reply(&r.to_string());
                 return Ok(Flow::Continue);
             }
         };
@@ -825,11 +800,11 @@ impl Inbound {
                 "5.6.0 Bare CR or LF in the message: lines must end with CRLF (RFC 5321 section 2.3.8)",
             );
             self.observer.rejected(&sender, None, &r);
-            conn.reply(&r.line());
+            conn.reply(&r.to_string());
             return Ok(Flow::Continue);
         }
         let reply = self.accept_message(s, sender, rcpts, body, end_of_data, txn).await;
-        conn.reply(&reply.line());
+        conn.reply(&reply.to_string());
         Ok(Flow::Continue)
     }
 
@@ -838,9 +813,9 @@ impl Inbound {
         let sender = s.sender();
         let txn = s.reset_transaction();
         self.abort(txn).await;
-        let r = Reply::parse(body_budget::REPLY);
+        let r = reply_from_line(body_budget::REPLY);
         self.observer.rejected(&sender, None, &r);
-        conn.reply(&r.line());
+        conn.reply(&r.to_string());
         Flow::Continue
     }
 
@@ -852,11 +827,11 @@ impl Inbound {
                 if txn.quota_id().is_some() {
                     self.observer.quota_decision(&id, d.result_label());
                 }
-                d.reply().map(|line| Reply::parse(&line))
+                d.reply().map(|line| reply_from_line(&line))
             }
             Err(e) => {
                 tracing::error!(error = %e, quota = %id, "quota store unavailable; deferring");
-                Some(Reply::parse(UNAVAILABLE_REPLY))
+                Some(reply_from_line(UNAVAILABLE_REPLY))
             }
         }
     }
