@@ -95,7 +95,8 @@ pub struct RecipientState {
     pub route: Option<String>,
 }
 
-/// A fresh queue id: 26 lowercase base32 characters, time-ordered prefix for humans.
+/// A fresh queue id: 26 lowercase hex digits, the time in milliseconds (11 digits, so ids sort
+/// by time) then 15 random ones.
 pub fn new_id(now_ms: i64) -> String {
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{:011x}{}", now_ms.max(0), &rand[..15])

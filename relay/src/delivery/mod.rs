@@ -120,7 +120,9 @@ impl DeliveryTarget {
         }
     }
 
-    /// Direct MX delivery without a configured route (the relay's fallback).
+    /// Direct MX delivery with default limits and timeouts, for tests and tools. The relay's own
+    /// fallback (`--fallback-mx`) is a compiled route the worker builds, delivered through
+    /// [`DeliveryTarget::from_route`].
     pub fn direct_mx(route_id: impl Into<String>) -> Self {
         Self {
             route_id: route_id.into(),
