@@ -6,8 +6,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-
 use crate::dlog::{DeliveryEvent, DeliveryLog, EventResult};
 use crate::message::MessageMeta;
 use crate::metrics::Metrics;
@@ -54,7 +52,13 @@ pub fn scheduled_event(meta: &MessageMeta, rcpt_index: usize, at_ms: i64, reason
 /// A log record for a message event, with the submission facts filled in.
 pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> DeliveryEvent {
     let rcpt = meta.rcpts.get(rcpt_index).cloned().unwrap_or_default();
-    let mut ev = DeliveryEvent::new(Utc::now(), result, meta.id.clone(), meta.mail_from.clone(), rcpt);
+    let mut ev = DeliveryEvent::new(
+        crate::clock::now(),
+        result,
+        meta.id.clone(),
+        meta.mail_from.clone(),
+        rcpt,
+    );
     ev.message_id_header = meta.message_id_header.clone();
     ev.job_id = Some(format!("{}/{}", meta.id, rcpt_index));
     ev.source_ip = meta.source_ip.parse().ok();
@@ -129,7 +133,7 @@ impl Observer for Telemetry {
                 .inc(),
         }
         let mut ev = DeliveryEvent::new(
-            Utc::now(),
+            crate::clock::now(),
             EventResult::Rejected,
             "",
             s.mail_from.clone(),

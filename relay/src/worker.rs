@@ -865,7 +865,7 @@ impl Worker {
         outcome: &AttemptOutcome,
         expired: bool,
     ) -> anyhow::Result<()> {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let (status, diagnostic) = match (outcome.reply(), outcome) {
             (Some(reply), _) => (dsn::status_for_reply(reply), Some(reply.clone())),
             (None, AttemptOutcome::Failed { class, .. }) => (status_for_class(*class, expired), None),

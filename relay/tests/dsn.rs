@@ -162,12 +162,12 @@ fn a_bounce_never_bounces() {
     let req = DsnRequest {
         reporting_mta: "relay.test",
         original_sender: "orders@shop.test",
-        arrival_date: Utc::now(),
+        arrival_date: mailroute_relay::clock::now(),
         queue_id: None,
         recipients: &reports,
         original: ORIGINAL,
     };
-    let d = dsn::build(&req, Utc::now(), "x");
+    let d = dsn::build(&req, mailroute_relay::clock::now(), "x");
     assert!(!dsn::should_bounce(&d.mail_from));
     assert!(!dsn::should_bounce("MAILER-DAEMON@relay.test"));
 }

@@ -720,7 +720,7 @@ impl Inbound {
             return conn.reply("553 5.1.3 Recipient address cannot be written in RFC 5321 form");
         }
         if let Some(txn) = s.txn.as_mut() {
-            let decision = self.quotas.rcpt(txn, chrono::Utc::now().timestamp_millis()).await;
+            let decision = self.quotas.rcpt(txn, crate::clock::now_ms()).await;
             if let Some(r) = self.quota_reply(txn, decision) {
                 self.observer.rejected(&sender, Some(to), &r);
                 return conn.reply(&r.to_string());
@@ -845,7 +845,7 @@ impl Inbound {
         end_of_data: Instant,
         mut txn: Option<QuotaTxn>,
     ) -> Reply {
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         let options = match headers::extension_options(&body, now) {
             Ok(o) => o,
             Err(e) => {
