@@ -81,11 +81,32 @@ impl Job {
     }
 }
 
+/// Where one recipient stands, as written on the message record (lowercase in JSON, also by
+/// the queue's cancel script).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientStatus {
+    /// Waiting for its first or next try (pacing, quiet hours, no capacity).
+    Queued,
+    /// A try failed temporarily; retried at `next_attempt_ms`.
+    Deferred,
+    Delivered,
+    /// Failed permanently (a DSN went to the sender unless it was a bounce itself).
+    Bounced,
+    /// Its lifetime ran out before delivery.
+    Expired,
+    /// Cancelled through the admin API.
+    Cancelled,
+    /// Its message record was gone when the job came up.
+    Gone,
+    /// The job pointed at a recipient the message does not have.
+    Invalid,
+}
+
 /// Final or current state of one recipient, kept on the message record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientState {
-    /// queued | deferred | delivered | bounced | expired | cancelled
-    pub status: String,
+    pub status: RecipientStatus,
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_ms: Option<i64>,

@@ -13,7 +13,7 @@ use crate::clock::now_ms;
 use crate::delivery::{Admission, ConnectionGate, Lease, Slot};
 use crate::metrics::Metrics;
 use crate::shaping::{BackoffChange, Connect, ConnectionPermit, Pace, Pacer};
-use crate::worker::{Attempt, Pacing};
+use crate::worker::{Attempt, PaceDecision, Pacing};
 
 /// A lease whose renewal failed is tried again after this long (at most a quarter lease).
 pub const RENEW_RETRY_MS: i64 = 5_000;
@@ -41,13 +41,16 @@ pub struct SharedPacing {
 
 #[async_trait]
 impl Pacing for SharedPacing {
-    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> Option<(i64, &'static str)> {
+    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> PaceDecision {
         match self.pacer.acquire(route, rcpt_domain, 1, now_ms).await {
-            Ok(Pace::Go) => None,
-            Ok(Pace::NotBefore { at_ms, reason }) => Some((at_ms + jitter_ms(), reason.as_str())),
+            Ok(Pace::Go) => PaceDecision::Go,
+            Ok(Pace::NotBefore { at_ms, reason }) => PaceDecision::Wait {
+                at_ms: at_ms + jitter_ms(),
+                reason: reason.as_str(),
+            },
             Err(e) => {
                 tracing::warn!(route = %route.id, error = %e, "pacing store unavailable; sending unpaced");
-                None
+                PaceDecision::Go
             }
         }
     }

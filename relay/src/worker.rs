@@ -25,7 +25,7 @@ use crate::clock::now_ms;
 use crate::config::ConfigHandle;
 use crate::dlog::EventResult;
 use crate::dsn;
-use crate::message::{Job, MessageMeta, RecipientState, new_id};
+use crate::message::{Job, MessageMeta, RecipientState, RecipientStatus, new_id};
 use crate::queue::{Disposition, Leased, Queue, QueueError, Stored};
 use crate::retry::{self, Next, RetryPolicy};
 use crate::telemetry::{Telemetry, event_for, scheduled_event};
@@ -162,11 +162,19 @@ pub trait Transport: Send + Sync {
     ) -> Delivery;
 }
 
+/// The pacer's answer for one send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaceDecision {
+    /// Go now; the send is counted.
+    Go,
+    /// Not before `at_ms`; `reason` labels the paced-jobs metric.
+    Wait { at_ms: i64, reason: &'static str },
+}
+
 /// Outbound pacing shared by all pods.
 #[async_trait]
 pub trait Pacing: Send + Sync {
-    /// `None` = go now (the send is counted), `Some((not_before_ms, reason))` = wait.
-    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> Option<(i64, &'static str)>;
+    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> PaceDecision;
     /// Feedback after an attempt through `route` (rate-limit replies back the route off).
     async fn report(&self, route: &CompiledRoute, attempt: &Attempt, now_ms: i64);
 }
@@ -176,8 +184,8 @@ pub struct Unpaced;
 
 #[async_trait]
 impl Pacing for Unpaced {
-    async fn acquire(&self, _: &CompiledRoute, _: &str, _: i64) -> Option<(i64, &'static str)> {
-        None
+    async fn acquire(&self, _: &CompiledRoute, _: &str, _: i64) -> PaceDecision {
+        PaceDecision::Go
     }
     async fn report(&self, _: &CompiledRoute, _: &Attempt, _: i64) {}
 }
@@ -528,7 +536,7 @@ impl Worker {
                 self.complete(
                     &leased,
                     Disposition::Final {
-                        state: state("gone", job.attempts, None, None),
+                        state: state(RecipientStatus::Gone, job.attempts, None, None),
                     },
                 )
                 .await;
@@ -546,7 +554,7 @@ impl Worker {
             self.complete(
                 &leased,
                 Disposition::Final {
-                    state: state("invalid", job.attempts, None, None),
+                    state: state(RecipientStatus::Invalid, job.attempts, None, None),
                 },
             )
             .await;
@@ -559,7 +567,7 @@ impl Worker {
             self.complete(
                 &leased,
                 Disposition::Final {
-                    state: state("cancelled", job.attempts, None, None),
+                    state: state(RecipientStatus::Cancelled, job.attempts, None, None),
                 },
             )
             .await;
@@ -579,6 +587,13 @@ impl Worker {
         }
         let policy = policy_for(routes.first(), meta);
         let now = now_ms();
+        let this = Recipient {
+            leased: &leased,
+            meta,
+            body: &stored.body,
+            idx,
+            rcpt: &rcpt,
+        };
 
         if now >= policy.expires_at_ms(meta.received_at_ms) && job.attempts > 0 {
             // Without a route, that is what the sender needs to read.
@@ -587,9 +602,7 @@ impl Worker {
             } else {
                 AttemptOutcome::from_failure(Failure::Expired, "queue lifetime exceeded")
             };
-            return self
-                .fail(&leased, meta, &stored.body, idx, &rcpt, None, &outcome, true)
-                .await;
+            return self.fail(this, None, &outcome, true).await;
         }
         if let Some(q) = meta
             .options
@@ -604,19 +617,17 @@ impl Worker {
             return self.wait(&leased, job, at, "quiet hours", None).await;
         }
         let Some(first) = routes.first() else {
-            return self
-                .no_route(&leased, job, meta, &stored.body, idx, &rcpt, &domain, &policy)
-                .await;
+            return self.no_route(this, job, &domain, &policy).await;
         };
-        if let Some((at, reason)) = self.pacing.acquire(first, &domain, now).await {
-            return self.paced(&leased, job, at, reason, &first.id).await;
+        if let PaceDecision::Wait { at_ms, reason } = self.pacing.acquire(first, &domain, now).await {
+            return self.paced(&leased, job, at_ms, reason, &first.id).await;
         }
 
         let attempts = job.attempts + 1;
         let mut last: Option<(Attempt, &CompiledRoute)> = None;
         for (i, route) in routes.iter().enumerate() {
             // Later routes are only used if they have capacity now; pacing never fails a job.
-            if i > 0 && self.pacing.acquire(route, &domain, now_ms()).await.is_some() {
+            if i > 0 && self.pacing.acquire(route, &domain, now_ms()).await != PaceDecision::Go {
                 continue;
             }
             let env = OutEnvelope {
@@ -669,7 +680,7 @@ impl Worker {
                     .with_label_values(&[&route.id])
                     .observe(latency);
                 let st = state(
-                    "delivered",
+                    RecipientStatus::Delivered,
                     attempts,
                     None,
                     Some((attempt.outcome.summary(), route.id.clone())),
@@ -695,7 +706,7 @@ impl Worker {
                 fill(&mut ev, route, &attempt, attempts);
                 self.telemetry.metrics.retries.with_label_values(&[&route.id]).inc();
                 let st = state(
-                    "deferred",
+                    RecipientStatus::Deferred,
                     attempts,
                     Some(at_ms),
                     Some((attempt.outcome.summary(), route.id.clone())),
@@ -711,8 +722,7 @@ impl Worker {
             d @ (Decision::Bounce { .. } | Decision::Expired) => {
                 let expired = d == Decision::Expired;
                 let via = Some((route, &attempt));
-                self.fail(&leased, meta, &stored.body, idx, &rcpt, via, &attempt.outcome, expired)
-                    .await
+                self.fail(this, via, &attempt.outcome, expired).await
             }
         }
     }
@@ -721,18 +731,8 @@ impl Worker {
     /// route left out while its Secret is broken), not a verdict on the mail. Accepted mail
     /// waits on the retry schedule and only expires at the end of its lifetime; it is never
     /// bounced for this. A DSN without a route is reported loudly: its sender learns nothing.
-    #[allow(clippy::too_many_arguments)]
-    async fn no_route(
-        &self,
-        leased: &Leased,
-        job: Job,
-        meta: &MessageMeta,
-        body: &[u8],
-        idx: usize,
-        rcpt: &str,
-        domain: &str,
-        policy: &RetryPolicy,
-    ) {
+    async fn no_route(&self, r: Recipient<'_>, job: Job, domain: &str, policy: &RetryPolicy) {
+        let Recipient { leased, meta, idx, .. } = r;
         let outcome = no_route_outcome(domain);
         let attempts = job.attempts + 1;
         let m = &self.telemetry.metrics;
@@ -745,7 +745,7 @@ impl Worker {
         let at_ms = match decide(&outcome, policy, meta, now_ms(), attempts) {
             Decision::Retry { at_ms } => at_ms,
             _ => {
-                return self.fail(leased, meta, body, idx, rcpt, None, &outcome, true).await;
+                return self.fail(r, None, &outcome, true).await;
             }
         };
         let mut ev = event_for(meta, EventResult::Deferred, idx);
@@ -754,7 +754,7 @@ impl Worker {
         ev.bounce_class = Some(bounce::BounceClass::NoRoute.as_str().to_owned());
         m.retries.with_label_values(&["none"]).inc();
         let st = state(
-            "deferred",
+            RecipientStatus::Deferred,
             attempts,
             Some(at_ms),
             Some((outcome.summary(), "none".into())),
@@ -780,7 +780,7 @@ impl Worker {
 
     async fn wait(&self, leased: &Leased, job: Job, at_ms: i64, reason: &str, route: Option<&str>) {
         tracing::debug!(message = %job.msg, rcpt = job.rcpt, reason, route, at_ms, "waiting");
-        let st = state("queued", job.attempts, Some(at_ms), None);
+        let st = state(RecipientStatus::Queued, job.attempts, Some(at_ms), None);
         let job = Job {
             waits: job.waits + 1,
             ..job
@@ -797,18 +797,20 @@ impl Worker {
     }
 
     /// Permanent failure or expiry: log, count, send a DSN (never for a bounce), finish the job.
-    #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
-        leased: &Leased,
-        meta: &MessageMeta,
-        body: &[u8],
-        idx: usize,
-        rcpt: &str,
+        r: Recipient<'_>,
         via: Option<(&CompiledRoute, &Attempt)>,
         outcome: &AttemptOutcome,
         expired: bool,
     ) {
+        let Recipient {
+            leased,
+            meta,
+            body,
+            idx,
+            rcpt,
+        } = r;
         let attempts = leased.job.attempts + u32::from(via.is_some());
         let route_id = via.map(|(r, _)| r.id.clone()).unwrap_or_else(|| "none".into());
         let class = match outcome {
@@ -851,7 +853,11 @@ impl Worker {
             }
             m.dsn_sent.inc();
         }
-        let status = if expired { "expired" } else { "bounced" };
+        let status = if expired {
+            RecipientStatus::Expired
+        } else {
+            RecipientStatus::Bounced
+        };
         let st = state(status, attempts, None, Some((outcome.summary(), route_id)));
         self.complete(leased, Disposition::Final { state: st }).await;
     }
@@ -926,6 +932,17 @@ impl Worker {
     }
 }
 
+/// The recipient a job is about, with its lease and message, as the failure paths need them.
+#[derive(Clone, Copy)]
+struct Recipient<'a> {
+    leased: &'a Leased,
+    meta: &'a MessageMeta,
+    body: &'a [u8],
+    /// Its index among the message's recipients.
+    idx: usize,
+    rcpt: &'a str,
+}
+
 /// What "no route serves the recipient" counts as: a temporary failure of class `no_route`.
 pub fn no_route_outcome(domain: &str) -> AttemptOutcome {
     AttemptOutcome::Failed {
@@ -950,13 +967,13 @@ fn status_for_class(class: bounce::BounceClass, expired: bool) -> EnhancedStatus
     dsn::status_for_failure(f)
 }
 
-fn state(status: &str, attempts: u32, next: Option<i64>, last: Option<(String, String)>) -> RecipientState {
+fn state(status: RecipientStatus, attempts: u32, next: Option<i64>, last: Option<(String, String)>) -> RecipientState {
     let (last_reply, route) = match last {
         Some((r, route)) => (Some(r), Some(route)),
         None => (None, None),
     };
     RecipientState {
-        status: status.into(),
+        status,
         attempts,
         next_attempt_ms: next,
         last_reply,
