@@ -81,6 +81,14 @@ impl Job {
     }
 }
 
+/// The envelope of one delivery attempt: one recipient (the queue holds one job per recipient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// Reverse path without angle brackets; empty for the null sender.
+    pub mail_from: &'a str,
+    pub rcpt_to: &'a str,
+}
+
 /// Where one recipient stands, as written on the message record (lowercase in JSON, also by
 /// the queue's cancel script).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -18,7 +18,7 @@ use crate::delivery::{
 };
 use crate::pacing::ConnectionSlots;
 use crate::shaping::{PaceReason, Pacer, Shaping};
-use crate::worker::{Attempt, AttemptOutcome, Cause, Delivery, OutEnvelope, Transport};
+use crate::worker::{Attempt, AttemptOutcome, Cause, Delivery, Transport};
 
 pub struct SmtpTransport {
     deliverer: Deliverer,
@@ -130,7 +130,7 @@ impl Transport for SmtpTransport {
         &self,
         route: &CompiledRoute,
         secrets: &RelaySecrets,
-        env: &OutEnvelope<'_>,
+        env: &Envelope<'_>,
         body: &[u8],
     ) -> Delivery {
         let mut target = DeliveryTarget::from_route(route, secrets);
@@ -140,10 +140,6 @@ impl Transport for SmtpTransport {
         }
         let creds = secrets.upstream_credentials.get(&route.id);
         let signer = self.signer(route, secrets);
-        let envelope = Envelope {
-            mail_from: env.mail_from.to_owned(),
-            rcpt_to: env.rcpt_to.to_owned(),
-        };
         let slots = self.slots.as_ref().map(|pacer| ConnectionSlots {
             pacer,
             route,
@@ -155,7 +151,7 @@ impl Transport for SmtpTransport {
         };
         let r = self
             .deliverer
-            .deliver_gated(&target, creds, signer.as_deref(), &envelope, body, gate)
+            .deliver_gated(&target, creds, signer.as_deref(), env, body, gate)
             .await;
         match r {
             Ok(r) => Delivery::Attempted(Attempt {

@@ -25,17 +25,10 @@ use crate::clock::now_ms;
 use crate::config::ConfigHandle;
 use crate::dlog::EventResult;
 use crate::dsn;
-use crate::message::{Job, MessageMeta, RecipientState, RecipientStatus, new_id};
+use crate::message::{Envelope, Job, MessageMeta, RecipientState, RecipientStatus, new_id};
 use crate::queue::{Disposition, Leased, Queue, QueueError, Stored};
 use crate::retry::{self, Next, RetryPolicy};
 use crate::telemetry::{Telemetry, event_for, scheduled_event};
-
-/// The envelope of one delivery attempt.
-#[derive(Clone, Debug)]
-pub struct OutEnvelope<'a> {
-    pub mail_from: &'a str,
-    pub rcpt_to: &'a str,
-}
 
 /// What one attempt through one route produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,13 +146,8 @@ pub enum Delivery {
 /// Sends one message to one recipient through one route (smarthost or MX).
 #[async_trait]
 pub trait Transport: Send + Sync {
-    async fn deliver(
-        &self,
-        route: &CompiledRoute,
-        secrets: &RelaySecrets,
-        env: &OutEnvelope<'_>,
-        body: &[u8],
-    ) -> Delivery;
+    async fn deliver(&self, route: &CompiledRoute, secrets: &RelaySecrets, env: &Envelope<'_>, body: &[u8])
+    -> Delivery;
 }
 
 /// The pacer's answer for one send.
@@ -630,7 +618,7 @@ impl Worker {
             if i > 0 && self.pacing.acquire(route, &domain, now_ms()).await != PaceDecision::Go {
                 continue;
             }
-            let env = OutEnvelope {
+            let env = Envelope {
                 mail_from: &meta.mail_from,
                 rcpt_to: &rcpt,
             };

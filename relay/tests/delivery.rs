@@ -62,10 +62,10 @@ fn verifying(route: &str, mut up: Upstream, server_name: &str, ca_pem: &str) -> 
     t
 }
 
-fn env(rcpt: &str) -> Envelope {
+fn env(rcpt: &str) -> Envelope<'_> {
     Envelope {
-        mail_from: "orders@shop.example".into(),
-        rcpt_to: rcpt.into(),
+        mail_from: "orders@shop.example",
+        rcpt_to: rcpt,
     }
 }
 

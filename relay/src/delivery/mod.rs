@@ -49,6 +49,8 @@ use crate::bounce::{self, BounceClass, Failure, Kind, Verdict};
 use mailroute_smtp::{ErrorKind, OpenSpec, StepError, Timeouts, TlsUse};
 pub use mailroute_smtp::{Reply, Stage};
 
+pub use crate::message::Envelope;
+
 /// Settings of a [`Deliverer`], fixed for its lifetime.
 #[derive(Debug, Clone)]
 pub struct DelivererConfig {
@@ -135,14 +137,6 @@ impl DeliveryTarget {
             timeouts: SessionTimeouts::default(),
         }
     }
-}
-
-/// The envelope of one attempt: one recipient (the queue holds one job per recipient).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// Reverse path without angle brackets; empty for the null sender.
-    pub mail_from: String,
-    pub rcpt_to: String,
 }
 
 /// What one attempt came to.
@@ -290,13 +284,13 @@ fn no_reply_failure(kind: &ErrorKind) -> Option<Failure> {
 pub fn prepare_message<'a>(
     target: &DeliveryTarget,
     dkim: Option<&DkimSigner>,
-    env: &Envelope,
+    env: &Envelope<'_>,
     body: &'a [u8],
 ) -> (String, Cow<'a, [u8]>) {
-    let mut mail_from = env.mail_from.clone();
+    let mut mail_from = env.mail_from.to_owned();
     let mut message = Cow::Borrowed(body);
     if let Some(new_from) = target.from_override.as_deref().filter(|f| !f.is_empty()) {
-        mail_from = rewrite::override_envelope_sender(&env.mail_from, new_from);
+        mail_from = rewrite::override_envelope_sender(env.mail_from, new_from);
         message = Cow::Owned(rewrite::rewrite_from_header(body, new_from));
     }
     if let Some(signer) = dkim {
@@ -408,7 +402,7 @@ impl Deliverer {
         target: &DeliveryTarget,
         creds: Option<&Credentials>,
         dkim: Option<&DkimSigner>,
-        env: &Envelope,
+        env: &Envelope<'_>,
         body: &[u8],
     ) -> AttemptResult {
         match self.deliver_with(target, creds, dkim, env, body, &Ungated, true).await {
@@ -431,7 +425,7 @@ impl Deliverer {
         target: &DeliveryTarget,
         creds: Option<&Credentials>,
         dkim: Option<&DkimSigner>,
-        env: &Envelope,
+        env: &Envelope<'_>,
         body: &[u8],
         gate: &dyn ConnectionGate,
     ) -> Result<AttemptResult, NoSlot> {
@@ -445,7 +439,7 @@ impl Deliverer {
         target: &DeliveryTarget,
         creds: Option<&Credentials>,
         dkim: Option<&DkimSigner>,
-        env: &Envelope,
+        env: &Envelope<'_>,
         body: &[u8],
         gate: &dyn ConnectionGate,
         wait: bool,
@@ -481,11 +475,11 @@ impl Deliverer {
                 };
                 let pool = self.pool(&key, target, tls_config);
                 let hop = Hop::Smarthost { up, creds };
-                self.run(target, &pool, hop, gate, wait, &mail_from, &env.rcpt_to, &message)
+                self.run(target, &pool, hop, gate, wait, &mail_from, env.rcpt_to, &message)
                     .await
             }
             Target::Mx => {
-                let Some(domain) = mailroute_api::pattern::domain_of(&env.rcpt_to) else {
+                let Some(domain) = mailroute_api::pattern::domain_of(env.rcpt_to) else {
                     return Ok(AttemptResult::failed(
                         Stage::Dns,
                         Failure::DnsNoSuchDomain,
@@ -500,7 +494,7 @@ impl Deliverer {
                 };
                 let pool = self.pool(&key, target, tls_config);
                 let hop = Hop::Mx { domain: &domain };
-                self.run(target, &pool, hop, gate, wait, &mail_from, &env.rcpt_to, &message)
+                self.run(target, &pool, hop, gate, wait, &mail_from, env.rcpt_to, &message)
                     .await
             }
         }
@@ -982,8 +976,8 @@ mod tests {
     #[test]
     fn prepare_applies_override_then_dkim() {
         let env = Envelope {
-            mail_from: "app@shop.example".into(),
-            rcpt_to: "a@b.example".into(),
+            mail_from: "app@shop.example",
+            rcpt_to: "a@b.example",
         };
         let body = b"From: Shop <app@shop.example>\r\nSubject: s\r\n\r\nhi\r\n";
         let (from, msg) = prepare_message(&target(None), None, &env, body);
@@ -998,8 +992,8 @@ mod tests {
         assert!(text.contains("From: Shop <noreply@relay.example>\r\nReply-To: Shop <app@shop.example>\r\n"));
 
         let bounce = Envelope {
-            mail_from: String::new(),
-            rcpt_to: "a@b.example".into(),
+            mail_from: "",
+            rcpt_to: "a@b.example",
         };
         let (from, _) = prepare_message(&target(Some("noreply@relay.example")), None, &bounce, body);
         assert_eq!(from, "", "a bounce keeps the null sender");
