@@ -1,6 +1,7 @@
 //! Bounce classification: turns the outcome of one delivery attempt (an SMTP
-//! reply, or a failure that produced no reply) into a [`Verdict`] — whether the
-//! failure is temporary or permanent, and which [`BounceClass`] it belongs to.
+//! reply, [`classify_parsed`], or a failure that produced no reply,
+//! [`Failure::verdict`]) into a [`Verdict`] — whether the failure is temporary
+//! or permanent, and which [`BounceClass`] it belongs to.
 //!
 //! This module owns the classification table and the RFC 3463 enhanced status
 //! code fallback. It is pure: no I/O, no async, no clock, no logging, no
@@ -149,21 +150,6 @@ impl Failure {
             Failure::Tls => Verdict::new(Kind::Temporary, C::TlsFailure),
             Failure::Expired => Verdict::new(Kind::Permanent, C::Expired),
         }
-    }
-}
-
-/// The outcome of one delivery attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome<'a> {
-    Reply(&'a Reply),
-    Failure(Failure),
-}
-
-/// Classifies an attempt; `None` means it was not a failure (2xx/3xx).
-pub fn classify(outcome: &Outcome<'_>) -> Option<Verdict> {
-    match outcome {
-        Outcome::Reply(r) => classify_parsed(r),
-        Outcome::Failure(f) => Some(f.verdict()),
     }
 }
 
@@ -726,17 +712,14 @@ mod tests {
 
     #[test]
     fn non_reply_failures() {
-        assert_eq!(
-            classify(&Outcome::Failure(Failure::ConnectionRefused)),
-            Some(Verdict::new(T, C::Other))
-        );
+        assert_eq!(Failure::ConnectionRefused.verdict(), Verdict::new(T, C::Other));
         assert_eq!(Failure::Timeout.verdict(), Verdict::new(T, C::Other));
         assert_eq!(Failure::DnsTemporary.verdict(), Verdict::new(T, C::DnsFailure));
         assert_eq!(Failure::DnsNoSuchDomain.verdict(), Verdict::new(P, C::DnsFailure));
         assert_eq!(Failure::Tls.verdict(), Verdict::new(T, C::TlsFailure));
         assert_eq!(Failure::Expired.verdict(), Verdict::new(P, C::Expired));
         assert!(Failure::Expired.verdict().is_permanent());
-        assert_eq!(classify(&Outcome::Reply(&Reply::new(250, "OK"))), None);
+        assert_eq!(classify_parsed(&Reply::new(250, "OK")), None);
     }
 
     #[test]

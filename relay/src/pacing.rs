@@ -8,7 +8,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use mailroute_api::config::CompiledRoute;
 
-use crate::bounce::{Failure, Outcome};
 use crate::clock::now_ms;
 use crate::delivery::{Admission, ConnectionGate, Lease, Slot};
 use crate::metrics::Metrics;
@@ -59,12 +58,8 @@ impl Pacing for SharedPacing {
         let Some(domain) = attempt.rcpt_domain.as_deref() else {
             return;
         };
-        let outcome = match attempt.outcome.reply() {
-            Some(reply) => Outcome::Reply(reply),
-            // No reply: neutral for back-off.
-            None => Outcome::Failure(Failure::ConnectionLost),
-        };
-        match self.pacer.report(route, domain, &outcome, now_ms).await {
+        // No reply: neutral for back-off.
+        match self.pacer.report(route, domain, attempt.outcome.reply(), now_ms).await {
             Ok(BackoffChange::Started { until_ms, level }) => {
                 self.metrics.route_backoff_active.with_label_values(&[&route.id]).set(1);
                 tracing::warn!(route = %route.id, until_ms, level, "upstream rate-limits us: backing off");
