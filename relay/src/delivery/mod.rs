@@ -279,6 +279,23 @@ fn no_reply_failure(kind: &ErrorKind) -> Option<Failure> {
     })
 }
 
+/// How an attempt gets a connection: `gate` is asked before a new one opens; `wait`: wait for
+/// a free slot of the pool instead of returning [`NoSlot`].
+#[derive(Clone, Copy)]
+struct Entry<'a> {
+    gate: &'a dyn ConnectionGate,
+    wait: bool,
+}
+
+/// What goes out on the connection: the envelope after the From override and the prepared
+/// message (overridden, signed).
+#[derive(Clone, Copy)]
+struct Outgoing<'a> {
+    mail_from: &'a str,
+    rcpt_to: &'a str,
+    message: &'a [u8],
+}
+
 /// Applies the route's From override and DKIM signature, in that order. Returns the envelope
 /// sender and the bytes to send.
 pub fn prepare_message<'a>(
@@ -405,7 +422,20 @@ impl Deliverer {
         env: &Envelope<'_>,
         body: &[u8],
     ) -> AttemptResult {
-        match self.deliver_with(target, creds, dkim, env, body, &Ungated, true).await {
+        match self
+            .deliver_with(
+                target,
+                creds,
+                dkim,
+                env,
+                body,
+                Entry {
+                    gate: &Ungated,
+                    wait: true,
+                },
+            )
+            .await
+        {
             Ok(r) => r,
             // `Ungated` never refuses; kept total instead of panicking.
             Err(NoSlot { .. }) => {
@@ -429,11 +459,10 @@ impl Deliverer {
         body: &[u8],
         gate: &dyn ConnectionGate,
     ) -> Result<AttemptResult, NoSlot> {
-        self.deliver_with(target, creds, dkim, env, body, gate, false).await
+        self.deliver_with(target, creds, dkim, env, body, Entry { gate, wait: false })
+            .await
     }
 
-    /// `wait`: wait for a free slot of the pool instead of returning [`NoSlot`].
-    #[allow(clippy::too_many_arguments)]
     async fn deliver_with(
         &self,
         target: &DeliveryTarget,
@@ -441,10 +470,14 @@ impl Deliverer {
         dkim: Option<&DkimSigner>,
         env: &Envelope<'_>,
         body: &[u8],
-        gate: &dyn ConnectionGate,
-        wait: bool,
+        entry: Entry<'_>,
     ) -> Result<AttemptResult, NoSlot> {
         let (mail_from, message) = prepare_message(target, dkim, env, body);
+        let out = Outgoing {
+            mail_from: &mail_from,
+            rcpt_to: env.rcpt_to,
+            message: &message,
+        };
         match &target.target {
             Target::Smarthost(up) => {
                 let key = self.smarthost_key(target, up, creds);
@@ -475,8 +508,7 @@ impl Deliverer {
                 };
                 let pool = self.pool(&key, target, tls_config);
                 let hop = Hop::Smarthost { up, creds };
-                self.run(target, &pool, hop, gate, wait, &mail_from, env.rcpt_to, &message)
-                    .await
+                self.run(target, &pool, hop, entry, out).await
             }
             Target::Mx => {
                 let Some(domain) = mailroute_api::pattern::domain_of(env.rcpt_to) else {
@@ -494,8 +526,7 @@ impl Deliverer {
                 };
                 let pool = self.pool(&key, target, tls_config);
                 let hop = Hop::Mx { domain: &domain };
-                self.run(target, &pool, hop, gate, wait, &mail_from, env.rcpt_to, &message)
-                    .await
+                self.run(target, &pool, hop, entry, out).await
             }
         }
     }
@@ -588,18 +619,20 @@ impl Deliverer {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         target: &DeliveryTarget,
         pool: &Pool,
         hop: Hop<'_>,
-        gate: &dyn ConnectionGate,
-        wait: bool,
-        mail_from: &str,
-        rcpt_to: &str,
-        message: &[u8],
+        entry: Entry<'_>,
+        out: Outgoing<'_>,
     ) -> Result<AttemptResult, NoSlot> {
+        let Entry { gate, wait } = entry;
+        let Outgoing {
+            mail_from,
+            rcpt_to,
+            message,
+        } = out;
         let slot = if wait {
             pool.acquire().await
         } else {
