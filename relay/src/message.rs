@@ -1,5 +1,6 @@
 //! The queued message and its per-recipient jobs: the records the queue stores and the worker
-//! reads. Plain data with serde; no I/O, no policy.
+//! reads (meta, jobs, recipient states), and the envelope of one delivery attempt. Plain data
+//! with serde; no I/O, no policy.
 
 use serde::{Deserialize, Serialize};
 
