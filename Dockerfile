@@ -51,6 +51,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY api ./api
 COPY tls ./tls
+COPY smtp ./smtp
 COPY operator ./operator
 COPY relay ./relay
 COPY testkit ./testkit
