@@ -52,6 +52,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY api ./api
 COPY tls ./tls
 COPY oauth ./oauth
+COPY smtp ./smtp
 COPY operator ./operator
 COPY relay ./relay
 COPY testkit ./testkit

@@ -1,24 +1,25 @@
 //! Connection test of a route's upstream: connect (plain + STARTTLS, or implicit TLS), verify the
 //! certificate as the route says (system roots plus the route's CA bundle), EHLO, AUTH with the
-//! route's credentials and optionally send a test message. Also the pure parts: the fingerprint
-//! of what is tested, when a test is due, and the `Verified` condition a result gives.
+//! route's credentials and optionally send a test message, through the relay's own SMTP client
+//! (`mailroute_smtp::client`), so the `Verified` condition quotes a reply as the delivery log
+//! would. Also the pure parts: the fingerprint of what is tested, when a test is due, and the
+//! `Verified` condition a result gives.
 //! It never writes to Kubernetes and never logs credentials.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use mail_send::SmtpClient;
-use mail_send::smtp::message::Message;
 use mailroute_api::config::{Credentials, Upstream, short_hash};
-use mailroute_api::route::{AuthMechanism, TlsMode};
+use mailroute_api::route::TlsMode;
 use mailroute_api::status::{ConnectionTest, condition_type};
+use mailroute_smtp::client;
+use mailroute_smtp::{Connection, ErrorKind, OpenSpec, Stage, StepError, Timeouts, TlsUse};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use serde_json::json;
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, EXT_START_TLS, EhloResponse, Response};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2};
 
 use crate::clock;
 use crate::conditions::{Desired, Status};
@@ -158,16 +159,6 @@ pub fn verified_condition(upstream: &Upstream, record: &ConnectionTest) -> Desir
     )
 }
 
-/// `535 5.7.8 Username and password not accepted.`: the reply as the upstream sent it, on one line.
-pub fn format_reply(r: &Response<String>) -> String {
-    let text = r.message.lines().map(str::trim).collect::<Vec<_>>().join(" ");
-    if r.esc[0] != 0 {
-        format!("{} {}.{}.{} {text}", r.code, r.esc[0], r.esc[1], r.esc[2])
-    } else {
-        format!("{} {text}", r.code)
-    }
-}
-
 struct Failure {
     step: &'static str,
     reply: Option<String>,
@@ -183,19 +174,38 @@ impl Failure {
         }
     }
 
-    fn from_mail_send(step: &'static str, e: mail_send::Error) -> Self {
-        match e {
-            mail_send::Error::UnexpectedReply(r) | mail_send::Error::AuthenticationFailed(r) => Self {
-                step,
-                reply: Some(format_reply(&r)),
-                error: None,
-            },
-            mail_send::Error::Tls(e) => Self::error("tls", e.to_string()),
-            mail_send::Error::Io(e) => Self::error(step, e.to_string()),
-            mail_send::Error::Timeout => Self::error(step, "timed out"),
-            mail_send::Error::UnparseableReply => Self::error(step, "the upstream sent no valid SMTP reply"),
-            other => Self::error(step, other.to_string()),
-        }
+    /// A step of the shared SMTP client that failed, in the test's steps and words: the
+    /// upstream's reply exactly as the relay's delivery log would quote it.
+    fn from_step(e: StepError) -> Self {
+        let step = match (&e.kind, e.stage) {
+            (ErrorKind::TlsHandshake(_) | ErrorKind::TlsTimeout | ErrorKind::Tls(_), _) => "tls",
+            (_, Stage::Setup | Stage::Dns | Stage::Connect) => "connect",
+            (_, Stage::Greeting) => "greeting",
+            (_, Stage::Ehlo) => "ehlo",
+            (_, Stage::StartTls) => "starttls",
+            (_, Stage::Auth) => "auth",
+            (_, Stage::Reset | Stage::MailFrom | Stage::RcptTo | Stage::Data | Stage::Message) => "send",
+        };
+        let error = match e.kind {
+            ErrorKind::Reply(r) => {
+                return Self {
+                    step,
+                    reply: Some(r.to_string()),
+                    error: None,
+                };
+            }
+            ErrorKind::ConnectTimeout(d) => format!("timed out after {d:?}"),
+            ErrorKind::TlsHandshake(e) => e,
+            ErrorKind::TlsTimeout | ErrorKind::NoGreeting | ErrorKind::Timeout(_) => "timed out".into(),
+            ErrorKind::StartTlsNotOffered => "the upstream does not offer STARTTLS".into(),
+            ErrorKind::AuthNotOffered { wanted, offered } => format!(
+                "the upstream does not offer AUTH {} (it offers: {})",
+                client::mechanism_name(wanted),
+                offered_mechanisms(offered)
+            ),
+            other => other.detail(),
+        };
+        Self::error(step, error)
     }
 }
 
@@ -224,10 +234,15 @@ pub async fn run(job: &ConnTestJob, settings: &Settings) -> ConnectionTest {
     }
 }
 
+/// The relay's own dialogue (`mailroute_smtp::client`) with the route's settings: connect, TLS
+/// as configured, EHLO, AUTH with exactly the configured mechanism, the test message if asked.
 async fn session(job: &ConnTestJob, settings: &Settings) -> Result<Option<String>, Failure> {
     let up = &job.upstream;
-    let connect = TcpStream::connect((up.host.as_str(), up.port));
-    let tcp = match tokio::time::timeout(settings.timeout, connect).await {
+    let tls_config = tls_config(up, job.ca_pem.as_deref()).map_err(|e| Failure::error("tls", e))?;
+    let name = up.server_name.clone().unwrap_or_else(|| up.host.clone());
+    let server_name = ServerName::try_from(name).map_err(|e| Failure::error("tls", e.to_string()))?;
+    let lookup = tokio::net::lookup_host((up.host.as_str(), up.port));
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(settings.timeout, lookup).await {
         Err(_) => {
             return Err(Failure::error(
                 "connect",
@@ -235,86 +250,61 @@ async fn session(job: &ConnTestJob, settings: &Settings) -> Result<Option<String
             ));
         }
         Ok(Err(e)) => return Err(Failure::error("connect", e.to_string())),
-        Ok(Ok(tcp)) => tcp,
+        Ok(Ok(addrs)) => addrs.collect(),
     };
-    let client = SmtpClient {
-        stream: tcp,
-        timeout: settings.timeout,
+    let tls = match up.tls {
+        TlsMode::Implicit => TlsUse::Implicit,
+        TlsMode::Starttls => TlsUse::RequireStartTls,
+        TlsMode::None => TlsUse::Plain,
     };
-    let connector = TlsConnector::from(tls_config(up, job.ca_pem.as_deref()).map_err(|e| Failure::error("tls", e))?);
-    let server_name = up.server_name.clone().unwrap_or_else(|| up.host.clone());
-    match up.tls {
-        TlsMode::Implicit => {
-            let mut c = client
-                .into_tls(&connector, &server_name)
-                .await
-                .map_err(|e| Failure::from_mail_send("tls", e))?;
-            greeting(&mut c).await?;
-            let caps = ehlo(&mut c, settings).await?;
-            finish(c, caps, job).await
-        }
-        TlsMode::Starttls => {
-            let mut c = client;
-            greeting(&mut c).await?;
-            let caps = ehlo(&mut c, settings).await?;
-            if !caps.has_capability(EXT_START_TLS) {
-                return Err(Failure::error("starttls", "the upstream does not offer STARTTLS"));
+    let auth = match (up.auth, &job.credentials) {
+        (Some(mechanism), Some(creds)) => Some((creds, Some(mechanism))),
+        _ => None,
+    };
+    // Each address in turn while it cannot be reached, as a TCP connect to the name would.
+    let mut last = Failure::error("connect", format!("{}: no address", up.host));
+    let mut opened = None;
+    for addr in addrs {
+        let spec = OpenSpec {
+            host: &up.host,
+            addr,
+            tls,
+            tls_config: Arc::clone(&tls_config),
+            server_name: server_name.clone(),
+            helo: &settings.helo_name,
+            auth,
+            timeouts: Timeouts::uniform(settings.timeout),
+        };
+        match Connection::open(spec).await {
+            Ok(c) => {
+                opened = Some(c);
+                break;
             }
-            let reply = c
-                .cmd(b"STARTTLS\r\n")
-                .await
-                .map_err(|e| Failure::from_mail_send("starttls", e))?;
-            if reply.code != 220 {
-                return Err(Failure {
-                    step: "starttls",
-                    reply: Some(format_reply(&reply)),
-                    error: None,
-                });
+            Err(e) => {
+                let unreachable =
+                    e.stage == Stage::Connect && matches!(e.kind, ErrorKind::Connect(_) | ErrorKind::ConnectTimeout(_));
+                last = Failure::from_step(e);
+                if !unreachable {
+                    break;
+                }
             }
-            let mut c = c
-                .into_tls(&connector, &server_name)
+        }
+    }
+    let mut conn = opened.ok_or(last)?;
+    let sent = match &job.message {
+        None => None,
+        Some(m) => {
+            let body = test_message_body(&job.route_id, m);
+            let reply = conn
+                .send(&m.from, &m.to, body.as_bytes())
                 .await
-                .map_err(|e| Failure::from_mail_send("tls", e))?;
-            let caps = ehlo(&mut c, settings).await?;
-            finish(c, caps, job).await
+                .map_err(Failure::from_step)?;
+            Some(reply.to_string())
         }
-        TlsMode::None => {
-            let mut c = client;
-            greeting(&mut c).await?;
-            let caps = ehlo(&mut c, settings).await?;
-            finish(c, caps, job).await
-        }
-    }
-}
-
-async fn greeting<S: AsyncRead + AsyncWrite + Unpin>(c: &mut SmtpClient<S>) -> Result<(), Failure> {
-    let reply = c.read().await.map_err(|e| Failure::from_mail_send("greeting", e))?;
-    if (200..300).contains(&reply.code) {
-        Ok(())
-    } else {
-        Err(Failure {
-            step: "greeting",
-            reply: Some(format_reply(&reply)),
-            error: None,
-        })
-    }
-}
-
-async fn ehlo<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut SmtpClient<S>,
-    settings: &Settings,
-) -> Result<EhloResponse<String>, Failure> {
-    c.ehlo(&settings.helo_name)
-        .await
-        .map_err(|e| Failure::from_mail_send("ehlo", e))
-}
-
-fn mechanism_bit(m: AuthMechanism) -> u64 {
-    match m {
-        AuthMechanism::Plain => AUTH_PLAIN,
-        AuthMechanism::Login => AUTH_LOGIN,
-        AuthMechanism::Xoauth2 => AUTH_XOAUTH2,
-    }
+    };
+    // The verdict is in; a failing QUIT does not change it.
+    conn.quit().await;
+    Ok(sent)
 }
 
 fn offered_mechanisms(bits: u64) -> String {
@@ -328,55 +318,6 @@ fn offered_mechanisms(bits: u64) -> String {
     } else {
         names.join(", ")
     }
-}
-
-async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
-    mut c: SmtpClient<S>,
-    mut caps: EhloResponse<String>,
-    job: &ConnTestJob,
-) -> Result<Option<String>, Failure> {
-    if let (Some(mechanism), Some(creds)) = (job.upstream.auth, &job.credentials) {
-        let bit = mechanism_bit(mechanism);
-        if caps.auth_mechanisms & bit == 0 {
-            return Err(Failure::error(
-                "auth",
-                format!(
-                    "the upstream does not offer AUTH {} (it offers: {})",
-                    mailroute_api::compile::mechanism_name(mechanism),
-                    offered_mechanisms(caps.auth_mechanisms)
-                ),
-            ));
-        }
-        // Only the configured mechanism: the relay uses exactly this one.
-        caps.auth_mechanisms = bit;
-        let credentials = match mechanism {
-            AuthMechanism::Xoauth2 => mail_send::Credentials::XOauth2 {
-                username: creds.username.clone(),
-                secret: creds.password.clone(),
-            },
-            _ => mail_send::Credentials::Plain {
-                username: creds.username.clone(),
-                secret: creds.password.clone(),
-            },
-        };
-        c.authenticate(&credentials, &caps)
-            .await
-            .map_err(|e| Failure::from_mail_send("auth", e))?;
-    }
-    let sent = match &job.message {
-        None => None,
-        Some(m) => {
-            let body = test_message_body(&job.route_id, m);
-            let reply = c
-                .send(Message::new(m.from.as_str(), [m.to.as_str()], body.into_bytes()))
-                .await
-                .map_err(|e| Failure::from_mail_send("send", e))?;
-            Some(format_reply(&reply))
-        }
-    };
-    // The verdict is in; a failing QUIT does not change it.
-    let _ = c.quit().await;
-    Ok(sent)
 }
 
 fn test_message_body(route_id: &str, m: &TestMessage) -> String {
@@ -417,6 +358,8 @@ fn tls_config(up: &Upstream, ca_pem: Option<&str>) -> Result<Arc<ClientConfig>, 
 
 #[cfg(test)]
 mod tests {
+    use mailroute_api::route::AuthMechanism;
+
     use super::*;
 
     fn record(time: &str, fp: &str, message: Option<&str>) -> ConnectionTest {
@@ -544,21 +487,5 @@ mod tests {
             c.message,
             "smtp.office365.com:587 (STARTTLS): EHLO succeeded, AUTH LOGIN accepted; test message accepted: 250 2.0.0 OK queued"
         );
-    }
-
-    #[test]
-    fn replies_are_formatted_with_their_enhanced_code() {
-        let r = Response {
-            code: 535,
-            esc: [5, 7, 8],
-            message: "Username and password not accepted.".to_string(),
-        };
-        assert_eq!(format_reply(&r), "535 5.7.8 Username and password not accepted.");
-        let r = Response {
-            code: 554,
-            esc: [0, 0, 0],
-            message: "No service\nhere".to_string(),
-        };
-        assert_eq!(format_reply(&r), "554 No service here");
     }
 }

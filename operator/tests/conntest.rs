@@ -262,3 +262,22 @@ async fn a_self_signed_ca_certificate_is_verified_by_pinning() {
     let error = record.error.unwrap_or_default();
     assert!(error.contains("is not the pinned one"), "{error}");
 }
+
+/// The condition quotes the upstream's reply as the relay's delivery log does: an enhanced code
+/// with a three-digit detail is not cut to what fits in a byte (mail-send reports `4.7.255`).
+#[tokio::test]
+async fn the_condition_quotes_the_reply_exactly_as_the_relay_reads_it() {
+    let pki = TestPki::new();
+    let reply = "454 4.7.500 Server busy. Please try again later";
+    let server = SmtpServer::start(
+        Script::new()
+            .starttls(pki.server_config())
+            .auth("user", "secret")
+            .auth_fail_reply(reply),
+    )
+    .unwrap();
+    let j = job(server.port(), TlsMode::Starttls, Some(("user", "wrong")), Some(&pki));
+    let record = conntest::run(&j, &conntest_settings()).await;
+    assert_eq!(record.step.as_deref(), Some("auth"), "{record:?}");
+    assert_eq!(record.reply.as_deref(), Some(reply));
+}

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::Utc;
 
 use crate::admin::{AdminBackend, CancelResult, QuotaReport};
 use crate::config::ConfigHandle;
@@ -68,10 +67,7 @@ impl AdminBackend for RelayBackend {
 
     async fn quotas(&self) -> anyhow::Result<Vec<QuotaReport>> {
         let cfg = self.config.get();
-        let report = self
-            .quotas
-            .usage_report(&cfg.config, Utc::now().timestamp_millis())
-            .await?;
+        let report = self.quotas.usage_report(&cfg.config, crate::clock::now_ms()).await?;
         Ok(report
             .into_iter()
             .map(|(id, usage)| QuotaReport { id, usage })
@@ -79,7 +75,7 @@ impl AdminBackend for RelayBackend {
     }
 
     async fn refresh_metrics(&self) {
-        let now = Utc::now().timestamp_millis();
+        let now = crate::clock::now_ms();
         match self.queue.stats(now).await {
             Ok(s) => {
                 let m = &self.metrics;

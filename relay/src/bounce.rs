@@ -1,6 +1,7 @@
 //! Bounce classification: turns the outcome of one delivery attempt (an SMTP
-//! reply, or a failure that produced no reply) into a [`Verdict`] — whether the
-//! failure is temporary or permanent, and which [`BounceClass`] it belongs to.
+//! reply, [`classify_parsed`], or a failure that produced no reply,
+//! [`Failure::verdict`]) into a [`Verdict`] — whether the failure is temporary
+//! or permanent, and which [`BounceClass`] it belongs to.
 //!
 //! This module owns the classification table and the RFC 3463 enhanced status
 //! code fallback. It is pure: no I/O, no async, no clock, no logging, no
@@ -29,8 +30,7 @@
 use std::fmt;
 use std::ops::RangeInclusive;
 
-/// An RFC 3463 enhanced status code `class.subject.detail`, e.g. `(5, 1, 1)`.
-pub type Enhanced = (u8, u16, u16);
+pub use mailroute_smtp::{EnhancedStatusCode, Reply};
 
 /// Whether retrying can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -119,28 +119,6 @@ impl Verdict {
     }
 }
 
-/// A final SMTP reply to a transaction step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reply<'a> {
-    /// Basic reply code, e.g. 550.
-    pub code: u16,
-    /// Enhanced status code found at the start of the text, if any.
-    pub enhanced: Option<Enhanced>,
-    /// Reply text (multi-line replies joined); may still start with the code.
-    pub text: &'a str,
-}
-
-impl<'a> Reply<'a> {
-    /// Builds a reply, parsing the enhanced code from `text`.
-    pub fn new(code: u16, text: &'a str) -> Self {
-        Reply {
-            code,
-            enhanced: parse_enhanced(text),
-            text,
-        }
-    }
-}
-
 /// Failures that produced no SMTP reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Failure {
@@ -175,28 +153,13 @@ impl Failure {
     }
 }
 
-/// The outcome of one delivery attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome<'a> {
-    Reply(Reply<'a>),
-    Failure(Failure),
-}
-
-/// Classifies an attempt; `None` means it was not a failure (2xx/3xx).
-pub fn classify(outcome: &Outcome<'_>) -> Option<Verdict> {
-    match outcome {
-        Outcome::Reply(r) => classify_parsed(r),
-        Outcome::Failure(f) => Some(f.verdict()),
-    }
-}
-
 /// Classifies a raw reply; `None` means it was not a failure (2xx/3xx).
 pub fn classify_reply(code: u16, text: &str) -> Option<Verdict> {
     classify_parsed(&Reply::new(code, text))
 }
 
 /// Classifies an already-parsed reply (the enhanced code is taken as given).
-pub fn classify_parsed(reply: &Reply<'_>) -> Option<Verdict> {
+pub fn classify_parsed(reply: &Reply) -> Option<Verdict> {
     let code = reply.code;
     let base_kind = match code {
         200..=399 => return None,
@@ -216,47 +179,10 @@ pub fn classify_parsed(reply: &Reply<'_>) -> Option<Verdict> {
     Some(Verdict::new(base_kind, class.unwrap_or(BounceClass::Other)))
 }
 
-/// The enhanced status code at the start of `text` as written in logs, e.g. `"5.1.1"`.
-pub fn enhanced_string(text: &str) -> Option<String> {
-    parse_enhanced(text).map(|(a, b, c)| format!("{a}.{b}.{c}"))
-}
-
-/// Parses an RFC 3463 enhanced status code at the start of `text`, after an
-/// optional basic code and separator (`"550-5.1.1 ..."`, `"5.1.1 ..."`).
-/// Class must be 2, 4 or 5; subject and detail 1–3 digits.
-pub fn parse_enhanced(text: &str) -> Option<Enhanced> {
-    let mut rest = text.trim_start();
-    let b = rest.as_bytes();
-    if b.len() >= 3
-        && b[..3].iter().all(u8::is_ascii_digit)
-        && b.get(3).is_none_or(|c| matches!(c, b' ' | b'-' | b'\t'))
-    {
-        rest = rest[3..].trim_start_matches(['-', ' ', '\t']);
-    }
-    let token = rest.split_ascii_whitespace().next()?;
-    let token = token.trim_end_matches([',', ';', ':', '.']);
-    let mut parts = token.split('.');
-    let class = parts.next()?;
-    let subject = parts.next()?;
-    let detail = parts.next()?;
-    if parts.next().is_some() {
-        return None;
-    }
-    let digits = |s: &str, max: usize| !s.is_empty() && s.len() <= max && s.bytes().all(|c| c.is_ascii_digit());
-    if !digits(class, 1) || !digits(subject, 3) || !digits(detail, 3) {
-        return None;
-    }
-    let class: u8 = class.parse().ok()?;
-    if !matches!(class, 2 | 4 | 5) {
-        return None;
-    }
-    Some((class, subject.parse().ok()?, detail.parse().ok()?))
-}
-
 /// RFC 3463 subject/detail → class, ignoring the class digit.
-fn class_from_enhanced((_, subject, detail): Enhanced) -> Option<BounceClass> {
+fn class_from_enhanced(e: EnhancedStatusCode) -> Option<BounceClass> {
     use BounceClass as C;
-    Some(match (subject, detail) {
+    Some(match (e.subject, e.detail) {
         (1, 1 | 2 | 3 | 6 | 10) => C::InvalidRecipient,
         (2, 1) => C::InvalidRecipient, // mailbox disabled
         (2, 2) | (3, 1) => C::MailboxFull,
@@ -314,7 +240,7 @@ struct Rule {
 }
 
 impl Rule {
-    fn matches(&self, code: u16, enhanced: Option<Enhanced>, lower_text: &str) -> bool {
+    fn matches(&self, code: u16, enhanced: Option<EnhancedStatusCode>, lower_text: &str) -> bool {
         let code_ok = match &self.code {
             CodePat::Any => true,
             CodePat::Class(c) => code / 100 == *c,
@@ -323,8 +249,8 @@ impl Rule {
         let enh_ok = match (&self.enhanced, enhanced) {
             (EnhPat::Any, _) => true,
             (EnhPat::Match { .. }, None) => false,
-            (EnhPat::Match { class, subject, detail }, Some((c, s, d))) => {
-                class.is_none_or(|x| x == c) && *subject == s && detail.contains(&d)
+            (EnhPat::Match { class, subject, detail }, Some(e)) => {
+                class.is_none_or(|x| x == e.class) && *subject == e.subject && detail.contains(&e.detail)
             }
         };
         code_ok
@@ -778,46 +704,22 @@ mod tests {
         for ((c, s, d), class) in cases {
             let code = u16::from(c) * 100 + 50;
             let text = format!("{c}.{s}.{d} no keywords here");
-            let r = Reply::new(code, &text);
-            assert_eq!(r.enhanced, Some((c, s, d)));
+            let r = Reply::new(code, text.clone());
+            assert_eq!(r.enhanced, Some(EnhancedStatusCode::new(c, s, d)));
             assert_eq!(classify_parsed(&r).map(|v| v.class), Some(class), "{text}");
         }
     }
 
     #[test]
-    fn parse_enhanced_forms() {
-        assert_eq!(parse_enhanced("5.1.1 User unknown"), Some((5, 1, 1)));
-        assert_eq!(parse_enhanced("550-5.1.1 The email"), Some((5, 1, 1)));
-        assert_eq!(parse_enhanced("550 5.7.708 Service"), Some((5, 7, 708)));
-        assert_eq!(parse_enhanced("  4.7.28 x"), Some((4, 7, 28)));
-        assert_eq!(parse_enhanced("4.4.7"), Some((4, 4, 7)));
-        assert_eq!(parse_enhanced("5.2.0, quota"), Some((5, 2, 0)));
-        assert_eq!(parse_enhanced("1 Requested mail action aborted"), None);
-        assert_eq!(parse_enhanced("3.1.1 bad class"), None);
-        assert_eq!(parse_enhanced("5.1 too short"), None);
-        assert_eq!(parse_enhanced("5.1.1.1 too long"), None);
-        assert_eq!(parse_enhanced("203.0.113.9 is an ip"), None);
-        assert_eq!(parse_enhanced("5.1234.1 subject too long"), None);
-        assert_eq!(parse_enhanced("5.a.1"), None);
-        assert_eq!(parse_enhanced("Unknown user"), None);
-        assert_eq!(parse_enhanced(""), None);
-        assert_eq!(parse_enhanced("550"), None);
-        assert_eq!(parse_enhanced("é.1.1 utf8"), None);
-    }
-
-    #[test]
     fn non_reply_failures() {
-        assert_eq!(
-            classify(&Outcome::Failure(Failure::ConnectionRefused)),
-            Some(Verdict::new(T, C::Other))
-        );
+        assert_eq!(Failure::ConnectionRefused.verdict(), Verdict::new(T, C::Other));
         assert_eq!(Failure::Timeout.verdict(), Verdict::new(T, C::Other));
         assert_eq!(Failure::DnsTemporary.verdict(), Verdict::new(T, C::DnsFailure));
         assert_eq!(Failure::DnsNoSuchDomain.verdict(), Verdict::new(P, C::DnsFailure));
         assert_eq!(Failure::Tls.verdict(), Verdict::new(T, C::TlsFailure));
         assert_eq!(Failure::Expired.verdict(), Verdict::new(P, C::Expired));
         assert!(Failure::Expired.verdict().is_permanent());
-        assert_eq!(classify(&Outcome::Reply(Reply::new(250, "OK"))), None);
+        assert_eq!(classify_parsed(&Reply::new(250, "OK")), None);
     }
 
     #[test]

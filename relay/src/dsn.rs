@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::bounce::{Enhanced, Failure};
+use crate::bounce::{EnhancedStatusCode, Failure, Reply};
 use crate::headers;
 
 /// What happened to one recipient (RFC 3464 §2.3.3).
@@ -30,26 +30,18 @@ impl Action {
     }
 }
 
-/// The remote server's reply that caused the report, for `Diagnostic-Code: smtp; ...`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub code: u16,
-    /// Reply text after the code (may start with the enhanced code).
-    pub text: String,
-}
-
 /// One recipient's entry in the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecipientReport {
     /// The recipient address (without angle brackets).
     pub recipient: String,
     pub action: Action,
-    /// RFC 3463 status, e.g. `(5, 1, 1)`; see [`status_for_reply`] and [`status_for_failure`].
-    pub status: Enhanced,
+    /// RFC 3463 status, e.g. `5.1.1`; see [`status_for_reply`] and [`status_for_failure`].
+    pub status: EnhancedStatusCode,
     /// Host that produced the diagnostic, e.g. `mx.example.com`.
     pub remote_mta: Option<String>,
-    /// The remote reply, when a server answered.
-    pub diagnostic: Option<Diagnostic>,
+    /// The remote reply, when a server answered (`Diagnostic-Code: smtp; ...`).
+    pub diagnostic: Option<Reply>,
     /// One human sentence saying why, e.g. "the recipient's server rejected it".
     pub reason: String,
     pub last_attempt: Option<DateTime<Utc>>,
@@ -105,21 +97,21 @@ pub fn should_bounce(envelope_from: &str) -> bool {
 
 /// The RFC 3463 status for a reply: its enhanced code if it has one (with the class forced to the
 /// basic code's class, as receivers sometimes disagree), else `X.0.0` from the basic code.
-pub fn status_for_reply(code: u16, enhanced: Option<Enhanced>) -> Enhanced {
-    let class = match code / 100 {
+pub fn status_for_reply(reply: &Reply) -> EnhancedStatusCode {
+    let class = match reply.code / 100 {
         5 => 5,
         2 => 2,
         _ => 4,
     };
-    match enhanced {
-        Some((_, subject, detail)) => (class, subject, detail),
-        None => (class, 0, 0),
+    match reply.enhanced {
+        Some(e) => e.with_class(class),
+        None => EnhancedStatusCode::new(class, 0, 0),
     }
 }
 
 /// The RFC 3463 status for a failure that produced no reply.
-pub fn status_for_failure(failure: Failure) -> Enhanced {
-    match failure {
+pub fn status_for_failure(failure: Failure) -> EnhancedStatusCode {
+    let (class, subject, detail) = match failure {
         // X.4.1 no answer from host, X.4.2 bad connection.
         Failure::ConnectionRefused | Failure::Timeout => (4, 4, 1),
         Failure::ConnectionLost => (4, 4, 2),
@@ -130,7 +122,8 @@ pub fn status_for_failure(failure: Failure) -> Enhanced {
         Failure::Tls => (4, 7, 5),
         // X.4.7 delivery time expired.
         Failure::Expired => (4, 4, 7),
-    }
+    };
+    EnhancedStatusCode::new(class, subject, detail)
 }
 
 /// Builds the DSN. `now` becomes the Date; `unique` (e.g. a fresh queue id) makes the
@@ -243,8 +236,7 @@ fn delivery_status(req: &DsnRequest<'_>, host: &str) -> String {
         s.push_str("\r\n");
         push_header(&mut s, "Final-Recipient", &address_field(&r.recipient));
         push_header(&mut s, "Action", r.action.as_str());
-        let (c, sub, det) = r.status;
-        push_header(&mut s, "Status", &format!("{c}.{sub}.{det}"));
+        push_header(&mut s, "Status", &r.status.to_string());
         if let Some(mta) = &r.remote_mta {
             push_header(&mut s, "Remote-MTA", &format!("dns; {}", ascii_only(&one_line(mta))));
         }
@@ -373,13 +365,12 @@ More body.\r\n";
         RecipientReport {
             recipient: "alice@example.net".into(),
             action: Action::Failed,
-            status: status_for_reply(550, Some((5, 1, 1))),
+            status: status_for_reply(&Reply::new(550, "5.1.1 x")),
             remote_mta: Some("mx.example.net".into()),
-            diagnostic: Some(Diagnostic {
-                code: 550,
-                text: "5.1.1 <alice@example.net>: Recipient address rejected: User unknown in local recipient table"
-                    .into(),
-            }),
+            diagnostic: Some(Reply::new(
+                550,
+                "5.1.1 <alice@example.net>: Recipient address rejected: User unknown in local recipient table",
+            )),
             reason: "the recipient's mail server rejected the message".into(),
             last_attempt: Some(t(10, 5)),
             will_retry_until: None,
@@ -487,11 +478,8 @@ More body.\r\n";
     fn delayed_dsn_says_until_when() {
         let mut r = failed_rcpt();
         r.action = Action::Delayed;
-        r.status = status_for_reply(451, Some((4, 3, 0)));
-        r.diagnostic = Some(Diagnostic {
-            code: 451,
-            text: "4.3.0 Try again later".into(),
-        });
+        r.diagnostic = Some(Reply::new(451, "4.3.0 Try again later"));
+        r.status = status_for_reply(r.diagnostic.as_ref().expect("set"));
         r.will_retry_until = Some(t(10, 30));
         r.reason = "the recipient's mail server is deferring it".into();
         let rcpts = [r];
@@ -530,10 +518,7 @@ More body.\r\n";
     fn hostile_values_cannot_inject_headers() {
         let mut r = failed_rcpt();
         r.recipient = "eve@example.net\r\nBcc: victim@example.org".into();
-        r.diagnostic = Some(Diagnostic {
-            code: 550,
-            text: "no\r\nX-Injected: yes".into(),
-        });
+        r.diagnostic = Some(Reply::new(550, "no\r\nX-Injected: yes"));
         let rcpts = [r];
         let mut req = request(&rcpts);
         req.original_sender = "shop@example.com\r\nBcc: x@y";
@@ -586,14 +571,15 @@ More body.\r\n";
 
     #[test]
     fn status_mapping() {
-        assert_eq!(status_for_reply(550, Some((5, 1, 1))), (5, 1, 1));
-        assert_eq!(status_for_reply(550, None), (5, 0, 0));
-        assert_eq!(status_for_reply(451, None), (4, 0, 0));
+        let status = |code, text| status_for_reply(&Reply::new(code, text)).to_string();
+        assert_eq!(status(550, "5.1.1 unknown"), "5.1.1");
+        assert_eq!(status(550, "unknown"), "5.0.0");
+        assert_eq!(status(451, "later"), "4.0.0");
         // The class follows the basic code.
-        assert_eq!(status_for_reply(550, Some((4, 2, 2))), (5, 2, 2));
-        assert_eq!(status_for_failure(Failure::DnsNoSuchDomain), (5, 1, 2));
-        assert_eq!(status_for_failure(Failure::Expired), (4, 4, 7));
-        assert_eq!(status_for_failure(Failure::Tls), (4, 7, 5));
+        assert_eq!(status(550, "4.2.2 full"), "5.2.2");
+        assert_eq!(status_for_failure(Failure::DnsNoSuchDomain).to_string(), "5.1.2");
+        assert_eq!(status_for_failure(Failure::Expired).to_string(), "4.4.7");
+        assert_eq!(status_for_failure(Failure::Tls).to_string(), "4.7.5");
     }
 
     #[test]

@@ -204,7 +204,6 @@ fn remove_fields_in_place(msg: &mut Vec<u8>, drop: impl Fn(&str) -> bool) {
 
 /// A `Received:` field for this hop (RFC 5321 §4.4), folded, ending in CRLF. No recipient is
 /// named when there are several, so the header does not leak the envelope.
-#[allow(clippy::too_many_arguments)]
 pub fn received(
     helo: &str,
     source_ip: &str,

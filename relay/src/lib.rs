@@ -24,3 +24,5 @@ pub mod smtp;
 pub mod telemetry;
 pub mod transport;
 pub mod worker;
+
+pub use mailroute_smtp::{EnhancedStatusCode, Reply};

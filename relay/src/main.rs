@@ -3,10 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
 use mailroute_relay::config::Source;
 use mailroute_relay::queue::redis::Durability;
 use mailroute_relay::server::{Relay, RelayOptions, parse_cidrs};
@@ -39,34 +40,34 @@ struct RunArgs {
     routes: Vec<PathBuf>,
     /// `memory` (not durable), `redis://host:port/db`, `rediss://…`, or a Redis Cluster:
     /// `redis+cluster://host1:port,host2:port` (`rediss+cluster://…`), any nodes as seeds.
-    #[arg(long, env = "MAILROUTE_QUEUE", default_value = "memory")]
+    #[arg(long, env = "MAILROUTE_QUEUE", default_value_t = defaults().queue.clone())]
     queue: String,
     /// Redis key prefix; must contain a hash tag so one message's keys share a slot.
-    #[arg(long, env = "MAILROUTE_REDIS_PREFIX", default_value = "{mailroute}:")]
+    #[arg(long, env = "MAILROUTE_REDIS_PREFIX", default_value_t = defaults().redis_prefix.clone())]
     redis_prefix: String,
     /// Replicas that must acknowledge a message (Redis WAIT) before it is answered 250.
-    #[arg(long, env = "MAILROUTE_WAIT_REPLICAS", default_value_t = 0)]
+    #[arg(long, env = "MAILROUTE_WAIT_REPLICAS", default_value_t = defaults().durability.replicas)]
     wait_replicas: u32,
-    #[arg(long, env = "MAILROUTE_WAIT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
-    wait_timeout: Duration,
+    #[arg(long, env = "MAILROUTE_WAIT_TIMEOUT", default_value_t = defaults().durability.timeout.into())]
+    wait_timeout: humantime::Duration,
     /// Plain listener (port 25 style). Empty disables it.
-    #[arg(long, env = "MAILROUTE_SMTP_LISTEN", default_value = "127.0.0.1:2525")]
+    #[arg(long, env = "MAILROUTE_SMTP_LISTEN", default_value_t = listen(defaults().smtp_listen))]
     smtp_listen: String,
     /// Submission listener (587 style: STARTTLS, then AUTH required). Empty disables it.
-    #[arg(long, env = "MAILROUTE_SUBMISSION_LISTEN", default_value = "")]
+    #[arg(long, env = "MAILROUTE_SUBMISSION_LISTEN", default_value_t = listen(defaults().submission_listen))]
     submission_listen: String,
     /// Implicit-TLS listener (465 style, AUTH required). Empty disables it.
-    #[arg(long, env = "MAILROUTE_SMTPS_LISTEN", default_value = "")]
+    #[arg(long, env = "MAILROUTE_SMTPS_LISTEN", default_value_t = listen(defaults().smtps_listen))]
     smtps_listen: String,
     #[arg(long, env = "MAILROUTE_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     #[arg(long, env = "MAILROUTE_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// Sources allowed to relay without AUTH on the plain listener.
-    #[arg(long, env = "MAILROUTE_RELAY_CIDRS", default_value = "127.0.0.0/8,::1/128")]
+    #[arg(long, env = "MAILROUTE_RELAY_CIDRS", default_value_t = cidrs(&defaults().inbound.relay_cidrs))]
     relay_cidrs: String,
     /// Admin HTTP listener (/healthz, /readyz, /metrics, /api/v1). Empty disables it.
-    #[arg(long, env = "MAILROUTE_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "MAILROUTE_ADMIN_LISTEN", default_value_t = listen(defaults().admin_listen))]
     admin_listen: String,
     /// Bearer token for /api/v1 (disabled with 503 when unset).
     #[arg(long, env = "MAILROUTE_ADMIN_TOKEN", hide_env_values = true)]
@@ -74,42 +75,42 @@ struct RunArgs {
     /// Name in the greeting, EHLO and Received headers.
     #[arg(long, env = "MAILROUTE_HOSTNAME")]
     hostname: Option<String>,
-    #[arg(long, env = "MAILROUTE_MAX_MESSAGE_SIZE", default_value_t = 26_214_400)]
+    #[arg(long, env = "MAILROUTE_MAX_MESSAGE_SIZE", default_value_t = defaults().inbound.max_message_size)]
     max_message_size: usize,
-    #[arg(long, env = "MAILROUTE_MAX_RECIPIENTS", default_value_t = 100)]
+    #[arg(long, env = "MAILROUTE_MAX_RECIPIENTS", default_value_t = defaults().inbound.max_recipients)]
     max_recipients: usize,
-    #[arg(long, env = "MAILROUTE_MAX_SESSIONS_PER_IP", default_value_t = 100)]
+    #[arg(long, env = "MAILROUTE_MAX_SESSIONS_PER_IP", default_value_t = defaults().inbound.max_sessions_per_ip)]
     max_sessions_per_ip: usize,
     /// Bytes of message bodies held in memory at once, over all sessions; a message that does
     /// not fit is refused with 452 4.3.1. Default: 4 × --max-message-size.
     #[arg(long, env = "MAILROUTE_MAX_BODY_MEMORY")]
     max_body_memory: Option<usize>,
     /// SMTP AUTH password checks run at once (about 19 MiB each); more get 454 4.7.0.
-    #[arg(long, env = "MAILROUTE_AUTH_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "MAILROUTE_AUTH_CONCURRENCY", default_value_t = auth_concurrency(), value_parser = clap::value_parser!(u16).range(1..))]
     auth_concurrency: u16,
     /// AUTH failures from one client address (IPv6: one /64) before it is locked out; 0: never.
-    #[arg(long, env = "MAILROUTE_AUTH_FAILURES_PER_ADDRESS", default_value_t = 20)]
+    #[arg(long, env = "MAILROUTE_AUTH_FAILURES_PER_ADDRESS", default_value_t = defaults().inbound.auth_limits.max_failures_per_address)]
     auth_failures_per_address: u32,
     /// How long an address's AUTH failures count (and a lock-out lasts) after its last one.
-    #[arg(long, env = "MAILROUTE_AUTH_FAILURE_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
-    auth_failure_window: Duration,
+    #[arg(long, env = "MAILROUTE_AUTH_FAILURE_WINDOW", default_value_t = defaults().inbound.auth_limits.failure_window.into())]
+    auth_failure_window: humantime::Duration,
     /// Concurrent deliveries of this process (0: accept only, deliver nothing).
-    #[arg(long, env = "MAILROUTE_WORKERS", default_value_t = 64)]
+    #[arg(long, env = "MAILROUTE_WORKERS", default_value_t = defaults().workers)]
     workers: usize,
-    #[arg(long, env = "MAILROUTE_LOG_RETENTION", default_value = "31d", value_parser = humantime::parse_duration)]
-    log_retention: Duration,
+    #[arg(long, env = "MAILROUTE_LOG_RETENTION", default_value = mailroute_relay::server::DEFAULT_LOG_RETENTION)]
+    log_retention: humantime::Duration,
     /// A job leased longer than this is taken over by another relay.
-    #[arg(long, env = "MAILROUTE_VISIBILITY_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
-    visibility_timeout: Duration,
-    #[arg(long, env = "MAILROUTE_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
-    drain_timeout: Duration,
+    #[arg(long, env = "MAILROUTE_VISIBILITY_TIMEOUT", default_value_t = defaults().visibility_timeout.into())]
+    visibility_timeout: humantime::Duration,
+    #[arg(long, env = "MAILROUTE_DRAIN_TIMEOUT", default_value_t = defaults().drain_timeout.into())]
+    drain_timeout: humantime::Duration,
     /// Idle outbound connections are closed after this, giving back their `maxConnections` slot.
-    #[arg(long, env = "MAILROUTE_OUTBOUND_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    outbound_idle_timeout: Duration,
+    #[arg(long, env = "MAILROUTE_OUTBOUND_IDLE_TIMEOUT", default_value_t = defaults().outbound_idle_timeout.into())]
+    outbound_idle_timeout: humantime::Duration,
     /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     #[arg(long, env = "MAILROUTE_FALLBACK_MX")]
     fallback_mx: bool,
-    #[arg(long, env = "MAILROUTE_MX_PORT", default_value_t = 25)]
+    #[arg(long, env = "MAILROUTE_MX_PORT", default_value_t = defaults().mx_port)]
     mx_port: u16,
     /// DNS server for MX lookups (default: the system's).
     #[arg(long, env = "MAILROUTE_DNS_SERVER")]
@@ -117,6 +118,25 @@ struct RunArgs {
     /// Do not write the delivery log to stdout.
     #[arg(long, env = "MAILROUTE_NO_LOG_STDOUT")]
     no_log_stdout: bool,
+}
+
+/// The relay's own defaults ([`RelayOptions::local`]): the flags' defaults, defined once.
+fn defaults() -> &'static RelayOptions {
+    static DEFAULTS: OnceLock<RelayOptions> = OnceLock::new();
+    DEFAULTS.get_or_init(RelayOptions::local)
+}
+
+/// A listener address as a flag value (empty: disabled).
+fn listen(a: Option<SocketAddr>) -> String {
+    a.map(|a| a.to_string()).unwrap_or_default()
+}
+
+fn cidrs(nets: &[IpNet]) -> String {
+    nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn auth_concurrency() -> u16 {
+    u16::try_from(defaults().inbound.auth_limits.concurrency).unwrap_or(u16::MAX)
 }
 
 fn addr(s: &str, what: &str) -> Result<Option<SocketAddr>> {
@@ -149,7 +169,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.redis_prefix = a.redis_prefix;
     o.durability = Durability {
         replicas: a.wait_replicas,
-        timeout: a.wait_timeout,
+        timeout: a.wait_timeout.into(),
     };
     o.smtp_listen = addr(&a.smtp_listen, "smtp listen")?;
     o.submission_listen = addr(&a.submission_listen, "submission listen")?;
@@ -168,15 +188,15 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         auth_limits: AuthLimits {
             concurrency: usize::from(a.auth_concurrency),
             max_failures_per_address: a.auth_failures_per_address,
-            failure_window: a.auth_failure_window,
+            failure_window: a.auth_failure_window.into(),
         },
         ..InboundSettings::default()
     };
     o.workers = a.workers;
-    o.log_retention = a.log_retention;
-    o.visibility_timeout = a.visibility_timeout;
-    o.drain_timeout = a.drain_timeout;
-    o.outbound_idle_timeout = a.outbound_idle_timeout;
+    o.log_retention = a.log_retention.into();
+    o.visibility_timeout = a.visibility_timeout.into();
+    o.drain_timeout = a.drain_timeout.into();
+    o.outbound_idle_timeout = a.outbound_idle_timeout.into();
     o.fallback_mx = a.fallback_mx;
     o.mx_port = a.mx_port;
     o.dns_server = a.dns_server;
@@ -218,6 +238,8 @@ async fn wait_for_signal() {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<RelayOptions> {
@@ -269,7 +291,26 @@ mod tests {
         assert!(matches!(d.source, Source::Embedded));
         assert_eq!(d.outbound_idle_timeout, Duration::from_secs(30));
         assert_eq!(d.visibility_timeout, Duration::from_secs(300));
-        assert_eq!(d.inbound.body_budget(), 4 * 26_214_400, "4 × the message size limit");
+        assert_eq!(
+            d.inbound.body_budget(),
+            4 * 25 * 1024 * 1024,
+            "4 × the message size limit"
+        );
+        assert_eq!(d.queue, "memory");
+        assert_eq!(d.smtp_listen, Some(SocketAddr::from(([127, 0, 0, 1], 2525))));
+        assert_eq!(d.admin_listen, Some(SocketAddr::from(([127, 0, 0, 1], 8080))));
+        assert_eq!((d.submission_listen, d.smtps_listen), (None, None));
+        assert_eq!(d.inbound.relay_cidrs.len(), 2);
+        assert_eq!(d.inbound.max_recipients, 100);
+        assert_eq!(d.inbound.auth_limits.max_failures_per_address, 20);
+        assert_eq!(d.inbound.auth_limits.failure_window, Duration::from_secs(600));
+        assert_eq!((d.workers, d.mx_port), (64, 25));
+        assert_eq!(d.log_retention, Duration::from_secs(31 * 24 * 3600));
+        assert_eq!(d.drain_timeout, Duration::from_secs(60));
+        assert_eq!(
+            (d.durability.replicas, d.durability.timeout),
+            (0, Duration::from_secs(1))
+        );
         assert_eq!(d.inbound.auth_limits.concurrency, 2);
     }
 

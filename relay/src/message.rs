@@ -1,5 +1,6 @@
 //! The queued message and its per-recipient jobs: the records the queue stores and the worker
-//! reads. Plain data with serde; no I/O, no policy.
+//! reads (meta, jobs, recipient states), and the envelope of one delivery attempt. Plain data
+//! with serde; no I/O, no policy.
 
 use serde::{Deserialize, Serialize};
 
@@ -81,11 +82,40 @@ impl Job {
     }
 }
 
+/// The envelope of one delivery attempt: one recipient (the queue holds one job per recipient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// Reverse path without angle brackets; empty for the null sender.
+    pub mail_from: &'a str,
+    pub rcpt_to: &'a str,
+}
+
+/// Where one recipient stands, as written on the message record (lowercase in JSON, also by
+/// the queue's cancel script).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientStatus {
+    /// Waiting for its first or next try (pacing, quiet hours, no capacity).
+    Queued,
+    /// A try failed temporarily; retried at `next_attempt_ms`.
+    Deferred,
+    Delivered,
+    /// Failed permanently (a DSN went to the sender unless it was a bounce itself).
+    Bounced,
+    /// Its lifetime ran out before delivery.
+    Expired,
+    /// Cancelled through the admin API.
+    Cancelled,
+    /// Its message record was gone when the job came up.
+    Gone,
+    /// The job pointed at a recipient the message does not have.
+    Invalid,
+}
+
 /// Final or current state of one recipient, kept on the message record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientState {
-    /// queued | deferred | delivered | bounced | expired | cancelled
-    pub status: String,
+    pub status: RecipientStatus,
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_ms: Option<i64>,
@@ -95,7 +125,8 @@ pub struct RecipientState {
     pub route: Option<String>,
 }
 
-/// A fresh queue id: 26 lowercase base32 characters, time-ordered prefix for humans.
+/// A fresh queue id: 26 lowercase hex digits, the time in milliseconds (11 digits, so ids sort
+/// by time) then 15 random ones.
 pub fn new_id(now_ms: i64) -> String {
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{:011x}{}", now_ms.max(0), &rand[..15])

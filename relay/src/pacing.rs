@@ -8,12 +8,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use mailroute_api::config::CompiledRoute;
 
-use crate::bounce::{Failure, Outcome, Reply};
 use crate::clock::now_ms;
 use crate::delivery::{Admission, ConnectionGate, Lease, Slot};
 use crate::metrics::Metrics;
 use crate::shaping::{BackoffChange, Connect, ConnectionPermit, Pace, Pacer};
-use crate::worker::{Attempt, AttemptOutcome, Pacing};
+use crate::worker::{Attempt, PaceDecision, Pacing};
 
 /// A lease whose renewal failed is tried again after this long (at most a quarter lease).
 pub const RENEW_RETRY_MS: i64 = 5_000;
@@ -41,13 +40,16 @@ pub struct SharedPacing {
 
 #[async_trait]
 impl Pacing for SharedPacing {
-    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> Option<(i64, &'static str)> {
+    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> PaceDecision {
         match self.pacer.acquire(route, rcpt_domain, 1, now_ms).await {
-            Ok(Pace::Go) => None,
-            Ok(Pace::NotBefore { at_ms, reason }) => Some((at_ms + jitter_ms(), reason.as_str())),
+            Ok(Pace::Go) => PaceDecision::Go,
+            Ok(Pace::NotBefore { at_ms, reason }) => PaceDecision::Wait {
+                at_ms: at_ms + jitter_ms(),
+                reason: reason.as_str(),
+            },
             Err(e) => {
                 tracing::warn!(route = %route.id, error = %e, "pacing store unavailable; sending unpaced");
-                None
+                PaceDecision::Go
             }
         }
     }
@@ -56,15 +58,8 @@ impl Pacing for SharedPacing {
         let Some(domain) = attempt.rcpt_domain.as_deref() else {
             return;
         };
-        let outcome = match &attempt.outcome {
-            AttemptOutcome::Delivered { code, text }
-            | AttemptOutcome::Failed {
-                code: Some(code), text, ..
-            } => Outcome::Reply(Reply::new(*code, text)),
-            // No reply: neutral for back-off.
-            AttemptOutcome::Failed { .. } => Outcome::Failure(Failure::ConnectionLost),
-        };
-        match self.pacer.report(route, domain, &outcome, now_ms).await {
+        // No reply: neutral for back-off.
+        match self.pacer.report(route, domain, attempt.outcome.reply(), now_ms).await {
             Ok(BackoffChange::Started { until_ms, level }) => {
                 self.metrics.route_backoff_active.with_label_values(&[&route.id]).set(1);
                 tracing::warn!(route = %route.id, until_ms, level, "upstream rate-limits us: backing off");

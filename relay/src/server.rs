@@ -73,7 +73,11 @@ impl RelayOptions {
             source: Source::Embedded,
             queue: "memory".into(),
             redis_prefix: crate::queue::redis::DEFAULT_PREFIX.into(),
-            durability: Durability::default(),
+            // Used only with replicas to wait for (`--wait-replicas`).
+            durability: Durability {
+                replicas: 0,
+                timeout: Duration::from_secs(1),
+            },
             smtp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 2525))),
             submission_listen: None,
             smtps_listen: None,
@@ -84,7 +88,7 @@ impl RelayOptions {
             inbound: InboundSettings::default(),
             workers: 64,
             visibility_timeout: Duration::from_secs(300),
-            log_retention: Duration::from_secs(31 * 24 * 3600),
+            log_retention: humantime::parse_duration(DEFAULT_LOG_RETENTION).expect("a valid constant"),
             config_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
             fallback_mx: false,
@@ -96,6 +100,10 @@ impl RelayOptions {
         }
     }
 }
+
+/// How long delivery-log records are kept unless `--log-retention` says otherwise, in the flag's
+/// own words (a whole number of days reads better than humantime's months).
+pub const DEFAULT_LOG_RETENTION: &str = "31d";
 
 /// `<hostname>-<pid>-<random>`: unique even when a pod restarts with the same name.
 pub fn default_consumer() -> String {
@@ -528,7 +536,7 @@ async fn dlog_trimmer(dlog: DeliveryLog, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
-        match dlog.trim(chrono::Utc::now()).await {
+        match dlog.trim(crate::clock::now()).await {
             Ok(n) if n > 0 => tracing::info!(removed = n, "delivery log trimmed"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "delivery log trim failed"),

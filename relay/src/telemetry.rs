@@ -6,8 +6,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
-
 use crate::dlog::{DeliveryEvent, DeliveryLog, EventResult};
 use crate::message::MessageMeta;
 use crate::metrics::Metrics;
@@ -54,7 +52,13 @@ pub fn scheduled_event(meta: &MessageMeta, rcpt_index: usize, at_ms: i64, reason
 /// A log record for a message event, with the submission facts filled in.
 pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> DeliveryEvent {
     let rcpt = meta.rcpts.get(rcpt_index).cloned().unwrap_or_default();
-    let mut ev = DeliveryEvent::new(Utc::now(), result, meta.id.clone(), meta.mail_from.clone(), rcpt);
+    let mut ev = DeliveryEvent::new(
+        crate::clock::now(),
+        result,
+        meta.id.clone(),
+        meta.mail_from.clone(),
+        rcpt,
+    );
     ev.message_id_header = meta.message_id_header.clone();
     ev.job_id = Some(format!("{}/{}", meta.id, rcpt_index));
     ev.source_ip = meta.source_ip.parse().ok();
@@ -129,7 +133,7 @@ impl Observer for Telemetry {
                 .inc(),
         }
         let mut ev = DeliveryEvent::new(
-            Utc::now(),
+            crate::clock::now(),
             EventResult::Rejected,
             "",
             s.mail_from.clone(),
@@ -139,7 +143,7 @@ impl Observer for Telemetry {
         ev.auth_user = s.auth_user.clone();
         ev.listener = Some(listener.to_owned());
         ev.reply_code = Some(reply.code);
-        ev.enhanced_code = crate::bounce::enhanced_string(&reply.text);
+        ev.enhanced_code = reply.enhanced.map(|e| e.to_string());
         ev.reply_text = Some(reply.text.clone());
         ev.tls = s.tls;
         self.record(ev);
@@ -149,7 +153,6 @@ impl Observer for Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bounce::enhanced_string;
     use crate::dlog::EventFilter;
 
     /// A worker may bounce a message right after the session accepted it: the session's
@@ -190,12 +193,5 @@ mod tests {
                 (EventResult::Bounced, "e@d.example"),
             ]
         );
-    }
-
-    #[test]
-    fn enhanced_code_extraction() {
-        assert_eq!(enhanced_string("5.7.1 Relay access denied").as_deref(), Some("5.7.1"));
-        assert_eq!(enhanced_string("Relay access denied"), None);
-        assert_eq!(enhanced_string("5.7 x"), None);
     }
 }

@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use mailroute_api::config::{CompiledRoute, RelaySecrets};
 
-use crate::bounce::BounceClass;
+use crate::bounce::{BounceClass, Reply};
 use crate::delivery::{
     AttemptResult, ConnectionGate, Deliverer, DeliveryTarget, DkimSigner, Envelope, NoSlot, Stage, Ungated,
 };
 use crate::pacing::ConnectionSlots;
 use crate::shaping::{PaceReason, Pacer, Shaping};
-use crate::worker::{Attempt, AttemptOutcome, Delivery, OutEnvelope, Transport};
+use crate::worker::{Attempt, AttemptOutcome, Cause, Delivery, Transport};
 
 pub struct SmtpTransport {
     deliverer: Deliverer,
@@ -106,16 +106,19 @@ pub fn apply_connection_limits(target: &mut DeliveryTarget, route: &CompiledRout
 /// The worker's view of a delivery attempt.
 pub fn outcome_of(r: &AttemptResult) -> AttemptOutcome {
     let Some(v) = r.verdict() else {
-        let (code, text) = r
-            .reply()
-            .map(|x| (x.code, x.text.clone()))
-            .unwrap_or((250, String::new()));
-        return AttemptOutcome::Delivered { code, text };
+        let reply = r.reply().cloned().unwrap_or_else(|| Reply::new(250, ""));
+        return AttemptOutcome::Delivered { reply };
     };
     let auth_rejected = r.stage() == Stage::Auth || v.class == BounceClass::AuthFailure;
+    let cause = match r.reply() {
+        Some(reply) => Cause::Reply(reply.clone()),
+        None => Cause::NoReply {
+            detail: r.summary(),
+            status: None,
+        },
+    };
     AttemptOutcome::Failed {
-        code: r.reply().map(|x| x.code),
-        text: r.reply().map(|x| x.text.clone()).unwrap_or_else(|| r.summary()),
+        cause,
         permanent: v.is_permanent() && !auth_rejected,
         class: v.class,
     }
@@ -127,7 +130,7 @@ impl Transport for SmtpTransport {
         &self,
         route: &CompiledRoute,
         secrets: &RelaySecrets,
-        env: &OutEnvelope<'_>,
+        env: &Envelope<'_>,
         body: &[u8],
     ) -> Delivery {
         let mut target = DeliveryTarget::from_route(route, secrets);
@@ -137,10 +140,6 @@ impl Transport for SmtpTransport {
         }
         let creds = secrets.upstream_credentials.get(&route.id);
         let signer = self.signer(route, secrets);
-        let envelope = Envelope {
-            mail_from: env.mail_from.to_owned(),
-            rcpt_to: env.rcpt_to.to_owned(),
-        };
         let slots = self.slots.as_ref().map(|pacer| ConnectionSlots {
             pacer,
             route,
@@ -152,7 +151,7 @@ impl Transport for SmtpTransport {
         };
         let r = self
             .deliverer
-            .deliver_gated(&target, creds, signer.as_deref(), &envelope, body, gate)
+            .deliver_gated(&target, creds, signer.as_deref(), env, body, gate)
             .await;
         match r {
             Ok(r) => Delivery::Attempted(Attempt {

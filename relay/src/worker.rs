@@ -20,46 +20,48 @@ use mailroute_api::config::{CompiledRoute, RelaySecrets, Target};
 use mailroute_api::pattern::domain_of;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::bounce::{self, Failure};
+use crate::bounce::{self, EnhancedStatusCode, Failure, Reply};
 use crate::clock::now_ms;
 use crate::config::ConfigHandle;
 use crate::dlog::EventResult;
 use crate::dsn;
-use crate::message::{Job, MessageMeta, RecipientState, new_id};
+use crate::message::{Envelope, Job, MessageMeta, RecipientState, RecipientStatus, new_id};
 use crate::queue::{Disposition, Leased, Queue, QueueError, Stored};
 use crate::retry::{self, Next, RetryPolicy};
 use crate::telemetry::{Telemetry, event_for, scheduled_event};
-
-/// The envelope of one delivery attempt.
-#[derive(Clone, Debug)]
-pub struct OutEnvelope<'a> {
-    pub mail_from: &'a str,
-    pub rcpt_to: &'a str,
-}
 
 /// What one attempt through one route produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AttemptOutcome {
     /// 2xx to the end of DATA.
-    Delivered { code: u16, text: String },
-    /// Anything else: a failure reply (`code`) or none (connection, DNS, TLS, timeout).
+    Delivered { reply: Reply },
+    /// Anything else: a failure reply or none (connection, DNS, TLS, timeout).
     Failed {
-        code: Option<u16>,
-        text: String,
+        cause: Cause,
         permanent: bool,
         class: bounce::BounceClass,
     },
 }
 
+/// What a failed attempt came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The server's reply.
+    Reply(Reply),
+    /// No reply: what happened, and the RFC 3463 status it stands for when the relay names one.
+    NoReply {
+        detail: String,
+        status: Option<EnhancedStatusCode>,
+    },
+}
+
 impl AttemptOutcome {
-    /// A failure from a reply, classified by the bounce table.
-    pub fn from_reply(code: u16, text: impl Into<String>) -> Self {
-        let text = text.into();
-        match bounce::classify_reply(code, &text) {
-            None => AttemptOutcome::Delivered { code, text },
+    /// The outcome of a reply, classified by the bounce table.
+    pub fn from_reply(reply: Reply) -> Self {
+        match bounce::classify_parsed(&reply) {
+            None => AttemptOutcome::Delivered { reply },
             Some(v) => AttemptOutcome::Failed {
-                code: Some(code),
-                text,
+                cause: Cause::Reply(reply),
                 permanent: v.is_permanent(),
                 class: v.class,
             },
@@ -70,10 +72,49 @@ impl AttemptOutcome {
     pub fn from_failure(f: Failure, detail: impl Into<String>) -> Self {
         let v = f.verdict();
         AttemptOutcome::Failed {
-            code: None,
-            text: detail.into(),
+            cause: Cause::NoReply {
+                detail: detail.into(),
+                status: None,
+            },
             permanent: v.is_permanent(),
             class: v.class,
+        }
+    }
+
+    /// The server's reply, if it answered.
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            AttemptOutcome::Delivered { reply }
+            | AttemptOutcome::Failed {
+                cause: Cause::Reply(reply),
+                ..
+            } => Some(reply),
+            AttemptOutcome::Failed { .. } => None,
+        }
+    }
+
+    /// The reply, or what happened instead, on one line (recipient state, DSN reason).
+    pub fn summary(&self) -> String {
+        match self {
+            AttemptOutcome::Failed {
+                cause: Cause::NoReply { detail, .. },
+                ..
+            } => detail.clone(),
+            _ => self.reply().map(Reply::to_string).unwrap_or_default(),
+        }
+    }
+
+    /// The reply code, the enhanced status and the text as the delivery log records them.
+    fn log_parts(&self) -> (Option<u16>, Option<EnhancedStatusCode>, String) {
+        match self {
+            AttemptOutcome::Failed {
+                cause: Cause::NoReply { detail, status },
+                ..
+            } => (None, *status, detail.clone()),
+            _ => match self.reply() {
+                Some(r) => (Some(r.code), r.enhanced, r.text.clone()),
+                None => (None, None, String::new()),
+            },
         }
     }
 
@@ -105,20 +146,23 @@ pub enum Delivery {
 /// Sends one message to one recipient through one route (smarthost or MX).
 #[async_trait]
 pub trait Transport: Send + Sync {
-    async fn deliver(
-        &self,
-        route: &CompiledRoute,
-        secrets: &RelaySecrets,
-        env: &OutEnvelope<'_>,
-        body: &[u8],
-    ) -> Delivery;
+    async fn deliver(&self, route: &CompiledRoute, secrets: &RelaySecrets, env: &Envelope<'_>, body: &[u8])
+    -> Delivery;
+}
+
+/// The pacer's answer for one send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaceDecision {
+    /// Go now; the send is counted.
+    Go,
+    /// Not before `at_ms`; `reason` labels the paced-jobs metric.
+    Wait { at_ms: i64, reason: &'static str },
 }
 
 /// Outbound pacing shared by all pods.
 #[async_trait]
 pub trait Pacing: Send + Sync {
-    /// `None` = go now (the send is counted), `Some((not_before_ms, reason))` = wait.
-    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> Option<(i64, &'static str)>;
+    async fn acquire(&self, route: &CompiledRoute, rcpt_domain: &str, now_ms: i64) -> PaceDecision;
     /// Feedback after an attempt through `route` (rate-limit replies back the route off).
     async fn report(&self, route: &CompiledRoute, attempt: &Attempt, now_ms: i64);
 }
@@ -128,8 +172,8 @@ pub struct Unpaced;
 
 #[async_trait]
 impl Pacing for Unpaced {
-    async fn acquire(&self, _: &CompiledRoute, _: &str, _: i64) -> Option<(i64, &'static str)> {
-        None
+    async fn acquire(&self, _: &CompiledRoute, _: &str, _: i64) -> PaceDecision {
+        PaceDecision::Go
     }
     async fn report(&self, _: &CompiledRoute, _: &Attempt, _: i64) {}
 }
@@ -223,25 +267,6 @@ pub fn decide(last: &AttemptOutcome, policy: &RetryPolicy, meta: &MessageMeta, n
             Next::RetryAt(at) => Decision::Retry { at_ms: at },
             Next::Expired => Decision::Expired,
         },
-    }
-}
-
-fn reply_parts(o: &AttemptOutcome) -> (Option<u16>, Option<String>) {
-    match o {
-        AttemptOutcome::Delivered { code, text } => (Some(*code), Some(text.clone())),
-        AttemptOutcome::Failed { code, text, .. } => (*code, Some(text.clone())),
-    }
-}
-
-fn short(o: &AttemptOutcome) -> String {
-    match o {
-        AttemptOutcome::Delivered { code, text }
-        | AttemptOutcome::Failed {
-            code: Some(code), text, ..
-        } => {
-            format!("{code} {text}")
-        }
-        AttemptOutcome::Failed { text, .. } => text.clone(),
     }
 }
 
@@ -499,7 +524,7 @@ impl Worker {
                 self.complete(
                     &leased,
                     Disposition::Final {
-                        state: state("gone", job.attempts, None, None),
+                        state: state(RecipientStatus::Gone, job.attempts, None, None),
                     },
                 )
                 .await;
@@ -517,7 +542,7 @@ impl Worker {
             self.complete(
                 &leased,
                 Disposition::Final {
-                    state: state("invalid", job.attempts, None, None),
+                    state: state(RecipientStatus::Invalid, job.attempts, None, None),
                 },
             )
             .await;
@@ -530,7 +555,7 @@ impl Worker {
             self.complete(
                 &leased,
                 Disposition::Final {
-                    state: state("cancelled", job.attempts, None, None),
+                    state: state(RecipientStatus::Cancelled, job.attempts, None, None),
                 },
             )
             .await;
@@ -550,6 +575,13 @@ impl Worker {
         }
         let policy = policy_for(routes.first(), meta);
         let now = now_ms();
+        let this = Recipient {
+            leased: &leased,
+            meta,
+            body: &stored.body,
+            idx,
+            rcpt: &rcpt,
+        };
 
         if now >= policy.expires_at_ms(meta.received_at_ms) && job.attempts > 0 {
             // Without a route, that is what the sender needs to read.
@@ -558,9 +590,7 @@ impl Worker {
             } else {
                 AttemptOutcome::from_failure(Failure::Expired, "queue lifetime exceeded")
             };
-            return self
-                .fail(&leased, meta, &stored.body, idx, &rcpt, None, &outcome, true)
-                .await;
+            return self.fail(this, None, &outcome, true).await;
         }
         if let Some(q) = meta
             .options
@@ -575,22 +605,20 @@ impl Worker {
             return self.wait(&leased, job, at, "quiet hours", None).await;
         }
         let Some(first) = routes.first() else {
-            return self
-                .no_route(&leased, job, meta, &stored.body, idx, &rcpt, &domain, &policy)
-                .await;
+            return self.no_route(this, job, &domain, &policy).await;
         };
-        if let Some((at, reason)) = self.pacing.acquire(first, &domain, now).await {
-            return self.paced(&leased, job, at, reason, &first.id).await;
+        if let PaceDecision::Wait { at_ms, reason } = self.pacing.acquire(first, &domain, now).await {
+            return self.paced(&leased, job, at_ms, reason, &first.id).await;
         }
 
         let attempts = job.attempts + 1;
         let mut last: Option<(Attempt, &CompiledRoute)> = None;
         for (i, route) in routes.iter().enumerate() {
             // Later routes are only used if they have capacity now; pacing never fails a job.
-            if i > 0 && self.pacing.acquire(route, &domain, now_ms()).await.is_some() {
+            if i > 0 && self.pacing.acquire(route, &domain, now_ms()).await != PaceDecision::Go {
                 continue;
             }
-            let env = OutEnvelope {
+            let env = Envelope {
                 mail_from: &meta.mail_from,
                 rcpt_to: &rcpt,
             };
@@ -640,10 +668,10 @@ impl Worker {
                     .with_label_values(&[&route.id])
                     .observe(latency);
                 let st = state(
-                    "delivered",
+                    RecipientStatus::Delivered,
                     attempts,
                     None,
-                    Some((short(&attempt.outcome), route.id.clone())),
+                    Some((attempt.outcome.summary(), route.id.clone())),
                 );
                 // Sent together, the record and the completion reach Redis in the same event-loop
                 // turn (one fsync with appendfsync always) instead of one wait after the other.
@@ -666,10 +694,10 @@ impl Worker {
                 fill(&mut ev, route, &attempt, attempts);
                 self.telemetry.metrics.retries.with_label_values(&[&route.id]).inc();
                 let st = state(
-                    "deferred",
+                    RecipientStatus::Deferred,
                     attempts,
                     Some(at_ms),
-                    Some((short(&attempt.outcome), route.id.clone())),
+                    Some((attempt.outcome.summary(), route.id.clone())),
                 );
                 let job = Job { attempts, ..job };
                 let reschedule = Disposition::Reschedule {
@@ -682,8 +710,7 @@ impl Worker {
             d @ (Decision::Bounce { .. } | Decision::Expired) => {
                 let expired = d == Decision::Expired;
                 let via = Some((route, &attempt));
-                self.fail(&leased, meta, &stored.body, idx, &rcpt, via, &attempt.outcome, expired)
-                    .await
+                self.fail(this, via, &attempt.outcome, expired).await
             }
         }
     }
@@ -692,18 +719,8 @@ impl Worker {
     /// route left out while its Secret is broken), not a verdict on the mail. Accepted mail
     /// waits on the retry schedule and only expires at the end of its lifetime; it is never
     /// bounced for this. A DSN without a route is reported loudly: its sender learns nothing.
-    #[allow(clippy::too_many_arguments)]
-    async fn no_route(
-        &self,
-        leased: &Leased,
-        job: Job,
-        meta: &MessageMeta,
-        body: &[u8],
-        idx: usize,
-        rcpt: &str,
-        domain: &str,
-        policy: &RetryPolicy,
-    ) {
+    async fn no_route(&self, r: Recipient<'_>, job: Job, domain: &str, policy: &RetryPolicy) {
+        let Recipient { leased, meta, idx, .. } = r;
         let outcome = no_route_outcome(domain);
         let attempts = job.attempts + 1;
         let m = &self.telemetry.metrics;
@@ -716,22 +733,19 @@ impl Worker {
         let at_ms = match decide(&outcome, policy, meta, now_ms(), attempts) {
             Decision::Retry { at_ms } => at_ms,
             _ => {
-                return self.fail(leased, meta, body, idx, rcpt, None, &outcome, true).await;
+                return self.fail(r, None, &outcome, true).await;
             }
         };
         let mut ev = event_for(meta, EventResult::Deferred, idx);
-        let (code, text) = reply_parts(&outcome);
-        ev.reply_code = code;
-        ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
-        ev.reply_text = text;
+        log_outcome(&mut ev, &outcome);
         ev.attempt = Some(attempts);
         ev.bounce_class = Some(bounce::BounceClass::NoRoute.as_str().to_owned());
         m.retries.with_label_values(&["none"]).inc();
         let st = state(
-            "deferred",
+            RecipientStatus::Deferred,
             attempts,
             Some(at_ms),
-            Some((short(&outcome), "none".into())),
+            Some((outcome.summary(), "none".into())),
         );
         let reschedule = Disposition::Reschedule {
             job: Job { attempts, ..job },
@@ -754,7 +768,7 @@ impl Worker {
 
     async fn wait(&self, leased: &Leased, job: Job, at_ms: i64, reason: &str, route: Option<&str>) {
         tracing::debug!(message = %job.msg, rcpt = job.rcpt, reason, route, at_ms, "waiting");
-        let st = state("queued", job.attempts, Some(at_ms), None);
+        let st = state(RecipientStatus::Queued, job.attempts, Some(at_ms), None);
         let job = Job {
             waits: job.waits + 1,
             ..job
@@ -771,18 +785,20 @@ impl Worker {
     }
 
     /// Permanent failure or expiry: log, count, send a DSN (never for a bounce), finish the job.
-    #[allow(clippy::too_many_arguments)]
     async fn fail(
         &self,
-        leased: &Leased,
-        meta: &MessageMeta,
-        body: &[u8],
-        idx: usize,
-        rcpt: &str,
+        r: Recipient<'_>,
         via: Option<(&CompiledRoute, &Attempt)>,
         outcome: &AttemptOutcome,
         expired: bool,
     ) {
+        let Recipient {
+            leased,
+            meta,
+            body,
+            idx,
+            rcpt,
+        } = r;
         let attempts = leased.job.attempts + u32::from(via.is_some());
         let route_id = via.map(|(r, _)| r.id.clone()).unwrap_or_else(|| "none".into());
         let class = match outcome {
@@ -790,7 +806,7 @@ impl Worker {
             AttemptOutcome::Failed { class, .. } => *class,
             AttemptOutcome::Delivered { .. } => bounce::BounceClass::Other,
         };
-        let (code, text) = reply_parts(outcome);
+        let code = outcome.reply().map(|r| r.code);
         let result = if expired {
             EventResult::Expired
         } else {
@@ -800,9 +816,7 @@ impl Worker {
         if let Some((r, a)) = via {
             fill(&mut ev, r, a, attempts);
         } else {
-            ev.reply_code = code;
-            ev.reply_text = text.clone();
-            ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
+            log_outcome(&mut ev, outcome);
             ev.attempt = Some(attempts);
         }
         ev.bounce_class = Some(class.as_str().to_owned());
@@ -827,8 +841,12 @@ impl Worker {
             }
             m.dsn_sent.inc();
         }
-        let status = if expired { "expired" } else { "bounced" };
-        let st = state(status, attempts, None, Some((short(outcome), route_id)));
+        let status = if expired {
+            RecipientStatus::Expired
+        } else {
+            RecipientStatus::Bounced
+        };
+        let st = state(status, attempts, None, Some((outcome.summary(), route_id)));
         self.complete(leased, Disposition::Final { state: st }).await;
     }
 
@@ -841,27 +859,22 @@ impl Worker {
         outcome: &AttemptOutcome,
         expired: bool,
     ) -> anyhow::Result<()> {
-        let now = Utc::now();
-        let (status, diagnostic) = match outcome {
-            AttemptOutcome::Failed {
-                code: Some(code), text, ..
-            }
-            | AttemptOutcome::Delivered { code, text } => (
-                dsn::status_for_reply(*code, bounce::parse_enhanced(text)),
-                Some(dsn::Diagnostic {
-                    code: *code,
-                    text: text.clone(),
-                }),
-            ),
-            AttemptOutcome::Failed { class, .. } => (status_for_class(*class, expired), None),
+        let now = crate::clock::now();
+        let (status, diagnostic) = match (outcome.reply(), outcome) {
+            (Some(reply), _) => (dsn::status_for_reply(reply), Some(reply.clone())),
+            (None, AttemptOutcome::Failed { class, .. }) => (status_for_class(*class, expired), None),
+            (None, AttemptOutcome::Delivered { .. }) => (status_for_class(bounce::BounceClass::Other, expired), None),
         };
         let reason = if expired {
             format!(
                 "delivery did not succeed before the message expired; last result: {}",
-                short(outcome)
+                outcome.summary()
             )
         } else {
-            format!("the receiving side refused the message permanently: {}", short(outcome))
+            format!(
+                "the receiving side refused the message permanently: {}",
+                outcome.summary()
+            )
         };
         let reports = [dsn::RecipientReport {
             recipient: rcpt.to_owned(),
@@ -907,18 +920,31 @@ impl Worker {
     }
 }
 
+/// The recipient a job is about, with its lease and message, as the failure paths need them.
+#[derive(Clone, Copy)]
+struct Recipient<'a> {
+    leased: &'a Leased,
+    meta: &'a MessageMeta,
+    body: &'a [u8],
+    /// Its index among the message's recipients.
+    idx: usize,
+    rcpt: &'a str,
+}
+
 /// What "no route serves the recipient" counts as: a temporary failure of class `no_route`.
 pub fn no_route_outcome(domain: &str) -> AttemptOutcome {
     AttemptOutcome::Failed {
-        code: None,
-        text: format!("4.4.4 No route configured for recipient domain {domain}"),
+        cause: Cause::NoReply {
+            detail: format!("4.4.4 No route configured for recipient domain {domain}"),
+            status: Some(EnhancedStatusCode::new(4, 4, 4)),
+        },
         permanent: false,
         class: bounce::BounceClass::NoRoute,
     }
 }
 
 /// DSN status for a failure that produced no reply.
-fn status_for_class(class: bounce::BounceClass, expired: bool) -> bounce::Enhanced {
+fn status_for_class(class: bounce::BounceClass, expired: bool) -> EnhancedStatusCode {
     use bounce::BounceClass as C;
     let f = match class {
         _ if expired => Failure::Expired,
@@ -929,13 +955,13 @@ fn status_for_class(class: bounce::BounceClass, expired: bool) -> bounce::Enhanc
     dsn::status_for_failure(f)
 }
 
-fn state(status: &str, attempts: u32, next: Option<i64>, last: Option<(String, String)>) -> RecipientState {
+fn state(status: RecipientStatus, attempts: u32, next: Option<i64>, last: Option<(String, String)>) -> RecipientState {
     let (last_reply, route) = match last {
         Some((r, route)) => (Some(r), Some(route)),
         None => (None, None),
     };
     RecipientState {
-        status: status.into(),
+        status,
         attempts,
         next_attempt_ms: next,
         last_reply,
@@ -948,13 +974,18 @@ fn fill(ev: &mut crate::dlog::DeliveryEvent, route: &CompiledRoute, a: &Attempt,
     ev.remote_host = a.remote_host.clone();
     ev.tls = a.tls;
     ev.attempt = Some(attempt_no);
-    let (code, text) = reply_parts(&a.outcome);
-    ev.reply_code = code;
-    ev.enhanced_code = text.as_deref().and_then(bounce::enhanced_string);
-    ev.reply_text = text;
+    log_outcome(ev, &a.outcome);
     if let AttemptOutcome::Failed { class, .. } = &a.outcome {
         ev.bounce_class = Some(class.as_str().to_owned());
     }
+}
+
+/// The reply (or what happened instead) in the delivery log's fields.
+fn log_outcome(ev: &mut crate::dlog::DeliveryEvent, outcome: &AttemptOutcome) {
+    let (code, enhanced, text) = outcome.log_parts();
+    ev.reply_code = code;
+    ev.enhanced_code = enhanced.map(|e| e.to_string());
+    ev.reply_text = Some(text);
 }
 
 #[cfg(test)]
@@ -985,12 +1016,12 @@ mod tests {
         let p = policy_for(None, &m);
         assert_eq!(p.interval, Duration::from_secs(60));
         assert_eq!(p.lifetime, Duration::from_secs(1800));
-        let ok = AttemptOutcome::from_reply(250, "2.0.0 ok");
+        let ok = AttemptOutcome::from_reply(Reply::new(250, "2.0.0 ok"));
         assert_eq!(decide(&ok, &p, &m, 10, 1), Decision::Delivered);
-        let temp = AttemptOutcome::from_reply(451, "4.3.0 try later");
+        let temp = AttemptOutcome::from_reply(Reply::new(451, "4.3.0 try later"));
         assert_eq!(decide(&temp, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
         assert_eq!(decide(&temp, &p, &m, 1_800_000, 31), Decision::Expired);
-        let perm = AttemptOutcome::from_reply(550, "5.1.1 user unknown");
+        let perm = AttemptOutcome::from_reply(Reply::new(550, "5.1.1 user unknown"));
         assert_eq!(
             decide(&perm, &p, &m, 10, 1),
             Decision::Bounce {
@@ -1025,7 +1056,7 @@ mod tests {
         let p = policy_for(None, &m);
         assert_eq!(p.interval, Duration::from_secs(5));
         assert_eq!(p.lifetime, Duration::from_secs(120));
-        let temp = AttemptOutcome::from_reply(421, "4.7.0 busy");
+        let temp = AttemptOutcome::from_reply(Reply::new(421, "4.7.0 busy"));
         assert_eq!(decide(&temp, &p, &m, 2_000, 1), Decision::Retry { at_ms: 7_000 });
         assert_eq!(decide(&temp, &p, &m, 121_000, 9), Decision::Expired);
     }

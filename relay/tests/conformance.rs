@@ -555,8 +555,8 @@ async fn every_outbound_path_quotes_local_parts_and_stuffs_the_first_line() {
     for (name, server, target, rcpt) in paths {
         let d = deliverer(mx.port());
         let env = Envelope {
-            mail_from: INJECTING_SENDER.into(),
-            rcpt_to: rcpt.into(),
+            mail_from: INJECTING_SENDER,
+            rcpt_to: rcpt,
         };
         let r = d.deliver(&target, None, None, &env, body).await;
         assert!(r.is_delivered(), "{name}: {r:?}");
@@ -585,7 +585,7 @@ async fn a_dsn_to_a_quoted_sender_keeps_the_quotes() {
     let rcpts = [RecipientReport {
         recipient: "x y@example.com".into(),
         action: Action::Failed,
-        status: (5, 1, 1),
+        status: mailroute_relay::EnhancedStatusCode::new(5, 1, 1),
         remote_mta: None,
         diagnostic: None,
         reason: "the recipient's server rejected the message".into(),
@@ -605,8 +605,8 @@ async fn a_dsn_to_a_quoted_sender_keeps_the_quotes() {
         "dsn1",
     );
     let env = Envelope {
-        mail_from: dsn.mail_from.clone(),
-        rcpt_to: dsn.rcpt_to.clone(),
+        mail_from: &dsn.mail_from,
+        rcpt_to: &dsn.rcpt_to,
     };
     let r = deliverer(up.port())
         .deliver(&smarthost(up.port()), None, None, &env, &dsn.message)
@@ -645,10 +645,7 @@ async fn an_unwritable_address_is_never_sent() {
             Stage::MailFrom,
         ),
     ] {
-        let env = Envelope {
-            mail_from: mail_from.into(),
-            rcpt_to: rcpt_to.into(),
-        };
+        let env = Envelope { mail_from, rcpt_to };
         let r = d.deliver(&target, None, None, &env, b"Subject: x\r\n\r\nx\r\n").await;
         match &r.outcome {
             Outcome::Rejected { stage: s, reply } => {
@@ -661,8 +658,8 @@ async fn an_unwritable_address_is_never_sent() {
     }
     // The same connection then delivers a good message: nothing was left half-sent.
     let env = Envelope {
-        mail_from: "app@app.example".into(),
-        rcpt_to: "ok@example.com".into(),
+        mail_from: "app@app.example",
+        rcpt_to: "ok@example.com",
     };
     let r = d.deliver(&target, None, None, &env, b"Subject: x\r\n\r\nx\r\n").await;
     assert!(r.is_delivered(), "{r:?}");

@@ -202,8 +202,8 @@ async fn send_via(
         rcpt_domain: domain,
     };
     let env = Envelope {
-        mail_from: "app@app.example".into(),
-        rcpt_to: rcpt.into(),
+        mail_from: "app@app.example",
+        rcpt_to: rcpt,
     };
     let mut target = DeliveryTarget::from_route(route, &RelaySecrets::default());
     apply_connection_limits(&mut target, route, domain);
@@ -488,8 +488,8 @@ async fn route_timeouts_reach_the_session() {
     )
     .unwrap();
     let env = Envelope {
-        mail_from: "app@app.example".into(),
-        rcpt_to: "u@example.com".into(),
+        mail_from: "app@app.example",
+        rcpt_to: "u@example.com",
     };
     let failure = |r: &mailroute_relay::delivery::AttemptResult| match &r.outcome {
         Outcome::Failed { stage, failure, .. } => Some((*stage, *failure)),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::common::{plain, smarthost, upstream};
 use mailroute_api::config::{Credentials, Upstream};
 use mailroute_api::route::{AuthMechanism, TlsMode};
+use mailroute_relay::EnhancedStatusCode;
 use mailroute_relay::bounce::{BounceClass, Failure, Kind};
 use mailroute_relay::delivery::{
     AttemptResult, Deliverer, DelivererConfig, DeliveryTarget, DkimSigner, Envelope, HickoryResolver, MxResolver,
@@ -61,10 +62,10 @@ fn verifying(route: &str, mut up: Upstream, server_name: &str, ca_pem: &str) -> 
     t
 }
 
-fn env(rcpt: &str) -> Envelope {
+fn env(rcpt: &str) -> Envelope<'_> {
     Envelope {
-        mail_from: "orders@shop.example".into(),
-        rcpt_to: rcpt.into(),
+        mail_from: "orders@shop.example",
+        rcpt_to: rcpt,
     }
 }
 
@@ -107,7 +108,7 @@ async fn plain_delivery_is_byte_exact() {
     assert!(r.is_delivered(), "{r:?}");
     let reply = r.reply().expect("reply");
     assert_eq!(reply.code, 250);
-    assert_eq!(reply.enhanced, Some((2, 0, 0)));
+    assert_eq!(reply.enhanced, Some(EnhancedStatusCode::new(2, 0, 0)));
     assert_eq!(reply.text, "2.0.0 OK queued as 1");
     assert_eq!(r.verdict(), None);
     assert!(!r.tls);
@@ -299,7 +300,10 @@ async fn bad_credentials_surface_the_535_reply() {
             "5.7.8 Username and password not accepted.".to_string()
         )
     );
-    assert_eq!(r.reply().and_then(|x| x.enhanced), Some((5, 7, 8)));
+    assert_eq!(
+        r.reply().and_then(|x| x.enhanced),
+        Some(EnhancedStatusCode::new(5, 7, 8))
+    );
     let v = r.verdict().expect("failure");
     assert_eq!((v.kind, v.class), (Kind::Permanent, BounceClass::AuthFailure));
     assert!(r.tls, "AUTH happened after STARTTLS");
@@ -325,7 +329,7 @@ async fn temporary_and_permanent_replies_are_reported_exactly() {
     );
     assert_eq!(
         r.reply().and_then(|x| x.enhanced),
-        Some((4, 7, 500)),
+        Some(EnhancedStatusCode::new(4, 7, 500)),
         "three-digit detail kept"
     );
     let v = r.verdict().expect("failure");

@@ -354,8 +354,8 @@ async fn signed_mail_as_received_verifies_with_every_verifier() {
         data_done_ms: 20_000,
     };
     let env = Envelope {
-        mail_from: "orders@example.com".into(),
-        rcpt_to: "alice@example.net".into(),
+        mail_from: "orders@example.com",
+        rcpt_to: "alice@example.net",
     };
     let mut sent = Vec::new();
     for key in KEYS {

@@ -356,10 +356,10 @@ async fn trimmer_task_trims_periodically() {
     let redis = RedisServer::start().unwrap();
     let log = redis_log(&redis).await;
     let mut old = sample(0);
-    old.time = at(Utc::now().timestamp_millis() - 40 * 24 * 3600 * 1000);
+    old.time = at(mailroute_relay::clock::now_ms() - 40 * 24 * 3600 * 1000);
     log.record(&old).await.unwrap();
     let mut recent = sample(1);
-    recent.time = at(Utc::now().timestamp_millis());
+    recent.time = at(mailroute_relay::clock::now_ms());
     log.record(&recent).await.unwrap();
 
     let task = tokio::spawn(log.clone().run_trimmer(Duration::from_millis(20)));

@@ -52,14 +52,14 @@ async fn held_messages_get_a_scheduled_record_with_the_time_they_will_be_tried()
     let base = format!("http://{}", r.relay.admin_addr.unwrap());
 
     // Deliver-After: held from the start, for two hours.
-    let before = Utc::now();
+    let before = mailroute_relay::clock::now();
     let later = message("later", "X-Mailroute-Deliver-After: +2h\r\n");
     assert!(
         submit(r.smtp(), "app@app.example", &["later@example.com"], &later)
             .await
             .delivered()
     );
-    let after = Utc::now();
+    let after = mailroute_relay::clock::now();
     let evs = events(&base, "result=scheduled&recipient=later@example.com", |e| !e.is_empty()).await;
     assert_eq!(evs.len(), 1, "{evs:?}");
     let at = time(&evs[0]["not_before"]);
@@ -77,7 +77,7 @@ async fn held_messages_get_a_scheduled_record_with_the_time_they_will_be_tried()
     assert_eq!(evs[0]["recipient"], "later@example.com");
 
     // Quiet hours around now (UTC): held by the worker until the window ends.
-    let now = Utc::now();
+    let now = mailroute_relay::clock::now();
     let minute = chrono::Duration::minutes(1);
     let start_at = (now - chrono::Duration::hours(1)).duration_trunc(minute).unwrap();
     let end_at = (now + chrono::Duration::hours(1)).duration_trunc(minute).unwrap();

@@ -12,7 +12,7 @@ use mailroute_relay::bounce::Kind;
 use mailroute_relay::delivery::{
     AttemptResult, Deliverer, DelivererConfig, DeliveryTarget, Envelope, Outcome, StaticResolver,
 };
-use mailroute_relay::dsn::{self, Action, Diagnostic, DsnRequest, RecipientReport};
+use mailroute_relay::dsn::{self, Action, DsnRequest, RecipientReport};
 use mailroute_testkit::smtp::{Behaviour, Script, SmtpServer};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -27,13 +27,7 @@ Private body text that must not come back.\r\n";
 fn report_for(attempt: &AttemptResult, rcpt: &str) -> RecipientReport {
     let verdict = attempt.verdict().expect("a failed attempt");
     let (status, diagnostic) = match &attempt.outcome {
-        Outcome::Rejected { reply, .. } => (
-            dsn::status_for_reply(reply.code, reply.enhanced),
-            Some(Diagnostic {
-                code: reply.code,
-                text: reply.text.clone(),
-            }),
-        ),
+        Outcome::Rejected { reply, .. } => (dsn::status_for_reply(reply), Some(reply.clone())),
         Outcome::Failed { failure, .. } => (dsn::status_for_failure(*failure), None),
         other => panic!("unexpected outcome {other:?}"),
     };
@@ -80,8 +74,8 @@ async fn rejected_message_bounces_to_the_sender_with_null_reverse_path() {
     .expect("deliverer");
     let target = DeliveryTarget::direct_mx("mail/direct");
     let original_env = Envelope {
-        mail_from: "orders@shop.test".into(),
-        rcpt_to: "alice@example.test".into(),
+        mail_from: "orders@shop.test",
+        rcpt_to: "alice@example.test",
     };
     let attempt = recipient_side
         .deliver(&target, None, None, &original_env, ORIGINAL)
@@ -89,11 +83,11 @@ async fn rejected_message_bounces_to_the_sender_with_null_reverse_path() {
     assert_eq!(attempt.verdict().map(|v| v.kind), Some(Kind::Permanent), "{attempt:?}");
 
     // Build the DSN from what the remote side said.
-    assert!(dsn::should_bounce(&original_env.mail_from));
+    assert!(dsn::should_bounce(original_env.mail_from));
     let reports = [report_for(&attempt, "alice@example.test")];
     let req = DsnRequest {
         reporting_mta: "relay.test",
-        original_sender: &original_env.mail_from,
+        original_sender: original_env.mail_from,
         arrival_date: Utc.with_ymd_and_hms(2026, 3, 1, 10, 0, 0).single().expect("time"),
         queue_id: Some("q-7"),
         recipients: &reports,
@@ -123,8 +117,8 @@ async fn rejected_message_bounces_to_the_sender_with_null_reverse_path() {
     let mut route = DeliveryTarget::direct_mx("mail/overriding");
     route.from_override = Some("noreply@relay.test".into());
     let dsn_env = Envelope {
-        mail_from: report.mail_from.clone(),
-        rcpt_to: report.rcpt_to.clone(),
+        mail_from: &report.mail_from,
+        rcpt_to: &report.rcpt_to,
     };
     let sent = sender_side.deliver(&route, None, None, &dsn_env, &report.message).await;
     assert!(sent.is_delivered(), "{sent:?}");
@@ -168,12 +162,12 @@ fn a_bounce_never_bounces() {
     let req = DsnRequest {
         reporting_mta: "relay.test",
         original_sender: "orders@shop.test",
-        arrival_date: Utc::now(),
+        arrival_date: mailroute_relay::clock::now(),
         queue_id: None,
         recipients: &reports,
         original: ORIGINAL,
     };
-    let d = dsn::build(&req, Utc::now(), "x");
+    let d = dsn::build(&req, mailroute_relay::clock::now(), "x");
     assert!(!dsn::should_bounce(&d.mail_from));
     assert!(!dsn::should_bounce("MAILER-DAEMON@relay.test"));
 }

@@ -34,11 +34,7 @@ fn cidrs(s: &str) -> Vec<ipnet::IpNet> {
 }
 
 async fn stats(r: &TestRelay) -> QueueStats {
-    r.relay
-        .queue
-        .stats(chrono::Utc::now().timestamp_millis())
-        .await
-        .unwrap()
+    r.relay.queue.stats(mailroute_relay::clock::now_ms()).await.unwrap()
 }
 
 async fn assert_nothing_queued(r: &TestRelay) {
@@ -850,7 +846,7 @@ async fn bad_extension_headers_are_refused_naming_the_header() {
 async fn a_future_deliver_after_schedules_the_jobs() {
     let up = SmtpServer::start(Script::new()).unwrap();
     let r = start(&routes(up.port()), "memory", |_| {}).await;
-    let in_an_hour = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let in_an_hour = (mailroute_relay::clock::now() + chrono::Duration::hours(1)).to_rfc3339();
     for header in [
         "X-Mailroute-Deliver-After: 1h\r\n".to_owned(),
         format!("X-Mailroute-Deliver-After: {in_an_hour}\r\n"),

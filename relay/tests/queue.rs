@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailroute_relay::message::{Job, MessageMeta, RecipientState, new_id};
+use mailroute_relay::message::{Job, MessageMeta, RecipientState, RecipientStatus, new_id};
 use mailroute_relay::queue::memory::MemoryQueue;
 use mailroute_relay::queue::redis::{Durability, RedisQueue};
 use mailroute_relay::queue::{CancelOutcome, Disposition, Queue};
@@ -66,7 +66,7 @@ async fn contract(q: Arc<dyn Queue>) {
 
     for l in &leased {
         let state = RecipientState {
-            status: "delivered".into(),
+            status: RecipientStatus::Delivered,
             attempts: 1,
             next_attempt_ms: None,
             last_reply: Some("250 ok".into()),
@@ -126,16 +126,19 @@ async fn cancel_contract(q: Arc<dyn Queue>) {
     assert_eq!((s.ready, s.inflight, s.scheduled, s.messages), (0, 1, 1, 2));
     let view = q.view(&a).await.unwrap().expect("the leased recipient keeps it");
     assert_eq!(view.pending, 1);
-    let status: Vec<Option<String>> = view
+    let status: Vec<Option<RecipientStatus>> = view
         .recipients
         .iter()
-        .map(|(_, st)| st.as_ref().map(|s| s.status.clone()))
+        .map(|(_, st)| st.as_ref().map(|s| s.status))
         .collect();
-    assert_eq!(status, [Some("cancelled".into()), None, Some("cancelled".into())]);
+    assert_eq!(
+        status,
+        [Some(RecipientStatus::Cancelled), None, Some(RecipientStatus::Cancelled)]
+    );
     assert!(q.fetch("c2", 10, Duration::from_millis(50)).await.unwrap().is_empty());
 
     let state = RecipientState {
-        status: "delivered".into(),
+        status: RecipientStatus::Delivered,
         attempts: 1,
         next_attempt_ms: None,
         last_reply: None,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use mailroute_api::Manifests;
 use mailroute_api::config::CompiledRoute;
-use mailroute_relay::bounce::{Outcome, Reply};
+use mailroute_relay::bounce::Reply;
 use mailroute_relay::quota::store::DEFAULT_PREFIX;
 use mailroute_relay::shaping::{
     BackoffChange, Connect, MemoryPaceStore, Pace, PaceReason, PaceStore, Pacer, RedisPaceStore,
@@ -221,7 +221,7 @@ async fn upstream_421_backs_the_route_off_until_a_success() {
                     let (code, text) = final_reply(&t);
                     attempts.push((now, code));
                     let change = p
-                        .report(&r, "example.com", &Outcome::Reply(Reply::new(code, &text)), now)
+                        .report(&r, "example.com", Some(&Reply::new(code, &text)), now)
                         .await
                         .unwrap();
                     if change != BackoffChange::Unchanged {
@@ -287,16 +287,10 @@ async fn scenario(store: Arc<dyn PaceStore>) -> Vec<String> {
         let pace = p.acquire(r, domain, (step % 4 + 1) as u32, now).await.unwrap();
         out.push(format!("{step} {pace:?}"));
         if step % 37 == 5 {
-            out.push(format!(
-                "{:?}",
-                p.report(r, domain, &Outcome::Reply(busy), now).await.unwrap()
-            ));
+            out.push(format!("{:?}", p.report(r, domain, Some(&busy), now).await.unwrap()));
         }
         if step % 41 == 40 {
-            out.push(format!(
-                "{:?}",
-                p.report(r, domain, &Outcome::Reply(ok), now).await.unwrap()
-            ));
+            out.push(format!("{:?}", p.report(r, domain, Some(&ok), now).await.unwrap()));
         }
         match p.connect(r, domain, now).await.unwrap() {
             Connect::Granted(c) => {

@@ -14,8 +14,9 @@
 //! with the pooled session until the connection closes.
 //!
 //! Submodules: [`resolve`] (MX/address lookup, injectable), [`rewrite`] (From override, pure),
-//! [`dkim`] (signing), [`gate`] (connection leases), `session` (the SMTP dialogue over
-//! mail-send), `pool`, `tls`.
+//! [`dkim`] (signing), [`gate`] (connection leases), `session` (a pooled connection of the
+//! shared SMTP client, `mailroute_smtp::client`, with its lease), `pool`. TLS client
+//! configurations come from `mailroute_tls`.
 
 pub mod dkim;
 pub mod gate;
@@ -43,8 +44,12 @@ pub use mailroute_tls::TlsSetupError;
 
 use self::pool::Pool;
 use self::resolve::MxPlan;
-use self::session::{OpenSpec, Session, StepError, StepErrorKind, Timeouts, TlsUse};
-use crate::bounce::{self, BounceClass, Enhanced, Failure, Kind, Verdict};
+use self::session::Session;
+use crate::bounce::{self, BounceClass, Failure, Kind, Verdict};
+use mailroute_smtp::{ErrorKind, OpenSpec, StepError, Timeouts, TlsUse};
+pub use mailroute_smtp::{Reply, Stage};
+
+pub use crate::message::Envelope;
 
 /// Settings of a [`Deliverer`], fixed for its lifetime.
 #[derive(Debug, Clone)]
@@ -117,7 +122,9 @@ impl DeliveryTarget {
         }
     }
 
-    /// Direct MX delivery without a configured route (the relay's fallback).
+    /// Direct MX delivery with default limits and timeouts, for tests and tools. The relay's own
+    /// fallback (`--fallback-mx`) is a compiled route the worker builds, delivered through
+    /// [`DeliveryTarget::from_route`].
     pub fn direct_mx(route_id: impl Into<String>) -> Self {
         Self {
             route_id: route_id.into(),
@@ -132,110 +139,13 @@ impl DeliveryTarget {
     }
 }
 
-/// The envelope of one attempt: one recipient (the queue holds one job per recipient).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// Reverse path without angle brackets; empty for the null sender.
-    pub mail_from: String,
-    pub rcpt_to: String,
-}
-
-/// An SMTP reply as the server sent it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpReply {
-    pub code: u16,
-    /// RFC 3463 code from the start of the text (`5.1.1`), if any.
-    pub enhanced: Option<Enhanced>,
-    /// The text after the code, continuation lines joined with spaces; still starts with the
-    /// enhanced code when there is one.
-    pub text: String,
-}
-
-impl SmtpReply {
-    pub fn new(code: u16, text: impl Into<String>) -> Self {
-        let text = text.into();
-        Self {
-            code,
-            enhanced: bounce::parse_enhanced(&text),
-            text,
-        }
-    }
-
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-
-    /// The reply in the bounce classifier's terms.
-    pub fn as_bounce_reply(&self) -> bounce::Reply<'_> {
-        bounce::Reply {
-            code: self.code,
-            enhanced: self.enhanced,
-            text: &self.text,
-        }
-    }
-}
-
-impl fmt::Display for SmtpReply {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.text.is_empty() {
-            write!(f, "{}", self.code)
-        } else {
-            write!(f, "{} {}", self.code, self.text)
-        }
-    }
-}
-
-/// Step of the dialogue an outcome belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    /// Preparing the attempt (configuration such as an invalid CA bundle).
-    Setup,
-    Dns,
-    Connect,
-    Greeting,
-    Ehlo,
-    StartTls,
-    Auth,
-    Reset,
-    MailFrom,
-    RcptTo,
-    /// The DATA command.
-    Data,
-    /// The message content and its final reply.
-    Message,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Setup => "setup",
-            Stage::Dns => "dns",
-            Stage::Connect => "connect",
-            Stage::Greeting => "greeting",
-            Stage::Ehlo => "ehlo",
-            Stage::StartTls => "starttls",
-            Stage::Auth => "auth",
-            Stage::Reset => "rset",
-            Stage::MailFrom => "mail_from",
-            Stage::RcptTo => "rcpt_to",
-            Stage::Data => "data",
-            Stage::Message => "message",
-        }
-    }
-
-    /// Whether the message content may have reached the server.
-    pub fn content_sent(self) -> bool {
-        self == Stage::Message
-    }
-}
-
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The next hop accepted the message (its 2xx reply to the content).
-    Delivered { reply: SmtpReply },
+    Delivered { reply: Reply },
     /// The server answered with a failure reply.
-    Rejected { stage: Stage, reply: SmtpReply },
+    Rejected { stage: Stage, reply: Reply },
     /// No reply: DNS, connection, timeout or TLS failure.
     Failed {
         stage: Stage,
@@ -270,7 +180,7 @@ impl AttemptResult {
     }
 
     /// The remote reply, if the server answered.
-    pub fn reply(&self) -> Option<&SmtpReply> {
+    pub fn reply(&self) -> Option<&Reply> {
         match &self.outcome {
             Outcome::Delivered { reply } | Outcome::Rejected { reply, .. } => Some(reply),
             _ => None,
@@ -289,10 +199,9 @@ impl AttemptResult {
         match &self.outcome {
             Outcome::Delivered { .. } => None,
             // A 2xx/3xx where a failure was reported means an out-of-sequence reply.
-            Outcome::Rejected { reply, .. } => Some(
-                bounce::classify_parsed(&reply.as_bounce_reply())
-                    .unwrap_or(Verdict::new(Kind::Temporary, BounceClass::Other)),
-            ),
+            Outcome::Rejected { reply, .. } => {
+                Some(bounce::classify_parsed(reply).unwrap_or(Verdict::new(Kind::Temporary, BounceClass::Other)))
+            }
             Outcome::Failed { failure, .. } => Some(failure.verdict()),
             Outcome::Protocol { class, .. } => Some(Verdict::new(Kind::Temporary, *class)),
         }
@@ -324,17 +233,26 @@ impl AttemptResult {
 
     fn from_step(e: StepError, host: &str, addr: SocketAddr, reused: bool) -> Self {
         let outcome = match e.kind {
-            StepErrorKind::Reply(reply) => Outcome::Rejected { stage: e.stage, reply },
-            StepErrorKind::Failure(failure, detail) => Outcome::Failed {
-                stage: e.stage,
-                failure,
-                detail,
-            },
-            StepErrorKind::Protocol(class, detail) => Outcome::Protocol {
-                stage: e.stage,
-                class,
-                detail,
-            },
+            ErrorKind::Reply(reply) => Outcome::Rejected { stage: e.stage, reply },
+            kind => {
+                let detail = kind.detail();
+                match no_reply_failure(&kind) {
+                    Some(failure) => Outcome::Failed {
+                        stage: e.stage,
+                        failure,
+                        detail,
+                    },
+                    None => Outcome::Protocol {
+                        stage: e.stage,
+                        class: if matches!(kind, ErrorKind::AuthNotOffered { .. } | ErrorKind::Auth(_)) {
+                            BounceClass::AuthFailure
+                        } else {
+                            BounceClass::Other
+                        },
+                        detail,
+                    },
+                }
+            }
         };
         Self {
             outcome,
@@ -346,18 +264,50 @@ impl AttemptResult {
     }
 }
 
+/// The failure a step error without a reply counts as; `None` for a protocol problem.
+fn no_reply_failure(kind: &ErrorKind) -> Option<Failure> {
+    Some(match kind {
+        ErrorKind::Connect(_) => Failure::ConnectionRefused,
+        ErrorKind::ConnectTimeout(_) | ErrorKind::TlsTimeout | ErrorKind::NoGreeting | ErrorKind::Timeout(_) => {
+            Failure::Timeout
+        }
+        ErrorKind::Lost(_) => Failure::ConnectionLost,
+        ErrorKind::TlsHandshake(_) | ErrorKind::Tls(_) | ErrorKind::StartTlsNotOffered => Failure::Tls,
+        ErrorKind::Reply(_) | ErrorKind::AuthNotOffered { .. } | ErrorKind::Auth(_) | ErrorKind::Protocol(_) => {
+            return None;
+        }
+    })
+}
+
+/// How an attempt gets a connection: `gate` is asked before a new one opens; `wait`: wait for
+/// a free slot of the pool instead of returning [`NoSlot`].
+#[derive(Clone, Copy)]
+struct Entry<'a> {
+    gate: &'a dyn ConnectionGate,
+    wait: bool,
+}
+
+/// What goes out on the connection: the envelope after the From override and the prepared
+/// message (overridden, signed).
+#[derive(Clone, Copy)]
+struct Outgoing<'a> {
+    mail_from: &'a str,
+    rcpt_to: &'a str,
+    message: &'a [u8],
+}
+
 /// Applies the route's From override and DKIM signature, in that order. Returns the envelope
 /// sender and the bytes to send.
 pub fn prepare_message<'a>(
     target: &DeliveryTarget,
     dkim: Option<&DkimSigner>,
-    env: &Envelope,
+    env: &Envelope<'_>,
     body: &'a [u8],
 ) -> (String, Cow<'a, [u8]>) {
-    let mut mail_from = env.mail_from.clone();
+    let mut mail_from = env.mail_from.to_owned();
     let mut message = Cow::Borrowed(body);
     if let Some(new_from) = target.from_override.as_deref().filter(|f| !f.is_empty()) {
-        mail_from = rewrite::override_envelope_sender(&env.mail_from, new_from);
+        mail_from = rewrite::override_envelope_sender(env.mail_from, new_from);
         message = Cow::Owned(rewrite::rewrite_from_header(body, new_from));
     }
     if let Some(signer) = dkim {
@@ -469,10 +419,23 @@ impl Deliverer {
         target: &DeliveryTarget,
         creds: Option<&Credentials>,
         dkim: Option<&DkimSigner>,
-        env: &Envelope,
+        env: &Envelope<'_>,
         body: &[u8],
     ) -> AttemptResult {
-        match self.deliver_with(target, creds, dkim, env, body, &Ungated, true).await {
+        match self
+            .deliver_with(
+                target,
+                creds,
+                dkim,
+                env,
+                body,
+                Entry {
+                    gate: &Ungated,
+                    wait: true,
+                },
+            )
+            .await
+        {
             Ok(r) => r,
             // `Ungated` never refuses; kept total instead of panicking.
             Err(NoSlot { .. }) => {
@@ -492,26 +455,29 @@ impl Deliverer {
         target: &DeliveryTarget,
         creds: Option<&Credentials>,
         dkim: Option<&DkimSigner>,
-        env: &Envelope,
+        env: &Envelope<'_>,
         body: &[u8],
         gate: &dyn ConnectionGate,
     ) -> Result<AttemptResult, NoSlot> {
-        self.deliver_with(target, creds, dkim, env, body, gate, false).await
+        self.deliver_with(target, creds, dkim, env, body, Entry { gate, wait: false })
+            .await
     }
 
-    /// `wait`: wait for a free slot of the pool instead of returning [`NoSlot`].
-    #[allow(clippy::too_many_arguments)]
     async fn deliver_with(
         &self,
         target: &DeliveryTarget,
         creds: Option<&Credentials>,
         dkim: Option<&DkimSigner>,
-        env: &Envelope,
+        env: &Envelope<'_>,
         body: &[u8],
-        gate: &dyn ConnectionGate,
-        wait: bool,
+        entry: Entry<'_>,
     ) -> Result<AttemptResult, NoSlot> {
         let (mail_from, message) = prepare_message(target, dkim, env, body);
+        let out = Outgoing {
+            mail_from: &mail_from,
+            rcpt_to: env.rcpt_to,
+            message: &message,
+        };
         match &target.target {
             Target::Smarthost(up) => {
                 let key = self.smarthost_key(target, up, creds);
@@ -542,11 +508,10 @@ impl Deliverer {
                 };
                 let pool = self.pool(&key, target, tls_config);
                 let hop = Hop::Smarthost { up, creds };
-                self.run(target, &pool, hop, gate, wait, &mail_from, &env.rcpt_to, &message)
-                    .await
+                self.run(target, &pool, hop, entry, out).await
             }
             Target::Mx => {
-                let Some(domain) = mailroute_api::pattern::domain_of(&env.rcpt_to) else {
+                let Some(domain) = mailroute_api::pattern::domain_of(env.rcpt_to) else {
                     return Ok(AttemptResult::failed(
                         Stage::Dns,
                         Failure::DnsNoSuchDomain,
@@ -561,8 +526,7 @@ impl Deliverer {
                 };
                 let pool = self.pool(&key, target, tls_config);
                 let hop = Hop::Mx { domain: &domain };
-                self.run(target, &pool, hop, gate, wait, &mail_from, &env.rcpt_to, &message)
-                    .await
+                self.run(target, &pool, hop, entry, out).await
             }
         }
     }
@@ -655,18 +619,20 @@ impl Deliverer {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         target: &DeliveryTarget,
         pool: &Pool,
         hop: Hop<'_>,
-        gate: &dyn ConnectionGate,
-        wait: bool,
-        mail_from: &str,
-        rcpt_to: &str,
-        message: &[u8],
+        entry: Entry<'_>,
+        out: Outgoing<'_>,
     ) -> Result<AttemptResult, NoSlot> {
+        let Entry { gate, wait } = entry;
+        let Outgoing {
+            mail_from,
+            rcpt_to,
+            message,
+        } = out;
         let slot = if wait {
             pool.acquire().await
         } else {
@@ -731,7 +697,7 @@ impl Deliverer {
                     return Ok(result);
                 }
                 Err(e) => {
-                    let broken = matches!(e.kind, StepErrorKind::Failure(Failure::ConnectionLost, _));
+                    let broken = no_reply_failure(&e.kind) == Some(Failure::ConnectionLost);
                     if reused && broken && !e.stage.content_sent() && !fresh_only {
                         // A pooled connection died under us before the content went out:
                         // once more on a fresh connection (its slot freed first).
@@ -858,8 +824,8 @@ impl Deliverer {
                 Err(e) => {
                     // Another address only helps when this one could not be reached.
                     let unreachable = matches!(
-                        e.kind,
-                        StepErrorKind::Failure(Failure::ConnectionRefused | Failure::Timeout, _)
+                        no_reply_failure(&e.kind),
+                        Some(Failure::ConnectionRefused | Failure::Timeout)
                     ) && e.stage == Stage::Connect;
                     last = Some(AttemptResult::from_step(e, &up.host, addr, false));
                     if !unreachable {
@@ -1043,8 +1009,8 @@ mod tests {
     #[test]
     fn prepare_applies_override_then_dkim() {
         let env = Envelope {
-            mail_from: "app@shop.example".into(),
-            rcpt_to: "a@b.example".into(),
+            mail_from: "app@shop.example",
+            rcpt_to: "a@b.example",
         };
         let body = b"From: Shop <app@shop.example>\r\nSubject: s\r\n\r\nhi\r\n";
         let (from, msg) = prepare_message(&target(None), None, &env, body);
@@ -1059,8 +1025,8 @@ mod tests {
         assert!(text.contains("From: Shop <noreply@relay.example>\r\nReply-To: Shop <app@shop.example>\r\n"));
 
         let bounce = Envelope {
-            mail_from: String::new(),
-            rcpt_to: "a@b.example".into(),
+            mail_from: "",
+            rcpt_to: "a@b.example",
         };
         let (from, _) = prepare_message(&target(Some("noreply@relay.example")), None, &bounce, body);
         assert_eq!(from, "", "a bounce keeps the null sender");
@@ -1073,7 +1039,7 @@ mod tests {
         let rejected = AttemptResult {
             outcome: Outcome::Rejected {
                 stage: Stage::RcptTo,
-                reply: SmtpReply::new(550, "5.1.1 User unknown"),
+                reply: Reply::new(550, "5.1.1 User unknown"),
             },
             ..base.clone()
         };
@@ -1085,14 +1051,14 @@ mod tests {
         let auth = AttemptResult {
             outcome: Outcome::Rejected {
                 stage: Stage::Auth,
-                reply: SmtpReply::new(535, "5.7.8 Username and password not accepted."),
+                reply: Reply::new(535, "5.7.8 Username and password not accepted."),
             },
             ..base.clone()
         };
         assert_eq!(auth.verdict().map(|v| v.class), Some(BounceClass::AuthFailure));
         let delivered = AttemptResult {
             outcome: Outcome::Delivered {
-                reply: SmtpReply::new(250, "2.0.0 OK"),
+                reply: Reply::new(250, "2.0.0 OK"),
             },
             ..base.clone()
         };
@@ -1101,7 +1067,7 @@ mod tests {
         let odd = AttemptResult {
             outcome: Outcome::Rejected {
                 stage: Stage::Data,
-                reply: SmtpReply::new(250, "OK"),
+                reply: Reply::new(250, "OK"),
             },
             ..base
         };

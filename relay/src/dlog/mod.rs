@@ -643,7 +643,7 @@ impl DeliveryLog {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match self.trim(Utc::now()).await {
+            match self.trim(crate::clock::now()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(removed = n, "trimmed delivery log"),
                 Err(err) => tracing::warn!(%err, "trimming delivery log"),

@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, Notify};
 use crate::clock::now_ms;
 
 use super::{CancelOutcome, Disposition, Leased, MessageView, Queue, QueueStats, Result, Stored};
-use crate::message::{Job, MessageMeta, RecipientState};
+use crate::message::{Job, MessageMeta, RecipientState, RecipientStatus};
 
 struct Msg {
     meta: MessageMeta,
@@ -248,7 +248,7 @@ impl Queue for MemoryQueue {
             m.states.insert(
                 *i,
                 RecipientState {
-                    status: "cancelled".into(),
+                    status: RecipientStatus::Cancelled,
                     attempts,
                     next_attempt_ms: None,
                     last_reply: None,

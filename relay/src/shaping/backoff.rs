@@ -1,7 +1,7 @@
 //! Back-off after rate-limit replies: which replies count as "slow down", and how long a route
 //! (or, for MX delivery, a destination domain) then waits. Pure; the stores keep the state.
 
-use crate::bounce::{BounceClass, Outcome, classify_parsed};
+use crate::bounce::{BounceClass, Reply, classify_parsed};
 
 /// How long to back off: `initial_ms`, doubling per rate-limit reply that arrives after the
 /// previous back-off ended, at most `max_ms`. The level is forgotten `memory_ms` after a
@@ -66,12 +66,12 @@ pub enum Signal {
     Neutral,
 }
 
-/// Classifies an attempt's outcome for pacing: a reply the bounce classification calls
+/// Classifies the reply that ended an attempt for pacing (none: neutral): a reply the bounce classification calls
 /// [`BounceClass::RateLimited`] (the class the delivery log and metrics show) backs off, except
 /// per-message recipient-count replies (`452 4.5.3`, `552 … too many recipients`), which are
 /// about that message, not the pace.
-pub fn signal(outcome: &Outcome<'_>) -> Signal {
-    let Outcome::Reply(r) = outcome else {
+pub fn signal(reply: Option<&Reply>) -> Signal {
+    let Some(r) = reply else {
         return Signal::Neutral;
     };
     match r.code {
@@ -79,7 +79,7 @@ pub fn signal(outcome: &Outcome<'_>) -> Signal {
         452 | 552 => return Signal::Neutral,
         _ => {}
     }
-    if r.enhanced.is_some_and(|(_, s, d)| (s, d) == (5, 3)) {
+    if r.enhanced.is_some_and(|e| (e.subject, e.detail) == (5, 3)) {
         return Signal::Neutral;
     }
     match classify_parsed(r) {
@@ -91,10 +91,9 @@ pub fn signal(outcome: &Outcome<'_>) -> Signal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bounce::{Failure, Reply};
 
     fn sig(code: u16, text: &str) -> Signal {
-        signal(&Outcome::Reply(Reply::new(code, text)))
+        signal(Some(&Reply::new(code, text)))
     }
 
     #[test]
@@ -118,7 +117,7 @@ mod tests {
         assert_eq!(sig(552, "5.5.3 Too many recipients"), Signal::Neutral);
         assert_eq!(sig(550, "5.1.1 User unknown"), Signal::Neutral);
         assert_eq!(sig(354, "Start mail input"), Signal::Neutral);
-        assert_eq!(signal(&Outcome::Failure(Failure::Timeout)), Signal::Neutral);
+        assert_eq!(signal(None), Signal::Neutral);
     }
 
     /// The back-off and the delivery log/metrics class read a reply the same way: a reply backs

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use mailroute_api::config::CompiledRoute;
 
-use crate::bounce::Outcome;
+use crate::bounce::Reply;
 pub use backoff::{BackoffPolicy, BackoffState, Signal, signal};
 pub use gcra::Gcra;
 pub use limits::{CARRIER_DOMAINS, CARRIER_LIMITS, DestinationSource, DestinationValues, Shaping};
@@ -201,11 +201,11 @@ impl Pacer {
         &self,
         route: &CompiledRoute,
         rcpt_domain: &str,
-        outcome: &Outcome<'_>,
+        reply: Option<&Reply>,
         now_ms: i64,
     ) -> Result<BackoffChange, PaceError> {
         let key = format!("pace:backoff:{}", Shaping::resolve(route, rcpt_domain).backoff_scope());
-        match signal(outcome) {
+        match signal(reply) {
             Signal::Neutral => Ok(BackoffChange::Unchanged),
             Signal::Success if self.clear.is_clear(&key, now_ms) => Ok(BackoffChange::Unchanged),
             Signal::Success => {
@@ -293,7 +293,6 @@ mod tests {
 
     use super::limits::tests::route;
     use super::*;
-    use crate::bounce::Reply;
 
     fn pacer() -> Pacer {
         Pacer::new(Arc::new(MemoryPaceStore::new()))
@@ -357,9 +356,9 @@ mod tests {
     async fn backoff_after_421_cleared_by_success() {
         let p = pacer();
         let r = route("mail/o365", false, RouteLimits::default());
-        let busy = Outcome::Reply(Reply::new(421, "4.7.0 Too many connections, slow down"));
+        let busy = Reply::new(421, "4.7.0 Too many connections, slow down");
         assert_eq!(
-            p.report(&r, "a.example", &busy, 1_000).await.unwrap(),
+            p.report(&r, "a.example", Some(&busy), 1_000).await.unwrap(),
             BackoffChange::Started {
                 until_ms: 61_000,
                 level: 1
@@ -367,7 +366,7 @@ mod tests {
         );
         // Another in-flight attempt answered the same: no escalation.
         assert_eq!(
-            p.report(&r, "b.example", &busy, 2_000).await.unwrap(),
+            p.report(&r, "b.example", Some(&busy), 2_000).await.unwrap(),
             BackoffChange::Unchanged
         );
         assert_eq!(
@@ -380,26 +379,26 @@ mod tests {
         assert_eq!(p.acquire(&r, "c.example", 1, 61_000).await.unwrap(), Pace::Go);
         // Again after it ended: doubled.
         assert_eq!(
-            p.report(&r, "a.example", &busy, 62_000).await.unwrap(),
+            p.report(&r, "a.example", Some(&busy), 62_000).await.unwrap(),
             BackoffChange::Started {
                 until_ms: 182_000,
                 level: 2
             }
         );
-        let ok = Outcome::Reply(Reply::new(250, "2.0.0 OK"));
+        let ok = Reply::new(250, "2.0.0 OK");
         assert_eq!(
-            p.report(&r, "a.example", &ok, 70_000).await.unwrap(),
+            p.report(&r, "a.example", Some(&ok), 70_000).await.unwrap(),
             BackoffChange::Cleared
         );
         assert_eq!(p.backoff(&r, "a.example", 70_000).await.unwrap(), None);
         assert_eq!(p.acquire(&r, "a.example", 1, 70_000).await.unwrap(), Pace::Go);
         assert_eq!(
-            p.report(&r, "a.example", &ok, 71_000).await.unwrap(),
+            p.report(&r, "a.example", Some(&ok), 71_000).await.unwrap(),
             BackoffChange::Unchanged
         );
         // After a success the next rate limit starts over at one minute.
         assert_eq!(
-            p.report(&r, "a.example", &busy, 72_000).await.unwrap(),
+            p.report(&r, "a.example", Some(&busy), 72_000).await.unwrap(),
             BackoffChange::Started {
                 until_ms: 132_000,
                 level: 1
@@ -413,20 +412,20 @@ mod tests {
         let here = Pacer::new(store.clone());
         let other_pod = Pacer::new(store.clone());
         let r = route("mail/relay", false, RouteLimits::default());
-        let ok = Outcome::Reply(Reply::new(250, "2.0.0 OK"));
-        let busy = Outcome::Reply(Reply::new(421, "4.7.0 slow down"));
+        let ok = Reply::new(250, "2.0.0 OK");
+        let busy = Reply::new(421, "4.7.0 slow down");
 
         assert_eq!(here.acquire(&r, "a.example", 1, 0).await.unwrap(), Pace::Go);
-        here.report(&r, "a.example", &ok, 10).await.unwrap();
+        here.report(&r, "a.example", Some(&ok), 10).await.unwrap();
         assert_eq!(store.calls(), 2, "first message: the back-off check and the clear");
         for t in 20..120 {
             assert_eq!(here.acquire(&r, "a.example", 1, t).await.unwrap(), Pace::Go);
-            here.report(&r, "a.example", &ok, t).await.unwrap();
+            here.report(&r, "a.example", Some(&ok), t).await.unwrap();
         }
         assert_eq!(store.calls(), 2, "known clear: no store call for 100 messages");
 
         // Another pod is told to slow down: seen here once the window has passed.
-        other_pod.report(&r, "a.example", &busy, 200).await.unwrap();
+        other_pod.report(&r, "a.example", Some(&busy), 200).await.unwrap();
         assert_eq!(
             here.acquire(&r, "a.example", 1, 500).await.unwrap(),
             Pace::Go,
@@ -443,8 +442,8 @@ mod tests {
         // A rate limit seen here counts at once, inside any window.
         let fresh = Pacer::new(store.clone());
         let other = route("mail/other", false, RouteLimits::default());
-        fresh.report(&other, "a.example", &ok, 0).await.unwrap();
-        fresh.report(&other, "a.example", &busy, 1).await.unwrap();
+        fresh.report(&other, "a.example", Some(&ok), 0).await.unwrap();
+        fresh.report(&other, "a.example", Some(&busy), 1).await.unwrap();
         assert!(matches!(
             fresh.acquire(&other, "a.example", 1, 2).await.unwrap(),
             Pace::NotBefore {
@@ -456,7 +455,7 @@ mod tests {
         // Routes with rate limits always ask the store.
         let limited = route("mail/o365", false, limits(Some(6_000), None, None));
         let before = store.calls();
-        fresh.report(&limited, "a.example", &ok, 0).await.unwrap();
+        fresh.report(&limited, "a.example", Some(&ok), 0).await.unwrap();
         fresh.acquire(&limited, "a.example", 1, 1).await.unwrap();
         fresh.acquire(&limited, "a.example", 1, 100).await.unwrap();
         assert_eq!(store.calls() - before, 3);
@@ -466,8 +465,8 @@ mod tests {
     async fn mx_backoff_is_per_domain() {
         let p = pacer();
         let r = route("mail/mx", true, RouteLimits::default());
-        let busy = Outcome::Reply(Reply::new(451, "4.7.1 Rate limited"));
-        p.report(&r, "slow.example", &busy, 0).await.unwrap();
+        let busy = Reply::new(451, "4.7.1 Rate limited");
+        p.report(&r, "slow.example", Some(&busy), 0).await.unwrap();
         assert!(matches!(
             p.acquire(&r, "slow.example", 1, 1).await.unwrap(),
             Pace::NotBefore {

@@ -1,6 +1,7 @@
 //! Envelope addresses: the checks made on a raw `MAIL`/`RCPT` line before smtp-proto parses it
 //! ([`check_envelope_line`]), and the one way an address is written back out in RFC 5321 form
-//! ([`wire_form`]), used on every outbound path (smarthost, MX, DSN).
+//! ([`wire_form`], the outbound client's, re-exported), used on every outbound path (smarthost,
+//! MX, DSN).
 //!
 //! Inside the relay an address is kept as smtp-proto returns it: the local part without its
 //! quotes and backslash escapes (`"a b"@x` is `a b@x`), split from the domain at the last `@`.
@@ -15,66 +16,7 @@
 //!
 //! Pure functions only; the session decides what to do with the result.
 
-use std::borrow::Cow;
-
-/// Why an address cannot be written in RFC 5321 form.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddressError {
-    #[error("the address contains a control character")]
-    ControlCharacter,
-    #[error("the domain contains a character not allowed in a domain")]
-    Domain,
-}
-
-/// RFC 5321 `atext` (RFC 5322 §3.2.3), with the UTF-8 of RFC 6531.
-fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
-}
-
-/// A local part that can be written without quotes: atoms separated by single dots.
-fn is_dot_string(local: &str) -> bool {
-    !local.is_empty()
-        && local
-            .split('.')
-            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
-}
-
-/// `addr` (local part unquoted, as stored) in the form that goes between `<` and `>` on the
-/// wire and in header fields: the local part as a Dot-string when it is one, else as a
-/// quoted string with `"` and `\` escaped. The null path stays empty.
-pub fn wire_form(addr: &str) -> Result<Cow<'_, str>, AddressError> {
-    if addr.chars().any(char::is_control) {
-        return Err(AddressError::ControlCharacter);
-    }
-    let (local, domain) = match addr.rsplit_once('@') {
-        Some((local, domain)) => (local, Some(domain)),
-        None => (addr, None),
-    };
-    if let Some(d) = domain
-        && !d
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':') || !c.is_ascii())
-    {
-        return Err(AddressError::Domain);
-    }
-    if addr.is_empty() || is_dot_string(local) {
-        return Ok(Cow::Borrowed(addr));
-    }
-    let mut out = String::with_capacity(addr.len() + 8);
-    out.push('"');
-    for c in local.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    if let Some(d) = domain {
-        out.push('@');
-        out.push_str(d);
-    }
-    Ok(Cow::Owned(out))
-}
+pub use mailroute_smtp::wire::{AddressError, wire_form};
 
 /// What the raw line check found (the line is fine when it returns `Ok`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

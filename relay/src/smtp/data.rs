@@ -1,6 +1,6 @@
 //! Message content on the wire, both ways (RFC 5321 §4.5.2 transparency, §2.3.8 line
 //! endings): [`DataReceiver`] undoes the dot-stuffing of an inbound message and finds its end;
-//! [`write_dot_stuffed`] applies it to an outbound one.
+//! [`write_dot_stuffed`] (the outbound client's, re-exported) applies it to an outbound one.
 //!
 //! Only CRLF ends a line. The first line of the content starts a line like any other, so `..x`
 //! there is `.x`, and `.` CRLF right after the 354 is an empty message. A bare CR or bare LF is
@@ -14,8 +14,6 @@
 //! `.` hung until the timeout); the second did not stuff a dot on the first line.
 //!
 //! This module is pure (the writer is given); it must not decide what to do with a message.
-
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -126,28 +124,7 @@ impl DataReceiver {
     }
 }
 
-/// Writes `message` as DATA content: a dot is doubled where it starts a line (at the very
-/// start, and after every LF or CR, so that no upstream, however it reads line endings, can
-/// find an end of data inside), then the terminating `.` CRLF, preceded by a CRLF if the
-/// message does not end with one. Content from the inbound side never has a bare CR or LF.
-pub async fn write_dot_stuffed<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> std::io::Result<()> {
-    let mut start = 0;
-    let mut line_start = true;
-    for (i, &b) in message.iter().enumerate() {
-        if b == b'.' && line_start {
-            // Write up to and including this dot; the dot is written again with the next piece.
-            w.write_all(&message[start..=i]).await?;
-            start = i;
-        }
-        line_start = b == b'\n' || b == b'\r';
-    }
-    w.write_all(&message[start..]).await?;
-    if message.is_empty() || message.ends_with(b"\r\n") {
-        w.write_all(b".\r\n").await
-    } else {
-        w.write_all(b"\r\n.\r\n").await
-    }
-}
+pub use mailroute_smtp::wire::write_dot_stuffed;
 
 #[cfg(test)]
 mod tests {

@@ -25,8 +25,8 @@ use tokio_rustls::TlsAcceptor;
 use super::auth_guard::{AuthGuard, AuthLimits, Verdict};
 use super::body_budget::{self, BodyBudget};
 use super::data::DataReceiver;
-use super::shutdown;
 use super::{Conn, Line, ListenerKind, MaybeTls, address};
+use super::{replies, shutdown};
 use crate::config::ConfigHandle;
 use crate::headers;
 use crate::message::{Job, MessageMeta, new_id};
@@ -34,37 +34,12 @@ use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::quota::{QuotaDecision, QuotaEngine, QuotaTxn, SenderCtx, UNAVAILABLE_REPLY};
 
-/// An SMTP reply: code and text (the text carries the enhanced status code).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    pub text: String,
-}
+pub use mailroute_smtp::Reply;
 
-impl Reply {
-    pub fn new(code: u16, text: impl Into<String>) -> Self {
-        Reply {
-            code,
-            text: text.into(),
-        }
-    }
-    pub fn line(&self) -> String {
-        format!("{} {}", self.code, self.text)
-    }
-
-    /// From a full reply line `"451 4.7.1 text"`; an unparsable line becomes a 451.
-    pub fn parse(line: &str) -> Self {
-        match line.split_once(' ') {
-            Some((code, text)) if code.len() == 3 => match code.parse() {
-                Ok(code) => Reply {
-                    code,
-                    text: text.to_owned(),
-                },
-                Err(_) => Reply::new(451, line),
-            },
-            _ => Reply::new(451, line),
-        }
-    }
+/// A reply from a full line `"451 4.7.1 text"` (quota and policy answers); an unparsable line
+/// becomes a 451.
+fn reply_from_line(line: &str) -> Reply {
+    Reply::from_line(line).unwrap_or_else(|| Reply::new(451, line))
 }
 
 /// Who is sending, as known at the time of a policy check.
@@ -336,7 +311,7 @@ impl Inbound {
         };
         let mut conn = Conn::new(stream);
         let Some(_slot) = slot else {
-            conn.reply("421 4.7.0 Too many connections from your address, try again later");
+            conn.reply(replies::TOO_MANY_CONNECTIONS);
             return conn.flush().await;
         };
         let mut s = Session {
@@ -409,7 +384,7 @@ impl Inbound {
                 Some(rx) => match shutdown::between_commands(read, rx).await {
                     Some(r) => r,
                     None => {
-                        conn.reply("421 4.3.2 Service shutting down");
+                        conn.reply(replies::SHUTTING_DOWN);
                         return Ok(Flow::Close);
                     }
                 },
@@ -418,7 +393,7 @@ impl Inbound {
             let line = match read {
                 Ok(Line::Line(l)) => l,
                 Ok(Line::TooLong) => {
-                    conn.reply("500 5.5.2 Line too long");
+                    conn.reply(replies::LINE_TOO_LONG);
                     if self.count_error(conn, s) {
                         return Ok(Flow::Close);
                     }
@@ -426,7 +401,7 @@ impl Inbound {
                 }
                 Ok(Line::Eof) => return Ok(Flow::Close),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    conn.reply("421 4.4.2 Timeout waiting for command, closing connection");
+                    conn.reply(replies::COMMAND_TIMEOUT);
                     return Ok(Flow::Close);
                 }
                 Err(e) => return Err(e),
@@ -442,7 +417,7 @@ impl Inbound {
     fn count_error(&self, conn: &mut Conn, s: &mut Session) -> bool {
         s.errors += 1;
         if s.errors >= self.settings.max_errors {
-            conn.reply("421 4.7.0 Too many errors, closing connection");
+            conn.reply(replies::TOO_MANY_ERRORS);
             return true;
         }
         false
@@ -503,11 +478,11 @@ impl Inbound {
             }
             Request::StartTls => {
                 if s.tls {
-                    conn.reply("503 5.5.1 TLS already active");
+                    conn.reply(replies::TLS_ALREADY_ACTIVE);
                 } else if self.tls.is_none() {
-                    conn.reply("502 5.5.1 STARTTLS not available");
+                    conn.reply(replies::STARTTLS_UNAVAILABLE);
                 } else {
-                    conn.reply("220 2.0.0 Ready to start TLS");
+                    conn.reply(replies::READY_FOR_TLS);
                     conn.discard_buffered();
                     return Ok(Flow::StartTls);
                 }
@@ -527,23 +502,21 @@ impl Inbound {
             Request::Rset => {
                 let t = s.reset_transaction();
                 self.abort(t).await;
-                conn.reply("250 2.0.0 Ok");
+                conn.reply(replies::OK);
             }
-            Request::Noop { .. } => conn.reply("250 2.0.0 Ok"),
+            Request::Noop { .. } => conn.reply(replies::OK),
             Request::Quit => {
-                conn.reply("221 2.0.0 Bye");
+                conn.reply(replies::BYE);
                 return Ok(Flow::Close);
             }
-            Request::Vrfy { .. } => {
-                conn.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
-            }
-            Request::Help { .. } => conn.reply("214 2.0.0 See RFC 5321"),
+            Request::Vrfy { .. } => conn.reply(replies::CANNOT_VRFY),
+            Request::Help { .. } => conn.reply(replies::HELP),
             Request::Expn { .. } | Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
-                conn.reply("502 5.5.1 Command not implemented")
+                conn.reply(replies::NOT_IMPLEMENTED)
             }
             Request::Bdat { .. } => {
                 // CHUNKING is not advertised; the chunk that follows cannot be parsed as commands.
-                conn.reply("502 5.5.1 BDAT not supported, use DATA");
+                conn.reply(replies::BDAT_UNSUPPORTED);
                 return Ok(Flow::Close);
             }
         }
@@ -558,29 +531,29 @@ impl Inbound {
         initial: Cow<'_, str>,
     ) -> std::io::Result<Flow> {
         if s.helo.is_none() || !s.esmtp {
-            conn.reply("503 5.5.1 Send EHLO first");
+            conn.reply(replies::EHLO_FIRST);
             return Ok(Flow::Continue);
         }
         if !s.tls {
-            conn.reply("538 5.7.11 Encryption required for requested authentication mechanism");
+            conn.reply(replies::AUTH_NEEDS_TLS);
             return Ok(Flow::Continue);
         }
         if s.auth_user.is_some() {
-            conn.reply("503 5.5.1 Already authenticated");
+            conn.reply(replies::ALREADY_AUTHENTICATED);
             return Ok(Flow::Continue);
         }
         if s.mail_from.is_some() {
-            conn.reply("503 5.5.1 AUTH not allowed during a mail transaction");
+            conn.reply(replies::AUTH_IN_TRANSACTION);
             return Ok(Flow::Continue);
         }
         if self.auth_guard.locked_out(s.peer.ip(), crate::clock::now_ms()) {
-            conn.reply("421 4.7.0 Too many authentication failures from your address, try again later");
+            conn.reply(replies::ADDRESS_LOCKED_OUT);
             return Ok(Flow::Close);
         }
         let creds = match mechanism {
             AUTH_PLAIN => {
                 let resp = if initial.is_empty() {
-                    conn.reply("334 ");
+                    conn.reply(replies::AUTH_CONTINUE);
                     match self.read_auth_line(conn).await? {
                         Some(l) => l,
                         None => return Ok(Flow::Continue),
@@ -592,7 +565,7 @@ impl Inbound {
             }
             AUTH_LOGIN => {
                 let user = if initial.is_empty() {
-                    conn.reply("334 VXNlcm5hbWU6");
+                    conn.reply(replies::AUTH_LOGIN_USERNAME);
                     match self.read_auth_line(conn).await? {
                         Some(l) => l,
                         None => return Ok(Flow::Continue),
@@ -600,7 +573,7 @@ impl Inbound {
                 } else {
                     initial.into_owned()
                 };
-                conn.reply("334 UGFzc3dvcmQ6");
+                conn.reply(replies::AUTH_LOGIN_PASSWORD);
                 let Some(pass) = self.read_auth_line(conn).await? else {
                     return Ok(Flow::Continue);
                 };
@@ -610,12 +583,12 @@ impl Inbound {
                 }
             }
             _ => {
-                conn.reply("504 5.5.4 Unrecognized authentication mechanism");
+                conn.reply(replies::AUTH_MECHANISM_UNKNOWN);
                 return Ok(Flow::Continue);
             }
         };
         let Some((user, pass)) = creds else {
-            conn.reply("501 5.5.2 Cannot decode AUTH response");
+            conn.reply(replies::AUTH_UNDECODABLE);
             return Ok(Flow::Continue);
         };
         let snap = self.config.get();
@@ -623,11 +596,11 @@ impl Inbound {
             Verdict::Authenticated { quota } => {
                 s.auth_user = Some(user);
                 s.user_quota = Some(quota);
-                conn.reply("235 2.7.0 Authentication successful");
+                conn.reply(replies::AUTH_OK);
                 return Ok(Flow::Continue);
             }
             Verdict::Busy => {
-                conn.reply("454 4.7.0 Temporary authentication failure, try again later");
+                conn.reply(replies::AUTH_TEMPORARY_FAILURE);
                 return Ok(Flow::Continue);
             }
             Verdict::Refused => {}
@@ -638,14 +611,14 @@ impl Inbound {
         let failures = s.auth_failures.max(from_address);
         self.observer.auth_failed(s.listener, s.peer.ip());
         if s.auth_failures >= self.settings.max_auth_failures || self.auth_guard.over_limit(from_address) {
-            conn.reply("421 4.7.0 Too many authentication failures, closing connection");
+            conn.reply(replies::TOO_MANY_AUTH_FAILURES);
             return Ok(Flow::Close);
         }
         if failures > self.settings.auth_failures_before_delay && !self.settings.auth_delay.is_zero() {
             conn.flush().await?;
             tokio::time::sleep(self.settings.auth_delay * (failures - self.settings.auth_failures_before_delay)).await;
         }
-        conn.reply("535 5.7.8 Authentication credentials invalid");
+        conn.reply(replies::AUTH_INVALID);
         Ok(Flow::Continue)
     }
 
@@ -658,13 +631,13 @@ impl Inbound {
             Line::Line(l) => {
                 let l = String::from_utf8_lossy(&l).trim_end().to_owned();
                 if l == "*" {
-                    conn.reply("501 5.0.0 Authentication cancelled");
+                    conn.reply(replies::AUTH_CANCELLED);
                     return Ok(None);
                 }
                 Ok(Some(l))
             }
             Line::TooLong => {
-                conn.reply("500 5.5.2 Line too long");
+                conn.reply(replies::LINE_TOO_LONG);
                 Ok(None)
             }
             Line::Eof => Err(std::io::ErrorKind::UnexpectedEof.into()),
@@ -673,16 +646,16 @@ impl Inbound {
 
     async fn mail(&self, conn: &mut Conn, s: &mut Session, from: &str, size: usize, smtputf8: bool) {
         if s.helo.is_none() {
-            return conn.reply("503 5.5.1 Send HELO/EHLO first");
+            return conn.reply(replies::HELO_FIRST);
         }
         if s.mail_from.is_some() {
-            return conn.reply("503 5.5.1 Sender already specified");
+            return conn.reply(replies::SENDER_ALREADY_GIVEN);
         }
         if s.listener == ListenerKind::Submission && !s.tls {
-            return conn.reply("530 5.7.0 Must issue a STARTTLS command first");
+            return conn.reply(replies::STARTTLS_FIRST);
         }
         if s.listener.requires_auth() && s.auth_user.is_none() {
-            return conn.reply("530 5.7.0 Authentication required");
+            return conn.reply(replies::AUTH_REQUIRED);
         }
         if size > self.settings.max_message_size {
             return conn.reply(&format!(
@@ -691,13 +664,13 @@ impl Inbound {
             ));
         }
         if !from.is_empty() && !valid_recipient(from) {
-            return conn.reply("501 5.1.7 Bad sender address syntax");
+            return conn.reply(replies::BAD_SENDER_SYNTAX);
         }
         if !smtputf8 && !from.is_ascii() {
             return conn.reply(NEEDS_SMTPUTF8);
         }
         if address::wire_form(from).is_err() {
-            return conn.reply("553 5.1.7 Sender address cannot be written in RFC 5321 form");
+            return conn.reply(replies::SENDER_UNWRITABLE);
         }
         s.mail_from = Some(from.to_owned());
         s.smtputf8 = smtputf8;
@@ -713,64 +686,64 @@ impl Inbound {
             Ok(txn) => s.txn = Some(txn),
             Err(rej) => {
                 self.observer.quota_decision(&rej.quota_id, "rejected");
-                let r = Reply::parse(&rej.reply());
+                let r = reply_from_line(&rej.reply());
                 self.observer.rejected(&s.sender(), None, &r);
                 s.mail_from = None;
-                return conn.reply(&r.line());
+                return conn.reply(&r.to_string());
             }
         }
-        conn.reply("250 2.1.0 Ok");
+        conn.reply(replies::SENDER_OK);
     }
 
     async fn rcpt(&self, conn: &mut Conn, s: &mut Session, to: &str) {
         if s.mail_from.is_none() {
-            return conn.reply("503 5.5.1 Need MAIL command first");
+            return conn.reply(replies::NEED_MAIL);
         }
         if s.rcpts.len() >= self.settings.max_recipients {
-            return conn.reply("452 4.5.3 Too many recipients");
+            return conn.reply(replies::TOO_MANY_RECIPIENTS);
         }
         let sender = s.sender();
         if s.auth_user.is_none() && !may_relay_unauthenticated(s.listener, s.peer.ip(), &self.settings.relay_cidrs) {
             let r = Reply::new(554, "5.7.1 Relay access denied: authenticate first");
             self.observer.rejected(&sender, Some(to), &r);
-            return conn.reply(&r.line());
+            return conn.reply(&r.to_string());
         }
         if !valid_recipient(to) {
-            return conn.reply("501 5.1.3 Bad recipient address syntax");
+            return conn.reply(replies::BAD_RECIPIENT_SYNTAX);
         }
         if !s.smtputf8 && !to.is_ascii() {
             return conn.reply(NEEDS_SMTPUTF8);
         }
         if address::wire_form(to).is_err() {
-            return conn.reply("553 5.1.3 Recipient address cannot be written in RFC 5321 form");
+            return conn.reply(replies::RECIPIENT_UNWRITABLE);
         }
         if let Some(txn) = s.txn.as_mut() {
-            let decision = self.quotas.rcpt(txn, chrono::Utc::now().timestamp_millis()).await;
+            let decision = self.quotas.rcpt(txn, crate::clock::now_ms()).await;
             if let Some(r) = self.quota_reply(txn, decision) {
                 self.observer.rejected(&sender, Some(to), &r);
-                return conn.reply(&r.line());
+                return conn.reply(&r.to_string());
             }
         }
         // Store U-label domains as A-labels: the form routes, MX lookups and servers without
         // SMTPUTF8 understand.
         s.rcpts.push(with_ascii_domain(to));
-        conn.reply("250 2.1.5 Ok");
+        conn.reply(replies::RECIPIENT_OK);
     }
 
     async fn data(&self, conn: &mut Conn, s: &mut Session) -> std::io::Result<Flow> {
         if s.mail_from.is_none() {
-            conn.reply("503 5.5.1 Need MAIL command first");
+            conn.reply(replies::NEED_MAIL);
             return Ok(Flow::Continue);
         }
         if s.rcpts.is_empty() {
-            conn.reply("554 5.5.1 No valid recipients");
+            conn.reply(replies::NO_VALID_RECIPIENTS);
             return Ok(Flow::Continue);
         }
         let max = self.settings.max_message_size;
         let Some(mut body) = self.body_budget.begin(s.declared_size, max) else {
             return Ok(self.refuse_for_memory(conn, s).await);
         };
-        conn.reply("354 End data with <CR><LF>.<CR><LF>");
+        conn.reply(replies::START_DATA);
         let mut receiver = DataReceiver::new();
         loop {
             // Only as much as the body budget has room for; the rest on the next round.
@@ -789,7 +762,7 @@ impl Inbound {
                 Ok(0) => return Ok(Flow::Close),
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    conn.reply("421 4.4.2 Timeout waiting for data, closing connection");
+                    conn.reply(replies::DATA_TIMEOUT);
                     return Ok(Flow::Close);
                 }
                 Err(e) => return Err(e),
@@ -808,7 +781,7 @@ impl Inbound {
                     format!("5.3.4 Message size exceeds fixed maximum message size of {max} bytes"),
                 );
                 self.observer.rejected(&sender, None, &r);
-                conn.reply(&r.line());
+                conn.reply(&r.to_string());
                 return Ok(Flow::Continue);
             }
         };
@@ -825,11 +798,11 @@ impl Inbound {
                 "5.6.0 Bare CR or LF in the message: lines must end with CRLF (RFC 5321 section 2.3.8)",
             );
             self.observer.rejected(&sender, None, &r);
-            conn.reply(&r.line());
+            conn.reply(&r.to_string());
             return Ok(Flow::Continue);
         }
         let reply = self.accept_message(s, sender, rcpts, body, end_of_data, txn).await;
-        conn.reply(&reply.line());
+        conn.reply(&reply.to_string());
         Ok(Flow::Continue)
     }
 
@@ -838,9 +811,9 @@ impl Inbound {
         let sender = s.sender();
         let txn = s.reset_transaction();
         self.abort(txn).await;
-        let r = Reply::parse(body_budget::REPLY);
+        let r = reply_from_line(body_budget::REPLY);
         self.observer.rejected(&sender, None, &r);
-        conn.reply(&r.line());
+        conn.reply(&r.to_string());
         Flow::Continue
     }
 
@@ -852,11 +825,11 @@ impl Inbound {
                 if txn.quota_id().is_some() {
                     self.observer.quota_decision(&id, d.result_label());
                 }
-                d.reply().map(|line| Reply::parse(&line))
+                d.reply().map(|line| reply_from_line(&line))
             }
             Err(e) => {
                 tracing::error!(error = %e, quota = %id, "quota store unavailable; deferring");
-                Some(Reply::parse(UNAVAILABLE_REPLY))
+                Some(reply_from_line(UNAVAILABLE_REPLY))
             }
         }
     }
@@ -870,7 +843,7 @@ impl Inbound {
         end_of_data: Instant,
         mut txn: Option<QuotaTxn>,
     ) -> Reply {
-        let now = chrono::Utc::now();
+        let now = crate::clock::now();
         let options = match headers::extension_options(&body, now) {
             Ok(o) => o,
             Err(e) => {

@@ -1,14 +1,16 @@
 //! SMTP plumbing shared by the inbound listeners: the buffered connection (plain or TLS),
 //! server TLS configuration from PEM files, and the listener kinds. The session logic lives in
-//! [`inbound`], DATA transparency in [`data`], envelope address syntax and wire form in
-//! [`address`], the limits on what a session may cost in [`auth_guard`] and [`body_budget`], the
-//! end of idle sessions at shutdown in [`shutdown`]; this module must not make protocol decisions.
+//! [`inbound`], its fixed replies by name in [`replies`], DATA transparency in [`data`],
+//! envelope address syntax and wire form in [`address`], the limits on what a session may cost
+//! in [`auth_guard`] and [`body_budget`], the end of idle sessions at shutdown in [`shutdown`];
+//! this module must not make protocol decisions.
 
 pub mod address;
 pub mod auth_guard;
 pub mod body_budget;
 pub mod data;
 pub mod inbound;
+pub mod replies;
 pub mod shutdown;
 
 use std::io;
