@@ -311,6 +311,23 @@ async fn bad_credentials_surface_the_535_reply() {
 }
 
 #[tokio::test]
+async fn a_route_that_requires_auth_never_sends_without_credentials() {
+    // An upstream that would take the message without AUTH: the relay must not give it one
+    // (an OAuth2 route whose token this relay cannot fetch, a Secret without the password).
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let d = plain_deliverer();
+    for mechanism in [AuthMechanism::Xoauth2, AuthMechanism::Plain] {
+        let mut up = upstream(server.port(), TlsMode::None);
+        up.auth = Some(mechanism);
+        let r = send(&d, &smarthost("mail/oauth", up), "b@x.test").await;
+        let v = r.verdict().expect("a failure");
+        assert_eq!((v.kind, v.class), (Kind::Temporary, BounceClass::AuthFailure), "{r:?}");
+        assert!(r.summary().contains("not sending without AUTH"), "{}", r.summary());
+    }
+    assert_eq!(server.received().len(), 0, "nothing may leave unauthenticated");
+}
+
+#[tokio::test]
 async fn temporary_and_permanent_replies_are_reported_exactly() {
     let server = SmtpServer::start(Script::new().behaviours([
         Behaviour::TempFail("451 4.7.500 Server busy. Please try again later from [127.0.0.1]. (AS761)".into()),

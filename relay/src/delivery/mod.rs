@@ -480,6 +480,24 @@ impl Deliverer {
         };
         match &target.target {
             Target::Smarthost(up) => {
+                // A route that requires AUTH never sends without it (its credentials may be
+                // missing from this relay's Secret, or be of a kind it cannot use yet).
+                if let (Some(mechanism), None) = (up.auth, creds) {
+                    return Ok(AttemptResult {
+                        outcome: Outcome::Protocol {
+                            stage: Stage::Setup,
+                            class: BounceClass::AuthFailure,
+                            detail: format!(
+                                "route {}: no {mechanism:?} credentials for it in this relay's secrets; not sending without AUTH",
+                                target.route_id
+                            ),
+                        },
+                        remote_host: Some(up.host.clone()),
+                        remote_addr: None,
+                        tls: false,
+                        reused_connection: false,
+                    });
+                }
                 let key = self.smarthost_key(target, up, creds);
                 let config = if up.pinned_sha256.is_empty() {
                     self.verifying_config(target.custom_ca_pem.as_deref())
