@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use mailroute_api::config::{Credentials, Upstream, short_hash};
+use mailroute_api::route::AuthMechanism;
 use mailroute_api::route::TlsMode;
 use mailroute_api::status::{ConnectionTest, condition_type};
 use mailroute_smtp::client;
@@ -209,6 +210,18 @@ impl Failure {
     }
 }
 
+/// Why a route that requires AUTH has no credentials in the compiled Secret.
+fn missing_credentials(mechanism: AuthMechanism) -> String {
+    match mechanism {
+        AuthMechanism::Xoauth2 => "the route requires AUTH XOAUTH2 and this version does not fetch OAuth2 tokens yet: \
+                                   the relays defer its mail"
+            .to_string(),
+        other => {
+            format!("the route requires AUTH {other:?} and its Secret gives no credentials: the relays defer its mail")
+        }
+    }
+}
+
 /// Runs one test and returns the record for `status.lastConnectionTest`. Never fails: every
 /// problem is a `Failed` record naming the step and the upstream's reply or the error.
 pub async fn run(job: &ConnTestJob, settings: &Settings) -> ConnectionTest {
@@ -259,7 +272,9 @@ async fn session(job: &ConnTestJob, settings: &Settings) -> Result<Option<String
     };
     let auth = match (up.auth, &job.credentials) {
         (Some(mechanism), Some(creds)) => Some((creds, Some(mechanism))),
-        _ => None,
+        // The relay never sends such a route's mail without AUTH: the test must not pass either.
+        (Some(mechanism), None) => return Err(Failure::error("auth", missing_credentials(mechanism))),
+        (None, _) => None,
     };
     // Each address in turn while it cannot be reached, as a TCP connect to the name would.
     let mut last = Failure::error("connect", format!("{}: no address", up.host));

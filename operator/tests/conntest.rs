@@ -224,6 +224,18 @@ async fn a_mechanism_the_upstream_does_not_offer_fails_at_auth() {
 }
 
 #[tokio::test]
+async fn a_route_that_requires_auth_without_credentials_is_not_verified() {
+    // The upstream would accept the session without AUTH; the relay would not send that way.
+    let server = SmtpServer::start(Script::new()).unwrap();
+    let mut j = job(server.port(), TlsMode::None, None, None);
+    j.upstream.auth = Some(AuthMechanism::Xoauth2);
+    let record = conntest::run(&j, &conntest_settings()).await;
+    assert_eq!(record.result, conntest::FAILED, "{record:?}");
+    assert_eq!(record.step.as_deref(), Some("auth"));
+    assert!(record.error.as_deref().unwrap_or("").contains("OAuth2"), "{record:?}");
+}
+
+#[tokio::test]
 async fn a_rejecting_greeting_is_reported_with_its_reply() {
     let server = SmtpServer::start(Script::new().greeting("554 5.3.2 No service for you")).unwrap();
     let j = job(server.port(), TlsMode::None, None, None);
