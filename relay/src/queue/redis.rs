@@ -26,7 +26,7 @@ use redis::{Script, Value};
 use tokio::sync::Mutex;
 
 use super::{CancelOutcome, Disposition, Leased, MessageView, Queue, QueueError, QueueStats, Result, Stored};
-use crate::message::{Job, MessageMeta, RecipientState};
+use crate::queue::message::{Job, MessageMeta, RecipientState};
 use crate::redis_client::{RedisConn, Target, Timeouts};
 
 pub const GROUP: &str = "relays";

@@ -14,7 +14,7 @@
 //!   hours), which never exceeds a calendar-day limit either. A message with more recipients
 //!   than the whole limit goes alone once nothing else counts.
 //! - Back-off: a reply classed `rate_limited` (`421`, `450 4.7.x`, `451 4.7.x`, provider
-//!   throttling; the class the delivery log shows, see [`crate::bounce`]) stops a smarthost
+//!   throttling; the class the delivery log shows, see [`super::bounce`]) stops a smarthost
 //!   route (an MX route: only that destination domain) for 1 minute, doubling per repeated
 //!   reply up to 15 minutes; a success clears it.
 //! - `maxConnections` (route and destination): counts the open connections of all pods
@@ -22,7 +22,7 @@
 //!   set, holds it while open (idle in a pool included), renews it halfway through
 //!   [`DEFAULT_LEASE_MS`] and gives it back when it closes; a crashed pod's leases expire by
 //!   themselves. No free slot: the job waits (reason `connections`). The relay side is
-//!   `crate::pacing::ConnectionSlots`.
+//!   `crate::outbound::pacing::ConnectionSlots`.
 
 pub mod backoff;
 pub mod gcra;
@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use mailroute_api::config::CompiledRoute;
 
-use crate::bounce::Reply;
+use crate::outbound::bounce::Reply;
 pub use backoff::{BackoffPolicy, BackoffState, Signal, signal};
 pub use gcra::Gcra;
 pub use limits::{CARRIER_DOMAINS, CARRIER_LIMITS, DestinationSource, DestinationValues, Shaping};

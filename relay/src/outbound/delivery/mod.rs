@@ -45,11 +45,11 @@ pub use mailroute_tls::TlsSetupError;
 use self::pool::Pool;
 use self::resolve::MxPlan;
 use self::session::Session;
-use crate::bounce::{self, BounceClass, Failure, Kind, Verdict};
+use crate::outbound::bounce::{self, BounceClass, Failure, Kind, Verdict};
 use mailroute_smtp::{ErrorKind, OpenSpec, StepError, Timeouts, TlsUse};
 pub use mailroute_smtp::{Reply, Stage};
 
-pub use crate::message::Envelope;
+pub use crate::queue::message::Envelope;
 
 /// Settings of a [`Deliverer`], fixed for its lifetime.
 #[derive(Debug, Clone)]
@@ -719,7 +719,7 @@ impl Deliverer {
     }
 
     /// An idle session, reset and alive (or clean and pipelining, see
-    /// [`Session::ready_without_reset`]), unless `fresh_only`.
+    /// [`mailroute_smtp::Connection::ready_without_reset`]), unless `fresh_only`.
     async fn checkout(&self, pool: &Pool, idle_timeout: Duration, fresh_only: bool) -> Option<Session> {
         if fresh_only {
             return None;

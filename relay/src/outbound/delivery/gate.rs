@@ -5,7 +5,7 @@
 //! once the connection is closed: explicitly on every orderly close, from `Drop` otherwise.
 //!
 //! This module owns the lease's lifecycle rules only. Which limits apply and where slots are
-//! counted belong to the gate's implementation (`crate::pacing`); this module must not open or
+//! counted belong to the gate's implementation (`outbound::pacing`); this module must not open or
 //! close connections.
 
 use std::future::Future;

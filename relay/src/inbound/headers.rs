@@ -4,8 +4,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::message::DeliveryOptions;
-use crate::retry;
+use crate::outbound::retry;
+use crate::queue::message::DeliveryOptions;
 
 pub const DELIVER_AFTER: &str = "X-Mailroute-Deliver-After";
 pub const EXPIRE: &str = "X-Mailroute-Expire";

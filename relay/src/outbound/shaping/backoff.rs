@@ -1,7 +1,7 @@
 //! Back-off after rate-limit replies: which replies count as "slow down", and how long a route
 //! (or, for MX delivery, a destination domain) then waits. Pure; the stores keep the state.
 
-use crate::bounce::{BounceClass, Reply, classify_parsed};
+use crate::outbound::bounce::{BounceClass, Reply, classify_parsed};
 
 /// How long to back off: `initial_ms`, doubling per rate-limit reply that arrives after the
 /// previous back-off ended, at most `max_ms`. The level is forgotten `memory_ms` after a

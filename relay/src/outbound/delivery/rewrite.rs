@@ -5,7 +5,7 @@
 //! Pure byte work on the header block; the body is never touched. Must not sign (DKIM runs
 //! after this) nor decide whether a route overrides (that is the route's configuration).
 
-use crate::headers;
+use crate::inbound::headers;
 
 /// The envelope sender to use: the override, except for the null sender of a bounce, which
 /// must stay `<>` so a DSN never bounces.

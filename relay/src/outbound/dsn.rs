@@ -9,8 +9,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::bounce::{EnhancedStatusCode, Failure, Reply};
-use crate::headers;
+use crate::inbound::headers;
+use crate::outbound::bounce::{EnhancedStatusCode, Failure, Reply};
 
 /// What happened to one recipient (RFC 3464 §2.3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,10 +291,10 @@ fn address_field(addr: &str) -> String {
 }
 
 /// An address as written in a header field: one line, in RFC 5321 form (a local part that needs
-/// quotes keeps them, so it reads as the same address; see `smtp::address`).
+/// quotes keeps them, so it reads as the same address; see `inbound::address`).
 fn mailbox(addr: &str) -> String {
     let addr = one_line(addr);
-    crate::smtp::address::wire_form(&addr)
+    crate::inbound::address::wire_form(&addr)
         .map(std::borrow::Cow::into_owned)
         .unwrap_or(addr)
 }

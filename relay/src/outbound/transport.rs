@@ -1,4 +1,4 @@
-//! Adapts the outbound SMTP client ([`crate::delivery::Deliverer`]) to the worker's
+//! Adapts the outbound SMTP client ([`crate::outbound::delivery::Deliverer`]) to the worker's
 //! [`Transport`]: looks up the route's credentials and DKIM key, caches DKIM signers, applies
 //! the route's and the destination's connection limits to the pools and, with a pacer, to the
 //! connections of all relays together (a [`ConnectionSlots`] gate per attempt), and maps the
@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use mailroute_api::config::{CompiledRoute, RelaySecrets};
 
-use crate::bounce::{BounceClass, Reply};
-use crate::delivery::{
+use crate::outbound::bounce::{BounceClass, Reply};
+use crate::outbound::delivery::{
     AttemptResult, ConnectionGate, Deliverer, DeliveryTarget, DkimSigner, Envelope, NoSlot, Stage, Ungated,
 };
-use crate::pacing::ConnectionSlots;
-use crate::shaping::{PaceReason, Pacer, Shaping};
-use crate::worker::{Attempt, AttemptOutcome, Cause, Delivery, Transport};
+use crate::outbound::pacing::ConnectionSlots;
+use crate::outbound::shaping::{PaceReason, Pacer, Shaping};
+use crate::outbound::worker::{Attempt, AttemptOutcome, Cause, Delivery, Transport};
 
 pub struct SmtpTransport {
     deliverer: Deliverer,
@@ -185,7 +185,7 @@ mod tests {
         use mailroute_api::config::{DestinationLimits, RouteLimits};
         use mailroute_api::pattern::DomainPattern;
 
-        use crate::shaping::limits::tests::route;
+        use crate::outbound::shaping::limits::tests::route;
         let limits = RouteLimits {
             max_connections: Some(4),
             messages_per_connection: Some(50),

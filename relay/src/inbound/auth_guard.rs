@@ -18,7 +18,7 @@ use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use mailroute_api::config::InboundUser;
 
 use crate::expiring::SharedExpiringMap;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// Client addresses whose failures are remembered at once; beyond it new addresses are not
 /// counted (the bound on concurrent checks still holds for them).

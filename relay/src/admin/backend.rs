@@ -8,11 +8,11 @@ use async_trait::async_trait;
 
 use crate::admin::{AdminBackend, CancelResult, QuotaReport};
 use crate::config::ConfigHandle;
-use crate::dlog::{DeliveryLog, EventResult};
-use crate::metrics::Metrics;
+use crate::inbound::quota::QuotaEngine;
+use crate::observe::dlog::{DeliveryLog, EventResult};
+use crate::observe::metrics::Metrics;
+use crate::observe::telemetry::event_for;
 use crate::queue::{CancelOutcome, Queue};
-use crate::quota::QuotaEngine;
-use crate::telemetry::event_for;
 
 pub struct RelayBackend {
     pub queue: Arc<dyn Queue>,

@@ -4,8 +4,10 @@
 //!
 //! This module owns routing, authentication, parameter validation and
 //! response shapes. It must not reach into the queue or the quota store
-//! directly: those answers come from an [`AdminBackend`] the relay provides.
-//! It never logs or echoes the token.
+//! directly: those answers come from an [`AdminBackend`] the relay provides
+//! ([`backend::RelayBackend`]). It never logs or echoes the token.
+
+pub mod backend;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::bounce::BounceClass;
-use crate::dlog::{Cursor, DEFAULT_LIMIT, DeliveryLog, EventFilter, EventPage, MAX_LIMIT, write_csv};
-use crate::metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics};
+use crate::observe::dlog::{Cursor, DEFAULT_LIMIT, DeliveryLog, EventFilter, EventPage, MAX_LIMIT, write_csv};
+use crate::observe::metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics};
+use crate::outbound::bounce::BounceClass;
 
 /// What the admin API needs from the rest of the relay (queue, config, quotas).
 #[async_trait]
@@ -330,7 +332,7 @@ struct CsvStream {
 }
 
 impl CsvStream {
-    async fn page(&mut self) -> Result<EventPage, crate::dlog::DlogError> {
+    async fn page(&mut self) -> Result<EventPage, crate::observe::dlog::DlogError> {
         let limit = self.remaining.min(MAX_LIMIT);
         let page = self.dlog.query(&self.filter, self.cursor, limit).await?;
         self.remaining -= page.events.len();
@@ -431,7 +433,7 @@ async fn quotas(State(st): State<AdminState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlog::{EventResult, RecordId};
+    use crate::observe::dlog::{EventResult, RecordId};
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -532,7 +534,7 @@ mod tests {
         );
         let loading =
             redis::RedisError::from((redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading), "loading"));
-        let wrapped = anyhow::Error::new(crate::dlog::DlogError::Redis(loading)).context("querying");
+        let wrapped = anyhow::Error::new(crate::observe::dlog::DlogError::Redis(loading)).context("querying");
         assert_eq!(store_unavailable(&wrapped), Some("Redis is loading its data"));
         let corrupt = anyhow::Error::new(crate::queue::QueueError::Corrupt("bad record".into()));
         assert_eq!(store_unavailable(&corrupt), None);

@@ -6,11 +6,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::dlog::{DeliveryEvent, DeliveryLog, EventResult};
-use crate::message::MessageMeta;
-use crate::metrics::Metrics;
-use crate::smtp::ListenerKind;
-use crate::smtp::inbound::{Observer, Reply, SenderInfo};
+use crate::inbound::ListenerKind;
+use crate::inbound::session::{Observer, Reply, SenderInfo};
+use crate::observe::dlog::{DeliveryEvent, DeliveryLog, EventResult};
+use crate::observe::metrics::Metrics;
+use crate::queue::message::MessageMeta;
 
 #[derive(Clone)]
 pub struct Telemetry {
@@ -44,7 +44,11 @@ impl Telemetry {
 pub fn scheduled_event(meta: &MessageMeta, rcpt_index: usize, at_ms: i64, reason: &str) -> DeliveryEvent {
     let mut ev = event_for(meta, EventResult::Scheduled, rcpt_index);
     ev.not_before = chrono::DateTime::from_timestamp_millis(at_ms);
-    let until = ev.not_before.as_ref().map(crate::dlog::format_time).unwrap_or_default();
+    let until = ev
+        .not_before
+        .as_ref()
+        .map(crate::observe::dlog::format_time)
+        .unwrap_or_default();
     ev.reply_text = Some(format!("held by {reason} until {until}"));
     ev
 }
@@ -107,7 +111,7 @@ impl Observer for Telemetry {
         for i in 0..meta.rcpts.len() {
             evs.push(event_for(meta, EventResult::Received, i));
             if let Some(at) = held {
-                evs.push(scheduled_event(meta, i, at, crate::headers::DELIVER_AFTER));
+                evs.push(scheduled_event(meta, i, at, crate::inbound::headers::DELIVER_AFTER));
             }
         }
         self.record_all(evs);
@@ -153,7 +157,7 @@ impl Observer for Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlog::EventFilter;
+    use crate::observe::dlog::EventFilter;
 
     /// A worker may bounce a message right after the session accepted it: the session's
     /// `received` records must still come first in the log.

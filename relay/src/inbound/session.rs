@@ -3,7 +3,7 @@
 //! acknowledged it.
 //!
 //! This module owns the protocol state machine and the relay-access decision. Sender policy and
-//! quota arithmetic are the quota engine's (`crate::quota`), consulted at MAIL, RCPT and the end
+//! quota arithmetic are the quota engine's ([`super::quota`]), consulted at MAIL, RCPT and the end
 //! of DATA; logging and metrics go out through [`Observer`]. What a session may cost is bounded
 //! outside it: password checks and AUTH failures per address by [`super::auth_guard`], body
 //! memory by [`super::body_budget`]. It must not deliver or route.
@@ -28,11 +28,11 @@ use super::data::DataReceiver;
 use super::{Conn, Line, ListenerKind, MaybeTls, address};
 use super::{replies, shutdown};
 use crate::config::ConfigHandle;
-use crate::headers;
-use crate::message::{Job, MessageMeta, new_id};
-use crate::metrics::Metrics;
+use crate::inbound::headers;
+use crate::inbound::quota::{QuotaDecision, QuotaEngine, QuotaTxn, SenderCtx, UNAVAILABLE_REPLY};
+use crate::observe::metrics::Metrics;
 use crate::queue::Queue;
-use crate::quota::{QuotaDecision, QuotaEngine, QuotaTxn, SenderCtx, UNAVAILABLE_REPLY};
+use crate::queue::message::{Job, MessageMeta, new_id};
 
 pub use mailroute_smtp::Reply;
 
@@ -172,7 +172,7 @@ pub fn may_relay_unauthenticated(listener: ListenerKind, source: IpAddr, cidrs: 
 /// `local@bücher.example` → `local@xn--bcher-kva.example`; other addresses unchanged.
 fn with_ascii_domain(addr: &str) -> String {
     match addr.rsplit_once('@') {
-        Some((local, domain)) if !domain.is_ascii() => match crate::route::ascii_domain(domain) {
+        Some((local, domain)) if !domain.is_ascii() => match crate::outbound::route::ascii_domain(domain) {
             Some(d) => format!("{local}@{d}"),
             None => addr.to_owned(),
         },
@@ -186,7 +186,8 @@ fn valid_recipient(addr: &str) -> bool {
         Some((local, domain)) => {
             !local.is_empty()
                 && local.len() <= 64
-                && crate::route::ascii_domain(domain).is_some_and(|d| mailroute_api::pattern::is_valid_domain(&d))
+                && crate::outbound::route::ascii_domain(domain)
+                    .is_some_and(|d| mailroute_api::pattern::is_valid_domain(&d))
         }
         None => false,
     }
@@ -818,7 +819,11 @@ impl Inbound {
     }
 
     /// Metrics for a quota answer, and the reply when it refuses (`None`: accepted).
-    fn quota_reply(&self, txn: &QuotaTxn, decision: Result<QuotaDecision, crate::quota::QuotaError>) -> Option<Reply> {
+    fn quota_reply(
+        &self,
+        txn: &QuotaTxn,
+        decision: Result<QuotaDecision, crate::inbound::quota::QuotaError>,
+    ) -> Option<Reply> {
         let id = txn.quota_id().unwrap_or("none").to_owned();
         match decision {
             Ok(d) => {

@@ -15,7 +15,7 @@ use super::backoff::{BackoffPolicy, BackoffState};
 use super::gcra::Gcra;
 use super::limits::{DAILY_BUCKET_MS, DAILY_SPAN};
 use super::{Pace, PaceReason};
-use crate::quota::window::Rolling;
+use crate::inbound::quota::window::Rolling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PaceError {
@@ -399,7 +399,7 @@ pub struct RedisPaceStore {
 }
 
 impl RedisPaceStore {
-    /// `prefix` should carry a hash tag (default `crate::quota::store::DEFAULT_PREFIX`).
+    /// `prefix` should carry a hash tag (default `crate::inbound::quota::store::DEFAULT_PREFIX`).
     pub fn new(conn: impl Into<RedisConn>, prefix: impl Into<String>) -> Self {
         RedisPaceStore {
             conn: conn.into(),

@@ -1,5 +1,5 @@
 //! Connects the worker's [`Pacing`] hook and the deliverer's [`ConnectionGate`] to the shared
-//! pacer ([`crate::shaping::Pacer`]) and its metrics. When the pacer's store is unreachable the
+//! pacer ([`super::shaping::Pacer`]) and its metrics. When the pacer's store is unreachable the
 //! job goes ahead (and a connection opens without a lease): pacing protects upstream limits, and
 //! a short Redis outage should not stop delivery outright.
 
@@ -9,10 +9,10 @@ use async_trait::async_trait;
 use mailroute_api::config::CompiledRoute;
 
 use crate::clock::now_ms;
-use crate::delivery::{Admission, ConnectionGate, Lease, Slot};
-use crate::metrics::Metrics;
-use crate::shaping::{BackoffChange, Connect, ConnectionPermit, Pace, Pacer};
-use crate::worker::{Attempt, PaceDecision, Pacing};
+use crate::observe::metrics::Metrics;
+use crate::outbound::delivery::{Admission, ConnectionGate, Lease, Slot};
+use crate::outbound::shaping::{BackoffChange, Connect, ConnectionPermit, Pace, Pacer};
+use crate::outbound::worker::{Attempt, PaceDecision, Pacing};
 
 /// A lease whose renewal failed is tried again after this long (at most a quarter lease).
 pub const RENEW_RETRY_MS: i64 = 5_000;
@@ -152,8 +152,8 @@ mod tests {
     use mailroute_api::config::RouteLimits;
 
     use super::*;
-    use crate::shaping::limits::tests::route;
-    use crate::shaping::store::CountingPaceStore;
+    use crate::outbound::shaping::limits::tests::route;
+    use crate::outbound::shaping::store::CountingPaceStore;
 
     fn one_connection() -> CompiledRoute {
         route(

@@ -48,7 +48,7 @@ pub fn write_csv(events: &[DeliveryEvent], header: bool) -> Result<Vec<u8>, Dlog
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dlog::EventResult;
+    use crate::observe::dlog::EventResult;
     use chrono::{TimeZone, Utc};
 
     #[test]

@@ -20,15 +20,15 @@ use mailroute_api::config::{CompiledRoute, RelaySecrets, Target};
 use mailroute_api::pattern::domain_of;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::bounce::{self, EnhancedStatusCode, Failure, Reply};
 use crate::clock::now_ms;
 use crate::config::ConfigHandle;
-use crate::dlog::EventResult;
-use crate::dsn;
-use crate::message::{Envelope, Job, MessageMeta, RecipientState, RecipientStatus, new_id};
+use crate::observe::dlog::EventResult;
+use crate::observe::telemetry::{Telemetry, event_for, scheduled_event};
+use crate::outbound::bounce::{self, EnhancedStatusCode, Failure, Reply};
+use crate::outbound::dsn;
+use crate::outbound::retry::{self, Next, RetryPolicy};
+use crate::queue::message::{Envelope, Job, MessageMeta, RecipientState, RecipientStatus, new_id};
 use crate::queue::{Disposition, Leased, Queue, QueueError, Stored};
-use crate::retry::{self, Next, RetryPolicy};
-use crate::telemetry::{Telemetry, event_for, scheduled_event};
 
 /// What one attempt through one route produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -563,10 +563,10 @@ impl Worker {
         }
         let snap = self.config.get();
         let domain = domain_of(&rcpt)
-            .and_then(|d| crate::route::ascii_domain(&d))
+            .and_then(|d| crate::outbound::route::ascii_domain(&d))
             .unwrap_or_default();
         let mut routes: Vec<CompiledRoute> =
-            crate::route::candidates(&snap.config, &meta.mail_from, meta.auth_user.as_deref(), &domain)
+            crate::outbound::route::candidates(&snap.config, &meta.mail_from, meta.auth_user.as_deref(), &domain)
                 .into_iter()
                 .cloned()
                 .collect();
@@ -826,7 +826,7 @@ impl Worker {
             m.expired.with_label_values(&[&route_id]).inc();
         }
         m.bounces
-            .with_label_values(&[&route_id, &crate::metrics::code_label(code), class.as_str()])
+            .with_label_values(&[&route_id, &crate::observe::metrics::code_label(code), class.as_str()])
             .inc();
 
         if !meta.is_dsn && dsn::should_bounce(&meta.mail_from) {
@@ -907,7 +907,7 @@ impl Worker {
             tls: false,
             mail_from: String::new(),
             rcpts: vec![d.rcpt_to.clone()],
-            message_id_header: crate::headers::get(&d.message, "Message-ID"),
+            message_id_header: crate::inbound::headers::get(&d.message, "Message-ID"),
             size: d.message.len(),
             options: Default::default(),
             quota: None,
@@ -969,7 +969,7 @@ fn state(status: RecipientStatus, attempts: u32, next: Option<i64>, last: Option
     }
 }
 
-fn fill(ev: &mut crate::dlog::DeliveryEvent, route: &CompiledRoute, a: &Attempt, attempt_no: u32) {
+fn fill(ev: &mut crate::observe::dlog::DeliveryEvent, route: &CompiledRoute, a: &Attempt, attempt_no: u32) {
     ev.route = Some(route.id.clone());
     ev.remote_host = a.remote_host.clone();
     ev.tls = a.tls;
@@ -981,7 +981,7 @@ fn fill(ev: &mut crate::dlog::DeliveryEvent, route: &CompiledRoute, a: &Attempt,
 }
 
 /// The reply (or what happened instead) in the delivery log's fields.
-fn log_outcome(ev: &mut crate::dlog::DeliveryEvent, outcome: &AttemptOutcome) {
+fn log_outcome(ev: &mut crate::observe::dlog::DeliveryEvent, outcome: &AttemptOutcome) {
     let (code, enhanced, text) = outcome.log_parts();
     ev.reply_code = code;
     ev.enhanced_code = enhanced.map(|e| e.to_string());

@@ -31,7 +31,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 pub use export::{CSV_COLUMNS, write_csv};
 
@@ -145,7 +145,7 @@ pub struct DeliveryEvent {
     pub reply_text: Option<String>,
     /// Delivery attempt number, from 1.
     pub attempt: Option<u32>,
-    /// Bounce class name (see `bounce::BounceClass::as_str`).
+    /// Bounce class name (see `outbound::bounce::BounceClass::as_str`).
     pub bounce_class: Option<String>,
     /// Whether the connection this event describes used TLS.
     #[serde(default)]

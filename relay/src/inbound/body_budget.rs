@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// First buffer of a body whose size was not declared.
 const FIRST_CHUNK: usize = 64 * 1024;
