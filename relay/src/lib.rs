@@ -7,18 +7,18 @@
 //!   client side (pools, DKIM), bounce classification and DSNs;
 //! - [`observe`]: the delivery log, Prometheus metrics and the bridge that feeds both;
 //! - [`admin`]: the admin HTTP API and the relay's backend for it;
-//! - [`server`] assembles them; [`config`], [`clock`], [`redis_client`] and [`expiring`] are
+//! - [`server`] assembles them; [`config`], [`clock`], `redis_client` and `expiring` are
 //!   shared by all of them.
 
 pub mod admin;
 pub mod clock;
 pub mod config;
-pub mod expiring;
+pub(crate) mod expiring;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;
 pub mod queue;
-pub mod redis_client;
+pub(crate) mod redis_client;
 pub mod server;
 
 pub use mailroute_smtp::{EnhancedStatusCode, Reply};

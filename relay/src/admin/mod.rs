@@ -5,9 +5,9 @@
 //! This module owns routing, authentication, parameter validation and
 //! response shapes. It must not reach into the queue or the quota store
 //! directly: those answers come from an [`AdminBackend`] the relay provides
-//! ([`backend::RelayBackend`]). It never logs or echoes the token.
+//! (`backend::RelayBackend`). It never logs or echoes the token.
 
-pub mod backend;
+pub(crate) mod backend;
 
 use std::future::Future;
 use std::sync::Arc;

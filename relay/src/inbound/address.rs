@@ -16,7 +16,7 @@
 //!
 //! Pure functions only; the session decides what to do with the result.
 
-pub use mailroute_smtp::wire::{AddressError, wire_form};
+pub use mailroute_smtp::wire::wire_form;
 
 /// What the raw line check found (the line is fine when it returns `Ok`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +94,8 @@ fn split_path(line: &[u8]) -> (&[u8], &[u8], &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use mailroute_smtp::wire::AddressError;
+
     use super::*;
 
     #[test]

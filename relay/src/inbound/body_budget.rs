@@ -61,10 +61,6 @@ impl BodyBudget {
         self.enqueueing.acquire_many(n).await.ok()
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// A body buffer for one DATA with its first bytes reserved: `declared` (the MAIL `SIZE`,
     /// 0 if none) up to one byte over `max_size`. `None` (counted as a refusal) when the budget
     /// cannot spare them.

@@ -1,6 +1,6 @@
 //! Message content on the wire, both ways (RFC 5321 §4.5.2 transparency, §2.3.8 line
 //! endings): [`DataReceiver`] undoes the dot-stuffing of an inbound message and finds its end;
-//! [`write_dot_stuffed`] (the outbound client's, re-exported) applies it to an outbound one.
+//! [`mailroute_smtp::wire::write_dot_stuffed`] (the outbound client's) applies it to an outbound one.
 //!
 //! Only CRLF ends a line. The first line of the content starts a line like any other, so `..x`
 //! there is `.x`, and `.` CRLF right after the 354 is an empty message. A bare CR or bare LF is
@@ -124,10 +124,10 @@ impl DataReceiver {
     }
 }
 
-pub use mailroute_smtp::wire::write_dot_stuffed;
-
 #[cfg(test)]
 mod tests {
+    use mailroute_smtp::wire::write_dot_stuffed;
+
     use super::*;
 
     /// Feeds `chunks` one after the other; returns the content, whether it ended, the bytes

@@ -68,13 +68,6 @@ pub fn get(msg: &[u8], name: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
-/// Removes every field whose name satisfies `drop` (with its continuation lines).
-pub fn remove_fields(msg: &[u8], drop: impl Fn(&str) -> bool) -> Vec<u8> {
-    let mut out = msg.to_vec();
-    remove_fields_in_place(&mut out, drop);
-    out
-}
-
 /// Reads the extension headers into [`DeliveryOptions`]. Relative values count from `now`.
 pub fn extension_options(msg: &[u8], now: DateTime<Utc>) -> Result<DeliveryOptions, HeaderError> {
     let mut o = DeliveryOptions::default();
@@ -136,16 +129,9 @@ fn is_extension(name: &str) -> bool {
 }
 
 /// What the relay stores: extension headers stripped, `Received:` prepended, `Message-ID:`
-/// added when missing. Returns the new message and its Message-ID.
-pub fn prepare(msg: &[u8], received: &str, hostname: &str, queue_id: &str) -> (Vec<u8>, String) {
-    let mut out = Vec::with_capacity(msg.len() + 256);
-    out.extend_from_slice(msg);
-    let id = prepare_in_place(&mut out, received, hostname, queue_id);
-    (out, id)
-}
-
-/// [`prepare`] on the message's own buffer: only the header block is rewritten and the rest
-/// moved once, so a large body is never copied into a second buffer. Returns the Message-ID.
+/// added when missing. Works on the message's own buffer: only the header block is rewritten
+/// and the rest moved once, so a large body is never copied into a second buffer. Returns the
+/// Message-ID.
 pub fn prepare_in_place(msg: &mut Vec<u8>, received: &str, hostname: &str, queue_id: &str) -> String {
     remove_fields_in_place(msg, is_extension);
     let mut ours = Vec::with_capacity(received.len() + 128);
@@ -166,8 +152,8 @@ pub fn prepare_in_place(msg: &mut Vec<u8>, received: &str, hostname: &str, queue
     id
 }
 
-/// [`remove_fields`] on the message's own buffer: kept header lines move forward over dropped
-/// ones, then the body once.
+/// Removes every field whose name satisfies `drop` (with its continuation lines), on the
+/// message's own buffer: kept header lines move forward over dropped ones, then the body once.
 fn remove_fields_in_place(msg: &mut Vec<u8>, drop: impl Fn(&str) -> bool) {
     let hlen = header_len(msg);
     let mut kept = 0;
@@ -243,6 +229,13 @@ fn sanitize(s: &str) -> String {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    /// [`prepare_in_place`] on a copy: the new message and its Message-ID.
+    fn prepare(msg: &[u8], received: &str, hostname: &str, queue_id: &str) -> (Vec<u8>, String) {
+        let mut out = msg.to_vec();
+        let id = prepare_in_place(&mut out, received, hostname, queue_id);
+        (out, id)
+    }
 
     fn now() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 23, 10, 0, 0).unwrap()

@@ -1,21 +1,21 @@
 //! Inbound mail, up to the queue: this file holds the SMTP plumbing shared by the listeners
 //! (the buffered connection, plain or TLS; server TLS configuration from PEM files; the listener
-//! kinds). The session logic lives in [`session`], its fixed replies by name in [`replies`],
-//! DATA transparency in [`data`], envelope address syntax and wire form in [`address`], the
-//! limits on what a session may cost in [`auth_guard`] and [`body_budget`], the end of idle
-//! sessions at shutdown in [`shutdown`], sender quotas in [`quota`], the header work on an
-//! accepted message in [`headers`]. This file must not make protocol decisions; nothing under
+//! kinds). The session logic lives in [`session`], its fixed replies by name in `replies`,
+//! DATA transparency in `data`, envelope address syntax and wire form in `address`, the
+//! limits on what a session may cost in [`auth_guard`] and `body_budget`, the end of idle
+//! sessions at shutdown in `shutdown`, sender quotas in [`quota`], the header work on an
+//! accepted message in `headers`. This file must not make protocol decisions; nothing under
 //! `inbound` delivers mail.
 
-pub mod address;
+pub(crate) mod address;
 pub mod auth_guard;
-pub mod body_budget;
-pub mod data;
-pub mod headers;
+pub(crate) mod body_budget;
+pub(crate) mod data;
+pub(crate) mod headers;
 pub mod quota;
-pub mod replies;
+pub(crate) mod replies;
 pub mod session;
-pub mod shutdown;
+pub(crate) mod shutdown;
 
 use std::io;
 use std::path::Path;

@@ -6,7 +6,7 @@
 //! quota arithmetic are the quota engine's ([`super::quota`]), consulted at MAIL, RCPT and the end
 //! of DATA; logging and metrics go out through [`Observer`]. What a session may cost is bounded
 //! outside it: password checks and AUTH failures per address by [`super::auth_guard`], body
-//! memory by [`super::body_budget`]. It must not deliver or route.
+//! memory by `super::body_budget`. It must not deliver or route.
 //! DATA transparency (a message with a bare CR or LF is refused) is `super::data`'s; raw
 //! MAIL/RCPT line checks and the RFC 5321 form of addresses are `super::address`'s.
 

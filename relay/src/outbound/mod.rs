@@ -1,5 +1,5 @@
-//! Everything after the queue: the delivery [`worker`] and its per-job decision, route choice
-//! ([`route`]), retry schedules ([`retry`]), bounce classification ([`bounce`]) and DSNs
+//! Everything after the queue: the delivery `worker` and its per-job decision, route choice
+//! (`route`), retry schedules (`retry`), bounce classification ([`bounce`]) and DSNs
 //! ([`dsn`]) as pure modules, the shared pacer ([`shaping`]) and its relay side ([`pacing`]),
 //! the SMTP client side of an attempt ([`delivery`]: next hop, pools, DKIM) and its adapter to
 //! the worker ([`transport`]).
@@ -11,8 +11,8 @@ pub mod bounce;
 pub mod delivery;
 pub mod dsn;
 pub mod pacing;
-pub mod retry;
-pub mod route;
+pub(crate) mod retry;
+pub(crate) mod route;
 pub mod shaping;
 pub mod transport;
-pub mod worker;
+pub(crate) mod worker;

@@ -1,4 +1,4 @@
-//! Connects the worker's [`Pacing`] hook and the deliverer's [`ConnectionGate`] to the shared
+//! Connects the worker's `Pacing` hook and the deliverer's [`ConnectionGate`] to the shared
 //! pacer ([`super::shaping::Pacer`]) and its metrics. When the pacer's store is unreachable the
 //! job goes ahead (and a connection opens without a lease): pacing protects upstream limits, and
 //! a short Redis outage should not stop delivery outright.

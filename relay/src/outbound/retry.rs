@@ -20,7 +20,7 @@
 //!
 //! With the default policy (1 min fixed, 30 min lifetime) and instantaneous
 //! attempts, the attempts are at +0, +1, …, +30 min and then it is expired.
-//! Invalid policies (see [`RetryPolicy::validate`]) are clamped rather than
+//! Invalid policies (see `RetryPolicy::validate`) are clamped rather than
 //! looping: the delay is at least one second and the factor at least 1.
 
 use std::fmt;
@@ -38,6 +38,7 @@ pub enum RetryError {
     Duration { input: String, reason: String },
     #[error("invalid quiet hours {input:?}: {reason}")]
     QuietHours { input: String, reason: String },
+    #[cfg(test)]
     #[error("invalid retry policy: {0}")]
     Policy(&'static str),
 }
@@ -58,6 +59,7 @@ pub enum Backoff {
 
 impl Backoff {
     /// Exponential backoff with the defaults (factor 2, capped at 10 min).
+    #[cfg(test)]
     pub fn exponential() -> Self {
         Backoff::Exponential {
             factor: default_factor(),
@@ -105,7 +107,9 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// Rejects policies that make no sense (zero interval/lifetime, factor < 1
-    /// or not finite, cap below the interval).
+    /// or not finite, cap below the interval). Only the tests call it: the worker builds its
+    /// policies clamped (`worker::policy_for`).
+    #[cfg(test)]
     pub fn validate(&self) -> Result<(), RetryError> {
         if self.interval.is_zero() {
             return Err(RetryError::Policy("interval must be positive"));

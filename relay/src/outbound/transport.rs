@@ -1,5 +1,5 @@
 //! Adapts the outbound SMTP client ([`crate::outbound::delivery::Deliverer`]) to the worker's
-//! [`Transport`]: looks up the route's credentials and DKIM key, caches DKIM signers, applies
+//! `Transport`: looks up the route's credentials and DKIM key, caches DKIM signers, applies
 //! the route's and the destination's connection limits to the pools and, with a pacer, to the
 //! connections of all relays together (a [`ConnectionSlots`] gate per attempt), and maps the
 //! attempt result to the worker's outcome. Policy it adds, on purpose: an AUTH rejection by a

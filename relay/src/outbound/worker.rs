@@ -167,17 +167,6 @@ pub trait Pacing: Send + Sync {
     async fn report(&self, route: &CompiledRoute, attempt: &Attempt, now_ms: i64);
 }
 
-/// No pacing at all.
-pub struct Unpaced;
-
-#[async_trait]
-impl Pacing for Unpaced {
-    async fn acquire(&self, _: &CompiledRoute, _: &str, _: i64) -> PaceDecision {
-        PaceDecision::Go
-    }
-    async fn report(&self, _: &CompiledRoute, _: &Attempt, _: i64) {}
-}
-
 #[derive(Clone, Debug)]
 pub struct WorkerSettings {
     pub consumer: String,

@@ -232,7 +232,7 @@ return n
 ";
 
 impl RedisQueue {
-    /// Connects to `url` (one server or a cluster, see [`Target::parse`]) and creates the
+    /// Connects to `url` (one server or a cluster, see `Target::parse`) and creates the
     /// consumer group if missing. `prefix` must contain a hash tag.
     pub async fn connect(url: &str, prefix: &str, durability: Durability) -> Result<Self> {
         let target = Target::parse(url).map_err(redis::RedisError::from)?;

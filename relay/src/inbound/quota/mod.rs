@@ -25,9 +25,9 @@
 //!   (RSET, QUIT, a dropped connection, a refused message) gives it back with
 //!   [`QuotaEngine::abort`]. Accepted mail stays counted even if it bounces later.
 
-pub mod policy;
+pub(crate) mod policy;
 pub mod store;
-pub mod window;
+pub(crate) mod window;
 
 use std::sync::Arc;
 

@@ -359,7 +359,7 @@ impl RedisQuotaStore {
         }
     }
 
-    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see [`crate::redis_client::Target::parse`]).
+    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see `crate::redis_client::Target::parse`).
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, QuotaError> {
         let conn = RedisConn::open(url, Timeouts::default()).await?;
         Ok(Self::new(conn, prefix))

@@ -4,7 +4,7 @@
 //! be queried by time range with filters and cursor paging, and trimmed by age.
 //!
 //! This module owns the event record, the filter and paging logic, the
-//! stores ([`memory::MemoryStore`], [`redis::RedisStore`]) and the CSV export.
+//! stores (`memory::MemoryStore`, `redis::RedisStore`) and the CSV export.
 //! It must never store a subject, display name, header other than Message-ID,
 //! or body: [`DeliveryEvent`] has no field for them. It does not decide when
 //! events happen (the SMTP server and the worker call [`DeliveryLog::record`]).
@@ -16,9 +16,9 @@
 //! cursor is the id of the last record a query looked at.
 
 mod batch;
-pub mod export;
-pub mod memory;
-pub mod redis;
+pub(crate) mod export;
+pub(crate) mod memory;
+pub(crate) mod redis;
 
 use std::fmt;
 use std::io::Write;

@@ -49,11 +49,6 @@ impl<C> RedisStore<C> {
             append: redis::Script::new(APPEND),
         }
     }
-
-    /// The stream key.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
 }
 
 fn parse_id(s: &str) -> Result<RecordId, DlogError> {

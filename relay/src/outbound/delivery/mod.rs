@@ -13,16 +13,16 @@
 //! asked before each new connection ([`Deliverer::deliver_gated`]); the lease it grants lives
 //! with the pooled session until the connection closes.
 //!
-//! Submodules: [`resolve`] (MX/address lookup, injectable), [`rewrite`] (From override, pure),
-//! [`dkim`] (signing), [`gate`] (connection leases), `session` (a pooled connection of the
+//! Submodules: `resolve` (MX/address lookup, injectable), `rewrite` (From override, pure),
+//! [`dkim`] (signing), `gate` (connection leases), `session` (a pooled connection of the
 //! shared SMTP client, `mailroute_smtp::client`, with its lease), `pool`. TLS client
 //! configurations come from `mailroute_tls`.
 
 pub mod dkim;
-pub mod gate;
+pub(crate) mod gate;
 mod pool;
-pub mod resolve;
-pub mod rewrite;
+pub(crate) mod resolve;
+pub(crate) mod rewrite;
 mod session;
 
 use std::borrow::Cow;

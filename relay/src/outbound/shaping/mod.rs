@@ -24,11 +24,11 @@
 //!   themselves. No free slot: the job waits (reason `connections`). The relay side is
 //!   `crate::outbound::pacing::ConnectionSlots`.
 
-pub mod backoff;
-pub mod gcra;
-pub mod limits;
-pub mod recheck;
-pub mod store;
+pub(crate) mod backoff;
+pub(crate) mod gcra;
+pub(crate) mod limits;
+pub(crate) mod recheck;
+pub(crate) mod store;
 
 use std::sync::Arc;
 
@@ -178,7 +178,7 @@ impl Pacer {
     /// Before sending one message with `recipients` recipients in `rcpt_domain` through
     /// `route`: `Go` (counted; send it now) or `NotBefore` (reschedule the job for that instant
     /// without counting an attempt). One round trip; no limits configured means no I/O except
-    /// the back-off check, and none at all while the scope is known clear (see [`recheck`]).
+    /// the back-off check, and none at all while the scope is known clear (see `recheck`).
     pub async fn acquire(
         &self,
         route: &CompiledRoute,

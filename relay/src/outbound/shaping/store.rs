@@ -411,7 +411,7 @@ impl RedisPaceStore {
         }
     }
 
-    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see [`crate::redis_client::Target::parse`]).
+    /// Connects to `url` (`redis://…`, `rediss://…` or a cluster, see `crate::redis_client::Target::parse`).
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PaceError> {
         let conn = RedisConn::open(url, Timeouts::default()).await?;
         Ok(Self::new(conn, prefix))
