@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminState;
 use crate::admin::backend::RelayBackend;
 use crate::config::{ConfigHandle, Source};
-use crate::inbound::ListenerKind;
+use crate::inbound::listener::ListenerKind;
 use crate::inbound::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::inbound::session::{Inbound, InboundSettings};
 use crate::observe::dlog::DeliveryLog;
@@ -289,7 +289,9 @@ impl Relay {
         metrics.set_config_info(&snap.hash);
 
         let tls = match (&opts.tls_cert, &opts.tls_key) {
-            (Some(c), Some(k)) => Some(crate::inbound::server_tls_config(c, k).context("loading TLS certificate")?),
+            (Some(c), Some(k)) => {
+                Some(crate::inbound::listener::server_tls_config(c, k).context("loading TLS certificate")?)
+            }
             _ => None,
         };
         if tls.is_none() && (opts.submission_listen.is_some() || opts.smtps_listen.is_some()) {

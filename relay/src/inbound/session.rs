@@ -22,10 +22,11 @@ use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ProtoError, MAIL_SMTPUTF8, Req
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::address;
 use super::auth_guard::{AuthGuard, AuthLimits, Verdict};
 use super::body_budget::{self, BodyBudget};
 use super::data::DataReceiver;
-use super::{Conn, Line, ListenerKind, MaybeTls, address};
+use super::listener::{Conn, Line, ListenerKind, MaybeTls};
 use super::{replies, shutdown};
 use crate::config::ConfigHandle;
 use crate::inbound::headers;
@@ -392,7 +393,7 @@ impl Inbound {
                 None => read.await,
             };
             let line = match read {
-                Ok(Line::Line(l)) => l,
+                Ok(Line::Complete(l)) => l,
                 Ok(Line::TooLong) => {
                     conn.reply(replies::LINE_TOO_LONG);
                     if self.count_error(conn, s) {
@@ -629,7 +630,7 @@ impl Inbound {
             .read_line(self.settings.max_line_length, self.settings.command_timeout)
             .await?
         {
-            Line::Line(l) => {
+            Line::Complete(l) => {
                 let l = String::from_utf8_lossy(&l).trim_end().to_owned();
                 if l == "*" {
                     conn.reply(replies::AUTH_CANCELLED);

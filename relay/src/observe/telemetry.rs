@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::inbound::ListenerKind;
+use crate::inbound::listener::ListenerKind;
 use crate::inbound::session::{Observer, Reply, SenderInfo};
 use crate::observe::dlog::{DeliveryEvent, DeliveryLog, EventResult};
 use crate::observe::metrics::Metrics;
