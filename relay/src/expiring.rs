@@ -68,10 +68,6 @@ impl<V> ExpiringMap<V> {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Drops expired entries once the map has grown large, so keys nobody reads again go.
     pub fn sweep(&mut self, now_ms: i64) {
         if self.entries.len() > SWEEP_ABOVE {

@@ -1,28 +1,24 @@
 //! mailroute relay: accepts SMTP, queues in Redis, delivers through the compiled routes.
+//!
+//! The folders follow a message through the relay:
+//! - [`inbound`]: the SMTP listeners and sessions, sender quotas, header work on arrival;
+//! - [`queue`]: the shared queue and the records it stores (message, jobs, envelope);
+//! - [`outbound`]: the delivery worker, route choice, retries, pacing and shaping, the SMTP
+//!   client side (pools, DKIM), bounce classification and DSNs;
+//! - [`observe`]: the delivery log, Prometheus metrics and the bridge that feeds both;
+//! - [`admin`]: the admin HTTP API and the relay's backend for it;
+//! - [`server`] assembles them; [`config`], [`clock`], `redis_client` and `expiring` are
+//!   shared by all of them.
 
 pub mod admin;
-pub mod backend;
-pub mod bounce;
 pub mod clock;
 pub mod config;
-pub mod delivery;
-pub mod dlog;
-pub mod dsn;
-pub mod expiring;
-pub mod headers;
-pub mod message;
-pub mod metrics;
-pub mod pacing;
+pub(crate) mod expiring;
+pub mod inbound;
+pub mod observe;
+pub mod outbound;
 pub mod queue;
-pub mod quota;
-pub mod redis_client;
-pub mod retry;
-pub mod route;
+pub(crate) mod redis_client;
 pub mod server;
-pub mod shaping;
-pub mod smtp;
-pub mod telemetry;
-pub mod transport;
-pub mod worker;
 
 pub use mailroute_smtp::{EnhancedStatusCode, Reply};

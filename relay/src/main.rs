@@ -9,10 +9,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use mailroute_relay::config::Source;
+use mailroute_relay::inbound::auth_guard::AuthLimits;
+use mailroute_relay::inbound::session::InboundSettings;
 use mailroute_relay::queue::redis::Durability;
 use mailroute_relay::server::{Relay, RelayOptions, parse_cidrs};
-use mailroute_relay::smtp::auth_guard::AuthLimits;
-use mailroute_relay::smtp::inbound::InboundSettings;
 
 #[derive(Parser)]
 #[command(name = "mailroute-relay", version, about = "mailroute SMTP relay")]

@@ -15,23 +15,23 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::AdminState;
-use crate::backend::RelayBackend;
+use crate::admin::backend::RelayBackend;
 use crate::config::{ConfigHandle, Source};
-use crate::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
-use crate::dlog::DeliveryLog;
-use crate::metrics::Metrics;
-use crate::pacing::SharedPacing;
+use crate::inbound::listener::ListenerKind;
+use crate::inbound::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
+use crate::inbound::session::{Inbound, InboundSettings};
+use crate::observe::dlog::DeliveryLog;
+use crate::observe::metrics::Metrics;
+use crate::observe::telemetry::Telemetry;
+use crate::outbound::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
+use crate::outbound::pacing::SharedPacing;
+use crate::outbound::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
+use crate::outbound::transport::SmtpTransport;
+use crate::outbound::worker::{Pacing, Worker, WorkerSettings};
 use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{Durability, RedisQueue};
-use crate::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::redis_client;
-use crate::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
-use crate::smtp::ListenerKind;
-use crate::smtp::inbound::{Inbound, InboundSettings};
-use crate::telemetry::Telemetry;
-use crate::transport::SmtpTransport;
-use crate::worker::{Pacing, Worker, WorkerSettings};
 
 /// Everything the relay needs to start; the CLI fills it from flags and environment.
 #[derive(Clone, Debug)]
@@ -260,7 +260,7 @@ impl Relay {
             tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
             (
                 Arc::new(MemoryQueue::new()),
-                DeliveryLog::memory(crate::dlog::DEFAULT_MEMORY_CAPACITY),
+                DeliveryLog::memory(crate::observe::dlog::DEFAULT_MEMORY_CAPACITY),
                 Arc::new(MemoryQuotaStore::new()),
                 Arc::new(MemoryPaceStore::new()),
             )
@@ -289,7 +289,9 @@ impl Relay {
         metrics.set_config_info(&snap.hash);
 
         let tls = match (&opts.tls_cert, &opts.tls_key) {
-            (Some(c), Some(k)) => Some(crate::smtp::server_tls_config(c, k).context("loading TLS certificate")?),
+            (Some(c), Some(k)) => {
+                Some(crate::inbound::listener::server_tls_config(c, k).context("loading TLS certificate")?)
+            }
             _ => None,
         };
         if tls.is_none() && (opts.submission_listen.is_some() || opts.smtps_listen.is_some()) {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use mailroute_relay::dlog::{EventFilter, EventResult};
+use mailroute_relay::observe::dlog::{EventFilter, EventResult};
 use mailroute_relay::queue::redis::Durability;
 use mailroute_testkit::{RedisCluster, Script, SmtpServer};
 

@@ -13,9 +13,11 @@ use std::sync::Arc;
 use crate::common::*;
 use chrono::{TimeZone, Utc};
 use mailroute_api::config::SessionTimeouts;
-use mailroute_relay::bounce::Kind;
-use mailroute_relay::delivery::{Deliverer, DelivererConfig, DeliveryTarget, Envelope, Outcome, Stage, StaticResolver};
-use mailroute_relay::dsn::{self, Action, DsnRequest, RecipientReport};
+use mailroute_relay::outbound::bounce::Kind;
+use mailroute_relay::outbound::delivery::{
+    Deliverer, DelivererConfig, DeliveryTarget, Envelope, Outcome, Stage, StaticResolver,
+};
+use mailroute_relay::outbound::dsn::{self, Action, DsnRequest, RecipientReport};
 use mailroute_testkit::smtp::{Received, SmtpClient};
 use mailroute_testkit::{Script, SmtpServer};
 

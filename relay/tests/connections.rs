@@ -9,14 +9,14 @@ use std::time::Duration;
 use mailroute_api::Manifests;
 use mailroute_api::config::{CompiledRoute, RelaySecrets};
 use mailroute_relay::clock::now_ms;
-use mailroute_relay::delivery::{
+use mailroute_relay::observe::dlog::{DeliveryEvent, EventFilter, EventResult};
+use mailroute_relay::outbound::delivery::{
     Deliverer, DelivererConfig, DeliveryTarget, Envelope, NoSlot, Outcome, StaticResolver,
 };
-use mailroute_relay::dlog::{DeliveryEvent, EventFilter, EventResult};
-use mailroute_relay::pacing::ConnectionSlots;
+use mailroute_relay::outbound::pacing::ConnectionSlots;
+use mailroute_relay::outbound::shaping::{Pacer, RedisPaceStore};
+use mailroute_relay::outbound::transport::apply_connection_limits;
 use mailroute_relay::server::RelayOptions;
-use mailroute_relay::shaping::{Pacer, RedisPaceStore};
-use mailroute_relay::transport::apply_connection_limits;
 use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer};
 
 use crate::common::*;
@@ -194,7 +194,7 @@ async fn send_via(
     (d, pacer): &(Deliverer, Pacer),
     route: &CompiledRoute,
     rcpt: &str,
-) -> Result<mailroute_relay::delivery::AttemptResult, NoSlot> {
+) -> Result<mailroute_relay::outbound::delivery::AttemptResult, NoSlot> {
     let domain = rcpt.split_once('@').map_or("", |(_, d)| d);
     let gate = ConnectionSlots {
         pacer,
@@ -469,8 +469,8 @@ async fn a_black_holed_route_does_not_stall_the_others() {
 /// timeout, after the route's time and not Postfix's default (300 s, 600 s).
 #[tokio::test]
 async fn route_timeouts_reach_the_session() {
-    use mailroute_relay::bounce::Failure;
-    use mailroute_relay::delivery::Stage;
+    use mailroute_relay::outbound::bounce::Failure;
+    use mailroute_relay::outbound::delivery::Stage;
 
     let with_timeouts = |name: &str, port: u16, timeouts: &str| {
         let yaml = route(name, port, 10, &["*"])
@@ -491,7 +491,7 @@ async fn route_timeouts_reach_the_session() {
         mail_from: "app@app.example",
         rcpt_to: "u@example.com",
     };
-    let failure = |r: &mailroute_relay::delivery::AttemptResult| match &r.outcome {
+    let failure = |r: &mailroute_relay::outbound::delivery::AttemptResult| match &r.outcome {
         Outcome::Failed { stage, failure, .. } => Some((*stage, *failure)),
         _ => None,
     };

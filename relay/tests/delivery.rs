@@ -11,8 +11,8 @@ use crate::common::{plain, smarthost, upstream};
 use mailroute_api::config::{Credentials, Upstream};
 use mailroute_api::route::{AuthMechanism, TlsMode};
 use mailroute_relay::EnhancedStatusCode;
-use mailroute_relay::bounce::{BounceClass, Failure, Kind};
-use mailroute_relay::delivery::{
+use mailroute_relay::outbound::bounce::{BounceClass, Failure, Kind};
+use mailroute_relay::outbound::delivery::{
     AttemptResult, Deliverer, DelivererConfig, DeliveryTarget, DkimSigner, Envelope, HickoryResolver, MxResolver,
     Outcome, Stage, StaticResolver,
 };
@@ -663,7 +663,7 @@ async fn hickory_resolver_against_a_real_dns_server() {
     assert_eq!(resolver.ips("mx.example.test").await.expect("a"), [lo()]);
     assert!(matches!(
         resolver.mx("missing.test").await,
-        Err(mailroute_relay::delivery::DnsError::NoSuchDomain(_))
+        Err(mailroute_relay::outbound::delivery::DnsError::NoSuchDomain(_))
     ));
 
     // End to end: the deliverer resolves through the DNS server and falls back from mx0.

@@ -15,8 +15,8 @@ use mail_auth::DkimResult;
 use mail_auth::common::crypto::Algorithm;
 use mail_auth::common::headers::HeaderWriter as _;
 use mail_auth::dkim::Signature;
-use mailroute_relay::delivery::dkim::{Canonicalization, SIGNED_HEADERS};
-use mailroute_relay::delivery::{Deliverer, DelivererConfig, DkimSigner, Envelope, StaticResolver};
+use mailroute_relay::outbound::delivery::dkim::{Canonicalization, SIGNED_HEADERS};
+use mailroute_relay::outbound::delivery::{Deliverer, DelivererConfig, DkimSigner, Envelope, StaticResolver};
 use mailroute_testkit::dkim::{ED25519, RSA_1024, RSA_2048, RSA_3072, RSA_4096, TestKey, Verifier};
 use mailroute_testkit::smtp::{Script, SmtpServer};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::common::csv_records;
 use chrono::{DateTime, TimeZone, Utc};
-use mailroute_relay::dlog::{DEFAULT_PREFIX, DeliveryEvent, DeliveryLog, EventFilter, EventResult, write_csv};
+use mailroute_relay::observe::dlog::{DEFAULT_PREFIX, DeliveryEvent, DeliveryLog, EventFilter, EventResult, write_csv};
 use mailroute_testkit::RedisServer;
 use redis::aio::ConnectionManager;
 

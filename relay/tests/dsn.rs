@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
-use mailroute_relay::bounce::Kind;
-use mailroute_relay::delivery::{
+use mailroute_relay::outbound::bounce::Kind;
+use mailroute_relay::outbound::delivery::{
     AttemptResult, Deliverer, DelivererConfig, DeliveryTarget, Envelope, Outcome, StaticResolver,
 };
-use mailroute_relay::dsn::{self, Action, DsnRequest, RecipientReport};
+use mailroute_relay::outbound::dsn::{self, Action, DsnRequest, RecipientReport};
 use mailroute_testkit::smtp::{Behaviour, Script, SmtpServer};
 
 const WAIT: Duration = Duration::from_secs(10);

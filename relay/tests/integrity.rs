@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use mailroute_relay::dlog::{DeliveryEvent, EventFilter, EventResult};
+use mailroute_relay::observe::dlog::{DeliveryEvent, EventFilter, EventResult};
 use mailroute_testkit::{Behaviour, RedisServer, Script, SmtpServer, Stage};
 
 /// Every log record of one message, in log order.

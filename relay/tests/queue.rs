@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mailroute_relay::message::{Job, MessageMeta, RecipientState, RecipientStatus, new_id};
 use mailroute_relay::queue::memory::MemoryQueue;
+use mailroute_relay::queue::message::{Job, MessageMeta, RecipientState, RecipientStatus, new_id};
 use mailroute_relay::queue::redis::{Durability, RedisQueue};
 use mailroute_relay::queue::{CancelOutcome, Disposition, Queue};
 use mailroute_testkit::RedisServer;

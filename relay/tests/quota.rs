@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use chrono::DateTime;
 use mailroute_api::{Manifests, RelayConfig};
-use mailroute_relay::quota::store::DEFAULT_PREFIX;
-use mailroute_relay::quota::{MemoryQuotaStore, QuotaDecision, QuotaEngine, QuotaStore, RedisQuotaStore, SenderCtx};
+use mailroute_relay::inbound::quota::store::DEFAULT_PREFIX;
+use mailroute_relay::inbound::quota::{
+    MemoryQuotaStore, QuotaDecision, QuotaEngine, QuotaStore, RedisQuotaStore, SenderCtx,
+};
 use mailroute_testkit::RedisServer;
 use redis::aio::ConnectionManager;
 

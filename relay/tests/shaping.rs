@@ -9,9 +9,9 @@ use std::sync::Arc;
 use futures::future::join_all;
 use mailroute_api::Manifests;
 use mailroute_api::config::CompiledRoute;
-use mailroute_relay::bounce::Reply;
-use mailroute_relay::quota::store::DEFAULT_PREFIX;
-use mailroute_relay::shaping::{
+use mailroute_relay::inbound::quota::store::DEFAULT_PREFIX;
+use mailroute_relay::outbound::bounce::Reply;
+use mailroute_relay::outbound::shaping::{
     BackoffChange, Connect, MemoryPaceStore, Pace, PaceReason, PaceStore, Pacer, RedisPaceStore,
 };
 use mailroute_testkit::smtp::send;

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use mailroute_relay::metrics::Metrics;
+use mailroute_relay::observe::metrics::Metrics;
 use promql_parser::parser::{self, Expr};
 use serde_json::Value;
 

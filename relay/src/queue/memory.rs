@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, Notify};
 use crate::clock::now_ms;
 
 use super::{CancelOutcome, Disposition, Leased, MessageView, Queue, QueueStats, Result, Stored};
-use crate::message::{Job, MessageMeta, RecipientState, RecipientStatus};
+use crate::queue::message::{Job, MessageMeta, RecipientState, RecipientStatus};
 
 struct Msg {
     meta: MessageMeta,

@@ -4,9 +4,11 @@
 //! This module owns storage and the atomic state transitions only. It must not decide when a
 //! job is due or whether it failed (that is `retry`, `bounce` and the worker); callers pass in
 //! every instant. Two implementations: [`redis::RedisQueue`] (durable, shared) and
-//! [`memory::MemoryQueue`] (one process, lost on exit; for local runs and unit tests).
+//! [`memory::MemoryQueue`] (one process, lost on exit; for local runs and unit tests). The
+//! records they store are in [`message`].
 
 pub mod memory;
+pub mod message;
 pub mod redis;
 
 use std::time::Duration;
@@ -15,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::message::{Job, MessageMeta, RecipientState};
+use crate::queue::message::{Job, MessageMeta, RecipientState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {

@@ -26,7 +26,7 @@ use redis::{Script, Value};
 use tokio::sync::Mutex;
 
 use super::{CancelOutcome, Disposition, Leased, MessageView, Queue, QueueError, QueueStats, Result, Stored};
-use crate::message::{Job, MessageMeta, RecipientState};
+use crate::queue::message::{Job, MessageMeta, RecipientState};
 use crate::redis_client::{RedisConn, Target, Timeouts};
 
 pub const GROUP: &str = "relays";
@@ -232,7 +232,7 @@ return n
 ";
 
 impl RedisQueue {
-    /// Connects to `url` (one server or a cluster, see [`Target::parse`]) and creates the
+    /// Connects to `url` (one server or a cluster, see `Target::parse`) and creates the
     /// consumer group if missing. `prefix` must contain a hash tag.
     pub async fn connect(url: &str, prefix: &str, durability: Durability) -> Result<Self> {
         let target = Target::parse(url).map_err(redis::RedisError::from)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mailroute_api::config::{SessionTimeouts, Target, Upstream};
 use mailroute_api::route::TlsMode;
 use mailroute_relay::config::Source;
-use mailroute_relay::delivery::{DeliveryTarget, StaticResolver};
+use mailroute_relay::outbound::delivery::{DeliveryTarget, StaticResolver};
 use mailroute_relay::server::{Overrides, Relay, RelayOptions};
 use mailroute_testkit::smtp::client::{Transcript, send};
 

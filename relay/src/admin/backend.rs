@@ -1,0 +1,111 @@
+//! The relay's side of the admin API ([`crate::admin::AdminBackend`]): message state and
+//! cancellation from the queue (and the `cancelled` log records of a cancel), quota usage from
+//! the quota engine, readiness, and the queue and quota gauges refreshed on each scrape. Thin: every answer comes from the module that owns it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::admin::{AdminBackend, CancelResult, QuotaReport};
+use crate::config::ConfigHandle;
+use crate::inbound::quota::QuotaEngine;
+use crate::observe::dlog::{DeliveryLog, EventResult};
+use crate::observe::metrics::Metrics;
+use crate::observe::telemetry::event_for;
+use crate::queue::{CancelOutcome, Queue};
+
+pub struct RelayBackend {
+    pub queue: Arc<dyn Queue>,
+    pub config: Arc<ConfigHandle>,
+    pub quotas: QuotaEngine,
+    pub metrics: Arc<Metrics>,
+    /// For the `cancelled` records of a cancel.
+    pub dlog: DeliveryLog,
+}
+
+#[async_trait]
+impl AdminBackend for RelayBackend {
+    async fn ready(&self) -> Result<(), String> {
+        self.queue.ping().await.map_err(|e| format!("queue unreachable: {e}"))?;
+        if self.config.get().generation == 0 {
+            return Err("no configuration loaded".into());
+        }
+        Ok(())
+    }
+
+    async fn message(&self, id: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        Ok(match self.queue.view(id).await? {
+            Some(v) => Some(serde_json::to_value(v)?),
+            None => None,
+        })
+    }
+
+    async fn cancel(&self, id: &str) -> anyhow::Result<CancelResult> {
+        let Some(view) = self.queue.view(id).await? else {
+            return Ok(CancelResult::NotFound);
+        };
+        if view.cancelled {
+            return Ok(CancelResult::Conflict("already cancelled".into()));
+        }
+        let (now, in_flight) = match self.queue.cancel(id).await? {
+            CancelOutcome::NotFound => return Ok(CancelResult::NotFound),
+            CancelOutcome::AlreadyCancelled => return Ok(CancelResult::Conflict("already cancelled".into())),
+            CancelOutcome::Cancelled { now, in_flight } => (now, in_flight),
+        };
+        // The queue already made these final: their records are written before the answer.
+        for i in &now {
+            let ev = event_for(&view.meta, EventResult::Cancelled, *i as usize);
+            if let Err(e) = self.dlog.record(&ev).await {
+                tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
+            }
+        }
+        Ok(CancelResult::Cancelled {
+            recipients: now.len(),
+            in_flight: in_flight.len(),
+        })
+    }
+
+    async fn quotas(&self) -> anyhow::Result<Vec<QuotaReport>> {
+        let cfg = self.config.get();
+        let report = self.quotas.usage_report(&cfg.config, crate::clock::now_ms()).await?;
+        Ok(report
+            .into_iter()
+            .map(|(id, usage)| QuotaReport { id, usage })
+            .collect())
+    }
+
+    async fn refresh_metrics(&self) {
+        let now = crate::clock::now_ms();
+        match self.queue.stats(now).await {
+            Ok(s) => {
+                let m = &self.metrics;
+                m.queue_ready_jobs.set(s.ready as i64);
+                m.queue_inflight_jobs.set(s.inflight as i64);
+                m.queue_scheduled_jobs.set(s.scheduled as i64);
+                m.queue_messages.set(s.messages as i64);
+                m.queue_oldest_age_seconds.set(s.oldest_age_ms as f64 / 1000.0);
+            }
+            Err(e) => tracing::warn!(error = %e, "reading queue statistics failed"),
+        }
+        let cfg = self.config.get();
+        match self.quotas.usage_report(&cfg.config, now).await {
+            Ok(report) => {
+                for (id, usage) in report {
+                    let periods = [
+                        ("minute", usage.minute),
+                        ("hour", usage.hour),
+                        ("day", usage.day),
+                        ("month", usage.month),
+                    ];
+                    for (period, u) in periods {
+                        if let Some(u) = u {
+                            self.metrics.quota_usage.with_label_values(&[&id, period]).set(u.used);
+                            self.metrics.quota_limit.with_label_values(&[&id, period]).set(u.limit);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading quota usage failed"),
+        }
+    }
+}

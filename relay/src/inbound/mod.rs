@@ -1,0 +1,19 @@
+//! Inbound mail, from the listening socket to the queue's acknowledgement: the listeners'
+//! plumbing (connection, TLS, listener kinds) in `listener`, the session logic in [`session`],
+//! its fixed replies by name in `replies`, DATA transparency in `data`, envelope address syntax
+//! and wire form in `address`, the limits on what a session may cost in [`auth_guard`] and
+//! `body_budget`, the end of idle sessions at shutdown in `shutdown`, sender quotas in
+//! [`quota`], the header work on an accepted message in `headers`.
+//!
+//! Nothing under `inbound` delivers or routes mail.
+
+pub(crate) mod address;
+pub mod auth_guard;
+pub(crate) mod body_budget;
+pub(crate) mod data;
+pub(crate) mod headers;
+pub(crate) mod listener;
+pub mod quota;
+pub(crate) mod replies;
+pub mod session;
+pub(crate) mod shutdown;

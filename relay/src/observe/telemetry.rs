@@ -1,0 +1,201 @@
+//! Bridges what the SMTP sessions and the delivery worker report to the delivery log and the
+//! Prometheus metrics. It owns the mapping from events to log records and metric labels and must
+//! not put a recipient, sender or secret into a metric label.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::inbound::listener::ListenerKind;
+use crate::inbound::session::{Observer, Reply, SenderInfo};
+use crate::observe::dlog::{DeliveryEvent, DeliveryLog, EventResult};
+use crate::observe::metrics::Metrics;
+use crate::queue::message::MessageMeta;
+
+#[derive(Clone)]
+pub struct Telemetry {
+    pub dlog: DeliveryLog,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Telemetry {
+    /// Records without making the caller wait for the store; the JSON line is written and the
+    /// record handed to the log at once, so it is stored before anything recorded after it.
+    pub fn record(&self, ev: DeliveryEvent) {
+        self.dlog.record_detached(&ev);
+    }
+
+    /// [`Self::record`] for several records, stored in their order.
+    pub fn record_all(&self, evs: Vec<DeliveryEvent>) {
+        for ev in &evs {
+            self.dlog.record_detached(ev);
+        }
+    }
+
+    /// Records and waits for the store (worker paths, where ordering matters more than latency).
+    pub async fn record_now(&self, ev: DeliveryEvent) {
+        if let Err(e) = self.dlog.record(&ev).await {
+            tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
+        }
+    }
+}
+
+/// The `scheduled` record of a recipient held until `at_ms` (ms since the epoch) by `reason`.
+pub fn scheduled_event(meta: &MessageMeta, rcpt_index: usize, at_ms: i64, reason: &str) -> DeliveryEvent {
+    let mut ev = event_for(meta, EventResult::Scheduled, rcpt_index);
+    ev.not_before = chrono::DateTime::from_timestamp_millis(at_ms);
+    let until = ev
+        .not_before
+        .as_ref()
+        .map(crate::observe::dlog::format_time)
+        .unwrap_or_default();
+    ev.reply_text = Some(format!("held by {reason} until {until}"));
+    ev
+}
+
+/// A log record for a message event, with the submission facts filled in.
+pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> DeliveryEvent {
+    let rcpt = meta.rcpts.get(rcpt_index).cloned().unwrap_or_default();
+    let mut ev = DeliveryEvent::new(
+        crate::clock::now(),
+        result,
+        meta.id.clone(),
+        meta.mail_from.clone(),
+        rcpt,
+    );
+    ev.message_id_header = meta.message_id_header.clone();
+    ev.job_id = Some(format!("{}/{}", meta.id, rcpt_index));
+    ev.source_ip = meta.source_ip.parse().ok();
+    ev.auth_user = meta.auth_user.clone();
+    ev.listener = Some(meta.listener.clone());
+    ev.tls = meta.tls;
+    ev
+}
+
+impl Observer for Telemetry {
+    fn session_opened(&self, listener: ListenerKind) {
+        self.metrics
+            .smtp_sessions_active
+            .with_label_values(&[listener.as_str()])
+            .inc();
+    }
+
+    fn session_closed(&self, listener: ListenerKind) {
+        self.metrics
+            .smtp_sessions_active
+            .with_label_values(&[listener.as_str()])
+            .dec();
+    }
+
+    fn auth_failed(&self, listener: ListenerKind, ip: IpAddr) {
+        self.metrics
+            .smtp_auth_failures
+            .with_label_values(&[listener.as_str()])
+            .inc();
+        tracing::info!(listener = listener.as_str(), source_ip = %ip, "SMTP AUTH failed");
+    }
+
+    fn accepted(&self, meta: &MessageMeta, accept_latency: Duration) {
+        self.metrics.accept_latency.observe(accept_latency.as_secs_f64());
+        self.metrics
+            .messages_received
+            .with_label_values(&[&meta.listener, "accepted"])
+            .inc();
+        self.metrics
+            .recipients_received
+            .with_label_values(&[&meta.listener, "accepted"])
+            .inc_by(meta.rcpts.len() as u64);
+        // The enqueue path holds the jobs of a future X-Mailroute-Deliver-After until then.
+        let held = meta.options.deliver_after_ms.filter(|t| *t > meta.received_at_ms);
+        let mut evs = Vec::with_capacity(meta.rcpts.len() * 2);
+        for i in 0..meta.rcpts.len() {
+            evs.push(event_for(meta, EventResult::Received, i));
+            if let Some(at) = held {
+                evs.push(scheduled_event(meta, i, at, crate::inbound::headers::DELIVER_AFTER));
+            }
+        }
+        self.record_all(evs);
+    }
+
+    fn quota_decision(&self, quota: &str, result: &str) {
+        self.metrics.quota_decisions.with_label_values(&[quota, result]).inc();
+    }
+
+    fn rejected(&self, s: &SenderInfo, rcpt: Option<&str>, reply: &Reply) {
+        let result = if reply.code >= 500 { "rejected" } else { "deferred" };
+        let listener = s.listener.as_str();
+        match rcpt {
+            Some(_) => self
+                .metrics
+                .recipients_received
+                .with_label_values(&[listener, result])
+                .inc(),
+            None => self
+                .metrics
+                .messages_received
+                .with_label_values(&[listener, result])
+                .inc(),
+        }
+        let mut ev = DeliveryEvent::new(
+            crate::clock::now(),
+            EventResult::Rejected,
+            "",
+            s.mail_from.clone(),
+            rcpt.unwrap_or_default(),
+        );
+        ev.source_ip = Some(s.source_ip);
+        ev.auth_user = s.auth_user.clone();
+        ev.listener = Some(listener.to_owned());
+        ev.reply_code = Some(reply.code);
+        ev.enhanced_code = reply.enhanced.map(|e| e.to_string());
+        ev.reply_text = Some(reply.text.clone());
+        ev.tls = s.tls;
+        self.record(ev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::dlog::EventFilter;
+
+    /// A worker may bounce a message right after the session accepted it: the session's
+    /// `received` records must still come first in the log.
+    #[tokio::test]
+    async fn records_are_stored_in_the_order_they_are_reported() {
+        let dlog = DeliveryLog::memory(100).without_writer();
+        let t = Telemetry {
+            dlog: dlog.clone(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let meta = MessageMeta {
+            id: "m1".into(),
+            received_at_ms: 1,
+            source_ip: "127.0.0.1".into(),
+            listener: "smtp".into(),
+            auth_user: None,
+            tls: false,
+            mail_from: "a@b.example".into(),
+            rcpts: vec!["c@d.example".into(), "e@d.example".into()],
+            message_id_header: None,
+            size: 1,
+            options: Default::default(),
+            quota: None,
+            is_dsn: false,
+        };
+        t.accepted(&meta, Duration::ZERO);
+        t.record_now(event_for(&meta, EventResult::Bounced, 0)).await;
+        t.record_now(event_for(&meta, EventResult::Bounced, 1)).await;
+        let page = dlog.query(&EventFilter::default(), None, 10).await.unwrap();
+        let order: Vec<(EventResult, &str)> = page.events.iter().map(|e| (e.result, e.recipient.as_str())).collect();
+        assert_eq!(
+            order,
+            [
+                (EventResult::Received, "c@d.example"),
+                (EventResult::Received, "e@d.example"),
+                (EventResult::Bounced, "c@d.example"),
+                (EventResult::Bounced, "e@d.example"),
+            ]
+        );
+    }
+}
