@@ -102,6 +102,8 @@ struct RunArgs {
     /// A job leased longer than this is taken over by another relay.
     #[arg(long, env = "MAILROUTE_VISIBILITY_TIMEOUT", default_value_t = defaults().visibility_timeout.into())]
     visibility_timeout: humantime::Duration,
+    /// Bounds the whole drain after SIGTERM (sessions, deliveries, idle connections together);
+    /// keep it inside the pod's termination grace period.
     #[arg(long, env = "MAILROUTE_DRAIN_TIMEOUT", default_value_t = defaults().drain_timeout.into())]
     drain_timeout: humantime::Duration,
     /// Idle outbound connections are closed after this, giving back their `maxConnections` slot.

@@ -440,15 +440,22 @@ impl Relay {
     }
 
     /// Stops accepting, ends sessions waiting for a command (`421 4.3.2`), lets sessions in DATA
-    /// finish (up to the drain timeout), stops the workers
-    /// after their in-flight deliveries, closes idle outbound connections (freeing their
-    /// connection slots for the other relays), and returns.
+    /// finish, stops the workers after their in-flight deliveries, closes idle outbound
+    /// connections (freeing their connection slots for the other relays), and returns.
+    ///
+    /// The drain timeout bounds the whole drain, not each step: it must end inside the pod's
+    /// grace period. What is still running at the deadline is left behind: a session without
+    /// its 250 has not handed anything over, and a delivery without its outcome keeps its job
+    /// leased in the queue, which another relay takes over after the visibility timeout.
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
         let _ = self.shutdown.send(true);
         for l in self.listeners {
-            let _ = l.await;
+            // The admin server waits for its open connections; a keep-alive client must not
+            // hold the drain past the deadline.
+            let _ = tokio::time::timeout_at(deadline, l).await;
         }
-        if tokio::time::timeout(self.drain_timeout, self.sessions.wait_idle())
+        if tokio::time::timeout_at(deadline, self.sessions.wait_idle())
             .await
             .is_err()
         {
@@ -458,9 +465,11 @@ impl Relay {
             );
         }
         for w in self.workers {
-            let _ = tokio::time::timeout(self.drain_timeout, w).await;
+            if tokio::time::timeout_at(deadline, w).await.is_err() {
+                tracing::warn!("drain timeout: deliveries still in flight keep their jobs queued for another relay");
+            }
         }
-        let _ = tokio::time::timeout(self.drain_timeout, self.deliverer.close_idle()).await;
+        let _ = tokio::time::timeout_at(deadline, self.deliverer.close_idle()).await;
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

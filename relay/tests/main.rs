@@ -12,6 +12,7 @@ mod delivery;
 mod dkim_interop;
 mod dlog;
 mod dlog_e2e;
+mod drain;
 mod dsn;
 mod durability;
 mod e2e;

@@ -1,0 +1,137 @@
+//! Graceful drain: the drain timeout bounds the whole shutdown, however many of its steps are
+//! held up (a session that never finishes, a delivery at a slow upstream, an idle connection
+//! whose QUIT is never answered), and mail the relay accepted stays queued.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::common::*;
+use mailroute_testkit::smtp::client::SmtpClient;
+use mailroute_testkit::{Behaviour, Gate, RedisServer, Script, SmtpServer};
+
+/// An upstream that accepts every message and never answers QUIT, so closing its idle
+/// connections lasts until the QUIT times out (minutes with a route's default timeouts).
+/// Returns its port.
+async fn quit_ignoring_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                let _ = w.write_all(b"220 quiet.test ESMTP\r\n").await;
+                let mut in_data = false;
+                let mut line = String::new();
+                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let cmd = line.trim_end().to_ascii_uppercase();
+                    line.clear();
+                    if in_data {
+                        if cmd == "." {
+                            in_data = false;
+                            let _ = w.write_all(b"250 2.0.0 queued\r\n").await;
+                        }
+                        continue;
+                    }
+                    let reply: &[u8] = if cmd.starts_with("EHLO") {
+                        b"250 quiet.test\r\n"
+                    } else if cmd == "DATA" {
+                        in_data = true;
+                        b"354 go ahead\r\n"
+                    } else if cmd == "QUIT" {
+                        continue;
+                    } else {
+                        b"250 2.0.0 ok\r\n"
+                    };
+                    let _ = w.write_all(reply).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+fn delivered(r: &TestRelay, route: &str) -> u64 {
+    r.relay
+        .metrics()
+        .delivery_attempts
+        .with_label_values(&[route, "delivered"])
+        .get()
+}
+
+/// Every step of the drain is held up at once. Each step used to get the whole drain timeout
+/// (three in a row here); one deadline now bounds them together. Asserted: under two drain
+/// timeouts, a margin of a whole timeout for a loaded machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_deadline_bounds_the_whole_drain_and_accepted_mail_stays_queued() {
+    const DRAIN: Duration = Duration::from_secs(5);
+    let redis = RedisServer::start().unwrap();
+    let gate = Gate::new();
+    let slow = SmtpServer::start(Script::new().default_behaviour(Behaviour::AcceptWhenOpen(gate.clone()))).unwrap();
+    let quiet_port = quit_ignoring_upstream().await;
+    let routes = format!(
+        "{}{}",
+        route("quiet", quiet_port, 10, &["quiet.example"]),
+        route("up", slow.port(), 10, &["example.com"])
+    );
+    let r = start(&routes, &redis.url(), |o| {
+        o.drain_timeout = DRAIN;
+        // The delivered connection stays pooled until the drain closes it.
+        o.outbound_idle_timeout = Duration::from_secs(3600);
+    })
+    .await;
+
+    // An idle pooled connection to the upstream that never answers QUIT.
+    let t = submit(
+        r.smtp(),
+        "app@app.example",
+        &["user@quiet.example"],
+        &message("idle", ""),
+    )
+    .await;
+    assert!(t.delivered(), "{t}");
+    assert!(
+        eventually(|| async { delivered(&r, "mail/quiet") == 1 }).await,
+        "the first message is delivered and its connection pooled"
+    );
+    // A delivery in flight, its 250 held by the upstream.
+    let t = submit(r.smtp(), "app@app.example", &["user@example.com"], &message("held", "")).await;
+    assert!(t.delivered(), "{t}");
+    assert!(
+        eventually(|| async { gate.waiting() == 1 }).await,
+        "the second delivery reaches the upstream"
+    );
+    // A session in DATA whose client never sends the end of the message.
+    let mut stuck = SmtpClient::connect(r.smtp()).await.unwrap();
+    assert_eq!(stuck.ehlo("client.example").await.unwrap().code, 250);
+    assert_eq!(stuck.cmd("MAIL FROM:<app@app.example>").await.unwrap().code, 250);
+    assert_eq!(stuck.cmd("RCPT TO:<user@example.com>").await.unwrap().code, 250);
+    assert_eq!(stuck.cmd("DATA").await.unwrap().code, 354);
+    stuck
+        .send_raw(b"Subject: never ends\r\n\r\nfirst half\r\n")
+        .await
+        .unwrap();
+
+    let smtp = r.smtp();
+    let queue = r.relay.queue.clone();
+    let TestRelay { relay, dir: _dir } = r;
+    let began = Instant::now();
+    tokio::time::timeout(WAIT, relay.shutdown())
+        .await
+        .expect("shutdown returns");
+    let took = began.elapsed();
+    assert!(
+        took < 2 * DRAIN,
+        "the drain took {took:?} with a drain timeout of {DRAIN:?}: each step waited its own timeout"
+    );
+
+    // New sessions are refused once the drain began.
+    assert!(TcpStream::connect(smtp).await.is_err(), "the listener is closed");
+    // The held delivery has no outcome: its message is still queued, leased, for another relay
+    // to take over after the visibility timeout; nothing was delivered twice or dropped.
+    let stats = queue.stats(mailroute_relay::clock::now_ms()).await.unwrap();
+    assert_eq!((stats.messages, stats.inflight), (1, 1), "{stats:?}");
+    assert!(slow.received().is_empty(), "the held delivery never got its 250");
+}
