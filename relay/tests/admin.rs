@@ -80,8 +80,9 @@ impl AdminBackend for TestBackend {
         }])
     }
 
-    async fn refresh_metrics(&self) {
+    async fn refresh_metrics(&self) -> bool {
         self.scrapes.fetch_add(1, Ordering::SeqCst);
+        true
     }
 }
 

@@ -166,3 +166,88 @@ async fn events_csv_messages_and_metrics() {
     }
     r.relay.shutdown().await;
 }
+
+/// The value of an unlabelled sample in a Prometheus text scrape.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Resumes a SIGSTOPped Redis however the test ends, so the launcher can stop it.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// A hung Redis (SIGSTOP: connections stay open, nothing answers; each read waits for the
+/// client's 10 s response timeout) must not hold `/metrics` until Prometheus' scrape timeout:
+/// the scrape answers promptly with the last queue gauges and their growing age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_answer_promptly_with_last_values_while_redis_hangs() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let r = start(&route("up", up.port(), 10, &["*"]), &redis.url(), |_| {}).await;
+    let base = format!("http://{}", r.relay.admin_addr.unwrap());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let scrape = || async {
+        let t = tokio::time::Instant::now();
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        (text, t.elapsed())
+    };
+
+    // Fresh while Redis answers (the first scrape may return before its refresh finishes).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (text, _) = scrape().await;
+        let age = sample(&text, "mailroute_redis_gauges_age_seconds").expect("age gauge");
+        if age < 5.0 && sample(&text, "mailroute_queue_messages").is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gauges never refreshed:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let pid = redis.pid().expect("redis pid");
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let _resume = Resume(pid);
+
+    // Several scrapes in a row, each well inside the 10 s a single Redis read now waits.
+    let mut last_age = 0.0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while last_age < 3.0 {
+        let (text, took) = scrape().await;
+        assert!(
+            took < Duration::from_secs(8),
+            "/metrics took {took:?} while Redis hangs"
+        );
+        assert!(
+            sample(&text, "mailroute_queue_messages").is_some(),
+            "last values kept:\n{text}"
+        );
+        last_age = sample(&text, "mailroute_redis_gauges_age_seconds").expect("age gauge");
+        assert!(tokio::time::Instant::now() < deadline, "age never grew: {last_age}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -566,6 +566,39 @@ async fn mx_delivery_with_opportunistic_starttls_and_preference_fallback() {
     assert!(r.is_delivered() && !r.tls, "{r:?}");
 }
 
+/// A relay whose EHLO name is a bare pod name never greets MX hosts with it: the attempt fails
+/// temporarily (the mail stays queued) with a reason that names the setting to fix.
+#[tokio::test]
+async fn mx_delivery_refuses_an_unqualified_helo_name() {
+    let server = SmtpServer::start(Script::new()).expect("server");
+    let resolver = StaticResolver::new()
+        .with_mx("example.test", 10, "mx.example.test")
+        .with_host("mx.example.test", lo());
+    let d = deliverer(
+        DelivererConfig {
+            mx_port: server.port(),
+            helo_name: "mailroute-relay-7d9f8c-x2k4q".into(),
+            ..config()
+        },
+        resolver.clone(),
+    );
+    let target = DeliveryTarget::direct_mx("mail/direct");
+    let r = send(&d, &target, "bob@example.test").await;
+    assert!(!r.is_delivered(), "{r:?}");
+    assert_eq!(r.verdict().map(|v| v.kind), Some(Kind::Temporary), "{r:?}");
+    assert!(r.summary().contains("relay.hostname"), "{}", r.summary());
+    assert_eq!(server.connections(), 0, "no connection to the MX host");
+
+    // Smarthost routes are unaffected (the smarthost knows the relay).
+    let r = send(&d, &plain("mail/sh", server.port()), "bob@example.test").await;
+    assert!(r.is_delivered(), "{r:?}");
+
+    // A fully qualified name delivers.
+    let d = mx_deliverer(server.port(), resolver);
+    let r = send(&d, &target, "bob@example.test").await;
+    assert!(r.is_delivered(), "{r:?}");
+}
+
 #[tokio::test]
 async fn mx_dns_failures() {
     let d = deliverer(

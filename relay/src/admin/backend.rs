@@ -1,6 +1,6 @@
 //! The relay's side of the admin API ([`crate::admin::AdminBackend`]): message state and
 //! cancellation from the queue (and the `cancelled` log records of a cancel), quota usage from
-//! the quota engine, readiness, and the queue and quota gauges refreshed on each scrape. Thin: every answer comes from the module that owns it.
+//! the quota engine, readiness, and the queue and quota gauges refreshed for scrapes (in the background of one, see `admin::metrics`). Thin: every answer comes from the module that owns it.
 
 use std::sync::Arc;
 
@@ -74,8 +74,9 @@ impl AdminBackend for RelayBackend {
             .collect())
     }
 
-    async fn refresh_metrics(&self) {
+    async fn refresh_metrics(&self) -> bool {
         let now = crate::clock::now_ms();
+        let mut complete = true;
         match self.queue.stats(now).await {
             Ok(s) => {
                 let m = &self.metrics;
@@ -85,7 +86,10 @@ impl AdminBackend for RelayBackend {
                 m.queue_messages.set(s.messages as i64);
                 m.queue_oldest_age_seconds.set(s.oldest_age_ms as f64 / 1000.0);
             }
-            Err(e) => tracing::warn!(error = %e, "reading queue statistics failed"),
+            Err(e) => {
+                complete = false;
+                tracing::warn!(error = %e, "reading queue statistics failed");
+            }
         }
         let cfg = self.config.get();
         match self.quotas.usage_report(&cfg.config, now).await {
@@ -105,7 +109,11 @@ impl AdminBackend for RelayBackend {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "reading quota usage failed"),
+            Err(e) => {
+                complete = false;
+                tracing::warn!(error = %e, "reading quota usage failed");
+            }
         }
+        complete
     }
 }

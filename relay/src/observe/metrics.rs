@@ -2,10 +2,14 @@
 //! registry holding every relay metric family named in the relay contract,
 //! as typed fields the rest of the relay updates directly.
 //!
-//! This module only defines, registers and encodes metrics. It must not
+//! This module only defines, registers and encodes metrics (and keeps when the Redis-backed
+//! gauges were last read, for their age gauge; the admin API refreshes them). It must not
 //! decide what to count (callers do) and must never take a recipient,
 //! sender, message id or any secret as a label value: every label here is
 //! bounded (listener, route id, quota id, reply code, bounce class, result).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64};
 
 use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -59,6 +63,7 @@ pub const NAMES: &[&str] = &[
     "mailroute_paced_jobs_total",
     "mailroute_route_backoff_active",
     "mailroute_dlog_events_total",
+    "mailroute_redis_gauges_age_seconds",
 ];
 
 /// The relay's metrics. Create one per process, share it as `Arc<Metrics>`.
@@ -129,6 +134,14 @@ pub struct Metrics {
     pub route_backoff_active: IntGaugeVec,
     /// `{event}`: the delivery log event kind.
     pub dlog_events: IntCounterVec,
+    /// Seconds since the Redis-backed gauges (queue, quota) were last read in full; a scrape
+    /// never waits long for Redis, so they may be older than the scrape.
+    pub redis_gauges_age_seconds: Gauge,
+    /// When the Redis-backed gauges were last read in full (ms since the epoch; start-up time
+    /// before the first read).
+    pub redis_gauges_read_ms: Arc<AtomicI64>,
+    /// A refresh of the Redis-backed gauges is running (one at a time).
+    pub redis_gauges_refreshing: Arc<AtomicBool>,
 }
 
 /// Errors building the metric set (only a programming error can cause one).
@@ -337,6 +350,16 @@ impl Metrics {
                 "Delivery log events by kind.",
                 &["event"],
             )?,
+            redis_gauges_age_seconds: {
+                let g = Gauge::new(
+                    "mailroute_redis_gauges_age_seconds",
+                    "Seconds since the queue and quota gauges were last read from Redis.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            redis_gauges_read_ms: Arc::new(AtomicI64::new(crate::clock::now_ms())),
+            redis_gauges_refreshing: Arc::new(AtomicBool::new(false)),
             registry,
         })
     }

@@ -6,7 +6,8 @@
 //! next hop, pooled connection reuse with per-route limits (on the worker's path a stuck full
 //! pool answers "come back at T" instead of waiting, so one stuck upstream cannot hold every
 //! worker; see `pool`),
-//! and the session timeouts the route sets (`DeliveryTarget::timeouts`). Must not schedule
+//! and the session timeouts the route sets (`DeliveryTarget::timeouts`), and refusing (temporarily)
+//! to greet MX hosts with a name that is not fully qualified ([`mx_helo_problem`]). Must not schedule
 //! retries, choose between routes, write the delivery log or build DSNs: the worker does that
 //! from the [`AttemptResult`] (see [`AttemptResult::verdict`]). Nor does it know pacing: limits
 //! shared with other relays (`maxConnections` across pods) reach it as a [`ConnectionGate`]
@@ -29,6 +30,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -359,6 +361,8 @@ struct Inner {
     /// Verifying configs with a route's extra CA, by hash of the PEM.
     with_ca: Mutex<HashMap<String, Arc<rustls::ClientConfig>>>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// The refusal of an unqualified EHLO name for MX was logged once.
+    warned_helo: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -372,6 +376,24 @@ fn digest(parts: &[&str]) -> String {
         h.update([0u8]);
     }
     hex::encode(&h.finalize()[..12])
+}
+
+/// Why `helo_name` must not greet MX hosts, if it must not: direct MX delivery needs a fully
+/// qualified name (at least two non-empty labels, e.g. the one the outbound IPs' reverse DNS
+/// resolves to) or an address literal; a bare pod name or `localhost` is refused.
+pub fn mx_helo_problem(helo_name: &str) -> Option<String> {
+    let name = helo_name.trim();
+    if name.starts_with('[') && name.ends_with(']') {
+        return None;
+    }
+    let labels: Vec<&str> = name.strip_suffix('.').unwrap_or(name).split('.').collect();
+    if labels.len() >= 2 && labels.iter().all(|l| !l.is_empty()) {
+        return None;
+    }
+    Some(format!(
+        "not delivering to MX hosts: EHLO name `{name}` is not a fully qualified domain name; \
+         set --hostname (chart value relay.hostname) to the name the relay's outbound IP addresses resolve to"
+    ))
 }
 
 /// How to reach the next hop when no pooled connection is available.
@@ -398,6 +420,7 @@ impl Deliverer {
             resolver,
             with_ca: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
+            warned_helo: AtomicBool::new(false),
             config,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -529,6 +552,24 @@ impl Deliverer {
                 self.run(target, &pool, hop, entry, out).await
             }
             Target::Mx => {
+                // Receivers check the EHLO name against our reverse DNS; a bare pod name gets
+                // the mail rejected or scored as spam. Keep the mail queued until it is set.
+                if let Some(problem) = mx_helo_problem(&self.inner.config.helo_name) {
+                    if !self.inner.warned_helo.swap(true, Ordering::Relaxed) {
+                        tracing::error!(route = %target.route_id, "{problem}");
+                    }
+                    return Ok(AttemptResult {
+                        outcome: Outcome::Protocol {
+                            stage: Stage::Setup,
+                            class: BounceClass::Other,
+                            detail: format!("route {}: {problem}", target.route_id),
+                        },
+                        remote_host: None,
+                        remote_addr: None,
+                        tls: false,
+                        reused_connection: false,
+                    });
+                }
                 let Some(domain) = mailroute_api::pattern::domain_of(env.rcpt_to) else {
                     return Ok(AttemptResult::failed(
                         Stage::Dns,
@@ -1021,6 +1062,17 @@ mod tests {
         DeliveryTarget {
             from_override: from_override.map(String::from),
             ..DeliveryTarget::direct_mx("mail/r")
+        }
+    }
+
+    #[test]
+    fn mx_needs_a_fully_qualified_helo_name() {
+        for ok in ["mail.example.com", "relay.test.", "[192.0.2.1]", "[IPv6:2001:db8::1]"] {
+            assert_eq!(mx_helo_problem(ok), None, "{ok}");
+        }
+        for bad in ["mailroute-relay-7d9f8c-x2k4q", "localhost", "", ".", "a..b", ".example"] {
+            let p = mx_helo_problem(bad).expect(bad);
+            assert!(p.contains("relay.hostname"), "{p}");
         }
     }
 

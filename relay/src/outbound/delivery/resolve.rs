@@ -109,14 +109,24 @@ impl HickoryResolver {
 
     /// Queries only `server` (UDP, then TCP for truncated answers), e.g. `--dns-server`.
     pub fn with_server(server: SocketAddr) -> Result<Self, DnsError> {
+        Self::with_server_and_search(server, vec![], ResolverOpts::default())
+    }
+
+    /// Like [`Self::with_server`], with a search list and options, as a pod's resolv.conf
+    /// gives them (tests use it to show that lookups never walk the search list).
+    fn with_server_and_search(
+        server: SocketAddr,
+        search: Vec<hickory_resolver::proto::rr::Name>,
+        opts: ResolverOpts,
+    ) -> Result<Self, DnsError> {
         let mut udp = ConnectionConfig::udp();
         udp.port = server.port();
         let mut tcp = ConnectionConfig::tcp();
         tcp.port = server.port();
         let ns = NameServerConfig::new(server.ip(), true, vec![udp, tcp]);
-        let config = ResolverConfig::from_parts(None, vec![], vec![ns]);
+        let config = ResolverConfig::from_parts(None, search, vec![ns]);
         let inner = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(ResolverOpts::default())
+            .with_options(opts)
             .build()
             .map_err(|e| DnsError::Temporary {
                 name: server.to_string(),
@@ -293,6 +303,86 @@ mod tests {
             mx_hosts("example.com", vec![mx(0, "."), mx(10, "mx.example.com")]),
             MxPlan::Hosts(vec!["mx.example.com".into()])
         );
+    }
+
+    /// A UDP DNS server on 127.0.0.1 that records every name asked and answers only for
+    /// `example.test` (MX to mx.example.test, which has 127.0.0.1); anything else is NXDOMAIN.
+    async fn recording_dns_server() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        use hickory_resolver::proto::op::{Message, MessageType, OpCode, ResponseCode};
+        use hickory_resolver::proto::rr::rdata::{A, MX};
+        use hickory_resolver::proto::rr::{Name, Record, RecordType};
+
+        let socket = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind dns");
+        let addr = socket.local_addr().expect("addr");
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(q) = query.queries.first().cloned() else {
+                    continue;
+                };
+                let name = q.name().to_ascii().to_ascii_lowercase();
+                log.lock().expect("log").push(name.clone());
+                let mut resp = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+                resp.metadata.authoritative = true;
+                resp.metadata.recursion_desired = query.metadata.recursion_desired;
+                resp.metadata.recursion_available = true;
+                resp.add_query(q.clone());
+                match (name.as_str(), q.query_type()) {
+                    ("example.test.", RecordType::MX) => {
+                        let ex = Name::from_ascii("mx.example.test.").expect("name");
+                        resp.add_answer(Record::from_rdata(q.name().clone(), 60, RData::MX(MX::new(10, ex))));
+                    }
+                    ("mx.example.test.", RecordType::A) => {
+                        resp.add_answer(Record::from_rdata(
+                            q.name().clone(),
+                            60,
+                            RData::A(A(Ipv4Addr::LOCALHOST)),
+                        ));
+                    }
+                    ("example.test." | "mx.example.test.", _) => {}
+                    _ => resp.metadata.response_code = ResponseCode::NXDomain,
+                }
+                if let Ok(bytes) = resp.to_vec() {
+                    let _ = socket.send_to(&bytes, peer).await;
+                }
+            }
+        });
+        (addr, asked)
+    }
+
+    /// Kubernetes pods resolve with `ndots:5` and several search domains: a relative name would
+    /// first be tried under each of them (one wasted round trip per domain, per lookup, and a
+    /// wrong answer if a search domain has a wildcard). Lookups must ask the absolute name only.
+    #[tokio::test]
+    async fn lookups_ask_absolute_names_and_never_walk_the_search_list() {
+        use hickory_resolver::proto::rr::Name;
+        let (dns, asked) = recording_dns_server().await;
+        let mut opts = ResolverOpts::default();
+        opts.ndots = 5;
+        opts.attempts = 1;
+        let search = vec![
+            Name::from_ascii("ns.svc.cluster.local.").expect("name"),
+            Name::from_ascii("cluster.local.").expect("name"),
+        ];
+        let r = HickoryResolver::with_server_and_search(dns, search, opts).expect("resolver");
+        assert_eq!(r.mx("example.test").await, Ok(vec![mx(10, "mx.example.test.")]));
+        assert_eq!(
+            r.ips("mx.example.test").await,
+            Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST)])
+        );
+        let asked = asked.lock().expect("log").clone();
+        assert!(
+            asked.iter().all(|n| !n.contains("cluster.local")),
+            "search domains were queried: {asked:?}"
+        );
+        assert!(asked.contains(&"example.test.".to_owned()), "{asked:?}");
     }
 
     #[tokio::test]
