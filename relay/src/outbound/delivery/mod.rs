@@ -233,6 +233,22 @@ impl AttemptResult {
         }
     }
 
+    /// Nothing was sent: the attempt stopped before connecting, for a reason of ours (its
+    /// settings), which is always temporary.
+    fn not_attempted(class: BounceClass, detail: String, remote_host: Option<String>) -> Self {
+        Self {
+            outcome: Outcome::Protocol {
+                stage: Stage::Setup,
+                class,
+                detail,
+            },
+            remote_host,
+            remote_addr: None,
+            tls: false,
+            reused_connection: false,
+        }
+    }
+
     fn from_step(e: StepError, host: &str, addr: SocketAddr, reused: bool) -> Self {
         let outcome = match e.kind {
             ErrorKind::Reply(reply) => Outcome::Rejected { stage: e.stage, reply },
@@ -506,20 +522,14 @@ impl Deliverer {
                 // A route that requires AUTH never sends without it (its credentials may be
                 // missing from this relay's Secret, or be of a kind it cannot use yet).
                 if let (Some(mechanism), None) = (up.auth, creds) {
-                    return Ok(AttemptResult {
-                        outcome: Outcome::Protocol {
-                            stage: Stage::Setup,
-                            class: BounceClass::AuthFailure,
-                            detail: format!(
-                                "route {}: no {mechanism:?} credentials for it in this relay's secrets; not sending without AUTH",
-                                target.route_id
-                            ),
-                        },
-                        remote_host: Some(up.host.clone()),
-                        remote_addr: None,
-                        tls: false,
-                        reused_connection: false,
-                    });
+                    return Ok(AttemptResult::not_attempted(
+                        BounceClass::AuthFailure,
+                        format!(
+                            "route {}: no {mechanism:?} credentials for it in this relay's secrets; not sending without AUTH",
+                            target.route_id
+                        ),
+                        Some(up.host.clone()),
+                    ));
                 }
                 let key = self.smarthost_key(target, up, creds);
                 let config = if up.pinned_sha256.is_empty() {
@@ -531,17 +541,11 @@ impl Deliverer {
                     match config {
                         Ok(c) => c,
                         Err(e) => {
-                            return Ok(AttemptResult {
-                                outcome: Outcome::Protocol {
-                                    stage: Stage::Setup,
-                                    class: BounceClass::TlsFailure,
-                                    detail: format!("route {}: {e}", target.route_id),
-                                },
-                                remote_host: Some(up.host.clone()),
-                                remote_addr: None,
-                                tls: false,
-                                reused_connection: false,
-                            });
+                            return Ok(AttemptResult::not_attempted(
+                                BounceClass::TlsFailure,
+                                format!("route {}: {e}", target.route_id),
+                                Some(up.host.clone()),
+                            ));
                         }
                     }
                 } else {
@@ -558,17 +562,11 @@ impl Deliverer {
                     if !self.inner.warned_helo.swap(true, Ordering::Relaxed) {
                         tracing::error!(route = %target.route_id, "{problem}");
                     }
-                    return Ok(AttemptResult {
-                        outcome: Outcome::Protocol {
-                            stage: Stage::Setup,
-                            class: BounceClass::Other,
-                            detail: format!("route {}: {problem}", target.route_id),
-                        },
-                        remote_host: None,
-                        remote_addr: None,
-                        tls: false,
-                        reused_connection: false,
-                    });
+                    return Ok(AttemptResult::not_attempted(
+                        BounceClass::Other,
+                        format!("route {}: {problem}", target.route_id),
+                        None,
+                    ));
                 }
                 let Some(domain) = mailroute_api::pattern::domain_of(env.rcpt_to) else {
                     return Ok(AttemptResult::failed(
@@ -823,17 +821,8 @@ impl Deliverer {
         timeouts: Timeouts,
     ) -> Result<Session, AttemptResult> {
         let name = up.server_name.as_deref().unwrap_or(&up.host);
-        let server_name = tls::server_name(name).map_err(|e| AttemptResult {
-            outcome: Outcome::Protocol {
-                stage: Stage::Setup,
-                class: BounceClass::TlsFailure,
-                detail: e.to_string(),
-            },
-            remote_host: Some(up.host.clone()),
-            remote_addr: None,
-            tls: false,
-            reused_connection: false,
-        })?;
+        let server_name = tls::server_name(name)
+            .map_err(|e| AttemptResult::not_attempted(BounceClass::TlsFailure, e.to_string(), Some(up.host.clone())))?;
         // Smarthost names go through the system resolver (getaddrinfo): /etc/hosts and the
         // cluster's search domains apply, as for any in-cluster client. Only MX delivery uses
         // the injected resolver.
