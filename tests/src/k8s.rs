@@ -569,6 +569,37 @@ impl ControlPlane {
             .env("HELM_DATA_HOME", self.dir.join("helm/data"));
         cmd
     }
+
+    /// The objects of a rendered manifest (`helm get manifest`, a `--output-dir` file) as
+    /// `kind/name` (kind in lower case), split into those that exist now and those that do not;
+    /// objects that name no namespace are looked up in `ns`.
+    pub fn manifest_objects(&self, ns: &str, manifest: &str) -> anyhow::Result<ManifestObjects> {
+        let mut objects = ManifestObjects::default();
+        for doc in serde_yaml::Deserializer::from_str(manifest) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+            let (Some(kind), Some(name)) = (v["kind"].as_str(), v["metadata"]["name"].as_str()) else {
+                continue;
+            };
+            let object = format!("{}/{name}", kind.to_lowercase());
+            let object_ns = v["metadata"]["namespace"].as_str().unwrap_or(ns);
+            let out = run(self
+                .kubectl()
+                .args(["get", "-n", object_ns, "--ignore-not-found", "-o", "name", &object]))?;
+            if out.trim().is_empty() {
+                objects.missing.push(object);
+            } else {
+                objects.present.push(object);
+            }
+        }
+        Ok(objects)
+    }
+}
+
+/// [`ControlPlane::manifest_objects`]: `kind/name` of the objects that exist and that do not.
+#[derive(Debug, Default)]
+pub struct ManifestObjects {
+    pub present: Vec<String>,
+    pub missing: Vec<String>,
 }
 
 /// A client for a kubeconfig file.

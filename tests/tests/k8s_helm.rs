@@ -51,23 +51,9 @@ const IMAGES: [&str; 2] = ["--set", "image.tag=k8s-suite"];
 /// name no namespace are in `ns`.
 fn existing(cp: &ControlPlane, ns: &str, manifest: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(manifest).unwrap();
-    let mut found = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
-        let (Some(kind), Some(name)) = (v["kind"].as_str(), v["metadata"]["name"].as_str()) else {
-            continue;
-        };
-        let object = format!("{}/{name}", kind.to_lowercase());
-        let object_ns = v["metadata"]["namespace"].as_str().unwrap_or(ns);
-        let out = run(cp
-            .kubectl()
-            .args(["get", "-n", object_ns, "--ignore-not-found", "-o", "name", &object]))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-        if !out.trim().is_empty() {
-            found.push(object);
-        }
-    }
-    found
+    cp.manifest_objects(ns, &text)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .present
 }
 
 #[tokio::test]

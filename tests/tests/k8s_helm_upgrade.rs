@@ -54,23 +54,7 @@ fn route(ns: &str, domain: &str, port: u16) -> DynamicObject {
 /// The objects of release `RELEASE`'s current manifest that do not exist, as `kind/name`.
 fn missing_objects(cp: &ControlPlane, ns: &str) -> Vec<String> {
     let manifest = run(cp.helm().args(["get", "manifest", RELEASE, "-n", ns])).unwrap();
-    let mut missing = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&manifest) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
-        let (Some(kind), Some(name)) = (v["kind"].as_str(), v["metadata"]["name"].as_str()) else {
-            continue;
-        };
-        let object = format!("{}/{name}", kind.to_lowercase());
-        let object_ns = v["metadata"]["namespace"].as_str().unwrap_or(ns);
-        let out = run(cp
-            .kubectl()
-            .args(["get", "-n", object_ns, "--ignore-not-found", "-o", "name", &object]))
-        .unwrap();
-        if out.trim().is_empty() {
-            missing.push(object);
-        }
-    }
-    missing
+    cp.manifest_objects(ns, &manifest).unwrap().missing
 }
 
 /// A copy of the working tree's chart whose SmtpRoute CRD has one more field, `spec.upgradeProbe`
