@@ -4,54 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::common::*;
 use mailroute_testkit::smtp::client::SmtpClient;
 use mailroute_testkit::{Behaviour, Gate, RedisServer, Script, SmtpServer};
-
-/// An upstream that accepts every message and never answers QUIT, so closing its idle
-/// connections lasts until the QUIT times out (minutes with a route's default timeouts).
-/// Returns its port.
-async fn quit_ignoring_upstream() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                let mut r = BufReader::new(r);
-                let _ = w.write_all(b"220 quiet.test ESMTP\r\n").await;
-                let mut in_data = false;
-                let mut line = String::new();
-                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    let cmd = line.trim_end().to_ascii_uppercase();
-                    line.clear();
-                    if in_data {
-                        if cmd == "." {
-                            in_data = false;
-                            let _ = w.write_all(b"250 2.0.0 queued\r\n").await;
-                        }
-                        continue;
-                    }
-                    let reply: &[u8] = if cmd.starts_with("EHLO") {
-                        b"250 quiet.test\r\n"
-                    } else if cmd == "DATA" {
-                        in_data = true;
-                        b"354 go ahead\r\n"
-                    } else if cmd == "QUIT" {
-                        continue;
-                    } else {
-                        b"250 2.0.0 ok\r\n"
-                    };
-                    let _ = w.write_all(reply).await;
-                }
-            });
-        }
-    });
-    port
-}
 
 fn delivered(r: &TestRelay, route: &str) -> u64 {
     r.relay
@@ -70,7 +27,10 @@ async fn one_deadline_bounds_the_whole_drain_and_accepted_mail_stays_queued() {
     let redis = RedisServer::start().unwrap();
     let gate = Gate::new();
     let slow = SmtpServer::start(Script::new().default_behaviour(Behaviour::AcceptWhenOpen(gate.clone()))).unwrap();
-    let quiet_port = quit_ignoring_upstream().await;
+    // Accepts every message and never answers QUIT, so closing its idle pooled connection
+    // lasts until the QUIT times out (minutes with a route's default timeouts).
+    let quiet = SmtpServer::start(Script::new().ignore_quit(true)).unwrap();
+    let quiet_port = quiet.port();
     let routes = format!(
         "{}{}",
         route("quiet", quiet_port, 10, &["quiet.example"]),

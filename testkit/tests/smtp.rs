@@ -327,3 +327,15 @@ async fn wait_for_times_out_and_shutdown_closes_listener() -> anyhow::Result<()>
     assert!(SmtpClient::connect(server.addr()).await.is_err());
     Ok(())
 }
+
+#[tokio::test]
+async fn ignore_quit_leaves_quit_unanswered_and_the_connection_open() -> anyhow::Result<()> {
+    let server = SmtpServer::start(Script::new().ignore_quit(true))?;
+    let mut c = SmtpClient::connect(server.addr()).await?;
+    c.ehlo("me").await?;
+    // The first reply after QUIT is NOOP's: QUIT got none, and the session goes on.
+    c.send_raw(b"QUIT\r\nNOOP\r\n").await?;
+    let r = c.read_reply().await?;
+    assert_eq!((r.code, r.text()), (250, "2.0.0 OK".to_string()));
+    Ok(())
+}

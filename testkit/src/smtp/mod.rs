@@ -181,6 +181,8 @@ pub struct Script {
     pub ehlo_extensions: Vec<String>,
     /// Largest accepted message in bytes (default 10 MiB); larger gets `552`.
     pub max_size: usize,
+    /// QUIT gets no reply and the connection stays open (an upstream that never answers it).
+    pub ignore_quit: bool,
 }
 
 impl Default for Script {
@@ -199,6 +201,7 @@ impl Default for Script {
                 .map(String::from)
                 .to_vec(),
             max_size: 10 << 20,
+            ignore_quit: false,
         }
     }
 }
@@ -298,6 +301,12 @@ impl Script {
     /// Largest accepted message in bytes.
     pub fn max_size(mut self, max_size: usize) -> Self {
         self.max_size = max_size;
+        self
+    }
+
+    /// Never answer QUIT and keep the connection open.
+    pub fn ignore_quit(mut self, ignore: bool) -> Self {
+        self.ignore_quit = ignore;
         self
     }
 }
@@ -809,6 +818,7 @@ impl Session {
             }
             "NOOP" => reply(io, "250 2.0.0 OK").await,
             "VRFY" => reply(io, "252 2.5.2 Cannot VRFY user").await,
+            "QUIT" if self.script().ignore_quit => Ok(Flow::Continue),
             "QUIT" => {
                 self.open = None;
                 reply_and_close(io, "221 2.0.0 Bye").await
