@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminState;
 use crate::admin::backend::RelayBackend;
 use crate::config::{ConfigHandle, Source};
+use crate::inbound::identity_podmap::{PodIdentities, PodIdentityMetrics, Poller};
 use crate::inbound::listener::ListenerKind;
 use crate::inbound::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::inbound::session::{Inbound, InboundSettings};
@@ -64,6 +65,8 @@ pub struct RelayOptions {
     pub consumer: String,
     /// Write the delivery log as JSON lines to stdout.
     pub log_stdout: bool,
+    /// Read the operator's pod-IP identity map from the queue's Redis this often (None: off).
+    pub pod_identity_poll: Option<Duration>,
 }
 
 impl RelayOptions {
@@ -97,6 +100,7 @@ impl RelayOptions {
             outbound_idle_timeout: DelivererConfig::default().idle_timeout,
             consumer: default_consumer(),
             log_stdout: true,
+            pod_identity_poll: None,
         }
     }
 }
@@ -256,6 +260,10 @@ impl Relay {
         }
         let metrics = Arc::new(Metrics::new());
         type Stores = (Arc<dyn Queue>, DeliveryLog, Arc<dyn QuotaStore>, Arc<dyn PaceStore>);
+        if opts.queue == "memory" && opts.pod_identity_poll.is_some() {
+            anyhow::bail!("pod identities are read from the operator's map in Redis: they need a Redis --queue");
+        }
+        let mut pod_identity_conn = None;
         let (queue, dlog, quota_store, pace_store): Stores = if opts.queue == "memory" {
             tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
             (
@@ -266,6 +274,7 @@ impl Relay {
             )
         } else {
             let (q, conn) = connect_redis(&opts).await?;
+            pod_identity_conn = Some(conn.clone());
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
@@ -298,6 +307,15 @@ impl Relay {
             anyhow::bail!("the submission and smtps listeners need --tls-cert and --tls-key");
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut background = Vec::new();
+        if let (Some(every), Some(conn)) = (opts.pod_identity_poll, pod_identity_conn) {
+            let m = PodIdentityMetrics::register(metrics.registry()).context("registering the pod identity metrics")?;
+            let identities = PodIdentities::new(Some(m));
+            background.push(tokio::spawn(
+                Poller::new(conn, &opts.redis_prefix, identities.clone()).run(every, shutdown_rx.clone()),
+            ));
+            tracing::info!(poll = ?every, "attributing unauthenticated clients by the operator's pod identity map");
+        }
         let inbound = Arc::new(
             Inbound::new(
                 opts.inbound.clone(),
@@ -421,6 +439,7 @@ impl Relay {
                 shutdown_rx.clone(),
             )),
         ]);
+        workers.extend(background);
 
         Ok(Relay {
             smtp_addr,
