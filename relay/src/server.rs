@@ -390,6 +390,14 @@ impl Relay {
                 .with_context(|| format!("binding admin on {addr}"))?;
             admin_addr = Some(l.local_addr()?);
             let mut rx = shutdown_rx.clone();
+            let mut refresh_rx = shutdown_rx.clone();
+            listeners.push(tokio::spawn(crate::admin::refresh_gauges(
+                admin_state.clone(),
+                crate::admin::REFRESH_EVERY,
+                async move {
+                    let _ = refresh_rx.changed().await;
+                },
+            )));
             listeners.push(tokio::spawn(async move {
                 let app = crate::admin::router(admin_state);
                 let r = axum::serve(l, app)
