@@ -14,6 +14,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use mailroute_api::quota::{PeriodUsage, QuotaUsage};
 use mailroute_relay::admin::{self, AdminBackend, AdminState, CancelResult, QuotaReport};
 use mailroute_relay::observe::dlog::{DEFAULT_PREFIX, DeliveryEvent, DeliveryLog, EventResult};
+use mailroute_relay::observe::liveness::Liveness;
 use mailroute_relay::observe::metrics::Metrics;
 use mailroute_testkit::RedisServer;
 use reqwest::StatusCode;
@@ -117,6 +118,7 @@ impl Harness {
             backend: backend.clone(),
             dlog: dlog.clone(),
             metrics: metrics.clone(),
+            liveness: Liveness::default(),
             token: token.map(str::to_string),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

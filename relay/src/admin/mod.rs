@@ -1,4 +1,5 @@
-//! The admin HTTP API (axum): `/healthz`, `/readyz` and `/metrics` without
+//! The admin HTTP API (axum): `/healthz` (503 when a loop of the relay stopped turning),
+//! `/readyz` and `/metrics` without
 //! authentication, and `/api/v1/*` (delivery log events as JSON or CSV,
 //! message state and cancellation, quota usage) behind a bearer token.
 //!
@@ -31,6 +32,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::observe::dlog::{Cursor, DEFAULT_LIMIT, DeliveryLog, EventFilter, EventPage, MAX_LIMIT, write_csv};
+use crate::observe::liveness::Liveness;
 use crate::observe::metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics};
 use crate::outbound::bounce::BounceClass;
 
@@ -79,6 +81,8 @@ pub struct AdminState {
     pub backend: Arc<dyn AdminBackend>,
     pub dlog: DeliveryLog,
     pub metrics: Arc<Metrics>,
+    /// Heartbeats of the relay's loops; `/healthz` answers 503 naming any that stopped.
+    pub liveness: Liveness,
     /// Bearer token for `/api/v1`; `None` (or empty) disables the API with 503.
     pub token: Option<String>,
 }
@@ -176,8 +180,14 @@ fn store_unavailable(err: &anyhow::Error) -> Option<&'static str> {
         })
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+async fn healthz(State(st): State<AdminState>) -> Response {
+    match st.liveness.check() {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(reason) => {
+            tracing::error!(%reason, "liveness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, reason).into_response()
+        }
+    }
 }
 
 async fn readyz(State(st): State<AdminState>) -> Response {
