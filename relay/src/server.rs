@@ -22,6 +22,7 @@ use crate::inbound::listener::ListenerKind;
 use crate::inbound::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::inbound::session::{Inbound, InboundSettings};
 use crate::observe::dlog::DeliveryLog;
+use crate::observe::liveness::{Heartbeat, Liveness};
 use crate::observe::metrics::Metrics;
 use crate::observe::telemetry::Telemetry;
 use crate::outbound::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
@@ -395,7 +396,16 @@ impl Relay {
             metrics: metrics.clone(),
             dlog: dlog.clone(),
         });
+        let liveness = Liveness::default();
+        let mut ticker_rx = shutdown_rx.clone();
+        listeners.push(tokio::spawn(crate::observe::liveness::runtime_ticker(
+            liveness.heartbeat("the async runtime", crate::observe::liveness::DEFAULT_MAX_SILENCE),
+            async move {
+                let _ = ticker_rx.changed().await;
+            },
+        )));
         let admin_state = AdminState {
+            liveness: liveness.clone(),
             backend,
             dlog: dlog.clone(),
             metrics: metrics.clone(),
@@ -408,6 +418,14 @@ impl Relay {
                 .with_context(|| format!("binding admin on {addr}"))?;
             admin_addr = Some(l.local_addr()?);
             let mut rx = shutdown_rx.clone();
+            let mut refresh_rx = shutdown_rx.clone();
+            listeners.push(tokio::spawn(crate::admin::refresh_gauges(
+                admin_state.clone(),
+                crate::admin::REFRESH_EVERY,
+                async move {
+                    let _ = refresh_rx.changed().await;
+                },
+            )));
             listeners.push(tokio::spawn(async move {
                 let app = crate::admin::router(admin_state);
                 let r = axum::serve(l, app)
@@ -430,6 +448,10 @@ impl Relay {
                 config.clone(),
                 metrics.clone(),
                 opts.config_poll,
+                liveness.heartbeat(
+                    "the configuration reloader",
+                    crate::observe::liveness::DEFAULT_MAX_SILENCE.max(opts.config_poll * 3),
+                ),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(dlog_trimmer(dlog.clone(), shutdown_rx.clone())),
@@ -533,6 +555,7 @@ async fn config_reloader(
     config: Arc<ConfigHandle>,
     metrics: Arc<Metrics>,
     every: Duration,
+    heartbeat: Heartbeat,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -541,6 +564,7 @@ async fn config_reloader(
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
+        heartbeat.beat();
         let c = config.clone();
         match tokio::task::spawn_blocking(move || c.reload()).await {
             Ok(Ok(Some(snap))) => {
