@@ -56,6 +56,8 @@ pub struct RelayOptions {
     pub log_retention: Duration,
     pub config_poll: Duration,
     pub drain_timeout: Duration,
+    /// How often the Redis-backed gauges (queue, quotas) are read for `/metrics`.
+    pub gauge_refresh: Duration,
     /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     pub fallback_mx: bool,
     pub mx_port: u16,
@@ -95,6 +97,7 @@ impl RelayOptions {
             log_retention: humantime::parse_duration(DEFAULT_LOG_RETENTION).expect("a valid constant"),
             config_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
+            gauge_refresh: crate::admin::REFRESH_EVERY,
             fallback_mx: false,
             mx_port: 25,
             dns_server: None,
@@ -421,7 +424,7 @@ impl Relay {
             let mut refresh_rx = shutdown_rx.clone();
             listeners.push(tokio::spawn(crate::admin::refresh_gauges(
                 admin_state.clone(),
-                crate::admin::REFRESH_EVERY,
+                opts.gauge_refresh,
                 async move {
                     let _ = refresh_rx.changed().await;
                 },
