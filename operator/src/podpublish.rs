@@ -57,7 +57,11 @@ struct WatchState {
 impl WatchState {
     fn apply(&mut self, event: Event<Pod>) {
         match event {
-            Event::Init => self.relist = Some(HashMap::new()),
+            // A (re)list means the watch lost continuity: not current until the list completes.
+            Event::Init => {
+                self.relist = Some(HashMap::new());
+                self.synced = false;
+            }
             Event::InitApply(p) => {
                 if let (Some(r), Some(f)) = (self.relist.as_mut(), podmap::facts(&p)) {
                     r.insert(f.uid.clone(), f);
@@ -463,6 +467,46 @@ mod tests {
         );
         assert_eq!(cluster_nodes("redis://a:1"), None);
         assert_eq!(redact("redis://:pw@a:1"), "redis://***@a:1");
+    }
+
+    fn running(uid: &str, ip: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": uid, "namespace": "team-a", "uid": uid},
+            "spec": {"containers": []},
+            "status": {"phase": "Running", "podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_relist_replaces_what_the_watch_held_and_the_map_waits_for_every_list() {
+        let pods = Pods {
+            watches: Arc::new(Mutex::new(vec![WatchState::default(), WatchState::default()])),
+            changed: Arc::new(Notify::new()),
+        };
+        let now = Timestamp::now();
+        pods.update(0, |s| s.apply(Event::Init));
+        pods.update(0, |s| s.apply(Event::InitApply(running("a", "10.0.0.1"))));
+        pods.update(0, |s| s.apply(Event::InitDone));
+        assert!(pods.compute(now).is_none(), "the second watch has not listed yet");
+        pods.update(1, |s| s.apply(Event::Init));
+        pods.update(1, |s| s.apply(Event::InitDone));
+        assert_eq!(pods.compute(now).unwrap().0.len(), 1);
+        // An update without an IP drops the pod; a new pod arrives.
+        pods.update(0, |s| s.apply(Event::Apply(running("b", "10.0.0.2"))));
+        let (map, _) = pods.compute(now).unwrap();
+        assert_eq!(map.keys().collect::<Vec<_>>(), ["10.0.0.1", "10.0.0.2"]);
+        // The watch lost continuity (pod "a" was deleted meanwhile, unseen) and lists again: not
+        // current until the new list completes, which replaces everything the watch held.
+        pods.update(0, |s| s.apply(Event::Init));
+        assert!(pods.compute(now).is_none(), "a list in progress is not complete");
+        pods.update(0, |s| s.apply(Event::InitApply(running("b", "10.0.0.2"))));
+        assert!(pods.compute(now).is_none(), "a list in progress is not complete");
+        pods.update(0, |s| s.apply(Event::InitDone));
+        let (map, _) = pods.compute(now).unwrap();
+        assert_eq!(map.keys().collect::<Vec<_>>(), ["10.0.0.2"]);
+        pods.update(0, |s| s.apply(Event::Delete(running("b", "10.0.0.2"))));
+        assert!(pods.compute(now).unwrap().0.is_empty());
     }
 
     fn owner(ns: &str, uid: &str) -> mailroute_api::podmap::Entry {
