@@ -5,8 +5,10 @@
 //! Layout, every key under the relay's Redis prefix (one hash tag, so the writer's
 //! transactions and RENAME stay on one cluster slot):
 //! - `<prefix>podmap:ips`: hash, canonical IP text → JSON [`Entry`];
-//! - `<prefix>podmap:generation`: integer, incremented in the same transaction as every change
-//!   of the hash (readers reload the hash when it moves);
+//! - `<prefix>podmap:generation`: integer, changed in the same transaction as every change of
+//!   the hash (readers reload the hash when it differs from theirs): a full replacement sets a
+//!   fresh value (Unix ms × 1000, never a count from zero that could repeat after Redis lost its
+//!   data), each diff increments it;
 //! - `<prefix>podmap:heartbeat`: the writer's Unix time in ms, written every publish interval
 //!   with a TTL of [`heartbeat_ttl`]: while the key exists the map is current. Expiry runs on the
 //!   Redis server's clock, so no reader compares clocks with the writer.

@@ -285,7 +285,7 @@ impl<C: ConnectionLike + Send> Writer<C> {
             .ignore();
     }
 
-    /// Replaces the whole map, bumps the generation and refreshes the heartbeat; returns the
+    /// Replaces the whole map, sets a new generation and refreshes the heartbeat; returns the
     /// new generation.
     pub async fn replace(&mut self, map: &IdentityMap) -> RedisResult<i64> {
         let mut stage = redis::pipe();
@@ -302,9 +302,12 @@ impl<C: ConnectionLike + Send> Writer<C> {
         } else {
             tx.rename(&self.staging, &self.keys.ips).ignore();
         }
-        tx.incr(&self.keys.generation, 1);
+        // A fresh generation, not an increment: after Redis lost its data a count from zero
+        // could repeat the generation a relay holds and keep it on its old map.
+        let generation = Timestamp::now().as_millisecond().saturating_mul(1000);
+        tx.set(&self.keys.generation, generation).ignore();
         self.heartbeat(&mut tx);
-        let (generation,): (i64,) = tx.query_async(&mut self.conn).await?;
+        tx.query_async::<()>(&mut self.conn).await?;
         Ok(generation)
     }
 
@@ -533,7 +536,13 @@ mod tests {
             ("10.0.0.1".to_string(), owner("team-a", "a")),
             ("10.0.0.2".to_string(), owner("team-a", "b")),
         ]);
-        assert_eq!(w.replace(&first).await.unwrap(), 1);
+        let g1 = w.replace(&first).await.unwrap();
+        let held_generation: i64 = redis::cmd("GET")
+            .arg(&keys.generation)
+            .query_async(&mut check)
+            .await
+            .unwrap();
+        assert_eq!(held_generation, g1);
         let held: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(&keys.ips)
             .query_async(&mut check)
@@ -558,7 +567,7 @@ mod tests {
             ("10.0.0.2".to_string(), owner("team-b", "c")),
             ("10.0.0.3".to_string(), owner("team-a", "d")),
         ]);
-        assert_eq!(w.update(&first, &second).await.unwrap(), 2);
+        assert_eq!(w.update(&first, &second).await.unwrap(), g1 + 1);
         let held: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(&keys.ips)
             .query_async(&mut check)
@@ -567,8 +576,11 @@ mod tests {
         let expected: HashMap<String, String> = second.iter().map(|(k, v)| (k.clone(), v.encode())).collect();
         assert_eq!(held, expected);
 
-        // A full replacement (new leader) with nothing to publish empties the hash.
-        assert_eq!(w.replace(&IdentityMap::new()).await.unwrap(), 3);
+        // A full replacement (new leader) with nothing to publish empties the hash. Redis lost
+        // its data before it: the generation still differs from any a relay may hold.
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut check).await.unwrap();
+        let g3 = w.replace(&IdentityMap::new()).await.unwrap();
+        assert!(g3 != 1 && g3 != g1 && g3 != g1 + 1, "{g3}");
         let n: i64 = redis::cmd("HLEN").arg(&keys.ips).query_async(&mut check).await.unwrap();
         assert_eq!(n, 0);
         w.withdraw().await.unwrap();
