@@ -1,7 +1,8 @@
 //! Sender identity by pod IP end to end against a real kube-apiserver (see tests/README.md): the
 //! operator binary, with the chart's RBAC for `podIdentities.enabled` and a ServiceAccount token,
 //! watches the Pods of a tenant namespace and publishes their IPs into a real redis-server; a relay
-//! binary reading that Redis picks the map up. There is no kubelet: the test creates Pod objects
+//! binary reading that Redis picks the map up, distrusts it once the operator is gone, and
+//! trusts the next operator's full replacement. There is no kubelet: the test creates Pod objects
 //! and sets `status.podIP`/`podIPs` through the status subresource, as a kubelet would.
 
 use std::io::{Read, Write};
@@ -88,19 +89,15 @@ async fn a_pod_ip_published_by_the_operator_is_attributed_by_the_relay_until_the
     pods.create(&PostParams::default(), &host).await.unwrap();
     report_ip(&pods, "node-agent", "127.0.0.3").await.unwrap();
 
-    let operator = start_operator(
-        cp,
-        &kubeconfig,
-        &ns,
-        "operator-podmap",
-        &[
-            "--connection-tests=false",
-            &format!("--watch-namespaces={team},{other}"),
-            &format!("--redis-url={}", redis.url()),
-            "--pod-identity-interval=500ms",
-        ],
-    )
-    .unwrap();
+    let watch = format!("--watch-namespaces={team},{other}");
+    let redis_url = format!("--redis-url={}", redis.url());
+    let args = [
+        "--connection-tests=false",
+        &watch,
+        &redis_url,
+        "--pod-identity-interval=500ms",
+    ];
+    let operator = std::cell::RefCell::new(start_operator(cp, &kubeconfig, &ns, "operator-podmap", &args).unwrap());
     let admin_port = free_port().unwrap();
     let mut cmd = std::process::Command::new(binary("mailroute-relay").unwrap());
     cmd.env("MAILROUTE_LOG", "info").args([
@@ -126,6 +123,25 @@ async fn a_pod_ip_published_by_the_operator_is_attributed_by_the_relay_until_the
             Ok((sample(&m, "mailroute_pod_identities") == Some(1.0)
                 && sample(&m, "mailroute_pod_identity_map_current") == Some(1.0))
             .then_some(()))
+        })
+        .await?;
+        // The operator dies without a word (SIGKILL): its heartbeat runs out (3 × 500 ms) and
+        // the relay stops attributing, though it still holds the entry.
+        operator.borrow_mut().kill();
+        eventually("the relay distrusting the map of a dead operator", WAIT, || async {
+            relay.borrow_mut().check_running()?;
+            let m = metrics(admin_port).unwrap_or_default();
+            Ok((sample(&m, "mailroute_pod_identity_map_current") == Some(0.0)
+                && sample(&m, "mailroute_pod_identities") == Some(1.0))
+            .then_some(()))
+        })
+        .await?;
+        // Another operator (a Lease of its own, so it leads at once) replaces the map whole.
+        *operator.borrow_mut() = start_operator(cp, &kubeconfig, &ns, "operator-podmap-2", &args)?;
+        eventually("the relay trusting the new operator's map", WAIT, || async {
+            relay.borrow_mut().check_running()?;
+            let m = metrics(admin_port).unwrap_or_default();
+            Ok((sample(&m, "mailroute_pod_identity_map_current") == Some(1.0)).then_some(()))
         })
         .await?;
         let mut conn = redis.client()?.get_multiplexed_async_connection().await?;
@@ -180,7 +196,7 @@ async fn a_pod_ip_published_by_the_operator_is_attributed_by_the_relay_until_the
         Ok(())
     }
     .await;
-    let mut operator = operator;
+    let mut operator = operator.into_inner();
     operator.kill();
     let relay = relay.into_inner();
     result.unwrap_or_else(|e| {
