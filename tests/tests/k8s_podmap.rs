@@ -184,6 +184,7 @@ async fn a_pod_ip_published_by_the_operator_is_attributed_by_the_relay_until_the
         })
         .await?;
         // The successor goes too: the relay's map empties within seconds.
+        let deleted = Instant::now();
         successors
             .delete("successor", &DeleteParams::default().grace_period(0))
             .await?;
@@ -193,6 +194,10 @@ async fn a_pod_ip_published_by_the_operator_is_attributed_by_the_relay_until_the
             Ok((sample(&m, "mailroute_pod_identities") == Some(0.0)).then_some(()))
         })
         .await?;
+        eprintln!(
+            "a deleted pod's IP left the relay's map {:?} after the delete",
+            deleted.elapsed()
+        );
         Ok(())
     }
     .await;
