@@ -324,6 +324,18 @@ mod tests {
         assert_eq!(d.inbound.auth_limits.concurrency, 2);
     }
 
+    #[tokio::test]
+    async fn pod_identities_are_off_unless_asked_for_and_need_a_redis_queue() {
+        assert_eq!(parse(&[]).unwrap().pod_identity_poll, None);
+        let o = parse(&["--pod-identities", "--pod-identity-poll", "250ms"]).unwrap();
+        assert_eq!(o.pod_identity_poll, Some(Duration::from_millis(250)));
+        let e = Relay::start(o)
+            .await
+            .err()
+            .expect("a memory queue has no pod identity map");
+        assert!(e.to_string().contains("need a Redis --queue"), "{e}");
+    }
+
     #[test]
     fn bad_flags_are_refused_with_a_reason() {
         let e = parse(&["--config", "relay.json", "--routes", "a.yaml"]).unwrap_err();
