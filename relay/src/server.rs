@@ -181,6 +181,8 @@ pub struct Relay {
     pub config: Arc<ConfigHandle>,
     pub telemetry: Telemetry,
     shutdown: watch::Sender<bool>,
+    /// When the workers give back the jobs of deliveries still in flight during a drain.
+    give_back: watch::Sender<Option<tokio::time::Instant>>,
     sessions: Arc<Sessions>,
     listeners: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
@@ -310,6 +312,7 @@ impl Relay {
             anyhow::bail!("the submission and smtps listeners need --tls-cert and --tls-key");
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (give_back, give_back_rx) = watch::channel(None);
         let inbound = Arc::new(
             Inbound::new(
                 opts.inbound.clone(),
@@ -445,7 +448,7 @@ impl Relay {
                 ),
                 job_stuck_after: opts.job_stuck_after,
             };
-            workers.push(tokio::spawn(worker.run(shutdown_rx.clone(), live)));
+            workers.push(tokio::spawn(worker.run(shutdown_rx.clone(), live, give_back_rx)));
         }
         workers.extend([
             tokio::spawn(config_reloader(
@@ -479,6 +482,7 @@ impl Relay {
             listeners,
             workers,
             deliverer,
+            give_back,
             drain_timeout: opts.drain_timeout,
         })
     }
@@ -489,10 +493,15 @@ impl Relay {
     ///
     /// The drain timeout bounds the whole drain, not each step: it must end inside the pod's
     /// grace period. What is still running at the deadline is left behind: a session without
-    /// its 250 has not handed anything over, and a delivery without its outcome keeps its job
-    /// leased in the queue, which another relay takes over after the visibility timeout.
+    /// its 250 has not handed anything over, and a delivery without its outcome has its job
+    /// given back to the queue shortly before the deadline (another relay's next reclaim takes
+    /// it; if Redis cannot be told, after the visibility timeout).
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        // Deliveries still running shortly before the deadline give their jobs back, so another
+        // relay takes them over at once rather than after the visibility timeout.
+        let margin = (self.drain_timeout / 10).min(Duration::from_secs(2));
+        let _ = self.give_back.send(Some(deadline - margin));
         let _ = self.shutdown.send(true);
         for l in self.listeners {
             // The admin server waits for its open connections; a keep-alive client must not

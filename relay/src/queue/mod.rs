@@ -124,6 +124,14 @@ pub trait Queue: Send + Sync + 'static {
     /// completed are left alone. Returns how many were renewed.
     async fn renew(&self, consumer: &str, leases: &[String]) -> Result<usize>;
 
+    /// Gives back leases `consumer` still holds without an outcome (a drain that reached its
+    /// deadline): each looks idle for `idle`, so the next reclaim by any relay with that
+    /// visibility timeout takes it over instead of waiting for the timeout to pass. Returns
+    /// how many were given back; a store that cannot be shared returns 0.
+    async fn release(&self, _consumer: &str, _leases: &[String], _idle: Duration) -> Result<usize> {
+        Ok(0)
+    }
+
     /// The message and its body, None if it no longer exists.
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>>;
 
