@@ -66,6 +66,10 @@ struct RunArgs {
     /// Sources allowed to relay without AUTH on the plain listener.
     #[arg(long, env = "MAILROUTE_RELAY_CIDRS", default_value_t = cidrs(&defaults().inbound.relay_cidrs))]
     relay_cidrs: String,
+    /// Load balancers (CIDRs) whose connections begin with a PROXY protocol header (v1 or v2)
+    /// naming the client; its address then counts for every rule. Empty: no PROXY protocol.
+    #[arg(long, env = "MAILROUTE_PROXY_PROTOCOL_FROM", default_value = "")]
+    proxy_protocol_from: String,
     /// Admin HTTP listener (/healthz, /readyz, /metrics, /api/v1). Empty disables it.
     #[arg(long, env = "MAILROUTE_ADMIN_LISTEN", default_value_t = listen(defaults().admin_listen))]
     admin_listen: String,
@@ -194,6 +198,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         max_recipients: a.max_recipients,
         max_sessions_per_ip: a.max_sessions_per_ip,
         relay_cidrs: parse_cidrs(&a.relay_cidrs)?,
+        proxy_protocol_from: parse_cidrs(&a.proxy_protocol_from)?,
         max_body_memory: a.max_body_memory,
         auth_limits: AuthLimits {
             concurrency: usize::from(a.auth_concurrency),
