@@ -21,6 +21,7 @@ use crate::inbound::listener::ListenerKind;
 use crate::inbound::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::inbound::session::{Inbound, InboundSettings};
 use crate::observe::dlog::DeliveryLog;
+use crate::observe::liveness::{Heartbeat, Liveness};
 use crate::observe::metrics::Metrics;
 use crate::observe::telemetry::Telemetry;
 use crate::outbound::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
@@ -54,6 +55,8 @@ pub struct RelayOptions {
     pub log_retention: Duration,
     pub config_poll: Duration,
     pub drain_timeout: Duration,
+    /// How often the Redis-backed gauges (queue, quotas) are read for `/metrics`.
+    pub gauge_refresh: Duration,
     /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     pub fallback_mx: bool,
     pub mx_port: u16,
@@ -91,6 +94,7 @@ impl RelayOptions {
             log_retention: humantime::parse_duration(DEFAULT_LOG_RETENTION).expect("a valid constant"),
             config_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
+            gauge_refresh: crate::admin::REFRESH_EVERY,
             fallback_mx: false,
             mx_port: 25,
             dns_server: None,
@@ -377,7 +381,16 @@ impl Relay {
             metrics: metrics.clone(),
             dlog: dlog.clone(),
         });
+        let liveness = Liveness::default();
+        let mut ticker_rx = shutdown_rx.clone();
+        listeners.push(tokio::spawn(crate::observe::liveness::runtime_ticker(
+            liveness.heartbeat("the async runtime", crate::observe::liveness::DEFAULT_MAX_SILENCE),
+            async move {
+                let _ = ticker_rx.changed().await;
+            },
+        )));
         let admin_state = AdminState {
+            liveness: liveness.clone(),
             backend,
             dlog: dlog.clone(),
             metrics: metrics.clone(),
@@ -390,6 +403,14 @@ impl Relay {
                 .with_context(|| format!("binding admin on {addr}"))?;
             admin_addr = Some(l.local_addr()?);
             let mut rx = shutdown_rx.clone();
+            let mut refresh_rx = shutdown_rx.clone();
+            listeners.push(tokio::spawn(crate::admin::refresh_gauges(
+                admin_state.clone(),
+                opts.gauge_refresh,
+                async move {
+                    let _ = refresh_rx.changed().await;
+                },
+            )));
             listeners.push(tokio::spawn(async move {
                 let app = crate::admin::router(admin_state);
                 let r = axum::serve(l, app)
@@ -412,6 +433,10 @@ impl Relay {
                 config.clone(),
                 metrics.clone(),
                 opts.config_poll,
+                liveness.heartbeat(
+                    "the configuration reloader",
+                    crate::observe::liveness::DEFAULT_MAX_SILENCE.max(opts.config_poll * 3),
+                ),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(dlog_trimmer(dlog.clone(), shutdown_rx.clone())),
@@ -514,6 +539,7 @@ async fn config_reloader(
     config: Arc<ConfigHandle>,
     metrics: Arc<Metrics>,
     every: Duration,
+    heartbeat: Heartbeat,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -522,6 +548,7 @@ async fn config_reloader(
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
+        heartbeat.beat();
         let c = config.clone();
         match tokio::task::spawn_blocking(move || c.reload()).await {
             Ok(Ok(Some(snap))) => {
