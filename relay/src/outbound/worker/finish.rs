@@ -15,7 +15,7 @@ use crate::outbound::bounce::{self, EnhancedStatusCode, Failure};
 use crate::outbound::delivery::AttemptResult;
 use crate::outbound::dsn;
 use crate::outbound::retry::RetryPolicy;
-use crate::queue::message::{Job, MessageMeta, RecipientState, RecipientStatus, new_id};
+use crate::queue::message::{Job, MessageMeta, Origin, RecipientState, RecipientStatus, new_id};
 use crate::queue::{Disposition, Leased};
 
 impl Worker {
@@ -207,7 +207,7 @@ impl Worker {
             id: id.clone(),
             received_at_ms: now_ms,
             source_ip: "127.0.0.1".into(),
-            listener: "dsn".into(),
+            listener: Origin::Dsn,
             auth_user: None,
             tls: false,
             mail_from: String::new(),

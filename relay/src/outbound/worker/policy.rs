@@ -126,7 +126,7 @@ mod tests {
             id: "m".into(),
             received_at_ms: received,
             source_ip: "127.0.0.1".into(),
-            listener: "smtp".into(),
+            listener: crate::inbound::listener::ListenerKind::Smtp.into(),
             auth_user: None,
             tls: false,
             mail_from: "a@b.example".into(),
