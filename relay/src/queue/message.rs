@@ -204,6 +204,15 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_unique_and_sortable_by_time() {
+        let a = new_id(1_000);
+        let b = new_id(2_000);
+        assert_ne!(new_id(1_000), new_id(1_000));
+        assert!(a < b);
+        assert_eq!(a.len(), 26);
+    }
+
+    #[test]
     fn records_written_before_the_origin_was_typed_still_read() {
         // A record as relays stored them when `listener` was a plain string.
         let old = r#"{"id":"01","received_at_ms":5,"source_ip":"10.0.0.1","listener":"submission","tls":true,"mail_from":"a@b.example","rcpts":["c@d.example"],"size":3,"options":{},"is_dsn":false}"#;
@@ -223,14 +232,5 @@ mod tests {
         }
         let err = serde_json::from_str::<Origin>(r#""lmtp""#).expect_err("unknown origin");
         assert!(err.to_string().contains("unknown message origin `lmtp`"), "{err}");
-    }
-
-    #[test]
-    fn ids_are_unique_and_sortable_by_time() {
-        let a = new_id(1_000);
-        let b = new_id(2_000);
-        assert_ne!(new_id(1_000), new_id(1_000));
-        assert!(a < b);
-        assert_eq!(a.len(), 26);
     }
 }
