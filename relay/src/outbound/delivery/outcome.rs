@@ -44,7 +44,7 @@ pub enum Outcome {
     },
 }
 
-/// The result of [`Deliverer::deliver`].
+/// The result of [`super::Deliverer::deliver`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptResult {
     pub outcome: Outcome,
