@@ -21,3 +21,5 @@ pub mod quota;
 pub(crate) mod replies;
 pub mod session;
 pub(crate) mod shutdown;
+
+pub use listener::ListenerKind;

@@ -5,11 +5,14 @@
 //! job is due or whether it failed (that is `retry`, `bounce` and the worker); callers pass in
 //! every instant. Two implementations: [`redis::RedisQueue`] (durable, shared) and
 //! [`memory::MemoryQueue`] (one process, lost on exit; for local runs and unit tests). The
-//! records they store are in [`message`].
+//! records they store are in [`message`]; where the queue lives, checked once, is [`QueueUrl`].
 
 pub mod memory;
 pub mod message;
 pub mod redis;
+mod url;
+
+pub use url::{QueueUrl, QueueUrlError};
 
 use std::time::Duration;
 

@@ -251,13 +251,18 @@ impl RedisQueue {
     /// consumer group if missing. `prefix` must contain a hash tag.
     pub async fn connect(url: &str, prefix: &str, durability: Durability) -> Result<Self> {
         let target = Target::parse(url).map_err(redis::RedisError::from)?;
-        let conn = RedisConn::connect(&target, Timeouts::default()).await?;
+        Self::connect_to(&target, prefix, durability).await
+    }
+
+    /// [`RedisQueue::connect`] to an already parsed URL.
+    pub(crate) async fn connect_to(target: &Target, prefix: &str, durability: Durability) -> Result<Self> {
+        let conn = RedisConn::connect(target, Timeouts::default()).await?;
         // Longer than the longest BLOCK a fetch asks for.
         let block_timeouts = Timeouts {
             response: Duration::from_secs(40),
             ..Timeouts::default()
         };
-        let block_conn = RedisConn::connect(&target, block_timeouts).await?;
+        let block_conn = RedisConn::connect(target, block_timeouts).await?;
         let q = RedisQueue {
             conn,
             block_conn: Mutex::new(block_conn),
