@@ -40,7 +40,7 @@ struct RunArgs {
     routes: Vec<PathBuf>,
     /// `memory` (not durable), `redis://host:port/db`, `rediss://…`, or a Redis Cluster:
     /// `redis+cluster://host1:port,host2:port` (`rediss+cluster://…`), any nodes as seeds.
-    #[arg(long, env = "MAILROUTE_QUEUE", default_value_t = defaults().queue.clone())]
+    #[arg(long, env = "MAILROUTE_QUEUE", default_value_t = defaults().queue.to_string())]
     queue: String,
     /// Redis key prefix; must contain a hash tag so one message's keys share a slot.
     #[arg(long, env = "MAILROUTE_REDIS_PREFIX", default_value_t = defaults().redis_prefix.clone())]
@@ -66,6 +66,10 @@ struct RunArgs {
     /// Sources allowed to relay without AUTH on the plain listener.
     #[arg(long, env = "MAILROUTE_RELAY_CIDRS", default_value_t = cidrs(&defaults().inbound.relay_cidrs))]
     relay_cidrs: String,
+    /// Load balancers (CIDRs) whose connections begin with a PROXY protocol header (v1 or v2)
+    /// naming the client; its address then counts for every rule. Empty: no PROXY protocol.
+    #[arg(long, env = "MAILROUTE_PROXY_PROTOCOL_FROM", default_value = "")]
+    proxy_protocol_from: String,
     /// Admin HTTP listener (/healthz, /readyz, /metrics, /api/v1). Empty disables it.
     #[arg(long, env = "MAILROUTE_ADMIN_LISTEN", default_value_t = listen(defaults().admin_listen))]
     admin_listen: String,
@@ -106,6 +110,14 @@ struct RunArgs {
     /// keep it inside the pod's termination grace period.
     #[arg(long, env = "MAILROUTE_DRAIN_TIMEOUT", default_value_t = defaults().drain_timeout.into())]
     drain_timeout: humantime::Duration,
+    /// `/healthz` answers 503 when a loop of the relay (runtime, delivery loop, config reload)
+    /// has not advanced for this long.
+    #[arg(long, env = "MAILROUTE_LIVENESS_MAX_SILENCE", default_value_t = defaults().liveness_max_silence.into())]
+    liveness_max_silence: humantime::Duration,
+    /// A delivery job running for longer than this counts as wedged for `/healthz` (longer
+    /// than an attempt with all its timeouts and the retried write of its outcome).
+    #[arg(long, env = "MAILROUTE_JOB_STUCK_AFTER", default_value_t = defaults().job_stuck_after.into())]
+    job_stuck_after: humantime::Duration,
     /// Idle outbound connections are closed after this, giving back their `maxConnections` slot.
     #[arg(long, env = "MAILROUTE_OUTBOUND_IDLE_TIMEOUT", default_value_t = defaults().outbound_idle_timeout.into())]
     outbound_idle_timeout: humantime::Duration,
@@ -174,7 +186,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         .unwrap_or_else(|| "localhost".into());
     let mut o = RelayOptions::local();
     o.source = source;
-    o.queue = a.queue;
+    o.queue = a.queue.parse()?;
     o.redis_prefix = a.redis_prefix;
     o.durability = Durability {
         replicas: a.wait_replicas,
@@ -193,6 +205,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         max_recipients: a.max_recipients,
         max_sessions_per_ip: a.max_sessions_per_ip,
         relay_cidrs: parse_cidrs(&a.relay_cidrs)?,
+        proxy_protocol_from: parse_cidrs(&a.proxy_protocol_from)?,
         max_body_memory: a.max_body_memory,
         auth_limits: AuthLimits {
             concurrency: usize::from(a.auth_concurrency),
@@ -205,6 +218,8 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.log_retention = a.log_retention.into();
     o.visibility_timeout = a.visibility_timeout.into();
     o.drain_timeout = a.drain_timeout.into();
+    o.liveness_max_silence = a.liveness_max_silence.into();
+    o.job_stuck_after = a.job_stuck_after.into();
     o.outbound_idle_timeout = a.outbound_idle_timeout.into();
     o.fallback_mx = a.fallback_mx;
     o.mx_port = a.mx_port;
@@ -259,6 +274,16 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_queue_url_is_refused_at_startup_without_its_password() {
+        let e = parse(&["--queue", "redis://app:hunter2@redis:notaport"]).expect_err("a bad URL");
+        let e = format!("{e:#}");
+        assert!(e.contains("the queue URL redis://***@redis:notaport"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = parse(&["--queue", "redis.example:6379"]).expect_err("not a URL");
+        assert!(format!("{e:#}").contains("is not a Redis URL"), "{e:#}");
+    }
+
+    #[test]
     fn flags_reach_the_relay_options() {
         let o = parse(&[
             "--routes",
@@ -286,7 +311,7 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(&o.source, Source::Manifests(p) if p.len() == 2));
-        assert_eq!(o.queue, "redis://127.0.0.1:6379");
+        assert_eq!(o.queue.to_string(), "redis://127.0.0.1:6379");
         assert_eq!(o.visibility_timeout, Duration::from_secs(90));
         assert_eq!(o.outbound_idle_timeout, Duration::from_secs(5));
         assert_eq!(o.durability.replicas, 1);
@@ -306,7 +331,7 @@ mod tests {
             4 * 25 * 1024 * 1024,
             "4 × the message size limit"
         );
-        assert_eq!(d.queue, "memory");
+        assert!(d.queue.is_memory());
         assert_eq!(d.smtp_listen, Some(SocketAddr::from(([127, 0, 0, 1], 2525))));
         assert_eq!(d.admin_listen, Some(SocketAddr::from(([127, 0, 0, 1], 8080))));
         assert_eq!((d.submission_listen, d.smtps_listen), (None, None));

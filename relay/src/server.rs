@@ -29,18 +29,18 @@ use crate::outbound::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxR
 use crate::outbound::pacing::SharedPacing;
 use crate::outbound::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::outbound::transport::SmtpTransport;
-use crate::outbound::worker::{Pacing, Worker, WorkerSettings};
-use crate::queue::Queue;
+use crate::outbound::worker::{Pacing, Worker, WorkerLiveness, WorkerSettings};
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{Durability, RedisQueue};
+use crate::queue::{Queue, QueueUrl};
 use crate::redis_client;
 
 /// Everything the relay needs to start; the CLI fills it from flags and environment.
 #[derive(Clone, Debug)]
 pub struct RelayOptions {
     pub source: Source,
-    /// `memory` or a `redis://` / `rediss://` URL.
-    pub queue: String,
+    /// `memory` or a Redis URL, checked when parsed.
+    pub queue: QueueUrl,
     pub redis_prefix: String,
     pub durability: Durability,
     pub smtp_listen: Option<SocketAddr>,
@@ -58,6 +58,12 @@ pub struct RelayOptions {
     pub drain_timeout: Duration,
     /// How often the Redis-backed gauges (queue, quotas) are read for `/metrics`.
     pub gauge_refresh: Duration,
+    /// A loop of the relay (runtime, delivery loop, config reloader) silent for longer than
+    /// this makes `/healthz` answer 503.
+    pub liveness_max_silence: Duration,
+    /// A delivery job running for longer than this counts as wedged (no attempt with its
+    /// timeouts and the retried write of its outcome lasts that long).
+    pub job_stuck_after: Duration,
     /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     pub fallback_mx: bool,
     pub mx_port: u16,
@@ -77,7 +83,7 @@ impl RelayOptions {
     pub fn local() -> Self {
         RelayOptions {
             source: Source::Embedded,
-            queue: "memory".into(),
+            queue: QueueUrl::memory(),
             redis_prefix: crate::queue::redis::DEFAULT_PREFIX.into(),
             // Used only with replicas to wait for (`--wait-replicas`).
             durability: Durability {
@@ -98,6 +104,8 @@ impl RelayOptions {
             config_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
             gauge_refresh: crate::admin::REFRESH_EVERY,
+            liveness_max_silence: crate::observe::liveness::DEFAULT_MAX_SILENCE,
+            job_stuck_after: Duration::from_secs(3600),
             fallback_mx: false,
             mx_port: 25,
             dns_server: None,
@@ -177,6 +185,8 @@ pub struct Relay {
     pub config: Arc<ConfigHandle>,
     pub telemetry: Telemetry,
     shutdown: watch::Sender<bool>,
+    /// When the workers give back the jobs of deliveries still in flight during a drain.
+    give_back: watch::Sender<Option<tokio::time::Instant>>,
     sessions: Arc<Sessions>,
     listeners: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
@@ -199,19 +209,15 @@ const REDIS_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Connects the queue and a shared connection to Redis, retrying with back-off while Redis is
 /// unreachable instead of exiting (an exit would add Kubernetes' crash-loop back-off to the
 /// outage). Meanwhile the admin address answers `/healthz` 200 and `/readyz` 503 with the
-/// reason, so probes tell "waiting" from "dead". A malformed URL fails at once.
-async fn connect_redis(opts: &RelayOptions) -> Result<(RedisQueue, redis_client::RedisConn)> {
-    let bad_url = || format!("the queue URL {}", redis_client::redact(&opts.queue));
-    let nodes = match redis_client::Target::parse(&opts.queue).with_context(bad_url)? {
-        redis_client::Target::Single(u) => vec![u],
-        redis_client::Target::Cluster(nodes) => nodes,
-    };
-    for node in nodes {
-        redis::IntoConnectionInfo::into_connection_info(node.as_str()).with_context(bad_url)?;
-    }
+/// reason, so probes tell "waiting" from "dead". (A malformed URL never gets here: [`QueueUrl`]
+/// refuses it when the options are parsed.)
+async fn connect_redis(
+    opts: &RelayOptions,
+    target: &redis_client::Target,
+) -> Result<(RedisQueue, redis_client::RedisConn)> {
     let attempt = async || -> Result<(RedisQueue, redis_client::RedisConn)> {
-        let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability).await?;
-        let conn = redis_client::RedisConn::open(&opts.queue, redis_client::Timeouts::default()).await?;
+        let q = RedisQueue::connect_to(target, &opts.redis_prefix, opts.durability).await?;
+        let conn = redis_client::RedisConn::connect(target, redis_client::Timeouts::default()).await?;
         Ok((q, conn))
     };
     let mut waiting: Option<(watch::Sender<String>, tokio::task::JoinHandle<()>)> = None;
@@ -226,7 +232,7 @@ async fn connect_redis(opts: &RelayOptions) -> Result<(RedisQueue, redis_client:
                 return Ok(stores);
             }
             Err(e) => {
-                let reason = format!("waiting for the queue at {}: {e:#}", redis_client::redact(&opts.queue));
+                let reason = format!("waiting for the queue at {}: {e:#}", opts.queue);
                 tracing::warn!(retry_in = ?delay, "{reason}");
                 match &waiting {
                     Some((tx, _)) => {
@@ -264,26 +270,26 @@ impl Relay {
         }
         let metrics = Arc::new(Metrics::new());
         type Stores = (Arc<dyn Queue>, DeliveryLog, Arc<dyn QuotaStore>, Arc<dyn PaceStore>);
-        if opts.queue == "memory" && opts.pod_identity_poll.is_some() {
+        if opts.queue.redis().is_none() && opts.pod_identity_poll.is_some() {
             anyhow::bail!("pod identities are read from the operator's map in Redis: they need a Redis --queue");
         }
         let mut pod_identity_conn = None;
-        let (queue, dlog, quota_store, pace_store): Stores = if opts.queue == "memory" {
-            tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
-            (
-                Arc::new(MemoryQueue::new()),
-                DeliveryLog::memory(crate::observe::dlog::DEFAULT_MEMORY_CAPACITY),
-                Arc::new(MemoryQuotaStore::new()),
-                Arc::new(MemoryPaceStore::new()),
-            )
-        } else {
-            let (q, conn) = connect_redis(&opts).await?;
+        let (queue, dlog, quota_store, pace_store): Stores = if let Some(target) = opts.queue.redis() {
+            let (q, conn) = connect_redis(&opts, target).await?;
             pod_identity_conn = Some(conn.clone());
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
                 Arc::new(RedisQuotaStore::new(conn.clone(), opts.redis_prefix.clone())),
                 Arc::new(RedisPaceStore::new(conn, opts.redis_prefix.clone())),
+            )
+        } else {
+            tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
+            (
+                Arc::new(MemoryQueue::new()),
+                DeliveryLog::memory(crate::observe::dlog::DEFAULT_MEMORY_CAPACITY),
+                Arc::new(MemoryQuotaStore::new()),
+                Arc::new(MemoryPaceStore::new()),
             )
         };
         let quotas = QuotaEngine::new(quota_store);
@@ -320,6 +326,7 @@ impl Relay {
             ));
             tracing::info!(poll = ?every, "attributing unauthenticated clients by the operator's pod identity map");
         }
+        let (give_back, give_back_rx) = watch::channel(None);
         let inbound = Arc::new(
             Inbound::new(
                 opts.inbound.clone(),
@@ -402,7 +409,7 @@ impl Relay {
         let liveness = Liveness::default();
         let mut ticker_rx = shutdown_rx.clone();
         listeners.push(tokio::spawn(crate::observe::liveness::runtime_ticker(
-            liveness.heartbeat("the async runtime", crate::observe::liveness::DEFAULT_MAX_SILENCE),
+            liveness.heartbeat("the async runtime", opts.liveness_max_silence),
             async move {
                 let _ = ticker_rx.changed().await;
             },
@@ -444,7 +451,18 @@ impl Relay {
 
         let mut workers = Vec::new();
         if opts.workers > 0 {
-            workers.push(tokio::spawn(worker.run(shutdown_rx.clone())));
+            let live = WorkerLiveness {
+                fetch_loop: liveness.heartbeat("the delivery loop", opts.liveness_max_silence),
+                jobs: liveness.heartbeat(
+                    format!(
+                        "a delivery job running for over {}",
+                        humantime::format_duration(opts.job_stuck_after)
+                    ),
+                    opts.liveness_max_silence,
+                ),
+                job_stuck_after: opts.job_stuck_after,
+            };
+            workers.push(tokio::spawn(worker.run(shutdown_rx.clone(), live, give_back_rx)));
         }
         workers.extend([
             tokio::spawn(config_reloader(
@@ -453,7 +471,7 @@ impl Relay {
                 opts.config_poll,
                 liveness.heartbeat(
                     "the configuration reloader",
-                    crate::observe::liveness::DEFAULT_MAX_SILENCE.max(opts.config_poll * 3),
+                    opts.liveness_max_silence.max(opts.config_poll * 3),
                 ),
                 shutdown_rx.clone(),
             )),
@@ -479,6 +497,7 @@ impl Relay {
             listeners,
             workers,
             deliverer,
+            give_back,
             drain_timeout: opts.drain_timeout,
         })
     }
@@ -489,10 +508,15 @@ impl Relay {
     ///
     /// The drain timeout bounds the whole drain, not each step: it must end inside the pod's
     /// grace period. What is still running at the deadline is left behind: a session without
-    /// its 250 has not handed anything over, and a delivery without its outcome keeps its job
-    /// leased in the queue, which another relay takes over after the visibility timeout.
+    /// its 250 has not handed anything over, and a delivery without its outcome has its job
+    /// given back to the queue shortly before the deadline (another relay's next reclaim takes
+    /// it; if Redis cannot be told, after the visibility timeout).
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        // Deliveries still running shortly before the deadline give their jobs back, so another
+        // relay takes them over at once rather than after the visibility timeout.
+        let margin = (self.drain_timeout / 10).min(Duration::from_secs(2));
+        let _ = self.give_back.send(Some(deadline - margin));
         let _ = self.shutdown.send(true);
         for l in self.listeners {
             // The admin server waits for its open connections; a keep-alive client must not

@@ -20,6 +20,8 @@ mod inbound;
 mod inbound_limits;
 mod integrity;
 mod listen;
+mod liveness;
+mod proxy_protocol;
 mod queue;
 mod quota;
 mod quota_e2e;
