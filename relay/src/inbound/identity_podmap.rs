@@ -24,7 +24,7 @@ use super::identity::{IdentitySource, SenderIdentity};
 
 /// The relay's identity-map metrics; no label carries an IP.
 #[derive(Clone)]
-pub(crate) struct PodIdentityMetrics {
+pub struct PodIdentityMetrics {
     /// Entries of the loaded map (ambiguous ones included).
     entries: IntGauge,
     /// Seconds since this relay last saw the map vouched for by a live heartbeat.
@@ -36,7 +36,8 @@ pub(crate) struct PodIdentityMetrics {
 }
 
 impl PodIdentityMetrics {
-    pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    /// Registers the metrics (e.g. into the relay's registry); fails on a name already there.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let m = Self {
             entries: IntGauge::new(
                 "mailroute_pod_identities",

@@ -24,6 +24,6 @@ pub(crate) mod replies;
 pub mod session;
 pub(crate) mod shutdown;
 // Listed apart from `identity` so that issue 14's two branches merge without conflict.
-pub(crate) mod identity_podmap;
+pub mod identity_podmap;
 
 pub use listener::ListenerKind;
