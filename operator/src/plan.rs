@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use mailroute_api::compile::{
-    Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, compile, keep_last_good,
+    Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, Tenancy, compile_for, keep_last_good,
 };
 use mailroute_api::config::{
     CONFIG_KEY, CONFIG_VERSION, CompiledRoute, RelayConfig, RelaySecrets, SECRETS_KEY, Target, short_hash,
@@ -120,6 +120,8 @@ pub struct Inputs<'a> {
     /// Interval of periodic connection tests; `None` turns them off.
     pub test_interval: Option<Duration>,
     pub now: Timestamp,
+    /// Platform namespaces and namespace labels.
+    pub tenancy: &'a Tenancy,
 }
 
 /// Quota usage as the relays reported it, by quota id.
@@ -364,7 +366,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     for ((ns, name), s) in inputs.secrets {
         store.insert(ns, name, s.data.clone());
     }
-    let mut compiled = compile(inputs.routes, inputs.quotas, &store);
+    let mut compiled = compile_for(inputs.routes, inputs.quotas, &store, inputs.tenancy);
     let last_good = match live_outputs(inputs.live_config, inputs.live_secret) {
         Some((config, secrets)) => keep_last_good(&mut compiled, &config, &secrets),
         None => BTreeSet::new(),
@@ -727,6 +729,7 @@ spec:
                 usage: Usage::Unavailable,
                 test_interval: Some(Duration::from_secs(3600)),
                 now: "2024-05-01T12:00:00Z".parse().unwrap(),
+                tenancy: &mailroute_api::compile::SINGLE_TENANT,
             }
         }
 

@@ -66,6 +66,10 @@ struct RunArgs {
     /// Sources allowed to relay without AUTH on the plain listener.
     #[arg(long, env = "MAILROUTE_RELAY_CIDRS", default_value_t = cidrs(&defaults().inbound.relay_cidrs))]
     relay_cidrs: String,
+    /// Mail whose sender's namespace is unknown: `platformOnly` (only platform routes and
+    /// quotas governing every namespace apply) or `refuse` (550 5.7.1 at MAIL FROM).
+    #[arg(long, env = "MAILROUTE_UNATTRIBUTED", default_value = "platformOnly")]
+    unattributed: mailroute_relay::inbound::identity::Unattributed,
     /// Admin HTTP listener (/healthz, /readyz, /metrics, /api/v1). Empty disables it.
     #[arg(long, env = "MAILROUTE_ADMIN_LISTEN", default_value_t = listen(defaults().admin_listen))]
     admin_listen: String,
@@ -187,6 +191,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         max_sessions_per_ip: a.max_sessions_per_ip,
         relay_cidrs: parse_cidrs(&a.relay_cidrs)?,
         max_body_memory: a.max_body_memory,
+        unattributed: a.unattributed,
         auth_limits: AuthLimits {
             concurrency: usize::from(a.auth_concurrency),
             max_failures_per_address: a.auth_failures_per_address,

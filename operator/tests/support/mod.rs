@@ -170,6 +170,7 @@ pub fn settings(test_interval: Option<Duration>) -> Settings {
         namespaces: Vec::new(),
         test_interval,
         instance: "operator-0".into(),
+        platform_namespaces: None,
     }
 }
 

@@ -6,7 +6,8 @@
 //! quota arithmetic are the quota engine's ([`super::quota`]), consulted at MAIL, RCPT and the end
 //! of DATA; logging and metrics go out through [`Observer`]. What a session may cost is bounded
 //! outside it: password checks and AUTH failures per address by [`super::auth_guard`], body
-//! memory by `super::body_budget`. It must not deliver or route.
+//! memory by `super::body_budget`. It must not deliver or route. Who the sender is in
+//! Kubernetes terms (its namespace) is settled at MAIL by `super::identity`.
 //! DATA transparency (a message with a bare CR or LF is refused) is `super::data`'s; raw
 //! MAIL/RCPT line checks and the RFC 5321 form of addresses are `super::address`'s.
 //!
@@ -33,6 +34,7 @@ use crate::config::ConfigHandle;
 use crate::inbound::address;
 use crate::inbound::auth_guard::{AuthGuard, AuthLimits};
 use crate::inbound::body_budget::BodyBudget;
+use crate::inbound::identity::{IdentitySource, Nobody, SenderIdentity, Unattributed};
 use crate::inbound::listener::{Conn, Line, ListenerKind, MaybeTls};
 use crate::inbound::quota::{QuotaDecision, QuotaEngine, QuotaTxn, UNAVAILABLE_REPLY};
 use crate::inbound::{replies, shutdown};
@@ -59,6 +61,10 @@ pub struct SenderInfo {
     pub tls: bool,
     /// Envelope sender; empty for `<>`.
     pub mail_from: String,
+    /// The sender's namespace, once MAIL settled it; `None`: unattributed (or not yet known).
+    pub namespace: Option<String>,
+    /// The sender's ServiceAccount, where known.
+    pub service_account: Option<String>,
 }
 
 /// Where the session reports what happened (delivery log, metrics).
@@ -70,8 +76,8 @@ pub trait Observer: Send + Sync {
     fn accepted(&self, _meta: &MessageMeta, _accept_latency: Duration) {}
     /// A recipient or message was refused with `reply` (rcpt None = whole message).
     fn rejected(&self, _s: &SenderInfo, _rcpt: Option<&str>, _reply: &Reply) {}
-    /// A quota answered (`accepted`, `deferred`, `rejected`).
-    fn quota_decision(&self, _quota: &str, _result: &str) {}
+    /// A quota answered (`accepted`, `deferred`, `rejected`) for a sender of `namespace`.
+    fn quota_decision(&self, _quota: &str, _result: &str, _namespace: Option<&str>) {}
 }
 
 pub struct NoopObserver;
@@ -101,6 +107,8 @@ pub struct InboundSettings {
     pub auth_limits: AuthLimits,
     /// Bytes of message bodies held in memory at once; `None`: 4 × `max_message_size`.
     pub max_body_memory: Option<usize>,
+    /// What happens to mail whose sender's namespace is unknown.
+    pub unattributed: Unattributed,
 }
 
 impl InboundSettings {
@@ -128,6 +136,7 @@ impl Default for InboundSettings {
             auth_delay: Duration::from_secs(1),
             auth_limits: AuthLimits::default(),
             max_body_memory: None,
+            unattributed: Unattributed::default(),
         }
     }
 }
@@ -140,6 +149,8 @@ pub struct Inbound {
     pub quotas: QuotaEngine,
     pub observer: Arc<dyn Observer>,
     pub tls: Option<TlsAcceptor>,
+    /// Who an unauthenticated client's address belongs to.
+    identity: Arc<dyn IdentitySource>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     auth_guard: AuthGuard,
     body_budget: Arc<BodyBudget>,
@@ -181,6 +192,10 @@ struct Session {
     tls: bool,
     auth_user: Option<String>,
     user_quota: Option<String>,
+    /// The namespace of the authenticated user (its SenderQuota's).
+    user_namespace: Option<String>,
+    /// The sender of the open transaction, settled at MAIL; `None`: unattributed.
+    identity: Option<SenderIdentity>,
     auth_failures: u32,
     errors: u32,
     mail_from: Option<String>,
@@ -197,6 +212,7 @@ impl Session {
     fn reset_transaction(&mut self) -> Option<QuotaTxn> {
         self.mail_from = None;
         self.smtputf8 = false;
+        self.identity = None;
         self.rcpts.clear();
         self.txn.take()
     }
@@ -209,6 +225,8 @@ impl Session {
             user_quota: self.user_quota.clone(),
             tls: self.tls,
             mail_from: self.mail_from.clone().unwrap_or_default(),
+            namespace: self.identity.as_ref().map(|i| i.namespace.clone()),
+            service_account: self.identity.as_ref().and_then(|i| i.service_account.clone()),
         }
     }
 }
@@ -232,6 +250,7 @@ impl Inbound {
             quotas,
             observer,
             tls: tls.map(TlsAcceptor::from),
+            identity: Arc::new(Nobody),
             per_ip: Mutex::new(HashMap::new()),
             shutdown: None,
         }
@@ -241,6 +260,13 @@ impl Inbound {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.auth_guard = AuthGuard::new(self.settings.auth_limits.clone(), metrics.clone());
         self.body_budget = BodyBudget::new(self.settings.body_budget(), self.settings.max_message_size, metrics);
+        self
+    }
+
+    /// Attributes unauthenticated clients to namespaces with `source` (default: nobody is known).
+    #[allow(dead_code)] // wired by the pod-IP map (issue 14); tests use it now
+    pub(crate) fn with_identity(mut self, source: Arc<dyn IdentitySource>) -> Self {
+        self.identity = source;
         self
     }
 
@@ -297,6 +323,8 @@ impl Inbound {
             tls: conn.is_tls(),
             auth_user: None,
             user_quota: None,
+            user_namespace: None,
+            identity: None,
             auth_failures: 0,
             errors: 0,
             mail_from: None,
@@ -467,13 +495,19 @@ impl Inbound {
     fn quota_reply(
         &self,
         txn: &QuotaTxn,
+        namespace: Option<&str>,
         decision: Result<QuotaDecision, crate::inbound::quota::QuotaError>,
     ) -> Option<Reply> {
         let id = txn.quota_id().unwrap_or("none").to_owned();
         match decision {
             Ok(d) => {
-                if txn.quota_id().is_some() {
-                    self.observer.quota_decision(&id, d.result_label());
+                // A refusal is the refusing quota's; an acceptance the transaction's first.
+                let quota = match &d {
+                    QuotaDecision::Defer(x) | QuotaDecision::Reject(x) => Some(x.quota_id.as_str()),
+                    QuotaDecision::Accept => txn.quota_id(),
+                };
+                if let Some(q) = quota {
+                    self.observer.quota_decision(q, d.result_label(), namespace);
                 }
                 d.reply().map(|line| reply_from_line(&line))
             }
