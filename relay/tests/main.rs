@@ -26,3 +26,4 @@ mod quota_e2e;
 mod shaping;
 mod startup;
 mod swaks;
+mod tenancy;
