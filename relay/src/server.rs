@@ -28,7 +28,7 @@ use crate::outbound::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxR
 use crate::outbound::pacing::SharedPacing;
 use crate::outbound::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::outbound::transport::SmtpTransport;
-use crate::outbound::worker::{Pacing, Worker, WorkerSettings};
+use crate::outbound::worker::{Pacing, Worker, WorkerLiveness, WorkerSettings};
 use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{Durability, RedisQueue};
@@ -55,6 +55,14 @@ pub struct RelayOptions {
     pub log_retention: Duration,
     pub config_poll: Duration,
     pub drain_timeout: Duration,
+    /// How often the Redis-backed gauges (queue, quotas) are read for `/metrics`.
+    pub gauge_refresh: Duration,
+    /// A loop of the relay (runtime, delivery loop, config reloader) silent for longer than
+    /// this makes `/healthz` answer 503.
+    pub liveness_max_silence: Duration,
+    /// A delivery job running for longer than this counts as wedged (no attempt with its
+    /// timeouts and the retried write of its outcome lasts that long).
+    pub job_stuck_after: Duration,
     /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     pub fallback_mx: bool,
     pub mx_port: u16,
@@ -92,6 +100,9 @@ impl RelayOptions {
             log_retention: humantime::parse_duration(DEFAULT_LOG_RETENTION).expect("a valid constant"),
             config_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
+            gauge_refresh: crate::admin::REFRESH_EVERY,
+            liveness_max_silence: crate::observe::liveness::DEFAULT_MAX_SILENCE,
+            job_stuck_after: Duration::from_secs(3600),
             fallback_mx: false,
             mx_port: 25,
             dns_server: None,
@@ -381,7 +392,7 @@ impl Relay {
         let liveness = Liveness::default();
         let mut ticker_rx = shutdown_rx.clone();
         listeners.push(tokio::spawn(crate::observe::liveness::runtime_ticker(
-            liveness.heartbeat("the async runtime", crate::observe::liveness::DEFAULT_MAX_SILENCE),
+            liveness.heartbeat("the async runtime", opts.liveness_max_silence),
             async move {
                 let _ = ticker_rx.changed().await;
             },
@@ -403,7 +414,7 @@ impl Relay {
             let mut refresh_rx = shutdown_rx.clone();
             listeners.push(tokio::spawn(crate::admin::refresh_gauges(
                 admin_state.clone(),
-                crate::admin::REFRESH_EVERY,
+                opts.gauge_refresh,
                 async move {
                     let _ = refresh_rx.changed().await;
                 },
@@ -423,7 +434,18 @@ impl Relay {
 
         let mut workers = Vec::new();
         if opts.workers > 0 {
-            workers.push(tokio::spawn(worker.run(shutdown_rx.clone())));
+            let live = WorkerLiveness {
+                fetch_loop: liveness.heartbeat("the delivery loop", opts.liveness_max_silence),
+                jobs: liveness.heartbeat(
+                    format!(
+                        "a delivery job running for over {}",
+                        humantime::format_duration(opts.job_stuck_after)
+                    ),
+                    opts.liveness_max_silence,
+                ),
+                job_stuck_after: opts.job_stuck_after,
+            };
+            workers.push(tokio::spawn(worker.run(shutdown_rx.clone(), live)));
         }
         workers.extend([
             tokio::spawn(config_reloader(
@@ -432,7 +454,7 @@ impl Relay {
                 opts.config_poll,
                 liveness.heartbeat(
                     "the configuration reloader",
-                    crate::observe::liveness::DEFAULT_MAX_SILENCE.max(opts.config_poll * 3),
+                    opts.liveness_max_silence.max(opts.config_poll * 3),
                 ),
                 shutdown_rx.clone(),
             )),

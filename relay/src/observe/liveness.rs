@@ -123,6 +123,12 @@ fn judge(seen: &[Seen<'_>]) -> Result<(), String> {
 /// [`DEADLINE_GRACE`] has not passed. A future that outlives its deadline leaves the heartbeat
 /// silent, and `/healthz` reports the loop as wedged.
 pub async fn beating<F: Future>(hb: &Heartbeat, until: Option<Instant>, fut: F) -> F::Output {
+    beating_while(hb, || within_deadline(Instant::now(), until), fut).await
+}
+
+/// Runs `fut`, beating `hb` every [`BEAT_EVERY`] while it runs and `alive()` holds: for a wait
+/// whose legitimacy depends on others (a free slot, while the jobs holding the slots move).
+pub async fn beating_while<F: Future>(hb: &Heartbeat, alive: impl Fn() -> bool, fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     let mut tick = tokio::time::interval(BEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -133,12 +139,18 @@ pub async fn beating<F: Future>(hb: &Heartbeat, until: Option<Instant>, fut: F) 
                 return out;
             }
             _ = tick.tick() => {
-                if within_deadline(Instant::now(), until) {
+                if alive() {
                     hb.beat();
                 }
             }
         }
     }
+}
+
+/// Beats `hb` every [`BEAT_EVERY`] while `alive()` holds, until `shutdown` completes: a
+/// watchdog for work that has no loop of its own to beat (the delivery jobs in flight).
+pub async fn watch(hb: Heartbeat, alive: impl Fn() -> bool, shutdown: impl Future<Output = ()>) {
+    beating_while(&hb, alive, shutdown).await
 }
 
 /// Pure: whether a wait with deadline `until` may still count as alive at `now`.

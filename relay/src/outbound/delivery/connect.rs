@@ -18,23 +18,8 @@ use super::session::Session;
 use super::{AttemptResult, Deliverer, DeliveryTarget, DnsError, Stage, TlsSetupError, digest, lock, tls};
 use crate::outbound::bounce::{BounceClass, Failure};
 
-/// Why `helo_name` must not greet MX hosts, if it must not: direct MX delivery needs a fully
-/// qualified name (at least two non-empty labels, e.g. the one the outbound IPs' reverse DNS
-/// resolves to) or an address literal; a bare pod name or `localhost` is refused.
-pub fn mx_helo_problem(helo_name: &str) -> Option<String> {
-    let name = helo_name.trim();
-    if name.starts_with('[') && name.ends_with(']') {
-        return None;
-    }
-    let labels: Vec<&str> = name.strip_suffix('.').unwrap_or(name).split('.').collect();
-    if labels.len() >= 2 && labels.iter().all(|l| !l.is_empty()) {
-        return None;
-    }
-    Some(format!(
-        "not delivering to MX hosts: EHLO name `{name}` is not a fully qualified domain name; \
-         set --hostname (chart value relay.hostname) to the name the relay's outbound IP addresses resolve to"
-    ))
-}
+/// The rule for the EHLO name MX hosts see, shared with the operator's route status.
+pub use mailroute_smtp::helo::mx_helo_problem;
 
 /// How to reach the next hop when no pooled connection is available.
 pub(super) enum Hop<'a> {
@@ -277,21 +262,5 @@ impl Deliverer {
                 format!("no address for the mail hosts of {domain}: {}", hosts.join(", ")),
             )
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mx_needs_a_fully_qualified_helo_name() {
-        for ok in ["mail.example.com", "relay.test.", "[192.0.2.1]", "[IPv6:2001:db8::1]"] {
-            assert_eq!(mx_helo_problem(ok), None, "{ok}");
-        }
-        for bad in ["mailroute-relay-7d9f8c-x2k4q", "localhost", "", ".", "a..b", ".example"] {
-            let p = mx_helo_problem(bad).expect(bad);
-            assert!(p.contains("relay.hostname"), "{p}");
-        }
     }
 }

@@ -193,6 +193,7 @@ pub struct Worker {
 }
 
 pub use policy::{Decision, decide, no_route_outcome, policy_for};
+pub use run::WorkerLiveness;
 
 /// The recipient a job is about, with its lease and message, as the failure paths need them.
 #[derive(Clone, Copy)]

@@ -4,7 +4,7 @@
 //! Owns which leases this process holds and the order of those queue calls. Must not decide
 //! what happens to a job: that is `attempt`'s and `finish`'s.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -13,15 +13,32 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::Worker;
 use crate::clock::now_ms;
+use crate::observe::liveness::{self, Heartbeat};
 use crate::queue::{Disposition, Leased, QueueError, Stored};
 
 /// How long a job's outcome is kept and written again while the store cannot be reached.
 const COMPLETE_RETRY_FOR: Duration = Duration::from_secs(600);
 
-/// Leases this process is working on; [`Worker::renew_loop`] keeps them alive together. A job
-/// keeps its lease until its outcome is written, however long the store is away.
+/// How long a fetch or a batch load may take before the delivery loop counts as wedged (Redis
+/// calls time out well before).
+const QUEUE_CALL_BOUND: Duration = Duration::from_secs(60);
+
+/// The heartbeats of the delivery side that `/healthz` reads.
+pub struct WorkerLiveness {
+    /// The fetch loop: beats at each turn, and while waiting for a slot only as long as the
+    /// jobs holding the slots are within `job_stuck_after`.
+    pub fetch_loop: Heartbeat,
+    /// The jobs in flight: silent once one has run for longer than `job_stuck_after`, longer
+    /// than any attempt with its timeouts and the retried write of its outcome can take.
+    pub jobs: Heartbeat,
+    pub job_stuck_after: Duration,
+}
+
+/// Leases this process is working on, with when each job started; [`Worker::renew_loop`] keeps
+/// them alive together. A job keeps its lease until its outcome is written, however long the
+/// store is away.
 #[derive(Clone, Default)]
-struct Held(Arc<Mutex<HashSet<String>>>, Arc<AtomicI64>);
+struct Held(Arc<Mutex<HashMap<String, tokio::time::Instant>>>, Arc<AtomicI64>);
 
 /// Removes its lease from [`Held`] when the job's task ends, however it ends.
 struct HeldLease {
@@ -30,12 +47,12 @@ struct HeldLease {
 }
 
 impl Held {
-    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::time::Instant>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn hold(&self, lease: &str) -> HeldLease {
-        self.set().insert(lease.to_owned());
+        self.set().insert(lease.to_owned(), tokio::time::Instant::now());
         HeldLease {
             held: self.clone(),
             lease: lease.to_owned(),
@@ -43,11 +60,16 @@ impl Held {
     }
 
     fn leases(&self) -> Vec<String> {
-        self.set().iter().cloned().collect()
+        self.set().keys().cloned().collect()
     }
 
     fn contains(&self, lease: &str) -> bool {
-        self.set().contains(lease)
+        self.set().contains_key(lease)
+    }
+
+    /// Whether every job held has run for at most `bound`.
+    fn none_older_than(&self, bound: Duration) -> bool {
+        self.set().values().all(|started| started.elapsed() <= bound)
     }
 
     /// Notes that the store could not be reached (renewing or reclaiming failed).
@@ -70,27 +92,39 @@ impl Drop for HeldLease {
 
 impl Worker {
     /// Runs until `shutdown` turns true; in-flight deliveries finish first.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, live: WorkerLiveness) {
         let sem = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         let held = Held::default();
+        let stuck_after = live.job_stuck_after;
+        let jobs_moving = {
+            let held = held.clone();
+            move || held.none_older_than(stuck_after)
+        };
+        let mut watchdog_stop = shutdown.clone();
+        let watchdog = tokio::spawn(liveness::watch(live.jobs, jobs_moving.clone(), async move {
+            let _ = watchdog_stop.changed().await;
+        }));
+        let hb = live.fetch_loop;
         let promoter = tokio::spawn(self.clone().promote_loop(shutdown.clone()));
         let reclaimer = tokio::spawn(self.clone().reclaim_loop(sem.clone(), held.clone(), shutdown.clone()));
         // Not stopped by shutdown: the drain below still needs its leases kept.
         let renewer = tokio::spawn(self.clone().renew_loop(held.clone()));
         loop {
+            hb.beat();
             if *shutdown.borrow() {
                 break;
             }
             // Wait for a free slot before taking jobs, so leases never sit unattended.
             let permit = tokio::select! {
                 _ = shutdown.changed() => break,
-                p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                p = liveness::beating_while(&hb, &jobs_moving, sem.clone().acquire_owned()) => match p { Ok(p) => p, Err(_) => break },
             };
             let free = sem.available_permits() + 1;
             let batch = free.min(64);
+            let bound = Some(tokio::time::Instant::now() + QUEUE_CALL_BOUND);
             let fetched = tokio::select! {
                 _ = shutdown.changed() => { drop(permit); break }
-                r = self.queue.fetch(&self.settings.consumer, batch, Duration::from_millis(1000)) => r,
+                r = liveness::beating(&hb, bound, self.queue.fetch(&self.settings.consumer, batch, Duration::from_millis(1000))) => r,
             };
             let jobs = match fetched {
                 Ok(j) => j,
@@ -104,15 +138,17 @@ impl Worker {
             };
             // Bodies for the whole batch in one round trip; on failure each job loads its own.
             let ids: Vec<&str> = jobs.iter().map(|l| l.job.msg.as_str()).collect();
-            let loaded: Vec<Option<Result<Option<Stored>, QueueError>>> = match self.queue.load_many(&ids).await {
-                Ok(v) if v.len() == jobs.len() => v.into_iter().map(|s| Some(Ok(s))).collect(),
-                _ => jobs.iter().map(|_| None).collect(),
-            };
+            let bound = Some(tokio::time::Instant::now() + QUEUE_CALL_BOUND);
+            let loaded: Vec<Option<Result<Option<Stored>, QueueError>>> =
+                match liveness::beating(&hb, bound, self.queue.load_many(&ids)).await {
+                    Ok(v) if v.len() == jobs.len() => v.into_iter().map(|s| Some(Ok(s))).collect(),
+                    _ => jobs.iter().map(|_| None).collect(),
+                };
             let mut permit = Some(permit);
             for (leased, stored) in jobs.into_iter().zip(loaded) {
                 let p = match permit.take() {
                     Some(p) => p,
-                    None => match sem.clone().acquire_owned().await {
+                    None => match liveness::beating_while(&hb, &jobs_moving, sem.clone().acquire_owned()).await {
                         Ok(p) => p,
                         Err(_) => break,
                     },
@@ -125,6 +161,7 @@ impl Worker {
         promoter.abort();
         reclaimer.abort();
         renewer.abort();
+        watchdog.abort();
     }
 
     /// Works on `leased` in a task of its own, keeping its lease renewed and `permit` taken
