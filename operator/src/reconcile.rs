@@ -208,7 +208,7 @@ impl Reconciler {
         };
         let api: Api<Namespace> = Api::all(self.client.clone());
         let list = api
-            .list_metadata(&ListParams::default())
+            .list(&ListParams::default())
             .await
             .map_err(|source| ReconcileError::List {
                 kind: "Namespaces",
