@@ -731,4 +731,116 @@ mod tests {
         assert_eq!(t.quota_id(), Some("shop/plan"));
         assert_eq!(e.usage(&q, 0).await.unwrap(), QuotaUsage::default());
     }
+
+    /// Platform `mailroute`; team-a and shop-42 labelled `plan: basic`, team-b not.
+    fn tenants(yaml: &str) -> RelayConfig {
+        use std::collections::{BTreeMap, BTreeSet};
+        let basic = || BTreeMap::from([("plan".to_string(), "basic".to_string())]);
+        let tenancy = mailroute_api::Tenancy {
+            platform_namespaces: Some(BTreeSet::from(["mailroute".to_string()])),
+            namespace_labels: BTreeMap::from([
+                ("team-a".to_string(), basic()),
+                ("shop-42".to_string(), basic()),
+                ("team-b".to_string(), BTreeMap::new()),
+            ]),
+        };
+        let c = mailroute_api::Manifests::from_yaml(yaml, "default")
+            .unwrap()
+            .compile_for(&tenancy);
+        assert!(c.diagnostics.is_empty(), "{:?}", c.diagnostics);
+        c.config
+    }
+
+    fn sender<'a>(ns: &'a str, from: &'a str) -> SenderCtx<'a> {
+        SenderCtx {
+            auth_user: None,
+            auth_quota: None,
+            mail_from: from,
+            source_ip: "10.0.0.1".parse().unwrap(),
+            namespace: Some(ns),
+        }
+    }
+
+    /// One message to one recipient; `true` if the quotas took it.
+    async fn send(e: &QuotaEngine, cfg: &RelayConfig, ctx: &SenderCtx<'_>, now: i64) -> bool {
+        let mut t = e.begin(cfg, ctx).unwrap();
+        if e.rcpt(&mut t, now).await.unwrap() == QuotaDecision::Accept {
+            t.commit();
+            true
+        } else {
+            e.abort(t).await.unwrap();
+            false
+        }
+    }
+
+    const NAMESPACE_CAP: &str = "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: plan-basic, namespace: mailroute}\nspec:\n  scope: Namespace\n  allowedNamespaces: {from: Selector, selector: {matchLabels: {plan: basic}}}\n  limits: {perDay: 3}\n---\n";
+
+    #[tokio::test]
+    async fn a_namespace_quota_counts_every_sender_of_each_namespace_separately() {
+        let e = engine();
+        let cfg = tenants(NAMESPACE_CAP);
+        let now = ms("2025-03-09T03:00:00Z");
+        // Three different senders of team-a share team-a's budget of 3.
+        for from in ["a@shop.example", "b@shop.example", "c@other.example"] {
+            assert!(send(&e, &cfg, &sender("team-a", from), now).await, "{from}");
+        }
+        assert!(!send(&e, &cfg, &sender("team-a", "d@new.example"), now).await);
+        // shop-42 has a budget of its own; team-b (not selected) and unattributed mail none.
+        assert!(send(&e, &cfg, &sender("shop-42", "a@shop.example"), now).await);
+        for _ in 0..5 {
+            assert!(send(&e, &cfg, &sender("team-b", "a@shop.example"), now).await);
+            let mut anon = sender("x", "a@shop.example");
+            anon.namespace = None;
+            assert!(send(&e, &cfg, &anon, now).await);
+        }
+        let report = e.usage_report(&cfg, now).await.unwrap();
+        let used: Vec<(Option<&str>, i64)> = report
+            .iter()
+            .map(|u| (u.namespace.as_deref(), u.usage.day.as_ref().unwrap().used))
+            .collect();
+        assert_eq!(used, [(Some("shop-42"), 1), (Some("team-a"), 3)]);
+    }
+
+    #[tokio::test]
+    async fn a_namespace_quota_and_the_senders_own_quotas_all_count() {
+        let e = engine();
+        let yaml = NAMESPACE_CAP.to_string()
+            // The platform's per-sender quota and team-a's own, tighter, for the same sender.
+            + "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: per-sender, namespace: mailroute}\nspec:\n  sender: {fromDomain: '*'}\n  limits: {perDay: 100}\n---\n"
+            + "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: news, namespace: team-a}\nspec:\n  sender: {fromAddress: news@shop.example}\n  limits: {perDay: 1}\n---\n"
+            // team-b's catch-all is not team-a's business.
+            + "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: all, namespace: team-b}\nspec:\n  sender: {fromDomain: '*'}\n  limits: {perDay: 0}\n";
+        let cfg = tenants(&yaml);
+        let now = ms("2025-03-09T03:00:00Z");
+        let t = e.begin(&cfg, &sender("team-a", "news@shop.example")).unwrap();
+        let ids: Vec<&str> = t.quota_ids().collect();
+        assert_eq!(ids, ["team-a/news", "mailroute/per-sender", "mailroute/plan-basic"]);
+        e.abort(t).await.unwrap();
+        assert!(send(&e, &cfg, &sender("team-a", "news@shop.example"), now).await);
+        // The tenant's own limit of 1 refuses the second; nothing of it was counted elsewhere.
+        let mut t = e.begin(&cfg, &sender("team-a", "news@shop.example")).unwrap();
+        match e.rcpt(&mut t, now).await.unwrap() {
+            QuotaDecision::Defer(d) => assert_eq!(d.quota_id, "team-a/news"),
+            other => panic!("{other:?}"),
+        }
+        e.abort(t).await.unwrap();
+        let report = e.usage_report(&cfg, now).await.unwrap();
+        let used = |id: &str| {
+            report
+                .iter()
+                .find(|u| u.id == id && u.namespace.as_deref() != Some("shop-42"))
+                .and_then(|u| u.usage.day.as_ref())
+                .map(|d| d.used)
+        };
+        assert_eq!(
+            (
+                used("team-a/news"),
+                used("mailroute/per-sender"),
+                used("mailroute/plan-basic")
+            ),
+            (Some(1), Some(1), Some(1))
+        );
+        // team-b's sender is stopped by team-b's own quota of 0; team-a's never saw it.
+        assert!(!send(&e, &cfg, &sender("team-b", "x@b.example"), now).await);
+    }
 }

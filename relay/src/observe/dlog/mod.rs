@@ -755,6 +755,16 @@ mod tests {
     }
 
     #[test]
+    fn a_record_stored_before_tenancy_reads_as_unattributed() {
+        let old = r#"{"time":"2025-03-01T00:00:00.000Z","result":"delivered","message_id":"q1",
+            "message_id_header":null,"job_id":null,"source_ip":null,"auth_user":null,"listener":null,
+            "envelope_from":"a@b.example","recipient":"c@d.example","route":null,"remote_host":null,
+            "reply_code":null,"enhanced_code":null,"reply_text":null,"attempt":null,"bounce_class":null}"#;
+        let e: DeliveryEvent = serde_json::from_str(old).unwrap();
+        assert_eq!((e.namespace, e.service_account), (None, None));
+    }
+
+    #[test]
     fn filter_matches_each_field() {
         let mut e = ev(0, EventResult::Bounced, "Bob@Example.COM");
         e.source_ip = Some("192.0.2.7".parse().unwrap());
