@@ -481,6 +481,21 @@ async fn operator_compiles_tenant_and_platform_routes_into_namespace_lists() {
             "the platform route for all: {:?}",
             compiled_authority(&cm, &id(&platform, "all"))
         );
+        // team-b's platform-only settings are named in its status; the route still serves team-b.
+        let grab = Api::<DynamicObject>::namespaced_with(admin.clone(), &team_b, &route_resource());
+        eventually("team-b's route accepted with the NotPlatform warning", WAIT, || async {
+            let r = grab.get("grab").await?;
+            let accepted = r.data["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Accepted").cloned());
+            Ok(accepted.filter(|c| {
+                c["status"] == "True"
+                    && c["message"].as_str().is_some_and(|m| {
+                        m.contains("is not a platform namespace") && m.contains("`enforced` is ignored")
+                    })
+            }))
+        })
+        .await?;
         // A namespace labelled later joins the selected list: the operator watches namespaces.
         label(&team_b).await;
         let mut both = vec![&team_a, &team_b];
