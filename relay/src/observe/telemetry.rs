@@ -74,7 +74,7 @@ pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> 
     ev.auth_user = meta.auth_user.clone();
     ev.namespace = meta.namespace.clone();
     ev.service_account = meta.service_account.clone();
-    ev.listener = Some(meta.listener.clone());
+    ev.listener = Some(meta.listener.as_str().to_owned());
     ev.tls = meta.tls;
     ev
 }
@@ -106,11 +106,15 @@ impl Observer for Telemetry {
         self.metrics.accept_latency.observe(accept_latency.as_secs_f64());
         self.metrics
             .messages_received
-            .with_label_values(&[&meta.listener, "accepted", namespace_label(meta.namespace.as_deref())])
+            .with_label_values(&[
+                meta.listener.as_str(),
+                "accepted",
+                namespace_label(meta.namespace.as_deref()),
+            ])
             .inc();
         self.metrics
             .recipients_received
-            .with_label_values(&[&meta.listener, "accepted"])
+            .with_label_values(&[meta.listener.as_str(), "accepted"])
             .inc_by(meta.rcpts.len() as u64);
         // The enqueue path holds the jobs of a future X-Mailroute-Deliver-After until then.
         let held = meta.options.deliver_after_ms.filter(|t| *t > meta.received_at_ms);
@@ -184,7 +188,7 @@ mod tests {
             id: "m1".into(),
             received_at_ms: 1,
             source_ip: "127.0.0.1".into(),
-            listener: "smtp".into(),
+            listener: ListenerKind::Smtp.into(),
             auth_user: None,
             namespace: Some("team-a".into()),
             service_account: None,
