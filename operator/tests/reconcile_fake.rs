@@ -104,7 +104,7 @@ async fn the_examples_compile_into_outputs_statuses_and_events() {
         .unwrap()
         .items;
     assert_eq!(events.len(), outcome.events);
-    let warnings: Vec<_> = events
+    let mut warnings: Vec<_> = events
         .iter()
         .filter(|e| e.type_.as_deref() == Some("Warning"))
         .map(|e| {
@@ -112,7 +112,23 @@ async fn the_examples_compile_into_outputs_statuses_and_events() {
             (r.name.clone().unwrap(), e.reason.clone().unwrap())
         })
         .collect();
-    assert_eq!(warnings, [("no-secret".to_string(), "SecretNotFound".to_string())]);
+    // Both Microsoft 365 routes log in with a password: Basic authentication is being retired.
+    let warn = |name: &str, reason: &str| (name.to_string(), reason.to_string());
+    warnings.sort();
+    assert_eq!(
+        warnings,
+        [
+            warn("no-secret", "BasicAuthRetiring"),
+            warn("no-secret", "SecretNotFound"),
+            warn("office365", "BasicAuthRetiring"),
+        ]
+    );
+    let office365 = route(&client, "mail", "office365").await;
+    assert_eq!(
+        sr(&route_condition(&office365, "AuthDeprecated")),
+        ("True", "BasicAuthRetiring")
+    );
+    assert_eq!(sr(&route_condition(&office365, "Ready")), ("True", "InConfig"));
     assert!(
         events
             .iter()
