@@ -20,6 +20,7 @@ mod inbound;
 mod inbound_limits;
 mod integrity;
 mod listen;
+mod oauth2;
 mod queue;
 mod quota;
 mod quota_e2e;
