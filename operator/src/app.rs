@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// Name sent in EHLO by connection tests.
     #[arg(long, env = "MAILROUTE_HELO_NAME", default_value = "mailroute-operator.local")]
     pub helo_name: String,
+    /// The EHLO name the relays greet with (chart value relay.hostname; empty: their pod name).
+    /// When given, MX routes say in their `Verified` condition if MX hosts would refuse it.
+    #[arg(long, env = "MAILROUTE_RELAY_HOSTNAME")]
+    pub relay_hostname: Option<String>,
     /// Base URL of the relays' admin API for quota usage, e.g. http://mailroute-admin:8080.
     #[arg(long, env = "MAILROUTE_RELAY_ADMIN_URL")]
     pub relay_admin_url: Option<String>,
@@ -178,6 +182,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let namespace = namespace(&args, &client);
     let identity = identity(&args);
     let mut fleet = Fleet::new(args.fleet.clone(), namespace.clone());
+    fleet.relay_hostname = args.relay_hostname.clone();
     if let Some(d) = &args.owner_deployment {
         fleet.owner = Some(owner(&client, &namespace, d).await?);
     }
@@ -311,5 +316,16 @@ mod tests {
         let a = args(&["--relay-admin-url=http://relay-admin:8080", "--admin-token=t"]);
         assert!(usage_client(&a).unwrap().is_some());
         assert!(usage_client(&args(&[])).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_empty_relay_hostname_means_the_pod_name_and_absent_means_unknown() {
+        // The chart always passes the flag, empty when relay.hostname is unset.
+        assert_eq!(args(&["--relay-hostname="]).relay_hostname.as_deref(), Some(""));
+        assert_eq!(
+            args(&["--relay-hostname=mail.example.com"]).relay_hostname.as_deref(),
+            Some("mail.example.com")
+        );
+        assert_eq!(args(&[]).relay_hostname, None);
     }
 }

@@ -52,6 +52,9 @@ pub struct Fleet {
     pub namespace: String,
     /// Owner of the outputs (e.g. the operator's Deployment), so uninstalling removes them.
     pub owner: Option<OwnerReference>,
+    /// The EHLO name of the relays (empty: their pod name); `None` when the operator was not
+    /// told, and MX routes are then not judged on it.
+    pub relay_hostname: Option<String>,
 }
 
 impl Fleet {
@@ -60,6 +63,7 @@ impl Fleet {
             name: name.into(),
             namespace: namespace.into(),
             owner: None,
+            relay_hostname: None,
         }
     }
 
@@ -527,6 +531,30 @@ fn test_message(route: &SmtpRoute, compiled_route: &CompiledRoute, username: Opt
     Some(TestMessage { from, to })
 }
 
+/// `Verified` of an MX route: nothing fixed to test, but the relays' EHLO name must be one MX
+/// hosts accept (the relays refuse to deliver to MX otherwise).
+fn mx_verification(relay_hostname: Option<&str>) -> Desired {
+    let problem = match relay_hostname {
+        Some("") => Some(
+            "not delivering to MX hosts: the relays greet with their pod name, which is not a fully qualified \
+             domain name; set chart value relay.hostname (relay flag --hostname) to the name the relay's \
+             outbound IP addresses resolve to"
+                .to_string(),
+        ),
+        Some(name) => mailroute_smtp::helo::mx_helo_problem(name),
+        None => None,
+    };
+    match problem {
+        Some(message) => Desired::new(condition_type::VERIFIED, Status::False, "HeloNameNotQualified", message),
+        None => Desired::new(
+            condition_type::VERIFIED,
+            Status::Unknown,
+            "NotApplicable",
+            "MX delivery has no fixed upstream to test",
+        ),
+    }
+}
+
 /// The `Verified` condition and `lastConnectionTest` of a route; queues a test when one is due.
 fn verification(
     inputs: &Inputs<'_>,
@@ -554,12 +582,7 @@ fn verification(
         return (d, shown);
     };
     let Target::Smarthost(upstream) = &in_config.target else {
-        let d = Desired::new(
-            verified,
-            Status::Unknown,
-            "NotApplicable",
-            "MX delivery has no fixed upstream to test",
-        );
+        let d = mx_verification(inputs.fleet.relay_hostname.as_deref());
         return (d, shown);
     };
 
@@ -862,6 +885,44 @@ spec:
         let c = status(&p, "o365");
         assert!(c.iter().all(|c| c.type_ != "AuthDeprecated"), "{c:?}");
         assert_eq!(cond(&c, "Ready").status, Status::True);
+    }
+
+    const MX: &str = r#"
+apiVersion: mailroute.io/v1alpha1
+kind: SmtpRoute
+metadata: {name: direct-mx, namespace: mail, generation: 1, uid: u-mx}
+spec:
+  delivery: mx
+  match: {recipientDomains: ["*"]}
+  priority: 1000
+"#;
+
+    #[test]
+    fn an_mx_route_says_when_the_relays_ehlo_name_would_be_refused() {
+        let verified = |hostname: Option<&str>| {
+            let mut w = World::new(MX);
+            w.fleet.relay_hostname = hostname.map(str::to_string);
+            let p = w.plan(None, None);
+            let c = cond(&p.route_statuses[0].status.conditions, "Verified").clone();
+            (c.status.as_str().to_string(), c.reason, c.message)
+        };
+        let (status, reason, message) = verified(Some(""));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "HeloNameNotQualified"));
+        assert!(
+            message.contains("pod name") && message.contains("relay.hostname"),
+            "{message}"
+        );
+        let (status, reason, message) = verified(Some("mailroute-relay-0"));
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "HeloNameNotQualified"));
+        assert!(message.contains("`mailroute-relay-0`"), "{message}");
+        for fine in [Some("mail.example.com"), None] {
+            let (status, reason, _) = verified(fine);
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("Unknown", "NotApplicable"),
+                "{fine:?}"
+            );
+        }
     }
 
     #[test]

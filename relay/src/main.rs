@@ -106,6 +106,14 @@ struct RunArgs {
     /// keep it inside the pod's termination grace period.
     #[arg(long, env = "MAILROUTE_DRAIN_TIMEOUT", default_value_t = defaults().drain_timeout.into())]
     drain_timeout: humantime::Duration,
+    /// `/healthz` answers 503 when a loop of the relay (runtime, delivery loop, config reload)
+    /// has not advanced for this long.
+    #[arg(long, env = "MAILROUTE_LIVENESS_MAX_SILENCE", default_value_t = defaults().liveness_max_silence.into())]
+    liveness_max_silence: humantime::Duration,
+    /// A delivery job running for longer than this counts as wedged for `/healthz` (longer
+    /// than an attempt with all its timeouts and the retried write of its outcome).
+    #[arg(long, env = "MAILROUTE_JOB_STUCK_AFTER", default_value_t = defaults().job_stuck_after.into())]
+    job_stuck_after: humantime::Duration,
     /// Idle outbound connections are closed after this, giving back their `maxConnections` slot.
     #[arg(long, env = "MAILROUTE_OUTBOUND_IDLE_TIMEOUT", default_value_t = defaults().outbound_idle_timeout.into())]
     outbound_idle_timeout: humantime::Duration,
@@ -198,6 +206,8 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.log_retention = a.log_retention.into();
     o.visibility_timeout = a.visibility_timeout.into();
     o.drain_timeout = a.drain_timeout.into();
+    o.liveness_max_silence = a.liveness_max_silence.into();
+    o.job_stuck_after = a.job_stuck_after.into();
     o.outbound_idle_timeout = a.outbound_idle_timeout.into();
     o.fallback_mx = a.fallback_mx;
     o.mx_port = a.mx_port;

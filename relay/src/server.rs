@@ -21,6 +21,7 @@ use crate::inbound::listener::ListenerKind;
 use crate::inbound::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::inbound::session::{Inbound, InboundSettings};
 use crate::observe::dlog::DeliveryLog;
+use crate::observe::liveness::{Heartbeat, Liveness};
 use crate::observe::metrics::Metrics;
 use crate::observe::telemetry::Telemetry;
 use crate::outbound::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
@@ -28,7 +29,7 @@ use crate::outbound::oauth2::OAuth2Tokens;
 use crate::outbound::pacing::SharedPacing;
 use crate::outbound::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::outbound::transport::SmtpTransport;
-use crate::outbound::worker::{Pacing, Worker, WorkerSettings};
+use crate::outbound::worker::{Pacing, Worker, WorkerLiveness, WorkerSettings};
 use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{Durability, RedisQueue};
@@ -55,6 +56,14 @@ pub struct RelayOptions {
     pub log_retention: Duration,
     pub config_poll: Duration,
     pub drain_timeout: Duration,
+    /// How often the Redis-backed gauges (queue, quotas) are read for `/metrics`.
+    pub gauge_refresh: Duration,
+    /// A loop of the relay (runtime, delivery loop, config reloader) silent for longer than
+    /// this makes `/healthz` answer 503.
+    pub liveness_max_silence: Duration,
+    /// A delivery job running for longer than this counts as wedged (no attempt with its
+    /// timeouts and the retried write of its outcome lasts that long).
+    pub job_stuck_after: Duration,
     /// Deliver directly to MX when no route matches (otherwise defer until a route serves it).
     pub fallback_mx: bool,
     pub mx_port: u16,
@@ -92,6 +101,9 @@ impl RelayOptions {
             log_retention: humantime::parse_duration(DEFAULT_LOG_RETENTION).expect("a valid constant"),
             config_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(60),
+            gauge_refresh: crate::admin::REFRESH_EVERY,
+            liveness_max_silence: crate::observe::liveness::DEFAULT_MAX_SILENCE,
+            job_stuck_after: Duration::from_secs(3600),
             fallback_mx: false,
             mx_port: 25,
             dns_server: None,
@@ -412,7 +424,16 @@ impl Relay {
             metrics: metrics.clone(),
             dlog: dlog.clone(),
         });
+        let liveness = Liveness::default();
+        let mut ticker_rx = shutdown_rx.clone();
+        listeners.push(tokio::spawn(crate::observe::liveness::runtime_ticker(
+            liveness.heartbeat("the async runtime", opts.liveness_max_silence),
+            async move {
+                let _ = ticker_rx.changed().await;
+            },
+        )));
         let admin_state = AdminState {
+            liveness: liveness.clone(),
             backend,
             dlog: dlog.clone(),
             metrics: metrics.clone(),
@@ -425,6 +446,14 @@ impl Relay {
                 .with_context(|| format!("binding admin on {addr}"))?;
             admin_addr = Some(l.local_addr()?);
             let mut rx = shutdown_rx.clone();
+            let mut refresh_rx = shutdown_rx.clone();
+            listeners.push(tokio::spawn(crate::admin::refresh_gauges(
+                admin_state.clone(),
+                opts.gauge_refresh,
+                async move {
+                    let _ = refresh_rx.changed().await;
+                },
+            )));
             listeners.push(tokio::spawn(async move {
                 let app = crate::admin::router(admin_state);
                 let r = axum::serve(l, app)
@@ -440,13 +469,28 @@ impl Relay {
 
         let mut workers = Vec::new();
         if opts.workers > 0 {
-            workers.push(tokio::spawn(worker.run(shutdown_rx.clone())));
+            let live = WorkerLiveness {
+                fetch_loop: liveness.heartbeat("the delivery loop", opts.liveness_max_silence),
+                jobs: liveness.heartbeat(
+                    format!(
+                        "a delivery job running for over {}",
+                        humantime::format_duration(opts.job_stuck_after)
+                    ),
+                    opts.liveness_max_silence,
+                ),
+                job_stuck_after: opts.job_stuck_after,
+            };
+            workers.push(tokio::spawn(worker.run(shutdown_rx.clone(), live)));
         }
         workers.extend([
             tokio::spawn(config_reloader(
                 config.clone(),
                 metrics.clone(),
                 opts.config_poll,
+                liveness.heartbeat(
+                    "the configuration reloader",
+                    opts.liveness_max_silence.max(opts.config_poll * 3),
+                ),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(dlog_trimmer(dlog.clone(), shutdown_rx.clone())),
@@ -549,6 +593,7 @@ async fn config_reloader(
     config: Arc<ConfigHandle>,
     metrics: Arc<Metrics>,
     every: Duration,
+    heartbeat: Heartbeat,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -557,6 +602,7 @@ async fn config_reloader(
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
+        heartbeat.beat();
         let c = config.clone();
         match tokio::task::spawn_blocking(move || c.reload()).await {
             Ok(Ok(Some(snap))) => {

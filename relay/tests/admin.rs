@@ -4,8 +4,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::common::csv_records;
 use async_trait::async_trait;
@@ -13,6 +14,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use mailroute_api::quota::{PeriodUsage, QuotaUsage};
 use mailroute_relay::admin::{self, AdminBackend, AdminState, CancelResult, QuotaReport};
 use mailroute_relay::observe::dlog::{DEFAULT_PREFIX, DeliveryEvent, DeliveryLog, EventResult};
+use mailroute_relay::observe::liveness::Liveness;
 use mailroute_relay::observe::metrics::Metrics;
 use mailroute_testkit::RedisServer;
 use reqwest::StatusCode;
@@ -31,7 +33,9 @@ fn at(ms: i64) -> DateTime<Utc> {
 struct TestBackend {
     not_ready: Mutex<Option<String>>,
     messages: Mutex<HashMap<String, Value>>,
-    scrapes: AtomicI64,
+    refreshes: AtomicI64,
+    /// Refreshes never finish (a hung Redis).
+    hang_refresh: AtomicBool,
 }
 
 #[async_trait]
@@ -81,7 +85,10 @@ impl AdminBackend for TestBackend {
     }
 
     async fn refresh_metrics(&self) -> bool {
-        self.scrapes.fetch_add(1, Ordering::SeqCst);
+        self.refreshes.fetch_add(1, Ordering::SeqCst);
+        if self.hang_refresh.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         true
     }
 }
@@ -92,6 +99,7 @@ struct Harness {
     backend: Arc<TestBackend>,
     metrics: Arc<Metrics>,
     dlog: DeliveryLog,
+    state: AdminState,
     _redis: RedisServer,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -110,12 +118,13 @@ impl Harness {
             backend: backend.clone(),
             dlog: dlog.clone(),
             metrics: metrics.clone(),
+            liveness: Liveness::default(),
             token: token.map(str::to_string),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(admin::serve(listener, state, async move {
+        let server = tokio::spawn(admin::serve(listener, state.clone(), async move {
             let _ = stopped.await;
         }));
         // Workspace builds enable reqwest's rustls without a provider (via kube-fake-client);
@@ -127,10 +136,15 @@ impl Harness {
             backend,
             metrics,
             dlog,
+            state,
             _redis: redis,
             stop: Some(stop),
             server: Some(server),
         }
+    }
+
+    fn state(&self) -> AdminState {
+        self.state.clone()
     }
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
@@ -225,10 +239,59 @@ async fn health_ready_and_metrics_need_no_token() {
         "{text}"
     );
     assert_eq!(
-        h.backend.scrapes.load(Ordering::SeqCst),
-        1,
-        "refresh hook runs per scrape"
+        h.backend.refreshes.load(Ordering::SeqCst),
+        0,
+        "a scrape never reads the Redis-backed gauges itself"
     );
+    h.shutdown().await;
+}
+
+/// The Redis-backed gauges are read on a timer, not by scrapes: they stay fresh with nobody
+/// scraping, and a refresh that hangs (Redis stopped) never holds a scrape; the age gauge tells.
+#[tokio::test]
+async fn gauges_refresh_in_the_background_and_a_hung_refresh_never_holds_a_scrape() {
+    let h = Harness::start(Some(TOKEN)).await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let state = h.state();
+    let refresher = tokio::spawn(admin::refresh_gauges(state, Duration::from_millis(50), async move {
+        let _ = stopped.await;
+    }));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while h.backend.refreshes.load(Ordering::SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no background refresh without scrapes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    h.backend.hang_refresh.store(true, Ordering::SeqCst);
+    let hung_from = h.backend.refreshes.load(Ordering::SeqCst);
+    // The refresher is now stuck in one refresh; scrapes still answer and the age grows.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = tokio::time::timeout(Duration::from_secs(10), async {
+            h.get("/metrics").send().await.unwrap().text().await.unwrap()
+        })
+        .await
+        .expect("a scrape waited for a hung refresh");
+        let age = text
+            .lines()
+            .find_map(|l| l.strip_prefix("mailroute_redis_gauges_age_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("age gauge");
+        if age >= 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "age never grew: {age}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        h.backend.refreshes.load(Ordering::SeqCst) <= hung_from + 1,
+        "one refresh at a time"
+    );
+    let _ = stop.send(());
+    refresher.await.unwrap();
     h.shutdown().await;
 }
 

@@ -20,6 +20,7 @@ mod inbound;
 mod inbound_limits;
 mod integrity;
 mod listen;
+mod liveness;
 mod oauth2;
 mod queue;
 mod quota;

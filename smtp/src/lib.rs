@@ -3,11 +3,13 @@
 //! [`reply`]: one [`Reply`] (code, typed enhanced status code, text) for inbound replies,
 //! outbound results, bounce classification, DSN diagnostics and the delivery log. [`client`]:
 //! the one outbound SMTP dialogue, used by the relay's delivery and the operator's connection
-//! test. [`wire`]: addresses and content as written on the wire.
+//! test. [`wire`]: addresses and content as written on the wire. [`helo`]: the rule for the
+//! name that greets MX hosts.
 //!
 //! No pooling, retries, classification or logging here: callers decide what a result means.
 
 pub mod client;
+pub mod helo;
 pub mod reply;
 pub mod wire;
 

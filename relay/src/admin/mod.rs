@@ -1,4 +1,5 @@
-//! The admin HTTP API (axum): `/healthz`, `/readyz` and `/metrics` without
+//! The admin HTTP API (axum): `/healthz` (503 when a loop of the relay stopped turning),
+//! `/readyz` and `/metrics` without
 //! authentication, and `/api/v1/*` (delivery log events as JSON or CSV,
 //! message state and cancellation, quota usage) behind a bearer token.
 //!
@@ -11,7 +12,7 @@ pub(crate) mod backend;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,6 +32,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::observe::dlog::{Cursor, DEFAULT_LIMIT, DeliveryLog, EventFilter, EventPage, MAX_LIMIT, write_csv};
+use crate::observe::liveness::Liveness;
 use crate::observe::metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics};
 use crate::outbound::bounce::BounceClass;
 
@@ -47,7 +49,7 @@ pub trait AdminBackend: Send + Sync {
     /// Current usage of every sender quota.
     async fn quotas(&self) -> anyhow::Result<Vec<QuotaReport>>;
     /// Updates the Redis-backed gauges (queue, quotas); `true` when every value was read. Run
-    /// in the background of a scrape, which waits for it only briefly (see [`REFRESH_WAIT`]).
+    /// in the background by [`refresh_gauges`], never by a scrape.
     async fn refresh_metrics(&self) -> bool {
         true
     }
@@ -79,6 +81,8 @@ pub struct AdminState {
     pub backend: Arc<dyn AdminBackend>,
     pub dlog: DeliveryLog,
     pub metrics: Arc<Metrics>,
+    /// Heartbeats of the relay's loops; `/healthz` answers 503 naming any that stopped.
+    pub liveness: Liveness,
     /// Bearer token for `/api/v1`; `None` (or empty) disables the API with 503.
     pub token: Option<String>,
 }
@@ -176,8 +180,14 @@ fn store_unavailable(err: &anyhow::Error) -> Option<&'static str> {
         })
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+async fn healthz(State(st): State<AdminState>) -> Response {
+    match st.liveness.check() {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(reason) => {
+            tracing::error!(%reason, "liveness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, reason).into_response()
+        }
+    }
 }
 
 async fn readyz(State(st): State<AdminState>) -> Response {
@@ -187,36 +197,35 @@ async fn readyz(State(st): State<AdminState>) -> Response {
     }
 }
 
-/// How long a scrape waits for the Redis-backed gauges before answering with the last values
-/// (and their age, `mailroute_redis_gauges_age_seconds`): a slow or hung Redis must not hold
-/// the scrape until Prometheus' timeout.
-pub const REFRESH_WAIT: Duration = Duration::from_millis(500);
-/// A refresh still running after this is abandoned; the next scrape starts another.
+/// How often the Redis-backed gauges (queue, quotas) are read in the background. A scrape never
+/// reads Redis: it serves the last values and their age (`mailroute_redis_gauges_age_seconds`),
+/// so a slow or hung Redis cannot hold it until Prometheus' timeout.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// A refresh still running after this is abandoned; the next tick starts another.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Clears the one-refresh-at-a-time flag however the refresh ends.
-struct Refreshing(Arc<AtomicBool>);
-
-impl Drop for Refreshing {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+/// Reads the Redis-backed gauges every `every` until `shutdown` completes, one refresh at a
+/// time, each bounded by a short timeout; records when the last complete read happened.
+pub async fn refresh_gauges(state: AdminState, every: Duration, shutdown: impl Future<Output = ()> + Send) {
+    let m = state.metrics.clone();
+    let refresher = async {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Ok(true) = tokio::time::timeout(REFRESH_TIMEOUT, state.backend.refresh_metrics()).await {
+                m.redis_gauges_read_ms.store(crate::clock::now_ms(), Ordering::Release);
+            }
+        }
+    };
+    tokio::select! {
+        () = refresher => {}
+        () = shutdown => {}
     }
 }
 
 async fn metrics(State(st): State<AdminState>) -> Response {
     let m = &st.metrics;
-    if !m.redis_gauges_refreshing.swap(true, Ordering::AcqRel) {
-        let guard = Refreshing(m.redis_gauges_refreshing.clone());
-        let (backend, read_ms) = (st.backend.clone(), m.redis_gauges_read_ms.clone());
-        let refresh = tokio::spawn(async move {
-            let _guard = guard;
-            if let Ok(true) = tokio::time::timeout(REFRESH_TIMEOUT, backend.refresh_metrics()).await {
-                read_ms.store(crate::clock::now_ms(), Ordering::Release);
-            }
-        });
-        // On timeout the refresh goes on in the background for the next scrape.
-        let _ = tokio::time::timeout(REFRESH_WAIT, refresh).await;
-    }
     let age_ms = crate::clock::now_ms() - m.redis_gauges_read_ms.load(Ordering::Acquire);
     m.redis_gauges_age_seconds.set(age_ms.max(0) as f64 / 1000.0);
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], st.metrics.encode()).into_response()

@@ -3,7 +3,8 @@
 //! its fixed replies by name in `replies`, DATA transparency in `data`, envelope address syntax
 //! and wire form in `address`, the limits on what a session may cost in [`auth_guard`] and
 //! `body_budget`, the end of idle sessions at shutdown in `shutdown`, sender quotas in
-//! [`quota`], the header work on an accepted message in `headers`.
+//! [`quota`], the header work on an accepted message in `headers`, the sender's namespace
+//! identity for unauthenticated clients in `identity`.
 //!
 //! Nothing under `inbound` delivers or routes mail.
 
@@ -12,6 +13,7 @@ pub mod auth_guard;
 pub(crate) mod body_budget;
 pub(crate) mod data;
 pub(crate) mod headers;
+pub(crate) mod identity;
 pub(crate) mod listener;
 pub mod quota;
 pub(crate) mod replies;

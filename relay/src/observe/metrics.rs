@@ -9,7 +9,7 @@
 //! bounded (listener, route id, quota id, reply code, bounce class, result).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64};
+use std::sync::atomic::AtomicI64;
 
 use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -140,8 +140,6 @@ pub struct Metrics {
     /// When the Redis-backed gauges were last read in full (ms since the epoch; start-up time
     /// before the first read).
     pub redis_gauges_read_ms: Arc<AtomicI64>,
-    /// A refresh of the Redis-backed gauges is running (one at a time).
-    pub redis_gauges_refreshing: Arc<AtomicBool>,
 }
 
 /// Errors building the metric set (only a programming error can cause one).
@@ -359,7 +357,6 @@ impl Metrics {
                 g
             },
             redis_gauges_read_ms: Arc::new(AtomicI64::new(crate::clock::now_ms())),
-            redis_gauges_refreshing: Arc::new(AtomicBool::new(false)),
             registry,
         })
     }

@@ -48,6 +48,7 @@ pub fn options(dir: &std::path::Path, routes: &str, queue: &str) -> RelayOptions
     o.admin_listen = Some("127.0.0.1:0".parse().expect("addr"));
     o.log_stdout = false;
     o.config_poll = Duration::from_millis(100);
+    o.gauge_refresh = Duration::from_millis(100);
     o.visibility_timeout = Duration::from_secs(2);
     o.drain_timeout = Duration::from_secs(5);
     o.workers = 8;

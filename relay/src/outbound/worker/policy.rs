@@ -1,0 +1,170 @@
+//! The pure part of the worker's decisions: the retry policy of a message, what follows an
+//! attempt (delivered, bounce, retry, expired), the route used when none matches and the outcome
+//! that stands for "no route".
+//!
+//! Plain functions, tested directly. Must not do I/O or read the clock.
+
+use std::time::Duration;
+
+use mailroute_api::config::{CompiledRoute, Target};
+
+use super::{AttemptOutcome, Cause};
+use crate::outbound::bounce::{self, EnhancedStatusCode};
+use crate::outbound::retry::{self, Next, RetryPolicy};
+use crate::queue::message::MessageMeta;
+
+/// The route used when nothing matches and MX fallback is on.
+pub(super) fn fallback_route() -> CompiledRoute {
+    CompiledRoute {
+        id: "mx".into(),
+        priority: i32::MAX,
+        target: Target::Mx,
+        recipient_domains: Vec::new(),
+        senders: Default::default(),
+        from_override: None,
+        limits: Default::default(),
+        retry: Default::default(),
+        dkim: None,
+        test_recipient: None,
+        timeouts: Default::default(),
+    }
+}
+
+/// The retry policy for a message: the first candidate route's, overridden by the message's
+/// `X-Mailroute-Retry-Interval` / `X-Mailroute-Expire`.
+pub fn policy_for(route: Option<&CompiledRoute>, meta: &MessageMeta) -> RetryPolicy {
+    let rc = route.map(|r| r.retry.clone()).unwrap_or_default();
+    let mut p = RetryPolicy {
+        interval: Duration::from_secs(rc.interval_secs.max(1)),
+        lifetime: Duration::from_secs(rc.lifetime_secs.max(1)),
+        backoff: match rc.backoff {
+            mailroute_api::route::Backoff::Fixed => retry::Backoff::Fixed,
+            mailroute_api::route::Backoff::Exponential => retry::Backoff::Exponential {
+                factor: 2.0,
+                max_interval: Duration::from_secs(rc.max_interval_secs.max(rc.interval_secs).max(1)),
+            },
+        },
+    };
+    if let Some(i) = meta.options.retry_interval_secs {
+        p.interval = Duration::from_secs(i.max(1));
+        if let retry::Backoff::Exponential { max_interval, .. } = &mut p.backoff {
+            *max_interval = (*max_interval).max(p.interval);
+        }
+    }
+    if let Some(exp) = meta.options.expire_at_ms {
+        let ms = (exp - meta.received_at_ms).max(1000);
+        p.lifetime = Duration::from_millis(ms as u64);
+    }
+    p
+}
+
+/// The decision after all routes were tried for one attempt. Pure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Delivered,
+    Bounce { class: bounce::BounceClass },
+    Retry { at_ms: i64 },
+    Expired,
+}
+
+/// What to do after an attempt whose last outcome was `last`: permanent failures bounce,
+/// temporary ones retry on `policy` unless the lifetime is over.
+pub fn decide(last: &AttemptOutcome, policy: &RetryPolicy, meta: &MessageMeta, now_ms: i64, attempts: u32) -> Decision {
+    match last {
+        AttemptOutcome::Delivered { .. } => Decision::Delivered,
+        AttemptOutcome::Failed {
+            permanent: true, class, ..
+        } => Decision::Bounce { class: *class },
+        AttemptOutcome::Failed { .. } => match retry::next_attempt(policy, meta.received_at_ms, now_ms, attempts) {
+            Next::RetryAt(at) => Decision::Retry { at_ms: at },
+            Next::Expired => Decision::Expired,
+        },
+    }
+}
+
+/// What "no route serves the recipient" counts as: a temporary failure of class `no_route`.
+pub fn no_route_outcome(domain: &str) -> AttemptOutcome {
+    AttemptOutcome::Failed {
+        cause: Cause::NoReply {
+            detail: format!("4.4.4 No route configured for recipient domain {domain}"),
+            status: Some(EnhancedStatusCode::new(4, 4, 4)),
+        },
+        permanent: false,
+        class: bounce::BounceClass::NoRoute,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::bounce::{Failure, Reply};
+
+    fn meta(received: i64) -> MessageMeta {
+        MessageMeta {
+            id: "m".into(),
+            received_at_ms: received,
+            source_ip: "127.0.0.1".into(),
+            listener: "smtp".into(),
+            auth_user: None,
+            tls: false,
+            mail_from: "a@b.example".into(),
+            rcpts: vec!["c@d.example".into()],
+            message_id_header: None,
+            size: 1,
+            options: Default::default(),
+            quota: None,
+            is_dsn: false,
+        }
+    }
+
+    #[test]
+    fn decisions_follow_reply_class_and_lifetime() {
+        let m = meta(0);
+        let p = policy_for(None, &m);
+        assert_eq!(p.interval, Duration::from_secs(60));
+        assert_eq!(p.lifetime, Duration::from_secs(1800));
+        let ok = AttemptOutcome::from_reply(Reply::new(250, "2.0.0 ok"));
+        assert_eq!(decide(&ok, &p, &m, 10, 1), Decision::Delivered);
+        let temp = AttemptOutcome::from_reply(Reply::new(451, "4.3.0 try later"));
+        assert_eq!(decide(&temp, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
+        assert_eq!(decide(&temp, &p, &m, 1_800_000, 31), Decision::Expired);
+        let perm = AttemptOutcome::from_reply(Reply::new(550, "5.1.1 user unknown"));
+        assert_eq!(
+            decide(&perm, &p, &m, 10, 1),
+            Decision::Bounce {
+                class: bounce::BounceClass::InvalidRecipient
+            }
+        );
+        let refused = AttemptOutcome::from_failure(Failure::ConnectionRefused, "refused");
+        assert!(matches!(decide(&refused, &p, &m, 10, 1), Decision::Retry { .. }));
+        let nx = AttemptOutcome::from_failure(Failure::DnsNoSuchDomain, "NXDOMAIN");
+        assert!(matches!(decide(&nx, &p, &m, 10, 1), Decision::Bounce { .. }));
+    }
+
+    #[test]
+    fn no_route_is_deferred_until_the_lifetime_ends() {
+        let m = meta(0);
+        let p = policy_for(None, &m);
+        let none = no_route_outcome("d.example");
+        assert!(none.is_temporary());
+        assert_eq!(decide(&none, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
+        assert_eq!(decide(&none, &p, &m, 1_800_000, 31), Decision::Expired);
+        let AttemptOutcome::Failed { class, .. } = none else {
+            unreachable!("a failure")
+        };
+        assert_eq!(class.as_str(), "no_route");
+    }
+
+    #[test]
+    fn message_headers_override_the_route_policy() {
+        let mut m = meta(1_000);
+        m.options.retry_interval_secs = Some(5);
+        m.options.expire_at_ms = Some(1_000 + 120_000);
+        let p = policy_for(None, &m);
+        assert_eq!(p.interval, Duration::from_secs(5));
+        assert_eq!(p.lifetime, Duration::from_secs(120));
+        let temp = AttemptOutcome::from_reply(Reply::new(421, "4.7.0 busy"));
+        assert_eq!(decide(&temp, &p, &m, 2_000, 1), Decision::Retry { at_ms: 7_000 });
+        assert_eq!(decide(&temp, &p, &m, 121_000, 9), Decision::Expired);
+    }
+}
