@@ -233,13 +233,14 @@ fn missing_credentials(mechanism: AuthMechanism) -> String {
     }
 }
 
-/// A failed token request in the test's words: the endpoint and the provider's own error
-/// (`invalid_client: AADSTS7000215: Invalid client secret provided. ...`, `invalid_grant`).
+/// A failed token request in the test's words: the endpoint's host (not the path, which holds
+/// the tenant) and the provider's own error (`invalid_client: AADSTS7000215: Invalid client
+/// secret provided. ...`, `invalid_grant`).
 fn token_failure(url: &str, e: &OAuthError) -> Failure {
     let error = match e {
         // Says which endpoint itself.
         OAuthError::Transport { .. } => e.to_string(),
-        _ => format!("{url}: {e}"),
+        _ => format!("{}: {e}", mailroute_oauth::endpoint_name(url)),
     };
     Failure::error("token", error)
 }

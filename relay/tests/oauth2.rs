@@ -6,7 +6,6 @@
 //! once with a new token; nothing secret reaches the delivery log, the relay's log lines,
 //! /metrics or the admin API.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,28 +58,8 @@ fn client_secret_route(name: &str, domain: &str, port: u16, e: &Endpoint, client
     )
 }
 
-/// A captured byte stream (the delivery log's JSON lines, tracing output).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A relay on `redis` with `routes`, trusting the certificates of `endpoints` for token requests.
-async fn relay(routes: &str, redis: &RedisServer, endpoints: &[&Endpoint], dlog: Option<Captured>) -> TestRelay {
+async fn relay(routes: &str, redis: &RedisServer, endpoints: &[&Endpoint]) -> TestRelay {
     let mut roots = rustls::RootCertStore::empty();
     for e in endpoints {
         roots.roots.extend(e.pki.root_store().roots);
@@ -91,7 +70,6 @@ async fn relay(routes: &str, redis: &RedisServer, endpoints: &[&Endpoint], dlog:
     let overrides = Overrides {
         resolver: Some(Arc::new(StaticResolver::new())),
         token_client: Some(TokenClient::new(roots)),
-        dlog_writer: dlog.map(|d| Box::new(d) as Box<dyn Write + Send>),
         ..Default::default()
     };
     let relay = Relay::start_with(o, overrides).await.expect("relay starts");
@@ -154,10 +132,7 @@ async fn two_relays_starting_together_deliver_with_xoauth2_and_one_token_request
         client_secret_route("o365", "*", up.port(), &e, "right-secret")
     );
     let trusted = [&e];
-    let (a, b) = tokio::join!(
-        relay(&routes, &redis, &trusted, None),
-        relay(&routes, &redis, &trusted, None)
-    );
+    let (a, b) = tokio::join!(relay(&routes, &redis, &trusted), relay(&routes, &redis, &trusted));
     let rcpts: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
     let sends = rcpts.iter().enumerate().map(|(i, rcpt)| {
         let r = if i % 2 == 0 { &a } else { &b };
@@ -199,7 +174,7 @@ async fn a_token_endpoint_refusal_defers_the_mail_with_the_providers_words() {
             "  client-id: app-1\n  client-secret: right-secret\n  refresh-token: revoked-refresh-token\n"
         ),
     );
-    let r = relay(&routes, &redis, &[&e], None).await;
+    let r = relay(&routes, &redis, &[&e]).await;
     submit_to(&r, "ceo@contoso.example").await;
     submit_to(&r, "friend@gmail.example").await;
 
@@ -212,13 +187,19 @@ async fn a_token_endpoint_refusal_defers_the_mail_with_the_providers_words() {
         let text = d["reply_text"].as_str().unwrap_or_default();
         assert!(
             text.starts_with(&format!(
-                "no OAuth2 token for relay@contoso.example from {}: {words}",
-                e.url()
+                "no OAuth2 token for relay@contoso.example from https://127.0.0.1:{}: {words}",
+                e.port
             )),
             "{text}"
         );
         assert_eq!(d["bounce_class"], "auth_failure", "{d}");
-        for secret in ["wrong-client-secret", "right-secret", "revoked-refresh-token"] {
+        // Nor the tenant, which is in the token URL's path.
+        for secret in [
+            "wrong-client-secret",
+            "right-secret",
+            "revoked-refresh-token",
+            "tenant-1",
+        ] {
             assert!(!d.to_string().contains(secret), "{d}");
         }
         assert!(with_result(&evs, "bounced").is_empty(), "never a bounce: {evs:?}");
@@ -260,7 +241,7 @@ async fn a_535_to_a_valid_token_drops_it_and_authenticates_once_more_with_a_new_
         client_secret_route("one", "one.example", up1.port(), &e1, "right-secret"),
         client_secret_route("two", "two.example", up2.port(), &e2, "right-secret"),
     );
-    let r = relay(&routes, &redis, &[&e1, &e2], None).await;
+    let r = relay(&routes, &redis, &[&e1, &e2]).await;
 
     submit_to(&r, "a@one.example").await;
     let received = up1.wait_for(1, WAIT).await.unwrap();
@@ -303,24 +284,30 @@ const REFRESH_TOKEN: &str = "rt-Zk55-refresh-original";
 const ROTATED_PREFIX: &str = "rt-Jp03-rotated-";
 const ACCESS_PREFIX: &str = "EwBat-Vv91-access-";
 
-/// Every delivery path with known tokens, client secrets, a refresh token that rotates and a
-/// private key: a grep of the delivery log (JSON lines and admin API), the relay's log output
-/// (tracing at every level) and /metrics finds none of them, nor the XOAUTH2 responses.
-#[tokio::test]
-async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    // A current-thread runtime: every task of the relay logs through this thread's subscriber.
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::EnvFilter::new("trace"))
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(move || writer.clone())
-                .with_ansi(false),
-        );
-    let _guard = tracing::subscriber::set_default(subscriber);
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
+/// Reads a child's pipe into a buffer until it closes.
+fn drain(mut pipe: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = pipe.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+}
+
+/// Every delivery path with known tokens, client secrets, a refresh token that rotates and a
+/// private key, through the relay binary (its log at `trace` on stderr, its delivery log on
+/// stdout, trusting the token endpoint through `SSL_CERT_FILE` as a pod would its CA bundle): a
+/// grep of the log output, the delivery log (stdout, admin API, CSV export) and /metrics finds
+/// none of them, nor the XOAUTH2 responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
     let redis = RedisServer::start().unwrap();
     let e = Endpoint::start(Settings {
         client_secret: CLIENT_SECRET.into(),
@@ -368,20 +355,70 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
             &format!("  client-id: app-1\n  client-secret: {CLIENT_SECRET}\n  refresh-token: {REFRESH_TOKEN}\n"),
         ),
     );
-    let dlog = Captured::default();
-    let r = relay(&routes, &redis, &[&e], Some(dlog.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes_file = dir.path().join("routes.yaml");
+    std::fs::write(&routes_file, routes).unwrap();
+    let ca_file = dir.path().join("token-endpoint-ca.pem");
+    std::fs::write(&ca_file, &e.pki.ca_pem).unwrap();
+    let (smtp_port, admin_port) = (free_port(), free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailroute-relay"))
+        .args(["run", "--queue", &redis.url(), "--hostname", "relay.test"])
+        .args(["--smtp-listen", &format!("127.0.0.1:{smtp_port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .args(["--admin-token", ADMIN_TOKEN, "--routes", routes_file.to_str().unwrap()])
+        .env("MAILROUTE_LOG", "trace")
+        .env("SSL_CERT_FILE", &ca_file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn relay");
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let get = async |path: &str| -> Option<String> {
+        let r = reqwest::Client::new()
+            .get(format!("{admin}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(r.text().await.ok()?)
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while get("/readyz").await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the relay did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let smtp = std::net::SocketAddr::from(([127, 0, 0, 1], smtp_port));
+    let send = async |rcpt: &str| {
+        let t = submit(smtp, "app@contoso.example", &[rcpt], &message(rcpt, "")).await;
+        assert!(t.delivered(), "{t:?}");
+    };
+    let logged = async |rcpt: &str, result: &str| {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let body = get(&format!("/api/v1/events?recipient={rcpt}&result={result}"))
+                .await
+                .unwrap_or_default();
+            if body.contains(&format!("\"recipient\":\"{rcpt}\"")) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no {result} record for {rcpt}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     for rcpt in [
         "a@secret.example",
         "b@cert.example",
         "c@refresh.example",
         "d@wrong.example",
     ] {
-        submit_to(&r, rcpt).await;
+        send(rcpt).await;
     }
     up.wait_for(3, WAIT).await.unwrap();
-    records(&r, "d@wrong.example", |e| !with_result(e, "deferred").is_empty()).await;
+    logged("d@wrong.example", "deferred").await;
     for rcpt in ["a@secret.example", "b@cert.example", "c@refresh.example"] {
-        records(&r, rcpt, |e| !with_result(e, "delivered").is_empty()).await;
+        logged(rcpt, "delivered").await;
     }
     // A second refresh-token request, with the rotated token.
     let mut conn = redis_connection(&redis).await;
@@ -393,8 +430,8 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
     for k in &keys {
         let _: () = redis::cmd("DEL").arg(k).query_async(&mut conn).await.unwrap();
     }
-    submit_to(&r, "e@refresh.example").await;
-    records(&r, "e@refresh.example", |e| !with_result(e, "delivered").is_empty()).await;
+    send("e@refresh.example").await;
+    logged("e@refresh.example", "delivered").await;
     assert!(
         e.presented
             .lock()
@@ -404,10 +441,29 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
         "the rotated refresh token was used: {:?}",
         e.presented.lock().unwrap()
     );
+    let api = [
+        (
+            "delivery log (admin API)",
+            get("/api/v1/events").await.unwrap_or_default(),
+        ),
+        (
+            "delivery log (CSV export)",
+            get("/api/v1/events.csv").await.unwrap_or_default(),
+        ),
+        ("/metrics", get("/metrics").await.unwrap_or_default()),
+    ];
+    // SIGKILL of our own child: its pipes close and the drains end.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut outputs = vec![
+        ("delivery log (stdout)", stdout.join().unwrap()),
+        ("log output (stderr)", stderr.join().unwrap()),
+    ];
+    outputs.extend(api.map(|(what, text)| (what, text)));
 
     let tokens = up.xoauth2_tokens();
     assert!(
-        tokens.len() >= 4 && tokens.iter().all(|t| t.starts_with(ACCESS_PREFIX)),
+        tokens.len() >= 5 && tokens.iter().all(|t| t.starts_with(ACCESS_PREFIX)),
         "{tokens:?}"
     );
     let mut secrets: Vec<String> = vec![
@@ -423,22 +479,16 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
         let sasl = format!("user=relay@contoso.example\x01auth=Bearer {t}\x01\x01");
         secrets.push(base64::engine::general_purpose::STANDARD.encode(sasl));
     }
-
-    let outputs = [
-        ("delivery log (JSON lines)", dlog.text()),
-        ("delivery log (admin API)", get(&r, "/api/v1/events").await),
-        ("delivery log (CSV export)", get(&r, "/api/v1/events.csv").await),
-        ("/metrics", get(&r, "/metrics").await),
-        ("log output", logs.text()),
-    ];
     for (what, text) in &outputs {
         assert!(!text.is_empty(), "{what} is empty");
         for s in &secrets {
             assert!(!text.contains(s.as_str()), "{what} shows a secret ({s}):\n{text}");
         }
     }
-    // The log output is real: it covers the token requests and the refused token.
-    let log = &outputs[4].1;
+    // The outputs are real: the log covers the token requests and the refused token, the
+    // delivery log the refusal in the provider's words.
+    let log = &outputs[1].1;
     assert!(log.contains("token request failed"), "{log}");
     assert!(log.contains("upstream refused the OAuth2 token"), "{log}");
+    assert!(outputs[0].1.contains("AADSTS7000215"), "{}", outputs[0].1);
 }

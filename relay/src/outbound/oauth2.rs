@@ -6,8 +6,9 @@
 //! one) and gets the next.
 //!
 //! A failure here is the words of the token endpoint (`invalid_client: AADSTS7000215: ...`,
-//! `invalid_grant`) with the endpoint and the user, for the delivery log; it never holds a
-//! token, refresh token, client secret or key, and nothing here logs one. It must not deliver,
+//! `invalid_grant`) with the endpoint's host and the user, for the delivery log; it never holds a
+//! token, refresh token, client secret, key or the tenant (in an Entra ID URL's path), and
+//! nothing here logs one. It must not deliver,
 //! classify or schedule: the transport does that with what it gets.
 
 use std::collections::HashMap;
@@ -68,8 +69,13 @@ impl OAuth2Tokens {
     }
 
     async fn fetch(&self, key: &TokenKey, grant: &Grant, stale: Option<&SecretString>) -> Result<SecretString, String> {
-        let failed =
-            |e: &dyn std::fmt::Display| format!("no OAuth2 token for {} from {}: {e}", key.user, grant.token_url());
+        let failed = |e: &dyn std::fmt::Display| {
+            format!(
+                "no OAuth2 token for {} from {}: {e}",
+                key.user,
+                mailroute_oauth::endpoint_name(grant.token_url())
+            )
+        };
         let Some(cache) = &self.cache else {
             return Err(failed(
                 &"OAuth2 tokens are shared through Redis; this relay runs with the in-memory queue (--queue memory)",
@@ -147,7 +153,7 @@ mod tests {
             .unwrap_or_default();
         assert!(e.contains("in-memory queue"), "{e}");
         assert!(
-            e.starts_with("no OAuth2 token for relay@contoso.example from https://login.example/"),
+            e.starts_with("no OAuth2 token for relay@contoso.example from https://login.example: "),
             "{e}"
         );
         assert!(!e.contains("cs-value"));
