@@ -1,10 +1,12 @@
 //! Routes with `auth.oauth2` end to end: relays on a real redis-server get access tokens from a
 //! token endpoint on 127.0.0.1 (HTTPS, testkit) and authenticate with XOAUTH2 to an upstream over
 //! STARTTLS that accepts only tokens the endpoint issued and that are still valid. Two relays
-//! starting together make one token request; a token endpoint's refusal defers the mail with the
+//! starting together make one token request; a token that expires between two messages is
+//! replaced without a failed delivery; a token endpoint's refusal defers the mail with the
 //! provider's words in the delivery log; a 535 to a token the cache holds as valid is retried
-//! once with a new token; nothing secret reaches the delivery log, the relay's log lines,
-//! /metrics or the admin API.
+//! once with a new token; every grant (client secret, certificate, refresh token, service
+//! account) delivers through the relay binary, and nothing secret reaches its log output, its
+//! delivery log, /metrics or the admin API.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -284,6 +286,16 @@ const REFRESH_TOKEN: &str = "rt-Zk55-refresh-original";
 const ROTATED_PREFIX: &str = "rt-Jp03-rotated-";
 const ACCESS_PREFIX: &str = "EwBat-Vv91-access-";
 
+/// A Google service account's key file with the test key.
+fn service_account_json() -> String {
+    serde_json::json!({
+        "type": "service_account",
+        "client_email": "relay@project.iam.gserviceaccount.com",
+        "private_key": KEY,
+    })
+    .to_string()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -330,7 +342,7 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
     });
     let up = SmtpServer::start(Script::new().starttls(pki.server_config()).xoauth2(check)).unwrap();
     let routes = format!(
-        "{}{}{}{}{}",
+        "{}{}{}{}{}{}",
         ca_secret(&pki),
         client_secret_route("secret", "secret.example", up.port(), &e, CLIENT_SECRET),
         client_secret_route("wrong", "wrong.example", up.port(), &e, WRONG_SECRET),
@@ -353,6 +365,14 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
             &e.url(),
             "grant: refreshToken, provider: microsoft",
             &format!("  client-id: app-1\n  client-secret: {CLIENT_SECRET}\n  refresh-token: {REFRESH_TOKEN}\n"),
+        ),
+        oauth2_route(
+            "workspace",
+            "workspace.example",
+            up.port(),
+            &e.url(),
+            "grant: serviceAccount",
+            &format!("  service-account.json: |\n{}", indent(&service_account_json())),
         ),
     );
     let dir = tempfile::tempdir().unwrap();
@@ -407,17 +427,24 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
+    // Every grant: client secret, certificate, refresh token, service account.
     for rcpt in [
         "a@secret.example",
         "b@cert.example",
         "c@refresh.example",
         "d@wrong.example",
+        "f@workspace.example",
     ] {
         send(rcpt).await;
     }
-    up.wait_for(3, WAIT).await.unwrap();
+    up.wait_for(4, WAIT).await.unwrap();
     logged("d@wrong.example", "deferred").await;
-    for rcpt in ["a@secret.example", "b@cert.example", "c@refresh.example"] {
+    for rcpt in [
+        "a@secret.example",
+        "b@cert.example",
+        "c@refresh.example",
+        "f@workspace.example",
+    ] {
         logged(rcpt, "delivered").await;
     }
     // A second refresh-token request, with the rotated token.
@@ -463,7 +490,7 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
 
     let tokens = up.xoauth2_tokens();
     assert!(
-        tokens.len() >= 5 && tokens.iter().all(|t| t.starts_with(ACCESS_PREFIX)),
+        tokens.len() >= 6 && tokens.iter().all(|t| t.starts_with(ACCESS_PREFIX)),
         "{tokens:?}"
     );
     let mut secrets: Vec<String> = vec![
@@ -491,4 +518,40 @@ async fn nothing_secret_reaches_logs_metrics_or_the_admin_api() {
     assert!(log.contains("token request failed"), "{log}");
     assert!(log.contains("upstream refused the OAuth2 token"), "{log}");
     assert!(outputs[0].1.contains("AADSTS7000215"), "{}", outputs[0].1);
+}
+
+/// A token that expires between two messages is replaced before the second goes out: no failed
+/// delivery, one more token request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_between_two_messages_is_replaced_without_a_failed_delivery() {
+    let redis = RedisServer::start().unwrap();
+    // Two-second tokens: refreshed once half their life is gone.
+    let e = Endpoint::start(Settings {
+        expires_in: 2,
+        ..Settings::default()
+    })
+    .await;
+    let pki = TestPki::new();
+    let up = SmtpServer::start(Script::new().starttls(pki.server_config()).xoauth2(e.token_check())).unwrap();
+    let routes = format!(
+        "{}{}",
+        ca_secret(&pki),
+        client_secret_route("o365", "*", up.port(), &e, "right-secret")
+    );
+    let r = relay(&routes, &redis, &[&e]).await;
+    submit_to(&r, "first@example.com").await;
+    up.wait_for(1, WAIT).await.unwrap();
+    assert_eq!(up.xoauth2_tokens(), ["at-1"]);
+    // The upstream no longer takes at-1.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while e.is_valid("at-1") {
+        assert!(tokio::time::Instant::now() < deadline, "at-1 never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    submit_to(&r, "second@example.com").await;
+    up.wait_for(2, WAIT).await.unwrap();
+    assert_eq!(up.xoauth2_tokens(), ["at-1", "at-2"]);
+    assert_eq!(e.requests(), 2);
+    let evs = records(&r, "second@example.com", |e| !with_result(e, "delivered").is_empty()).await;
+    assert!(with_result(&evs, "deferred").is_empty(), "{evs:?}");
 }
