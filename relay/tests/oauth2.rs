@@ -555,3 +555,39 @@ async fn a_token_that_expires_between_two_messages_is_replaced_without_a_failed_
     let evs = records(&r, "second@example.com", |e| !with_result(e, "delivered").is_empty()).await;
     assert!(with_result(&evs, "deferred").is_empty(), "{evs:?}");
 }
+
+/// Gmail answers a refused token with an error challenge (`334` and base64 JSON) and gives its
+/// `535` only after an empty line: the relay sends that line, sees the 535 and authenticates
+/// once more with a new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gmails_error_challenge_is_answered_and_its_535_retried_with_a_new_token() {
+    let redis = RedisServer::start().unwrap();
+    let e = Endpoint::start(Settings::default()).await;
+    let pki = TestPki::new();
+    let first: Arc<Mutex<Option<String>>> = Arc::default();
+    let valid = e.token_check();
+    let check = TokenCheck::new(move |user, token| {
+        let mut first = first.lock().unwrap();
+        let seen = first.get_or_insert_with(|| token.to_string());
+        seen != token && valid.accepts(user, token)
+    });
+    let up = SmtpServer::start(
+        Script::new()
+            .implicit_tls(pki.server_config())
+            .xoauth2(check)
+            .xoauth2_error_challenge(true)
+            .auth_fail_reply("535 5.7.8 Username and Password not accepted. For more information, go to https://support.google.com/mail/?p=BadCredentials"),
+    )
+    .unwrap();
+    let routes = format!(
+        "{}{}",
+        ca_secret(&pki),
+        client_secret_route("gmail", "*", up.port(), &e, "right-secret").replace("mode: starttls", "mode: implicit")
+    );
+    let r = relay(&routes, &redis, &[&e]).await;
+    submit_to(&r, "friend@example.com").await;
+    let received = up.wait_for(1, WAIT).await.unwrap();
+    assert!(received[0].tls);
+    assert_eq!(up.xoauth2_tokens(), ["at-1", "at-2"]);
+    assert_eq!(e.requests(), 2);
+}

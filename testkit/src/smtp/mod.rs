@@ -31,6 +31,8 @@ pub use client::{Exchange, Reply, SmtpClient, Transcript, send};
 
 use self::io::{MaybeTls, read_line, trim_eol};
 
+/// Gmail's XOAUTH2 error challenge (before base64).
+pub const XOAUTH2_ERROR: &str = r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#;
 /// Default reply to wrong AUTH credentials.
 pub const DEFAULT_AUTH_FAIL_REPLY: &str = "535 5.7.8 Username and password not accepted.";
 /// Default reply used by [`Behaviour::temp_fail`] and [`Script::fail_then_accept`].
@@ -191,6 +193,9 @@ pub struct Script {
     /// When set, `AUTH XOAUTH2` is advertised (after TLS if TLS is configured), MAIL requires
     /// authentication, and a token is accepted when the check says so.
     pub xoauth2: Option<TokenCheck>,
+    /// A refused XOAUTH2 token gets Google's error challenge (`334` and base64 JSON); only an
+    /// empty line then gets `auth_fail_reply`, anything else `501`.
+    pub xoauth2_error_challenge: bool,
     /// Behaviours consumed in order, one per message (or per RCPT).
     pub behaviours: Vec<Behaviour>,
     /// Behaviour once `behaviours` is exhausted (default `Accept`).
@@ -221,6 +226,7 @@ impl Default for Script {
             auth: None,
             auth_fail_reply: DEFAULT_AUTH_FAIL_REPLY.to_string(),
             xoauth2: None,
+            xoauth2_error_challenge: false,
             behaviours: Vec::new(),
             default_behaviour: Behaviour::Accept,
             stage: Stage::Data,
@@ -272,6 +278,12 @@ impl Script {
     /// Requires AUTH XOAUTH2 with a token `check` accepts (any user).
     pub fn xoauth2(mut self, check: TokenCheck) -> Self {
         self.xoauth2 = Some(check);
+        self
+    }
+
+    /// Answers refused XOAUTH2 tokens as Gmail does (see [`Script::xoauth2_error_challenge`]).
+    pub fn xoauth2_error_challenge(mut self, on: bool) -> Self {
+        self.xoauth2_error_challenge = on;
         self
     }
 
@@ -1040,6 +1052,16 @@ impl Session {
             AuthOutcome::Credentials(u, p) | AuthOutcome::Token(u, p) if accepted(&u, &p) => {
                 self.auth_user = Some(u);
                 reply(io, "235 2.7.0 Authentication successful").await
+            }
+            AuthOutcome::Token(..) if script.xoauth2_error_challenge => {
+                // Google: the error as a challenge; an empty line gets the final reply.
+                reply(io, &format!("334 {}", BASE64.encode(XOAUTH2_ERROR))).await?;
+                match read_line(io, MAX_LINE).await {
+                    Ok(Some(line)) if trim_eol(&line).is_empty() => reply(io, &script.auth_fail_reply).await,
+                    Ok(Some(_)) => reply(io, "501 5.5.2 Cannot Decode response").await,
+                    Ok(None) => Ok(Flow::Close),
+                    Err(e) => Err(e),
+                }
             }
             AuthOutcome::Credentials(..) | AuthOutcome::Token(..) => {
                 let text = self.script().auth_fail_reply.clone();
