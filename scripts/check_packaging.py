@@ -494,6 +494,51 @@ def cli_problems(objs: list[dict], binaries: dict[str, str]) -> tuple[list[str],
     return problems, checked
 
 
+def check_open_relay() -> None:
+    """An outside-facing Service must not make outside clients look like relayCidrs; the PROXY
+    protocol is passed to the relays; port 25 has an ingress rule of its own."""
+    before = len(failures)
+
+    def relay_args(objs: list[dict]) -> list[str]:
+        dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-relay"))
+        return pod_spec(dep)["containers"][0]["args"]
+
+    for kind in ("LoadBalancer", "NodePort"):
+        for policy in ("", "Cluster"):
+            values = {"relay": {"service": {"type": kind, "externalTrafficPolicy": policy}}}
+            err = render_fails(values)
+            if err is None or "open relay" not in err:
+                fail(f"the chart accepts a {kind} Service with externalTrafficPolicy {policy or 'default'} and relayCidrs: {err}")
+    safe = {
+        "Local": {"relay": {"service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}}},
+        "PROXY protocol": {"relay": {"service": {"type": "LoadBalancer"}, "proxyProtocol": {"enabled": True, "trustedCidrs": ["10.1.0.0/16"]}}},
+        "no relayCidrs": {"relay": {"service": {"type": "NodePort"}, "relayCidrs": []}},
+    }
+    for what, values in safe.items():
+        err = render_fails(values)
+        if err is not None:
+            fail(f"the chart refuses a LoadBalancer/NodePort with {what}: {err.strip().splitlines()[-1]}")
+    objs, _ = render(safe["PROXY protocol"])
+    if "--proxy-protocol-from=10.1.0.0/16" not in relay_args(objs):
+        fail(f"relay.proxyProtocol does not reach the relays: {relay_args(objs)}")
+    if any(a.startswith("--proxy-protocol-from") for a in relay_args(render({})[0])):
+        fail("the relays expect a PROXY header by default")
+    if render_fails({"relay": {"proxyProtocol": {"enabled": True}}}) is None:
+        fail("the chart accepts relay.proxyProtocol without trustedCidrs (anyone's header would be believed)")
+    # Port 25 and 587/465 are separate rules: outside submitters are not let onto port 25.
+    objs, _ = render({"relay": {"tls": {"enabled": True}}, "networkPolicy": {"submission": {"allowedCidrs": ["203.0.113.0/24"]}}})
+    np = next(o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-relay"))
+    for rule in np["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        cidrs = {p["ipBlock"]["cidr"] for p in rule.get("from", []) if "ipBlock" in p}
+        if "smtp" in ports and (ports - {"smtp"} or "203.0.113.0/24" in cidrs):
+            fail(f"{kn(np)}: port 25 shares a rule with {ports - {'smtp'}} or admits the submitters' range: {rule}")
+        if "submission" in ports and "203.0.113.0/24" not in cidrs:
+            fail(f"{kn(np)}: networkPolicy.submission.allowedCidrs does not reach 587/465: {rule}")
+    if len(failures) == before:
+        ok("open relay by configuration refused (LoadBalancer/NodePort without Local or PROXY protocol); PROXY protocol passed; port 25 rule apart")
+
+
 def check_cli(objs: list[dict], label: str, binaries: dict[str, str]) -> None:
     problems, checked = cli_problems(objs, binaries)
     for p in problems:
@@ -1339,6 +1384,7 @@ def main() -> int:
         fail("[keda-external-redis-tls-values.yaml] renders the in-cluster Redis although externalRedis is used")
 
     check_production(rendered.get("default", []), binaries)
+    check_open_relay()
 
     print("== images, release workflow, helm test, GitOps")
     check_images(CHART, registry)

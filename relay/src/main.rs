@@ -40,7 +40,7 @@ struct RunArgs {
     routes: Vec<PathBuf>,
     /// `memory` (not durable), `redis://host:port/db`, `rediss://…`, or a Redis Cluster:
     /// `redis+cluster://host1:port,host2:port` (`rediss+cluster://…`), any nodes as seeds.
-    #[arg(long, env = "MAILROUTE_QUEUE", default_value_t = defaults().queue.clone())]
+    #[arg(long, env = "MAILROUTE_QUEUE", default_value_t = defaults().queue.to_string())]
     queue: String,
     /// Redis key prefix; must contain a hash tag so one message's keys share a slot.
     #[arg(long, env = "MAILROUTE_REDIS_PREFIX", default_value_t = defaults().redis_prefix.clone())]
@@ -66,6 +66,10 @@ struct RunArgs {
     /// Sources allowed to relay without AUTH on the plain listener.
     #[arg(long, env = "MAILROUTE_RELAY_CIDRS", default_value_t = cidrs(&defaults().inbound.relay_cidrs))]
     relay_cidrs: String,
+    /// Load balancers (CIDRs) whose connections begin with a PROXY protocol header (v1 or v2)
+    /// naming the client; its address then counts for every rule. Empty: no PROXY protocol.
+    #[arg(long, env = "MAILROUTE_PROXY_PROTOCOL_FROM", default_value = "")]
+    proxy_protocol_from: String,
     /// Admin HTTP listener (/healthz, /readyz, /metrics, /api/v1). Empty disables it.
     #[arg(long, env = "MAILROUTE_ADMIN_LISTEN", default_value_t = listen(defaults().admin_listen))]
     admin_listen: String,
@@ -175,7 +179,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         .unwrap_or_else(|| "localhost".into());
     let mut o = RelayOptions::local();
     o.source = source;
-    o.queue = a.queue;
+    o.queue = a.queue.parse()?;
     o.redis_prefix = a.redis_prefix;
     o.durability = Durability {
         replicas: a.wait_replicas,
@@ -194,6 +198,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         max_recipients: a.max_recipients,
         max_sessions_per_ip: a.max_sessions_per_ip,
         relay_cidrs: parse_cidrs(&a.relay_cidrs)?,
+        proxy_protocol_from: parse_cidrs(&a.proxy_protocol_from)?,
         max_body_memory: a.max_body_memory,
         auth_limits: AuthLimits {
             concurrency: usize::from(a.auth_concurrency),
@@ -261,6 +266,16 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_queue_url_is_refused_at_startup_without_its_password() {
+        let e = parse(&["--queue", "redis://app:hunter2@redis:notaport"]).expect_err("a bad URL");
+        let e = format!("{e:#}");
+        assert!(e.contains("the queue URL redis://***@redis:notaport"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = parse(&["--queue", "redis.example:6379"]).expect_err("not a URL");
+        assert!(format!("{e:#}").contains("is not a Redis URL"), "{e:#}");
+    }
+
+    #[test]
     fn flags_reach_the_relay_options() {
         let o = parse(&[
             "--routes",
@@ -288,7 +303,7 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(&o.source, Source::Manifests(p) if p.len() == 2));
-        assert_eq!(o.queue, "redis://127.0.0.1:6379");
+        assert_eq!(o.queue.to_string(), "redis://127.0.0.1:6379");
         assert_eq!(o.visibility_timeout, Duration::from_secs(90));
         assert_eq!(o.outbound_idle_timeout, Duration::from_secs(5));
         assert_eq!(o.durability.replicas, 1);
@@ -308,7 +323,7 @@ mod tests {
             4 * 25 * 1024 * 1024,
             "4 × the message size limit"
         );
-        assert_eq!(d.queue, "memory");
+        assert!(d.queue.is_memory());
         assert_eq!(d.smtp_listen, Some(SocketAddr::from(([127, 0, 0, 1], 2525))));
         assert_eq!(d.admin_listen, Some(SocketAddr::from(([127, 0, 0, 1], 8080))));
         assert_eq!((d.submission_listen, d.smtps_listen), (None, None));

@@ -32,7 +32,7 @@ impl Target {
             return Err(TargetError(format!("{} is not a Redis URL", redact(url))));
         };
         let node_scheme = match scheme {
-            "redis" | "rediss" | "unix" | "redis+unix" => return Ok(Target::Single(url.to_owned())),
+            "redis" | "rediss" | "unix" | "redis+unix" => return Target::Single(url.to_owned()).checked(),
             "redis+cluster" => "redis",
             "rediss+cluster" => "rediss",
             other => {
@@ -59,7 +59,21 @@ impl Target {
         if nodes.is_empty() {
             return Err(TargetError(format!("{} names no cluster node", redact(url))));
         }
-        Ok(Target::Cluster(nodes))
+        Target::Cluster(nodes).checked()
+    }
+
+    /// Itself if the client library accepts every node URL (port, database, options).
+    fn checked(self) -> Result<Target, TargetError> {
+        let (nodes, what) = match &self {
+            Target::Single(u) => (std::slice::from_ref(u), "server"),
+            Target::Cluster(n) => (n.as_slice(), "cluster seed"),
+        };
+        for node in nodes {
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(node.as_str()) {
+                return Err(TargetError(format!("{what} {} not usable: {e}", redact(node))));
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -234,6 +248,13 @@ mod tests {
         let e = Target::parse("memcached://x").unwrap_err().to_string();
         assert!(e.contains("unknown Redis URL scheme"), "{e}");
         assert!(Target::parse("localhost:6379").is_err());
+        let e = Target::parse("redis+cluster://u:hunter2@a:1,b:port")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cluster seed redis://***@b:port not usable") && !e.contains("hunter2"),
+            "{e}"
+        );
     }
 
     #[test]

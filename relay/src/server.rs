@@ -30,17 +30,17 @@ use crate::outbound::pacing::SharedPacing;
 use crate::outbound::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::outbound::transport::SmtpTransport;
 use crate::outbound::worker::{Pacing, Worker, WorkerLiveness, WorkerSettings};
-use crate::queue::Queue;
 use crate::queue::memory::MemoryQueue;
 use crate::queue::redis::{Durability, RedisQueue};
+use crate::queue::{Queue, QueueUrl};
 use crate::redis_client;
 
 /// Everything the relay needs to start; the CLI fills it from flags and environment.
 #[derive(Clone, Debug)]
 pub struct RelayOptions {
     pub source: Source,
-    /// `memory` or a `redis://` / `rediss://` URL.
-    pub queue: String,
+    /// `memory` or a Redis URL, checked when parsed.
+    pub queue: QueueUrl,
     pub redis_prefix: String,
     pub durability: Durability,
     pub smtp_listen: Option<SocketAddr>,
@@ -81,7 +81,7 @@ impl RelayOptions {
     pub fn local() -> Self {
         RelayOptions {
             source: Source::Embedded,
-            queue: "memory".into(),
+            queue: QueueUrl::memory(),
             redis_prefix: crate::queue::redis::DEFAULT_PREFIX.into(),
             // Used only with replicas to wait for (`--wait-replicas`).
             durability: Durability {
@@ -182,6 +182,8 @@ pub struct Relay {
     pub config: Arc<ConfigHandle>,
     pub telemetry: Telemetry,
     shutdown: watch::Sender<bool>,
+    /// When the workers give back the jobs of deliveries still in flight during a drain.
+    give_back: watch::Sender<Option<tokio::time::Instant>>,
     sessions: Arc<Sessions>,
     listeners: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
@@ -225,19 +227,15 @@ const REDIS_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Connects the queue and a shared connection to Redis, retrying with back-off while Redis is
 /// unreachable instead of exiting (an exit would add Kubernetes' crash-loop back-off to the
 /// outage). Meanwhile the admin address answers `/healthz` 200 and `/readyz` 503 with the
-/// reason, so probes tell "waiting" from "dead". A malformed URL fails at once.
-async fn connect_redis(opts: &RelayOptions) -> Result<(RedisQueue, redis_client::RedisConn)> {
-    let bad_url = || format!("the queue URL {}", redis_client::redact(&opts.queue));
-    let nodes = match redis_client::Target::parse(&opts.queue).with_context(bad_url)? {
-        redis_client::Target::Single(u) => vec![u],
-        redis_client::Target::Cluster(nodes) => nodes,
-    };
-    for node in nodes {
-        redis::IntoConnectionInfo::into_connection_info(node.as_str()).with_context(bad_url)?;
-    }
+/// reason, so probes tell "waiting" from "dead". (A malformed URL never gets here: [`QueueUrl`]
+/// refuses it when the options are parsed.)
+async fn connect_redis(
+    opts: &RelayOptions,
+    target: &redis_client::Target,
+) -> Result<(RedisQueue, redis_client::RedisConn)> {
     let attempt = async || -> Result<(RedisQueue, redis_client::RedisConn)> {
-        let q = RedisQueue::connect(&opts.queue, &opts.redis_prefix, opts.durability).await?;
-        let conn = redis_client::RedisConn::open(&opts.queue, redis_client::Timeouts::default()).await?;
+        let q = RedisQueue::connect_to(target, &opts.redis_prefix, opts.durability).await?;
+        let conn = redis_client::RedisConn::connect(target, redis_client::Timeouts::default()).await?;
         Ok((q, conn))
     };
     let mut waiting: Option<(watch::Sender<String>, tokio::task::JoinHandle<()>)> = None;
@@ -252,7 +250,7 @@ async fn connect_redis(opts: &RelayOptions) -> Result<(RedisQueue, redis_client:
                 return Ok(stores);
             }
             Err(e) => {
-                let reason = format!("waiting for the queue at {}: {e:#}", redis_client::redact(&opts.queue));
+                let reason = format!("waiting for the queue at {}: {e:#}", opts.queue);
                 tracing::warn!(retry_in = ?delay, "{reason}");
                 match &waiting {
                     Some((tx, _)) => {
@@ -296,7 +294,16 @@ impl Relay {
             Arc<dyn PaceStore>,
             Option<redis_client::RedisConn>,
         );
-        let (queue, dlog, quota_store, pace_store, shared_redis): Stores = if opts.queue == "memory" {
+        let (queue, dlog, quota_store, pace_store, shared_redis): Stores = if let Some(target) = opts.queue.redis() {
+            let (q, conn) = connect_redis(&opts, target).await?;
+            (
+                Arc::new(q),
+                DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
+                Arc::new(RedisQuotaStore::new(conn.clone(), opts.redis_prefix.clone())),
+                Arc::new(RedisPaceStore::new(conn.clone(), opts.redis_prefix.clone())),
+                Some(conn),
+            )
+        } else {
             tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
             (
                 Arc::new(MemoryQueue::new()),
@@ -304,15 +311,6 @@ impl Relay {
                 Arc::new(MemoryQuotaStore::new()),
                 Arc::new(MemoryPaceStore::new()),
                 None,
-            )
-        } else {
-            let (q, conn) = connect_redis(&opts).await?;
-            (
-                Arc::new(q),
-                DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
-                Arc::new(RedisQuotaStore::new(conn.clone(), opts.redis_prefix.clone())),
-                Arc::new(RedisPaceStore::new(conn.clone(), opts.redis_prefix.clone())),
-                Some(conn),
             )
         };
         let oauth2 = oauth2_tokens(shared_redis, &opts.redis_prefix, overrides.token_client);
@@ -341,6 +339,7 @@ impl Relay {
             anyhow::bail!("the submission and smtps listeners need --tls-cert and --tls-key");
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (give_back, give_back_rx) = watch::channel(None);
         let inbound = Arc::new(
             Inbound::new(
                 opts.inbound.clone(),
@@ -480,7 +479,7 @@ impl Relay {
                 ),
                 job_stuck_after: opts.job_stuck_after,
             };
-            workers.push(tokio::spawn(worker.run(shutdown_rx.clone(), live)));
+            workers.push(tokio::spawn(worker.run(shutdown_rx.clone(), live, give_back_rx)));
         }
         workers.extend([
             tokio::spawn(config_reloader(
@@ -514,6 +513,7 @@ impl Relay {
             listeners,
             workers,
             deliverer,
+            give_back,
             drain_timeout: opts.drain_timeout,
         })
     }
@@ -524,10 +524,15 @@ impl Relay {
     ///
     /// The drain timeout bounds the whole drain, not each step: it must end inside the pod's
     /// grace period. What is still running at the deadline is left behind: a session without
-    /// its 250 has not handed anything over, and a delivery without its outcome keeps its job
-    /// leased in the queue, which another relay takes over after the visibility timeout.
+    /// its 250 has not handed anything over, and a delivery without its outcome has its job
+    /// given back to the queue shortly before the deadline (another relay's next reclaim takes
+    /// it; if Redis cannot be told, after the visibility timeout).
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        // Deliveries still running shortly before the deadline give their jobs back, so another
+        // relay takes them over at once rather than after the visibility timeout.
+        let margin = (self.drain_timeout / 10).min(Duration::from_secs(2));
+        let _ = self.give_back.send(Some(deadline - margin));
         let _ = self.shutdown.send(true);
         for l in self.listeners {
             // The admin server waits for its open connections; a keep-alive client must not

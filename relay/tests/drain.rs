@@ -89,9 +89,61 @@ async fn one_deadline_bounds_the_whole_drain_and_accepted_mail_stays_queued() {
 
     // New sessions are refused once the drain began.
     assert!(TcpStream::connect(smtp).await.is_err(), "the listener is closed");
-    // The held delivery has no outcome: its message is still queued, leased, for another relay
-    // to take over after the visibility timeout; nothing was delivered twice or dropped.
+    // The held delivery has no outcome: its message is still queued, its job given back for
+    // another relay to take over; nothing was delivered twice or dropped.
     let stats = queue.stats(mailroute_relay::clock::now_ms()).await.unwrap();
     assert_eq!((stats.messages, stats.inflight), (1, 1), "{stats:?}");
     assert!(slow.received().is_empty(), "the held delivery never got its 250");
+}
+
+/// A delivery still in flight at the drain deadline gives its job back: another relay takes it
+/// over at its next reclaim instead of after the visibility timeout (a minute here; the test
+/// waits half that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_cut_off_by_the_drain_deadline_is_taken_over_without_waiting_for_the_visibility_timeout() {
+    const VISIBILITY: Duration = Duration::from_secs(60);
+    let redis = RedisServer::start().unwrap();
+    let gate = Gate::new();
+    let slow = SmtpServer::start(Script::new().default_behaviour(Behaviour::AcceptWhenOpen(gate.clone()))).unwrap();
+    let fine = SmtpServer::start(Script::new()).unwrap();
+    let a = start(&route("up", slow.port(), 10, &["*"]), &redis.url(), |o| {
+        o.drain_timeout = Duration::from_secs(3);
+        o.visibility_timeout = VISIBILITY;
+    })
+    .await;
+    let t = submit(a.smtp(), "app@app.example", &["user@example.com"], &message("cut", "")).await;
+    assert!(t.delivered(), "{t}");
+    assert!(
+        eventually(|| async { gate.waiting() == 1 }).await,
+        "relay A's delivery reaches the upstream that holds its 250"
+    );
+    // Relay B, same queue, an upstream that answers; its reclaim looks every 15 s for jobs
+    // idle for the visibility timeout.
+    let b = start(&route("up", fine.port(), 10, &["*"]), &redis.url(), |o| {
+        o.visibility_timeout = VISIBILITY;
+    })
+    .await;
+
+    let TestRelay { relay, dir: _dir } = a;
+    let began = Instant::now();
+    tokio::time::timeout(WAIT, relay.shutdown())
+        .await
+        .expect("shutdown returns");
+    assert!(
+        began.elapsed() < Duration::from_secs(6),
+        "drain took {:?}",
+        began.elapsed()
+    );
+
+    let taken_over = async {
+        while fine.received().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert!(
+        tokio::time::timeout(VISIBILITY / 2, taken_over).await.is_ok(),
+        "relay B did not take the job over within half the visibility timeout"
+    );
+    assert!(slow.received().is_empty(), "relay A never got its 250");
+    b.relay.shutdown().await;
 }

@@ -22,6 +22,7 @@ mod integrity;
 mod listen;
 mod liveness;
 mod oauth2;
+mod proxy_protocol;
 mod queue;
 mod quota;
 mod quota_e2e;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailroute_relay::inbound::ListenerKind;
 use mailroute_relay::queue::memory::MemoryQueue;
 use mailroute_relay::queue::message::{Job, MessageMeta, RecipientState, RecipientStatus, new_id};
 use mailroute_relay::queue::redis::{Durability, RedisQueue};
@@ -16,7 +17,7 @@ fn meta(id: &str, rcpts: &[&str]) -> MessageMeta {
         id: id.to_owned(),
         received_at_ms: 1,
         source_ip: "127.0.0.1".into(),
-        listener: "smtp".into(),
+        listener: ListenerKind::Smtp.into(),
         auth_user: None,
         tls: false,
         mail_from: "app@app.example".into(),

@@ -1,5 +1,6 @@
 //! Inbound mail, from the listening socket to the queue's acknowledgement: the listeners'
-//! plumbing (connection, TLS, listener kinds) in `listener`, the session logic in [`session`],
+//! plumbing (connection, TLS, listener kinds) in `listener`, the PROXY protocol header of load
+//! balancers in `proxy`, the session logic in [`session`],
 //! its fixed replies by name in `replies`, DATA transparency in `data`, envelope address syntax
 //! and wire form in `address`, the limits on what a session may cost in [`auth_guard`] and
 //! `body_budget`, the end of idle sessions at shutdown in `shutdown`, sender quotas in
@@ -15,7 +16,10 @@ pub(crate) mod data;
 pub(crate) mod headers;
 pub(crate) mod identity;
 pub(crate) mod listener;
+pub(crate) mod proxy;
 pub mod quota;
 pub(crate) mod replies;
 pub mod session;
 pub(crate) mod shutdown;
+
+pub use listener::ListenerKind;

@@ -21,6 +21,7 @@ pub const COMMAND_TIMEOUT: &str = "421 4.4.2 Timeout waiting for command, closin
 pub const DATA_TIMEOUT: &str = "421 4.4.2 Timeout waiting for data, closing connection";
 pub const SHUTTING_DOWN: &str = "421 4.3.2 Service shutting down";
 pub const TOO_MANY_AUTH_FAILURES: &str = "421 4.7.0 Too many authentication failures, closing connection";
+pub const PROXY_HEADER_REQUIRED: &str = "421 4.7.0 PROXY protocol header required from this address";
 pub const TOO_MANY_CONNECTIONS: &str = "421 4.7.0 Too many connections from your address, try again later";
 pub const TOO_MANY_ERRORS: &str = "421 4.7.0 Too many errors, closing connection";
 pub const TOO_MANY_RECIPIENTS: &str = "452 4.5.3 Too many recipients";

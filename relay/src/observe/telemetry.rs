@@ -67,7 +67,7 @@ pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> 
     ev.job_id = Some(format!("{}/{}", meta.id, rcpt_index));
     ev.source_ip = meta.source_ip.parse().ok();
     ev.auth_user = meta.auth_user.clone();
-    ev.listener = Some(meta.listener.clone());
+    ev.listener = Some(meta.listener.as_str().to_owned());
     ev.tls = meta.tls;
     ev
 }
@@ -99,11 +99,11 @@ impl Observer for Telemetry {
         self.metrics.accept_latency.observe(accept_latency.as_secs_f64());
         self.metrics
             .messages_received
-            .with_label_values(&[&meta.listener, "accepted"])
+            .with_label_values(&[meta.listener.as_str(), "accepted"])
             .inc();
         self.metrics
             .recipients_received
-            .with_label_values(&[&meta.listener, "accepted"])
+            .with_label_values(&[meta.listener.as_str(), "accepted"])
             .inc_by(meta.rcpts.len() as u64);
         // The enqueue path holds the jobs of a future X-Mailroute-Deliver-After until then.
         let held = meta.options.deliver_after_ms.filter(|t| *t > meta.received_at_ms);
@@ -172,7 +172,7 @@ mod tests {
             id: "m1".into(),
             received_at_ms: 1,
             source_ip: "127.0.0.1".into(),
-            listener: "smtp".into(),
+            listener: ListenerKind::Smtp.into(),
             auth_user: None,
             tls: false,
             mail_from: "a@b.example".into(),

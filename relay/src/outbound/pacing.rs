@@ -10,9 +10,10 @@ use mailroute_api::config::CompiledRoute;
 
 use crate::clock::now_ms;
 use crate::observe::metrics::Metrics;
+use crate::outbound::bounce::Reply;
 use crate::outbound::delivery::{Admission, ConnectionGate, Lease, Slot};
 use crate::outbound::shaping::{BackoffChange, Connect, ConnectionPermit, Pace, Pacer};
-use crate::outbound::worker::{Attempt, PaceDecision, Pacing};
+use crate::outbound::worker::{PaceDecision, Pacing};
 
 /// A lease whose renewal failed is tried again after this long (at most a quarter lease).
 pub const RENEW_RETRY_MS: i64 = 5_000;
@@ -54,12 +55,9 @@ impl Pacing for SharedPacing {
         }
     }
 
-    async fn report(&self, route: &CompiledRoute, attempt: &Attempt, now_ms: i64) {
-        let Some(domain) = attempt.rcpt_domain.as_deref() else {
-            return;
-        };
+    async fn report(&self, route: &CompiledRoute, rcpt_domain: &str, reply: Option<&Reply>, now_ms: i64) {
         // No reply: neutral for back-off.
-        match self.pacer.report(route, domain, attempt.outcome.reply(), now_ms).await {
+        match self.pacer.report(route, rcpt_domain, reply, now_ms).await {
             Ok(BackoffChange::Started { until_ms, level }) => {
                 self.metrics.route_backoff_active.with_label_values(&[&route.id]).set(1);
                 tracing::warn!(route = %route.id, until_ms, level, "upstream rate-limits us: backing off");

@@ -1,30 +1,26 @@
 //! Adapts the outbound SMTP client ([`crate::outbound::delivery::Deliverer`]) to the worker's
 //! `Transport`: looks up the route's credentials (for `auth.oauth2`, a token from
-//! [`crate::outbound::oauth2`], and after a 535 to it one more AUTH with the next token) and
-//! DKIM key, caches DKIM signers, applies
+//! [`crate::outbound::oauth2`], and after a 535 to it one more AUTH with the next token; no token
+//! is a temporary `auth_failure` in the provider's words) and DKIM key, caches DKIM signers, applies
 //! the route's and the destination's connection limits to the pools and, with a pacer, to the
-//! connections of all relays together (a [`ConnectionSlots`] gate per attempt), and maps the
-//! attempt result to the worker's outcome. Policy it adds, on purpose: an AUTH rejection by a
-//! smarthost is temporary (our credentials broke, e.g. a changed mailbox password; the mail
-//! waits for the fix or its lifetime instead of bouncing to every sender), and so is a token
-//! endpoint's refusal (the provider's words go to the delivery log).
+//! connections of all relays together (a [`ConnectionSlots`] gate per attempt). The attempt's
+//! result goes to the worker as the deliverer returned it (`AttemptResult`, whose
+//! `is_permanent` holds the relay's policy on AUTH rejections).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use mailroute_api::config::{CompiledRoute, RelaySecrets};
+use mailroute_api::config::{CompiledRoute, Credentials, RelaySecrets, Target};
 
-use mailroute_api::config::{Credentials, Target};
-
-use crate::outbound::bounce::{BounceClass, Reply};
+use crate::outbound::bounce::BounceClass;
 use crate::outbound::delivery::{
     AttemptResult, ConnectionGate, Deliverer, DeliveryTarget, DkimSigner, Envelope, NoSlot, Outcome, Stage, Ungated,
 };
 use crate::outbound::oauth2::{HeldToken, OAuth2Tokens};
 use crate::outbound::pacing::ConnectionSlots;
 use crate::outbound::shaping::{PaceReason, Pacer, Shaping};
-use crate::outbound::worker::{Attempt, AttemptOutcome, Cause, Delivery, Transport};
+use crate::outbound::worker::{Delivery, Transport};
 
 pub struct SmtpTransport {
     deliverer: Deliverer,
@@ -139,27 +135,6 @@ fn no_token(host: Option<&str>, detail: String) -> AttemptResult {
     }
 }
 
-/// The worker's view of a delivery attempt.
-pub fn outcome_of(r: &AttemptResult) -> AttemptOutcome {
-    let Some(v) = r.verdict() else {
-        let reply = r.reply().cloned().unwrap_or_else(|| Reply::new(250, ""));
-        return AttemptOutcome::Delivered { reply };
-    };
-    let auth_rejected = r.stage() == Stage::Auth || v.class == BounceClass::AuthFailure;
-    let cause = match r.reply() {
-        Some(reply) => Cause::Reply(reply.clone()),
-        None => Cause::NoReply {
-            detail: r.summary(),
-            status: None,
-        },
-    };
-    AttemptOutcome::Failed {
-        cause,
-        permanent: v.is_permanent() && !auth_rejected,
-        class: v.class,
-    }
-}
-
 #[async_trait]
 impl Transport for SmtpTransport {
     async fn deliver(
@@ -226,12 +201,10 @@ impl Transport for SmtpTransport {
             }
         }
         match r {
-            Ok(r) => Delivery::Attempted(Attempt {
-                outcome: outcome_of(&r),
-                remote_host: r.remote_host.clone(),
-                tls: r.tls,
+            Ok(result) => Delivery::Attempted {
+                result,
                 rcpt_domain: domain,
-            }),
+            },
             Err(NoSlot { at_ms }) => Delivery::Paced {
                 at_ms,
                 reason: PaceReason::Connections.as_str(),

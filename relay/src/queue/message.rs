@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::inbound::listener::ListenerKind;
+
 /// Everything about an accepted message except its body. Stored once per message.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MessageMeta {
@@ -11,8 +13,8 @@ pub struct MessageMeta {
     pub id: String,
     pub received_at_ms: i64,
     pub source_ip: String,
-    /// Listener that accepted it: `smtp`, `submission` or `smtps`.
-    pub listener: String,
+    /// Where it came in: a listener, or the relay itself for a DSN.
+    pub listener: Origin,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_user: Option<String>,
     pub tls: bool,
@@ -30,6 +32,57 @@ pub struct MessageMeta {
     /// Set on DSNs the relay generated itself.
     #[serde(default)]
     pub is_dsn: bool,
+}
+
+/// Where a queued message came in. Stored (and written to the delivery log) as `smtp`,
+/// `submission`, `smtps` or `dsn`, the strings records have always carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "&'static str", try_from = "String")]
+pub enum Origin {
+    /// Accepted by one of the relay's SMTP listeners.
+    Listener(ListenerKind),
+    /// A delivery status notification the relay generated itself.
+    Dsn,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Listener(l) => l.as_str(),
+            Origin::Dsn => "dsn",
+        }
+    }
+}
+
+impl From<ListenerKind> for Origin {
+    fn from(l: ListenerKind) -> Self {
+        Origin::Listener(l)
+    }
+}
+
+impl From<Origin> for &'static str {
+    fn from(o: Origin) -> Self {
+        o.as_str()
+    }
+}
+
+/// A stored origin that is none of the known ones.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown message origin `{0}` (expected smtp, submission, smtps or dsn)")]
+pub struct UnknownOrigin(String);
+
+impl TryFrom<String> for Origin {
+    type Error = UnknownOrigin;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Ok(match s.as_str() {
+            "smtp" => Origin::Listener(ListenerKind::Smtp),
+            "submission" => Origin::Listener(ListenerKind::Submission),
+            "smtps" => Origin::Listener(ListenerKind::Smtps),
+            "dsn" => Origin::Dsn,
+            _ => return Err(UnknownOrigin(s)),
+        })
+    }
 }
 
 /// Per-message scheduling from the `X-Mailroute-*` extension headers.
@@ -157,5 +210,27 @@ mod tests {
         assert_ne!(new_id(1_000), new_id(1_000));
         assert!(a < b);
         assert_eq!(a.len(), 26);
+    }
+
+    #[test]
+    fn records_written_before_the_origin_was_typed_still_read() {
+        // A record as relays stored them when `listener` was a plain string.
+        let old = r#"{"id":"01","received_at_ms":5,"source_ip":"10.0.0.1","listener":"submission","tls":true,"mail_from":"a@b.example","rcpts":["c@d.example"],"size":3,"options":{},"is_dsn":false}"#;
+        let meta: MessageMeta = serde_json::from_str(old).expect("old record");
+        assert_eq!(meta.listener, Origin::Listener(ListenerKind::Submission));
+        let again = serde_json::to_string(&meta).expect("json");
+        assert!(again.contains(r#""listener":"submission""#), "{again}");
+        for (wire, origin) in [
+            ("smtp", Origin::Listener(ListenerKind::Smtp)),
+            ("submission", Origin::Listener(ListenerKind::Submission)),
+            ("smtps", Origin::Listener(ListenerKind::Smtps)),
+            ("dsn", Origin::Dsn),
+        ] {
+            let json = format!("\"{wire}\"");
+            assert_eq!(serde_json::from_str::<Origin>(&json).expect(wire), origin);
+            assert_eq!(serde_json::to_string(&origin).expect(wire), json);
+        }
+        let err = serde_json::from_str::<Origin>(r#""lmtp""#).expect_err("unknown origin");
+        assert!(err.to_string().contains("unknown message origin `lmtp`"), "{err}");
     }
 }

@@ -5,11 +5,14 @@
 //! job is due or whether it failed (that is `retry`, `bounce` and the worker); callers pass in
 //! every instant. Two implementations: [`redis::RedisQueue`] (durable, shared) and
 //! [`memory::MemoryQueue`] (one process, lost on exit; for local runs and unit tests). The
-//! records they store are in [`message`].
+//! records they store are in [`message`]; where the queue lives, checked once, is [`QueueUrl`].
 
 pub mod memory;
 pub mod message;
 pub mod redis;
+mod url;
+
+pub use url::{QueueUrl, QueueUrlError};
 
 use std::time::Duration;
 
@@ -123,6 +126,14 @@ pub trait Queue: Send + Sync + 'static {
     /// alive. Leases held by someone else (taken over after this relay stalled) or already
     /// completed are left alone. Returns how many were renewed.
     async fn renew(&self, consumer: &str, leases: &[String]) -> Result<usize>;
+
+    /// Gives back leases `consumer` still holds without an outcome (a drain that reached its
+    /// deadline): each looks idle for `idle`, so the next reclaim by any relay with that
+    /// visibility timeout takes it over instead of waiting for the timeout to pass. Returns
+    /// how many were given back; a store that cannot be shared returns 0.
+    async fn release(&self, _consumer: &str, _leases: &[String], _idle: Duration) -> Result<usize> {
+        Ok(0)
+    }
 
     /// The message and its body, None if it no longer exists.
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>>;

@@ -55,6 +55,7 @@ pub struct RedisQueue {
     complete: Script,
     promote: Script,
     renew: Script,
+    release: Script,
     cancel: Script,
     commit: Script,
     drop_msg: Script,
@@ -186,6 +187,20 @@ end
 return n
 ";
 
+// Like RENEW, but sets the entry's idle time to ARGV[3] ms, as if leased that long ago: the next
+// XAUTOCLAIM with that min-idle by any relay takes it over. JUSTID: no delivery count added.
+const RELEASE: &str = r"
+local n = 0
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+";
+
 // KEYS: msg, staged, ready, sched. ARGV: id, then (job, due ms or '' for ready now) pairs.
 // 1 = deliverable (now or already), 0 = the record is gone (aborted or purged).
 const COMMIT: &str = r"
@@ -236,13 +251,18 @@ impl RedisQueue {
     /// consumer group if missing. `prefix` must contain a hash tag.
     pub async fn connect(url: &str, prefix: &str, durability: Durability) -> Result<Self> {
         let target = Target::parse(url).map_err(redis::RedisError::from)?;
-        let conn = RedisConn::connect(&target, Timeouts::default()).await?;
+        Self::connect_to(&target, prefix, durability).await
+    }
+
+    /// [`RedisQueue::connect`] to an already parsed URL.
+    pub(crate) async fn connect_to(target: &Target, prefix: &str, durability: Durability) -> Result<Self> {
+        let conn = RedisConn::connect(target, Timeouts::default()).await?;
         // Longer than the longest BLOCK a fetch asks for.
         let block_timeouts = Timeouts {
             response: Duration::from_secs(40),
             ..Timeouts::default()
         };
-        let block_conn = RedisConn::connect(&target, block_timeouts).await?;
+        let block_conn = RedisConn::connect(target, block_timeouts).await?;
         let q = RedisQueue {
             conn,
             block_conn: Mutex::new(block_conn),
@@ -251,6 +271,7 @@ impl RedisQueue {
             complete: Script::new(COMPLETE),
             promote: Script::new(PROMOTE),
             renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
             cancel: Script::new(CANCEL),
             commit: Script::new(COMMIT),
             drop_msg: Script::new(DROP),
@@ -535,6 +556,22 @@ impl Queue for RedisQueue {
         let mut c = self.conn.clone();
         let mut inv = self.renew.key(&self.keys.ready);
         inv.arg(GROUP).arg(consumer);
+        for l in leases {
+            inv.arg(l);
+        }
+        let n: i64 = inv.invoke_async(&mut c).await?;
+        Ok(n.max(0) as usize)
+    }
+
+    async fn release(&self, consumer: &str, leases: &[String], idle: Duration) -> Result<usize> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.conn.clone();
+        let mut inv = self.release.key(&self.keys.ready);
+        // Past the visibility timeout by a margin, so a reclaim at that min-idle takes it.
+        let idle_ms = (idle + Duration::from_secs(1)).as_millis() as u64;
+        inv.arg(GROUP).arg(consumer).arg(idle_ms);
         for l in leases {
             inv.arg(l);
         }

@@ -43,7 +43,7 @@ pub fn options(dir: &std::path::Path, routes: &str, queue: &str) -> RelayOptions
     std::fs::write(&file, routes).expect("write routes");
     let mut o = RelayOptions::local();
     o.source = Source::Manifests(vec![file]);
-    o.queue = queue.to_owned();
+    o.queue = queue.parse().expect("queue URL");
     o.smtp_listen = Some("127.0.0.1:0".parse().expect("addr"));
     o.admin_listen = Some("127.0.0.1:0".parse().expect("addr"));
     o.log_stdout = false;

@@ -159,7 +159,7 @@ impl Inbound {
             id: id.clone(),
             received_at_ms: now_ms,
             source_ip: sender.source_ip.to_string(),
-            listener: s.listener.as_str().to_owned(),
+            listener: s.listener.into(),
             auth_user: sender.auth_user.clone(),
             tls: s.tls,
             mail_from: sender.mail_from.clone(),

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use smtp_proto::{Error as ProtoError, MAIL_SMTPUTF8, Request};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -35,10 +36,13 @@ use crate::inbound::auth_guard::{AuthGuard, AuthLimits};
 use crate::inbound::body_budget::BodyBudget;
 use crate::inbound::listener::{Conn, Line, ListenerKind, MaybeTls};
 use crate::inbound::quota::{QuotaDecision, QuotaEngine, QuotaTxn, UNAVAILABLE_REPLY};
-use crate::inbound::{replies, shutdown};
+use crate::inbound::{proxy, replies, shutdown};
 use crate::observe::metrics::Metrics;
 use crate::queue::Queue;
 use crate::queue::message::MessageMeta;
+
+/// How long a connection from a PROXY protocol source may take to send its header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use mailroute_smtp::Reply;
 
@@ -101,6 +105,10 @@ pub struct InboundSettings {
     pub auth_limits: AuthLimits,
     /// Bytes of message bodies held in memory at once; `None`: 4 × `max_message_size`.
     pub max_body_memory: Option<usize>,
+    /// Load balancers whose connections begin with a PROXY protocol header (v1 or v2) naming
+    /// the client, whose address then replaces theirs for every rule. Connections from other
+    /// addresses are taken as direct; a header is accepted from nobody else.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 impl InboundSettings {
@@ -128,6 +136,7 @@ impl Default for InboundSettings {
             auth_delay: Duration::from_secs(1),
             auth_limits: AuthLimits::default(),
             max_body_memory: None,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -269,7 +278,28 @@ impl Inbound {
         r
     }
 
-    async fn handle_inner(&self, tcp: TcpStream, peer: SocketAddr, listener: ListenerKind) -> std::io::Result<()> {
+    async fn handle_inner(&self, mut tcp: TcpStream, peer: SocketAddr, listener: ListenerKind) -> std::io::Result<()> {
+        let peer = if self.settings.proxy_protocol_from.iter().any(|n| n.contains(&peer.ip())) {
+            let header = tokio::time::timeout(PROXY_HEADER_TIMEOUT, proxy::read_header(&mut tcp)).await;
+            match header.map(|h| h.and_then(|h| proxy::source_of(&h))) {
+                Ok(Ok(source)) => source.peer(),
+                Ok(Err(e)) => {
+                    tracing::warn!(proxy = %peer, error = %e, "connection from a PROXY protocol source refused");
+                    if listener != ListenerKind::Smtps {
+                        let _ = tcp
+                            .write_all(format!("{}\r\n", replies::PROXY_HEADER_REQUIRED).as_bytes())
+                            .await;
+                    }
+                    return Ok(());
+                }
+                Err(_) => {
+                    tracing::warn!(proxy = %peer, "no PROXY protocol header in time; connection closed");
+                    return Ok(());
+                }
+            }
+        } else {
+            peer
+        };
         // Count the session before any TLS handshake, so idle handshakes cannot exceed the limit.
         let slot = self.take_ip_slot(peer.ip());
         let stream = if listener == ListenerKind::Smtps {

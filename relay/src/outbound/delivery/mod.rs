@@ -9,7 +9,8 @@
 //! and the session timeouts the route sets (`DeliveryTarget::timeouts`), and refusing (temporarily)
 //! to greet MX hosts with a name that is not fully qualified ([`mx_helo_problem`]). Must not schedule
 //! retries, choose between routes, write the delivery log or build DSNs: the worker does that
-//! from the [`AttemptResult`] (see [`AttemptResult::verdict`]). Nor does it know pacing: limits
+//! from the [`AttemptResult`] (see [`AttemptResult::verdict`] and [`AttemptResult::is_permanent`]),
+//! the relay's one attempt-outcome type. Nor does it know pacing: limits
 //! shared with other relays (`maxConnections` across pods) reach it as a [`ConnectionGate`]
 //! asked before each new connection ([`Deliverer::deliver_gated`]); the lease it grants lives
 //! with the pooled session until the connection closes.

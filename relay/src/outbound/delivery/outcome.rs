@@ -1,6 +1,9 @@
 //! What one delivery attempt came to ([`Outcome`], [`AttemptResult`]): the remote reply as the
-//! server sent it, or the failure that stood in for one, and the verdict (temporary or
-//! permanent, bounce class) the worker acts on.
+//! server sent it (a [`Reply`], enhanced code parsed once, by the SMTP client), or the failure
+//! that stood in for one, and the verdict (temporary or permanent, bounce class) the worker acts
+//! on. The one attempt-outcome type of the relay: the deliverer returns it, the worker decides on
+//! it (including the outcomes it makes itself: no route, expired), and pacing, bounce
+//! classification, the DSN and the delivery log read the reply it keeps.
 //!
 //! Must not retry, schedule or write anything: it only describes.
 
@@ -9,7 +12,7 @@ use std::net::SocketAddr;
 use mailroute_smtp::{ErrorKind, StepError};
 
 use super::{Reply, Stage};
-use crate::outbound::bounce::{self, BounceClass, Failure, Kind, Verdict};
+use crate::outbound::bounce::{self, BounceClass, EnhancedStatusCode, Failure, Kind, Verdict};
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,9 +34,17 @@ pub enum Outcome {
         class: BounceClass,
         detail: String,
     },
+    /// The relay did not try: no route serves the recipient (temporary), or the message's
+    /// lifetime ended first (permanent). `status` is the RFC 3463 code the relay names for it,
+    /// if any (the delivery log's enhanced code).
+    NotTried {
+        verdict: Verdict,
+        detail: String,
+        status: Option<EnhancedStatusCode>,
+    },
 }
 
-/// The result of [`Deliverer::deliver`].
+/// The result of [`super::Deliverer::deliver`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptResult {
     pub outcome: Outcome,
@@ -63,6 +74,7 @@ impl AttemptResult {
         match &self.outcome {
             Outcome::Delivered { .. } => Stage::Message,
             Outcome::Rejected { stage, .. } | Outcome::Failed { stage, .. } | Outcome::Protocol { stage, .. } => *stage,
+            Outcome::NotTried { .. } => Stage::Setup,
         }
     }
 
@@ -76,7 +88,24 @@ impl AttemptResult {
             }
             Outcome::Failed { failure, .. } => Some(failure.verdict()),
             Outcome::Protocol { class, .. } => Some(Verdict::new(Kind::Temporary, *class)),
+            Outcome::NotTried { verdict, .. } => Some(*verdict),
         }
+    }
+
+    /// Whether the relay gives up on the recipient (bounce): a permanent verdict, except that
+    /// an AUTH rejection by a smarthost is temporary on purpose (our credentials broke, e.g. a
+    /// changed mailbox password; the mail waits for the fix or its lifetime instead of bouncing
+    /// to every sender).
+    pub fn is_permanent(&self) -> bool {
+        match self.verdict() {
+            Some(v) => v.is_permanent() && self.stage() != Stage::Auth && v.class != BounceClass::AuthFailure,
+            None => false,
+        }
+    }
+
+    /// Not delivered, and worth another attempt.
+    pub fn is_temporary(&self) -> bool {
+        !self.is_delivered() && !self.is_permanent()
     }
 
     /// One line for logs and DSNs: the reply, or what went wrong.
@@ -86,10 +115,38 @@ impl AttemptResult {
             Outcome::Failed { stage, detail, .. } | Outcome::Protocol { stage, detail, .. } => {
                 format!("{} ({})", detail, stage.as_str())
             }
+            Outcome::NotTried { detail, .. } => detail.clone(),
         }
     }
 
-    pub(super) fn failed(stage: Stage, failure: Failure, detail: impl Into<String>) -> Self {
+    /// The reply code, the enhanced status and the text as the delivery log records them: the
+    /// reply's own fields, or what happened instead (with the status the relay named, if any).
+    pub(crate) fn log_parts(&self) -> (Option<u16>, Option<EnhancedStatusCode>, String) {
+        match &self.outcome {
+            Outcome::Delivered { reply } | Outcome::Rejected { reply, .. } => {
+                (Some(reply.code), reply.enhanced, reply.text.clone())
+            }
+            Outcome::NotTried { detail, status, .. } => (None, *status, detail.clone()),
+            Outcome::Failed { .. } | Outcome::Protocol { .. } => (None, None, self.summary()),
+        }
+    }
+
+    /// An outcome the relay decided without trying (see [`Outcome::NotTried`]).
+    pub(crate) fn not_tried(verdict: Verdict, detail: impl Into<String>, status: Option<EnhancedStatusCode>) -> Self {
+        Self {
+            outcome: Outcome::NotTried {
+                verdict,
+                detail: detail.into(),
+                status,
+            },
+            remote_host: None,
+            remote_addr: None,
+            tls: false,
+            reused_connection: false,
+        }
+    }
+
+    pub(crate) fn failed(stage: Stage, failure: Failure, detail: impl Into<String>) -> Self {
         Self {
             outcome: Outcome::Failed {
                 stage,

@@ -8,14 +8,13 @@ use mailroute_api::config::CompiledRoute;
 use mailroute_api::pattern::domain_of;
 
 use super::finish::{fill, state};
+use super::policy::expired_outcome;
 use super::policy::fallback_route;
-use super::{
-    Attempt, AttemptOutcome, Decision, Delivery, PaceDecision, Recipient, Worker, decide, no_route_outcome, policy_for,
-};
+use super::{Decision, Delivery, PaceDecision, Recipient, Worker, decide, no_route_outcome, policy_for};
 use crate::clock::now_ms;
 use crate::observe::dlog::EventResult;
 use crate::observe::telemetry::{event_for, scheduled_event};
-use crate::outbound::bounce::Failure;
+use crate::outbound::delivery::AttemptResult;
 use crate::outbound::retry;
 use crate::queue::message::{Envelope, Job, RecipientStatus};
 use crate::queue::{Disposition, Leased, QueueError, Stored};
@@ -101,7 +100,7 @@ impl Worker {
             let outcome = if routes.is_empty() {
                 no_route_outcome(&domain)
             } else {
-                AttemptOutcome::from_failure(Failure::Expired, "queue lifetime exceeded")
+                expired_outcome()
             };
             return self.fail(this, None, &outcome, true).await;
         }
@@ -125,7 +124,7 @@ impl Worker {
         }
 
         let attempts = job.attempts + 1;
-        let mut last: Option<(Attempt, &CompiledRoute)> = None;
+        let mut last: Option<(AttemptResult, &CompiledRoute)> = None;
         for (i, route) in routes.iter().enumerate() {
             // Later routes are only used if they have capacity now; pacing never fails a job.
             if i > 0 && self.pacing.acquire(route, &domain, now_ms()).await != PaceDecision::Go {
@@ -136,7 +135,12 @@ impl Worker {
                 rcpt_to: &rcpt,
             };
             let attempt = match self.transport.deliver(route, &snap.secrets, &env, &stored.body).await {
-                Delivery::Attempted(a) => a,
+                Delivery::Attempted { result, rcpt_domain } => {
+                    if let Some(d) = rcpt_domain.as_deref() {
+                        self.pacing.report(route, d, result.reply(), now_ms()).await;
+                    }
+                    result
+                }
                 // No connection slot on the first route: wait for it, no attempt counted. (Its
                 // rate limit already counted the message: erring on the slow side.)
                 Delivery::Paced { at_ms, reason } if i == 0 => {
@@ -148,12 +152,13 @@ impl Worker {
                     continue;
                 }
             };
-            self.pacing.report(route, &attempt, now_ms()).await;
-            let temporary = attempt.outcome.is_temporary();
-            let result = match &attempt.outcome {
-                AttemptOutcome::Delivered { .. } => "delivered",
-                _ if temporary => "deferred",
-                _ => "bounced",
+            let temporary = attempt.is_temporary();
+            let result = if attempt.is_delivered() {
+                "delivered"
+            } else if temporary {
+                "deferred"
+            } else {
+                "bounced"
             };
             self.telemetry
                 .metrics
@@ -170,7 +175,7 @@ impl Worker {
             return self.wait(&leased, job, now + 1000, "route_rate", None).await;
         };
         let now = now_ms();
-        match decide(&attempt.outcome, &policy, meta, now, attempts) {
+        match decide(&attempt, &policy, meta, now, attempts) {
             Decision::Delivered => {
                 let mut ev = event_for(meta, EventResult::Delivered, idx);
                 fill(&mut ev, route, &attempt, attempts);
@@ -184,7 +189,7 @@ impl Worker {
                     RecipientStatus::Delivered,
                     attempts,
                     None,
-                    Some((attempt.outcome.summary(), route.id.clone())),
+                    Some((attempt.summary(), route.id.clone())),
                 );
                 // Sent together, the record and the completion reach Redis in the same event-loop
                 // turn (one fsync with appendfsync always) instead of one wait after the other.
@@ -210,7 +215,7 @@ impl Worker {
                     RecipientStatus::Deferred,
                     attempts,
                     Some(at_ms),
-                    Some((attempt.outcome.summary(), route.id.clone())),
+                    Some((attempt.summary(), route.id.clone())),
                 );
                 let job = Job { attempts, ..job };
                 let reschedule = Disposition::Reschedule {
@@ -222,8 +227,7 @@ impl Worker {
             }
             d @ (Decision::Bounce { .. } | Decision::Expired) => {
                 let expired = d == Decision::Expired;
-                let via = Some((route, &attempt));
-                self.fail(this, via, &attempt.outcome, expired).await
+                self.fail(this, Some(route), &attempt, expired).await
             }
         }
     }

@@ -7,14 +7,15 @@
 use chrono::{DateTime, Utc};
 use mailroute_api::config::CompiledRoute;
 
-use super::{Attempt, AttemptOutcome, Decision, Recipient, Worker, decide, no_route_outcome};
+use super::{Decision, Recipient, Worker, decide, no_route_outcome};
 use crate::clock::now_ms;
 use crate::observe::dlog::EventResult;
 use crate::observe::telemetry::event_for;
 use crate::outbound::bounce::{self, EnhancedStatusCode, Failure};
+use crate::outbound::delivery::AttemptResult;
 use crate::outbound::dsn;
 use crate::outbound::retry::RetryPolicy;
-use crate::queue::message::{Job, MessageMeta, RecipientState, RecipientStatus, new_id};
+use crate::queue::message::{Job, MessageMeta, Origin, RecipientState, RecipientStatus, new_id};
 use crate::queue::{Disposition, Leased};
 
 impl Worker {
@@ -88,11 +89,13 @@ impl Worker {
     }
 
     /// Permanent failure or expiry: log, count, send a DSN (never for a bounce), finish the job.
+    /// `via`: the route of the attempt that `outcome` came from; `None` when the relay did not
+    /// try (no route, or expired before this attempt).
     pub(super) async fn fail(
         &self,
         r: Recipient<'_>,
-        via: Option<(&CompiledRoute, &Attempt)>,
-        outcome: &AttemptOutcome,
+        via: Option<&CompiledRoute>,
+        outcome: &AttemptResult,
         expired: bool,
     ) {
         let Recipient {
@@ -103,11 +106,11 @@ impl Worker {
             rcpt,
         } = r;
         let attempts = leased.job.attempts + u32::from(via.is_some());
-        let route_id = via.map(|(r, _)| r.id.clone()).unwrap_or_else(|| "none".into());
-        let class = match outcome {
+        let route_id = via.map(|r| r.id.clone()).unwrap_or_else(|| "none".into());
+        let class = match outcome.verdict() {
             _ if expired => bounce::BounceClass::Expired,
-            AttemptOutcome::Failed { class, .. } => *class,
-            AttemptOutcome::Delivered { .. } => bounce::BounceClass::Other,
+            Some(v) => v.class,
+            None => bounce::BounceClass::Other,
         };
         let code = outcome.reply().map(|r| r.code);
         let result = if expired {
@@ -116,8 +119,8 @@ impl Worker {
             EventResult::Bounced
         };
         let mut ev = event_for(meta, result, idx);
-        if let Some((r, a)) = via {
-            fill(&mut ev, r, a, attempts);
+        if let Some(r) = via {
+            fill(&mut ev, r, outcome, attempts);
         } else {
             log_outcome(&mut ev, outcome);
             ev.attempt = Some(attempts);
@@ -133,10 +136,7 @@ impl Worker {
             .inc();
 
         if !meta.is_dsn && dsn::should_bounce(&meta.mail_from) {
-            if let Err(e) = self
-                .send_dsn(meta, body, rcpt, via.map(|(_, a)| a), outcome, expired)
-                .await
-            {
+            if let Err(e) = self.send_dsn(meta, body, rcpt, outcome, expired).await {
                 // The job stays leased and is retried after the visibility timeout, so the
                 // sender still gets the DSN.
                 tracing::error!(error = %e, message = %meta.id, "queueing DSN failed");
@@ -158,15 +158,16 @@ impl Worker {
         meta: &MessageMeta,
         body: &[u8],
         rcpt: &str,
-        attempt: Option<&Attempt>,
-        outcome: &AttemptOutcome,
+        outcome: &AttemptResult,
         expired: bool,
     ) -> anyhow::Result<()> {
         let now = crate::clock::now();
-        let (status, diagnostic) = match (outcome.reply(), outcome) {
-            (Some(reply), _) => (dsn::status_for_reply(reply), Some(reply.clone())),
-            (None, AttemptOutcome::Failed { class, .. }) => (status_for_class(*class, expired), None),
-            (None, AttemptOutcome::Delivered { .. }) => (status_for_class(bounce::BounceClass::Other, expired), None),
+        let (status, diagnostic) = match outcome.reply() {
+            Some(reply) => (dsn::status_for_reply(reply), Some(reply.clone())),
+            None => {
+                let class = outcome.verdict().map_or(bounce::BounceClass::Other, |v| v.class);
+                (status_for_class(class, expired), None)
+            }
         };
         let reason = if expired {
             format!(
@@ -183,7 +184,8 @@ impl Worker {
             recipient: rcpt.to_owned(),
             action: dsn::Action::Failed,
             status,
-            remote_mta: attempt.and_then(|a| a.remote_host.clone()),
+            // None when the relay did not try.
+            remote_mta: outcome.remote_host.clone(),
             diagnostic,
             reason,
             last_attempt: Some(now),
@@ -205,7 +207,7 @@ impl Worker {
             id: id.clone(),
             received_at_ms: now_ms,
             source_ip: "127.0.0.1".into(),
-            listener: "dsn".into(),
+            listener: Origin::Dsn,
             auth_user: None,
             tls: false,
             mail_from: String::new(),
@@ -254,19 +256,24 @@ pub(super) fn state(
     }
 }
 
-pub(super) fn fill(ev: &mut crate::observe::dlog::DeliveryEvent, route: &CompiledRoute, a: &Attempt, attempt_no: u32) {
+pub(super) fn fill(
+    ev: &mut crate::observe::dlog::DeliveryEvent,
+    route: &CompiledRoute,
+    a: &AttemptResult,
+    attempt_no: u32,
+) {
     ev.route = Some(route.id.clone());
     ev.remote_host = a.remote_host.clone();
     ev.tls = a.tls;
     ev.attempt = Some(attempt_no);
-    log_outcome(ev, &a.outcome);
-    if let AttemptOutcome::Failed { class, .. } = &a.outcome {
-        ev.bounce_class = Some(class.as_str().to_owned());
+    log_outcome(ev, a);
+    if let Some(v) = a.verdict() {
+        ev.bounce_class = Some(v.class.as_str().to_owned());
     }
 }
 
 /// The reply (or what happened instead) in the delivery log's fields.
-fn log_outcome(ev: &mut crate::observe::dlog::DeliveryEvent, outcome: &AttemptOutcome) {
+fn log_outcome(ev: &mut crate::observe::dlog::DeliveryEvent, outcome: &AttemptResult) {
     let (code, enhanced, text) = outcome.log_parts();
     ev.reply_code = code;
     ev.enhanced_code = enhanced.map(|e| e.to_string());

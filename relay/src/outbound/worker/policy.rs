@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use mailroute_api::config::{CompiledRoute, Target};
 
-use super::{AttemptOutcome, Cause};
-use crate::outbound::bounce::{self, EnhancedStatusCode};
+use crate::outbound::bounce::{self, EnhancedStatusCode, Failure, Kind, Verdict};
+use crate::outbound::delivery::AttemptResult;
 use crate::outbound::retry::{self, Next, RetryPolicy};
 use crate::queue::message::MessageMeta;
 
@@ -69,42 +69,64 @@ pub enum Decision {
 
 /// What to do after an attempt whose last outcome was `last`: permanent failures bounce,
 /// temporary ones retry on `policy` unless the lifetime is over.
-pub fn decide(last: &AttemptOutcome, policy: &RetryPolicy, meta: &MessageMeta, now_ms: i64, attempts: u32) -> Decision {
-    match last {
-        AttemptOutcome::Delivered { .. } => Decision::Delivered,
-        AttemptOutcome::Failed {
-            permanent: true, class, ..
-        } => Decision::Bounce { class: *class },
-        AttemptOutcome::Failed { .. } => match retry::next_attempt(policy, meta.received_at_ms, now_ms, attempts) {
-            Next::RetryAt(at) => Decision::Retry { at_ms: at },
-            Next::Expired => Decision::Expired,
-        },
+pub fn decide(last: &AttemptResult, policy: &RetryPolicy, meta: &MessageMeta, now_ms: i64, attempts: u32) -> Decision {
+    if last.is_delivered() {
+        return Decision::Delivered;
+    }
+    if last.is_permanent() {
+        let class = last.verdict().map_or(bounce::BounceClass::Other, |v| v.class);
+        return Decision::Bounce { class };
+    }
+    match retry::next_attempt(policy, meta.received_at_ms, now_ms, attempts) {
+        Next::RetryAt(at) => Decision::Retry { at_ms: at },
+        Next::Expired => Decision::Expired,
     }
 }
 
 /// What "no route serves the recipient" counts as: a temporary failure of class `no_route`.
-pub fn no_route_outcome(domain: &str) -> AttemptOutcome {
-    AttemptOutcome::Failed {
-        cause: Cause::NoReply {
-            detail: format!("4.4.4 No route configured for recipient domain {domain}"),
-            status: Some(EnhancedStatusCode::new(4, 4, 4)),
-        },
-        permanent: false,
-        class: bounce::BounceClass::NoRoute,
-    }
+pub fn no_route_outcome(domain: &str) -> AttemptResult {
+    AttemptResult::not_tried(
+        Verdict::new(Kind::Temporary, bounce::BounceClass::NoRoute),
+        format!("4.4.4 No route configured for recipient domain {domain}"),
+        Some(EnhancedStatusCode::new(4, 4, 4)),
+    )
+}
+
+/// What "the message's lifetime ended before this attempt" counts as: a permanent failure of
+/// class `expired`.
+pub fn expired_outcome() -> AttemptResult {
+    AttemptResult::not_tried(Failure::Expired.verdict(), "queue lifetime exceeded", None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::bounce::{Failure, Reply};
+    use crate::outbound::bounce::Reply;
+    use crate::outbound::delivery::{Outcome, Stage};
+
+    /// An attempt that ended with `reply` at `stage`.
+    fn replied(stage: Stage, reply: Reply) -> AttemptResult {
+        let outcome = if reply.is_positive() {
+            Outcome::Delivered { reply }
+        } else {
+            Outcome::Rejected { stage, reply }
+        };
+        AttemptResult {
+            outcome,
+            ..AttemptResult::failed(stage, Failure::ConnectionLost, "")
+        }
+    }
+
+    fn from_reply(reply: Reply) -> AttemptResult {
+        replied(Stage::Message, reply)
+    }
 
     fn meta(received: i64) -> MessageMeta {
         MessageMeta {
             id: "m".into(),
             received_at_ms: received,
             source_ip: "127.0.0.1".into(),
-            listener: "smtp".into(),
+            listener: crate::inbound::listener::ListenerKind::Smtp.into(),
             auth_user: None,
             tls: false,
             mail_from: "a@b.example".into(),
@@ -123,21 +145,21 @@ mod tests {
         let p = policy_for(None, &m);
         assert_eq!(p.interval, Duration::from_secs(60));
         assert_eq!(p.lifetime, Duration::from_secs(1800));
-        let ok = AttemptOutcome::from_reply(Reply::new(250, "2.0.0 ok"));
+        let ok = from_reply(Reply::new(250, "2.0.0 ok"));
         assert_eq!(decide(&ok, &p, &m, 10, 1), Decision::Delivered);
-        let temp = AttemptOutcome::from_reply(Reply::new(451, "4.3.0 try later"));
+        let temp = from_reply(Reply::new(451, "4.3.0 try later"));
         assert_eq!(decide(&temp, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
         assert_eq!(decide(&temp, &p, &m, 1_800_000, 31), Decision::Expired);
-        let perm = AttemptOutcome::from_reply(Reply::new(550, "5.1.1 user unknown"));
+        let perm = from_reply(Reply::new(550, "5.1.1 user unknown"));
         assert_eq!(
             decide(&perm, &p, &m, 10, 1),
             Decision::Bounce {
                 class: bounce::BounceClass::InvalidRecipient
             }
         );
-        let refused = AttemptOutcome::from_failure(Failure::ConnectionRefused, "refused");
+        let refused = AttemptResult::failed(Stage::Connect, Failure::ConnectionRefused, "refused");
         assert!(matches!(decide(&refused, &p, &m, 10, 1), Decision::Retry { .. }));
-        let nx = AttemptOutcome::from_failure(Failure::DnsNoSuchDomain, "NXDOMAIN");
+        let nx = AttemptResult::failed(Stage::Dns, Failure::DnsNoSuchDomain, "NXDOMAIN");
         assert!(matches!(decide(&nx, &p, &m, 10, 1), Decision::Bounce { .. }));
     }
 
@@ -149,10 +171,42 @@ mod tests {
         assert!(none.is_temporary());
         assert_eq!(decide(&none, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
         assert_eq!(decide(&none, &p, &m, 1_800_000, 31), Decision::Expired);
-        let AttemptOutcome::Failed { class, .. } = none else {
-            unreachable!("a failure")
-        };
-        assert_eq!(class.as_str(), "no_route");
+        assert_eq!(none.verdict().map(|v| v.class.as_str()), Some("no_route"));
+        assert_eq!(
+            none.summary(),
+            "4.4.4 No route configured for recipient domain d.example"
+        );
+        // The status the relay named is what the delivery log records; no text is re-parsed.
+        let (code, status, text) = none.log_parts();
+        assert_eq!((code, status), (None, Some(EnhancedStatusCode::new(4, 4, 4))));
+        assert_eq!(text, none.summary());
+        let expired = expired_outcome();
+        assert!(expired.is_permanent());
+        assert_eq!(expired.summary(), "queue lifetime exceeded");
+        assert_eq!(expired.log_parts(), (None, None, "queue lifetime exceeded".into()));
+    }
+
+    #[test]
+    fn our_credentials_failing_is_retried_not_bounced() {
+        let m = meta(0);
+        let p = policy_for(None, &m);
+        // 535 is permanent for the bounce table; the mail waits for the credentials' fix.
+        let auth = replied(Stage::Auth, Reply::new(535, "5.7.8 Authentication credentials invalid"));
+        assert_eq!(auth.verdict().map(|v| v.kind), Some(Kind::Permanent));
+        assert!(auth.is_temporary());
+        assert_eq!(decide(&auth, &p, &m, 10_000, 1), Decision::Retry { at_ms: 70_000 });
+        // Also when a server demands AUTH later in the dialogue.
+        let required = replied(Stage::MailFrom, Reply::new(530, "5.7.0 Authentication required"));
+        assert_eq!(
+            required.verdict().map(|v| v.class),
+            Some(bounce::BounceClass::AuthFailure)
+        );
+        assert!(matches!(decide(&required, &p, &m, 10_000, 1), Decision::Retry { .. }));
+        // The reply it came from is kept as parsed.
+        assert_eq!(
+            auth.reply().and_then(|r| r.enhanced),
+            Some(EnhancedStatusCode::new(5, 7, 8))
+        );
     }
 
     #[test]
@@ -163,7 +217,7 @@ mod tests {
         let p = policy_for(None, &m);
         assert_eq!(p.interval, Duration::from_secs(5));
         assert_eq!(p.lifetime, Duration::from_secs(120));
-        let temp = AttemptOutcome::from_reply(Reply::new(421, "4.7.0 busy"));
+        let temp = from_reply(Reply::new(421, "4.7.0 busy"));
         assert_eq!(decide(&temp, &p, &m, 2_000, 1), Decision::Retry { at_ms: 7_000 });
         assert_eq!(decide(&temp, &p, &m, 121_000, 9), Decision::Expired);
     }

@@ -91,8 +91,15 @@ impl Drop for HeldLease {
 }
 
 impl Worker {
-    /// Runs until `shutdown` turns true; in-flight deliveries finish first.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>, live: WorkerLiveness) {
+    /// Runs until `shutdown` turns true; in-flight deliveries finish first, or, when
+    /// `give_back_at` names an instant before they did, their jobs are given back to the queue
+    /// for another relay to take over at once.
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        live: WorkerLiveness,
+        mut give_back_at: watch::Receiver<Option<tokio::time::Instant>>,
+    ) {
         let sem = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         let held = Held::default();
         let stuck_after = live.job_stuck_after;
@@ -156,8 +163,30 @@ impl Worker {
                 self.spawn_job(&held, p, leased, stored);
             }
         }
-        // Drain: wait until every in-flight delivery returned its permit.
-        let _ = sem.acquire_many(self.settings.concurrency.max(1) as u32).await;
+        // Drain: wait until every in-flight delivery returned its permit, or give their jobs back.
+        let all = self.settings.concurrency.max(1) as u32;
+        let give_back = async {
+            let at = match give_back_at.wait_for(Option::is_some).await {
+                Ok(at) => *at,
+                Err(_) => None,
+            };
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sem.acquire_many(all) => {}
+            () = give_back => {
+                // Renewing would undo the release.
+                renewer.abort();
+                let leases = held.leases();
+                match self.queue.release(&self.settings.consumer, &leases, self.settings.visibility_timeout).await {
+                    Ok(n) => tracing::warn!(in_flight = leases.len(), given_back = n, "drain deadline: deliveries still in flight; their jobs are given back for another relay"),
+                    Err(e) => tracing::warn!(error = %e, "drain deadline: giving jobs back failed; another relay takes them over after the visibility timeout"),
+                }
+            }
+        }
         promoter.abort();
         reclaimer.abort();
         renewer.abort();
