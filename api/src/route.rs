@@ -264,6 +264,7 @@ pub struct OAuth2Spec {
     #[schemars(length(min = 1, max = 1024))]
     pub scope: Option<String>,
     /// Overrides the provider's token endpoint (another cloud, a test endpoint); https only.
+    /// With it, clientCredentials needs no `tenant` key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.startsWith('https://')").message("tokenUrl must be an https URL"))]

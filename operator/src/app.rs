@@ -295,6 +295,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         conntest: crate::conntest::Settings {
             helo_name: args.helo_name.clone(),
             timeout: args.connection_test_timeout,
+            token_client: match mailroute_oauth::TokenClient::with_native_roots() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "OAuth2 routes cannot be tested");
+                    None
+                }
+            },
         },
     };
     controller::run(reconciler, triggers, loop_settings, leading, shutdown).await;

@@ -25,6 +25,7 @@ use crate::observe::liveness::{Heartbeat, Liveness};
 use crate::observe::metrics::Metrics;
 use crate::observe::telemetry::Telemetry;
 use crate::outbound::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
+use crate::outbound::oauth2::OAuth2Tokens;
 use crate::outbound::pacing::SharedPacing;
 use crate::outbound::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::outbound::transport::SmtpTransport;
@@ -197,6 +198,27 @@ pub struct Overrides {
     pub pacing: Option<Arc<dyn Pacing>>,
     pub resolver: Option<Arc<dyn MxResolver>>,
     pub dlog_writer: Option<Box<dyn std::io::Write + Send>>,
+    /// Fetches OAuth2 tokens (default: HTTPS trusting the system's roots).
+    pub token_client: Option<mailroute_oauth::TokenClient>,
+}
+
+/// The OAuth2 token cache over the relays' shared Redis (none with the memory queue).
+fn oauth2_tokens(
+    redis: Option<redis_client::RedisConn>,
+    prefix: &str,
+    client: Option<mailroute_oauth::TokenClient>,
+) -> OAuth2Tokens {
+    let Some(redis) = redis else {
+        return OAuth2Tokens::new(None);
+    };
+    let client = client.unwrap_or_else(|| {
+        mailroute_oauth::TokenClient::with_native_roots().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "OAuth2 token endpoints cannot be verified: routes with auth.oauth2 will defer their mail");
+            mailroute_oauth::TokenClient::new(rustls::RootCertStore::empty())
+        })
+    });
+    let cache = mailroute_oauth::TokenCache::new(redis, prefix, client, mailroute_oauth::CacheSettings::default());
+    OAuth2Tokens::new(Some(cache))
 }
 
 /// First wait for Redis: 1 s, doubling to this.
@@ -265,14 +287,21 @@ impl Relay {
             tracing::warn!(warning = %w, "configuration warning");
         }
         let metrics = Arc::new(Metrics::new());
-        type Stores = (Arc<dyn Queue>, DeliveryLog, Arc<dyn QuotaStore>, Arc<dyn PaceStore>);
-        let (queue, dlog, quota_store, pace_store): Stores = if let Some(target) = opts.queue.redis() {
+        type Stores = (
+            Arc<dyn Queue>,
+            DeliveryLog,
+            Arc<dyn QuotaStore>,
+            Arc<dyn PaceStore>,
+            Option<redis_client::RedisConn>,
+        );
+        let (queue, dlog, quota_store, pace_store, shared_redis): Stores = if let Some(target) = opts.queue.redis() {
             let (q, conn) = connect_redis(&opts, target).await?;
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
                 Arc::new(RedisQuotaStore::new(conn.clone(), opts.redis_prefix.clone())),
-                Arc::new(RedisPaceStore::new(conn, opts.redis_prefix.clone())),
+                Arc::new(RedisPaceStore::new(conn.clone(), opts.redis_prefix.clone())),
+                Some(conn),
             )
         } else {
             tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
@@ -281,8 +310,10 @@ impl Relay {
                 DeliveryLog::memory(crate::observe::dlog::DEFAULT_MEMORY_CAPACITY),
                 Arc::new(MemoryQuotaStore::new()),
                 Arc::new(MemoryPaceStore::new()),
+                None,
             )
         };
+        let oauth2 = oauth2_tokens(shared_redis, &opts.redis_prefix, overrides.token_client);
         let quotas = QuotaEngine::new(quota_store);
         let dlog = match overrides.dlog_writer {
             Some(w) => dlog.with_writer(w),
@@ -364,7 +395,11 @@ impl Relay {
         let worker = Arc::new(Worker {
             queue: queue.clone(),
             config: config.clone(),
-            transport: Arc::new(SmtpTransport::new(deliverer.clone()).with_connection_slots(pacer.clone())),
+            transport: Arc::new(
+                SmtpTransport::new(deliverer.clone())
+                    .with_connection_slots(pacer.clone())
+                    .with_oauth2_tokens(oauth2),
+            ),
             pacing: overrides.pacing.unwrap_or_else(|| {
                 Arc::new(SharedPacing {
                     pacer,

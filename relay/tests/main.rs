@@ -21,6 +21,7 @@ mod inbound_limits;
 mod integrity;
 mod listen;
 mod liveness;
+mod oauth2;
 mod proxy_protocol;
 mod queue;
 mod quota;
