@@ -438,11 +438,19 @@ def check_production(default: list[dict], binaries: dict[str, str]) -> None:
         fail("with the admin token off the operator still gets --relay-admin-url (and exits without a token)")
     if not any(a.startswith("--relay-admin-url") for a in args):
         fail("with the admin token on the operator gets no --relay-admin-url (no quota usage)")
-    # watchNamespaces: Roles in those namespaces only, no cluster-wide Secret access.
+    # watchNamespaces: Roles in those namespaces only, no cluster-wide Secret access; the one
+    # cluster-wide grant left is reading namespaces' labels (allowedNamespaces selectors), and
+    # not even that when every namespace is a platform namespace (tenancy.platformNamespaces: ["*"]).
+    namespaces_only = [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]
+    for values, allowed in (({"operator": {"watchNamespaces": ["team-a", "team-b"]}}, {"-namespaces"}),
+                            ({"operator": {"watchNamespaces": ["team-a"]}, "tenancy": {"platformNamespaces": ["*"]}}, set())):
+        scoped, _ = render(values)
+        cluster_roles = [o for o in scoped if o["kind"] in ("ClusterRole", "ClusterRoleBinding") and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "operator"]
+        extra = [o for o in cluster_roles if not any(o["metadata"]["name"].endswith(a) for a in allowed)
+                 or (o["kind"] == "ClusterRole" and o["rules"] != namespaces_only)]
+        if extra:
+            fail(f"with {values} the operator still gets {[kn(o) for o in extra]}")
     scoped, _ = render({"operator": {"watchNamespaces": ["team-a", "team-b"]}})
-    cluster_roles = [o for o in scoped if o["kind"] in ("ClusterRole", "ClusterRoleBinding") and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "operator"]
-    if cluster_roles:
-        fail(f"with watchNamespaces the operator still gets {[kn(o) for o in cluster_roles]}")
     for ns in ("team-a", "team-b"):
         roles = [o for o in scoped if o["kind"] == "Role" and o["metadata"].get("namespace") == ns]
         rules = rbac_rules(roles)["Role"]

@@ -15,7 +15,12 @@ use crate::quota::{AppliesTo, CountBy, OnExceeded};
 use crate::route::{AssertionAlgorithm, AuthMechanism, Backoff, OAuth2Grant, TlsMode};
 
 /// Format version of `RelayConfig`; relays refuse a document with a version they do not know.
-pub const CONFIG_VERSION: u32 = 1;
+/// Version 2 added tenancy (`Authority`): a relay that ignored it would let a tenant's route
+/// capture other namespaces' mail, so relays before it must refuse such a document.
+pub const CONFIG_VERSION: u32 = 2;
+/// The oldest version relays still read: a version 1 document has no tenancy fields, and
+/// their defaults make every route and quota a platform one governing everyone, as it was.
+pub const MIN_CONFIG_VERSION: u32 = 1;
 /// Key of the relay configuration in its ConfigMap.
 pub const CONFIG_KEY: &str = "relay.json";
 /// Key of the relay secrets in their Secret.
@@ -65,6 +70,9 @@ pub fn short_hash(bytes: &[u8]) -> String {
 pub struct CompiledRoute {
     /// `namespace/name` of the SmtpRoute.
     pub id: String,
+    /// Whose mail it serves, by the sender's namespace.
+    #[serde(flatten)]
+    pub authority: Authority,
     pub priority: i32,
     pub target: Target,
     /// Never empty; `*` when the route did not say.
@@ -99,6 +107,60 @@ impl CompiledRoute {
             .filter(|p| p.matches(rcpt_domain))
             .map(|p| p.specificity())
             .max()
+    }
+}
+
+/// Whose mail a compiled route or quota governs, by the sender's namespace. The operator
+/// resolved every namespace selector: relays compare names, they never see labels. The
+/// defaults (all fields absent, as in version 1 documents) are a platform object governing
+/// everyone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Authority {
+    /// The object's namespace; empty in version 1 documents.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    /// A tenant's object (not in a platform namespace): it governs its own namespace only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tenant: bool,
+    /// A platform route that wins over the tenants' own routes (routes only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforced: bool,
+    /// The senders' namespaces governed, sorted; absent: every namespace and unattributed mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+}
+
+impl Authority {
+    /// Whether this object governs mail from a sender in `namespace` (`None`: unattributed,
+    /// which only objects governing every namespace do).
+    pub fn governs(&self, namespace: Option<&str>) -> bool {
+        match (&self.namespaces, namespace) {
+            (None, _) => true,
+            (Some(list), Some(n)) => list.iter().any(|l| l == n),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// The precedence class of a route for a sender: enforced platform routes (0), then the
+    /// tenant's own (1), then the other platform routes (2).
+    pub fn class(&self) -> u8 {
+        match (self.tenant, self.enforced) {
+            (false, true) => 0,
+            (true, _) => 1,
+            (false, false) => 2,
+        }
+    }
+
+    /// Whether two objects can govern the same mail in the same class.
+    pub fn overlaps(&self, other: &Self) -> bool {
+        if self.tenant != other.tenant || self.class() != other.class() {
+            return false;
+        }
+        match (&self.namespaces, &other.namespaces) {
+            (None, _) | (_, None) => true,
+            (Some(a), Some(b)) => a.iter().any(|n| b.contains(n)),
+        }
     }
 }
 
@@ -307,6 +369,9 @@ pub struct DkimConfig {
 pub struct CompiledQuota {
     /// `namespace/name` of the SenderQuota.
     pub id: String,
+    /// Whose mail it governs, by the sender's namespace.
+    #[serde(flatten)]
+    pub authority: Authority,
     pub selector: QuotaSelector,
     /// Sorted from the shortest period to the longest.
     pub limits: Vec<PeriodLimit>,
@@ -336,6 +401,9 @@ pub enum QuotaSelector {
     FromDomain(DomainPattern),
     #[schemars(with = "Vec<String>")]
     SourceCidrs(Vec<IpNet>),
+    /// `scope: Namespace`: all mail of each governed namespace, counted per namespace (its
+    /// own counters for each), beside the sender's own quota.
+    Namespace,
 }
 
 impl QuotaSelector {
@@ -351,6 +419,7 @@ impl QuotaSelector {
                     c.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
                 )
             }
+            Self::Namespace => "namespace".into(),
         }
     }
 }
@@ -481,12 +550,26 @@ impl fmt::Debug for OAuth2Credentials {
     }
 }
 
-/// An inbound SMTP AUTH user: an Argon2id PHC hash and the quota it belongs to.
+/// An inbound SMTP AUTH user: an Argon2id PHC hash, the quota it belongs to and the namespace
+/// of that quota, which is the namespace of the user's mail.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InboundUser {
     pub password_hash: String,
     pub quota: String,
+    /// Absent in secrets compiled before tenancy: the namespace part of `quota` then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+impl InboundUser {
+    /// The namespace the user's mail belongs to.
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace
+            .as_deref()
+            .or_else(|| self.quota.split_once('/').map(|(ns, _)| ns))
+            .filter(|ns| !ns.is_empty())
+    }
 }
 
 /// Checks a password against an `InboundUser` hash (constant-time inside argon2).

@@ -15,12 +15,16 @@ pub mod provider;
 pub mod quota;
 pub mod route;
 pub mod status;
+pub mod tenancy;
 
-pub use compile::{Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, compile};
+pub use compile::{
+    Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, Tenancy, compile, compile_for,
+};
 pub use config::{RelayConfig, RelaySecrets};
 pub use manifest::Manifests;
 pub use quota::{SenderQuota, SenderQuotaSpec};
 pub use route::{SmtpRoute, SmtpRouteSpec};
+pub use tenancy::{AllowedNamespaces, FromNamespaces, QuotaScope};
 
 /// API group of the custom resources.
 pub const GROUP: &str = "mailroute.io";

@@ -119,7 +119,13 @@ impl Manifests {
         Ok(m)
     }
 
+    /// Compiles as a single-tenant install (every namespace is a platform namespace).
     pub fn compile(&self) -> crate::compile::Compiled {
         crate::compile::compile(&self.routes, &self.quotas, &self.secrets)
+    }
+
+    /// Compiles with the cluster's platform namespaces and namespace labels.
+    pub fn compile_for(&self, tenancy: &crate::compile::Tenancy) -> crate::compile::Compiled {
+        crate::compile::compile_for(&self.routes, &self.quotas, &self.secrets, tenancy)
     }
 }

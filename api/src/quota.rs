@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::route::CredentialsSecretRef;
 use crate::status::Condition;
+use crate::tenancy::{AllowedNamespaces, QuotaScope};
 
 /// How much one sender may send, and what happens when it sends more.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -36,10 +37,24 @@ use crate::status::Condition;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     cel
 )]
+#[x_kube(validation = Rule::new("has(self.sender) == (!has(self.scope) || self.scope == 'Sender')").message("scope: Sender needs a sender; scope: Namespace takes none").field_path(".sender"))]
 #[serde(rename_all = "camelCase")]
 pub struct SenderQuotaSpec {
-    /// Who this quota applies to.
-    pub sender: SenderSelector,
+    /// Who this quota applies to (with `scope: Sender`, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<SenderSelector>,
+
+    /// `Sender` (default): the sender picked by `sender`. `Namespace`: every sender of a
+    /// governed namespace together, each namespace with its own budget (for example 10,000
+    /// bulk messages a month for namespace `shop-42`); it counts beside the sender's own quota.
+    #[serde(default, skip_serializing_if = "QuotaScope::is_sender")]
+    pub scope: QuotaScope,
+
+    /// Whose mail this quota governs, by the sender's namespace. Only quotas in a platform
+    /// namespace may govern other namespaces (default there: all); a quota in a tenant's
+    /// namespace governs that namespace's mail only, whatever is set here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<AllowedNamespaces>,
 
     /// Limits; every limit set applies. Omitted: no volume limit (sender policy only).
     #[serde(default)]

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::provider::Provider;
 use crate::status::{Condition, ConnectionTest};
+use crate::tenancy::AllowedNamespaces;
 
 /// Where and how mail matching this route is delivered.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -119,6 +120,18 @@ pub struct SmtpRouteSpec {
     /// If set, the operator's connection test also sends a real test message to this address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_recipient: Option<String>,
+
+    /// Whose mail this route serves, by the sender's namespace. Only routes in a platform
+    /// namespace may serve other namespaces (default there: all); a route in a tenant's
+    /// namespace serves that namespace's mail only, whatever is set here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<AllowedNamespaces>,
+
+    /// A platform route that wins over the tenants' own routes: when an enforced route
+    /// matches, only enforced routes are tried (a compliance or DKIM-signing route tenants
+    /// cannot bypass). Ignored, with a warning, on a route in a tenant's namespace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforced: bool,
 }
 
 fn default_priority() -> i32 {
@@ -251,6 +264,7 @@ pub struct OAuth2Spec {
     #[schemars(length(min = 1, max = 1024))]
     pub scope: Option<String>,
     /// Overrides the provider's token endpoint (another cloud, a test endpoint); https only.
+    /// With it, clientCredentials needs no `tenant` key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.startsWith('https://')").message("tokenUrl must be an https URL"))]

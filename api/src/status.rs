@@ -65,6 +65,9 @@ pub enum ConditionType {
     Verified,
     /// The quota's usage is read from the relays (quotas only; shown only while it is not).
     UsageReported,
+    /// The route authenticates in a way its provider is retiring (routes only; shown only while
+    /// it does, `True` is the warning): Basic (password) SMTP AUTH to Microsoft 365.
+    AuthDeprecated,
     /// Any other type.
     Other(String),
 }
@@ -76,6 +79,7 @@ impl ConditionType {
             Self::Ready => "Ready",
             Self::Verified => "Verified",
             Self::UsageReported => "UsageReported",
+            Self::AuthDeprecated => "AuthDeprecated",
             Self::Other(s) => s,
         }
     }
@@ -86,6 +90,7 @@ impl ConditionType {
             "Ready" => Self::Ready,
             "Verified" => Self::Verified,
             "UsageReported" => Self::UsageReported,
+            "AuthDeprecated" => Self::AuthDeprecated,
             other => Self::Other(other.to_string()),
         }
     }
@@ -150,14 +155,16 @@ pub struct ConnectionTest {
     pub time: String,
     /// `Succeeded` or `Failed`.
     pub result: String,
-    /// The step that failed: `connect`, `greeting`, `ehlo`, `starttls`, `tls`, `auth`, `send`.
+    /// The step that failed: `token` (an OAuth2 route's token request), `connect`, `greeting`,
+    /// `ehlo`, `starttls`, `tls`, `auth`, `send`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
     /// The upstream's own reply, e.g. `535 5.7.8 Username and password not accepted.`
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
-    /// What went wrong when there was no SMTP reply to show, e.g. `connection refused` or
-    /// `invalid peer certificate: UnknownIssuer`.
+    /// What went wrong when there was no SMTP reply to show, e.g. `connection refused`,
+    /// `invalid peer certificate: UnknownIssuer`, or the token endpoint's error
+    /// (`invalid_client: AADSTS7000215: Invalid client secret provided. ...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Identifies what was tested: the effective upstream settings, the test recipient and the
@@ -179,6 +186,7 @@ pub mod condition_type {
     pub const READY: ConditionType = ConditionType::Ready;
     pub const VERIFIED: ConditionType = ConditionType::Verified;
     pub const USAGE_REPORTED: ConditionType = ConditionType::UsageReported;
+    pub const AUTH_DEPRECATED: ConditionType = ConditionType::AuthDeprecated;
 }
 
 impl Condition {

@@ -112,6 +112,9 @@ pub struct EventsArgs {
     /// Only events of this queue id.
     #[arg(long)]
     pub message_id: Option<String>,
+    /// Only mail of this sender namespace (`-`: mail no namespace could be attributed to).
+    #[arg(long)]
+    pub namespace: Option<String>,
     /// Events newer than this: a duration (`1h`) or an RFC 3339 time.
     #[arg(long)]
     pub since: Option<String>,
@@ -278,6 +281,7 @@ async fn events(
         ("sender", &args.sender),
         ("result", &args.result),
         ("message_id", &args.message_id),
+        ("namespace", &args.namespace),
     ] {
         if let Some(v) = v {
             query.push((k.to_string(), v.clone()));

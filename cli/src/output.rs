@@ -90,6 +90,7 @@ pub fn print_events(out: &mut dyn Write, format: Format, events: &[Value], heade
                     vec![
                         cell(&e["time"]),
                         cell(&e["result"]),
+                        cell(&e["namespace"]),
                         cell(&e["message_id"]),
                         cell(&e["envelope_from"]),
                         cell(&e["recipient"]),
@@ -102,7 +103,16 @@ pub fn print_events(out: &mut dyn Write, format: Format, events: &[Value], heade
                 "No events.\n".to_string()
             } else {
                 table(
-                    &["time", "result", "message", "sender", "recipient", "route", "reply"],
+                    &[
+                        "time",
+                        "result",
+                        "namespace",
+                        "message",
+                        "sender",
+                        "recipient",
+                        "route",
+                        "reply",
+                    ],
                     &rows,
                     header,
                 )

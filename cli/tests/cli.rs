@@ -100,6 +100,11 @@ async fn the_cli_shows_and_acts_on_a_real_relay_with_exit_codes_scripts_can_use(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Mail from this test's client is unattributed (`-`), so a tenant's filter finds none of it.
+    let unattributed = mailroute(&admin, TOKEN, &["events", "--namespace=-", "-o", "json"]).await;
+    assert!(unattributed.stdout.lines().count() >= 2, "{}", unattributed.stdout);
+    let team_a = mailroute(&admin, TOKEN, &["events", "--namespace=team-a", "-o", "json"]).await;
+    assert_eq!((team_a.code, team_a.stdout.as_str()), (0, ""), "{}", team_a.stderr);
     let table = mailroute(&admin, TOKEN, &["events", "--since=1h"]).await;
     assert_eq!(table.code, 0, "{}", table.stderr);
     assert!(table.stdout.starts_with("TIME"), "{}", table.stdout);

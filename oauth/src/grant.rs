@@ -22,8 +22,9 @@ pub enum OAuthError {
         error: String,
         description: Option<String>,
     },
-    /// The endpoint could not be reached or did not answer HTTP.
-    #[error("token endpoint {url}: {reason}")]
+    /// The endpoint could not be reached or did not answer HTTP. Shown with the endpoint's host
+    /// only ([`endpoint_name`]): an Entra ID URL carries the tenant, which comes from a Secret.
+    #[error("token endpoint {}: {reason}", endpoint_name(.url))]
     Transport { url: String, reason: String },
     /// The endpoint answered something that is neither a token nor an OAuth2 error.
     #[error("token endpoint answered HTTP {status} without a token or an OAuth2 error")]
@@ -34,6 +35,20 @@ pub enum OAuthError {
     /// The shared token cache failed.
     #[error("token cache: {0}")]
     Cache(String),
+}
+
+/// A token endpoint as messages and log lines show it: `scheme://host[:port]`, without the path
+/// (Entra ID's holds the tenant, a value from the route's Secret).
+pub fn endpoint_name(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // Never userinfo.
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if scheme.is_empty() {
+        host.to_string()
+    } else {
+        format!("{scheme}://{host}")
+    }
 }
 
 fn provider_text(error: &str, description: Option<&str>) -> String {
@@ -444,6 +459,27 @@ mod tests {
                 Some("https://mail.google.com/"),
                 Some(crate::GOOGLE_TOKEN_URL)
             )
+        );
+    }
+
+    #[test]
+    fn endpoints_are_named_without_their_path() {
+        assert_eq!(
+            endpoint_name(&crate::entra_token_url("contoso.onmicrosoft.com")),
+            "https://login.microsoftonline.com"
+        );
+        assert_eq!(
+            endpoint_name("https://127.0.0.1:8443/t/token?x=1"),
+            "https://127.0.0.1:8443"
+        );
+        assert_eq!(endpoint_name("https://u:p@idp.example/token"), "https://idp.example");
+        let e = OAuthError::Transport {
+            url: crate::entra_token_url("tenant-secret-ish"),
+            reason: "connect: refused".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "token endpoint https://login.microsoftonline.com: connect: refused"
         );
     }
 

@@ -1,8 +1,8 @@
 //! The HTTPS POST to a token endpoint: one connection per request (tokens are fetched about once
 //! an hour per route and user), rustls with the ring provider chosen explicitly (a workspace build
 //! enables two providers, and rustls then refuses to pick one), bounded in time and size.
-//! Returns the provider's answer as `grant::parse_response` reads it; logs the endpoint and the
-//! outcome, never the form or the token.
+//! Returns the provider's answer as `grant::parse_response` reads it; logs the endpoint's host and
+//! the outcome, never the path (Entra ID's holds the tenant), the form or the token.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,7 +14,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::grant::{Grant, OAuthError, Token, TokenRequest, parse_response};
+use crate::grant::{Grant, OAuthError, Token, TokenRequest, endpoint_name, parse_response};
 use crate::secret::SecretString;
 
 /// Largest token endpoint answer read.
@@ -76,8 +76,8 @@ impl TokenClient {
         let (status, body) = self.post(&request).await?;
         let result = parse_response(status, &body, unix_now());
         match &result {
-            Ok(_) => tracing::debug!(url = %request.url, "token fetched"),
-            Err(e) => tracing::warn!(url = %request.url, error = %e, "token request failed"),
+            Ok(_) => tracing::debug!(endpoint = %endpoint_name(&request.url), "token fetched"),
+            Err(e) => tracing::warn!(endpoint = %endpoint_name(&request.url), error = %e, "token request failed"),
         }
         result
     }

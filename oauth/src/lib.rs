@@ -22,6 +22,7 @@ pub use cache::{CacheSettings, TokenCache, TokenKey};
 pub use compiled::grant_from;
 pub use grant::{
     ClientCredential, ClientCredentials, Grant, OAuthError, RefreshTokenGrant, ServiceAccount, Token, TokenRequest,
+    endpoint_name,
 };
 pub use http::TokenClient;
 pub use jwt::{JwtAlg, RsaKey};

@@ -1,8 +1,6 @@
 //! Grants and the shared token cache against a real HTTPS token endpoint on 127.0.0.1 and a real
 //! redis-server.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,20 +10,16 @@ use mailroute_oauth::{
     SecretString, ServiceAccount, TokenCache, TokenClient, TokenKey,
 };
 use mailroute_testkit::RedisServer;
-use support::{AADSTS700027, AADSTS7000215, Endpoint, Settings};
+use mailroute_testkit::token_endpoint::{AADSTS700027, AADSTS7000215, Endpoint, Settings};
 
 const KEY: &str = include_str!("../../testkit/keys/dkim-rsa-2048.pem");
 const OTHER_KEY: &str = include_str!("../../testkit/keys/dkim-rsa-3072.pem");
 
 async fn endpoint(latency: Duration) -> Endpoint {
     Endpoint::start(Settings {
-        client_id: "app-1".into(),
-        client_secret: "right-secret".into(),
         public_key: RsaKey::from_pem(KEY).unwrap().public_key_der(),
-        refresh_token: "rt-0".into(),
-        rotate: false,
-        expires_in: 3599,
         latency,
+        ..Settings::default()
     })
     .await
 }

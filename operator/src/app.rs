@@ -35,6 +35,12 @@ pub struct RunArgs {
     /// Namespaces to watch for SmtpRoutes and SenderQuotas, comma-separated (default: all).
     #[arg(long, env = "MAILROUTE_WATCH_NAMESPACES", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
+    /// Platform namespaces, comma-separated: SmtpRoutes and SenderQuotas there may serve other
+    /// namespaces (`allowedNamespaces`); anywhere else they govern their own namespace's mail
+    /// only. `*`: every namespace is one (single-tenant, as before tenancy). Default: the
+    /// operator's namespace.
+    #[arg(long, env = "MAILROUTE_PLATFORM_NAMESPACES", value_delimiter = ',')]
+    pub platform_namespaces: Vec<String>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "MAILROUTE_HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
     pub health_listen: String,
@@ -123,6 +129,23 @@ fn namespace(args: &RunArgs, client: &Client) -> String {
         })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| client.default_namespace().to_string())
+}
+
+/// The platform namespaces (`None`: every namespace) from `--platform-namespaces`.
+pub fn platform_namespaces(args: &RunArgs, own_namespace: &str) -> Option<std::collections::BTreeSet<String>> {
+    let listed: std::collections::BTreeSet<String> = args
+        .platform_namespaces
+        .iter()
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if listed.contains("*") {
+        None
+    } else if listed.is_empty() {
+        Some([own_namespace.to_string()].into())
+    } else {
+        Some(listed)
+    }
 }
 
 /// The owner reference to the operator's Deployment, which the outputs carry so that deleting
@@ -232,6 +255,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace = %namespace,
         identity = %identity,
         watch_namespaces = ?args.watch_namespaces,
+        platform_namespaces = ?platform_namespaces(&args, &namespace),
         api_server = %version.git_version,
         "mailroute operator starting"
     );
@@ -293,6 +317,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .collect(),
         test_interval: args.connection_tests.then_some(args.connection_test_interval),
         instance: identity,
+        platform_namespaces: platform_namespaces(&args, &namespace),
     };
     let reconciler = Reconciler::new(client.clone(), settings, usage_client(&args)?, metrics.clone());
     let triggers = controller::triggers(&client, reconciler.clone());
@@ -303,6 +328,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         conntest: crate::conntest::Settings {
             helo_name: args.helo_name.clone(),
             timeout: args.connection_test_timeout,
+            token_client: match mailroute_oauth::TokenClient::with_native_roots() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "OAuth2 routes cannot be tested");
+                    None
+                }
+            },
         },
     };
     controller::run(reconciler, triggers, loop_settings, leading, shutdown).await;
@@ -356,5 +388,19 @@ mod tests {
             Some("mail.example.com")
         );
         assert_eq!(args(&[]).relay_hostname, None);
+    }
+
+    #[test]
+    fn platform_namespaces_default_to_the_operators_own_and_star_means_every_namespace() {
+        let set = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect());
+        assert_eq!(platform_namespaces(&args(&[]), "mailroute"), set(&["mailroute"]));
+        assert_eq!(
+            platform_namespaces(&args(&["--platform-namespaces=mail-platform,compliance"]), "mailroute"),
+            set(&["compliance", "mail-platform"])
+        );
+        assert_eq!(
+            platform_namespaces(&args(&["--platform-namespaces=*"]), "mailroute"),
+            None
+        );
     }
 }

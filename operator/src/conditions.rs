@@ -70,8 +70,11 @@ pub struct Transition {
 
 impl Transition {
     /// Transitions to `False` are warnings; everything else is normal. `UsageReported=False` is a
-    /// setting (no admin token), not a fault.
+    /// setting (no admin token), not a fault. `AuthDeprecated` warns when it turns `True`.
     pub fn is_warning(&self) -> bool {
+        if self.to.type_ == condition_type::AUTH_DEPRECATED {
+            return self.to.status == Status::True;
+        }
         self.to.status == Status::False && self.to.type_ != condition_type::USAGE_REPORTED
     }
 }

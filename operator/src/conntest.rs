@@ -1,20 +1,24 @@
-//! Connection test of a route's upstream: connect (plain + STARTTLS, or implicit TLS), verify the
-//! certificate as the route says (system roots plus the route's CA bundle), EHLO, AUTH with the
-//! route's credentials and optionally send a test message, through the relay's own SMTP client
-//! (`mailroute_smtp::client`), so the `Verified` condition quotes a reply as the delivery log
-//! would. Also the pure parts: the fingerprint of what is tested, when a test is due, and the
-//! `Verified` condition a result gives.
-//! It never writes to Kubernetes and never logs credentials.
+//! Connection test of a route's upstream: for an OAuth2 route first an access token from the
+//! provider's token endpoint (`mailroute_oauth`, the grant and request code the relays use), then
+//! connect (plain + STARTTLS, or implicit TLS), verify the certificate as the route says (system
+//! roots plus the route's CA bundle), EHLO, AUTH with the route's credentials (XOAUTH2 with the
+//! token) and optionally send a test message, through the relay's own SMTP client
+//! (`mailroute_smtp::client`), so the `Verified` condition quotes a reply, or the token
+//! endpoint's error, as the delivery log would. Also the pure parts: the fingerprint of what is
+//! tested, when a test is due, and the `Verified` condition a result gives.
+//! It never writes to Kubernetes and never logs credentials or tokens. It fetches its own token
+//! and does not share the relays' token cache (the operator has no Redis).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use mailroute_api::config::{Credentials, Upstream, short_hash};
+use mailroute_api::config::{Credentials, OAuth2Credentials, Upstream, short_hash};
 use mailroute_api::route::AuthMechanism;
 use mailroute_api::route::TlsMode;
 use mailroute_api::status::{ConnectionTest, condition_type};
+use mailroute_oauth::{OAuthError, TokenClient};
 use mailroute_smtp::client;
 use mailroute_smtp::{Connection, ErrorKind, OpenSpec, Stage, StepError, Timeouts, TlsUse};
 use rustls::pki_types::ServerName;
@@ -30,13 +34,16 @@ pub const SUCCEEDED: &str = "Succeeded";
 /// `result` of a failed test.
 pub const FAILED: &str = "Failed";
 
-/// One test to run. `Debug` shows no secret (`Credentials` redacts the password).
+/// One test to run. `Debug` shows no secret (`Credentials` redacts the password,
+/// `OAuth2Credentials` shows the grant and the user only).
 #[derive(Clone, Debug)]
 pub struct ConnTestJob {
     /// `namespace/name` of the route.
     pub route_id: String,
     pub upstream: Upstream,
     pub credentials: Option<Credentials>,
+    /// The OAuth2 client of an `auth.oauth2` route: the test gets a token with it first.
+    pub oauth2: Option<OAuth2Credentials>,
     /// Extra trusted CA bundle (PEM).
     pub ca_pem: Option<String>,
     /// Send a test message as part of this run.
@@ -59,8 +66,11 @@ pub struct TestMessage {
 pub struct Settings {
     /// Name sent in EHLO.
     pub helo_name: String,
-    /// Limit for each step (connect, each command, the TLS handshake).
+    /// Limit for each step (connect, each command, the TLS handshake, the token request).
     pub timeout: Duration,
+    /// Fetches OAuth2 tokens (HTTPS, trusting the system's roots); `None` when this system has
+    /// no trusted roots, which fails the test of OAuth2 routes at the token step.
+    pub token_client: Option<TokenClient>,
 }
 
 /// Whether a route's upstream should be tested now.
@@ -145,6 +155,7 @@ pub fn verified_condition(upstream: &Upstream, record: &ConnectionTest) -> Desir
         "starttls" => ("StartTlsFailed", "STARTTLS"),
         "tls" => ("TlsFailed", "TLS handshake"),
         "auth" => ("AuthenticationFailed", "AUTH"),
+        "token" => ("TokenRequestFailed", "OAuth2 token request"),
         _ => ("TestMessageRejected", "test message"),
     };
     let detail = record
@@ -213,13 +224,46 @@ impl Failure {
 /// Why a route that requires AUTH has no credentials in the compiled Secret.
 fn missing_credentials(mechanism: AuthMechanism) -> String {
     match mechanism {
-        AuthMechanism::Xoauth2 => "the route requires AUTH XOAUTH2 and this version does not fetch OAuth2 tokens yet: \
-                                   the relays defer its mail"
+        AuthMechanism::Xoauth2 => "the route requires AUTH XOAUTH2 and its Secret gives neither a token nor an OAuth2 \
+                                   client: the relays defer its mail"
             .to_string(),
         other => {
             format!("the route requires AUTH {other:?} and its Secret gives no credentials: the relays defer its mail")
         }
     }
+}
+
+/// A failed token request in the test's words: the endpoint's host (not the path, which holds
+/// the tenant) and the provider's own error (`invalid_client: AADSTS7000215: Invalid client
+/// secret provided. ...`, `invalid_grant`).
+fn token_failure(url: &str, e: &OAuthError) -> Failure {
+    let error = match e {
+        // Says which endpoint itself.
+        OAuthError::Transport { .. } => e.to_string(),
+        _ => format!("{}: {e}", mailroute_oauth::endpoint_name(url)),
+    };
+    Failure::error("token", error)
+}
+
+/// An access token for the route's OAuth2 client, as a relay would get it (without the relays'
+/// shared cache): the credentials XOAUTH2 sends.
+async fn oauth2_credentials(o: &OAuth2Credentials, settings: &Settings) -> Result<Credentials, Failure> {
+    let grant = mailroute_oauth::grant_from(o).map_err(|e| token_failure(&o.token_url, &e))?;
+    let Some(client) = &settings.token_client else {
+        return Err(Failure::error(
+            "token",
+            "no trusted root certificates on this system to reach the token endpoint",
+        ));
+    };
+    let client = client.clone().with_timeout(settings.timeout);
+    let token = client
+        .fetch(&grant, None)
+        .await
+        .map_err(|e| token_failure(grant.token_url(), &e))?;
+    Ok(Credentials {
+        username: o.user.clone(),
+        password: token.access_token.expose().to_string(),
+    })
 }
 
 /// Runs one test and returns the record for `status.lastConnectionTest`. Never fails: every
@@ -270,7 +314,12 @@ async fn session(job: &ConnTestJob, settings: &Settings) -> Result<Option<String
         TlsMode::Starttls => TlsUse::RequireStartTls,
         TlsMode::None => TlsUse::Plain,
     };
-    let auth = match (up.auth, &job.credentials) {
+    // An OAuth2 route: the token first, as the relays do before they connect.
+    let fetched = match &job.oauth2 {
+        Some(o) if up.auth.is_some() => Some(oauth2_credentials(o, settings).await?),
+        _ => None,
+    };
+    let auth = match (up.auth, fetched.as_ref().or(job.credentials.as_ref())) {
         (Some(mechanism), Some(creds)) => Some((creds, Some(mechanism))),
         // The relay never sends such a route's mail without AUTH: the test must not pass either.
         (Some(mechanism), None) => return Err(Failure::error("auth", missing_credentials(mechanism))),

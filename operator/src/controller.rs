@@ -1,5 +1,6 @@
-//! The controller loop: kube-runtime watchers on SmtpRoutes, SenderQuotas, Secrets and the
-//! fleet's own outputs turn changes into triggers; the loop debounces them and runs one
+//! The controller loop: kube-runtime watchers on SmtpRoutes, SenderQuotas, Secrets, the
+//! namespaces' labels (which `allowedNamespaces` selectors read) and the fleet's own outputs
+//! turn changes into triggers; the loop debounces them and runs one
 //! fleet-wide reconcile at a time while this replica leads, requeues failures with exponential
 //! back-off, runs the due connection tests in the background and wakes up for periodic work.
 //!
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
@@ -64,6 +65,32 @@ impl GenerationFilter {
             }
             Event::Delete(o) => {
                 self.seen.remove(&o.meta().uid.clone().unwrap_or_default());
+                true
+            }
+            Event::Init => false,
+            Event::InitDone => true,
+        }
+    }
+}
+
+/// Which namespace watch events matter: a namespace appearing, going, or changing its labels
+/// (what selectors read), and the end of a (re)list.
+#[derive(Default)]
+pub struct LabelFilter {
+    seen: HashMap<String, std::collections::BTreeMap<String, String>>,
+}
+
+impl LabelFilter {
+    pub fn relevant<K: Resource>(&mut self, event: &Event<K>) -> bool {
+        match event {
+            Event::Apply(o) | Event::InitApply(o) => {
+                let meta = o.meta();
+                let name = meta.name.clone().unwrap_or_default();
+                let labels = meta.labels.clone().unwrap_or_default();
+                self.seen.insert(name, labels.clone()) != Some(labels)
+            }
+            Event::Delete(o) => {
+                self.seen.remove(&o.meta().name.clone().unwrap_or_default());
                 true
             }
             Event::Init => false,
@@ -161,6 +188,17 @@ pub fn triggers(client: &Client, reconciler: Arc<Reconciler>) -> BoxStream<'stat
         outputs.boxed(),
     ];
     all.extend(secret_streams);
+    if settings.platform_namespaces.is_some() {
+        let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+        let mut filter = LabelFilter::default();
+        all.push(
+            watch_stream(api, watcher::Config::default())
+                .default_backoff()
+                .filter_map(log_errors::<PartialObjectMeta<Namespace>>("Namespace"))
+                .filter_map(move |e| futures::future::ready(filter.relevant(&e).then_some(())))
+                .boxed(),
+        );
+    }
     futures::stream::select_all(all).boxed()
 }
 

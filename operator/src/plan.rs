@@ -15,13 +15,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use mailroute_api::compile::{
-    Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, compile, keep_last_good,
+    Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, Tenancy, compile_for, keep_last_good,
 };
 use mailroute_api::config::{
     CONFIG_KEY, CONFIG_VERSION, CompiledRoute, RelayConfig, RelaySecrets, SECRETS_KEY, Target, short_hash,
 };
+use mailroute_api::provider::Provider;
 use mailroute_api::quota::{QuotaUsage, SenderQuotaStatus};
-use mailroute_api::route::SmtpRouteStatus;
+use mailroute_api::route::{AuthMechanism, SmtpRouteStatus};
 use mailroute_api::status::{Condition, ConnectionTest, condition_type};
 use mailroute_api::{SenderQuota, SmtpRoute};
 
@@ -120,6 +121,8 @@ pub struct Inputs<'a> {
     /// Interval of periodic connection tests; `None` turns them off.
     pub test_interval: Option<Duration>,
     pub now: Timestamp,
+    /// Platform namespaces and namespace labels.
+    pub tenancy: &'a Tenancy,
 }
 
 /// Quota usage as the relays reported it, by quota id.
@@ -364,7 +367,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     for ((ns, name), s) in inputs.secrets {
         store.insert(ns, name, s.data.clone());
     }
-    let mut compiled = compile(inputs.routes, inputs.quotas, &store);
+    let mut compiled = compile_for(inputs.routes, inputs.quotas, &store, inputs.tenancy);
     let last_good = match live_outputs(inputs.live_config, inputs.live_secret) {
         Some((config, secrets)) => keep_last_good(&mut compiled, &config, &secrets),
         None => BTreeSet::new(),
@@ -447,7 +450,17 @@ fn plan_route(
 
     let (verified, last_test) = verification(inputs, compiled, route, in_config, &previous, plan);
     let generation = route.metadata.generation;
-    let conditions = conditions::merge(&previous.conditions, &[accepted, ready, verified], generation, now);
+    let mut desired = vec![accepted, ready, verified];
+    let deprecated = auth_deprecation(route, in_config);
+    // Shown only while it applies: gone once the route moves to OAuth2.
+    let kept: Vec<Condition> = previous
+        .conditions
+        .iter()
+        .filter(|c| deprecated.is_some() || c.type_ != condition_type::AUTH_DEPRECATED)
+        .cloned()
+        .collect();
+    desired.extend(deprecated);
+    let conditions = conditions::merge(&kept, &desired, generation, now);
     let summary = compiled.summaries.get(&object).cloned().unwrap_or_default();
     let status = SmtpRouteStatus {
         conditions,
@@ -470,6 +483,41 @@ fn plan_route(
             status,
         });
     }
+}
+
+/// The Microsoft 365 SMTP endpoint; Basic authentication to it is being retired.
+const OFFICE365_HOST: &str = "smtp.office365.com";
+
+/// Where the Microsoft 365 OAuth2 example lives (relative to the repository root).
+pub const OFFICE365_OAUTH2_EXAMPLE: &str = "examples/oauth2/office365-client-credentials.yaml";
+
+/// `AuthDeprecated=True` for a route that logs in to Microsoft 365 with a password (Basic SMTP
+/// AUTH, `plain` or `login`): Microsoft disables it by default for existing tenants at the end of
+/// December 2026 and new tenants never have it. `None` for every other route.
+pub fn auth_deprecation(route: &SmtpRoute, compiled: Option<&CompiledRoute>) -> Option<Desired> {
+    let auth = route.spec.auth.as_ref()?;
+    if auth.oauth2.is_some() || auth.secret_ref.is_none() || auth.mechanism == AuthMechanism::Xoauth2 {
+        return None;
+    }
+    let host = match compiled.map(|c| &c.target) {
+        Some(Target::Smarthost(up)) => Some(up.host.as_str()),
+        _ => route.spec.host.as_deref(),
+    };
+    let office365 = route.spec.provider == Some(Provider::Office365)
+        || host.is_some_and(|h| h.trim_end_matches('.').eq_ignore_ascii_case(OFFICE365_HOST));
+    office365.then(|| {
+        Desired::new(
+            condition_type::AUTH_DEPRECATED,
+            Status::True,
+            "BasicAuthRetiring",
+            format!(
+                "the route logs in to Microsoft 365 with a password (Basic SMTP AUTH), which Microsoft \
+                 disables by default at the end of December 2026 (new tenants never have it): move it to \
+                 auth.oauth2 with grant clientCredentials (an Entra ID app with SMTP.SendAsApp), see \
+                 {OFFICE365_OAUTH2_EXAMPLE}"
+            ),
+        )
+    })
 }
 
 /// The test envelope: from the route's sender override, else the AUTH user when it is an
@@ -569,7 +617,11 @@ fn verification(
         })
         .collect();
     let credentials = compiled.secrets.upstream_credentials.get(&id);
-    let message = test_message(route, in_config, credentials.map(|c| c.username.as_str()));
+    let oauth2 = compiled.secrets.upstream_oauth2.get(&id);
+    let user = credentials
+        .map(|c| c.username.as_str())
+        .or(oauth2.map(|o| o.user.as_str()));
+    let message = test_message(route, in_config, user);
     let fingerprint = conntest::fingerprint(upstream, message.as_ref(), &versions);
     let current = [fresh, previous.last_connection_test.as_ref()]
         .into_iter()
@@ -582,6 +634,7 @@ fn verification(
                 route_id: id.clone(),
                 upstream: upstream.clone(),
                 credentials: credentials.cloned(),
+                oauth2: oauth2.cloned(),
                 ca_pem: compiled.secrets.upstream_ca.get(&id).cloned(),
                 message: if send_message { message.clone() } else { None },
                 fingerprint: fingerprint.clone(),
@@ -727,6 +780,7 @@ spec:
                 usage: Usage::Unavailable,
                 test_interval: Some(Duration::from_secs(3600)),
                 now: "2024-05-01T12:00:00Z".parse().unwrap(),
+                tenancy: &mailroute_api::compile::SINGLE_TENANT,
             }
         }
 
@@ -752,6 +806,88 @@ spec:
 
     fn cond<'a>(c: &'a [Condition], t: &str) -> &'a Condition {
         c.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    const OFFICE365_BASIC: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: o365, namespace: mail}
+stringData: {username: noreply@contoso.example, password: mailbox-password, user: noreply@contoso.example, tenant: contoso.example, client-id: app-1, client-secret: cs}
+---
+apiVersion: mailroute.io/v1alpha1
+kind: SmtpRoute
+metadata: {name: o365, namespace: mail, generation: 1, uid: u-o365}
+spec:
+  provider: office365
+  auth: {secretRef: {name: o365}}
+  priority: 20
+---
+apiVersion: mailroute.io/v1alpha1
+kind: SmtpRoute
+metadata: {name: o365-by-host, namespace: mail, generation: 1, uid: u-o365-host}
+spec:
+  host: SMTP.Office365.com
+  auth: {mechanism: login, secretRef: {name: o365}}
+  priority: 21
+"#;
+
+    #[test]
+    fn office365_with_a_password_warns_that_basic_auth_is_retired_until_it_moves_to_oauth2() {
+        let yaml = format!("{GMAIL}---{OFFICE365_BASIC}");
+        let mut w = World::new(&yaml);
+        let p = w.plan(None, None);
+        let status = |p: &Plan, name: &str| {
+            p.route_statuses
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.status.conditions.clone())
+                .unwrap()
+        };
+        for name in ["o365", "o365-by-host"] {
+            let c = status(&p, name);
+            let d = cond(&c, "AuthDeprecated");
+            assert_eq!((d.status, d.reason.as_str()), (Status::True, "BasicAuthRetiring"));
+            assert!(d.message.contains("end of December 2026"), "{}", d.message);
+            assert!(d.message.contains(OFFICE365_OAUTH2_EXAMPLE), "{}", d.message);
+            // Still delivering meanwhile: ready and accepted.
+            assert_eq!(cond(&c, "Ready").status, Status::True);
+            let e = p
+                .events
+                .iter()
+                .find(|e| e.regarding.name.as_deref() == Some(name) && e.reason == "BasicAuthRetiring")
+                .unwrap_or_else(|| panic!("no event for {name}: {:?}", p.events));
+            assert!(e.warning);
+            assert!(
+                e.note
+                    .starts_with("AuthDeprecated is True: the route logs in to Microsoft 365"),
+                "{}",
+                e.note
+            );
+        }
+        assert!(
+            status(&p, "gmail").iter().all(|c| c.type_ != "AuthDeprecated"),
+            "only Microsoft 365 retires Basic authentication"
+        );
+        w.apply_statuses(&p);
+        let again = w.plan(None, None);
+        assert!(
+            again.events.iter().all(|e| e.reason != "BasicAuthRetiring"),
+            "one Event per transition: {:?}",
+            again.events
+        );
+
+        // Moved to OAuth2: the condition goes away.
+        let route = w.m.routes.iter_mut().find(|r| r.name_any() == "o365").unwrap();
+        route.spec.auth = Some(
+            serde_json::from_value(serde_json::json!({
+                "oauth2": {"grant": "clientCredentials", "secretRef": {"name": "o365"}}
+            }))
+            .unwrap(),
+        );
+        let p = w.plan(None, None);
+        let c = status(&p, "o365");
+        assert!(c.iter().all(|c| c.type_ != "AuthDeprecated"), "{c:?}");
+        assert_eq!(cond(&c, "Ready").status, Status::True);
     }
 
     const MX: &str = r#"

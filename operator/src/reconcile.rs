@@ -1,5 +1,5 @@
-//! The thin I/O around `plan`: read every SmtpRoute, SenderQuota and referenced Secret and the
-//! live outputs from the API, read quota usage from the relays, then apply what the plan says
+//! The thin I/O around `plan`: read every SmtpRoute, SenderQuota and referenced Secret, the
+//! namespaces' labels (for `allowedNamespaces` selectors) and the live outputs from the API, read quota usage from the relays, then apply what the plan says
 //! (server-side apply with field manager `mailroute-operator`) and publish its Events. Any read
 //! error aborts before the first write, so a failed list can never turn into an empty config.
 //! Works on any `kube::Client` (a cluster, the in-memory fake, a mocked API server).
@@ -8,14 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 use mailroute_api::quota::QuotaUsage;
 use mailroute_api::status::ConnectionTest;
-use mailroute_api::{SenderQuota, SmtpRoute};
+use mailroute_api::{SenderQuota, SmtpRoute, Tenancy};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -57,6 +57,8 @@ pub struct Settings {
     pub test_interval: Option<Duration>,
     /// Reporting instance for Events (the pod name).
     pub instance: String,
+    /// Platform namespaces; `None`: every namespace is one (single-tenant).
+    pub platform_namespaces: Option<BTreeSet<String>>,
 }
 
 /// What one reconcile did.
@@ -198,6 +200,31 @@ impl Reconciler {
         Ok(out)
     }
 
+    /// The platform namespaces and every namespace's labels, for `allowedNamespaces` selectors
+    /// (not read in single-tenant mode, where nothing selects).
+    async fn tenancy(&self) -> Result<Tenancy, ReconcileError> {
+        let Some(platform) = &self.settings.platform_namespaces else {
+            return Ok(Tenancy::single_tenant());
+        };
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let list = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| ReconcileError::List {
+                kind: "Namespaces",
+                source,
+            })?;
+        let namespace_labels = list
+            .items
+            .into_iter()
+            .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
+            .collect();
+        Ok(Tenancy {
+            platform_namespaces: Some(platform.clone()),
+            namespace_labels,
+        })
+    }
+
     /// `None` when no usage client is configured.
     async fn read_usage(&self) -> Option<Option<BTreeMap<String, QuotaUsage>>> {
         let client = self.usage.as_ref()?;
@@ -252,6 +279,7 @@ impl Reconciler {
                     source,
                 })?;
         let usage = self.read_usage().await;
+        let tenancy = self.tenancy().await?;
 
         let (tests, in_flight) = {
             let s = self.state();
@@ -273,6 +301,7 @@ impl Reconciler {
             },
             test_interval: self.settings.test_interval,
             now: Timestamp::now(),
+            tenancy: &tenancy,
         });
 
         let params = PatchParams::apply(FIELD_MANAGER).force();

@@ -41,10 +41,20 @@ struct QuotaEntry {
     usage: QuotaUsage,
 }
 
-/// Parses the `GET /api/v1/quotas` document into usage by quota id.
+/// Parses the `GET /api/v1/quotas` document into usage by quota id. A namespace quota
+/// (`scope: Namespace`) has one entry per namespace it counts: its status shows the usage when
+/// it counts one namespace; with several, none (no single number is the quota's usage).
 pub fn parse(body: &[u8]) -> Result<BTreeMap<String, QuotaUsage>, serde_json::Error> {
     let doc: QuotasDoc = serde_json::from_slice(body)?;
-    Ok(doc.quotas.into_iter().map(|q| (q.id, q.usage)).collect())
+    let mut out = BTreeMap::new();
+    let mut several = std::collections::BTreeSet::new();
+    for q in doc.quotas {
+        if out.insert(q.id.clone(), q.usage).is_some() {
+            several.insert(q.id);
+        }
+    }
+    out.retain(|id, _| !several.contains(id));
+    Ok(out)
 }
 
 /// Client of one relay admin endpoint (usually the relays' Service; all relays share Redis, so
@@ -135,6 +145,17 @@ mod tests {
         assert_eq!((month.used, month.remaining), (3, 9997));
         assert!(u["mail/shop-42"].minute.is_none());
         assert!(parse(b"{\"events\":[]}").is_err());
+    }
+
+    #[test]
+    fn a_namespace_quota_shows_usage_only_when_it_counts_one_namespace() {
+        let body = br#"{"quotas":[
+            {"id":"mailroute/shop-42-plan","namespace":"shop-42","usage":{"month":{"used":7,"limit":10000,"remaining":9993,"resetsAt":"x"}}},
+            {"id":"mailroute/basic","namespace":"team-a","usage":{"day":{"used":1,"limit":2,"remaining":1,"resetsAt":"x"}}},
+            {"id":"mailroute/basic","namespace":"team-b","usage":{"day":{"used":2,"limit":2,"remaining":0,"resetsAt":"x"}}}]}"#;
+        let u = parse(body).unwrap();
+        assert_eq!(u["mailroute/shop-42-plan"].month.as_ref().unwrap().used, 7);
+        assert!(!u.contains_key("mailroute/basic"));
     }
 
     #[test]

@@ -125,6 +125,9 @@ async fn the_binary_reconciles_serves_health_and_stops_on_sigterm() {
             "10s",
             "--helo-name",
             "operator.test",
+            // Single tenant: the fake API serves no cluster-scoped lists (Namespaces); the
+            // namespace watch is covered by rbac.rs and the control-plane suite.
+            "--platform-namespaces=*",
         ])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info")

@@ -1,16 +1,19 @@
 //! The connection test against the scriptable SMTP server over real TCP and TLS on 127.0.0.1:
 //! good credentials (STARTTLS and implicit TLS, with a test message), wrong credentials (the
 //! server's reply ends up in the `Verified` condition), an untrusted certificate, a closed port,
-//! an upstream without STARTTLS and an AUTH mechanism the upstream does not offer.
+//! an upstream without STARTTLS and an AUTH mechanism the upstream does not offer; OAuth2 routes
+//! against a token endpoint on 127.0.0.1 (HTTPS): token, then EHLO, STARTTLS, AUTH XOAUTH2, with
+//! the endpoint's error or the upstream's reply in the condition.
 
 use std::time::Duration;
 
-use crate::support::conntest_settings;
-use mailroute_api::config::{Credentials, Upstream};
-use mailroute_api::route::{AuthMechanism, TlsMode};
+use crate::support::{conntest_settings, conntest_settings_with_tokens};
+use mailroute_api::config::{Credentials, OAuth2Credentials, Upstream};
+use mailroute_api::route::{AuthMechanism, OAuth2Grant, TlsMode};
 use mailroute_operator::conditions::Status;
 use mailroute_operator::conntest::{self, ConnTestJob, TestMessage};
 use mailroute_testkit::smtp::DEFAULT_AUTH_FAIL_REPLY;
+use mailroute_testkit::token_endpoint::{AADSTS7000215, Endpoint};
 use mailroute_testkit::{Script, SmtpServer, TestPki};
 
 fn job(port: u16, tls: TlsMode, auth: Option<(&str, &str)>, ca: Option<&TestPki>) -> ConnTestJob {
@@ -30,6 +33,7 @@ fn job(port: u16, tls: TlsMode, auth: Option<(&str, &str)>, ca: Option<&TestPki>
             username: u.into(),
             password: p.into(),
         }),
+        oauth2: None,
         ca_pem: ca.map(|p| p.ca_pem.clone()),
         message: None,
         fingerprint: "fp1".into(),
@@ -292,4 +296,128 @@ async fn the_condition_quotes_the_reply_exactly_as_the_relay_reads_it() {
     let record = conntest::run(&j, &conntest_settings()).await;
     assert_eq!(record.step.as_deref(), Some("auth"), "{record:?}");
     assert_eq!(record.reply.as_deref(), Some(reply));
+}
+
+/// An Entra ID client (client secret) of the token endpoint, sending as relay@contoso.example.
+fn oauth2_job(port: u16, pki: &TestPki, endpoint: &Endpoint, client_secret: &str) -> ConnTestJob {
+    let mut j = job(port, TlsMode::Starttls, None, Some(pki));
+    j.upstream.auth = Some(AuthMechanism::Xoauth2);
+    j.oauth2 = Some(OAuth2Credentials {
+        grant: OAuth2Grant::ClientCredentials,
+        token_url: endpoint.url(),
+        scope: mailroute_oauth::OFFICE365_SCOPE.into(),
+        user: "relay@contoso.example".into(),
+        client_id: Some("app-1".into()),
+        client_secret: Some(client_secret.into()),
+        certificate: None,
+        private_key: None,
+        assertion_algorithm: None,
+        refresh_token: None,
+        service_account_key: None,
+    });
+    j
+}
+
+#[tokio::test]
+async fn an_oauth2_route_gets_a_token_then_authenticates_with_xoauth2() {
+    let endpoint = Endpoint::start(Default::default()).await;
+    let pki = TestPki::new();
+    let server = SmtpServer::start(
+        Script::new()
+            .starttls(pki.server_config())
+            .xoauth2(endpoint.token_check()),
+    )
+    .unwrap();
+    let mut j = oauth2_job(server.port(), &pki, &endpoint, "right-secret");
+    j.message = Some(TestMessage {
+        from: "relay@contoso.example".into(),
+        to: "check@example.net".into(),
+    });
+    let record = conntest::run(&j, &conntest_settings_with_tokens(&endpoint)).await;
+    assert_eq!(record.result, conntest::SUCCEEDED, "{record:?}");
+    assert_eq!(endpoint.requests(), 1);
+    assert_eq!(server.xoauth2_tokens(), ["at-1"]);
+    let received = server.wait_for(1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(received[0].auth_user.as_deref(), Some("relay@contoso.example"));
+    assert!(received[0].tls);
+    let c = conntest::verified_condition(&j.upstream, &record);
+    assert_eq!(c.status, Status::True);
+    assert!(
+        c.message.starts_with(&format!(
+            "localhost:{} (STARTTLS): EHLO succeeded, AUTH XOAUTH2 accepted",
+            server.port()
+        )),
+        "{}",
+        c.message
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_fails_at_the_token_with_the_providers_words() {
+    let endpoint = Endpoint::start(Default::default()).await;
+    let pki = TestPki::new();
+    let server = SmtpServer::start(
+        Script::new()
+            .starttls(pki.server_config())
+            .xoauth2(endpoint.token_check()),
+    )
+    .unwrap();
+    let j = oauth2_job(server.port(), &pki, &endpoint, "wrong-secret");
+    let record = conntest::run(&j, &conntest_settings_with_tokens(&endpoint)).await;
+    assert_eq!(record.result, conntest::FAILED, "{record:?}");
+    assert_eq!(record.step.as_deref(), Some("token"));
+    assert_eq!(server.connections(), 0, "no SMTP session without a token");
+    let c = conntest::verified_condition(&j.upstream, &record);
+    assert_eq!((c.status, c.reason.as_str()), (Status::False, "TokenRequestFailed"));
+    assert_eq!(
+        c.message,
+        format!(
+            "localhost:{}: OAuth2 token request failed: https://127.0.0.1:{}: invalid_client: {AADSTS7000215}",
+            server.port(),
+            endpoint.port
+        )
+    );
+    // Neither the secret nor the tenant (the token URL's path, from the Secret).
+    let shown = format!("{record:?} {c:?} {j:?}");
+    assert!(
+        !shown.contains("wrong-secret") && !shown.contains("tenant-1"),
+        "{shown}"
+    );
+
+    // An unreachable endpoint: the transport error, naming the endpoint.
+    let mut j = j;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    j.oauth2.as_mut().unwrap().token_url = format!("https://127.0.0.1:{port}/tenant-1/oauth2/v2.0/token");
+    let record = conntest::run(&j, &conntest_settings_with_tokens(&endpoint)).await;
+    assert_eq!(record.step.as_deref(), Some("token"), "{record:?}");
+    let error = record.error.unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("token endpoint https://127.0.0.1:{port}: connect:")),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_the_upstream_refuses_fails_at_auth_with_its_reply() {
+    let endpoint = Endpoint::start(Default::default()).await;
+    let pki = TestPki::new();
+    let refused = "535 5.7.3 Authentication unsuccessful [SN4PR0201CA0045.namprd02.prod.outlook.com]";
+    // The mailbox's app has no SMTP.SendAsApp: every token is refused.
+    let server = SmtpServer::start(
+        Script::new()
+            .starttls(pki.server_config())
+            .xoauth2(mailroute_testkit::TokenCheck::new(|_, _| false))
+            .auth_fail_reply(refused),
+    )
+    .unwrap();
+    let j = oauth2_job(server.port(), &pki, &endpoint, "right-secret");
+    let record = conntest::run(&j, &conntest_settings_with_tokens(&endpoint)).await;
+    assert_eq!(record.step.as_deref(), Some("auth"), "{record:?}");
+    assert_eq!(record.reply.as_deref(), Some(refused));
+    let c = conntest::verified_condition(&j.upstream, &record);
+    assert_eq!(c.reason, "AuthenticationFailed");
+    assert!(c.message.ends_with(&format!("AUTH failed: {refused}")), "{}", c.message);
+    assert!(!format!("{record:?} {c:?}").contains("at-1"));
 }

@@ -140,6 +140,12 @@ fn respond(
         ("GET", p) if p.ends_with("/secrets") || p.ends_with("/configmaps") || p.ends_with("/pods") => {
             (StatusCode::OK, list(vec![]))
         }
+        ("GET", "/api/v1/namespaces") => (
+            StatusCode::OK,
+            list(vec![
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps", "labels": {"team": "apps"}}}),
+            ]),
+        ),
         ("GET", "/api/v1/namespaces/apps/secrets/creds") => (
             StatusCode::OK,
             json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "apps", "resourceVersion": "5"},
@@ -215,6 +221,7 @@ async fn the_rbac_file_grants_exactly_what_the_operator_uses() {
         namespaces: Vec::new(),
         test_interval: None,
         instance: "operator-0".into(),
+        platform_namespaces: Some([NS.to_string()].into()),
     };
     let reconciler = Reconciler::new(client.clone(), settings, None, Metrics::new());
     let outcome = reconciler.reconcile().await.unwrap();
@@ -239,8 +246,8 @@ async fn the_rbac_file_grants_exactly_what_the_operator_uses() {
         w.len()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    // smtproutes, senderquotas, secrets (all namespaces), and the two outputs by name.
-    while watched(&seen.lock().unwrap()) < 5 {
+    // smtproutes, senderquotas, secrets, namespaces (all namespaces), and the two outputs by name.
+    while watched(&seen.lock().unwrap()) < 6 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "watches not started: {:?}",

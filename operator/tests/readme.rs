@@ -100,6 +100,7 @@ impl World {
             usage: Usage::Read(usage),
             test_interval: Some(Duration::from_secs(3600)),
             now,
+            tenancy: &mailroute_api::compile::SINGLE_TENANT,
         });
         for w in &p.route_statuses {
             let r = self.routes.iter_mut().find(|r| r.name_any() == w.name).unwrap();

@@ -2,7 +2,8 @@
 //! Events from the examples, no writes when nothing changed, a broken Secret keeping the route's
 //! last good version (and the status saying so), failed reads never touching the live config,
 //! quota usage from a local relay admin API, and connection-test results (run against the
-//! scriptable SMTP server) reaching the status.
+//! scriptable SMTP server) reaching the status, for OAuth2 routes too (a token endpoint on
+//! 127.0.0.1), with no secret value in any output.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -104,7 +105,7 @@ async fn the_examples_compile_into_outputs_statuses_and_events() {
         .unwrap()
         .items;
     assert_eq!(events.len(), outcome.events);
-    let warnings: Vec<_> = events
+    let mut warnings: Vec<_> = events
         .iter()
         .filter(|e| e.type_.as_deref() == Some("Warning"))
         .map(|e| {
@@ -112,7 +113,23 @@ async fn the_examples_compile_into_outputs_statuses_and_events() {
             (r.name.clone().unwrap(), e.reason.clone().unwrap())
         })
         .collect();
-    assert_eq!(warnings, [("no-secret".to_string(), "SecretNotFound".to_string())]);
+    // Both Microsoft 365 routes log in with a password: Basic authentication is being retired.
+    let warn = |name: &str, reason: &str| (name.to_string(), reason.to_string());
+    warnings.sort();
+    assert_eq!(
+        warnings,
+        [
+            warn("no-secret", "BasicAuthRetiring"),
+            warn("no-secret", "SecretNotFound"),
+            warn("office365", "BasicAuthRetiring"),
+        ]
+    );
+    let office365 = route(&client, "mail", "office365").await;
+    assert_eq!(
+        sr(&route_condition(&office365, "AuthDeprecated")),
+        ("True", "BasicAuthRetiring")
+    );
+    assert_eq!(sr(&route_condition(&office365, "Ready")), ("True", "InConfig"));
     assert!(
         events
             .iter()
@@ -405,4 +422,207 @@ async fn connection_test_results_reach_the_route_status() {
         .collect();
     assert_eq!(reasons.get("AuthenticationFailed").map(String::as_str), Some("Warning"));
     assert_eq!(reasons.get("Connected").map(String::as_str), Some("Normal"));
+}
+
+/// Captured log output.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const OAUTH_CLIENT_SECRET: &str = "cs-Hh42~operator-client-secret";
+const OAUTH_REFRESH_TOKEN: &str = "rt-Mm08-operator-refresh";
+const OAUTH_ACCESS_PREFIX: &str = "EwBop-Tt63-access-";
+
+/// OAuth2 routes through the whole reconcile: the connection test gets a token from the token
+/// endpoint and authenticates with XOAUTH2 (`Verified=True`); a wrong client secret makes
+/// `Verified=False` quote the endpoint's AADSTS error. Neither the ConfigMap, the statuses, the
+/// Events nor the operator's log output (every level) show the client secret, the refresh token,
+/// the private key or an access token.
+#[tokio::test]
+async fn oauth2_routes_are_verified_with_a_token_and_nothing_secret_reaches_the_outputs() {
+    use mailroute_oauth::RsaKey;
+    use mailroute_testkit::token_endpoint::{AADSTS7000215, Endpoint, Settings};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    const KEY: &str = include_str!("../../testkit/keys/dkim-rsa-2048.pem");
+
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new("trace"))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || writer.clone())
+                .with_ansi(false),
+        );
+    // A current-thread runtime: the test's tasks log through this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let e = Endpoint::start(Settings {
+        client_secret: OAUTH_CLIENT_SECRET.into(),
+        refresh_token: OAUTH_REFRESH_TOKEN.into(),
+        rotate: true,
+        public_key: RsaKey::from_pem(KEY).unwrap().public_key_der(),
+        token_prefix: OAUTH_ACCESS_PREFIX.into(),
+        refresh_prefix: "rt-Rr77-rotated-".into(),
+        ..Settings::default()
+    })
+    .await;
+    let pki = TestPki::new();
+    let up = SmtpServer::start(Script::new().starttls(pki.server_config()).xoauth2(e.token_check())).unwrap();
+    let route = |name: &str, oauth2: &str| {
+        format!(
+            "---\napiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {{name: {name}, namespace: mail}}\nspec:\n  host: localhost\n  port: {}\n  tls: {{mode: starttls, caSecretRef: {{name: upstream-ca, key: ca.crt}}}}\n  auth: {{oauth2: {{{oauth2}, tokenUrl: \"{}\", secretRef: {{name: {name}-oauth}}}}}}\n  priority: {}\n  match: {{recipientDomains: [\"{name}.example\"]}}\n",
+            up.port(),
+            e.url(),
+            name.len()
+        )
+    };
+    let mut objs = objects(&format!(
+        "{}{}{}",
+        route("secret", "grant: clientCredentials"),
+        route("certificate", "grant: clientCredentials, clientAuth: certificate"),
+        route("refresh", "grant: refreshToken, provider: microsoft"),
+    ));
+    objs.secrets
+        .push(secret("mail", "upstream-ca", &[("ca.crt", &pki.ca_pem)]));
+    let common = [
+        ("user", "relay@contoso.example"),
+        ("tenant", "tenant-1"),
+        ("client-id", "app-1"),
+    ];
+    fn with<'a>(common: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        [common, extra].concat()
+    }
+    objs.secrets.push(secret(
+        "mail",
+        "secret-oauth",
+        &with(&common, &[("client-secret", OAUTH_CLIENT_SECRET)]),
+    ));
+    objs.secrets.push(secret(
+        "mail",
+        "certificate-oauth",
+        &with(&common, &[("tls.crt", &e.pki.cert_pem), ("tls.key", KEY)]),
+    ));
+    objs.secrets.push(secret(
+        "mail",
+        "refresh-oauth",
+        &with(
+            &common,
+            &[
+                ("client-secret", OAUTH_CLIENT_SECRET),
+                ("refresh-token", OAUTH_REFRESH_TOKEN),
+            ],
+        ),
+    ));
+    let client = fake_client(objs, None).await;
+    let r = reconciler(client.clone(), Some(Duration::from_secs(3600)), None);
+    let settings = conntest_settings_with_tokens(&e);
+
+    let run_tests = async |r: &Arc<mailroute_operator::reconcile::Reconciler>| {
+        let outcome = r.reconcile().await.unwrap();
+        for job in &outcome.tests {
+            r.test_started(&job.route_id);
+            r.test_finished(&job.route_id, conntest::run(job, &settings).await);
+        }
+        r.reconcile().await.unwrap();
+        outcome.tests.len()
+    };
+    assert_eq!(run_tests(&r).await, 3);
+    for name in ["secret", "certificate", "refresh"] {
+        let v = route_condition(&route_of(&client, name).await, "Verified");
+        assert_eq!(sr(&v), ("True", "Connected"), "{name}: {v:?}");
+        assert!(v.message.contains("AUTH XOAUTH2 accepted"), "{}", v.message);
+    }
+    assert_eq!(e.requests(), 3);
+    assert_eq!(up.xoauth2_tokens().len(), 3);
+
+    // The client secret is replaced by a wrong one: the test runs again and the condition quotes
+    // the token endpoint.
+    let secrets = Api::<Secret>::namespaced(client.clone(), "mail");
+    let mut s = secrets.get("secret-oauth").await.unwrap();
+    s.data = secret(
+        "mail",
+        "x",
+        &with(&common, &[("client-secret", "cs-wrong-Kk19-secret")]),
+    )
+    .data;
+    secrets
+        .replace("secret-oauth", &PostParams::default(), &s)
+        .await
+        .unwrap();
+    assert_eq!(run_tests(&r).await, 1);
+    let failed = route_of(&client, "secret").await;
+    let v = route_condition(&failed, "Verified");
+    assert_eq!(sr(&v), ("False", "TokenRequestFailed"));
+    assert_eq!(
+        v.message,
+        format!(
+            "localhost:{}: OAuth2 token request failed: https://127.0.0.1:{}: invalid_client: {AADSTS7000215}",
+            up.port(),
+            e.port
+        )
+    );
+    let last = failed.status.clone().unwrap().last_connection_test.unwrap();
+    assert_eq!(last.step.as_deref(), Some("token"));
+
+    // Every output, searched for every secret value.
+    let mut outputs: Vec<(String, String)> = Vec::new();
+    outputs.push((
+        "ConfigMap".into(),
+        serde_json::to_string(&live_config(&client).await).unwrap(),
+    ));
+    let events = Api::<Event>::namespaced(client.clone(), "mail")
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("TokenRequestFailed") && e.type_.as_deref() == Some("Warning"))
+    );
+    outputs.push(("Events".into(), serde_json::to_string(&events).unwrap()));
+    for name in ["secret", "certificate", "refresh"] {
+        let status = route_of(&client, name).await.status;
+        outputs.push((format!("status of {name}"), serde_json::to_string(&status).unwrap()));
+    }
+    outputs.push(("/metrics".into(), r.metrics().render()));
+    outputs.push((
+        "log output".into(),
+        String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned(),
+    ));
+    let mut values = vec![
+        OAUTH_CLIENT_SECRET.to_string(),
+        "cs-wrong-Kk19-secret".into(),
+        OAUTH_REFRESH_TOKEN.into(),
+        OAUTH_ACCESS_PREFIX.into(),
+        // Rotated refresh tokens.
+        "rt-Rr77-rotated-".into(),
+    ];
+    values.extend(KEY.lines().filter(|l| !l.starts_with("-----")).map(String::from));
+    for (what, text) in &outputs {
+        assert!(!text.is_empty(), "{what} is empty");
+        for v in &values {
+            assert!(!text.contains(v.as_str()), "{what} shows a secret ({v}):\n{text}");
+        }
+    }
+    // The secrets are where the relays read them: the Secret the operator writes.
+    let out = Api::<Secret>::namespaced(client.clone(), OPERATOR_NS)
+        .get("mailroute-secrets")
+        .await
+        .unwrap();
+    assert!(secret_strings(&out)[SECRETS_KEY].contains(OAUTH_REFRESH_TOKEN));
+}
+
+async fn route_of(client: &kube::Client, name: &str) -> mailroute_api::SmtpRoute {
+    route(client, "mail", name).await
 }

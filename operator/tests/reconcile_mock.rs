@@ -159,6 +159,7 @@ fn reconciler() -> (std::sync::Arc<Reconciler>, MockHandle) {
         namespaces: vec!["mail".into()],
         test_interval: None,
         instance: "operator-0".into(),
+        platform_namespaces: None,
     };
     (Reconciler::new(client, settings, None, Metrics::new()), handle)
 }

@@ -19,8 +19,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("unsupported config version {0} (this relay reads version {1})")]
-    Version(u32, u32),
+    #[error("unsupported config version {0} (this relay reads versions {1} to {2})")]
+    Version(u32, u32, u32),
     #[error("{0}")]
     Compile(String),
 }
@@ -60,8 +60,13 @@ pub fn load(source: &Source) -> Result<(RelayConfig, RelaySecrets, Vec<String>),
                 path: config.clone(),
                 message: e.to_string(),
             })?;
-            if cfg.version != mailroute_api::config::CONFIG_VERSION {
-                return Err(ConfigError::Version(cfg.version, mailroute_api::config::CONFIG_VERSION));
+            // Version 1 (before tenancy) still reads: its routes and quotas govern everyone.
+            let (min, max) = (
+                mailroute_api::config::MIN_CONFIG_VERSION,
+                mailroute_api::config::CONFIG_VERSION,
+            );
+            if !(min..=max).contains(&cfg.version) {
+                return Err(ConfigError::Version(cfg.version, min, max));
             }
             let sec = match secrets {
                 Some(p) if p.exists() => serde_json::from_str(&read(p)?).map_err(|e| ConfigError::Parse {
@@ -261,6 +266,29 @@ mod tests {
         let snap = h.reload().unwrap().expect("changed");
         assert_eq!(snap.generation, 2);
         assert_eq!(h.get().config.routes[0].priority, 7);
+    }
+
+    #[test]
+    fn a_version_1_document_loads_and_an_unknown_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.json");
+        let doc = |v: u32| {
+            format!(
+                r#"{{"version":{v},"routes":[{{"id":"mail/r","priority":1,"target":{{"kind":"mx"}},"recipientDomains":["*"],"senders":{{}},"limits":{{}},"retry":{{"intervalSecs":60,"lifetimeSecs":600,"backoff":"fixed","maxIntervalSecs":600}}}}],"quotas":[]}}"#
+            )
+        };
+        let source = Source::Files {
+            config: path.clone(),
+            secrets: None,
+        };
+        std::fs::write(&path, doc(1)).unwrap();
+        let (cfg, _, _) = load(&source).unwrap();
+        assert!(cfg.routes[0].authority.governs(Some("team-a")) && cfg.routes[0].authority.governs(None));
+        std::fs::write(&path, doc(3)).unwrap();
+        assert_eq!(
+            load(&source).unwrap_err().to_string(),
+            "unsupported config version 3 (this relay reads versions 1 to 2)"
+        );
     }
 
     #[test]

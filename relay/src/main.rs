@@ -66,6 +66,10 @@ struct RunArgs {
     /// Sources allowed to relay without AUTH on the plain listener.
     #[arg(long, env = "MAILROUTE_RELAY_CIDRS", default_value_t = cidrs(&defaults().inbound.relay_cidrs))]
     relay_cidrs: String,
+    /// Mail whose sender's namespace is unknown: `platformOnly` (only platform routes and
+    /// quotas governing every namespace apply) or `refuse` (550 5.7.1 at MAIL FROM).
+    #[arg(long, env = "MAILROUTE_UNATTRIBUTED", default_value = "platformOnly")]
+    unattributed: mailroute_relay::inbound::identity::Unattributed,
     /// Load balancers (CIDRs) whose connections begin with a PROXY protocol header (v1 or v2)
     /// naming the client; its address then counts for every rule. Empty: no PROXY protocol.
     #[arg(long, env = "MAILROUTE_PROXY_PROTOCOL_FROM", default_value = "")]
@@ -207,6 +211,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         relay_cidrs: parse_cidrs(&a.relay_cidrs)?,
         proxy_protocol_from: parse_cidrs(&a.proxy_protocol_from)?,
         max_body_memory: a.max_body_memory,
+        unattributed: a.unattributed,
         auth_limits: AuthLimits {
             concurrency: usize::from(a.auth_concurrency),
             max_failures_per_address: a.auth_failures_per_address,

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminState;
 use crate::admin::backend::RelayBackend;
 use crate::config::{ConfigHandle, Source};
+use crate::inbound::identity::IdentitySource;
 use crate::inbound::identity_podmap::{PodIdentities, PodIdentityMetrics, Poller};
 use crate::inbound::listener::ListenerKind;
 use crate::inbound::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
@@ -26,6 +27,7 @@ use crate::observe::liveness::{Heartbeat, Liveness};
 use crate::observe::metrics::Metrics;
 use crate::observe::telemetry::Telemetry;
 use crate::outbound::delivery::{Deliverer, DelivererConfig, HickoryResolver, MxResolver};
+use crate::outbound::oauth2::OAuth2Tokens;
 use crate::outbound::pacing::SharedPacing;
 use crate::outbound::shaping::{MemoryPaceStore, PaceStore, Pacer, RedisPaceStore};
 use crate::outbound::transport::SmtpTransport;
@@ -201,6 +203,27 @@ pub struct Overrides {
     pub pacing: Option<Arc<dyn Pacing>>,
     pub resolver: Option<Arc<dyn MxResolver>>,
     pub dlog_writer: Option<Box<dyn std::io::Write + Send>>,
+    /// Fetches OAuth2 tokens (default: HTTPS trusting the system's roots).
+    pub token_client: Option<mailroute_oauth::TokenClient>,
+}
+
+/// The OAuth2 token cache over the relays' shared Redis (none with the memory queue).
+fn oauth2_tokens(
+    redis: Option<redis_client::RedisConn>,
+    prefix: &str,
+    client: Option<mailroute_oauth::TokenClient>,
+) -> OAuth2Tokens {
+    let Some(redis) = redis else {
+        return OAuth2Tokens::new(None);
+    };
+    let client = client.unwrap_or_else(|| {
+        mailroute_oauth::TokenClient::with_native_roots().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "OAuth2 token endpoints cannot be verified: routes with auth.oauth2 will defer their mail");
+            mailroute_oauth::TokenClient::new(rustls::RootCertStore::empty())
+        })
+    });
+    let cache = mailroute_oauth::TokenCache::new(redis, prefix, client, mailroute_oauth::CacheSettings::default());
+    OAuth2Tokens::new(Some(cache))
 }
 
 /// First wait for Redis: 1 s, doubling to this.
@@ -269,19 +292,26 @@ impl Relay {
             tracing::warn!(warning = %w, "configuration warning");
         }
         let metrics = Arc::new(Metrics::new());
-        type Stores = (Arc<dyn Queue>, DeliveryLog, Arc<dyn QuotaStore>, Arc<dyn PaceStore>);
         if opts.queue.redis().is_none() && opts.pod_identity_poll.is_some() {
             anyhow::bail!("pod identities are read from the operator's map in Redis: they need a Redis --queue");
         }
         let mut pod_identity_conn = None;
-        let (queue, dlog, quota_store, pace_store): Stores = if let Some(target) = opts.queue.redis() {
+        type Stores = (
+            Arc<dyn Queue>,
+            DeliveryLog,
+            Arc<dyn QuotaStore>,
+            Arc<dyn PaceStore>,
+            Option<redis_client::RedisConn>,
+        );
+        let (queue, dlog, quota_store, pace_store, shared_redis): Stores = if let Some(target) = opts.queue.redis() {
             let (q, conn) = connect_redis(&opts, target).await?;
             pod_identity_conn = Some(conn.clone());
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
                 Arc::new(RedisQuotaStore::new(conn.clone(), opts.redis_prefix.clone())),
-                Arc::new(RedisPaceStore::new(conn, opts.redis_prefix.clone())),
+                Arc::new(RedisPaceStore::new(conn.clone(), opts.redis_prefix.clone())),
+                Some(conn),
             )
         } else {
             tracing::warn!("using the in-memory queue: NOT durable, queued mail is lost when this process exits");
@@ -290,8 +320,10 @@ impl Relay {
                 DeliveryLog::memory(crate::observe::dlog::DEFAULT_MEMORY_CAPACITY),
                 Arc::new(MemoryQuotaStore::new()),
                 Arc::new(MemoryPaceStore::new()),
+                None,
             )
         };
+        let oauth2 = oauth2_tokens(shared_redis, &opts.redis_prefix, overrides.token_client);
         let quotas = QuotaEngine::new(quota_store);
         let dlog = match overrides.dlog_writer {
             Some(w) => dlog.with_writer(w),
@@ -318,27 +350,31 @@ impl Relay {
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut background = Vec::new();
+        let mut identities: Option<Arc<dyn IdentitySource>> = None;
         if let (Some(every), Some(conn)) = (opts.pod_identity_poll, pod_identity_conn) {
             let m = PodIdentityMetrics::register(metrics.registry()).context("registering the pod identity metrics")?;
-            let identities = PodIdentities::new(Some(m));
+            let source = PodIdentities::new(Some(m));
             background.push(tokio::spawn(
-                Poller::new(conn, &opts.redis_prefix, identities.clone()).run(every, shutdown_rx.clone()),
+                Poller::new(conn, &opts.redis_prefix, source.clone()).run(every, shutdown_rx.clone()),
             ));
             tracing::info!(poll = ?every, "attributing unauthenticated clients by the operator's pod identity map");
+            identities = Some(source);
         }
         let (give_back, give_back_rx) = watch::channel(None);
-        let inbound = Arc::new(
-            Inbound::new(
-                opts.inbound.clone(),
-                config.clone(),
-                queue.clone(),
-                quotas.clone(),
-                Arc::new(telemetry.clone()),
-                tls,
-            )
-            .with_metrics(metrics.clone())
-            .with_shutdown(shutdown_rx.clone()),
-        );
+        let mut inbound = Inbound::new(
+            opts.inbound.clone(),
+            config.clone(),
+            queue.clone(),
+            quotas.clone(),
+            Arc::new(telemetry.clone()),
+            tls,
+        )
+        .with_metrics(metrics.clone())
+        .with_shutdown(shutdown_rx.clone());
+        if let Some(source) = identities {
+            inbound = inbound.with_identity(source);
+        }
+        let inbound = Arc::new(inbound);
 
         let sessions = Arc::new(Sessions::default());
         let mut listeners = Vec::new();
@@ -382,7 +418,11 @@ impl Relay {
         let worker = Arc::new(Worker {
             queue: queue.clone(),
             config: config.clone(),
-            transport: Arc::new(SmtpTransport::new(deliverer.clone()).with_connection_slots(pacer.clone())),
+            transport: Arc::new(
+                SmtpTransport::new(deliverer.clone())
+                    .with_connection_slots(pacer.clone())
+                    .with_oauth2_tokens(oauth2),
+            ),
             pacing: overrides.pacing.unwrap_or_else(|| {
                 Arc::new(SharedPacing {
                     pacer,

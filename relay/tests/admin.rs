@@ -72,6 +72,7 @@ impl AdminBackend for TestBackend {
     async fn quotas(&self) -> anyhow::Result<Vec<QuotaReport>> {
         Ok(vec![QuotaReport {
             id: "shop/bulk".into(),
+            namespace: None,
             usage: QuotaUsage {
                 month: Some(PeriodUsage {
                     used: 42,

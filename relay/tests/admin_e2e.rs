@@ -137,9 +137,9 @@ async fn events_csv_messages_and_metrics() {
 
     let series = [
         // The message to ok@ and the DSN for gone@ (it leaves through the same route).
-        r#"mailroute_delivery_attempts_total{result="delivered",route="mail/up"} 2"#,
-        r#"mailroute_bounces_total{class="invalid_recipient",code="550",route="mail/up"} 1"#,
-        r#"mailroute_messages_received_total{listener="smtp",result="accepted"} 3"#,
+        r#"mailroute_delivery_attempts_total{result="delivered",route="mail/up",sender_namespace="-"} 2"#,
+        r#"mailroute_bounces_total{class="invalid_recipient",code="550",route="mail/up",sender_namespace="-"} 1"#,
+        r#"mailroute_messages_received_total{listener="smtp",result="accepted",sender_namespace="-"} 3"#,
         // The cancelled message's job left the schedule at once.
         "mailroute_queue_scheduled_jobs 0",
         "mailroute_accept_latency_seconds_count 3",

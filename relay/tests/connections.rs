@@ -57,7 +57,7 @@ fn attempts(r: &TestRelay, route_id: &str, result: &str) -> u64 {
     r.relay
         .metrics()
         .delivery_attempts
-        .with_label_values(&[route_id, result])
+        .with_label_values(&[route_id, result, "-"])
         .get()
 }
 

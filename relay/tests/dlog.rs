@@ -428,6 +428,8 @@ async fn stored_and_printed_records_hold_no_content_fields() {
         "job_id",
         "source_ip",
         "auth_user",
+        "namespace",
+        "service_account",
         "listener",
         "envelope_from",
         "recipient",

@@ -14,7 +14,7 @@ fn delivered(r: &TestRelay, route: &str) -> u64 {
     r.relay
         .metrics()
         .delivery_attempts
-        .with_label_values(&[route, "delivered"])
+        .with_label_values(&[route, "delivered", "-"])
         .get()
 }
 

@@ -53,7 +53,7 @@ fn delivered(r: &TestRelay) -> u64 {
     r.relay
         .metrics()
         .delivery_attempts
-        .with_label_values(&["mail/up", "delivered"])
+        .with_label_values(&["mail/up", "delivered", "-"])
         .get()
 }
 

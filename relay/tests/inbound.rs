@@ -962,7 +962,7 @@ async fn smuggled_end_of_data_sequences_do_not_split_the_message() {
         .relay
         .metrics()
         .messages_received
-        .with_label_values(&["smtp", "accepted"])
+        .with_label_values(&["smtp", "accepted", "-"])
         .get() as usize;
     let got = up.wait_for(accepted, WAIT).await.unwrap();
     assert_eq!(got.len(), accepted, "one upstream message per accepted message");

@@ -19,6 +19,8 @@ fn meta(id: &str, rcpts: &[&str]) -> MessageMeta {
         source_ip: "127.0.0.1".into(),
         listener: ListenerKind::Smtp.into(),
         auth_user: None,
+        namespace: None,
+        service_account: None,
         tls: false,
         mail_from: "app@app.example".into(),
         rcpts: rcpts.iter().map(|r| r.to_string()).collect(),

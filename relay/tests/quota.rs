@@ -47,6 +47,7 @@ fn ctx<'a>(user: &'a str, from: &'a str) -> SenderCtx<'a> {
         auth_quota: None,
         mail_from: from,
         source_ip: IpAddr::from([10, 0, 0, 7]),
+        namespace: None,
     }
 }
 
@@ -117,8 +118,8 @@ async fn two_engines_on_one_redis_enforce_one_limit_exactly() {
     for e in &engines {
         let usage = e.usage_report(&cfg, t0 + 2_000).await.unwrap();
         assert_eq!(usage.len(), 1);
-        assert_eq!(usage[0].0, "tenants/shop");
-        let u = &usage[0].1;
+        assert_eq!(usage[0].id, "tenants/shop");
+        let u = &usage[0].usage;
         let minute = u.minute.as_ref().unwrap();
         assert_eq!((minute.used, minute.limit, minute.remaining), (100, 100, 0));
         let day = u.day.as_ref().unwrap();
@@ -179,7 +180,7 @@ async fn month_usage_survives_a_new_engine_and_a_redis_restart() {
     }
     redis.restart().unwrap();
     let e = redis_engine(&redis).await;
-    let month = e.usage_report(&cfg, now).await.unwrap()[0].1.month.clone().unwrap();
+    let month = e.usage_report(&cfg, now).await.unwrap()[0].usage.month.clone().unwrap();
     assert_eq!((month.used, month.remaining), (7, 3));
     assert_eq!(month.resets_at, "2031-02-01T00:00:00-05:00");
     for _ in 0..3 {
@@ -213,7 +214,7 @@ async fn bulk_only_quota_ignores_transactional_mail() {
         assert_eq!(d, Some(QuotaDecision::Accept));
     }
     let usage = e.usage_report(&cfg, now).await.unwrap();
-    assert_eq!(usage[0].1.month.as_ref().unwrap().used, 0);
+    assert_eq!(usage[0].usage.month.as_ref().unwrap().used, 0);
 
     let news = b"Precedence: bulk\r\nSubject: Spring sale\r\n\r\nhi";
     let campaign = b"X-Campaign-Id: spring-2031\r\nSubject: Spring sale\r\n\r\nhi";
@@ -239,7 +240,7 @@ async fn bulk_only_quota_ignores_transactional_mail() {
     assert_eq!(d, Some(QuotaDecision::Accept));
     assert_eq!(
         e.usage_report(&cfg, now).await.unwrap()[0]
-            .1
+            .usage
             .month
             .as_ref()
             .unwrap()
@@ -278,7 +279,14 @@ async fn recipient_counted_limits_answer_per_recipient() {
     // An aborted transaction (RSET after 3 accepted recipients) gives its recipients back.
     let t_used = |e: QuotaEngine, at: i64| {
         let cfg = cfg.clone();
-        async move { e.usage_report(&cfg, at).await.unwrap()[0].1.hour.clone().unwrap().used }
+        async move {
+            e.usage_report(&cfg, at).await.unwrap()[0]
+                .usage
+                .hour
+                .clone()
+                .unwrap()
+                .used
+        }
     };
     assert_eq!(t_used(e.clone(), now + 60_000).await, 10);
     let mut t = e.begin(&cfg, &ctx("nobody", "")).unwrap();
@@ -349,7 +357,7 @@ async fn scenario(store: Arc<dyn QuotaStore>) -> Vec<String> {
         if step % 5 == 4 {
             e.abort(t).await.unwrap();
         }
-        let u = &e.usage_report(&cfg, now).await.unwrap()[0].1;
+        let u = &e.usage_report(&cfg, now).await.unwrap()[0].usage;
         for p in [&u.minute, &u.hour, &u.day] {
             let p = p.as_ref().unwrap();
             line.push_str(&format!(" {}/{}@{}", p.used, p.limit, p.resets_at));

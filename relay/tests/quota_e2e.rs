@@ -60,12 +60,12 @@ async fn two_relays_share_one_per_minute_limit() {
         .relay
         .metrics()
         .quota_decisions
-        .with_label_values(&["mail/loopback-app", "deferred"])
+        .with_label_values(&["mail/loopback-app", "deferred", "-"])
         .get()
         + b.relay
             .metrics()
             .quota_decisions
-            .with_label_values(&["mail/loopback-app", "deferred"])
+            .with_label_values(&["mail/loopback-app", "deferred", "-"])
             .get();
     assert_eq!(m, 50);
     a.relay.shutdown().await;
@@ -151,7 +151,7 @@ async fn paced_route_delivers_at_its_limit_without_failures() {
         .relay
         .metrics()
         .delivery_attempts
-        .with_label_values(&["mail/up", "bounced"])
+        .with_label_values(&["mail/up", "bounced", "-"])
         .get();
     assert_eq!(bounced, 0);
     r.relay.shutdown().await;

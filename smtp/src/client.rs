@@ -16,6 +16,9 @@
 //!   content follows once DATA is open; mail-send's own `data` would wait for each reply.
 //! * Envelope addresses are written in RFC 5321 form ([`wire_form`]) and the content is
 //!   dot-stuffed by [`write_dot_stuffed`].
+//! * AUTH XOAUTH2 is sent here: to a refused token Google answers `334` with an error (base64
+//!   JSON) and expects an empty line before its final `535`; mail-send would send the token
+//!   again instead.
 //!
 //! This module must not pool, retry, classify or word errors for people; it reports what
 //! happened at which [`Stage`] ([`ErrorKind`]), and each caller says what that means.
@@ -689,6 +692,9 @@ async fn authenticate(
             },
         ),
     };
+    if mechanism == Some(AuthMechanism::Xoauth2) && caps.auth_mechanisms & AUTH_XOAUTH2 != 0 {
+        return xoauth2(client, creds, tls).await;
+    }
     // Offer mail-send only the configured mechanism, so it cannot pick another one.
     let mut offered = caps.clone();
     offered.auth_mechanisms &= mask;
@@ -707,6 +713,37 @@ async fn authenticate(
         Ok(_) => Ok(()),
         Err(e) => Err(map_error(client, Stage::Auth, e, tls)),
     }
+}
+
+/// AUTH XOAUTH2 with the initial response (`user=U\x01auth=Bearer T\x01\x01`). A `334` is the
+/// server's error challenge: an empty line gets its final reply, which is the one reported.
+async fn xoauth2(client: &mut Client, creds: &Credentials, tls: bool) -> Result<(), StepError> {
+    use base64::Engine as _;
+    let initial = base64::engine::general_purpose::STANDARD.encode(format!(
+        "user={}\x01auth=Bearer {}\x01\x01",
+        creds.username, creds.password
+    ));
+    client.stream.clear();
+    let mut reply = client
+        .cmd(format!("AUTH XOAUTH2 {initial}\r\n"))
+        .await
+        .map_err(|e| map_error(client, Stage::Auth, e, tls))?;
+    if reply.code() == 334 {
+        client.stream.clear();
+        reply = client
+            .cmd(b"\r\n")
+            .await
+            .map_err(|e| map_error(client, Stage::Auth, e, tls))?;
+    }
+    if reply.code() == 235 {
+        return Ok(());
+    }
+    let recorded = client.stream.last_reply();
+    Err(StepError::new(
+        Stage::Auth,
+        ErrorKind::Reply(raw_or(recorded, &reply)),
+        tls,
+    ))
 }
 
 /// The mechanism as named in AUTH (`None`: PLAIN or LOGIN, whichever is offered).

@@ -5,6 +5,8 @@
 //! * [`redis`]: launches a real `redis-server` on a free loopback port.
 //! * [`smtp`]: a scriptable SMTP server (upstream smarthost / destination MX)
 //!   and a small SMTP client for driving the relay's inbound side.
+//! * [`token_endpoint`]: an OAuth2 token endpoint over HTTPS, as Entra ID and
+//!   Google answer.
 //!
 //! Everything network-related binds to `127.0.0.1` on an OS-chosen port and
 //! shuts down by itself when dropped.
@@ -14,8 +16,9 @@ pub mod dkim;
 pub mod redis;
 pub mod redis_cluster;
 pub mod smtp;
+pub mod token_endpoint;
 
 pub use certs::TestPki;
 pub use redis::RedisServer;
 pub use redis_cluster::RedisCluster;
-pub use smtp::{Behaviour, Gate, Received, Script, SmtpServer, Stage, Tls};
+pub use smtp::{Behaviour, Gate, Received, Script, SmtpServer, Stage, Tls, TokenCheck};

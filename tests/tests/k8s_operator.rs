@@ -360,3 +360,165 @@ async fn two_operators_elect_one_leader_and_the_other_takes_over() {
         assert!(refused.is_empty(), "{} was refused:\n{}", p.name, refused.join("\n"));
     }
 }
+
+/// A route in `ns` with `spec` merged over a host on a closed port.
+fn tenancy_route(ns: &str, name: &str, spec: serde_json::Value) -> DynamicObject {
+    let mut s = serde_json::json!({"host": "127.0.0.1", "port": 2, "tls": {"mode": "none"}});
+    for (k, v) in spec.as_object().unwrap() {
+        s[k] = v.clone();
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailroute.io/v1alpha1",
+        "kind": "SmtpRoute",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": s,
+    }))
+    .unwrap()
+}
+
+/// The authority the operator compiled for route `id` (`ns/name`), as the relays read it:
+/// (tenant, enforced, governed namespaces; `None`: every namespace).
+fn compiled_authority(cm: &ConfigMap, id: &str) -> Option<(bool, bool, Option<Vec<String>>)> {
+    let cfg: serde_json::Value = serde_json::from_str(cm.data.as_ref()?.get("relay.json")?).ok()?;
+    let r = cfg["routes"].as_array()?.iter().find(|r| r["id"] == id)?;
+    let namespaces = r["namespaces"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|n| n.as_str().map(str::to_string)).collect());
+    Some((
+        r["tenant"].as_bool().unwrap_or(false),
+        r["enforced"].as_bool().unwrap_or(false),
+        namespaces,
+    ))
+}
+
+#[tokio::test]
+async fn operator_compiles_tenant_and_platform_routes_into_namespace_lists() {
+    use k8s_openapi::api::core::v1::Namespace;
+
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.unwrap();
+    apply_crds(&admin).await.unwrap();
+    let platform = cp.namespace("platform").await.unwrap();
+    let team_a = cp.namespace("team-a").await.unwrap();
+    let team_b = cp.namespace("team-b").await.unwrap();
+    // A label no other test's namespace carries.
+    let plan = format!("plan-{}", std::process::id());
+    let namespaces = Api::<Namespace>::all(admin.clone());
+    let label = |ns: &str| {
+        let namespaces = namespaces.clone();
+        let patch = serde_json::json!({"metadata": {"labels": {"mailroute.test/plan": plan.clone()}}});
+        let ns = ns.to_string();
+        async move {
+            namespaces
+                .patch(&ns, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap()
+        }
+    };
+    label(&team_a).await;
+    let (sa, fullname) = install_chart_rbac(cp, &platform, &platform);
+    let kubeconfig = cp.service_account_kubeconfig(&platform, &sa).await.unwrap();
+
+    let apply = PatchParams::apply("mailroute-tests").force();
+    let put = |ns: &str, name: &str, spec: serde_json::Value| {
+        let api = Api::<DynamicObject>::namespaced_with(admin.clone(), ns, &route_resource());
+        let obj = tenancy_route(ns, name, spec);
+        let (name, apply) = (name.to_string(), apply.clone());
+        async move { api.patch(&name, &apply, &Patch::Apply(&obj)).await.unwrap() }
+    };
+    // Domains of their own: other tests' operators watch every namespace too.
+    let domains = serde_json::json!({"recipientDomains": ["tenancy.example"]});
+    put(&team_a, "own", serde_json::json!({"priority": 10, "match": domains})).await;
+    // team-b asks for everyone's mail, first, enforced: it gets its own namespace's only.
+    put(
+        &team_b,
+        "grab",
+        serde_json::json!({"priority": 0, "match": domains, "enforced": true, "allowedNamespaces": {"from": "All"}}),
+    )
+    .await;
+    put(&platform, "all", serde_json::json!({"priority": 50, "match": domains})).await;
+    put(
+        &platform,
+        "selected",
+        serde_json::json!({"priority": 60, "match": domains, "enforced": true,
+            "allowedNamespaces": {"from": "Selector", "selector": {"matchLabels": {"mailroute.test/plan": plan}}}}),
+    )
+    .await;
+
+    let operator = std::cell::RefCell::new(start_operator(
+        cp,
+        &kubeconfig,
+        &platform,
+        &fullname,
+        "operator-tenancy",
+        &["--connection-tests=false", &format!("--platform-namespaces={platform}")],
+    ));
+    let configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &platform);
+    let id = |ns: &str, name: &str| format!("{ns}/{name}");
+    let result: anyhow::Result<()> = async {
+        let want_selected = |list: &[&String]| Some((false, true, Some(list.iter().map(|s| s.to_string()).collect())));
+        let cm = eventually("the four routes compiled", WAIT, || async {
+            operator.borrow_mut().check_running()?;
+            let cm = configmaps.get_opt("mailroute-config").await?;
+            Ok(cm.filter(|cm| {
+                compiled_authority(cm, &id(&platform, "selected")) == want_selected(&[&team_a])
+                    && compiled_authority(cm, &id(&team_b, "grab")).is_some()
+            }))
+        })
+        .await?;
+        anyhow::ensure!(
+            compiled_authority(&cm, &id(&team_a, "own")) == Some((true, false, Some(vec![team_a.clone()]))),
+            "team-a's route: {:?}",
+            compiled_authority(&cm, &id(&team_a, "own"))
+        );
+        anyhow::ensure!(
+            compiled_authority(&cm, &id(&team_b, "grab")) == Some((true, false, Some(vec![team_b.clone()]))),
+            "team-b's route: {:?}",
+            compiled_authority(&cm, &id(&team_b, "grab"))
+        );
+        anyhow::ensure!(
+            compiled_authority(&cm, &id(&platform, "all")) == Some((false, false, None)),
+            "the platform route for all: {:?}",
+            compiled_authority(&cm, &id(&platform, "all"))
+        );
+        // team-b's platform-only settings are named in its status; the route still serves team-b.
+        let grab = Api::<DynamicObject>::namespaced_with(admin.clone(), &team_b, &route_resource());
+        eventually("team-b's route accepted with the NotPlatform warning", WAIT, || async {
+            let r = grab.get("grab").await?;
+            let accepted = r.data["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Accepted").cloned());
+            Ok(accepted.filter(|c| {
+                c["status"] == "True"
+                    && c["message"].as_str().is_some_and(|m| {
+                        m.contains("is not a platform namespace") && m.contains("`enforced` is ignored")
+                    })
+            }))
+        })
+        .await?;
+        // A namespace labelled later joins the selected list: the operator watches namespaces.
+        label(&team_b).await;
+        let mut both = vec![&team_a, &team_b];
+        both.sort();
+        eventually("team-b selected after its label", WAIT, || async {
+            operator.borrow_mut().check_running()?;
+            let cm = configmaps.get_opt("mailroute-config").await?;
+            Ok(cm.filter(|cm| compiled_authority(cm, &id(&platform, "selected")) == want_selected(&both)))
+        })
+        .await?;
+        Ok(())
+    }
+    .await;
+    let mut operator = operator.into_inner();
+    let log = operator.log_text();
+    operator.kill();
+    if let Err(e) = result {
+        panic!("{e:#}\noperator log:\n{}", operator.log_tail(60));
+    }
+    let refused = forbidden(&log);
+    assert!(
+        refused.is_empty(),
+        "refused with the chart's RBAC:\n{}",
+        refused.join("\n")
+    );
+}

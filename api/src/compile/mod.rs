@@ -6,7 +6,8 @@
 //! way cert-manager splits its validation): `route` (an SmtpRoute's matching, limits, retry,
 //! DKIM, timeouts and the conflicts between routes), `upstream` (a smarthost route's host, TLS,
 //! pins and AUTH; `oauth2` for OAuth2 clients), `quota` (SenderQuota and inbound users), `secrets` (reading Secret values),
-//! `last_good` (keeping a route's last good version through a Secret rotation). No I/O.
+//! `last_good` (keeping a route's last good version through a Secret rotation), `tenancy` (whose
+//! mail an object governs, by namespace). No I/O.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,7 +15,7 @@ use std::fmt;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{CONFIG_VERSION, RelayConfig, RelaySecrets, Target};
+use crate::config::{Authority, CONFIG_VERSION, RelayConfig, RelaySecrets, Target};
 use crate::quota::SenderQuota;
 use crate::route::{AuthMechanism, SmtpRoute};
 
@@ -23,12 +24,14 @@ mod oauth2;
 mod quota;
 mod route;
 mod secrets;
+mod tenancy;
 mod upstream;
 
 pub use last_good::{is_secret_error, keep_last_good};
 pub use oauth2::{GMAIL_SCOPE, GOOGLE_TOKEN_URL, OFFICE365_SCOPE, entra_token_url};
 pub use quota::hash_password;
 pub use secrets::SecretStore;
+pub use tenancy::{SINGLE_TENANT, Tenancy, selector_matches};
 pub use upstream::parse_sha256_fingerprint;
 
 /// Which object a diagnostic is about.
@@ -66,6 +69,8 @@ pub enum Reason {
     InvalidSpec,
     /// Another object claims the same thing.
     Conflict,
+    /// A setting only platform namespaces may use, on an object in a tenant's namespace.
+    NotPlatform,
 }
 
 impl Reason {
@@ -74,6 +79,7 @@ impl Reason {
             Self::SecretNotFound => "SecretNotFound",
             Self::InvalidSpec => "InvalidSpec",
             Self::Conflict => "Conflict",
+            Self::NotPlatform => "NotPlatform",
         }
     }
 }
@@ -116,6 +122,9 @@ pub struct Compiled {
     pub diagnostics: Vec<Diagnostic>,
     /// One entry per input object, including those left out.
     pub summaries: BTreeMap<ObjectRef, ObjectSummary>,
+    /// Whose mail each route would govern now, including routes left out (what a route kept
+    /// at its last good version governs: never what it governed under an older tenancy).
+    pub route_authorities: BTreeMap<ObjectRef, Authority>,
 }
 
 impl Compiled {
@@ -148,10 +157,18 @@ impl Diags<'_> {
     }
 }
 
-/// Compiles every route and quota. Objects with errors are left out and reported; the rest compile.
+/// Compiles every route and quota as a single-tenant install: every namespace is a platform
+/// namespace (see [`compile_for`]).
 pub fn compile(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &SecretStore) -> Compiled {
+    compile_for(routes, quotas, secrets, &Tenancy::single_tenant())
+}
+
+/// Compiles every route and quota, each governing the senders' namespaces `tenancy` gives it.
+/// Objects with errors are left out and reported; the rest compile.
+pub fn compile_for(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &SecretStore, tenancy: &Tenancy) -> Compiled {
     let mut diagnostics = Vec::new();
     let mut summaries = BTreeMap::new();
+    let mut route_authorities = BTreeMap::new();
     let mut out_secrets = RelaySecrets::default();
 
     let mut routes: Vec<&SmtpRoute> = routes.iter().collect();
@@ -169,7 +186,14 @@ pub fn compile(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &SecretSto
             errors: 0,
         };
         let mut route_secrets = RelaySecrets::default();
-        let compiled = route::compile_route(&object, &r.spec, secrets, &mut d, &mut route_secrets);
+        let authority = tenancy.authority(
+            &object.namespace,
+            r.spec.allowed_namespaces.as_ref(),
+            r.spec.enforced,
+            &mut d,
+        );
+        route_authorities.insert(object.clone(), authority.clone());
+        let compiled = route::compile_route(&object, &r.spec, authority, secrets, &mut d, &mut route_secrets);
         let summary = ObjectSummary {
             host: compiled.as_ref().map(|c| match &c.target {
                 Target::Smarthost(u) => u.host.clone(),
@@ -188,7 +212,7 @@ pub fn compile(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &SecretSto
         }
     }
     let compiled_routes = route::resolve_conflicts(compiled_routes, &mut diagnostics, &mut out_secrets);
-    let (compiled_quotas, users) = quota::compile_quotas(quotas, secrets, &mut diagnostics, &mut summaries);
+    let (compiled_quotas, users) = quota::compile_quotas(quotas, secrets, tenancy, &mut diagnostics, &mut summaries);
     out_secrets.inbound_users = users;
 
     diagnostics.sort();
@@ -201,6 +225,7 @@ pub fn compile(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &SecretSto
         secrets: out_secrets,
         diagnostics,
         summaries,
+        route_authorities,
     }
 }
 

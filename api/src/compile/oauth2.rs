@@ -105,7 +105,10 @@ pub(super) fn compile(o: &OAuth2Spec, cx: &mut SecretsCx<'_>, d: &mut Diags<'_>)
     let mut tenant = None;
     match o.grant {
         OAuth2Grant::ClientCredentials => {
-            tenant = required(&r.tenant_key);
+            // A tokenUrl names the tenant itself (another cloud, a test endpoint).
+            if o.token_url.is_none() {
+                tenant = required(&r.tenant_key);
+            }
             out.client_id = required(&r.client_id_key);
             if certificate_auth {
                 out.certificate = required(&r.certificate_key);
@@ -431,6 +434,29 @@ mod tests {
             ["the service account key is not a JSON key file with client_email and private_key"]
         );
         assert_no_secret_outside_the_secret(&c);
+    }
+
+    #[test]
+    fn client_credentials_with_a_token_url_need_no_tenant() {
+        let secret = [
+            ("user", "relay@contoso.com"),
+            ("client-id", "app-1"),
+            ("client-secret", "app-secret-value"),
+        ];
+        let url = "https://login.microsoftonline.us/tenant-xyz/oauth2/v2.0/token";
+        let c = compile(
+            &secret,
+            &format!("grant: clientCredentials\ntokenUrl: \"{url}\"\nsecretRef: {{name: oauth}}"),
+        );
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        assert_eq!(c.secrets.upstream_oauth2["mail/o365"].token_url, url);
+        // Without one, the tenant makes the URL: it is required.
+        let c = compile(&secret, "grant: clientCredentials\nsecretRef: {name: oauth}");
+        assert!(
+            c.diagnostics.iter().any(|d| d.message.contains("has no key `tenant`")),
+            "{:#?}",
+            c.diagnostics
+        );
     }
 
     #[test]

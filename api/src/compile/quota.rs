@@ -1,6 +1,8 @@
 //! SenderQuota: the sender selector, the limits, the time zone, the from-domain lists and the
 //! inbound user whose password hash goes to `RelaySecrets` (the password itself goes nowhere).
-//! Two quotas for the same selector, or two defining the same user, are a conflict.
+//! Two quotas for the same selector governing the same namespaces in the same class, or two
+//! defining the same user, are a conflict. Namespace quotas (`scope: Namespace`) never conflict:
+//! every one governing a namespace counts.
 
 use std::collections::BTreeMap;
 
@@ -9,16 +11,18 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
 use super::secrets::secret_value;
-use super::{Diagnostic, Diags, ObjectKind, ObjectRef, ObjectSummary, Reason, SecretStore};
+use super::{Diagnostic, Diags, ObjectKind, ObjectRef, ObjectSummary, Reason, SecretStore, Tenancy};
 use crate::config::{CompiledQuota, InboundUser, Period, PeriodLimit, QuotaSelector};
 use crate::pattern::{DomainPattern, split_address};
 use crate::quota::{QuotaLimits, SenderQuota, SenderQuotaSpec, SenderSelector};
 use crate::route::CredentialsSecretRef;
+use crate::tenancy::QuotaScope;
 
 /// Compiles the quotas in (namespace, name) order; returns those kept and the inbound users by name.
 pub(super) fn compile_quotas(
     quotas: &[SenderQuota],
     secrets: &SecretStore,
+    tenancy: &Tenancy,
     diagnostics: &mut Vec<Diagnostic>,
     summaries: &mut BTreeMap<ObjectRef, ObjectSummary>,
 ) -> (Vec<CompiledQuota>, BTreeMap<String, InboundUser>) {
@@ -37,7 +41,7 @@ pub(super) fn compile_quotas(
             out: diagnostics,
             errors: 0,
         };
-        let compiled = compile_quota(&object, &q.spec, secrets, &mut d);
+        let compiled = compile_quota(&object, &q.spec, secrets, tenancy, &mut d);
         summaries.insert(
             object.clone(),
             ObjectSummary {
@@ -50,7 +54,9 @@ pub(super) fn compile_quotas(
         if d.errors > 0 {
             continue;
         }
-        if let Some(other) = compiled_quotas.iter().find(|o| o.selector == c.selector) {
+        if let Some(other) = compiled_quotas.iter().find(|o| {
+            o.selector == c.selector && c.selector != QuotaSelector::Namespace && o.authority.overlaps(&c.authority)
+        }) {
             let message = format!("quota {} already applies to {}", other.id, c.selector.describe());
             d.error(Reason::Conflict, "spec.sender", message);
             continue;
@@ -68,6 +74,7 @@ pub(super) fn compile_quotas(
                     InboundUser {
                         password_hash: hash,
                         quota: c.id.clone(),
+                        namespace: Some(object.namespace.clone()),
                     },
                 ),
             );
@@ -84,9 +91,26 @@ fn compile_quota(
     object: &ObjectRef,
     spec: &SenderQuotaSpec,
     secrets: &SecretStore,
+    tenancy: &Tenancy,
     d: &mut Diags<'_>,
 ) -> Option<(CompiledQuota, Option<(String, String)>)> {
-    let selector = selector(&spec.sender, d)?;
+    let authority = tenancy.authority(&object.namespace, spec.allowed_namespaces.as_ref(), false, d);
+    let selector = match (spec.scope, &spec.sender) {
+        (QuotaScope::Sender, Some(s)) => selector(s, d)?,
+        (QuotaScope::Namespace, None) => QuotaSelector::Namespace,
+        (QuotaScope::Sender, None) => {
+            d.error(Reason::InvalidSpec, "spec.sender", "scope: Sender needs a sender");
+            return None;
+        }
+        (QuotaScope::Namespace, Some(_)) => {
+            d.error(
+                Reason::InvalidSpec,
+                "spec.sender",
+                "scope: Namespace counts every sender of a namespace and takes no sender",
+            );
+            return None;
+        }
+    };
     let limits = period_limits(&spec.limits, d);
     let time_zone = spec.time_zone.clone().unwrap_or_else(|| "UTC".into());
     if time_zone.parse::<chrono_tz::Tz>().is_err() {
@@ -105,6 +129,7 @@ fn compile_quota(
     Some((
         CompiledQuota {
             id: object.id(),
+            authority,
             selector,
             limits,
             count_by: spec.count_by,

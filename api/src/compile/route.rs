@@ -9,8 +9,8 @@ use super::secrets::secret_value;
 use super::upstream::{SecretsCx, compile_upstream};
 use super::{Diagnostic, Diags, ObjectKind, ObjectRef, Reason, SecretStore, Severity};
 use crate::config::{
-    CompiledRoute, CompiledSenderMatch, DestinationLimits, DkimConfig, RelaySecrets, RetryConfig, RouteLimits,
-    SessionTimeouts, Target,
+    Authority, CompiledRoute, CompiledSenderMatch, DestinationLimits, DkimConfig, RelaySecrets, RetryConfig,
+    RouteLimits, SessionTimeouts, Target,
 };
 use crate::pattern::{DomainPattern, split_address};
 use crate::route::{
@@ -21,6 +21,7 @@ use crate::route::{
 pub(super) fn compile_route(
     object: &ObjectRef,
     spec: &SmtpRouteSpec,
+    authority: Authority,
     secrets: &SecretStore,
     d: &mut Diags<'_>,
     out: &mut RelaySecrets,
@@ -62,6 +63,7 @@ pub(super) fn compile_route(
     let dkim = spec.dkim.as_ref().map(|k| dkim(k, &mut cx, d));
     Some(CompiledRoute {
         id,
+        authority,
         priority: spec.priority,
         target,
         recipient_domains,
@@ -314,9 +316,11 @@ fn compile_destination_limits(specs: &[DestinationLimitSpec], d: &mut Diags<'_>)
     out
 }
 
-/// Two routes are ambiguous: same priority, same senders, a shared domain pattern.
+/// Two routes are ambiguous: same precedence class and a shared governed namespace, same
+/// priority, same senders, a shared domain pattern. Routes of different tenants never clash.
 pub(super) fn clashes(a: &CompiledRoute, b: &CompiledRoute) -> bool {
-    a.priority == b.priority
+    a.authority.overlaps(&b.authority)
+        && a.priority == b.priority
         && a.senders == b.senders
         && a.recipient_domains.iter().any(|p| b.recipient_domains.contains(p))
 }

@@ -137,6 +137,15 @@ pub fn conntest_settings() -> conntest::Settings {
     conntest::Settings {
         helo_name: "operator.test".into(),
         timeout: Duration::from_secs(10),
+        token_client: None,
+    }
+}
+
+/// [`conntest_settings`] trusting the test token endpoint's certificate.
+pub fn conntest_settings_with_tokens(endpoint: &mailroute_testkit::token_endpoint::Endpoint) -> conntest::Settings {
+    conntest::Settings {
+        token_client: Some(mailroute_oauth::TokenClient::new(endpoint.pki.root_store())),
+        ..conntest_settings()
     }
 }
 
@@ -170,6 +179,7 @@ pub fn settings(test_interval: Option<Duration>) -> Settings {
         namespaces: Vec::new(),
         test_interval,
         instance: "operator-0".into(),
+        platform_namespaces: None,
     }
 }
 

@@ -70,7 +70,11 @@ impl AdminBackend for RelayBackend {
         let report = self.quotas.usage_report(&cfg.config, crate::clock::now_ms()).await?;
         Ok(report
             .into_iter()
-            .map(|(id, usage)| QuotaReport { id, usage })
+            .map(|e| QuotaReport {
+                id: e.id,
+                namespace: e.namespace,
+                usage: e.usage,
+            })
             .collect())
     }
 
@@ -94,7 +98,12 @@ impl AdminBackend for RelayBackend {
         let cfg = self.config.get();
         match self.quotas.usage_report(&cfg.config, now).await {
             Ok(report) => {
-                for (id, usage) in report {
+                for e in report {
+                    let (id, usage) = (e.id, e.usage);
+                    // The namespace counted: a namespace quota's, else the quota's own.
+                    let namespace = e
+                        .namespace
+                        .unwrap_or_else(|| id.split_once('/').map_or("-", |(ns, _)| ns).to_string());
                     let periods = [
                         ("minute", usage.minute),
                         ("hour", usage.hour),
@@ -103,8 +112,9 @@ impl AdminBackend for RelayBackend {
                     ];
                     for (period, u) in periods {
                         if let Some(u) = u {
-                            self.metrics.quota_usage.with_label_values(&[&id, period]).set(u.used);
-                            self.metrics.quota_limit.with_label_values(&[&id, period]).set(u.limit);
+                            let labels = [id.as_str(), period, namespace.as_str()];
+                            self.metrics.quota_usage.with_label_values(&labels).set(u.used);
+                            self.metrics.quota_limit.with_label_values(&labels).set(u.limit);
                         }
                     }
                 }

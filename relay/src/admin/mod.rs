@@ -72,6 +72,9 @@ pub enum CancelResult {
 pub struct QuotaReport {
     /// Quota id "ns/name".
     pub id: String,
+    /// For a namespace quota (`scope: Namespace`), the namespace this usage is of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub usage: QuotaUsage,
 }
 
@@ -284,7 +287,7 @@ pub struct EventsQuery {
 }
 
 /// Parses `from, to, result, recipient, sender, source_ip, bounce_class,
-/// message_id, limit, cursor`. Empty values count as absent; unknown or
+/// message_id, namespace, limit, cursor` (`namespace=-`: unattributed mail). Empty values count as absent; unknown or
 /// repeated parameters are errors (a typo must not silently widen a query).
 /// `max_limit` bounds `limit` (`None`: unbounded).
 pub fn parse_events_query(pairs: &[(String, String)], max_limit: Option<usize>) -> Result<EventsQuery, String> {
@@ -318,6 +321,7 @@ pub fn parse_events_query(pairs: &[(String, String)], max_limit: Option<usize>) 
                 f.bounce_class = Some(v.to_string())
             }
             "message_id" => f.message_id = Some(v.to_string()),
+            "namespace" => f.namespace = Some(v.to_string()),
             "cursor" => q.cursor = Some(v.parse()?),
             "limit" => {
                 let n: usize = v.parse().map_err(|_| format!("limit {v:?} is not a number"))?;
@@ -498,6 +502,7 @@ mod tests {
             ("source_ip", "2001:db8::1"),
             ("bounce_class", "invalid_recipient"),
             ("message_id", "abc-1"),
+            ("namespace", "team-a"),
             ("limit", "1000"),
             ("cursor", "1740787200000-3"),
         ])
@@ -510,6 +515,7 @@ mod tests {
         assert_eq!(f.source_ip, Some("2001:db8::1".parse().unwrap()));
         assert_eq!(f.bounce_class.as_deref(), Some("invalid_recipient"));
         assert_eq!(f.message_id.as_deref(), Some("abc-1"));
+        assert_eq!(f.namespace.as_deref(), Some("team-a"));
         assert_eq!(q.limit, Some(1000));
         assert_eq!(q.cursor, Some(RecordId::new(1_740_787_200_000, 3)));
     }

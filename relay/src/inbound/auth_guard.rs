@@ -55,8 +55,9 @@ impl Default for AuthLimits {
 /// The outcome of a password check.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// The user exists and the password matches; `quota` is the user's.
-    Authenticated { quota: String },
+    /// The user exists and the password matches; `quota` is the user's, `namespace` the one
+    /// its mail belongs to.
+    Authenticated { quota: String, namespace: Option<String> },
     /// Unknown user or wrong password (indistinguishable by design).
     Refused,
     /// Every check slot is taken: try again later. Nothing was checked.
@@ -196,7 +197,10 @@ impl AuthGuard {
         .await
         .unwrap_or(false);
         match known {
-            Some(u) if ok => Verdict::Authenticated { quota: u.quota.clone() },
+            Some(u) if ok => Verdict::Authenticated {
+                quota: u.quota.clone(),
+                namespace: u.namespace().map(str::to_owned),
+            },
             _ => Verdict::Refused,
         }
     }
@@ -281,6 +285,7 @@ mod tests {
             InboundUser {
                 password_hash: hash,
                 quota: "mail/shop".into(),
+                namespace: None,
             },
         )])
     }
@@ -309,7 +314,8 @@ mod tests {
         assert_eq!(
             g.verify(&u, "shop", "pw".into()).await,
             Verdict::Authenticated {
-                quota: "mail/shop".into()
+                quota: "mail/shop".into(),
+                namespace: Some("mail".into()),
             }
         );
         assert_eq!(g.verify(&u, "nobody", "pw".into()).await, Verdict::Refused);

@@ -16,7 +16,7 @@ pub mod auth_guard;
 pub(crate) mod body_budget;
 pub(crate) mod data;
 pub(crate) mod headers;
-pub(crate) mod identity;
+pub mod identity;
 pub(crate) mod listener;
 pub(crate) mod proxy;
 pub mod quota;

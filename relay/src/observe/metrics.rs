@@ -6,7 +6,10 @@
 //! gauges were last read, for their age gauge; the admin API refreshes them). It must not
 //! decide what to count (callers do) and must never take a recipient,
 //! sender, message id or any secret as a label value: every label here is
-//! bounded (listener, route id, quota id, reply code, bounce class, result).
+//! bounded (listener, route id, quota id, reply code, bounce class, result, and the sender's
+//! namespace: one value per namespace, [`UNATTRIBUTED`](crate::observe::dlog::UNATTRIBUTED) for
+//! mail of no known namespace). That label is `sender_namespace`, because Prometheus already
+//! gives every series the `namespace` of the relay pod it scraped.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -72,15 +75,16 @@ pub const NAMES: &[&str] = &[
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// `{listener, result}`: listener = smtp|submission|smtps, result = accepted|rejected|deferred.
+    /// `{listener, result, sender_namespace}`: listener = smtp|submission|smtps, result =
+    /// accepted|rejected|deferred.
     pub messages_received: IntCounterVec,
     /// `{listener, result}`, one per recipient.
     pub recipients_received: IntCounterVec,
-    /// `{route, result}`: result = delivered|deferred|bounced.
+    /// `{route, result, sender_namespace}`: result = delivered|deferred|bounced.
     pub delivery_attempts: IntCounterVec,
     /// `{route}`.
     pub retries: IntCounterVec,
-    /// `{route, code, class}`: code from [`code_label`], class = bounce class name.
+    /// `{route, code, class, sender_namespace}`: code from [`code_label`], class = bounce class name.
     pub bounces: IntCounterVec,
     /// `{route}`.
     pub expired: IntCounterVec,
@@ -122,11 +126,12 @@ pub struct Metrics {
     pub config_info: IntGaugeVec,
     /// `{result}`: ok|error.
     pub config_reloads: IntCounterVec,
-    /// `{quota, result}`: quota = "ns/name", result = accepted|deferred|rejected.
+    /// `{quota, result, sender_namespace}`: quota = "ns/name", result = accepted|deferred|rejected.
     pub quota_decisions: IntCounterVec,
-    /// `{quota, period}`: period = minute|hour|day|month.
+    /// `{quota, period, sender_namespace}`: period = minute|hour|day|month; the namespace
+    /// counted (a namespace quota's, else the quota's own).
     pub quota_usage: IntGaugeVec,
-    /// `{quota, period}`.
+    /// `{quota, period, sender_namespace}`.
     pub quota_limit: IntGaugeVec,
     /// `{route, reason}`: reason = route_rate|route_daily|destination|backoff|connections.
     pub paced_jobs: IntCounterVec,
@@ -163,8 +168,8 @@ impl Metrics {
             messages_received: counter_vec(
                 r,
                 "mailroute_messages_received_total",
-                "Messages received by listener and result.",
-                &["listener", "result"],
+                "Messages received by listener, result and the sender's namespace.",
+                &["listener", "result", "sender_namespace"],
             )?,
             recipients_received: counter_vec(
                 r,
@@ -175,8 +180,8 @@ impl Metrics {
             delivery_attempts: counter_vec(
                 r,
                 "mailroute_delivery_attempts_total",
-                "Delivery attempts by route and result.",
-                &["route", "result"],
+                "Delivery attempts by route, result and the sender's namespace.",
+                &["route", "result", "sender_namespace"],
             )?,
             retries: counter_vec(
                 r,
@@ -187,8 +192,8 @@ impl Metrics {
             bounces: counter_vec(
                 r,
                 "mailroute_bounces_total",
-                "Permanent failures by route, reply code and bounce class.",
-                &["route", "code", "class"],
+                "Permanent failures by route, reply code, bounce class and the sender's namespace.",
+                &["route", "code", "class", "sender_namespace"],
             )?,
             expired: counter_vec(
                 r,
@@ -315,20 +320,20 @@ impl Metrics {
             quota_decisions: counter_vec(
                 r,
                 "mailroute_quota_decisions_total",
-                "Quota decisions per recipient by quota and result.",
-                &["quota", "result"],
+                "Quota decisions per recipient by quota, result and the sender's namespace.",
+                &["quota", "result", "sender_namespace"],
             )?,
             quota_usage: gauge_vec(
                 r,
                 "mailroute_quota_usage",
-                "Quota usage by quota and period.",
-                &["quota", "period"],
+                "Quota usage by quota, period and namespace counted.",
+                &["quota", "period", "sender_namespace"],
             )?,
             quota_limit: gauge_vec(
                 r,
                 "mailroute_quota_limit",
-                "Quota limit by quota and period.",
-                &["quota", "period"],
+                "Quota limit by quota, period and namespace counted.",
+                &["quota", "period", "sender_namespace"],
             )?,
             paced_jobs: counter_vec(
                 r,
@@ -434,14 +439,18 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn touch_all(m: &Metrics) {
-        m.messages_received.with_label_values(&["smtp", "accepted"]).inc();
+        m.messages_received
+            .with_label_values(&["smtp", "accepted", "team-a"])
+            .inc();
         m.recipients_received
             .with_label_values(&["submission", "rejected"])
             .inc_by(3);
-        m.delivery_attempts.with_label_values(&["mail/o365", "delivered"]).inc();
+        m.delivery_attempts
+            .with_label_values(&["mail/o365", "delivered", "team-a"])
+            .inc();
         m.retries.with_label_values(&["mail/o365"]).inc();
         m.bounces
-            .with_label_values(&["mail/o365", &code_label(Some(550)), "invalid_recipient"])
+            .with_label_values(&["mail/o365", &code_label(Some(550)), "invalid_recipient", "-"])
             .inc();
         m.expired.with_label_values(&["mail/o365"]).inc();
         m.dsn_sent.inc();
@@ -466,9 +475,13 @@ mod tests {
         m.config_generation.set(3);
         m.set_config_info("abc123");
         m.config_reloads.with_label_values(&["ok"]).inc();
-        m.quota_decisions.with_label_values(&["shop/bulk", "deferred"]).inc();
-        m.quota_usage.with_label_values(&["shop/bulk", "month"]).set(42);
-        m.quota_limit.with_label_values(&["shop/bulk", "month"]).set(200);
+        m.quota_decisions
+            .with_label_values(&["shop/bulk", "deferred", "shop"])
+            .inc();
+        m.quota_usage.with_label_values(&["shop/bulk", "month", "shop"]).set(42);
+        m.quota_limit
+            .with_label_values(&["shop/bulk", "month", "shop"])
+            .set(200);
         m.paced_jobs.with_label_values(&["mail/o365", "route_rate"]).inc();
         m.route_backoff_active.with_label_values(&["mail/o365"]).set(1);
         m.dlog_events.with_label_values(&["delivered"]).inc();
@@ -496,7 +509,9 @@ mod tests {
         let m = Metrics::new();
         touch_all(&m);
         let text = m.encode();
-        assert!(text.contains(r#"mailroute_bounces_total{class="invalid_recipient",code="550",route="mail/o365"} 1"#));
+        assert!(text.contains(
+            r#"mailroute_bounces_total{class="invalid_recipient",code="550",route="mail/o365",sender_namespace="-"} 1"#
+        ));
         assert!(text.contains(r#"mailroute_recipients_received_total{listener="submission",result="rejected"} 3"#));
         assert!(text.contains("mailroute_queue_oldest_age_seconds 12.5"));
         assert!(text.contains(r#"mailroute_accept_latency_seconds_bucket{le="0.0005"} 0"#));

@@ -40,6 +40,11 @@ impl Telemetry {
     }
 }
 
+/// The `sender_namespace` metric label of a message: its namespace, or `-` (unattributed).
+pub fn namespace_label(namespace: Option<&str>) -> &str {
+    namespace.unwrap_or(crate::observe::dlog::UNATTRIBUTED)
+}
+
 /// The `scheduled` record of a recipient held until `at_ms` (ms since the epoch) by `reason`.
 pub fn scheduled_event(meta: &MessageMeta, rcpt_index: usize, at_ms: i64, reason: &str) -> DeliveryEvent {
     let mut ev = event_for(meta, EventResult::Scheduled, rcpt_index);
@@ -67,6 +72,8 @@ pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> 
     ev.job_id = Some(format!("{}/{}", meta.id, rcpt_index));
     ev.source_ip = meta.source_ip.parse().ok();
     ev.auth_user = meta.auth_user.clone();
+    ev.namespace = meta.namespace.clone();
+    ev.service_account = meta.service_account.clone();
     ev.listener = Some(meta.listener.as_str().to_owned());
     ev.tls = meta.tls;
     ev
@@ -99,7 +106,11 @@ impl Observer for Telemetry {
         self.metrics.accept_latency.observe(accept_latency.as_secs_f64());
         self.metrics
             .messages_received
-            .with_label_values(&[meta.listener.as_str(), "accepted"])
+            .with_label_values(&[
+                meta.listener.as_str(),
+                "accepted",
+                namespace_label(meta.namespace.as_deref()),
+            ])
             .inc();
         self.metrics
             .recipients_received
@@ -117,8 +128,11 @@ impl Observer for Telemetry {
         self.record_all(evs);
     }
 
-    fn quota_decision(&self, quota: &str, result: &str) {
-        self.metrics.quota_decisions.with_label_values(&[quota, result]).inc();
+    fn quota_decision(&self, quota: &str, result: &str, namespace: Option<&str>) {
+        self.metrics
+            .quota_decisions
+            .with_label_values(&[quota, result, namespace_label(namespace)])
+            .inc();
     }
 
     fn rejected(&self, s: &SenderInfo, rcpt: Option<&str>, reply: &Reply) {
@@ -133,7 +147,7 @@ impl Observer for Telemetry {
             None => self
                 .metrics
                 .messages_received
-                .with_label_values(&[listener, result])
+                .with_label_values(&[listener, result, namespace_label(s.namespace.as_deref())])
                 .inc(),
         }
         let mut ev = DeliveryEvent::new(
@@ -145,6 +159,8 @@ impl Observer for Telemetry {
         );
         ev.source_ip = Some(s.source_ip);
         ev.auth_user = s.auth_user.clone();
+        ev.namespace = s.namespace.clone();
+        ev.service_account = s.service_account.clone();
         ev.listener = Some(listener.to_owned());
         ev.reply_code = Some(reply.code);
         ev.enhanced_code = reply.enhanced.map(|e| e.to_string());
@@ -174,6 +190,8 @@ mod tests {
             source_ip: "127.0.0.1".into(),
             listener: ListenerKind::Smtp.into(),
             auth_user: None,
+            namespace: Some("team-a".into()),
+            service_account: None,
             tls: false,
             mail_from: "a@b.example".into(),
             rcpts: vec!["c@d.example".into(), "e@d.example".into()],

@@ -1,5 +1,7 @@
 //! Adapts the outbound SMTP client ([`crate::outbound::delivery::Deliverer`]) to the worker's
-//! `Transport`: looks up the route's credentials and DKIM key, caches DKIM signers, applies
+//! `Transport`: looks up the route's credentials (for `auth.oauth2`, a token from
+//! [`crate::outbound::oauth2`], and after a 535 to it one more AUTH with the next token; no token
+//! is a temporary `auth_failure` in the provider's words) and DKIM key, caches DKIM signers, applies
 //! the route's and the destination's connection limits to the pools and, with a pacer, to the
 //! connections of all relays together (a [`ConnectionSlots`] gate per attempt). The attempt's
 //! result goes to the worker as the deliverer returned it (`AttemptResult`, whose
@@ -9,9 +11,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use mailroute_api::config::{CompiledRoute, RelaySecrets};
+use mailroute_api::config::{CompiledRoute, Credentials, RelaySecrets, Target};
 
-use crate::outbound::delivery::{ConnectionGate, Deliverer, DeliveryTarget, DkimSigner, Envelope, NoSlot, Ungated};
+use crate::outbound::bounce::BounceClass;
+use crate::outbound::delivery::{
+    AttemptResult, ConnectionGate, Deliverer, DeliveryTarget, DkimSigner, Envelope, NoSlot, Outcome, Stage, Ungated,
+};
+use crate::outbound::oauth2::{HeldToken, OAuth2Tokens};
 use crate::outbound::pacing::ConnectionSlots;
 use crate::outbound::shaping::{PaceReason, Pacer, Shaping};
 use crate::outbound::worker::{Delivery, Transport};
@@ -22,6 +28,8 @@ pub struct SmtpTransport {
     dkim: Mutex<HashMap<(String, u64), Arc<DkimSigner>>>,
     /// Connection leases shared by all relays; `None`: limits per process only.
     slots: Option<Pacer>,
+    /// Tokens of `auth.oauth2` routes.
+    oauth2: OAuth2Tokens,
 }
 
 impl SmtpTransport {
@@ -30,7 +38,15 @@ impl SmtpTransport {
             deliverer,
             dkim: Mutex::new(HashMap::new()),
             slots: None,
+            oauth2: OAuth2Tokens::new(None),
         }
+    }
+
+    /// Tokens for `auth.oauth2` routes come from `tokens` (shared through Redis); without it such
+    /// routes defer their mail.
+    pub fn with_oauth2_tokens(mut self, tokens: OAuth2Tokens) -> Self {
+        self.oauth2 = tokens;
+        self
     }
 
     /// Every new connection through a route or to a destination with `maxConnections` first
@@ -99,6 +115,26 @@ pub fn apply_connection_limits(target: &mut DeliveryTarget, route: &CompiledRout
     }
 }
 
+/// Whether the upstream refused the credentials at AUTH with 535 (a token it should have taken).
+fn refused_at_auth(r: &AttemptResult) -> bool {
+    r.stage() == Stage::Auth && r.reply().is_some_and(|reply| reply.code == 535)
+}
+
+/// No token, so nothing was sent: a temporary AUTH failure with the token endpoint's words.
+fn no_token(host: Option<&str>, detail: String) -> AttemptResult {
+    AttemptResult {
+        outcome: Outcome::Protocol {
+            stage: Stage::Auth,
+            class: BounceClass::AuthFailure,
+            detail,
+        },
+        remote_host: host.map(str::to_owned),
+        remote_addr: None,
+        tls: false,
+        reused_connection: false,
+    }
+}
+
 #[async_trait]
 impl Transport for SmtpTransport {
     async fn deliver(
@@ -113,7 +149,22 @@ impl Transport for SmtpTransport {
         if let Some(domain) = &domain {
             apply_connection_limits(&mut target, route, domain);
         }
-        let creds = secrets.upstream_credentials.get(&route.id);
+        let host = match &route.target {
+            Target::Smarthost(up) => Some(up.host.as_str()),
+            Target::Mx => None,
+        };
+        let mut held: Option<HeldToken> = None;
+        let mut token_failure = None;
+        if let (Some(client), Some(_)) = (secrets.upstream_oauth2.get(&route.id), host) {
+            match self.oauth2.credentials(&route.id, client).await {
+                Ok(h) => held = Some(h),
+                Err(detail) => token_failure = Some(no_token(host, detail)),
+            }
+        }
+        let creds: Option<&Credentials> = match &held {
+            Some(h) => Some(&h.credentials),
+            None => secrets.upstream_credentials.get(&route.id),
+        };
         let signer = self.signer(route, secrets);
         let slots = self.slots.as_ref().map(|pacer| ConnectionSlots {
             pacer,
@@ -124,10 +175,31 @@ impl Transport for SmtpTransport {
             Some(slots) => slots,
             None => &Ungated,
         };
-        let r = self
-            .deliverer
-            .deliver_gated(&target, creds, signer.as_deref(), env, body, gate)
-            .await;
+        let mut r = match token_failure {
+            Some(failed) => Ok(failed),
+            None => {
+                self.deliverer
+                    .deliver_gated(&target, creds, signer.as_deref(), env, body, gate)
+                    .await
+            }
+        };
+        // A 535 to a token the cache holds as valid (revoked, or the provider's clock): drop it
+        // and authenticate once more with the next one.
+        if let (Ok(attempt), Some(stale)) = (&r, &held)
+            && refused_at_auth(attempt)
+        {
+            tracing::info!(route = %route.id, user = %stale.credentials.username, "upstream refused the OAuth2 token; trying once with a new one");
+            match self.oauth2.replace(stale).await {
+                Ok(Some(fresh)) => {
+                    r = self
+                        .deliverer
+                        .deliver_gated(&target, Some(&fresh.credentials), signer.as_deref(), env, body, gate)
+                        .await;
+                }
+                Ok(None) => {}
+                Err(detail) => r = Ok(no_token(host, detail)),
+            }
+        }
         match r {
             Ok(result) => Delivery::Attempted {
                 result,

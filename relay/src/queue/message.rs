@@ -17,6 +17,13 @@ pub struct MessageMeta {
     pub listener: Origin,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_user: Option<String>,
+    /// The namespace the sender belongs to (its AUTH user's SenderQuota, or its pod); `None`:
+    /// unattributed. Routes and quotas of other namespaces never govern the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The sender's ServiceAccount, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
     pub tls: bool,
     /// Envelope sender; empty for the null sender `<>` (bounces).
     pub mail_from: String,
@@ -201,6 +208,15 @@ mod tests {
         assert_eq!(s, r#"{"m":"abc","r":2,"a":3,"w":1}"#);
         assert_eq!(Job::decode(s.as_bytes()), Some(j));
         assert_eq!(Job::decode(b"garbage"), None);
+    }
+
+    #[test]
+    fn a_message_queued_before_tenancy_reads_as_unattributed() {
+        let old = r#"{"id":"m1","received_at_ms":1,"source_ip":"10.0.0.1","listener":"smtp","auth_user":"shop",
+            "tls":false,"mail_from":"a@b.example","rcpts":["c@d.example"],"size":10}"#;
+        let m: MessageMeta = serde_json::from_str(old).unwrap();
+        assert_eq!((m.namespace, m.service_account), (None, None));
+        assert_eq!(m.auth_user.as_deref(), Some("shop"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! tests, plus (in [`client`]) a small SMTP client for driving SMTP servers.
 //!
 //! The server owns: listening on `127.0.0.1:0`, the SMTP dialogue (EHLO/HELO,
-//! STARTTLS, implicit TLS, AUTH PLAIN/LOGIN, MAIL/RCPT/DATA, RSET, NOOP, QUIT,
+//! STARTTLS, implicit TLS, AUTH PLAIN/LOGIN and XOAUTH2 (tokens checked by a [`TokenCheck`]),
+//! MAIL/RCPT/DATA, RSET, NOOP, QUIT,
 //! pipelining), applying the scripted per-message [`Behaviour`]s, recording
 //! every accepted message as a [`Received`], and counting open sessions (now
 //! and at most at once). It stops when dropped.
@@ -30,6 +31,8 @@ pub use client::{Exchange, Reply, SmtpClient, Transcript, send};
 
 use self::io::{MaybeTls, read_line, trim_eol};
 
+/// Gmail's XOAUTH2 error challenge (before base64).
+pub const XOAUTH2_ERROR: &str = r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#;
 /// Default reply to wrong AUTH credentials.
 pub const DEFAULT_AUTH_FAIL_REPLY: &str = "535 5.7.8 Username and password not accepted.";
 /// Default reply used by [`Behaviour::temp_fail`] and [`Script::fail_then_accept`].
@@ -139,6 +142,30 @@ impl Behaviour {
     }
 }
 
+/// Decides whether an XOAUTH2 token is valid now for a user (see
+/// [`crate::token_endpoint::Endpoint::token_check`]). `Debug` shows nothing of it.
+#[derive(Clone)]
+pub struct TokenCheck(Arc<CheckFn>);
+
+/// `(user, token) -> accepted`.
+type CheckFn = dyn Fn(&str, &str) -> bool + Send + Sync;
+
+impl TokenCheck {
+    pub fn new(check: impl Fn(&str, &str) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(check))
+    }
+
+    pub fn accepts(&self, user: &str, token: &str) -> bool {
+        (self.0)(user, token)
+    }
+}
+
+impl fmt::Debug for TokenCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TokenCheck")
+    }
+}
+
 /// Where the scripted [`Behaviour`]s apply.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Stage {
@@ -163,6 +190,12 @@ pub struct Script {
     pub auth: Option<(String, String)>,
     /// Reply to wrong credentials (default [`DEFAULT_AUTH_FAIL_REPLY`]).
     pub auth_fail_reply: String,
+    /// When set, `AUTH XOAUTH2` is advertised (after TLS if TLS is configured), MAIL requires
+    /// authentication, and a token is accepted when the check says so.
+    pub xoauth2: Option<TokenCheck>,
+    /// A refused XOAUTH2 token gets Google's error challenge (`334` and base64 JSON); only an
+    /// empty line then gets `auth_fail_reply`, anything else `501`.
+    pub xoauth2_error_challenge: bool,
     /// Behaviours consumed in order, one per message (or per RCPT).
     pub behaviours: Vec<Behaviour>,
     /// Behaviour once `behaviours` is exhausted (default `Accept`).
@@ -192,6 +225,8 @@ impl Default for Script {
             require_starttls: false,
             auth: None,
             auth_fail_reply: DEFAULT_AUTH_FAIL_REPLY.to_string(),
+            xoauth2: None,
+            xoauth2_error_challenge: false,
             behaviours: Vec::new(),
             default_behaviour: Behaviour::Accept,
             stage: Stage::Data,
@@ -237,6 +272,18 @@ impl Script {
     /// Requires AUTH with these credentials.
     pub fn auth(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
         self.auth = Some((username.into(), password.into()));
+        self
+    }
+
+    /// Requires AUTH XOAUTH2 with a token `check` accepts (any user).
+    pub fn xoauth2(mut self, check: TokenCheck) -> Self {
+        self.xoauth2 = Some(check);
+        self
+    }
+
+    /// Answers refused XOAUTH2 tokens as Gmail does (see [`Script::xoauth2_error_challenge`]).
+    pub fn xoauth2_error_challenge(mut self, on: bool) -> Self {
+        self.xoauth2_error_challenge = on;
         self
     }
 
@@ -356,6 +403,8 @@ struct Shared {
     peak_open: AtomicUsize,
     attempts: AtomicUsize,
     resets: AtomicUsize,
+    /// The XOAUTH2 tokens presented, in order (accepted or not).
+    xoauth2_tokens: Mutex<Vec<String>>,
     /// Bumped on every observable change; waiters re-check their condition.
     changed: watch::Sender<u64>,
 }
@@ -451,6 +500,7 @@ impl SmtpServer {
             peak_open: AtomicUsize::new(0),
             resets: AtomicUsize::new(0),
             attempts: AtomicUsize::new(0),
+            xoauth2_tokens: Mutex::new(Vec::new()),
             changed: watch::Sender::new(0),
         });
         let task = handle.spawn(accept_loop(listener, Arc::clone(&shared)));
@@ -502,6 +552,11 @@ impl SmtpServer {
     /// [`Stage::Rcpt`]), including failed ones.
     pub fn attempts(&self) -> usize {
         self.shared.attempts.load(Ordering::SeqCst)
+    }
+
+    /// The XOAUTH2 tokens presented so far, in order, accepted or not.
+    pub fn xoauth2_tokens(&self) -> Vec<String> {
+        lock(&self.shared.xoauth2_tokens).clone()
     }
 
     /// Appends a behaviour to the queue of the running server.
@@ -753,6 +808,8 @@ struct Session {
 
 enum AuthOutcome {
     Credentials(String, String),
+    /// XOAUTH2: the user and the bearer token.
+    Token(String, String),
     Reply(&'static str),
     Closed,
 }
@@ -781,8 +838,13 @@ impl Session {
         if matches!(script.tls, Tls::StartTls(_)) && !self.tls {
             lines.push("STARTTLS".to_string());
         }
-        if script.auth.is_some() && (matches!(script.tls, Tls::None) || self.tls) {
-            lines.push("AUTH PLAIN LOGIN".to_string());
+        if matches!(script.tls, Tls::None) || self.tls {
+            match (script.auth.is_some(), script.xoauth2.is_some()) {
+                (true, true) => lines.push("AUTH PLAIN LOGIN XOAUTH2".to_string()),
+                (true, false) => lines.push("AUTH PLAIN LOGIN".to_string()),
+                (false, true) => lines.push("AUTH XOAUTH2".to_string()),
+                (false, false) => {}
+            }
         }
         let last = lines.len() - 1;
         lines
@@ -835,7 +897,7 @@ impl Session {
         if script.require_starttls && !self.tls {
             return reply(io, STARTTLS_REQUIRED_REPLY).await;
         }
-        if script.auth.is_some() && self.auth_user.is_none() {
+        if (script.auth.is_some() || script.xoauth2.is_some()) && self.auth_user.is_none() {
             return reply(io, AUTH_REQUIRED_REPLY).await;
         }
         if self.mail_from.is_some() {
@@ -953,9 +1015,10 @@ impl Session {
 
     async fn auth(&mut self, io: &mut ServerIo, arg: &str) -> std::io::Result<Flow> {
         let script = self.script();
-        let Some((user, pass)) = script.auth.as_ref().and_then(|_| lock(&self.shared.auth).clone()) else {
+        let password = script.auth.as_ref().and_then(|_| lock(&self.shared.auth).clone());
+        if password.is_none() && script.xoauth2.is_none() {
             return reply(io, "502 5.5.1 AUTH not supported").await;
-        };
+        }
         if !matches!(script.tls, Tls::None) && !self.tls {
             return reply(io, STARTTLS_REQUIRED_REPLY).await;
         }
@@ -972,16 +1035,35 @@ impl Session {
         let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
         let initial = words.next().map(str::to_string);
         let outcome = match mechanism.as_str() {
-            "PLAIN" => auth_plain(io, initial).await?,
-            "LOGIN" => auth_login(io, initial).await?,
+            "PLAIN" if password.is_some() => auth_plain(io, initial).await?,
+            "LOGIN" if password.is_some() => auth_login(io, initial).await?,
+            "XOAUTH2" if script.xoauth2.is_some() => auth_xoauth2(io, initial).await?,
             _ => AuthOutcome::Reply("504 5.5.4 Unrecognized authentication type"),
         };
+        let accepted = |u: &str, p: &str| match &outcome {
+            AuthOutcome::Token(..) => script.xoauth2.as_ref().is_some_and(|c| c.accepts(u, p)),
+            _ => password.as_ref().is_some_and(|(user, pass)| u == user && p == pass),
+        };
+        if let AuthOutcome::Token(_, token) = &outcome {
+            lock(&self.shared.xoauth2_tokens).push(token.clone());
+            self.shared.bump();
+        }
         match outcome {
-            AuthOutcome::Credentials(u, p) if u == user && p == pass => {
+            AuthOutcome::Credentials(u, p) | AuthOutcome::Token(u, p) if accepted(&u, &p) => {
                 self.auth_user = Some(u);
                 reply(io, "235 2.7.0 Authentication successful").await
             }
-            AuthOutcome::Credentials(..) => {
+            AuthOutcome::Token(..) if script.xoauth2_error_challenge => {
+                // Google: the error as a challenge; an empty line gets the final reply.
+                reply(io, &format!("334 {}", BASE64.encode(XOAUTH2_ERROR))).await?;
+                match read_line(io, MAX_LINE).await {
+                    Ok(Some(line)) if trim_eol(&line).is_empty() => reply(io, &script.auth_fail_reply).await,
+                    Ok(Some(_)) => reply(io, "501 5.5.2 Cannot Decode response").await,
+                    Ok(None) => Ok(Flow::Close),
+                    Err(e) => Err(e),
+                }
+            }
+            AuthOutcome::Credentials(..) | AuthOutcome::Token(..) => {
                 let text = self.script().auth_fail_reply.clone();
                 reply(io, &text).await
             }
@@ -1038,6 +1120,28 @@ async fn auth_plain(io: &mut ServerIo, initial: Option<String>) -> std::io::Resu
             Ok(AuthOutcome::Credentials(user.to_string(), pass.to_string()))
         }
         _ => Ok(AuthOutcome::Reply("501 5.5.2 Malformed PLAIN response")),
+    }
+}
+
+/// XOAUTH2 (`user=U\x01auth=Bearer T\x01\x01`, base64): the user and the token.
+async fn auth_xoauth2(io: &mut ServerIo, initial: Option<String>) -> std::io::Result<AuthOutcome> {
+    let decoded = match sasl_response(io, initial, "334 ").await? {
+        Response::Value(value) => value,
+        Response::Reply(text) => return Ok(AuthOutcome::Reply(text)),
+        Response::Closed => return Ok(AuthOutcome::Closed),
+    };
+    let mut user = None;
+    let mut token = None;
+    for field in decoded.split('\x01') {
+        if let Some(u) = field.strip_prefix("user=") {
+            user = Some(u.to_string());
+        } else if let Some(t) = field.strip_prefix("auth=Bearer ") {
+            token = Some(t.to_string());
+        }
+    }
+    match (user, token) {
+        (Some(u), Some(t)) if decoded.ends_with("\x01\x01") => Ok(AuthOutcome::Token(u, t)),
+        _ => Ok(AuthOutcome::Reply("501 5.5.2 Malformed XOAUTH2 response")),
     }
 }
 

@@ -11,7 +11,10 @@
 //! - Minute and hour limits are rolling windows (1-second and 1-minute buckets; a unit counts
 //!   for between 60 and 61 seconds or minutes, so no 60-second interval ever holds more than
 //!   the limit). Day and month limits are calendar periods in the quota's `timeZone`.
-//! - All limits of the quota must allow; then all counters move together or none does.
+//! - Several quotas may count one message (see `policy`): the sender's own per-sender quotas
+//!   (the platform's and the tenant's) and every namespace quota governing its namespace, whose
+//!   counters are kept per namespace. All limits of all of them must allow; then all counters
+//!   move together or none does.
 //! - `appliesTo: all`: counted at `RCPT` time, one unit per recipient (`countBy: recipients`) or
 //!   per message at its first accepted recipient (`countBy: messages`). A recipient over the
 //!   limit gets `452 4.5.3` (recipients) or `451 4.7.1` (messages) with `onExceeded: defer`, or
@@ -33,10 +36,10 @@ use std::sync::Arc;
 
 use chrono_tz::Tz;
 use mailroute_api::RelayConfig;
-use mailroute_api::config::{CompiledQuota, Period, PeriodLimit};
+use mailroute_api::config::{CompiledQuota, Period, PeriodLimit, QuotaSelector};
 use mailroute_api::quota::{AppliesTo, CountBy, OnExceeded, PeriodUsage, QuotaUsage};
 
-pub use policy::{PolicyRejection, SenderCtx, check_from_domain, is_bulk, select};
+pub use policy::{PolicyRejection, SenderCtx, applicable, check_from_domain, is_bulk, select};
 pub use store::{Added, Counter, CounterWindow, Held, MemoryQuotaStore, QuotaError, QuotaStore, RedisQuotaStore};
 use window::{Window, parse_tz, rfc3339_in};
 
@@ -47,31 +50,36 @@ pub const CALENDAR_SLACK_MS: i64 = 3_600_000;
 /// Reply when the counters cannot be reached: the client retries later.
 pub const UNAVAILABLE_REPLY: &str = "451 4.3.0 Quota service temporarily unavailable, try again later";
 
-/// The quota that applies to a sender at `MAIL FROM`, after its envelope-from domain policy.
-/// `Ok(None)`: no quota applies (no limits, no domain policy).
-pub fn policy<'a>(cfg: &'a RelayConfig, ctx: &SenderCtx<'_>) -> Result<Option<&'a CompiledQuota>, PolicyRejection> {
-    match select(&cfg.quotas, ctx) {
-        None => Ok(None),
-        Some(q) => {
-            check_from_domain(q, ctx.mail_from)?;
-            Ok(Some(q))
-        }
+/// The quotas that apply to a sender at `MAIL FROM`, after the envelope-from domain policy of
+/// each. Empty: no quota applies (no limits, no domain policy).
+pub fn policy<'a>(cfg: &'a RelayConfig, ctx: &SenderCtx<'_>) -> Result<Vec<&'a CompiledQuota>, PolicyRejection> {
+    let quotas = applicable(&cfg.quotas, ctx);
+    for q in &quotas {
+        check_from_domain(q, ctx.mail_from)?;
     }
+    Ok(quotas)
 }
 
 /// The counters of a quota at an instant, in the order of `q.limits`.
 pub fn counters(q: &CompiledQuota, now_ms: i64) -> Vec<Counter> {
+    counters_of(q, None, now_ms)
+}
+
+/// The counters of a quota for one namespace (a namespace quota keeps its own per governed
+/// namespace: `quota:<id>@<namespace>:…`; `None`: the quota's single set, `quota:<id>:…`).
+pub fn counters_of(q: &CompiledQuota, namespace: Option<&str>, now_ms: i64) -> Vec<Counter> {
     let tz = parse_tz(&q.time_zone);
+    let base = match namespace {
+        Some(ns) => format!("quota:{}@{ns}", q.id),
+        None => format!("quota:{}", q.id),
+    };
     q.limits
         .iter()
         .map(|l| {
             let (key, window) = match Window::of(l.period, tz, now_ms) {
-                Window::Rolling(r) => (
-                    format!("quota:{}:{}", q.id, l.period.as_str()),
-                    CounterWindow::Rolling(r),
-                ),
+                Window::Rolling(r) => (format!("{base}:{}", l.period.as_str()), CounterWindow::Rolling(r)),
                 Window::Calendar { id, ends_ms, .. } => (
-                    format!("quota:{}:{}:{id}", q.id, l.period.as_str()),
+                    format!("{base}:{}:{id}", l.period.as_str()),
                     CounterWindow::Calendar {
                         ends_ms,
                         expire_at_ms: ends_ms + CALENDAR_SLACK_MS,
@@ -202,20 +210,56 @@ pub fn denial(
     }
 }
 
+/// One quota counting a transaction, with the namespace whose counters it uses (namespace
+/// quotas only) and whether it already counted the message.
+#[derive(Debug, Clone)]
+struct Applied {
+    quota: CompiledQuota,
+    namespace: Option<String>,
+    message_counted: bool,
+}
+
+impl Applied {
+    fn counters(&self, now_ms: i64) -> Vec<Counter> {
+        counters_of(&self.quota, self.namespace.as_deref(), now_ms)
+    }
+}
+
 /// Quota state of one SMTP transaction (one `MAIL FROM`). Finish it with
 /// [`QuotaEngine::abort`] unless the message was accepted; dropping it keeps what it counted.
 #[derive(Debug, Default)]
 pub struct QuotaTxn {
-    quota: Option<CompiledQuota>,
+    quotas: Vec<Applied>,
     rcpts: u64,
-    message_counted: bool,
     held: Vec<Held>,
 }
 
 impl QuotaTxn {
-    /// The applicable quota's id (metric label), if any.
+    /// A transaction counted by these quotas (the first is the one named in logs and metrics);
+    /// `namespace` is the sender's, whose counters namespace quotas use.
+    pub fn new(quotas: Vec<CompiledQuota>, namespace: Option<&str>) -> Self {
+        QuotaTxn {
+            quotas: quotas
+                .into_iter()
+                .map(|q| Applied {
+                    namespace: (q.selector == QuotaSelector::Namespace).then(|| namespace.unwrap_or("-").to_string()),
+                    quota: q,
+                    message_counted: false,
+                })
+                .collect(),
+            ..QuotaTxn::default()
+        }
+    }
+
+    /// The applicable quota's id (metric label), if any: the sender's own quota, else the first
+    /// namespace quota.
     pub fn quota_id(&self) -> Option<&str> {
-        self.quota.as_ref().map(|q| q.id.as_str())
+        self.quotas.first().map(|a| a.quota.id.as_str())
+    }
+
+    /// Every quota counting this transaction, by id.
+    pub fn quota_ids(&self) -> impl Iterator<Item = &str> {
+        self.quotas.iter().map(|a| a.quota.id.as_str())
     }
 
     /// Recipients accepted by the quota so far.
@@ -238,63 +282,70 @@ impl QuotaEngine {
         QuotaEngine { store }
     }
 
-    /// At `MAIL FROM`: picks the quota and checks the envelope-from domain policy (`Err`: answer
-    /// [`PolicyRejection::reply`], `550 5.7.1`). The quota is copied into the transaction, so a
-    /// configuration reload mid-transaction does not change its answers.
+    /// At `MAIL FROM`: picks the quotas and checks their envelope-from domain policies (`Err`:
+    /// answer [`PolicyRejection::reply`], `550 5.7.1`). The quotas are copied into the
+    /// transaction, so a configuration reload mid-transaction does not change its answers.
     pub fn begin(&self, cfg: &RelayConfig, ctx: &SenderCtx<'_>) -> Result<QuotaTxn, PolicyRejection> {
-        Ok(QuotaTxn {
-            quota: policy(cfg, ctx)?.cloned(),
-            ..QuotaTxn::default()
-        })
+        let quotas = policy(cfg, ctx)?.into_iter().cloned().collect();
+        Ok(QuotaTxn::new(quotas, ctx.namespace))
     }
 
     /// At `RCPT TO`, after every other check accepted the recipient (an `Accept` here is final:
     /// the recipient is counted). On `Defer`/`Reject` send the reply for this recipient only.
+    /// Every quota counting at `RCPT` takes the recipient in one atomic step, or none does.
     pub async fn rcpt(&self, txn: &mut QuotaTxn, now_ms: i64) -> Result<QuotaDecision, QuotaError> {
-        let Some(q) = &txn.quota else {
-            txn.rcpts += 1;
-            return Ok(QuotaDecision::Accept);
-        };
-        let counted_here = match (q.applies_to, q.count_by) {
-            (AppliesTo::Bulk, _) => false,
-            (AppliesTo::All, CountBy::Messages) => !txn.message_counted,
-            (AppliesTo::All, CountBy::Recipients) => true,
-        };
-        if counted_here && !q.limits.is_empty() {
-            match self.consume(q, 1, now_ms, Stage::Rcpt).await? {
+        let counting: Vec<usize> = txn
+            .quotas
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| {
+                let counted_here = match (a.quota.applies_to, a.quota.count_by) {
+                    (AppliesTo::Bulk, _) => false,
+                    (AppliesTo::All, CountBy::Messages) => !a.message_counted,
+                    (AppliesTo::All, CountBy::Recipients) => true,
+                };
+                counted_here && !a.quota.limits.is_empty()
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if !counting.is_empty() {
+            let parts: Vec<&Applied> = counting.iter().map(|i| &txn.quotas[*i]).collect();
+            match self.consume(&parts, 1, now_ms, Stage::Rcpt).await? {
                 Ok(held) => store::merge_held(&mut txn.held, held),
                 Err(refused) => return Ok(refused),
             }
-            txn.message_counted = true;
+            for i in counting {
+                txn.quotas[i].message_counted = true;
+            }
         }
         txn.rcpts += 1;
         Ok(QuotaDecision::Accept)
     }
 
-    /// At the end of `DATA`, before answering: counts a bulk message against a bulk-only quota.
-    /// `message` is the received message (only its header block is read). On `Defer`/`Reject`
-    /// answer the whole message with the reply and call [`abort`](Self::abort).
+    /// At the end of `DATA`, before answering: counts a bulk message against the bulk-only
+    /// quotas. `message` is the received message (only its header block is read). On
+    /// `Defer`/`Reject` answer the whole message with the reply and call [`abort`](Self::abort)
+    /// (which also gives back what an earlier quota of this call took).
     pub async fn data(&self, txn: &mut QuotaTxn, message: &[u8], now_ms: i64) -> Result<QuotaDecision, QuotaError> {
-        let Some(q) = &txn.quota else {
-            return Ok(QuotaDecision::Accept);
-        };
-        if q.applies_to != AppliesTo::Bulk || q.limits.is_empty() || !is_bulk(message, q.bulk_header.as_deref()) {
-            return Ok(QuotaDecision::Accept);
-        }
-        let amount = match q.count_by {
-            CountBy::Messages => 1,
-            CountBy::Recipients => txn.rcpts,
-        };
-        if amount == 0 {
-            return Ok(QuotaDecision::Accept);
-        }
-        match self.consume(q, amount, now_ms, Stage::Data).await? {
-            Ok(held) => {
-                store::merge_held(&mut txn.held, held);
-                Ok(QuotaDecision::Accept)
+        for i in 0..txn.quotas.len() {
+            let a = &txn.quotas[i];
+            let q = &a.quota;
+            if q.applies_to != AppliesTo::Bulk || q.limits.is_empty() || !is_bulk(message, q.bulk_header.as_deref()) {
+                continue;
             }
-            Err(refused) => Ok(refused),
+            let amount = match q.count_by {
+                CountBy::Messages => 1,
+                CountBy::Recipients => txn.rcpts,
+            };
+            if amount == 0 {
+                continue;
+            }
+            match self.consume(&[a], amount, now_ms, Stage::Data).await? {
+                Ok(held) => store::merge_held(&mut txn.held, held),
+                Err(refused) => return Ok(refused),
+            }
         }
+        Ok(QuotaDecision::Accept)
     }
 
     /// The transaction ended without the message being accepted: give back what it counted.
@@ -302,14 +353,23 @@ impl QuotaEngine {
         self.store.release(&txn.held).await
     }
 
+    /// Adds `amount` to the counters of every part at once; on refusal, the reply of the quota
+    /// whose counter refused.
     async fn consume(
         &self,
-        q: &CompiledQuota,
+        parts: &[&Applied],
         amount: u64,
         now_ms: i64,
         stage: Stage,
     ) -> Result<Result<Vec<Held>, QuotaDecision>, QuotaError> {
-        let cs = counters(q, now_ms);
+        let mut cs = Vec::new();
+        let mut owner = Vec::new();
+        for (p, a) in parts.iter().enumerate() {
+            for (l, c) in a.counters(now_ms).into_iter().enumerate() {
+                cs.push(c);
+                owner.push((p, l));
+            }
+        }
         match self.store.try_add(&cs, amount, now_ms).await? {
             Added::Yes(held) => Ok(Ok(held)),
             Added::No {
@@ -317,10 +377,9 @@ impl QuotaEngine {
                 used,
                 fits_at_ms,
             } => {
-                let limit = q
-                    .limits
+                let (q, limit) = owner
                     .get(index)
-                    .copied()
+                    .and_then(|(p, l)| Some((&parts[*p].quota, *parts[*p].quota.limits.get(*l)?)))
                     .ok_or_else(|| QuotaError::Protocol(format!("counter index {index} out of range")))?;
                 Ok(Err(denial(q, limit, used, amount, fits_at_ms, stage)))
             }
@@ -333,20 +392,45 @@ impl QuotaEngine {
         Ok(usage_of(q, &readings))
     }
 
-    /// Usage of every quota of `cfg`, by id, in the configuration's order (`GET /api/v1/quotas`,
-    /// the usage gauges, the operator's status). One store round trip for all quotas.
-    pub async fn usage_report(&self, cfg: &RelayConfig, now_ms: i64) -> Result<Vec<(String, QuotaUsage)>, QuotaError> {
-        let all: Vec<Counter> = cfg.quotas.iter().flat_map(|q| counters(q, now_ms)).collect();
+    /// Usage of every quota of `cfg`, in the configuration's order (`GET /api/v1/quotas`, the
+    /// usage gauges, the operator's status): one entry per sender quota, one per governed
+    /// namespace of a namespace quota (none for a namespace quota governing every namespace,
+    /// whose namespaces are not listed). One store round trip for all quotas.
+    pub async fn usage_report(&self, cfg: &RelayConfig, now_ms: i64) -> Result<Vec<UsageEntry>, QuotaError> {
+        let mut sets: Vec<(&CompiledQuota, Option<&str>)> = Vec::new();
+        for q in &cfg.quotas {
+            if q.selector == QuotaSelector::Namespace {
+                for ns in q.authority.namespaces.iter().flatten() {
+                    sets.push((q, Some(ns)));
+                }
+            } else {
+                sets.push((q, None));
+            }
+        }
+        let all: Vec<Counter> = sets.iter().flat_map(|(q, ns)| counters_of(q, *ns, now_ms)).collect();
         let readings = self.store.read(&all, now_ms).await?;
         let mut rest = readings.as_slice();
-        let mut out = Vec::with_capacity(cfg.quotas.len());
-        for q in &cfg.quotas {
+        let mut out = Vec::with_capacity(sets.len());
+        for (q, ns) in sets {
             let (mine, tail) = rest.split_at(q.limits.len().min(rest.len()));
             rest = tail;
-            out.push((q.id.clone(), usage_of(q, mine)));
+            out.push(UsageEntry {
+                id: q.id.clone(),
+                namespace: ns.map(str::to_owned),
+                usage: usage_of(q, mine),
+            });
         }
         Ok(out)
     }
+}
+
+/// The usage of one quota (of one namespace, for a namespace quota).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageEntry {
+    pub id: String,
+    /// The namespace counted, for a namespace quota.
+    pub namespace: Option<String>,
+    pub usage: QuotaUsage,
 }
 
 /// Usage of `q` from the readings of its counters (in the order of `q.limits`).
@@ -387,6 +471,7 @@ mod tests {
     ) -> CompiledQuota {
         CompiledQuota {
             id: "shop/plan".into(),
+            authority: Default::default(),
             selector: QuotaSelector::AuthUser("shop".into()),
             limits: limits
                 .iter()
@@ -512,10 +597,7 @@ mod tests {
     }
 
     fn txn(q: &CompiledQuota) -> QuotaTxn {
-        QuotaTxn {
-            quota: Some(q.clone()),
-            ..QuotaTxn::default()
-        }
+        QuotaTxn::new(vec![q.clone()], None)
     }
 
     #[tokio::test]
@@ -623,15 +705,18 @@ mod tests {
             ..RelayConfig::empty()
         };
         let r = e.usage_report(&cfg, now).await.unwrap();
-        let ids: Vec<&str> = r.iter().map(|(id, _)| id.as_str()).collect();
+        let ids: Vec<&str> = r.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, ["a/first", "b/unlimited", "c/third"]);
-        assert_eq!(r[0].1.minute.as_ref().unwrap().used, 1);
-        assert_eq!(r[0].1.month.as_ref().unwrap().used, 1);
-        assert_eq!(r[0].1.month.as_ref().unwrap().resets_at, "2025-04-01T00:00:00+09:00");
-        assert_eq!(r[1].1, QuotaUsage::default());
-        let day = r[2].1.day.as_ref().unwrap();
+        assert_eq!(r[0].usage.minute.as_ref().unwrap().used, 1);
+        assert_eq!(r[0].usage.month.as_ref().unwrap().used, 1);
+        assert_eq!(
+            r[0].usage.month.as_ref().unwrap().resets_at,
+            "2025-04-01T00:00:00+09:00"
+        );
+        assert_eq!(r[1].usage, QuotaUsage::default());
+        let day = r[2].usage.day.as_ref().unwrap();
         assert_eq!((day.used, day.limit, day.remaining), (3, 9, 6));
-        assert!(r[2].1.minute.is_none());
+        assert!(r[2].usage.minute.is_none());
     }
 
     #[tokio::test]
@@ -645,5 +730,117 @@ mod tests {
         assert_eq!(e.rcpt(&mut t, 0).await.unwrap(), QuotaDecision::Accept);
         assert_eq!(t.quota_id(), Some("shop/plan"));
         assert_eq!(e.usage(&q, 0).await.unwrap(), QuotaUsage::default());
+    }
+
+    /// Platform `mailroute`; team-a and shop-42 labelled `plan: basic`, team-b not.
+    fn tenants(yaml: &str) -> RelayConfig {
+        use std::collections::{BTreeMap, BTreeSet};
+        let basic = || BTreeMap::from([("plan".to_string(), "basic".to_string())]);
+        let tenancy = mailroute_api::Tenancy {
+            platform_namespaces: Some(BTreeSet::from(["mailroute".to_string()])),
+            namespace_labels: BTreeMap::from([
+                ("team-a".to_string(), basic()),
+                ("shop-42".to_string(), basic()),
+                ("team-b".to_string(), BTreeMap::new()),
+            ]),
+        };
+        let c = mailroute_api::Manifests::from_yaml(yaml, "default")
+            .unwrap()
+            .compile_for(&tenancy);
+        assert!(c.diagnostics.is_empty(), "{:?}", c.diagnostics);
+        c.config
+    }
+
+    fn sender<'a>(ns: &'a str, from: &'a str) -> SenderCtx<'a> {
+        SenderCtx {
+            auth_user: None,
+            auth_quota: None,
+            mail_from: from,
+            source_ip: "10.0.0.1".parse().unwrap(),
+            namespace: Some(ns),
+        }
+    }
+
+    /// One message to one recipient; `true` if the quotas took it.
+    async fn send(e: &QuotaEngine, cfg: &RelayConfig, ctx: &SenderCtx<'_>, now: i64) -> bool {
+        let mut t = e.begin(cfg, ctx).unwrap();
+        if e.rcpt(&mut t, now).await.unwrap() == QuotaDecision::Accept {
+            t.commit();
+            true
+        } else {
+            e.abort(t).await.unwrap();
+            false
+        }
+    }
+
+    const NAMESPACE_CAP: &str = "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: plan-basic, namespace: mailroute}\nspec:\n  scope: Namespace\n  allowedNamespaces: {from: Selector, selector: {matchLabels: {plan: basic}}}\n  limits: {perDay: 3}\n---\n";
+
+    #[tokio::test]
+    async fn a_namespace_quota_counts_every_sender_of_each_namespace_separately() {
+        let e = engine();
+        let cfg = tenants(NAMESPACE_CAP);
+        let now = ms("2025-03-09T03:00:00Z");
+        // Three different senders of team-a share team-a's budget of 3.
+        for from in ["a@shop.example", "b@shop.example", "c@other.example"] {
+            assert!(send(&e, &cfg, &sender("team-a", from), now).await, "{from}");
+        }
+        assert!(!send(&e, &cfg, &sender("team-a", "d@new.example"), now).await);
+        // shop-42 has a budget of its own; team-b (not selected) and unattributed mail none.
+        assert!(send(&e, &cfg, &sender("shop-42", "a@shop.example"), now).await);
+        for _ in 0..5 {
+            assert!(send(&e, &cfg, &sender("team-b", "a@shop.example"), now).await);
+            let mut anon = sender("x", "a@shop.example");
+            anon.namespace = None;
+            assert!(send(&e, &cfg, &anon, now).await);
+        }
+        let report = e.usage_report(&cfg, now).await.unwrap();
+        let used: Vec<(Option<&str>, i64)> = report
+            .iter()
+            .map(|u| (u.namespace.as_deref(), u.usage.day.as_ref().unwrap().used))
+            .collect();
+        assert_eq!(used, [(Some("shop-42"), 1), (Some("team-a"), 3)]);
+    }
+
+    #[tokio::test]
+    async fn a_namespace_quota_and_the_senders_own_quotas_all_count() {
+        let e = engine();
+        let yaml = NAMESPACE_CAP.to_string()
+            // The platform's per-sender quota and team-a's own, tighter, for the same sender.
+            + "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: per-sender, namespace: mailroute}\nspec:\n  sender: {fromDomain: '*'}\n  limits: {perDay: 100}\n---\n"
+            + "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: news, namespace: team-a}\nspec:\n  sender: {fromAddress: news@shop.example}\n  limits: {perDay: 1}\n---\n"
+            // team-b's catch-all is not team-a's business.
+            + "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: all, namespace: team-b}\nspec:\n  sender: {fromDomain: '*'}\n  limits: {perDay: 0}\n";
+        let cfg = tenants(&yaml);
+        let now = ms("2025-03-09T03:00:00Z");
+        let t = e.begin(&cfg, &sender("team-a", "news@shop.example")).unwrap();
+        let ids: Vec<&str> = t.quota_ids().collect();
+        assert_eq!(ids, ["team-a/news", "mailroute/per-sender", "mailroute/plan-basic"]);
+        e.abort(t).await.unwrap();
+        assert!(send(&e, &cfg, &sender("team-a", "news@shop.example"), now).await);
+        // The tenant's own limit of 1 refuses the second; nothing of it was counted elsewhere.
+        let mut t = e.begin(&cfg, &sender("team-a", "news@shop.example")).unwrap();
+        match e.rcpt(&mut t, now).await.unwrap() {
+            QuotaDecision::Defer(d) => assert_eq!(d.quota_id, "team-a/news"),
+            other => panic!("{other:?}"),
+        }
+        e.abort(t).await.unwrap();
+        let report = e.usage_report(&cfg, now).await.unwrap();
+        let used = |id: &str| {
+            report
+                .iter()
+                .find(|u| u.id == id && u.namespace.as_deref() != Some("shop-42"))
+                .and_then(|u| u.usage.day.as_ref())
+                .map(|d| d.used)
+        };
+        assert_eq!(
+            (
+                used("team-a/news"),
+                used("mailroute/per-sender"),
+                used("mailroute/plan-basic")
+            ),
+            (Some(1), Some(1), Some(1))
+        );
+        // team-b's sender is stopped by team-b's own quota of 0; team-a's never saw it.
+        assert!(!send(&e, &cfg, &sender("team-b", "x@b.example"), now).await);
     }
 }

@@ -1,6 +1,11 @@
-//! Which quota applies to a sender, whether that sender may use its envelope-from domain, and
+//! Which quotas apply to a sender, whether that sender may use its envelope-from domain, and
 //! whether a message is bulk. Pure functions over the compiled configuration; no I/O, no
 //! counters (those are in `store`).
+//!
+//! Authority follows the namespace: only quotas governing the sender's namespace apply. Of the
+//! per-sender quotas, the most specific of the platform's and the most specific of the tenant's
+//! own both count (a tenant can tighten a platform limit, never loosen it); every namespace
+//! quota (`scope: Namespace`) governing the namespace counts beside them.
 
 use std::net::IpAddr;
 
@@ -19,6 +24,8 @@ pub struct SenderCtx<'a> {
     pub mail_from: &'a str,
     /// The client's address (IPv4-mapped IPv6 addresses are treated as IPv4).
     pub source_ip: IpAddr,
+    /// The sender's namespace; `None`: unattributed.
+    pub namespace: Option<&'a str>,
 }
 
 /// The sender may not use its envelope-from domain: answer `550 5.7.1`.
@@ -61,15 +68,44 @@ fn rank(
     }
 }
 
-/// The most specific quota for a sender: auth user (by selector, then by the user's credentials)
-/// over from-address over from-domain (more specific pattern first) over source CIDRs (longer
-/// prefix first). Ties go to the first quota in `quotas` (compiled sorted by id).
+/// The most specific per-sender quota governing the sender: auth user (by selector, then by the
+/// user's credentials) over from-address over from-domain (more specific pattern first) over
+/// source CIDRs (longer prefix first). Ties go to the first quota in `quotas` (compiled sorted
+/// by id). Platform and tenant quotas compete here; [`applicable`] keeps one of each.
 pub fn select<'a>(quotas: &'a [CompiledQuota], ctx: &SenderCtx<'_>) -> Option<&'a CompiledQuota> {
+    select_where(quotas, ctx, |_| true)
+}
+
+/// Every quota that counts a sender's mail: the platform's most specific per-sender quota, the
+/// tenant's own most specific per-sender quota, then each namespace quota governing the
+/// sender's namespace (none for unattributed mail), in configuration order.
+pub fn applicable<'a>(quotas: &'a [CompiledQuota], ctx: &SenderCtx<'_>) -> Vec<&'a CompiledQuota> {
+    let mut out = Vec::new();
+    out.extend(select_where(quotas, ctx, |q| q.authority.tenant));
+    out.extend(select_where(quotas, ctx, |q| !q.authority.tenant));
+    if ctx.namespace.is_some() {
+        out.extend(
+            quotas
+                .iter()
+                .filter(|q| q.selector == QuotaSelector::Namespace && q.authority.governs(ctx.namespace)),
+        );
+    }
+    out
+}
+
+fn select_where<'a>(
+    quotas: &'a [CompiledQuota],
+    ctx: &SenderCtx<'_>,
+    keep: impl Fn(&CompiledQuota) -> bool,
+) -> Option<&'a CompiledQuota> {
     let from_lc = ctx.mail_from.to_ascii_lowercase();
     let from_domain = domain_of(&from_lc);
     let ip = ctx.source_ip.to_canonical();
     let mut best: Option<((u8, usize), &CompiledQuota)> = None;
-    for q in quotas {
+    let candidates = quotas
+        .iter()
+        .filter(|q| q.selector != QuotaSelector::Namespace && keep(q) && q.authority.governs(ctx.namespace));
+    for q in candidates {
         if let Some(r) = rank(q, ctx, &from_lc, from_domain.as_deref(), ip)
             && best.is_none_or(|(b, _)| r > b)
         {
@@ -161,6 +197,7 @@ mod tests {
     fn quota(id: &str, selector: QuotaSelector) -> CompiledQuota {
         CompiledQuota {
             id: id.into(),
+            authority: Default::default(),
             selector,
             limits: vec![],
             count_by: CountBy::Messages,
@@ -203,6 +240,7 @@ mod tests {
             auth_quota,
             mail_from: from,
             source_ip: ip.parse().unwrap(),
+            namespace: None,
         };
         select(&qs, &ctx).map(|q| q.id.clone())
     }
@@ -258,6 +296,7 @@ mod tests {
             auth_quota: None,
             mail_from: "u@x.example",
             source_ip: "127.0.0.1".parse().unwrap(),
+            namespace: None,
         };
         assert_eq!(select(&qs, &ctx).unwrap().id, "a/first");
     }

@@ -84,9 +84,10 @@ impl Inbound {
         };
         let snap = self.config.get();
         match self.auth_guard.verify(&snap.secrets.inbound_users, &user, pass).await {
-            Verdict::Authenticated { quota } => {
+            Verdict::Authenticated { quota, namespace } => {
                 s.auth_user = Some(user);
                 s.user_quota = Some(quota);
+                s.user_namespace = namespace;
                 conn.reply(replies::AUTH_OK);
                 return Ok(Flow::Continue);
             }

@@ -1,5 +1,6 @@
-//! MAIL and RCPT: the envelope of a transaction, the relay-access rule (a relay that is never
-//! open) and the sender-quota checks at MAIL and RCPT.
+//! MAIL and RCPT: the envelope of a transaction, the sender's namespace (settled at MAIL, where
+//! unattributed mail may be refused), the relay-access rule (a relay that is never open) and the
+//! sender-quota checks at MAIL and RCPT.
 //!
 //! Raw line checks and the RFC 5321 wire form are `address`'s; quota arithmetic is the quota
 //! engine's. Must not read the message or touch the queue.
@@ -10,6 +11,7 @@ use ipnet::IpNet;
 
 use super::{Inbound, Reply, Session, reply_from_line};
 use crate::inbound::address;
+use crate::inbound::identity::{self, Unattributed};
 use crate::inbound::listener::{Conn, ListenerKind};
 use crate::inbound::quota::SenderCtx;
 use crate::inbound::replies;
@@ -81,19 +83,33 @@ impl Inbound {
             return conn.reply(replies::SENDER_UNWRITABLE);
         }
         s.mail_from = Some(from.to_owned());
+        s.identity = identity::resolve(
+            s.auth_user.is_some(),
+            s.user_namespace.as_deref(),
+            s.peer.ip(),
+            &*self.identity,
+        );
+        if s.identity.is_none() && self.settings.unattributed == Unattributed::Refuse {
+            let r = reply_from_line(identity::UNKNOWN_NAMESPACE);
+            self.observer.rejected(&s.sender(), None, &r);
+            s.mail_from = None;
+            return conn.reply(&r.to_string());
+        }
         s.smtputf8 = smtputf8;
         s.declared_size = size;
         let cfg = self.config.get();
+        let namespace = s.identity.as_ref().map(|i| i.namespace.as_str());
         let ctx = SenderCtx {
             auth_user: s.auth_user.as_deref(),
             auth_quota: s.user_quota.as_deref(),
             mail_from: from,
             source_ip: s.peer.ip(),
+            namespace,
         };
         match self.quotas.begin(&cfg.config, &ctx) {
             Ok(txn) => s.txn = Some(txn),
             Err(rej) => {
-                self.observer.quota_decision(&rej.quota_id, "rejected");
+                self.observer.quota_decision(&rej.quota_id, "rejected", namespace);
                 let r = reply_from_line(&rej.reply());
                 self.observer.rejected(&s.sender(), None, &r);
                 s.mail_from = None;
@@ -127,7 +143,8 @@ impl Inbound {
         }
         if let Some(txn) = s.txn.as_mut() {
             let decision = self.quotas.rcpt(txn, crate::clock::now_ms()).await;
-            if let Some(r) = self.quota_reply(txn, decision) {
+            let namespace = s.identity.as_ref().map(|i| i.namespace.as_str());
+            if let Some(r) = self.quota_reply(txn, namespace, decision) {
                 self.observer.rejected(&sender, Some(to), &r);
                 return conn.reply(&r.to_string());
             }

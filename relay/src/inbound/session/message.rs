@@ -125,7 +125,7 @@ impl Inbound {
         };
         if let Some(t) = txn.as_mut() {
             let decision = self.quotas.data(t, &body, now.timestamp_millis()).await;
-            if let Some(r) = self.quota_reply(t, decision) {
+            if let Some(r) = self.quota_reply(t, sender.namespace.as_deref(), decision) {
                 self.observer.rejected(&sender, None, &r);
                 self.abort(txn).await;
                 return r;
@@ -161,6 +161,8 @@ impl Inbound {
             source_ip: sender.source_ip.to_string(),
             listener: s.listener.into(),
             auth_user: sender.auth_user.clone(),
+            namespace: sender.namespace.clone(),
+            service_account: sender.service_account.clone(),
             tls: s.tls,
             mail_from: sender.mail_from.clone(),
             rcpts,

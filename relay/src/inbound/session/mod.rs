@@ -6,7 +6,8 @@
 //! quota arithmetic are the quota engine's ([`super::quota`]), consulted at MAIL, RCPT and the end
 //! of DATA; logging and metrics go out through [`Observer`]. What a session may cost is bounded
 //! outside it: password checks and AUTH failures per address by [`super::auth_guard`], body
-//! memory by `super::body_budget`. It must not deliver or route.
+//! memory by `super::body_budget`. It must not deliver or route. Who the sender is in
+//! Kubernetes terms (its namespace) is settled at MAIL by `super::identity`.
 //! DATA transparency (a message with a bare CR or LF is refused) is `super::data`'s; raw
 //! MAIL/RCPT line checks and the RFC 5321 form of addresses are `super::address`'s.
 //!
@@ -34,6 +35,7 @@ use crate::config::ConfigHandle;
 use crate::inbound::address;
 use crate::inbound::auth_guard::{AuthGuard, AuthLimits};
 use crate::inbound::body_budget::BodyBudget;
+use crate::inbound::identity::{IdentitySource, Nobody, SenderIdentity, Unattributed};
 use crate::inbound::listener::{Conn, Line, ListenerKind, MaybeTls};
 use crate::inbound::quota::{QuotaDecision, QuotaEngine, QuotaTxn, UNAVAILABLE_REPLY};
 use crate::inbound::{proxy, replies, shutdown};
@@ -63,6 +65,10 @@ pub struct SenderInfo {
     pub tls: bool,
     /// Envelope sender; empty for `<>`.
     pub mail_from: String,
+    /// The sender's namespace, once MAIL settled it; `None`: unattributed (or not yet known).
+    pub namespace: Option<String>,
+    /// The sender's ServiceAccount, where known.
+    pub service_account: Option<String>,
 }
 
 /// Where the session reports what happened (delivery log, metrics).
@@ -74,8 +80,8 @@ pub trait Observer: Send + Sync {
     fn accepted(&self, _meta: &MessageMeta, _accept_latency: Duration) {}
     /// A recipient or message was refused with `reply` (rcpt None = whole message).
     fn rejected(&self, _s: &SenderInfo, _rcpt: Option<&str>, _reply: &Reply) {}
-    /// A quota answered (`accepted`, `deferred`, `rejected`).
-    fn quota_decision(&self, _quota: &str, _result: &str) {}
+    /// A quota answered (`accepted`, `deferred`, `rejected`) for a sender of `namespace`.
+    fn quota_decision(&self, _quota: &str, _result: &str, _namespace: Option<&str>) {}
 }
 
 pub struct NoopObserver;
@@ -105,6 +111,8 @@ pub struct InboundSettings {
     pub auth_limits: AuthLimits,
     /// Bytes of message bodies held in memory at once; `None`: 4 × `max_message_size`.
     pub max_body_memory: Option<usize>,
+    /// What happens to mail whose sender's namespace is unknown.
+    pub unattributed: Unattributed,
     /// Load balancers whose connections begin with a PROXY protocol header (v1 or v2) naming
     /// the client, whose address then replaces theirs for every rule. Connections from other
     /// addresses are taken as direct; a header is accepted from nobody else.
@@ -136,6 +144,7 @@ impl Default for InboundSettings {
             auth_delay: Duration::from_secs(1),
             auth_limits: AuthLimits::default(),
             max_body_memory: None,
+            unattributed: Unattributed::default(),
             proxy_protocol_from: Vec::new(),
         }
     }
@@ -149,6 +158,8 @@ pub struct Inbound {
     pub quotas: QuotaEngine,
     pub observer: Arc<dyn Observer>,
     pub tls: Option<TlsAcceptor>,
+    /// Who an unauthenticated client's address belongs to.
+    identity: Arc<dyn IdentitySource>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     auth_guard: AuthGuard,
     body_budget: Arc<BodyBudget>,
@@ -190,6 +201,10 @@ struct Session {
     tls: bool,
     auth_user: Option<String>,
     user_quota: Option<String>,
+    /// The namespace of the authenticated user (its SenderQuota's).
+    user_namespace: Option<String>,
+    /// The sender of the open transaction, settled at MAIL; `None`: unattributed.
+    identity: Option<SenderIdentity>,
     auth_failures: u32,
     errors: u32,
     mail_from: Option<String>,
@@ -206,6 +221,7 @@ impl Session {
     fn reset_transaction(&mut self) -> Option<QuotaTxn> {
         self.mail_from = None;
         self.smtputf8 = false;
+        self.identity = None;
         self.rcpts.clear();
         self.txn.take()
     }
@@ -218,6 +234,8 @@ impl Session {
             user_quota: self.user_quota.clone(),
             tls: self.tls,
             mail_from: self.mail_from.clone().unwrap_or_default(),
+            namespace: self.identity.as_ref().map(|i| i.namespace.clone()),
+            service_account: self.identity.as_ref().and_then(|i| i.service_account.clone()),
         }
     }
 }
@@ -241,6 +259,7 @@ impl Inbound {
             quotas,
             observer,
             tls: tls.map(TlsAcceptor::from),
+            identity: Arc::new(Nobody),
             per_ip: Mutex::new(HashMap::new()),
             shutdown: None,
         }
@@ -250,6 +269,12 @@ impl Inbound {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.auth_guard = AuthGuard::new(self.settings.auth_limits.clone(), metrics.clone());
         self.body_budget = BodyBudget::new(self.settings.body_budget(), self.settings.max_message_size, metrics);
+        self
+    }
+
+    /// Attributes unauthenticated clients to namespaces with `source` (default: nobody is known).
+    pub(crate) fn with_identity(mut self, source: Arc<dyn IdentitySource>) -> Self {
+        self.identity = source;
         self
     }
 
@@ -327,6 +352,8 @@ impl Inbound {
             tls: conn.is_tls(),
             auth_user: None,
             user_quota: None,
+            user_namespace: None,
+            identity: None,
             auth_failures: 0,
             errors: 0,
             mail_from: None,
@@ -497,13 +524,19 @@ impl Inbound {
     fn quota_reply(
         &self,
         txn: &QuotaTxn,
+        namespace: Option<&str>,
         decision: Result<QuotaDecision, crate::inbound::quota::QuotaError>,
     ) -> Option<Reply> {
         let id = txn.quota_id().unwrap_or("none").to_owned();
         match decision {
             Ok(d) => {
-                if txn.quota_id().is_some() {
-                    self.observer.quota_decision(&id, d.result_label());
+                // A refusal is the refusing quota's; an acceptance the transaction's first.
+                let quota = match &d {
+                    QuotaDecision::Defer(x) | QuotaDecision::Reject(x) => Some(x.quota_id.as_str()),
+                    QuotaDecision::Accept => txn.quota_id(),
+                };
+                if let Some(q) = quota {
+                    self.observer.quota_decision(q, d.result_label(), namespace);
                 }
                 d.reply().map(|line| reply_from_line(&line))
             }
@@ -536,6 +569,76 @@ fn parse_error_reply(e: &ProtoError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole session over TCP with a source that knows the client's address: the queued
+    /// message carries the pod's namespace and ServiceAccount; an authenticated session would
+    /// carry its user's (see `identity::resolve`).
+    #[tokio::test]
+    async fn an_unauthenticated_client_is_attributed_by_the_identity_source() {
+        use crate::inbound::quota::MemoryQuotaStore;
+        use crate::queue::memory::MemoryQueue;
+
+        struct Pods;
+        impl IdentitySource for Pods {
+            fn identify(&self, ip: IpAddr) -> Option<SenderIdentity> {
+                ip.is_loopback().then(|| SenderIdentity {
+                    namespace: "team-b".into(),
+                    service_account: Some("mailer".into()),
+                })
+            }
+        }
+        let queue = Arc::new(MemoryQueue::new());
+        let config = mailroute_api::Manifests::from_yaml(
+            "apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {name: mx, namespace: mailroute}\nspec: {delivery: mx}\n",
+            "mailroute",
+        )
+        .unwrap()
+        .compile();
+        let inbound = Arc::new(
+            Inbound::new(
+                InboundSettings {
+                    unattributed: Unattributed::Refuse,
+                    ..InboundSettings::default()
+                },
+                Arc::new(ConfigHandle::fixed(config.config, config.secrets)),
+                queue.clone(),
+                QuotaEngine::new(Arc::new(MemoryQuotaStore::new())),
+                Arc::new(NoopObserver),
+                None,
+            )
+            .with_identity(Arc::new(Pods)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = {
+            let inbound = inbound.clone();
+            tokio::spawn(async move {
+                let (tcp, peer) = listener.accept().await.unwrap();
+                inbound.handle(tcp, peer, ListenerKind::Smtp).await
+            })
+        };
+        let t = mailroute_testkit::smtp::client::send(
+            addr,
+            None,
+            false,
+            None,
+            "app@b.example",
+            &["x@example.com"],
+            b"Subject: hi\r\n\r\nhi\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(t.delivered(), "{:?}", t.lines());
+        server.await.unwrap().unwrap();
+        let id = t
+            .lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("250 2.0.0 Ok: queued as ").map(str::to_owned))
+            .expect("a queue id");
+        let stored = queue.load(&id).await.unwrap().expect("queued");
+        assert_eq!(stored.meta.namespace.as_deref(), Some("team-b"));
+        assert_eq!(stored.meta.service_account.as_deref(), Some("mailer"));
+    }
 
     #[test]
     fn parse_errors_have_enhanced_codes() {

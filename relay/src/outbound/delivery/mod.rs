@@ -393,6 +393,7 @@ mod tests {
         };
         let route = CompiledRoute {
             id: "mail/r".into(),
+            authority: Default::default(),
             priority: 1,
             target: Target::Smarthost(up.clone()),
             recipient_domains: vec![mailroute_api::pattern::DomainPattern::Any],

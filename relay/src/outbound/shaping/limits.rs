@@ -148,6 +148,7 @@ pub(crate) mod tests {
     pub(crate) fn route(id: &str, mx: bool, limits: RouteLimits) -> CompiledRoute {
         CompiledRoute {
             id: id.into(),
+            authority: Default::default(),
             priority: 100,
             target: if mx {
                 Target::Mx

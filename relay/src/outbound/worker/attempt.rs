@@ -77,11 +77,16 @@ impl Worker {
         let domain = domain_of(&rcpt)
             .and_then(|d| crate::outbound::route::ascii_domain(&d))
             .unwrap_or_default();
-        let mut routes: Vec<CompiledRoute> =
-            crate::outbound::route::candidates(&snap.config, &meta.mail_from, meta.auth_user.as_deref(), &domain)
-                .into_iter()
-                .cloned()
-                .collect();
+        let mut routes: Vec<CompiledRoute> = crate::outbound::route::candidates(
+            &snap.config,
+            meta.namespace.as_deref(),
+            &meta.mail_from,
+            meta.auth_user.as_deref(),
+            &domain,
+        )
+        .into_iter()
+        .cloned()
+        .collect();
         if routes.is_empty() && self.settings.fallback_mx {
             routes.push(fallback_route());
         }
@@ -163,7 +168,11 @@ impl Worker {
             self.telemetry
                 .metrics
                 .delivery_attempts
-                .with_label_values(&[&route.id, result])
+                .with_label_values(&[
+                    &route.id,
+                    result,
+                    crate::observe::telemetry::namespace_label(meta.namespace.as_deref()),
+                ])
                 .inc();
             last = Some((attempt, route));
             if !temporary {

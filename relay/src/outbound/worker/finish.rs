@@ -132,7 +132,12 @@ impl Worker {
             m.expired.with_label_values(&[&route_id]).inc();
         }
         m.bounces
-            .with_label_values(&[&route_id, &crate::observe::metrics::code_label(code), class.as_str()])
+            .with_label_values(&[
+                &route_id,
+                &crate::observe::metrics::code_label(code),
+                class.as_str(),
+                crate::observe::telemetry::namespace_label(meta.namespace.as_deref()),
+            ])
             .inc();
 
         if !meta.is_dsn && dsn::should_bounce(&meta.mail_from) {
@@ -209,6 +214,9 @@ impl Worker {
             source_ip: "127.0.0.1".into(),
             listener: Origin::Dsn,
             auth_user: None,
+            // A bounce returns to its sender under the original message's authority.
+            namespace: meta.namespace.clone(),
+            service_account: None,
             tls: false,
             mail_from: String::new(),
             rcpts: vec![d.rcpt_to.clone()],

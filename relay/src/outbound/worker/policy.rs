@@ -17,6 +17,7 @@ use crate::queue::message::MessageMeta;
 pub(super) fn fallback_route() -> CompiledRoute {
     CompiledRoute {
         id: "mx".into(),
+        authority: Default::default(),
         priority: i32::MAX,
         target: Target::Mx,
         recipient_domains: Vec::new(),
@@ -128,6 +129,8 @@ mod tests {
             source_ip: "127.0.0.1".into(),
             listener: crate::inbound::listener::ListenerKind::Smtp.into(),
             auth_user: None,
+            namespace: None,
+            service_account: None,
             tls: false,
             mail_from: "a@b.example".into(),
             rcpts: vec!["c@d.example".into()],
