@@ -1,9 +1,11 @@
 //! Sender identity by pod IP end to end against a real kube-apiserver (see tests/README.md): the
 //! operator binary, with the chart's RBAC for `podIdentities.enabled` and a ServiceAccount token,
-//! watches the Pods of a tenant namespace and publishes their IPs into a real redis-server; a relay
-//! binary reading that Redis picks the map up, distrusts it once the operator is gone, and
-//! trusts the next operator's full replacement. There is no kubelet: the test creates Pod objects
-//! and sets `status.podIP`/`podIPs` through the status subresource, as a kubelet would.
+//! watches the Pods of a tenant namespace and publishes their IPs into a real redis-server; a
+//! relay binary reading that Redis picks the map up and logs a message from the pod's address (a
+//! client socket bound to 127.0.0.2) with `namespace: team-a`, distrusts the map once the
+//! operator is gone, and trusts the next operator's full replacement. There is no kubelet: the
+//! test creates Pod objects and sets `status.podIP`/`podIPs` through the status subresource, as a
+//! kubelet would.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -45,6 +47,63 @@ fn metrics(port: u16) -> anyhow::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+const TOKEN: &str = "podmap-admin-token";
+
+/// `GET path` on a relay's admin listener with the admin token, as JSON.
+fn get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: relay\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    Ok(serde_json::from_str(body)?)
+}
+
+/// One message over SMTP from `local` (the client socket bound to it, as a pod's address) to
+/// the relay on 127.0.0.1:`port`; returns the reply to the end of DATA.
+async fn send_from(local: std::net::IpAddr, port: u16, rcpt: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(local, 0))?;
+    let stream = socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    // The last line of a reply ("250 ..." rather than "250-...").
+    async fn reply(lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>) -> anyhow::Result<String> {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await??
+                .ok_or_else(|| anyhow::anyhow!("the relay closed the connection"))?;
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(line);
+            }
+        }
+    }
+    let mut step = async |cmd: &str, want: &str| -> anyhow::Result<String> {
+        if !cmd.is_empty() {
+            write.write_all(format!("{cmd}\r\n").as_bytes()).await?;
+        }
+        let r = reply(&mut lines).await?;
+        anyhow::ensure!(r.starts_with(want), "{cmd:?} answered {r:?}");
+        Ok(r)
+    };
+    step("", "220").await?;
+    step("EHLO app.team-a.example", "250").await?;
+    step("MAIL FROM:<app@team-a.example>", "250").await?;
+    step(&format!("RCPT TO:<{rcpt}>"), "250").await?;
+    step("DATA", "354").await?;
+    let done = step(
+        &format!("From: app@team-a.example\r\nTo: {rcpt}\r\nSubject: pod identity\r\n\r\nhello\r\n."),
+        "250",
+    )
+    .await?;
+    let _ = step("QUIT", "221").await;
+    Ok(done)
 }
 
 /// The value of an unlabelled sample in a Prometheus exposition.
@@ -98,13 +157,13 @@ async fn a_pod_ip_published_by_the_operator_is_attributed_by_the_relay_until_the
         "--pod-identity-interval=500ms",
     ];
     let operator = std::cell::RefCell::new(start_operator(cp, &kubeconfig, &ns, "operator-podmap", &args).unwrap());
-    let admin_port = free_port().unwrap();
+    let (admin_port, smtp_port) = (free_port().unwrap(), free_port().unwrap());
     let mut cmd = std::process::Command::new(binary("mailroute-relay").unwrap());
     cmd.env("MAILROUTE_LOG", "info").args([
         "run".to_string(),
         "--queue".to_string(),
         redis.url(),
-        "--smtp-listen=".to_string(),
+        format!("--smtp-listen=127.0.0.1:{smtp_port}"),
         "--submission-listen=".to_string(),
         "--smtps-listen=".to_string(),
         format!("--admin-listen=127.0.0.1:{admin_port}"),
@@ -112,6 +171,7 @@ async fn a_pod_ip_published_by_the_operator_is_attributed_by_the_relay_until_the
         "--hostname=relay.test".to_string(),
         "--pod-identities".to_string(),
         "--pod-identity-poll=200ms".to_string(),
+        format!("--admin-token={TOKEN}"),
     ]);
     let relay = std::cell::RefCell::new(Process::start("relay", cmd, cp.dir.join(format!("{ns}-relay.log"))).unwrap());
 
@@ -125,6 +185,19 @@ async fn a_pod_ip_published_by_the_operator_is_attributed_by_the_relay_until_the
             .then_some(()))
         })
         .await?;
+        // A message from the pod's address (the client socket bound to 127.0.0.2) is logged
+        // with the pod's namespace and ServiceAccount.
+        let reply = send_from("127.0.0.2".parse()?, smtp_port, "someone@example.com").await?;
+        let logged = eventually("the message logged as team-a's", WAIT, || async {
+            let v = get_json(admin_port, &format!("/api/v1/events?namespace={team}&result=received"))?;
+            let events = v["events"].as_array().cloned().unwrap_or_default();
+            Ok((!events.is_empty()).then_some(events))
+        })
+        .await?;
+        anyhow::ensure!(
+            logged.len() == 1 && logged[0]["service_account"] == "mailer" && logged[0]["namespace"] == team.as_str(),
+            "{reply}: {logged:?}"
+        );
         // The operator dies without a word (SIGKILL): its heartbeat runs out (3 × 500 ms) and
         // the relay stops attributing, though it still holds the entry.
         operator.borrow_mut().kill();
