@@ -426,13 +426,17 @@ pub async fn run(
                 }
                 w.refresh().await.map(|()| None)
             }
-            Some(old) => w.update(old, &map).await.map(Some),
+            Some(old) => w.update(old, &map).await.map(|g| {
+                // One per pod start or stop: not worth an info line each.
+                tracing::debug!(entries = map.len(), generation = g, "pod identity map updated");
+                None
+            }),
             None => w.replace(&map).await.map(Some),
         };
         match written {
-            Ok(generation) => {
-                if let Some(g) = generation {
-                    tracing::info!(entries = map.len(), generation = g, "pod identity map published");
+            Ok(replaced) => {
+                if let Some(g) = replaced {
+                    tracing::info!(entries = map.len(), generation = g, "pod identity map replaced whole");
                 }
                 next_heartbeat = Instant::now() + settings.interval;
                 vouching = true;
