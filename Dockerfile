@@ -55,6 +55,7 @@ COPY oauth ./oauth
 COPY smtp ./smtp
 COPY operator ./operator
 COPY relay ./relay
+COPY cli ./cli
 COPY testkit ./testkit
 COPY tests ./tests
 COPY bench ./bench

@@ -146,7 +146,9 @@ async fn upgrade_from_0_1_0_brings_crd_changes_and_uninstall_keeps_crds_and_rout
         .unwrap();
     let (name, sa) = operator_identity(&admin, &ns).await;
     let kubeconfig = cp.service_account_kubeconfig(&ns, &sa).await.unwrap();
-    let mut operator = start_operator(cp, &kubeconfig, &ns, &name, &[]).unwrap();
+    // Standing in for 0.1.0's operator, this tree's reads no namespaces (0.1.0's RBAC has no
+    // namespaces rule): single tenant, as every operator before tenancy was.
+    let mut operator = start_operator(cp, &kubeconfig, &ns, &name, &["--platform-namespaces=*"]).unwrap();
     config_serves(&configmaps, &mut operator, "before.example").await;
     // In a cluster the upgrade rolls the operator's pods; here the process stops first.
     operator.kill();

@@ -21,8 +21,9 @@ pub fn is_secret_error(d: &Diagnostic) -> bool {
 /// a working configuration is never replaced by one that drops a route because one object is
 /// broken for a moment (a Secret missing or mistyped during a rotation). `last`/`last_secrets`
 /// are the configuration in use; a route is kept only if it is there and clashes with no route
-/// of `compiled`. Its diagnostics stay (its status says it runs on its last good version).
-/// Returns the ids of the routes kept.
+/// of `compiled`. It governs the namespaces the route governs now (`Compiled::route_authorities`),
+/// not those of the configuration in use. Its diagnostics stay (its status says it runs on its
+/// last good version). Returns the ids of the routes kept.
 pub fn keep_last_good(compiled: &mut Compiled, last: &RelayConfig, last_secrets: &RelaySecrets) -> BTreeSet<String> {
     let failed: BTreeSet<ObjectRef> = compiled
         .diagnostics
@@ -37,14 +38,17 @@ pub fn keep_last_good(compiled: &mut Compiled, last: &RelayConfig, last_secrets:
             .diagnostics_for(&object)
             .filter(|d| d.severity == Severity::Error)
             .all(is_secret_error);
-        let Some(good) = last.routes.iter().find(|r| r.id == id) else {
+        let Some(mut good) = last.routes.iter().find(|r| r.id == id).cloned() else {
             continue;
         };
-        let taken = compiled.config.routes.iter().any(|r| r.id == id || clashes(r, good));
+        if let Some(a) = compiled.route_authorities.get(&object) {
+            good.authority = a.clone();
+        }
+        let taken = compiled.config.routes.iter().any(|r| r.id == id || clashes(r, &good));
         if !only_secrets || taken {
             continue;
         }
-        compiled.config.routes.push(good.clone());
+        compiled.config.routes.push(good);
         if let Some(c) = last_secrets.upstream_credentials.get(&id) {
             compiled.secrets.upstream_credentials.insert(id.clone(), c.clone());
         }
@@ -170,5 +174,25 @@ spec:
         let mut c = compile_yaml(&taken);
         assert!(keep_last_good(&mut c, &good.config, &good.secrets).is_empty());
         assert_eq!(ids(&c), ["mail/local", "mail/other"]);
+    }
+
+    #[test]
+    fn a_kept_route_governs_what_its_namespace_may_govern_now() {
+        // Compiled when `mail` was a platform namespace: it served everyone.
+        let good = compile_yaml(ROUTES);
+        assert_eq!(good.config.routes[1].authority.namespaces, None);
+        // `mail` is a tenant namespace now and the route's Secret is missing for a moment.
+        let tenancy = crate::compile::Tenancy {
+            platform_namespaces: Some(["mailroute".to_string()].into()),
+            ..Default::default()
+        };
+        let mut c = Manifests::from_yaml(&with_secret(""), "default")
+            .unwrap()
+            .compile_for(&tenancy);
+        let kept = keep_last_good(&mut c, &good.config, &good.secrets);
+        assert_eq!(kept.into_iter().collect::<Vec<_>>(), ["mail/gmail"]);
+        let gmail = c.config.routes.iter().find(|r| r.id == "mail/gmail").unwrap();
+        assert!(gmail.authority.tenant);
+        assert_eq!(gmail.authority.namespaces, Some(vec!["mail".to_string()]));
     }
 }

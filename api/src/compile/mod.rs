@@ -15,7 +15,7 @@ use std::fmt;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{CONFIG_VERSION, RelayConfig, RelaySecrets, Target};
+use crate::config::{Authority, CONFIG_VERSION, RelayConfig, RelaySecrets, Target};
 use crate::quota::SenderQuota;
 use crate::route::{AuthMechanism, SmtpRoute};
 
@@ -122,6 +122,9 @@ pub struct Compiled {
     pub diagnostics: Vec<Diagnostic>,
     /// One entry per input object, including those left out.
     pub summaries: BTreeMap<ObjectRef, ObjectSummary>,
+    /// Whose mail each route would govern now, including routes left out (what a route kept
+    /// at its last good version governs: never what it governed under an older tenancy).
+    pub route_authorities: BTreeMap<ObjectRef, Authority>,
 }
 
 impl Compiled {
@@ -165,6 +168,7 @@ pub fn compile(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &SecretSto
 pub fn compile_for(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &SecretStore, tenancy: &Tenancy) -> Compiled {
     let mut diagnostics = Vec::new();
     let mut summaries = BTreeMap::new();
+    let mut route_authorities = BTreeMap::new();
     let mut out_secrets = RelaySecrets::default();
 
     let mut routes: Vec<&SmtpRoute> = routes.iter().collect();
@@ -188,6 +192,7 @@ pub fn compile_for(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &Secre
             r.spec.enforced,
             &mut d,
         );
+        route_authorities.insert(object.clone(), authority.clone());
         let compiled = route::compile_route(&object, &r.spec, authority, secrets, &mut d, &mut route_secrets);
         let summary = ObjectSummary {
             host: compiled.as_ref().map(|c| match &c.target {
@@ -220,6 +225,7 @@ pub fn compile_for(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &Secre
         secrets: out_secrets,
         diagnostics,
         summaries,
+        route_authorities,
     }
 }
 

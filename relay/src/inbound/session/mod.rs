@@ -571,6 +571,76 @@ fn parse_error_reply(e: &ProtoError) -> String {
 mod tests {
     use super::*;
 
+    /// The whole session over TCP with a source that knows the client's address: the queued
+    /// message carries the pod's namespace and ServiceAccount; an authenticated session would
+    /// carry its user's (see `identity::resolve`).
+    #[tokio::test]
+    async fn an_unauthenticated_client_is_attributed_by_the_identity_source() {
+        use crate::inbound::quota::MemoryQuotaStore;
+        use crate::queue::memory::MemoryQueue;
+
+        struct Pods;
+        impl IdentitySource for Pods {
+            fn identify(&self, ip: IpAddr) -> Option<SenderIdentity> {
+                ip.is_loopback().then(|| SenderIdentity {
+                    namespace: "team-b".into(),
+                    service_account: Some("mailer".into()),
+                })
+            }
+        }
+        let queue = Arc::new(MemoryQueue::new());
+        let config = mailroute_api::Manifests::from_yaml(
+            "apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {name: mx, namespace: mailroute}\nspec: {delivery: mx}\n",
+            "mailroute",
+        )
+        .unwrap()
+        .compile();
+        let inbound = Arc::new(
+            Inbound::new(
+                InboundSettings {
+                    unattributed: Unattributed::Refuse,
+                    ..InboundSettings::default()
+                },
+                Arc::new(ConfigHandle::fixed(config.config, config.secrets)),
+                queue.clone(),
+                QuotaEngine::new(Arc::new(MemoryQuotaStore::new())),
+                Arc::new(NoopObserver),
+                None,
+            )
+            .with_identity(Arc::new(Pods)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = {
+            let inbound = inbound.clone();
+            tokio::spawn(async move {
+                let (tcp, peer) = listener.accept().await.unwrap();
+                inbound.handle(tcp, peer, ListenerKind::Smtp).await
+            })
+        };
+        let t = mailroute_testkit::smtp::client::send(
+            addr,
+            None,
+            false,
+            None,
+            "app@b.example",
+            &["x@example.com"],
+            b"Subject: hi\r\n\r\nhi\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(t.delivered(), "{:?}", t.lines());
+        server.await.unwrap().unwrap();
+        let id = t
+            .lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("250 2.0.0 Ok: queued as ").map(str::to_owned))
+            .expect("a queue id");
+        let stored = queue.load(&id).await.unwrap().expect("queued");
+        assert_eq!(stored.meta.namespace.as_deref(), Some("team-b"));
+        assert_eq!(stored.meta.service_account.as_deref(), Some("mailer"));
+    }
+
     #[test]
     fn parse_errors_have_enhanced_codes() {
         assert!(parse_error_reply(&ProtoError::UnknownCommand).starts_with("500 5.5.1"));

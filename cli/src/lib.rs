@@ -1,0 +1,364 @@
+//! `mailroute` (also installed as the kubectl plugin `kubectl-mailroute`): the relays' state,
+//! their delivery events, and the queue and quota actions of the admin API, from a terminal.
+//!
+//! This crate owns the command line (clap), the calls to the admin API ([`client`]) and how
+//! answers are printed ([`output`]: kubectl-like tables, JSON, YAML). It must not reach Redis
+//! or the relays' configuration directly: every answer comes from the admin API, so the CLI
+//! sees exactly what the API allows. It never prints the token.
+//!
+//! Exit codes, for scripts: 0 done; 1 failed (unreachable, refused, server error); 2 bad usage;
+//! 3 not found; 4 the relay is not ready (`status`).
+
+pub mod client;
+pub mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::client::{AdminClient, ClientError};
+use crate::output::Format;
+
+/// What a command's failure means for the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("not ready: {0}")]
+    NotReady(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Client(ClientError::NotFound(_)) => 3,
+            CliError::Client(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::NotReady(_) => 4,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mailroute",
+    version,
+    about = "Relay status, delivery events, queue and quota actions of a mailroute relay fleet"
+)]
+pub struct Cli {
+    /// Base URL of the relays' admin API (the `<release>-mailroute-relay-admin` Service, or a
+    /// `kubectl port-forward` to it).
+    #[arg(
+        long,
+        global = true,
+        env = "MAILROUTE_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub admin_url: String,
+    /// Bearer token of the admin API.
+    #[arg(long, global = true, env = "MAILROUTE_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token (alternative to --token).
+    #[arg(long, global = true, env = "MAILROUTE_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// Limit for each call to the admin API.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Readiness, queue depth, oldest message, configuration and delivery totals of the relay.
+    Status,
+    /// Delivery events (received, delivered, deferred, bounced, expired, cancelled).
+    Events(EventsArgs),
+    /// Queue actions.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// One message's state with its recipients.
+    #[command(subcommand)]
+    Message(MessageCommand),
+    /// Sender quotas.
+    #[command(subcommand)]
+    Quota(QuotaCommand),
+    /// Shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only events for this recipient.
+    #[arg(long)]
+    pub recipient: Option<String>,
+    /// Only events for this envelope sender.
+    #[arg(long)]
+    pub sender: Option<String>,
+    /// Only events of this result (received, delivered, deferred, bounced, expired, cancelled).
+    #[arg(long)]
+    pub result: Option<String>,
+    /// Only events of this queue id.
+    #[arg(long)]
+    pub message_id: Option<String>,
+    /// Events newer than this: a duration (`1h`) or an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many events (all pages otherwise).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Keep printing new events as they come.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Cancels a queued message: its recipients not yet delivered are not delivered.
+    Cancel { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MessageCommand {
+    /// Shows a message's state.
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuotaCommand {
+    /// Lists every sender quota with its usage.
+    Ls,
+}
+
+/// Parses the process arguments and runs; what `main` of both binaries calls.
+pub fn main_with(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match rt.block_on(run(cli, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs one command, printing to `out`.
+pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError> {
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "mailroute", out);
+        return Ok(());
+    }
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| CliError::Usage(format!("reading {}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let client = AdminClient::new(&cli.admin_url, token, cli.timeout)?;
+    let format = cli.output;
+    match cli.command {
+        Command::Status => status(&client, format, out).await,
+        Command::Events(args) => events(&client, &args, format, out).await,
+        Command::Queue(QueueCommand::Cancel { id }) => {
+            let v = client
+                .delete_json(&format!("/api/v1/messages/{}", path_segment(&id)?))
+                .await?;
+            output::print_value(out, format, &v, |v| {
+                let mut s = format!(
+                    "message {} cancelled: {} recipient(s) will not be delivered\n",
+                    str_of(&v["id"]),
+                    v["recipients"]
+                );
+                if let Some(note) = v["note"].as_str() {
+                    s.push_str(note);
+                    s.push('\n');
+                }
+                s
+            })
+        }
+        Command::Message(MessageCommand::Show { id }) => {
+            let v = client
+                .get_json(&format!("/api/v1/messages/{}", path_segment(&id)?), &[])
+                .await?;
+            output::print_value(out, format, &v, output::message_table)
+        }
+        Command::Quota(QuotaCommand::Ls) => {
+            let v = client.get_json("/api/v1/quotas", &[]).await?;
+            output::print_value(out, format, &v, output::quota_table)
+        }
+        Command::Completion { .. } => Ok(()),
+    }
+}
+
+/// Queue ids are what the relay made them; anything else is a typo, not a path to send.
+fn path_segment(id: &str) -> Result<&str, CliError> {
+    let ok =
+        !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(id)
+    } else {
+        Err(CliError::Usage(format!("{id:?} is not a message id")))
+    }
+}
+
+/// The one place the CLI reads the wall clock.
+#[allow(clippy::disallowed_methods)]
+fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+async fn status(client: &AdminClient, format: Format, out: &mut dyn std::io::Write) -> Result<(), CliError> {
+    let ready = client.readiness().await?;
+    let metrics = client.get_text("/metrics").await?;
+    let summary = output::status_summary(&metrics, &ready);
+    output::print_value(out, format, &summary, output::status_table)?;
+    match ready {
+        Ok(()) => Ok(()),
+        Err(reason) => Err(CliError::NotReady(reason)),
+    }
+}
+
+/// `--since` as the API's `from`: a duration back from now, or a time as given.
+fn since_param(since: &str, now: chrono::DateTime<chrono::Utc>) -> Result<String, CliError> {
+    if let Ok(d) = humantime::parse_duration(since) {
+        let d = chrono::Duration::from_std(d).map_err(|_| CliError::Usage(format!("--since {since}: too long")))?;
+        return Ok((now - d).to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    }
+    chrono::DateTime::parse_from_rfc3339(since)
+        .map(|t| t.to_rfc3339())
+        .map_err(|_| {
+            CliError::Usage(format!(
+                "--since {since:?}: neither a duration (1h) nor an RFC 3339 time"
+            ))
+        })
+}
+
+async fn events(
+    client: &AdminClient,
+    args: &EventsArgs,
+    format: Format,
+    out: &mut dyn std::io::Write,
+) -> Result<(), CliError> {
+    let mut query: Vec<(String, String)> = Vec::new();
+    for (k, v) in [
+        ("recipient", &args.recipient),
+        ("sender", &args.sender),
+        ("result", &args.result),
+        ("message_id", &args.message_id),
+    ] {
+        if let Some(v) = v {
+            query.push((k.to_string(), v.clone()));
+        }
+    }
+    if let Some(since) = &args.since {
+        query.push(("from".into(), since_param(since, now())?));
+    }
+    let mut shown = 0usize;
+    let mut seen = std::collections::HashSet::new();
+    let mut header = true;
+    loop {
+        let mut cursor: Option<String> = None;
+        let mut page_events = Vec::new();
+        loop {
+            let mut q = query.clone();
+            if let Some(c) = &cursor {
+                q.push(("cursor".into(), c.clone()));
+            }
+            let v = client.get_json("/api/v1/events", &q).await?;
+            if let Some(list) = v["events"].as_array() {
+                page_events.extend(list.iter().cloned());
+            }
+            cursor = v["next_cursor"].as_str().map(str::to_string);
+            let enough = args.limit.is_some_and(|l| shown + page_events.len() >= l);
+            if cursor.is_none() || enough {
+                break;
+            }
+        }
+        // Following re-reads from the start of the window; print each event once.
+        let fresh: Vec<Value> = page_events
+            .into_iter()
+            .filter(|e| seen.insert(e.to_string()))
+            .take(args.limit.map_or(usize::MAX, |l| l.saturating_sub(shown)))
+            .collect();
+        shown += fresh.len();
+        output::print_events(out, format, &fresh, header)?;
+        header = false;
+        let done = args.limit.is_some_and(|l| shown >= l);
+        if !args.follow || done {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_duration_or_a_time() {
+        let now: chrono::DateTime<chrono::Utc> = "2026-12-05T10:00:00Z".parse().unwrap();
+        assert_eq!(since_param("1h", now).unwrap(), "2026-12-05T09:00:00.000Z");
+        assert_eq!(
+            since_param("2026-12-01T00:00:00+09:00", now).unwrap(),
+            "2026-12-01T00:00:00+09:00"
+        );
+        assert!(matches!(since_param("yesterday", now), Err(CliError::Usage(_))));
+    }
+
+    #[test]
+    fn ids_that_are_not_queue_ids_never_reach_a_url() {
+        assert_eq!(path_segment("0193a7c2-abc_9").unwrap(), "0193a7c2-abc_9");
+        for bad in ["", "../quotas", "a b", "x%2Fy", &"a".repeat(129)] {
+            assert!(matches!(path_segment(bad), Err(CliError::Usage(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exit_codes_are_stable() {
+        assert_eq!(CliError::Client(ClientError::NotFound("x".into())).exit_code(), 3);
+        assert_eq!(CliError::NotReady("redis".into()).exit_code(), 4);
+        assert_eq!(CliError::Usage("x".into()).exit_code(), 2);
+        assert_eq!(
+            CliError::Client(ClientError::Refused {
+                status: 401,
+                message: "no".into()
+            })
+            .exit_code(),
+            1
+        );
+    }
+}
