@@ -6,7 +6,8 @@
 //! per namespace by SubjectAccessReview ([`access`] decides what each request needs,
 //! [`kubernetes`] asks the API server). A tenant's answers never show another namespace's mail:
 //! events and quotas are filtered to the namespace it named, and a message of a namespace it
-//! may not read answers 404 like one that does not exist.
+//! may not read answers 404 like one that does not exist (same body; only its timing can differ,
+//! since the message is looked up before its namespace is reviewed).
 //!
 //! This module owns routing, authentication, parameter validation and
 //! response shapes. It must not reach into the queue or the quota store
