@@ -205,6 +205,9 @@ fn start_relay(cp: &ControlPlane, redis_url: &str, token_file: &Path, ca_file: &
         format!("--kubernetes-api-server={}", cp.server),
         format!("--kubernetes-token-file={}", token_file.display()),
         format!("--kubernetes-ca-file={}", ca_file.display()),
+        // Long enough that the cache checks below cannot race an expiry on a busy machine.
+        "--admin-kubernetes-cache-ttl=10m".to_string(),
+        "--admin-kubernetes-deny-ttl=10m".to_string(),
     ]);
     (Process::start("relay", cmd, cp.dir.join(log)).unwrap(), admin)
 }
@@ -371,6 +374,31 @@ async fn tenants_read_and_cancel_only_their_namespaces_mail() {
         anyhow::ensure!(status == 200 && body.contains(b), "{status} {body}");
         let (status, _) = api.get("/quotas", ADMIN_TOKEN).await;
         anyhow::ensure!(status == 200);
+
+        // Answers are cached: with the relay's own credentials broken, what it already asked
+        // is answered from memory (both ways); a new question is 503 with Retry-After; the
+        // token file is read again at each call (the kubelet rotates it).
+        let relay_token = std::fs::read_to_string(&token_file)?;
+        std::fs::write(&token_file, "not-the-relays-token")?;
+        let (status, body) = api.get(&format!("/events?namespace={a}"), &viewer_a).await;
+        anyhow::ensure!(status == 200, "cached allow: {status} {body}");
+        let (status, _) = api.get(&format!("/events?namespace={b}"), &viewer_a).await;
+        anyhow::ensure!(status == 403, "cached deny: {status}");
+        let (status, _) = api.get(&format!("/events?namespace={a}"), "not-a-real-token").await;
+        anyhow::ensure!(status == 401, "cached unknown token: {status}");
+        let resp = api
+            .http
+            .get(format!("{}/quotas?namespace={b}", api.base))
+            .bearer_auth(&viewer_b)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status() == 503 && resp.headers().contains_key("retry-after"),
+            "an unanswered review: {resp:?}"
+        );
+        std::fs::write(&token_file, relay_token)?;
+        let (status, body) = api.get(&format!("/quotas?namespace={b}"), &viewer_b).await;
+        anyhow::ensure!(status == 200, "after the token file came back: {status} {body}");
 
         // No token reached the relay's log.
         let log = relay.log_text();
