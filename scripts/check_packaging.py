@@ -575,6 +575,66 @@ def check_open_relay() -> None:
         ok("open relay by configuration refused (LoadBalancer/NodePort without Local or PROXY protocol); PROXY protocol passed; port 25 rule apart")
 
 
+def check_tenant_admin_access(default: list[dict]) -> None:
+    """Tenants' admin API access (relay.adminApi.kubernetesAuth): off by default with no token
+    mounted; on, the relays get the flag, their token, system:auth-delegator, and ClusterRoles
+    aggregated into view (get/list) and edit (delete messages)."""
+    before = len(failures)
+
+    def relay(objs: list[dict]) -> dict:
+        dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-relay"))
+        return pod_spec(dep)
+
+    def relay_cluster_rbac(objs: list[dict]) -> list[dict]:
+        return [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")
+                and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "relay"]
+
+    spec = relay(default)
+    if spec.get("automountServiceAccountToken") is not False:
+        fail("by default the relays mount a ServiceAccount token (they call no API)")
+    if any(a.startswith("--admin-kubernetes") for a in spec["containers"][0]["args"]):
+        fail("by default the relays accept Kubernetes tokens")
+    if relay_cluster_rbac(default):
+        fail(f"by default the relays get cluster RBAC: {[kn(o) for o in relay_cluster_rbac(default)]}")
+    sa_objs = [o for o in default if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == spec["serviceAccountName"]]
+    if not sa_objs or sa_objs[0].get("automountServiceAccountToken") is not False:
+        fail("the relays' ServiceAccount does not default to automountServiceAccountToken: false")
+
+    on, _ = render({"relay": {"adminApi": {"kubernetesAuth": {"enabled": True, "cacheTtl": "30s"}}}})
+    spec = relay(on)
+    if spec.get("automountServiceAccountToken") is not True:
+        fail("with kubernetesAuth the relays do not mount their token (TokenReview needs it)")
+    args = spec["containers"][0]["args"]
+    for want in ("--admin-kubernetes-auth", "--admin-kubernetes-cache-ttl=30s", "--admin-kubernetes-deny-ttl=10s"):
+        if want not in args:
+            fail(f"with kubernetesAuth the relays lack {want}: {args}")
+    rbac = relay_cluster_rbac(on)
+    bindings = [o for o in rbac if o["kind"] == "ClusterRoleBinding"]
+    if [(b["roleRef"]["name"], b["subjects"]) for b in bindings] != [
+            ("system:auth-delegator", [{"kind": "ServiceAccount", "name": spec["serviceAccountName"], "namespace": NAMESPACE}])]:
+        fail(f"with kubernetesAuth the relays' ServiceAccount is not bound to system:auth-delegator alone: {bindings}")
+    roles = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in rbac if o["kind"] == "ClusterRole"}
+    want_rules = {
+        "view": ("aggregate-to-view", {("mailroute.io", r, "*", v) for r in ("deliveryevents", "messages", "quotausages") for v in ("get", "list")}),
+        "edit": ("aggregate-to-edit", {("mailroute.io", "messages", "*", "delete")}),
+    }
+    if set(roles) != set(want_rules):
+        fail(f"with kubernetesAuth the tenant ClusterRoles are {sorted(roles)}, want view and edit")
+    for suffix, (label, rules) in want_rules.items():
+        role = roles.get(suffix)
+        if role is None:
+            continue
+        if role["metadata"]["labels"].get(f"rbac.authorization.k8s.io/{label}") != "true":
+            fail(f"{kn(role)} lacks the label rbac.authorization.k8s.io/{label}: \"true\"")
+        if rbac_rules([role])["ClusterRole"] != rules:
+            fail(f"{kn(role)} grants {sorted(rbac_rules([role])['ClusterRole'])}, want {sorted(rules)}")
+    no_aggregation, _ = render({"relay": {"adminApi": {"kubernetesAuth": {"enabled": True, "aggregateToDefaultRoles": False}}}})
+    if any(o["kind"] == "ClusterRole" for o in relay_cluster_rbac(no_aggregation)):
+        fail("aggregateToDefaultRoles: false still renders the tenant ClusterRoles")
+    if len(failures) == before:
+        ok("tenant admin API: no token mounted by default; with kubernetesAuth the flag, the token, system:auth-delegator, ClusterRoles aggregated into view and edit")
+
+
 def check_cli(objs: list[dict], label: str, binaries: dict[str, str]) -> None:
     problems, checked = cli_problems(objs, binaries)
     for p in problems:
@@ -1421,6 +1481,7 @@ def main() -> int:
 
     check_production(rendered.get("default", []), binaries)
     check_open_relay()
+    check_tenant_admin_access(rendered.get("default", []))
 
     print("== images, release workflow, helm test, GitOps")
     check_images(CHART, registry)

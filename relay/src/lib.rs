@@ -6,7 +6,7 @@
 //! - [`outbound`]: the delivery worker, route choice, retries, pacing and shaping, the SMTP
 //!   client side (pools, DKIM), bounce classification and DSNs;
 //! - [`observe`]: the delivery log, Prometheus metrics and the bridge that feeds both;
-//! - [`admin`]: the admin HTTP API and the relay's backend for it;
+//! - [`admin`]: the admin HTTP API, the relay's backend for it, and its Kubernetes token checks;
 //! - [`server`] assembles them; [`config`], [`clock`], `redis_client` and `expiring` are
 //!   shared by all of them.
 

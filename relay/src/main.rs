@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use mailroute_relay::admin::kubernetes::KubernetesAuthConfig;
 use mailroute_relay::config::Source;
 use mailroute_relay::inbound::auth_guard::AuthLimits;
 use mailroute_relay::inbound::session::InboundSettings;
@@ -80,6 +81,26 @@ struct RunArgs {
     /// Bearer token for /api/v1 (disabled with 503 when unset).
     #[arg(long, env = "MAILROUTE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Also accept Kubernetes bearer tokens on /api/v1: TokenReview authenticates them and
+    /// SubjectAccessReview on `mailroute.io` deliveryevents/messages/quotausages authorizes each
+    /// namespace. The API server is the pod's own (in-cluster) unless the flags below say.
+    #[arg(long, env = "MAILROUTE_ADMIN_KUBERNETES_AUTH")]
+    admin_kubernetes_auth: bool,
+    /// `https://host:port` of the API server (default: in-cluster, from KUBERNETES_SERVICE_HOST).
+    #[arg(long, env = "MAILROUTE_KUBERNETES_API_SERVER", requires = "admin_kubernetes_auth")]
+    kubernetes_api_server: Option<String>,
+    /// The relay's own token for TokenReview/SubjectAccessReview (default: the ServiceAccount's).
+    #[arg(long, env = "MAILROUTE_KUBERNETES_TOKEN_FILE", requires = "admin_kubernetes_auth")]
+    kubernetes_token_file: Option<PathBuf>,
+    /// CA of the API server's certificate (default: the ServiceAccount's ca.crt).
+    #[arg(long, env = "MAILROUTE_KUBERNETES_CA_FILE", requires = "admin_kubernetes_auth")]
+    kubernetes_ca_file: Option<PathBuf>,
+    /// How long an authenticated token and an allowed permission are cached.
+    #[arg(long, env = "MAILROUTE_ADMIN_KUBERNETES_CACHE_TTL", default_value = "20s")]
+    admin_kubernetes_cache_ttl: humantime::Duration,
+    /// How long a refused token and a denied permission are cached.
+    #[arg(long, env = "MAILROUTE_ADMIN_KUBERNETES_DENY_TTL", default_value = "10s")]
+    admin_kubernetes_deny_ttl: humantime::Duration,
     /// Name in the greeting, EHLO and Received headers.
     #[arg(long, env = "MAILROUTE_HOSTNAME")]
     hostname: Option<String>,
@@ -203,6 +224,13 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.tls_key = a.tls_key;
     o.admin_listen = addr(&a.admin_listen, "admin listen")?;
     o.admin_token = a.admin_token.filter(|t| !t.is_empty());
+    if a.admin_kubernetes_auth {
+        let mut k =
+            KubernetesAuthConfig::in_cluster(a.kubernetes_api_server, a.kubernetes_token_file, a.kubernetes_ca_file)?;
+        k.allow_ttl = a.admin_kubernetes_cache_ttl.into();
+        k.deny_ttl = a.admin_kubernetes_deny_ttl.into();
+        o.admin_kubernetes = Some(k);
+    }
     o.inbound = InboundSettings {
         hostname,
         max_message_size: a.max_message_size,
@@ -326,6 +354,29 @@ mod tests {
         assert_eq!(o.inbound.auth_limits.concurrency, 3);
         assert_eq!(o.inbound.auth_limits.max_failures_per_address, 7);
         assert_eq!(o.inbound.auth_limits.failure_window, Duration::from_secs(3600));
+        assert_eq!(o.admin_kubernetes, None, "off unless asked for");
+
+        let k = parse(&[
+            "--admin-kubernetes-auth",
+            "--kubernetes-api-server",
+            "https://127.0.0.1:6443",
+            "--kubernetes-token-file",
+            "/t/token",
+            "--kubernetes-ca-file",
+            "/t/ca.crt",
+            "--admin-kubernetes-cache-ttl",
+            "30s",
+        ])
+        .unwrap()
+        .admin_kubernetes
+        .unwrap();
+        assert_eq!(k.api_server, "https://127.0.0.1:6443");
+        assert_eq!(k.token_file, PathBuf::from("/t/token"));
+        assert_eq!(k.ca_file, PathBuf::from("/t/ca.crt"));
+        assert_eq!(
+            (k.allow_ttl, k.deny_ttl),
+            (Duration::from_secs(30), Duration::from_secs(10))
+        );
 
         let d = parse(&[]).unwrap();
         assert!(matches!(d.source, Source::Embedded));
@@ -374,5 +425,7 @@ mod tests {
         assert!(e.to_string().contains("invalid smtp listen address"), "{e}");
         assert!(parse(&["--outbound-idle-timeout", "soon"]).is_err());
         assert!(parse(&["--auth-concurrency", "0"]).is_err());
+        let e = parse(&["--kubernetes-api-server", "https://x:1"]).unwrap_err();
+        assert!(e.to_string().contains("--admin-kubernetes-auth"), "{e}");
     }
 }

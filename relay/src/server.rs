@@ -52,6 +52,8 @@ pub struct RelayOptions {
     pub tls_key: Option<PathBuf>,
     pub admin_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
+    /// Also accept Kubernetes tokens on `/api/v1`, checked against this API server.
+    pub admin_kubernetes: Option<crate::admin::kubernetes::KubernetesAuthConfig>,
     pub inbound: InboundSettings,
     pub workers: usize,
     pub visibility_timeout: Duration,
@@ -99,6 +101,7 @@ impl RelayOptions {
             tls_key: None,
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             admin_token: None,
+            admin_kubernetes: None,
             inbound: InboundSettings::default(),
             workers: 64,
             visibility_timeout: Duration::from_secs(300),
@@ -454,12 +457,17 @@ impl Relay {
                 let _ = ticker_rx.changed().await;
             },
         )));
+        let kubernetes = match opts.admin_kubernetes.clone() {
+            Some(cfg) => Some(Arc::new(crate::admin::kubernetes::KubernetesAuth::new(cfg)?)),
+            None => None,
+        };
         let admin_state = AdminState {
             liveness: liveness.clone(),
             backend,
             dlog: dlog.clone(),
             metrics: metrics.clone(),
             token: opts.admin_token.clone(),
+            kubernetes,
         };
         let mut admin_addr = None;
         if let Some(addr) = opts.admin_listen {

@@ -121,6 +121,7 @@ impl Harness {
             metrics: metrics.clone(),
             liveness: Liveness::default(),
             token: token.map(str::to_string),
+            kubernetes: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();

@@ -1,14 +1,22 @@
 //! The admin HTTP API (axum): `/healthz` (503 when a loop of the relay stopped turning),
 //! `/readyz` and `/metrics` without
 //! authentication, and `/api/v1/*` (delivery log events as JSON or CSV,
-//! message state and cancellation, quota usage) behind a bearer token.
+//! message state and cancellation, quota usage) behind a bearer token: the admin token (every
+//! namespace), or, when enabled, a Kubernetes token authenticated by TokenReview and authorized
+//! per namespace by SubjectAccessReview ([`access`] decides what each request needs,
+//! [`kubernetes`] asks the API server). A tenant's answers never show another namespace's mail:
+//! events and quotas are filtered to the namespace it named, and a message of a namespace it
+//! may not read answers 404 like one that does not exist (same body; only its timing can differ,
+//! since the message is looked up before its namespace is reviewed).
 //!
 //! This module owns routing, authentication, parameter validation and
 //! response shapes. It must not reach into the queue or the quota store
 //! directly: those answers come from an [`AdminBackend`] the relay provides
 //! (`backend::RelayBackend`). It never logs or echoes the token.
 
+pub mod access;
 pub(crate) mod backend;
+pub mod kubernetes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,7 +27,7 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +39,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use self::access::Permission;
+use self::kubernetes::{Caller, KubeAuthError, KubernetesAuth};
 use crate::observe::dlog::{Cursor, DEFAULT_LIMIT, DeliveryLog, EventFilter, EventPage, MAX_LIMIT, write_csv};
 use crate::observe::liveness::Liveness;
 use crate::observe::metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics};
@@ -86,8 +96,29 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Heartbeats of the relay's loops; `/healthz` answers 503 naming any that stopped.
     pub liveness: Liveness,
-    /// Bearer token for `/api/v1`; `None` (or empty) disables the API with 503.
+    /// Bearer token for `/api/v1` (every namespace); `None` (or empty) and no `kubernetes`
+    /// disables the API with 503.
     pub token: Option<String>,
+    /// Accepts Kubernetes tokens too, each limited to the namespaces RBAC grants it.
+    pub kubernetes: Option<Arc<KubernetesAuth>>,
+}
+
+/// Who made an `/api/v1` request (a request extension set by the authentication layer).
+#[derive(Clone, Debug)]
+pub enum Principal {
+    /// The admin token: every namespace.
+    Admin,
+    /// A Kubernetes token: what SubjectAccessReview allows.
+    Kubernetes(Caller),
+}
+
+/// What a [`Principal`] may see of one request's answer.
+#[derive(Debug)]
+enum Scope {
+    /// Everything.
+    All,
+    /// One namespace, the permission checked.
+    Namespace(String),
 }
 
 /// Longest accepted message id.
@@ -234,19 +265,30 @@ async fn metrics(State(st): State<AdminState>) -> Response {
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], st.metrics.encode()).into_response()
 }
 
-async fn require_token(State(st): State<AdminState>, req: Request, next: Next) -> Response {
-    let Some(token) = st.token.as_deref().filter(|t| !t.is_empty()) else {
+async fn require_token(State(st): State<AdminState>, mut req: Request, next: Next) -> Response {
+    let token = st.token.as_deref().filter(|t| !t.is_empty());
+    if token.is_none() && st.kubernetes.is_none() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "admin API disabled: no admin token configured",
         );
-    };
+    }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer);
-    if presented.is_some_and(|p| token_matches(p, token)) {
+        .and_then(bearer)
+        .map(str::to_string);
+    let principal = match (presented, token, &st.kubernetes) {
+        (Some(p), Some(t), _) if token_matches(&p, t) => Some(Principal::Admin),
+        (Some(p), _, Some(kube)) => match kube.authenticate(&p).await {
+            Ok(caller) => caller.map(Principal::Kubernetes),
+            Err(e) => return kubernetes_unavailable(e),
+        },
+        _ => None,
+    };
+    if let Some(principal) = principal {
+        req.extensions_mut().insert(principal);
         return next.run(req).await;
     }
     let mut resp = error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
@@ -255,6 +297,77 @@ async fn require_token(State(st): State<AdminState>, req: Request, next: Next) -
         HeaderValue::from_static("Bearer realm=\"mailroute\""),
     );
     resp
+}
+
+/// 503 when the API server could not answer a review: the caller may retry; nothing is cached.
+fn kubernetes_unavailable(e: KubeAuthError) -> Response {
+    tracing::warn!(error = %e, "admin API: Kubernetes review failed");
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the Kubernetes API server could not check the token; try again later",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    resp
+}
+
+/// Whether `principal` holds `permission` (the admin token holds all): `Ok(())`, or the
+/// response to send (403 naming the permission, 503 when the API server did not answer).
+async fn check(st: &AdminState, principal: &Principal, permission: &Permission) -> Result<(), Response> {
+    let Principal::Kubernetes(caller) = principal else {
+        return Ok(());
+    };
+    let Some(kube) = &st.kubernetes else {
+        return Err(error(StatusCode::FORBIDDEN, "Kubernetes tokens are not accepted"));
+    };
+    match kube.authorize(caller, permission).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(error(
+            StatusCode::FORBIDDEN,
+            format!("{} may not {permission}", caller.user.username),
+        )),
+        Err(e) => Err(kubernetes_unavailable(e)),
+    }
+}
+
+/// The scope of a namespaced list (events, quotas): the admin token's `namespace` filter is
+/// optional; a Kubernetes token must name one namespace and hold `needs(namespace)` there.
+async fn list_scope(
+    st: &AdminState,
+    principal: &Principal,
+    namespace: Option<&str>,
+    needs: fn(Option<&str>) -> Result<Permission, access::ScopeError>,
+) -> Result<Scope, Response> {
+    match principal {
+        Principal::Admin => Ok(Scope::All),
+        Principal::Kubernetes(_) => {
+            let permission = needs(namespace).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+            check(st, principal, &permission).await?;
+            Ok(Scope::Namespace(permission.namespace))
+        }
+    }
+}
+
+/// The message `id` if `principal` may read it: one of a namespace it may not read (or of no
+/// namespace, for a Kubernetes token) answers 404 exactly as a message that does not exist.
+async fn visible_message(st: &AdminState, principal: &Principal, id: &str) -> Result<serde_json::Value, Response> {
+    let not_found = || error(StatusCode::NOT_FOUND, "message not found");
+    let view = match st.backend.message(id).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return Err(not_found()),
+        Err(e) => return Err(internal("reading the message", e)),
+    };
+    if let Principal::Kubernetes(_) = principal {
+        let Some(permission) = access::read_message(view["meta"]["namespace"].as_str()) else {
+            return Err(not_found());
+        };
+        match check(st, principal, &permission).await {
+            Ok(()) => {}
+            Err(resp) if resp.status() == StatusCode::FORBIDDEN => return Err(not_found()),
+            Err(resp) => return Err(resp),
+        }
+    }
+    Ok(view)
 }
 
 /// The credentials of an `Authorization: Bearer <token>` header value.
@@ -358,10 +471,27 @@ fn query_pairs(
     parse_events_query(&pairs, max_limit)
 }
 
-async fn events(State(st): State<AdminState>, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Response {
+/// The events query of `principal`: a Kubernetes token's is held to the namespace it named.
+async fn scoped_events(st: &AdminState, principal: &Principal, mut q: EventsQuery) -> Result<EventsQuery, Response> {
+    match list_scope(st, principal, q.filter.namespace.as_deref(), access::events).await? {
+        Scope::All => {}
+        Scope::Namespace(ns) => q.filter.namespace = Some(ns),
+    }
+    Ok(q)
+}
+
+async fn events(
+    State(st): State<AdminState>,
+    Extension(principal): Extension<Principal>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
     let q = match query_pairs(q, Some(MAX_LIMIT)) {
         Ok(q) => q,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
+    let q = match scoped_events(&st, &principal, q).await {
+        Ok(q) => q,
+        Err(resp) => return resp,
     };
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     match st.dlog.query(&q.filter, q.cursor, limit).await {
@@ -389,10 +519,18 @@ impl CsvStream {
     }
 }
 
-async fn events_csv(State(st): State<AdminState>, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Response {
+async fn events_csv(
+    State(st): State<AdminState>,
+    Extension(principal): Extension<Principal>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
     let q = match query_pairs(q, None) {
         Ok(q) => q,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
+    let q = match scoped_events(&st, &principal, q).await {
+        Ok(q) => q,
+        Err(resp) => return resp,
     };
     let mut state = CsvStream {
         dlog: st.dlog.clone(),
@@ -435,20 +573,38 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~:-".contains(&b))
 }
 
-async fn message(State(st): State<AdminState>, Path(id): Path<String>) -> Response {
+async fn message(
+    State(st): State<AdminState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
     if !valid_id(&id) {
         return error(StatusCode::BAD_REQUEST, "invalid message id");
     }
-    match st.backend.message(&id).await {
-        Ok(Some(v)) => axum::Json(v).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, "message not found"),
-        Err(e) => internal("reading the message", e),
+    match visible_message(&st, &principal, &id).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(resp) => resp,
     }
 }
 
-async fn cancel(State(st): State<AdminState>, Path(id): Path<String>) -> Response {
+async fn cancel(
+    State(st): State<AdminState>,
+    Extension(principal): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
     if !valid_id(&id) {
         return error(StatusCode::BAD_REQUEST, "invalid message id");
+    }
+    if let Principal::Kubernetes(_) = principal {
+        // Only a message it may read can be refused with 403 (it knows that one exists).
+        let view = match visible_message(&st, &principal, &id).await {
+            Ok(v) => v,
+            Err(resp) => return resp,
+        };
+        let namespace = view["meta"]["namespace"].as_str().unwrap_or_default();
+        if let Err(resp) = check(&st, &principal, &access::cancel_message(namespace)).await {
+            return resp;
+        }
     }
     match st.backend.cancel(&id).await {
         Ok(CancelResult::Cancelled { recipients, in_flight }) => {
@@ -471,11 +627,45 @@ async fn cancel(State(st): State<AdminState>, Path(id): Path<String>) -> Respons
     }
 }
 
-async fn quotas(State(st): State<AdminState>) -> Response {
+/// `GET /api/v1/quotas[?namespace=N]`: the entries of namespace N (see
+/// [`access::quota_in`]); a Kubernetes token must name N.
+async fn quotas(
+    State(st): State<AdminState>,
+    Extension(principal): Extension<Principal>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let namespace = match quotas_namespace(q) {
+        Ok(n) => n,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
+    let namespace = match list_scope(&st, &principal, namespace.as_deref(), access::quotas).await {
+        Ok(Scope::All) => namespace,
+        Ok(Scope::Namespace(ns)) => Some(ns),
+        Err(resp) => return resp,
+    };
     match st.backend.quotas().await {
-        Ok(list) => axum::Json(json!({ "quotas": list })).into_response(),
+        Ok(mut list) => {
+            if let Some(ns) = namespace {
+                list.retain(|q| access::quota_in(&q.id, q.namespace.as_deref(), &ns));
+            }
+            axum::Json(json!({ "quotas": list })).into_response()
+        }
         Err(e) => internal("reading quota usage", e),
     }
+}
+
+/// The only parameter of `/api/v1/quotas`: `namespace` (empty counts as absent).
+fn quotas_namespace(q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Option<String>, String> {
+    let Query(pairs) = q.map_err(|e| e.body_text())?;
+    let mut namespace = None;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "namespace" if namespace.is_some() => return Err("parameter \"namespace\" given more than once".into()),
+            "namespace" => namespace = Some(v.trim().to_string()),
+            other => return Err(format!("unknown parameter {other:?}")),
+        }
+    }
+    Ok(namespace.filter(|n| !n.is_empty()))
 }
 
 #[cfg(test)]
