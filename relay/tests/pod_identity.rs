@@ -13,7 +13,7 @@ use crate::common::*;
 use mailroute_api::podmap::{Entry, Keys};
 use mailroute_api::{Manifests, Tenancy};
 use mailroute_relay::config::Source;
-use mailroute_relay::inbound::identity::{UNKNOWN_NAMESPACE, Unattributed};
+use mailroute_relay::inbound::identity::{Unattributed, unknown_namespace};
 use mailroute_relay::observe::dlog::DeliveryEvent;
 use mailroute_testkit::{RedisServer, Script, SmtpServer};
 
@@ -147,7 +147,11 @@ async fn a_pod_ip_sends_as_its_namespace_until_the_map_goes_stale_and_as_its_new
         .unwrap();
     assert!(eventually(|| async { sample(&r, "mailroute_pod_identity_map_current") == Some(0.0) }).await);
     let t = submit(r.smtp(), "app@app.example", &["x@example.com"], &message("stale", "")).await;
-    assert!(t.lines().iter().any(|l| l == UNKNOWN_NAMESPACE), "{:?}", t.lines());
+    assert!(
+        t.lines().iter().any(|l| *l == unknown_namespace().to_string()),
+        "{:?}",
+        t.lines()
+    );
     assert!(!t.delivered());
 
     // The address now belongs to a team-b pod (the old pod's delete and the new one in one
