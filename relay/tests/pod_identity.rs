@@ -3,7 +3,8 @@
 //! and real SMTP upstreams: a client whose address the map gives to `team-a` sends as
 //! `team-a` (delivery log with its ServiceAccount, routed by `team-a`'s own route); once the
 //! operator's heartbeat has run out the same client is unattributed (refused under
-//! `--unattributed=refuse`); the address given to `team-b` in one published change sends as
+//! `--unattributed=refuse`), and its mail counts against team-a's namespace quota; the address
+//! given to `team-b` in one published change sends as
 //! `team-b`, never again as `team-a`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,12 +28,18 @@ fn write_config(dir: &Path, up_a: u16, up_p: u16) -> Source {
             "apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  host: 127.0.0.1\n  port: {port}\n  tls: {{mode: none}}\n  priority: {priority}\n  match: {{recipientDomains: {domains}}}\n---\n"
         )
     };
-    let yaml = route("team-a", "own", up_a, 10, "[example.com]") + &route("mailroute", "platform", up_p, 50, "['*']");
+    // The platform caps team-a (plan `basic`) at one message a day, whoever sends in it.
+    let plan = "apiVersion: mailroute.io/v1alpha1\nkind: SenderQuota\nmetadata: {name: plan-basic, namespace: mailroute}\nspec:\n  scope: Namespace\n  allowedNamespaces: {from: Selector, selector: {matchLabels: {plan: basic}}}\n  limits: {perDay: 1}\n  onExceeded: reject\n---\n";
+    let yaml =
+        route("team-a", "own", up_a, 10, "[example.com]") + &route("mailroute", "platform", up_p, 50, "['*']") + plan;
     let tenancy = Tenancy {
         platform_namespaces: Some(BTreeSet::from(["mailroute".to_string()])),
         namespace_labels: BTreeMap::from([
             ("mailroute".into(), BTreeMap::new()),
-            ("team-a".into(), BTreeMap::new()),
+            (
+                "team-a".into(),
+                BTreeMap::from([("plan".to_string(), "basic".to_string())]),
+            ),
             ("team-b".into(), BTreeMap::new()),
         ]),
     };
@@ -134,6 +141,16 @@ async fn a_pod_ip_sends_as_its_namespace_until_the_map_goes_stale_and_as_its_new
         received.len() == 1 && received[0].service_account.as_deref() == Some("mailer"),
         "{received:?}"
     );
+    // Counted against team-a's plan: the pod's second message of the day is refused.
+    let t = submit(r.smtp(), "app@app.example", &["x@example.com"], &message("over", "")).await;
+    assert!(!t.delivered(), "{:?}", t.lines());
+    assert!(
+        t.lines()
+            .iter()
+            .any(|l| l.starts_with("550 5.7.1") && l.contains("limit of 1 messages per day")),
+        "{:?}",
+        t.lines()
+    );
 
     // The operator stops vouching (gone, or its Pod watch broke): the heartbeat runs out and
     // the same client is unattributed, refused under --unattributed=refuse.
@@ -168,7 +185,7 @@ async fn a_pod_ip_sends_as_its_namespace_until_the_map_goes_stale_and_as_its_new
     // Lookups are counted without any address in a label.
     let text = r.relay.metrics().encode();
     assert!(
-        text.contains("mailroute_pod_identity_lookups_total{result=\"attributed\"} 2"),
+        text.contains("mailroute_pod_identity_lookups_total{result=\"attributed\"} 3"),
         "{text}"
     );
     assert!(
