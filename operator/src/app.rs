@@ -292,6 +292,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             fleet: args.fleet.clone(),
             claim_unlabelled: args.claim_unlabelled,
         },
+        rival_window: args.resync_interval * 2,
         instance: identity,
         platform_namespaces: platform_namespaces(&args, &namespace),
     };

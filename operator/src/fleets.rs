@@ -7,10 +7,17 @@
 //! `mailroute-operator.<operator namespace>.<fleet>`, so an object's managedFields name every
 //! operator that governs it. An entry stays while its operator owns a field of the status; an
 //! operator that stops governing an object releases its fields (see [`Verdict::Ignore`]).
-//! No time bound on the entries: a no-op apply does not refresh an entry's time, so a bound would
-//! make a standing conflict vanish and return at each resync.
+//!
+//! A rival is another operator's entry written within `window` (about two resyncs: a live
+//! operator governing the object has written by then), or one the object's standing
+//! `FleetConflict` condition already names. The second rule keeps a conflict standing although
+//! nobody writes (a no-op apply does not refresh an entry's time); the first lets the entries of
+//! an uninstalled release expire on objects that are not in conflict.
+
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use mailroute_api::status::{Condition, ConditionStatus, condition_type};
 
 /// Label naming the fleet an object belongs to (the same label marks the fleet's outputs).
@@ -58,26 +65,32 @@ impl Identity {
         }
     }
 
-    /// The verdict for one object from its labels and managedFields.
-    pub fn judge(&self, meta: &ObjectMeta) -> Verdict {
+    /// The verdict for one object from its labels and managedFields; `standing` is the message
+    /// of its `Accepted=False FleetConflict` condition, if it has one.
+    pub fn judge(&self, meta: &ObjectMeta, standing: Option<&str>, now: Timestamp, window: Duration) -> Verdict {
         let own = self.field_manager();
-        let status_managers: Vec<&str> = meta
+        let entries: Vec<(&str, Option<Timestamp>)> = meta
             .managed_fields
             .iter()
             .flatten()
             .filter(|m| m.subresource.as_deref() == Some("status") && m.fields_v1.is_some())
-            .filter_map(|m| m.manager.as_deref())
+            .filter_map(|m| Some((m.manager.as_deref()?, m.time.as_ref().map(|t| t.0))))
             .collect();
         if !self.claims(meta) {
             return Verdict::Ignore {
-                release: status_managers.contains(&own.as_str()),
+                release: entries.iter().any(|(m, _)| *m == own),
             };
         }
         let label = meta.labels.as_ref().and_then(|l| l.get(FLEET_LABEL));
-        let mut operators: Vec<String> = status_managers
+        let recent =
+            |t: Option<Timestamp>| t.is_some_and(|t| now.duration_since(t).unsigned_abs() <= window || t > now);
+        let mut operators: Vec<String> = entries
             .into_iter()
-            .filter(|m| *m != own)
-            .filter_map(|m| {
+            .filter(|(m, _)| *m != own)
+            .filter(|(m, t)| {
+                recent(*t) || standing.is_some_and(|s| s.contains(&format!("{m},")) || s.contains(&format!("{m})")))
+            })
+            .filter_map(|(m, _)| {
                 let (_, fleet) = m.strip_prefix(MANAGER_PREFIX)?.split_once('.')?;
                 // A labelled object belongs to one fleet: another fleet's entry is a leftover
                 // from before the label, which that operator releases.
@@ -147,6 +160,7 @@ mod tests {
                         operation: Some("Apply".into()),
                         subresource: Some("status".into()),
                         fields_v1: Some(FieldsV1(serde_json::json!({"f:status": {}}))),
+                        time: Some(Time(written())),
                         ..Default::default()
                     })
                     .chain(std::iter::once(ManagedFieldsEntry {
@@ -164,22 +178,35 @@ mod tests {
     }
 
     const STAGING: &str = "mailroute-operator.mail-staging.staging";
+    const WINDOW: Duration = Duration::from_secs(120);
+
+    fn written() -> Timestamp {
+        Timestamp::from_second(1_000_000).unwrap()
+    }
+
+    /// Judged 10 s after the entries were written, no standing conflict.
+    fn judge(id: &Identity, meta: &ObjectMeta) -> Verdict {
+        id.judge(meta, None, written() + Duration::from_secs(10), WINDOW)
+    }
 
     #[test]
     fn the_label_and_the_claim_decide_the_scope() {
-        assert_eq!(me("prod", true).judge(&meta(Some("prod"), &[])), Verdict::Govern);
-        assert_eq!(me("prod", true).judge(&meta(None, &[])), Verdict::Govern);
+        assert_eq!(judge(&me("prod", true), &meta(Some("prod"), &[])), Verdict::Govern);
+        assert_eq!(judge(&me("prod", true), &meta(None, &[])), Verdict::Govern);
         assert_eq!(
-            me("prod", false).judge(&meta(None, &[])),
+            judge(&me("prod", false), &meta(None, &[])),
             Verdict::Ignore { release: false }
         );
         assert_eq!(
-            me("prod", true).judge(&meta(Some("staging"), &[])),
+            judge(&me("prod", true), &meta(Some("staging"), &[])),
             Verdict::Ignore { release: false }
         );
         // Ours before the label moved it: give the status fields up.
         assert_eq!(
-            me("prod", true).judge(&meta(Some("staging"), &["mailroute-operator.mail-prod.prod"])),
+            judge(
+                &me("prod", true),
+                &meta(Some("staging"), &["mailroute-operator.mail-prod.prod"])
+            ),
             Verdict::Ignore { release: true }
         );
     }
@@ -197,28 +224,51 @@ mod tests {
         let want = Verdict::Conflict {
             operators: vec!["mailroute-operator.mail-prod.prod".into(), STAGING.into()],
         };
-        assert_eq!(prod.judge(&object), want);
-        assert_eq!(staging.judge(&object), want);
+        assert_eq!(judge(&prod, &object), want);
+        assert_eq!(judge(&staging, &object), want);
         // Seen before our own first write, too.
-        assert_eq!(prod.judge(&meta(None, &[STAGING])), want);
+        assert_eq!(judge(&prod, &meta(None, &[STAGING])), want);
     }
 
     #[test]
     fn a_label_resolves_it_and_others_are_no_rivals() {
         let prod = me("prod", true);
         // Staging's leftover entry on an object labelled for prod is not a claim.
-        assert_eq!(prod.judge(&meta(Some("prod"), &[STAGING])), Verdict::Govern);
+        assert_eq!(judge(&prod, &meta(Some("prod"), &[STAGING])), Verdict::Govern);
         // The same fleet name in another namespace is a real overlap, label or not.
         let twin = "mailroute-operator.mail-other.prod";
         assert!(matches!(
-            prod.judge(&meta(Some("prod"), &[twin])),
+            judge(&prod, &meta(Some("prod"), &[twin])),
             Verdict::Conflict { .. }
         ));
         // The pre-fleet manager, a user's status edit and other controllers are no rivals.
         assert_eq!(
-            prod.judge(&meta(None, &["mailroute-operator", "kubectl-edit", "someone.else.x"])),
+            judge(
+                &prod,
+                &meta(None, &["mailroute-operator", "kubectl-edit", "someone.else.x"])
+            ),
             Verdict::Govern
         );
+    }
+
+    #[test]
+    fn an_old_entry_is_a_rival_only_while_the_standing_conflict_names_it() {
+        let prod = me("prod", true);
+        let object = meta(None, &[STAGING]);
+        let later = written() + Duration::from_secs(3600);
+        // An uninstalled release's leftover: expired.
+        assert_eq!(prod.judge(&object, None, later, WINDOW), Verdict::Govern);
+        // Two idle operators in a standing conflict: it stands.
+        let ops = vec!["mailroute-operator.mail-prod.prod".to_string(), STAGING.to_string()];
+        let now = Time(later);
+        let standing = conflict_condition(&ops, &[], None, &now).message;
+        assert_eq!(
+            prod.judge(&object, Some(&standing), later, WINDOW),
+            Verdict::Conflict { operators: ops.clone() }
+        );
+        // A name that only starts like the rival's is not it.
+        let other = conflict_condition(&[format!("{STAGING}2")], &[], None, &now).message;
+        assert_eq!(prod.judge(&object, Some(&other), later, WINDOW), Verdict::Govern);
     }
 
     #[test]

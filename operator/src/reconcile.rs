@@ -64,6 +64,9 @@ pub struct Settings {
     pub platform_namespaces: Option<BTreeSet<String>>,
     /// Which objects this operator governs (fleet label, unlabelled claim).
     pub identity: Identity,
+    /// Another operator's status entry newer than this makes it a rival (`fleets`); about two
+    /// resync intervals.
+    pub rival_window: Duration,
 }
 
 /// What one reconcile did.
@@ -80,6 +83,16 @@ pub struct Outcome {
     pub next_test_in: Option<Duration>,
     pub routes_in_config: usize,
     pub quotas_in_config: usize,
+}
+
+/// The message of the object's `Accepted=False FleetConflict` condition, if it has one.
+fn standing_conflict<K: Serialize>(object: &K) -> Option<String> {
+    let v = serde_json::to_value(object).ok()?;
+    let c = v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted" && c["reason"] == fleets::FLEET_CONFLICT)?;
+    c["message"].as_str().map(str::to_string)
 }
 
 /// Listed objects by `fleets::Verdict`: governed, contested (with the governing operators),
@@ -438,10 +451,16 @@ impl Reconciler {
 
     /// Splits the listed objects into the governed ones (to the plan), the contested ones (with
     /// every governing operator) and the ones whose status fields this operator must release.
-    fn sort_out<K: Resource>(&self, objects: Vec<K>) -> Sorted<K> {
+    fn sort_out<K: Resource + Serialize>(&self, objects: Vec<K>) -> Sorted<K> {
         let (mut governed, mut contested, mut released) = (Vec::new(), Vec::new(), Vec::new());
+        let now = Timestamp::now();
         for o in objects {
-            match self.settings.identity.judge(o.meta()) {
+            let standing = standing_conflict(&o);
+            let verdict = self
+                .settings
+                .identity
+                .judge(o.meta(), standing.as_deref(), now, self.settings.rival_window);
+            match verdict {
                 Verdict::Govern => governed.push(o),
                 Verdict::Conflict { operators } => contested.push((o, operators)),
                 Verdict::Ignore { release: true } => released.push(o),

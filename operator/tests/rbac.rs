@@ -224,6 +224,7 @@ async fn the_rbac_file_grants_exactly_what_the_operator_uses() {
             fleet: "mailroute".into(),
             claim_unlabelled: true,
         },
+        rival_window: std::time::Duration::from_secs(120),
     };
     let reconciler = Reconciler::new(client.clone(), settings, None, Metrics::new());
     let outcome = reconciler.reconcile().await.unwrap();

@@ -166,6 +166,7 @@ fn reconciler() -> (std::sync::Arc<Reconciler>, MockHandle) {
             fleet: "mailroute".into(),
             claim_unlabelled: true,
         },
+        rival_window: std::time::Duration::from_secs(120),
     };
     (Reconciler::new(client, settings, None, Metrics::new()), handle)
 }

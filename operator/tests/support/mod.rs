@@ -185,6 +185,7 @@ pub fn settings(test_interval: Option<Duration>) -> Settings {
             fleet: "mailroute".into(),
             claim_unlabelled: true,
         },
+        rival_window: std::time::Duration::from_secs(120),
     }
 }
 
