@@ -107,6 +107,17 @@ impl Identity {
     }
 }
 
+/// Whether the status has fields owned by the operator's pre-fleet field manager
+/// (`mailroute-operator`), which an upgraded operator takes over and then releases, so no field
+/// it stops writing lingers under the old name.
+pub fn has_legacy_status_owner(meta: &ObjectMeta) -> bool {
+    meta.managed_fields.iter().flatten().any(|m| {
+        m.subresource.as_deref() == Some("status")
+            && m.fields_v1.is_some()
+            && m.manager.as_deref() == Some(crate::plan::FIELD_MANAGER)
+    })
+}
+
 /// The `Accepted` condition every operator in `operators` writes on a contested object (the same
 /// text from each, so their writes agree).
 pub fn conflict_condition(
@@ -269,6 +280,15 @@ mod tests {
         // A name that only starts like the rival's is not it.
         let other = conflict_condition(&[format!("{STAGING}2")], &[], None, &now).message;
         assert_eq!(prod.judge(&object, Some(&other), later, WINDOW), Verdict::Govern);
+    }
+
+    #[test]
+    fn the_pre_fleet_manager_is_found_on_the_status_only() {
+        assert!(has_legacy_status_owner(&meta(None, &["mailroute-operator"])));
+        assert!(!has_legacy_status_owner(&meta(
+            None,
+            &[STAGING, "mailroute-operator.a.b"]
+        )));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! namespaces' labels (for `allowedNamespaces` selectors) and the live outputs from the API, read quota usage from the relays, then apply what the plan says
 //! (server-side apply: outputs with field manager `mailroute-operator`, statuses with the
 //! operator's own, see `fleets`) and publish its Events. Objects outside the fleet's scope, or
-//! governed by another operator too, never reach the plan. Any read
+//! governed by another operator too, never reach the plan; statuses of the pre-fleet field
+//! manager are taken over (`adopt`). Any read
 //! error aborts before the first write, so a failed list can never turn into an empty config.
 //! Works on any `kube::Client` (a cluster, the in-memory fake, a mocked API server).
 
@@ -388,6 +389,12 @@ impl Reconciler {
                 Err(e) => failures.push((format!("SenderQuota {}/{}", w.namespace, w.name), e)),
             }
         }
+        let adopted = self
+            .adopt::<SmtpRoute>("SmtpRoute", &routes)
+            .await
+            .into_iter()
+            .chain(self.adopt::<SenderQuota>("SenderQuota", &quotas).await);
+        failures.extend(adopted);
         let contested = self
             .refuse::<SmtpRoute>("SmtpRoute", &contested_routes, &released_routes, &mut outcome)
             .await
@@ -449,6 +456,44 @@ impl Reconciler {
         }
     }
 
+    /// Upgrade from the pre-fleet field manager: applies the object's live status under this
+    /// operator's manager (so it owns every field), then an empty one under the old manager (so
+    /// the old entry goes without removing a field). Returns the failures.
+    async fn adopt<K>(&self, kind: &str, governed: &[K]) -> Vec<(String, kube::Error)>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Serialize
+            + std::fmt::Debug,
+    {
+        let mut failures = Vec::new();
+        for o in governed.iter().filter(|o| fleets::has_legacy_status_owner(o.meta())) {
+            let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+            let live = serde_json::to_value(o)
+                .ok()
+                .map(|v| v["status"].clone())
+                .unwrap_or_default();
+            let ours = PatchParams::apply(&self.settings.identity.field_manager()).force();
+            let old = PatchParams::apply(FIELD_MANAGER).force();
+            let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+            let adopt = json!({"apiVersion": plan::API_VERSION, "kind": kind, "status": live});
+            let release = json!({"apiVersion": plan::API_VERSION, "kind": kind});
+            let result = match api.patch_status(&name, &ours, &Patch::Apply(&adopt)).await {
+                Ok(_) => api.patch_status(&name, &old, &Patch::Apply(&release)).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(kind, object = %format!("{ns}/{name}"), "status taken over from the pre-fleet field manager")
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => failures.push((format!("{kind} {ns}/{name}"), e)),
+            }
+        }
+        failures
+    }
+
     /// Splits the listed objects into the governed ones (to the plan), the contested ones (with
     /// every governing operator) and the ones whose status fields this operator must release.
     fn sort_out<K: Resource + Serialize>(&self, objects: Vec<K>) -> Sorted<K> {
@@ -505,7 +550,19 @@ impl Reconciler {
                 continue;
             }
             tracing::warn!(kind, object = %format!("{ns}/{name}"), operators = ?operators, "object governed by more than one operator; refused");
-            match self.write_status::<K, _>(kind, &ns, &name, &status).await {
+            let written = match self.write_status::<K, _>(kind, &ns, &name, &status).await {
+                Ok(true) if fleets::has_legacy_status_owner(o.meta()) => {
+                    // The pre-fleet manager's fields (Ready, ...) go; the refusal stays ours.
+                    let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+                    let release = json!({"apiVersion": plan::API_VERSION, "kind": kind});
+                    let old = PatchParams::apply(FIELD_MANAGER).force();
+                    api.patch_status(&name, &old, &Patch::Apply(&release))
+                        .await
+                        .map(|_| true)
+                }
+                other => other,
+            };
+            match written {
                 Ok(true) => outcome.status_writes += 1,
                 Ok(false) => continue,
                 Err(e) => {

@@ -2,7 +2,8 @@
 //! `prod` and `staging`, each in its own namespace with the chart's RBAC, watch the same
 //! namespace of routes. Each compiles only the routes labelled for its fleet; an unlabelled route
 //! both claim is refused by both (`Accepted=False`, reason `FleetConflict`, a Warning Event) and
-//! compiled by neither; labelling it for `prod` hands it to prod alone.
+//! compiled by neither; labelling it for `prod` hands it to prod alone. And an upgraded operator
+//! takes statuses over from the pre-fleet field manager without leaving its entry behind.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -262,4 +263,77 @@ async fn two_fleets_in_one_cluster_stay_apart_and_refuse_a_route_both_claim() {
             refused.join("\n")
         );
     }
+}
+
+#[tokio::test]
+async fn an_upgraded_operator_takes_the_status_over_from_the_pre_fleet_field_manager() {
+    let cp = ControlPlane::shared();
+    let admin = cp.admin_client().await.unwrap();
+    apply_crds(&admin).await.unwrap();
+    let op_ns = cp.namespace("fleet-upgrade").await.unwrap();
+    let apps = cp.namespace("fleet-upgrade-apps").await.unwrap();
+    let sa = install_chart_rbac(cp, &op_ns, &op_ns).unwrap();
+    let kubeconfig = cp.service_account_kubeconfig(&op_ns, &sa).await.unwrap();
+    let routes = Api::<DynamicObject>::namespaced_with(admin.clone(), &apps, &route_resource());
+    routes
+        .patch(
+            "old",
+            &PatchParams::apply("mailroute-tests").force(),
+            &Patch::Apply(&route(&apps, "old", None)),
+        )
+        .await
+        .unwrap();
+    // The status as an operator before fleets wrote it, under the old field manager.
+    let condition = |type_: &str, reason: &str| {
+        serde_json::json!({"type": type_, "status": "True", "reason": reason, "message": "before the upgrade",
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1})
+    };
+    let old_status = serde_json::json!({
+        "apiVersion": "mailroute.io/v1alpha1", "kind": "SmtpRoute",
+        "status": {"conditions": [condition("Accepted", "Valid"), condition("Ready", "InConfig")], "observedGeneration": 1},
+    });
+    routes
+        .patch_status(
+            "old",
+            &PatchParams::apply("mailroute-operator").force(),
+            &Patch::Apply(&old_status),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status_managers(&routes.get("old").await.unwrap()),
+        vec!["mailroute-operator"]
+    );
+
+    let operator = std::cell::RefCell::new(start(cp, &kubeconfig, &op_ns, "mailroute", &apps));
+    let configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &op_ns);
+    let manager = format!("mailroute-operator.{op_ns}.mailroute");
+    let result = eventually("the status owned by the new field manager alone", WAIT, || async {
+        operator.borrow_mut().check_running()?;
+        let r = routes.get("old").await?;
+        let compiled = compiled(&configmaps, "mailroute").await?;
+        let ok = status_managers(&r) == vec![manager.clone()]
+            && accepted(&r).is_some_and(|(s, reason, _)| s == "True" && reason != "FleetConflict")
+            && compiled == Some(vec![format!("{apps}/old")]);
+        Ok(ok.then_some(()))
+    })
+    .await;
+    let mut operator = operator.into_inner();
+    let log = operator.log_text();
+    operator.kill();
+    if let Err(e) = result {
+        let r = routes.get("old").await.unwrap();
+        panic!(
+            "{e:#}\nstatus managers: {:?}\nstatus: {}\nlog:\n{}",
+            status_managers(&r),
+            r.data["status"],
+            operator.log_tail(40)
+        );
+    }
+    let refused = forbidden(&log);
+    assert!(
+        refused.is_empty(),
+        "refused with the chart's RBAC:\n{}",
+        refused.join("\n")
+    );
 }
