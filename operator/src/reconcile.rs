@@ -369,6 +369,14 @@ impl Reconciler {
         }
 
         let mut failures: Vec<(String, kube::Error)> = Vec::new();
+        // Before the plan's writes: those then drop what the old manager had and the plan no
+        // longer wants.
+        let adopted = self
+            .adopt::<SmtpRoute>("SmtpRoute", &routes)
+            .await
+            .into_iter()
+            .chain(self.adopt::<SenderQuota>("SenderQuota", &quotas).await);
+        failures.extend(adopted);
         for w in &plan.route_statuses {
             match self
                 .write_status::<SmtpRoute, _>("SmtpRoute", &w.namespace, &w.name, &w.status)
@@ -389,12 +397,6 @@ impl Reconciler {
                 Err(e) => failures.push((format!("SenderQuota {}/{}", w.namespace, w.name), e)),
             }
         }
-        let adopted = self
-            .adopt::<SmtpRoute>("SmtpRoute", &routes)
-            .await
-            .into_iter()
-            .chain(self.adopt::<SenderQuota>("SenderQuota", &quotas).await);
-        failures.extend(adopted);
         let contested = self
             .refuse::<SmtpRoute>("SmtpRoute", &contested_routes, &released_routes, &mut outcome)
             .await
