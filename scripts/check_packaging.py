@@ -391,12 +391,40 @@ def check_production(default: list[dict], binaries: dict[str, str]) -> None:
         got = re.findall(r"^maxmemory (\S+)$", conf, re.M)
         if got != [str(want)] or "maxmemory-policy noeviction" not in conf:
             fail(f"redis.conf for {values}: maxmemory {got}, want [{want}] with noeviction")
-    # Redis admits the relays (and KEDA), not the operator, which never uses Redis.
-    np = next(o for o in default if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-redis"))
-    for rule in np["spec"]["ingress"]:
-        for peer in rule.get("from", []):
-            if peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "operator":
-                fail(f"{kn(np)} admits the operator, which never uses Redis")
+    # Redis admits the relays (and KEDA), not the operator, which uses Redis only to publish the
+    # pod identity map (podIdentities.enabled): then it is admitted, gets the relays' Redis URL
+    # (password from the Secret, never in the spec), may list and watch Pods, and the relays read it.
+    def admits_operator(objs: list[dict]) -> bool:
+        np = next(o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-redis"))
+        return any(peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "operator"
+                   for rule in np["spec"]["ingress"] for peer in rule.get("from", []))
+
+    def operator_env(objs: list[dict]) -> dict:
+        dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator"))
+        return {e["name"]: e for e in pod_spec(dep)["containers"][0].get("env", [])}
+
+    def relay_args(objs: list[dict]) -> list[str]:
+        dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-relay"))
+        return pod_spec(dep)["containers"][0]["args"]
+
+    if admits_operator(default):
+        fail("the Redis NetworkPolicy admits the operator, which without podIdentities never uses Redis")
+    if "MAILROUTE_REDIS_URL" in operator_env(default) or ("", "pods", "*", "watch") in rbac_rules(default)["ClusterRole"]:
+        fail("without podIdentities the operator still gets the Redis URL or Pod access")
+    for values in ({"podIdentities": {"enabled": True}},
+                   {"podIdentities": {"enabled": True}, "operator": {"watchNamespaces": ["team-a"]}}):
+        objs, _ = render(values)
+        if not admits_operator(objs):
+            fail(f"{values}: the Redis NetworkPolicy does not admit the operator, which publishes the pod identity map")
+        env = operator_env(objs)
+        url = env.get("MAILROUTE_REDIS_URL", {}).get("value", "")
+        if "$(REDIS_PASSWORD)@" not in url or "secretKeyRef" not in env.get("REDIS_PASSWORD", {}).get("valueFrom", {}):
+            fail(f"{values}: the operator's Redis URL {url!r} does not take the password from the Redis Secret")
+        scope = "Role" if "operator" in values else "ClusterRole"
+        if not {("", "pods", "*", "list"), ("", "pods", "*", "watch")} <= rbac_rules(objs)[scope]:
+            fail(f"{values}: the operator may not list and watch Pods ({scope})")
+        if "--pod-identities" not in relay_args(objs):
+            fail(f"{values}: the relays do not read the pod identity map (--pod-identities)")
     # The operator owns its outputs (uninstall removes them) and may read its Deployment for that.
     args = operator_args(default)
     op_name = next(o["metadata"]["name"] for o in default if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator"))
@@ -464,7 +492,7 @@ def check_production(default: list[dict], binaries: dict[str, str]) -> None:
         if o["kind"] == "Service" and not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
             fail(f"with a 53-character release name, Service {name!r} is not a DNS-1035 label")
     if len(failures) == before:
-        ok("production: IPv6 listeners, PDB eviction policy, KEDA adoption, Redis maxmemory, Redis peers, output ownership, optional admin token, namespaced RBAC, 53-character release names")
+        ok("production: IPv6 listeners, PDB eviction policy, KEDA adoption, Redis maxmemory, Redis peers (operator only with podIdentities), output ownership, optional admin token, namespaced RBAC, 53-character release names")
 
 
 def cli_problems(objs: list[dict], binaries: dict[str, str]) -> tuple[list[str], list[str]]:

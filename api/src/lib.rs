@@ -10,6 +10,7 @@ pub mod config;
 pub mod dkim_key;
 pub mod manifest;
 pub mod pattern;
+pub mod podmap;
 pub mod provider;
 pub mod quota;
 pub mod route;

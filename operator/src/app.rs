@@ -97,6 +97,18 @@ pub struct RunArgs {
     /// Changes within this window share one reconcile.
     #[arg(long, env = "MAILROUTE_DEBOUNCE", default_value = "1s", value_parser = humantime::parse_duration)]
     pub debounce: Duration,
+    /// The relays' Redis (their --queue URL): publish the pod IP → namespace/ServiceAccount map
+    /// there, for relays that attribute unauthenticated clients by pod IP. Unset: Pods are not
+    /// watched.
+    #[arg(long, env = "MAILROUTE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// The relays' Redis key prefix (their --redis-prefix).
+    #[arg(long, env = "MAILROUTE_REDIS_PREFIX", default_value = "{mailroute}:")]
+    pub redis_prefix: String,
+    /// How often the leader vouches for the pod identity map; relays stop trusting it after
+    /// three intervals without a heartbeat.
+    #[arg(long, env = "MAILROUTE_POD_IDENTITY_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub pod_identity_interval: Duration,
     /// Log filter when RUST_LOG is unset.
     #[arg(long, env = "MAILROUTE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -278,6 +290,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
 
+    let pod_publisher = args.redis_url.clone().filter(|u| !u.is_empty()).map(|redis_url| {
+        let s = crate::podpublish::Settings {
+            redis_url,
+            prefix: args.redis_prefix.clone(),
+            namespaces: args
+                .watch_namespaces
+                .iter()
+                .filter(|n| !n.is_empty())
+                .cloned()
+                .collect(),
+            interval: args.pod_identity_interval.max(Duration::from_millis(100)),
+            identity: identity.clone(),
+        };
+        tokio::spawn(crate::podpublish::run(
+            client.clone(),
+            s,
+            metrics.clone(),
+            leading.clone(),
+            shutdown.clone(),
+        ))
+    });
     let settings = Settings {
         fleet,
         namespaces: args
@@ -315,6 +348,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     };
     controller::run(reconciler, triggers, loop_settings, leading, shutdown).await;
+    if let Some(t) = pod_publisher {
+        let _ = t.await;
+    }
     if let Some(t) = elector_task {
         let _ = t.await;
     }

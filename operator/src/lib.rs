@@ -13,5 +13,7 @@ pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod plan;
+pub mod podmap;
+pub mod podpublish;
 pub mod reconcile;
 pub mod usage;

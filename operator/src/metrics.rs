@@ -18,6 +18,8 @@ pub struct Metrics {
     pub is_leader: IntGauge,
     pub route_verified: IntGaugeVec,
     pub config_writes: IntCounter,
+    /// Entries of the pod identity map this replica last published (0 while not leading).
+    pub pod_identities: IntGauge,
 }
 
 impl Default for Metrics {
@@ -68,6 +70,11 @@ impl Metrics {
             "Writes of the relay ConfigMap or Secret (only made when their content changed).",
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let pod_identities = IntGauge::new(
+            "mailroute_operator_pod_identities",
+            "Pod IPs in the identity map this replica last published to Redis (0 while not leading).",
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_duration.clone()),
@@ -75,6 +82,7 @@ impl Metrics {
             Box::new(is_leader.clone()),
             Box::new(route_verified.clone()),
             Box::new(config_writes.clone()),
+            Box::new(pod_identities.clone()),
         ] {
             // Names are unique within this fresh registry.
             let _ = registry.register(c);
@@ -90,6 +98,7 @@ impl Metrics {
             is_leader,
             route_verified,
             config_writes,
+            pod_identities,
         }
     }
 

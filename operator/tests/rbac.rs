@@ -1,7 +1,8 @@
 //! `deploy/base/operator-rbac.yaml` grants every request the operator makes, and nothing it does
-//! not need: a reconcile, the leader election and the trigger watches run against a mocked API
-//! server that records each request as (verb, group, resource, namespace); each must be allowed
-//! by the file, and every rule in the file must be used by at least one request.
+//! not need: a reconcile, the leader election, the trigger watches and the pod identity map's Pod
+//! watch run against a mocked API server that records each request as (verb, group, resource,
+//! namespace); each must be allowed by the file, and every rule in the file must be used by at
+//! least one request.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -136,7 +137,9 @@ fn respond(
     match (method.as_str(), path) {
         ("GET", p) if p.ends_with("/smtproutes") => (StatusCode::OK, list(vec![route()])),
         ("GET", p) if p.ends_with("/senderquotas") => (StatusCode::OK, list(vec![quota()])),
-        ("GET", p) if p.ends_with("/secrets") || p.ends_with("/configmaps") => (StatusCode::OK, list(vec![])),
+        ("GET", p) if p.ends_with("/secrets") || p.ends_with("/configmaps") || p.ends_with("/pods") => {
+            (StatusCode::OK, list(vec![]))
+        }
         ("GET", "/api/v1/namespaces") => (
             StatusCode::OK,
             list(vec![
@@ -259,6 +262,35 @@ async fn the_rbac_file_grants_exactly_what_the_operator_uses() {
         let _ = tokio::time::timeout(Duration::from_millis(50), triggers.next()).await;
     }
     drop(triggers);
+
+    // The pod identity map (--redis-url): Pods of every namespace, listed then watched. As a
+    // follower it never opens Redis, so the URL may point nowhere.
+    let (_leading_tx, leading) = tokio::sync::watch::channel(false);
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(mailroute_operator::podpublish::run(
+        client.clone(),
+        mailroute_operator::podpublish::Settings {
+            redis_url: "redis://127.0.0.1:1".into(),
+            prefix: "{mailroute}:".into(),
+            namespaces: Vec::new(),
+            interval: Duration::from_secs(2),
+            identity: "operator-0".into(),
+        },
+        Metrics::new(),
+        leading,
+        shutdown,
+    ));
+    let pods_watched = |s: &Vec<Access>| s.iter().any(|a| a.0 == "watch" && a.2 == "pods");
+    while !pods_watched(&seen.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Pod watch not started: {:?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send_replace(true);
+    publisher.await.unwrap();
     drop(reconciler);
     drop(elector);
     drop(client);

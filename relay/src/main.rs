@@ -157,6 +157,13 @@ struct RunArgs {
     /// Do not write the delivery log to stdout.
     #[arg(long, env = "MAILROUTE_NO_LOG_STDOUT")]
     no_log_stdout: bool,
+    /// Attribute unauthenticated clients to a namespace and ServiceAccount by their pod IP, from
+    /// the map the operator (`--redis-url`) publishes in the queue's Redis. Needs a Redis queue.
+    #[arg(long, env = "MAILROUTE_POD_IDENTITIES")]
+    pod_identities: bool,
+    /// How often the pod identity map's generation and heartbeat are read.
+    #[arg(long, env = "MAILROUTE_POD_IDENTITY_POLL", default_value = "1s")]
+    pod_identity_poll: humantime::Duration,
 }
 
 /// The relay's own defaults ([`RelayOptions::local`]): the flags' defaults, defined once.
@@ -251,6 +258,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.mx_port = a.mx_port;
     o.dns_server = a.dns_server;
     o.log_stdout = !a.no_log_stdout;
+    o.pod_identity_poll = a.pod_identities.then(|| a.pod_identity_poll.into());
     Ok(o)
 }
 
@@ -395,6 +403,18 @@ mod tests {
             (0, Duration::from_secs(1))
         );
         assert_eq!(d.inbound.auth_limits.concurrency, 2);
+    }
+
+    #[tokio::test]
+    async fn pod_identities_are_off_unless_asked_for_and_need_a_redis_queue() {
+        assert_eq!(parse(&[]).unwrap().pod_identity_poll, None);
+        let o = parse(&["--pod-identities", "--pod-identity-poll", "250ms"]).unwrap();
+        assert_eq!(o.pod_identity_poll, Some(Duration::from_millis(250)));
+        let e = Relay::start(o)
+            .await
+            .err()
+            .expect("a memory queue has no pod identity map");
+        assert!(e.to_string().contains("need a Redis --queue"), "{e}");
     }
 
     #[test]

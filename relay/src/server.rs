@@ -17,6 +17,8 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminState;
 use crate::admin::backend::RelayBackend;
 use crate::config::{ConfigHandle, Source};
+use crate::inbound::identity::IdentitySource;
+use crate::inbound::identity_podmap::{PodIdentities, PodIdentityMetrics, Poller};
 use crate::inbound::listener::ListenerKind;
 use crate::inbound::quota::{MemoryQuotaStore, QuotaEngine, QuotaStore, RedisQuotaStore};
 use crate::inbound::session::{Inbound, InboundSettings};
@@ -76,6 +78,8 @@ pub struct RelayOptions {
     pub consumer: String,
     /// Write the delivery log as JSON lines to stdout.
     pub log_stdout: bool,
+    /// Read the operator's pod-IP identity map from the queue's Redis this often (None: off).
+    pub pod_identity_poll: Option<Duration>,
 }
 
 impl RelayOptions {
@@ -113,6 +117,7 @@ impl RelayOptions {
             outbound_idle_timeout: DelivererConfig::default().idle_timeout,
             consumer: default_consumer(),
             log_stdout: true,
+            pod_identity_poll: None,
         }
     }
 }
@@ -290,6 +295,10 @@ impl Relay {
             tracing::warn!(warning = %w, "configuration warning");
         }
         let metrics = Arc::new(Metrics::new());
+        if opts.queue.redis().is_none() && opts.pod_identity_poll.is_some() {
+            anyhow::bail!("pod identities are read from the operator's map in Redis: they need a Redis --queue");
+        }
+        let mut pod_identity_conn = None;
         type Stores = (
             Arc<dyn Queue>,
             DeliveryLog,
@@ -299,6 +308,7 @@ impl Relay {
         );
         let (queue, dlog, quota_store, pace_store, shared_redis): Stores = if let Some(target) = opts.queue.redis() {
             let (q, conn) = connect_redis(&opts, target).await?;
+            pod_identity_conn = Some(conn.clone());
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
@@ -342,19 +352,32 @@ impl Relay {
             anyhow::bail!("the submission and smtps listeners need --tls-cert and --tls-key");
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut background = Vec::new();
+        let mut identities: Option<Arc<dyn IdentitySource>> = None;
+        if let (Some(every), Some(conn)) = (opts.pod_identity_poll, pod_identity_conn) {
+            let m = PodIdentityMetrics::register(metrics.registry()).context("registering the pod identity metrics")?;
+            let source = PodIdentities::new(Some(m));
+            background.push(tokio::spawn(
+                Poller::new(conn, &opts.redis_prefix, source.clone()).run(every, shutdown_rx.clone()),
+            ));
+            tracing::info!(poll = ?every, "attributing unauthenticated clients by the operator's pod identity map");
+            identities = Some(source);
+        }
         let (give_back, give_back_rx) = watch::channel(None);
-        let inbound = Arc::new(
-            Inbound::new(
-                opts.inbound.clone(),
-                config.clone(),
-                queue.clone(),
-                quotas.clone(),
-                Arc::new(telemetry.clone()),
-                tls,
-            )
-            .with_metrics(metrics.clone())
-            .with_shutdown(shutdown_rx.clone()),
-        );
+        let mut inbound = Inbound::new(
+            opts.inbound.clone(),
+            config.clone(),
+            queue.clone(),
+            quotas.clone(),
+            Arc::new(telemetry.clone()),
+            tls,
+        )
+        .with_metrics(metrics.clone())
+        .with_shutdown(shutdown_rx.clone());
+        if let Some(source) = identities {
+            inbound = inbound.with_identity(source);
+        }
+        let inbound = Arc::new(inbound);
 
         let sessions = Arc::new(Sessions::default());
         let mut listeners = Vec::new();
@@ -507,6 +530,7 @@ impl Relay {
                 shutdown_rx.clone(),
             )),
         ]);
+        workers.extend(background);
 
         Ok(Relay {
             smtp_addr,

@@ -22,6 +22,7 @@ mod integrity;
 mod listen;
 mod liveness;
 mod oauth2;
+mod pod_identity;
 mod proxy_protocol;
 mod queue;
 mod quota;

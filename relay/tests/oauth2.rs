@@ -118,7 +118,7 @@ async fn submit_to(r: &TestRelay, rcpt: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_relays_starting_together_deliver_with_xoauth2_and_one_token_request() {
+async fn four_relays_starting_together_deliver_twenty_messages_with_one_token_request() {
     let redis = RedisServer::start().unwrap();
     // A slow endpoint, so both relays' first deliveries really ask at the same time.
     let e = Endpoint::start(Settings {
@@ -134,16 +134,26 @@ async fn two_relays_starting_together_deliver_with_xoauth2_and_one_token_request
         client_secret_route("o365", "*", up.port(), &e, "right-secret")
     );
     let trusted = [&e];
-    let (a, b) = tokio::join!(relay(&routes, &redis, &trusted), relay(&routes, &redis, &trusted));
-    let rcpts: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
-    let sends = rcpts.iter().enumerate().map(|(i, rcpt)| {
-        let r = if i % 2 == 0 { &a } else { &b };
-        submit_to(r, rcpt)
-    });
+    let (a, b, c, d) = tokio::join!(
+        relay(&routes, &redis, &trusted),
+        relay(&routes, &redis, &trusted),
+        relay(&routes, &redis, &trusted),
+        relay(&routes, &redis, &trusted)
+    );
+    let relays = [&a, &b, &c, &d];
+    let rcpts: Vec<String> = (0..20).map(|i| format!("user{i}@example.com")).collect();
+    let sends = rcpts
+        .iter()
+        .enumerate()
+        .map(|(i, rcpt)| submit_to(relays[i % relays.len()], rcpt));
     futures::future::join_all(sends).await;
 
-    let received = up.wait_for(8, WAIT).await.unwrap();
-    assert_eq!(e.requests(), 1, "two relays, eight messages, one token request");
+    let received = up.wait_for(20, WAIT).await.unwrap();
+    assert_eq!(
+        e.requests(),
+        1,
+        "four relays, twenty concurrent deliveries, one token request"
+    );
     for m in &received {
         assert_eq!(m.auth_user.as_deref(), Some("relay@contoso.example"));
         assert!(m.tls);

@@ -12,7 +12,7 @@ use std::path::Path;
 use crate::common::*;
 use mailroute_api::{Manifests, Tenancy};
 use mailroute_relay::config::Source;
-use mailroute_relay::inbound::identity::{UNKNOWN_NAMESPACE, Unattributed};
+use mailroute_relay::inbound::identity::{Unattributed, unknown_namespace};
 use mailroute_relay::observe::dlog::{DeliveryEvent, EventResult};
 use mailroute_testkit::smtp::client::{Transcript, send};
 use mailroute_testkit::{RedisServer, Script, SmtpServer, TestPki};
@@ -200,7 +200,11 @@ async fn unattributed_mail_is_refused_at_mail_from_when_so_configured() {
     // 127.0.0.1 is inside the relay CIDRs, but nobody knows its namespace.
     let t = submit(r.smtp(), "app@app.example", &["x@example.com"], &message("anon", "")).await;
     // The reply to MAIL FROM; the session then ends without a transaction.
-    assert!(t.lines().iter().any(|l| l == UNKNOWN_NAMESPACE), "{:?}", t.lines());
+    assert!(
+        t.lines().iter().any(|l| *l == unknown_namespace().to_string()),
+        "{:?}",
+        t.lines()
+    );
     assert!(!t.delivered());
     assert!(
         eventually(|| async { events(&r, "namespace=-&result=rejected").await.len() == 1 }).await,

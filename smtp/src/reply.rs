@@ -107,6 +107,15 @@ impl Reply {
         }
     }
 
+    /// A reply of our own with its enhanced code typed, not parsed: `code enhanced text`.
+    pub fn with_code(code: u16, enhanced: EnhancedStatusCode, text: impl AsRef<str>) -> Self {
+        Self {
+            code,
+            enhanced: Some(enhanced),
+            text: format!("{enhanced} {}", text.as_ref()),
+        }
+    }
+
     /// From one reply line `"451 4.7.1 text"`; `None` when it does not start with a code.
     pub fn from_line(line: &str) -> Option<Self> {
         let (code, text) = line.split_once(' ')?;

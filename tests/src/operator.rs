@@ -30,8 +30,14 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 /// Renders the chart's operator RBAC and ServiceAccount for release `release` in `ns`, applies
 /// them, and returns the ServiceAccount's name.
 pub fn install_chart_rbac(cp: &ControlPlane, release: &str, ns: &str) -> anyhow::Result<String> {
+    install_chart_rbac_with(cp, release, ns, &[])
+}
+
+/// [`install_chart_rbac`] with further `--set` values (e.g. `podIdentities.enabled=true`).
+pub fn install_chart_rbac_with(cp: &ControlPlane, release: &str, ns: &str, sets: &[&str]) -> anyhow::Result<String> {
     let chart = workspace_root().join("charts/mailroute");
-    let rendered = run(cp.helm().args(["template", release]).arg(&chart).args([
+    let mut helm = cp.helm();
+    helm.args(["template", release]).arg(&chart).args([
         "--namespace",
         ns,
         "--show-only",
@@ -41,7 +47,11 @@ pub fn install_chart_rbac(cp: &ControlPlane, release: &str, ns: &str) -> anyhow:
         // The source tree's chart renders only with named images.
         "--set",
         "image.tag=k8s-suite",
-    ]))?;
+    ]);
+    for s in sets {
+        helm.args(["--set", s]);
+    }
+    let rendered = run(&mut helm)?;
     let mut sa = None;
     for doc in serde_yaml::Deserializer::from_str(&rendered) {
         let v = serde_json::Value::deserialize(doc)?;

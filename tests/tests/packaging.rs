@@ -68,6 +68,10 @@ impl Exported {
         let operator_names: BTreeSet<String> = exposition_types(&operator_text).into_keys().collect();
         assert!(operator_names.contains("mailroute_route_verified"), "{operator_text}");
         names.extend(operator_names);
+        // The pod identity metrics a relay registers with --pod-identities.
+        let pod_identity = prometheus::Registry::new();
+        mailroute_relay::inbound::identity_podmap::PodIdentityMetrics::register(&pod_identity).expect("fresh registry");
+        names.extend(pod_identity.gather().iter().map(|f| f.name().to_string()));
         names.extend(PROMETHEUS_SERIES.iter().chain(CLUSTER_SERIES).map(|s| s.to_string()));
         Exported { names, histograms }
     }

@@ -22,7 +22,13 @@ const FIRST_CHUNK: usize = 64 * 1024;
 pub const HEADROOM: usize = 2048;
 
 /// The reply to a message refused for want of memory.
-pub const REPLY: &str = "452 4.3.1 Insufficient system storage, try again later";
+pub fn reply() -> mailroute_smtp::Reply {
+    mailroute_smtp::Reply::with_code(
+        452,
+        mailroute_smtp::EnhancedStatusCode::new(4, 3, 1),
+        "Insufficient system storage, try again later",
+    )
+}
 
 pub struct BodyBudget {
     limit: usize,

@@ -61,7 +61,7 @@ pub enum Unattributed {
     /// single-tenant install, whose routes all live in the platform namespace, works as before).
     #[default]
     PlatformOnly,
-    /// MAIL FROM is refused with [`UNKNOWN_NAMESPACE`].
+    /// MAIL FROM is refused with [`unknown_namespace`].
     Refuse,
 }
 
@@ -77,8 +77,13 @@ impl FromStr for Unattributed {
 }
 
 /// The reply to MAIL FROM of an unattributed sender under [`Unattributed::Refuse`].
-pub const UNKNOWN_NAMESPACE: &str =
-    "550 5.7.1 Sender's namespace is unknown: authenticate, or send from a pod of a known namespace";
+pub fn unknown_namespace() -> mailroute_smtp::Reply {
+    mailroute_smtp::Reply::with_code(
+        550,
+        mailroute_smtp::EnhancedStatusCode::new(5, 7, 1),
+        "Sender's namespace is unknown: authenticate, or send from a pod of a known namespace",
+    )
+}
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,8 @@
 //! identity for unauthenticated clients in `identity`.
 //!
 //! Nothing under `inbound` delivers or routes mail.
+//!
+//! `identity_podmap` is the pod-IP source of `identity`: the operator's map, read from Redis.
 
 pub(crate) mod address;
 pub mod auth_guard;
@@ -21,5 +23,7 @@ pub mod quota;
 pub(crate) mod replies;
 pub mod session;
 pub(crate) mod shutdown;
+// Listed apart from `identity` so that issue 14's two branches merge without conflict.
+pub mod identity_podmap;
 
 pub use listener::ListenerKind;

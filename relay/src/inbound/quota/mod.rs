@@ -43,12 +43,20 @@ pub use policy::{PolicyRejection, SenderCtx, applicable, check_from_domain, is_b
 pub use store::{Added, Counter, CounterWindow, Held, MemoryQuotaStore, QuotaError, QuotaStore, RedisQuotaStore};
 use window::{Window, parse_tz, rfc3339_in};
 
+use mailroute_smtp::{EnhancedStatusCode, Reply};
+
 /// Calendar counters outlive their window by this much (pods with a slightly slow clock still
 /// write to the window they believe current).
 pub const CALENDAR_SLACK_MS: i64 = 3_600_000;
 
 /// Reply when the counters cannot be reached: the client retries later.
-pub const UNAVAILABLE_REPLY: &str = "451 4.3.0 Quota service temporarily unavailable, try again later";
+pub fn unavailable_reply() -> Reply {
+    Reply::with_code(
+        451,
+        EnhancedStatusCode::new(4, 3, 0),
+        "Quota service temporarily unavailable, try again later",
+    )
+}
 
 /// The quotas that apply to a sender at `MAIL FROM`, after the envelope-from domain policy of
 /// each. Empty: no quota applies (no limits, no domain policy).
@@ -102,7 +110,7 @@ pub struct QuotaDenial {
     /// 451, 452 or 550.
     pub code: u16,
     /// `4.7.1`, `4.5.3` or `5.7.1`.
-    pub enhanced: &'static str,
+    pub enhanced: EnhancedStatusCode,
     /// Reply text after the codes.
     pub text: String,
     pub period: Period,
@@ -114,9 +122,9 @@ pub struct QuotaDenial {
 }
 
 impl QuotaDenial {
-    /// The full reply line, e.g. `451 4.7.1 Sending quota exceeded: …`.
-    pub fn reply(&self) -> String {
-        format!("{} {} {}", self.code, self.enhanced, self.text)
+    /// The reply, e.g. `451 4.7.1 Sending quota exceeded: …`.
+    pub fn reply(&self) -> Reply {
+        Reply::with_code(self.code, self.enhanced, &self.text)
     }
 }
 
@@ -140,8 +148,8 @@ impl QuotaDecision {
         }
     }
 
-    /// The reply line for a refusal; `None` for `Accept`.
-    pub fn reply(&self) -> Option<String> {
+    /// The reply for a refusal; `None` for `Accept`.
+    pub fn reply(&self) -> Option<Reply> {
         match self {
             Self::Accept => None,
             Self::Defer(d) | Self::Reject(d) => Some(d.reply()),
@@ -187,24 +195,24 @@ pub fn denial(
     if limit.max > 0 && amount > limit.max {
         return QuotaDecision::Reject(d(
             550,
-            "5.7.1",
+            EnhancedStatusCode::new(5, 7, 1),
             format!("Message has {amount} recipients, more than the sending quota's {what}"),
         ));
     }
     match (q.on_exceeded, stage, q.count_by) {
         (OnExceeded::Reject, _, _) => QuotaDecision::Reject(d(
             550,
-            "5.7.1",
+            EnhancedStatusCode::new(5, 7, 1),
             format!("Sending quota exceeded: {what} reached until {when}"),
         )),
         (OnExceeded::Defer, Stage::Rcpt, CountBy::Recipients) => QuotaDecision::Defer(d(
             452,
-            "4.5.3",
+            EnhancedStatusCode::new(4, 5, 3),
             format!("Sending quota exceeded: {what} reached, try again after {when}"),
         )),
         (OnExceeded::Defer, _, _) => QuotaDecision::Defer(d(
             451,
-            "4.7.1",
+            EnhancedStatusCode::new(4, 7, 1),
             format!("Sending quota exceeded: {what} reached, try again after {when}"),
         )),
     }
@@ -538,7 +546,7 @@ mod tests {
         let d = denial(&q, month, 10_000, 1, at, Stage::Data);
         assert_eq!(d.result_label(), "deferred");
         assert_eq!(
-            d.reply().unwrap(),
+            d.reply().unwrap().to_string(),
             "451 4.7.1 Sending quota exceeded: limit of 10000 bulk messages per month reached, try again after 2025-05-01T00:00:00+09:00"
         );
         let q = quota(
@@ -552,7 +560,7 @@ mod tests {
             max: 500,
         };
         assert_eq!(
-            denial(&q, day, 500, 1, at, Stage::Rcpt).reply().unwrap(),
+            denial(&q, day, 500, 1, at, Stage::Rcpt).reply().unwrap().to_string(),
             "452 4.5.3 Sending quota exceeded: limit of 500 recipients per day reached, try again after 2025-05-01T00:00:00+09:00"
         );
         // After DATA a recipient limit defers the message with 451 (452 would invite splitting).
@@ -560,6 +568,7 @@ mod tests {
             denial(&q, day, 500, 3, at, Stage::Data)
                 .reply()
                 .unwrap()
+                .to_string()
                 .starts_with("451 4.7.1 ")
         );
         let q = quota(
@@ -575,7 +584,7 @@ mod tests {
         let r = denial(&q, hour, 100, 1, at, Stage::Rcpt);
         assert_eq!(r.result_label(), "rejected");
         assert_eq!(
-            r.reply().unwrap(),
+            r.reply().unwrap().to_string(),
             "550 5.7.1 Sending quota exceeded: limit of 100 messages per hour reached until 2025-05-01T00:00:00+09:00"
         );
         // More than the limit at once can never fit: refused whatever onExceeded says.
@@ -587,7 +596,7 @@ mod tests {
         );
         let r = denial(&q, day, 0, 501, at, Stage::Data);
         assert_eq!(
-            r.reply().unwrap(),
+            r.reply().unwrap().to_string(),
             "550 5.7.1 Message has 501 recipients, more than the sending quota's limit of 500 bulk recipients per day"
         );
     }

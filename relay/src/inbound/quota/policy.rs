@@ -39,9 +39,9 @@ pub struct PolicyRejection {
 }
 
 impl PolicyRejection {
-    /// The full reply line: `550 5.7.1 …`.
-    pub fn reply(&self) -> String {
-        format!("550 5.7.1 {}", self.text)
+    /// The reply: `550 5.7.1 …`.
+    pub fn reply(&self) -> mailroute_smtp::Reply {
+        mailroute_smtp::Reply::with_code(550, mailroute_smtp::EnhancedStatusCode::new(5, 7, 1), &self.text)
     }
 }
 
@@ -308,7 +308,7 @@ mod tests {
         assert!(check_from_domain(&q, "shop@customer.example").is_ok());
         let e = check_from_domain(&q, "noreply@Mail.Platform.example").unwrap_err();
         assert_eq!(
-            e.reply(),
+            e.reply().to_string(),
             "550 5.7.1 Sender domain mail.platform.example may not be used by this sender"
         );
         assert_eq!(e.quota_id, "ns/q");
@@ -317,7 +317,10 @@ mod tests {
         q.allowed_from_domains = vec![pat("customer.example")];
         assert!(check_from_domain(&q, "shop@customer.example").is_ok());
         assert_eq!(
-            check_from_domain(&q, "shop@elsewhere.example").unwrap_err().reply(),
+            check_from_domain(&q, "shop@elsewhere.example")
+                .unwrap_err()
+                .reply()
+                .to_string(),
             "550 5.7.1 Sender domain elsewhere.example is not one this sender may use"
         );
         assert!(check_from_domain(&q, "shop@[192.0.2.1]").is_err());

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Inbound, Reply, Session, reply_from_line};
+use super::{Inbound, Reply, Session};
 use crate::inbound::address;
 use crate::inbound::identity::{self, Unattributed};
 use crate::inbound::listener::{Conn, ListenerKind};
@@ -90,7 +90,7 @@ impl Inbound {
             &*self.identity,
         );
         if s.identity.is_none() && self.settings.unattributed == Unattributed::Refuse {
-            let r = reply_from_line(identity::UNKNOWN_NAMESPACE);
+            let r = identity::unknown_namespace();
             self.observer.rejected(&s.sender(), None, &r);
             s.mail_from = None;
             return conn.reply(&r.to_string());
@@ -110,7 +110,7 @@ impl Inbound {
             Ok(txn) => s.txn = Some(txn),
             Err(rej) => {
                 self.observer.quota_decision(&rej.quota_id, "rejected", namespace);
-                let r = reply_from_line(&rej.reply());
+                let r = rej.reply();
                 self.observer.rejected(&s.sender(), None, &r);
                 s.mail_from = None;
                 return conn.reply(&r.to_string());

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use super::{Flow, Inbound, Reply, SenderInfo, Session, reply_from_line};
+use super::{Flow, Inbound, Reply, SenderInfo, Session};
 use crate::inbound::body_budget;
 use crate::inbound::data::DataReceiver;
 use crate::inbound::headers;
@@ -98,7 +98,7 @@ impl Inbound {
         let sender = s.sender();
         let txn = s.reset_transaction();
         self.abort(txn).await;
-        let r = reply_from_line(body_budget::REPLY);
+        let r = body_budget::reply();
         self.observer.rejected(&sender, None, &r);
         conn.reply(&r.to_string());
         Flow::Continue

@@ -37,7 +37,7 @@ use crate::inbound::auth_guard::{AuthGuard, AuthLimits};
 use crate::inbound::body_budget::BodyBudget;
 use crate::inbound::identity::{IdentitySource, Nobody, SenderIdentity, Unattributed};
 use crate::inbound::listener::{Conn, Line, ListenerKind, MaybeTls};
-use crate::inbound::quota::{QuotaDecision, QuotaEngine, QuotaTxn, UNAVAILABLE_REPLY};
+use crate::inbound::quota::{QuotaDecision, QuotaEngine, QuotaTxn, unavailable_reply};
 use crate::inbound::{proxy, replies, shutdown};
 use crate::observe::metrics::Metrics;
 use crate::queue::Queue;
@@ -47,12 +47,6 @@ use crate::queue::message::MessageMeta;
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use mailroute_smtp::Reply;
-
-/// A reply from a full line `"451 4.7.1 text"` (quota and policy answers); an unparsable line
-/// becomes a 451.
-fn reply_from_line(line: &str) -> Reply {
-    Reply::from_line(line).unwrap_or_else(|| Reply::new(451, line))
-}
 
 /// Who is sending, as known at the time of a policy check.
 #[derive(Clone, Debug)]
@@ -273,7 +267,6 @@ impl Inbound {
     }
 
     /// Attributes unauthenticated clients to namespaces with `source` (default: nobody is known).
-    #[allow(dead_code)] // wired by the pod-IP map (issue 14); tests use it now
     pub(crate) fn with_identity(mut self, source: Arc<dyn IdentitySource>) -> Self {
         self.identity = source;
         self
@@ -539,11 +532,11 @@ impl Inbound {
                 if let Some(q) = quota {
                     self.observer.quota_decision(q, d.result_label(), namespace);
                 }
-                d.reply().map(|line| reply_from_line(&line))
+                d.reply()
             }
             Err(e) => {
                 tracing::error!(error = %e, quota = %id, "quota store unavailable; deferring");
-                Some(reply_from_line(UNAVAILABLE_REPLY))
+                Some(unavailable_reply())
             }
         }
     }
