@@ -29,6 +29,10 @@ pub struct RunArgs {
     /// Fleet name: the outputs are ConfigMap `<fleet>-config` and Secret `<fleet>-secrets`.
     #[arg(long, env = "MAILROUTE_FLEET", default_value = "mailroute")]
     pub fleet: String,
+    /// Govern SmtpRoutes and SenderQuotas without the `mailroute.io/fleet` label (objects
+    /// labelled for another fleet are never touched). Turn off on all releases but one.
+    #[arg(long, env = "MAILROUTE_CLAIM_UNLABELLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub claim_unlabelled: bool,
     /// Namespace of the outputs and the Lease (default: the pod's namespace, else the kubeconfig's).
     #[arg(long, env = "MAILROUTE_NAMESPACE")]
     pub namespace: Option<String>,
@@ -316,6 +320,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .cloned()
             .collect(),
         test_interval: args.connection_tests.then_some(args.connection_test_interval),
+        identity: crate::fleets::Identity {
+            namespace: namespace.clone(),
+            fleet: args.fleet.clone(),
+            claim_unlabelled: args.claim_unlabelled,
+        },
+        rival_window: args.resync_interval * 2,
         instance: identity,
         platform_namespaces: platform_namespaces(&args, &namespace),
     };

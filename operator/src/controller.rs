@@ -47,12 +47,12 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1u64 << exp).min(Duration::from_secs(300))
 }
 
-/// Which watch events of custom resources matter: spec changes (a new generation), deletions,
-/// and the end of a (re)list. Status writes bump only the resourceVersion and are ignored, so the
+/// Which watch events of custom resources matter: spec changes (a new generation), a changed
+/// fleet label (it moves the object in or out of the fleet), deletions, and the end of a (re)list. Status writes bump only the resourceVersion and are ignored, so the
 /// operator's own writes do not wake it up again.
 #[derive(Default)]
 pub struct GenerationFilter {
-    seen: HashMap<String, Option<i64>>,
+    seen: HashMap<String, (Option<i64>, Option<String>)>,
 }
 
 impl GenerationFilter {
@@ -61,7 +61,13 @@ impl GenerationFilter {
             Event::Apply(o) | Event::InitApply(o) => {
                 let meta = o.meta();
                 let uid = meta.uid.clone().unwrap_or_default();
-                self.seen.insert(uid, meta.generation) != Some(meta.generation)
+                let fleet = meta
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(crate::plan::FLEET_LABEL))
+                    .cloned();
+                let now = (meta.generation, fleet);
+                self.seen.insert(uid, now.clone()) != Some(now)
             }
             Event::Delete(o) => {
                 self.seen.remove(&o.meta().uid.clone().unwrap_or_default());
@@ -340,6 +346,10 @@ mod tests {
         assert!(!f.relevant(&Event::Apply(route("a", 1))), "a status write");
         assert!(f.relevant(&Event::Apply(route("a", 2))));
         assert!(f.relevant(&Event::Apply(route("b", 1))));
+        let mut labelled = route("a", 2);
+        labelled.metadata.labels = Some([(crate::plan::FLEET_LABEL.to_string(), "prod".to_string())].into());
+        assert!(f.relevant(&Event::Apply(labelled.clone())), "a fleet label");
+        assert!(!f.relevant(&Event::Apply(labelled)));
         assert!(f.relevant(&Event::Delete(route("a", 2))));
     }
 

@@ -8,6 +8,7 @@ pub mod conditions;
 pub mod conntest;
 pub mod controller;
 pub mod crdgen;
+pub mod fleets;
 pub mod http;
 pub mod lease;
 pub mod metrics;

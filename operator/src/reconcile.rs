@@ -1,6 +1,9 @@
 //! The thin I/O around `plan`: read every SmtpRoute, SenderQuota and referenced Secret, the
 //! namespaces' labels (for `allowedNamespaces` selectors) and the live outputs from the API, read quota usage from the relays, then apply what the plan says
-//! (server-side apply with field manager `mailroute-operator`) and publish its Events. Any read
+//! (server-side apply: outputs with field manager `mailroute-operator`, statuses with the
+//! operator's own, see `fleets`) and publish its Events. Objects outside the fleet's scope, or
+//! governed by another operator too, never reach the plan; statuses of the pre-fleet field
+//! manager are taken over (`adopt`). Any read
 //! error aborts before the first write, so a failed list can never turn into an empty config.
 //! Works on any `kube::Client` (a cluster, the in-memory fake, a mocked API server).
 
@@ -21,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::conntest::ConnTestJob;
+use crate::fleets::{self, Identity, Verdict};
 use crate::metrics::Metrics;
 use crate::plan::{self, FIELD_MANAGER, Fleet, Inputs, SecretData, Usage};
 use crate::usage::UsageClient;
@@ -59,6 +63,11 @@ pub struct Settings {
     pub instance: String,
     /// Platform namespaces; `None`: every namespace is one (single-tenant).
     pub platform_namespaces: Option<BTreeSet<String>>,
+    /// Which objects this operator governs (fleet label, unlabelled claim).
+    pub identity: Identity,
+    /// Another operator's status entry newer than this makes it a rival (`fleets`); about two
+    /// resync intervals.
+    pub rival_window: Duration,
 }
 
 /// What one reconcile did.
@@ -76,6 +85,20 @@ pub struct Outcome {
     pub routes_in_config: usize,
     pub quotas_in_config: usize,
 }
+
+/// The message of the object's `Accepted=False FleetConflict` condition, if it has one.
+fn standing_conflict<K: Serialize>(object: &K) -> Option<String> {
+    let v = serde_json::to_value(object).ok()?;
+    let c = v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted" && c["reason"] == fleets::FLEET_CONFLICT)?;
+    c["message"].as_str().map(str::to_string)
+}
+
+/// Listed objects by `fleets::Verdict`: governed, contested (with the governing operators),
+/// to release.
+type Sorted<K> = (Vec<K>, Vec<(K, Vec<String>)>, Vec<K>);
 
 #[derive(Default)]
 struct State {
@@ -258,6 +281,8 @@ impl Reconciler {
         let fleet = &self.settings.fleet;
         let routes: Vec<SmtpRoute> = self.list("SmtpRoutes").await?;
         let quotas: Vec<SenderQuota> = self.list("SenderQuotas").await?;
+        let (routes, contested_routes, released_routes) = self.sort_out(routes);
+        let (quotas, contested_quotas, released_quotas) = self.sort_out(quotas);
         let referenced = plan::referenced_secrets(&routes, &quotas);
         let secrets = self.read_secrets(&referenced).await?;
         let cm_api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &fleet.namespace);
@@ -344,6 +369,14 @@ impl Reconciler {
         }
 
         let mut failures: Vec<(String, kube::Error)> = Vec::new();
+        // Before the plan's writes: those then drop what the old manager had and the plan no
+        // longer wants.
+        let adopted = self
+            .adopt::<SmtpRoute>("SmtpRoute", &routes)
+            .await
+            .into_iter()
+            .chain(self.adopt::<SenderQuota>("SenderQuota", &quotas).await);
+        failures.extend(adopted);
         for w in &plan.route_statuses {
             match self
                 .write_status::<SmtpRoute, _>("SmtpRoute", &w.namespace, &w.name, &w.status)
@@ -364,6 +397,15 @@ impl Reconciler {
                 Err(e) => failures.push((format!("SenderQuota {}/{}", w.namespace, w.name), e)),
             }
         }
+        let contested = self
+            .refuse::<SmtpRoute>("SmtpRoute", &contested_routes, &released_routes, &mut outcome)
+            .await
+            .into_iter()
+            .chain(
+                self.refuse::<SenderQuota>("SenderQuota", &contested_quotas, &released_quotas, &mut outcome)
+                    .await,
+            );
+        failures.extend(contested);
         for e in &plan.events {
             let event = Event {
                 type_: if e.warning {
@@ -405,7 +447,7 @@ impl Reconciler {
             "kind": kind,
             "status": status,
         });
-        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let params = PatchParams::apply(&self.settings.identity.field_manager()).force();
         match api.patch_status(name, &params, &Patch::Apply(&body)).await {
             Ok(obj) => {
                 tracing::debug!(kind, object = %format!("{namespace}/{}", obj.name_any()), "status written");
@@ -414,5 +456,150 @@ impl Reconciler {
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Upgrade from the pre-fleet field manager: applies the object's live status under this
+    /// operator's manager (so it owns every field), then an empty one under the old manager (so
+    /// the old entry goes without removing a field). Returns the failures.
+    async fn adopt<K>(&self, kind: &str, governed: &[K]) -> Vec<(String, kube::Error)>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Serialize
+            + std::fmt::Debug,
+    {
+        let mut failures = Vec::new();
+        for o in governed.iter().filter(|o| fleets::has_legacy_status_owner(o.meta())) {
+            let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+            let live = serde_json::to_value(o)
+                .ok()
+                .map(|v| v["status"].clone())
+                .unwrap_or_default();
+            let ours = PatchParams::apply(&self.settings.identity.field_manager()).force();
+            let old = PatchParams::apply(FIELD_MANAGER).force();
+            let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+            let adopt = json!({"apiVersion": plan::API_VERSION, "kind": kind, "status": live});
+            let release = json!({"apiVersion": plan::API_VERSION, "kind": kind});
+            let result = match api.patch_status(&name, &ours, &Patch::Apply(&adopt)).await {
+                Ok(_) => api.patch_status(&name, &old, &Patch::Apply(&release)).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(kind, object = %format!("{ns}/{name}"), "status taken over from the pre-fleet field manager")
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => failures.push((format!("{kind} {ns}/{name}"), e)),
+            }
+        }
+        failures
+    }
+
+    /// Splits the listed objects into the governed ones (to the plan), the contested ones (with
+    /// every governing operator) and the ones whose status fields this operator must release.
+    fn sort_out<K: Resource + Serialize>(&self, objects: Vec<K>) -> Sorted<K> {
+        let (mut governed, mut contested, mut released) = (Vec::new(), Vec::new(), Vec::new());
+        let now = Timestamp::now();
+        for o in objects {
+            let standing = standing_conflict(&o);
+            let verdict = self
+                .settings
+                .identity
+                .judge(o.meta(), standing.as_deref(), now, self.settings.rival_window);
+            match verdict {
+                Verdict::Govern => governed.push(o),
+                Verdict::Conflict { operators } => contested.push((o, operators)),
+                Verdict::Ignore { release: true } => released.push(o),
+                Verdict::Ignore { release: false } => {}
+            }
+        }
+        (governed, contested, released)
+    }
+
+    /// Writes `Accepted=False FleetConflict` (and a Warning Event when it is new) on contested
+    /// objects and gives up this operator's status fields on released ones. Returns the failures.
+    async fn refuse<K>(
+        &self,
+        kind: &str,
+        contested: &[(K, Vec<String>)],
+        released: &[K],
+        outcome: &mut Outcome,
+    ) -> Vec<(String, kube::Error)>
+    where
+        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Serialize
+            + std::fmt::Debug,
+    {
+        let mut failures = Vec::new();
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
+        for (o, operators) in contested {
+            let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+            let live = serde_json::to_value(o)
+                .ok()
+                .map(|v| v["status"].clone())
+                .unwrap_or_default();
+            let previous: Vec<mailroute_api::status::Condition> =
+                serde_json::from_value(live["conditions"].clone()).unwrap_or_default();
+            let condition = fleets::conflict_condition(operators, &previous, o.meta().generation, &now);
+            let mut status = json!({"conditions": [condition]});
+            if let Some(g) = o.meta().generation {
+                status["observedGeneration"] = json!(g);
+            }
+            if live == status {
+                continue;
+            }
+            tracing::warn!(kind, object = %format!("{ns}/{name}"), operators = ?operators, "object governed by more than one operator; refused");
+            let written = match self.write_status::<K, _>(kind, &ns, &name, &status).await {
+                Ok(true) if fleets::has_legacy_status_owner(o.meta()) => {
+                    // The pre-fleet manager's fields (Ready, ...) go; the refusal stays ours.
+                    let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+                    let release = json!({"apiVersion": plan::API_VERSION, "kind": kind});
+                    let old = PatchParams::apply(FIELD_MANAGER).force();
+                    api.patch_status(&name, &old, &Patch::Apply(&release))
+                        .await
+                        .map(|_| true)
+                }
+                other => other,
+            };
+            match written {
+                Ok(true) => outcome.status_writes += 1,
+                Ok(false) => continue,
+                Err(e) => {
+                    failures.push((format!("{kind} {ns}/{name}"), e));
+                    continue;
+                }
+            }
+            let was = previous.iter().find(|c| c.type_ == condition.type_);
+            if was.is_some_and(|c| c.reason == condition.reason && c.message == condition.message) {
+                continue;
+            }
+            let event = Event {
+                type_: EventType::Warning,
+                reason: fleets::FLEET_CONFLICT.to_string(),
+                note: Some(condition.message.chars().take(1000).collect()),
+                action: "Compile".to_string(),
+                secondary: None,
+            };
+            match self.recorder.publish(&event, &o.object_ref(&())).await {
+                Ok(()) => outcome.events += 1,
+                Err(err) => tracing::warn!(error = %err, "publishing an Event failed"),
+            }
+        }
+        for o in released {
+            let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+            let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+            // Nothing but the type: the apply drops every status field this manager owned.
+            let body = json!({"apiVersion": plan::API_VERSION, "kind": kind});
+            let params = PatchParams::apply(&self.settings.identity.field_manager()).force();
+            match api.patch_status(&name, &params, &Patch::Apply(&body)).await {
+                Ok(_) => tracing::info!(kind, object = %format!("{ns}/{name}"), "outside this fleet; status released"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => failures.push((format!("{kind} {ns}/{name}"), e)),
+            }
+        }
+        failures
     }
 }

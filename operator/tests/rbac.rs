@@ -222,6 +222,12 @@ async fn the_rbac_file_grants_exactly_what_the_operator_uses() {
         test_interval: None,
         instance: "operator-0".into(),
         platform_namespaces: Some([NS.to_string()].into()),
+        identity: mailroute_operator::fleets::Identity {
+            namespace: NS.into(),
+            fleet: "mailroute".into(),
+            claim_unlabelled: true,
+        },
+        rival_window: std::time::Duration::from_secs(120),
     };
     let reconciler = Reconciler::new(client.clone(), settings, None, Metrics::new());
     let outcome = reconciler.reconcile().await.unwrap();

@@ -1,6 +1,7 @@
 //! The reconcile against a mocked API server (tower-test): asserts the exact requests — reads in
 //! order, the server-side-apply patches of the Secret and ConfigMap with field manager
-//! `mailroute-operator` and `force`, the status patch and the Events — and that a failed list or
+//! `mailroute-operator` and `force`, the status patch (the operator's own field manager,
+//! `mailroute-operator.<namespace>.<fleet>`) and the Events — and that a failed list or
 //! an unchanged world causes no write at all.
 
 use std::collections::BTreeMap;
@@ -160,17 +161,20 @@ fn reconciler() -> (std::sync::Arc<Reconciler>, MockHandle) {
         test_interval: None,
         instance: "operator-0".into(),
         platform_namespaces: None,
+        identity: mailroute_operator::fleets::Identity {
+            namespace: "mailroute-system".into(),
+            fleet: "mailroute".into(),
+            claim_unlabelled: true,
+        },
+        rival_window: std::time::Duration::from_secs(120),
     };
     (Reconciler::new(client, settings, None, Metrics::new()), handle)
 }
 
-fn assert_ssa(seen: &Seen, path: &str) {
+fn assert_ssa(seen: &Seen, path: &str, manager: &str) {
     assert_eq!(seen.method, Method::PATCH);
     assert_eq!(seen.path, path);
-    assert_eq!(
-        seen.query.get("fieldManager").map(String::as_str),
-        Some("mailroute-operator")
-    );
+    assert_eq!(seen.query.get("fieldManager").map(String::as_str), Some(manager));
     assert_eq!(seen.query.get("force").map(String::as_str), Some("true"));
     assert_eq!(seen.content_type.as_deref(), Some("application/apply-patch+yaml"));
 }
@@ -211,7 +215,11 @@ async fn a_first_reconcile_makes_exactly_these_requests() {
         });
         // The Secret first, so credentials are there before the routes using them.
         let s = next(&mut h, ok, |b| b.clone()).await;
-        assert_ssa(&s, "/api/v1/namespaces/mailroute-system/secrets/mailroute-secrets");
+        assert_ssa(
+            &s,
+            "/api/v1/namespaces/mailroute-system/secrets/mailroute-secrets",
+            "mailroute-operator",
+        );
         let secrets_hash = mailroute_api::config::short_hash(secrets_json.as_bytes());
         assert_eq!(
             s.body,
@@ -226,7 +234,11 @@ async fn a_first_reconcile_makes_exactly_these_requests() {
         assert!(secrets_json.contains("pw-123"));
 
         let s = next(&mut h, ok, |b| b.clone()).await;
-        assert_ssa(&s, "/api/v1/namespaces/mailroute-system/configmaps/mailroute-config");
+        assert_ssa(
+            &s,
+            "/api/v1/namespaces/mailroute-system/configmaps/mailroute-config",
+            "mailroute-operator",
+        );
         assert_eq!(
             s.body,
             json!({
@@ -241,6 +253,7 @@ async fn a_first_reconcile_makes_exactly_these_requests() {
         assert_ssa(
             &s,
             "/apis/mailroute.io/v1alpha1/namespaces/mail/smtproutes/relay/status",
+            "mailroute-operator.mailroute-system.mailroute",
         );
         let time = s.body["status"]["conditions"][0]["lastTransitionTime"]
             .as_str()

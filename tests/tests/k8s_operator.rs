@@ -176,7 +176,17 @@ async fn operator_works_with_the_charts_rbac_only() {
         .await
         .unwrap();
 
-    let operator = std::cell::RefCell::new(start_operator(cp, &kubeconfig, &ns, &fullname, "operator-test", &[]));
+    // Only its namespace: an operator watching every namespace would claim the other tests'
+    // unlabelled routes too, and both would refuse them (FleetConflict).
+    let watch = format!("--watch-namespaces={ns}");
+    let operator = std::cell::RefCell::new(start_operator(
+        cp,
+        &kubeconfig,
+        &ns,
+        &fullname,
+        "operator-test",
+        &[&watch],
+    ));
 
     let configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
     let secrets = Api::<Secret>::namespaced(admin.clone(), &ns);
@@ -296,8 +306,7 @@ async fn two_operators_elect_one_leader_and_the_other_takes_over() {
     let routes = Api::<DynamicObject>::namespaced_with(admin.clone(), &ns, &route_resource());
     let mut r = route(&ns, free_port().unwrap(), 10);
     r.data["spec"].as_object_mut().unwrap().remove("auth");
-    // Domains of its own: the other test's operator watches every namespace and would see two
-    // routes of the same priority for the same domain as a conflict.
+    // Domains of its own, so the route stands alone in the compiled configuration.
     r.data["spec"]["match"]["recipientDomains"] = serde_json::json!(["leader.example"]);
     routes.patch("upstream", &apply, &Patch::Apply(&r)).await.unwrap();
 
@@ -451,7 +460,11 @@ async fn operator_compiles_tenant_and_platform_routes_into_namespace_lists() {
         &platform,
         &fullname,
         "operator-tenancy",
-        &["--connection-tests=false", &format!("--platform-namespaces={platform}")],
+        &[
+            "--connection-tests=false",
+            &format!("--platform-namespaces={platform}"),
+            &format!("--watch-namespaces={platform},{team_a},{team_b}"),
+        ],
     ));
     let configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &platform);
     let id = |ns: &str, name: &str| format!("{ns}/{name}");

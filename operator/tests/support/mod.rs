@@ -180,6 +180,12 @@ pub fn settings(test_interval: Option<Duration>) -> Settings {
         test_interval,
         instance: "operator-0".into(),
         platform_namespaces: None,
+        identity: mailroute_operator::fleets::Identity {
+            namespace: OPERATOR_NS.into(),
+            fleet: "mailroute".into(),
+            claim_unlabelled: true,
+        },
+        rival_window: std::time::Duration::from_secs(120),
     }
 }
 
