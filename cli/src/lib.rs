@@ -140,8 +140,13 @@ pub enum MessageCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum QuotaCommand {
-    /// Lists every sender quota with its usage.
-    Ls,
+    /// Lists sender quotas with their usage.
+    Ls {
+        /// Only the quotas governing this namespace (its own and the platform's that cap it);
+        /// required with a Kubernetes token.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
 }
 
 /// Parses the process arguments and runs; what `main` of both binaries calls.
@@ -217,8 +222,9 @@ pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError>
                 .await?;
             output::print_value(out, format, &v, output::message_table)
         }
-        Command::Quota(QuotaCommand::Ls) => {
-            let v = client.get_json("/api/v1/quotas", &[]).await?;
+        Command::Quota(QuotaCommand::Ls { namespace }) => {
+            let query: Vec<(String, String)> = namespace.into_iter().map(|n| ("namespace".to_string(), n)).collect();
+            let v = client.get_json("/api/v1/quotas", &query).await?;
             output::print_value(out, format, &v, output::quota_table)
         }
         Command::Completion { .. } => Ok(()),

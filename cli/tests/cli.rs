@@ -173,6 +173,8 @@ async fn the_cli_shows_and_acts_on_a_real_relay_with_exit_codes_scripts_can_use(
     assert_eq!(quotas.code, 0, "{}", quotas.stderr);
     let v: serde_json::Value = serde_json::from_str(&quotas.stdout).unwrap();
     assert_eq!(v["quotas"], serde_json::json!([]));
+    let scoped = mailroute(&admin, TOKEN, &["quota", "ls", "--namespace=team-a", "-o", "json"]).await;
+    assert_eq!(scoped.code, 0, "{}", scoped.stderr);
     let completion = mailroute(&admin, TOKEN, &["completion", "bash"]).await;
     assert!(
         completion.code == 0 && completion.stdout.contains("_mailroute"),
