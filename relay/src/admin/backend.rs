@@ -21,10 +21,16 @@ pub struct RelayBackend {
     pub metrics: Arc<Metrics>,
     /// For the `cancelled` records of a cancel.
     pub dlog: DeliveryLog,
+    /// The suppression lists (none with the memory queue).
+    pub suppress: Option<Arc<crate::suppress::Suppressions>>,
 }
 
 #[async_trait]
 impl AdminBackend for RelayBackend {
+    fn suppressions(&self) -> Option<Arc<crate::suppress::Suppressions>> {
+        self.suppress.clone()
+    }
+
     async fn ready(&self) -> Result<(), String> {
         self.queue.ping().await.map_err(|e| format!("queue unreachable: {e}"))?;
         if self.config.get().generation == 0 {

@@ -93,6 +93,8 @@ pub struct Worker {
     pub transport: Arc<dyn Transport>,
     pub pacing: Arc<dyn Pacing>,
     pub telemetry: Telemetry,
+    /// The suppression lists hard bounces are added to (none with the memory queue).
+    pub suppress: Option<Arc<crate::suppress::Suppressions>>,
     pub settings: WorkerSettings,
 }
 
