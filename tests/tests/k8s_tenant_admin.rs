@@ -346,14 +346,20 @@ async fn tenants_read_and_cancel_only_their_namespaces_mail() {
         // Suppression lists: editors add and remove in their namespace, viewers read it, nobody
         // touches another namespace's or (without the admin token) the platform's.
         let entry = serde_json::json!({"address": "gone@a.example"});
-        let (status, body) = api.post(&format!("/suppressions?namespace={a}"), &editor_a, entry.clone()).await;
+        let (status, body) = api
+            .post(&format!("/suppressions?namespace={a}"), &editor_a, entry.clone())
+            .await;
         anyhow::ensure!(
             status == 201 && body.contains(&format!("system:serviceaccount:{a}:editor")),
             "{status} {body}"
         );
-        let (status, body) = api.post(&format!("/suppressions?namespace={a}"), &viewer_a, entry.clone()).await;
+        let (status, body) = api
+            .post(&format!("/suppressions?namespace={a}"), &viewer_a, entry.clone())
+            .await;
         anyhow::ensure!(status == 403, "view-bound add: {status} {body}");
-        let (status, body) = api.post(&format!("/suppressions?namespace={b}"), &editor_a, entry.clone()).await;
+        let (status, body) = api
+            .post(&format!("/suppressions?namespace={b}"), &editor_a, entry.clone())
+            .await;
         anyhow::ensure!(status == 403, "team-a's editor adding to team-b: {status} {body}");
         let (status, body) = api.post("/suppressions", &editor_a, entry).await;
         anyhow::ensure!(status == 400, "a tenant adding to the platform list: {status} {body}");

@@ -435,6 +435,19 @@ mod tests {
     }
 
     #[test]
+    fn a_million_entries_cost_eight_megabytes() {
+        let s = Scope::Namespace("team-a".into());
+        let n = 1_000_000;
+        let mut hashes = Vec::with_capacity(n);
+        hashes.extend((0..n).map(|i| hash(&s, &format!("user{i}@example.com"))));
+        let c = ScopeCopy::new("1".into(), hashes, None);
+        assert_eq!(c.len(), n);
+        assert_eq!(c.bytes(), 8_000_000);
+        assert!(c.may_contain(hash(&s, "user999999@example.com")));
+        assert!(!c.may_contain(hash(&s, "user1000000@example.com")));
+    }
+
+    #[test]
     fn the_refusal_is_a_550_5_1_1_that_says_suppressed() {
         let r = refusal(&Scope::Namespace("team-a".into())).to_string();
         assert!(r.starts_with("550 5.1.1 "), "{r}");
