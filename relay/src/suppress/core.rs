@@ -224,6 +224,21 @@ impl ScopeCopy {
     pub fn stale(&self, generation: &str, now_ms: i64) -> bool {
         self.generation != generation || self.next_expiry_ms.is_some_and(|t| t <= now_ms)
     }
+
+    /// Whether a stale copy read at `read_at_ms` is read again at `now_ms`: a list is read
+    /// whole, so a large one is read at most every `poll` × entries / [`ENTRIES_PER_POLL`]
+    /// (a million entries: every 100 polls), never less often than [`MAX_REREAD_MS`]. Until
+    /// then the copy keeps its old generation, so the enqueue's commit script checks the
+    /// list itself: nothing slips through, a new entry is dropped at the enqueue instead of
+    /// refused at RCPT.
+    pub fn reread_due(&self, generation: &str, now_ms: i64, read_at_ms: i64, poll_ms: i64) -> bool {
+        if !self.stale(generation, now_ms) {
+            return false;
+        }
+        let polls = (self.len() / ENTRIES_PER_POLL).max(1) as i64;
+        let wait = poll_ms.saturating_mul(polls).min(MAX_REREAD_MS);
+        now_ms.saturating_sub(read_at_ms) >= wait
+    }
     pub fn len(&self) -> usize {
         self.hashes.len()
     }
@@ -239,6 +254,11 @@ impl ScopeCopy {
         self.hashes.capacity() * std::mem::size_of::<u64>()
     }
 }
+
+/// Entries a list may hold and still be read again at every poll when it changed.
+pub const ENTRIES_PER_POLL: usize = 10_000;
+/// The longest a changed list waits to be read again (5 minutes).
+pub const MAX_REREAD_MS: i64 = 300_000;
 
 /// The scopes a message of `namespace` is checked against, in the order a hit is reported.
 pub fn scopes_for(namespace: Option<&str>) -> Vec<Scope> {
@@ -432,6 +452,20 @@ mod tests {
         assert!(c.may_contain(hash(&s, "a@x")));
         assert!(!c.may_contain(hash(&s, "c@x")));
         assert_eq!(c.bytes(), 16);
+    }
+
+    #[test]
+    fn large_lists_are_read_again_less_often() {
+        let small = ScopeCopy::new("1".into(), vec![1, 2, 3], None);
+        assert!(!small.reread_due("1", 10_000, 0, 2000));
+        assert!(small.reread_due("2", 2000, 0, 2000));
+        assert!(!small.reread_due("2", 1999, 0, 2000));
+        let big = ScopeCopy::new("1".into(), (0..50_000).collect(), None);
+        assert!(!big.reread_due("2", 9_999, 0, 2000));
+        assert!(big.reread_due("2", 10_000, 0, 2000));
+        let huge = ScopeCopy::new("1".into(), (0..2_000_000).collect(), None);
+        assert!(!huge.reread_due("2", MAX_REREAD_MS - 1, 0, 2000));
+        assert!(huge.reread_due("2", MAX_REREAD_MS, 0, 2000));
     }
 
     #[test]

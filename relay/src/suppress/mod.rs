@@ -6,7 +6,7 @@
 //!
 //! Each relay holds a copy of every list in memory ([`Suppressions`]: the sorted 64-bit
 //! hashes of the active entries, 8 bytes each), re-read in the background when a scope's
-//! generation moved. The hot path asks the copy only: a recipient that is not on it costs no
+//! generation moved (a large list less often, see [`ScopeCopy::reread_due`]). The hot path asks the copy only: a recipient that is not on it costs no
 //! Redis command; one that is (or collides with one) is confirmed with one read before it is
 //! refused. What the copy cannot know yet (an entry added since it was read) is caught by the
 //! queue's commit script, which compares the generations the copy was read at with Redis' and,
@@ -132,7 +132,14 @@ pub struct Screen {
     pub now_ms: i64,
 }
 
-type Copies = Arc<HashMap<Scope, Arc<ScopeCopy>>>;
+/// One scope's copy and when it was read (ms).
+#[derive(Debug)]
+struct Held {
+    copy: ScopeCopy,
+    read_at_ms: i64,
+}
+
+type Copies = Arc<HashMap<Scope, Arc<Held>>>;
 
 /// The lists: Redis reads and writes, and this relay's in-memory copy.
 pub struct Suppressions {
@@ -219,7 +226,7 @@ impl Suppressions {
         let copies = self.snapshot();
         core::scopes_for(namespace)
             .into_iter()
-            .filter(|s| copies.get(s).is_some_and(|c| c.may_contain(core::hash(s, key))))
+            .filter(|s| copies.get(s).is_some_and(|c| c.copy.may_contain(core::hash(s, key))))
             .collect()
     }
 
@@ -253,12 +260,17 @@ impl Suppressions {
             !k.is_empty()
                 && scopes
                     .iter()
-                    .any(|s| copies.get(s).is_some_and(|c| c.may_contain(core::hash(s, k))))
+                    .any(|s| copies.get(s).is_some_and(|c| c.copy.may_contain(core::hash(s, k))))
         });
         Screen {
             scopes: scopes
                 .iter()
-                .map(|s| (s.id(), copies.get(s).map(|c| c.generation.clone()).unwrap_or_default()))
+                .map(|s| {
+                    (
+                        s.id(),
+                        copies.get(s).map(|c| c.copy.generation.clone()).unwrap_or_default(),
+                    )
+                })
                 .collect(),
             force,
             keys,
@@ -391,18 +403,28 @@ impl Suppressions {
         let mut c = self.conn.clone();
         let gens: HashMap<String, String> = redis::cmd("HGETALL").arg(&self.gens).query_async(&mut c).await?;
         let old = self.snapshot();
-        let mut next: HashMap<Scope, Arc<ScopeCopy>> = HashMap::new();
+        let mut next: HashMap<Scope, Arc<Held>> = HashMap::new();
         let mut changed = false;
+        let poll_ms = self.settings.poll.as_millis() as i64;
         for (id, generation) in gens {
             let Some(scope) = Scope::from_id(&id) else { continue };
-            if let Some(copy) = old.get(&scope).filter(|c| !c.stale(&generation, now_ms)) {
-                next.insert(scope, copy.clone());
+            if let Some(held) = old
+                .get(&scope)
+                .filter(|h| !h.copy.reread_due(&generation, now_ms, h.read_at_ms, poll_ms))
+            {
+                next.insert(scope, held.clone());
                 continue;
             }
             // Read the generation first: whatever changes during the scan moves it again, and
             // the next round reads the scope anew.
             let copy = self.load(&scope, generation, now_ms).await?;
-            next.insert(scope, Arc::new(copy));
+            next.insert(
+                scope,
+                Arc::new(Held {
+                    copy,
+                    read_at_ms: now_ms,
+                }),
+            );
             changed = true;
         }
         changed |= next.len() != old.len();
@@ -411,8 +433,8 @@ impl Suppressions {
             for s in old.keys().filter(|s| !next.contains_key(*s)) {
                 let _ = gauge.remove_label_values(&[s.label()]);
             }
-            for (s, copy) in &next {
-                gauge.with_label_values(&[s.label()]).set(copy.len() as i64);
+            for (s, held) in &next {
+                gauge.with_label_values(&[s.label()]).set(held.copy.len() as i64);
             }
             let next = Arc::new(next);
             match self.copies.write() {
@@ -475,7 +497,7 @@ impl Suppressions {
 
     /// The sizes of the copy, by scope.
     pub fn sizes(&self) -> BTreeMap<Scope, usize> {
-        self.snapshot().iter().map(|(s, c)| (s.clone(), c.len())).collect()
+        self.snapshot().iter().map(|(s, h)| (s.clone(), h.copy.len())).collect()
     }
 
     /// Refreshes the copy every `settings.poll` until `shutdown` turns true.
@@ -497,7 +519,7 @@ impl Suppressions {
     pub fn generation(&self, scope: &Scope) -> String {
         self.snapshot()
             .get(scope)
-            .map(|c| c.generation.clone())
+            .map(|h| h.copy.generation.clone())
             .unwrap_or_default()
     }
 }
