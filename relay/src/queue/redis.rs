@@ -218,9 +218,11 @@ return n
 // Reply: {0} the record is gone (aborted or purged); {1, idx, scope id, ...} deliverable (now or
 // already), with the recipients found suppressed now.
 const COMMIT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-if redis.call('HDEL', KEYS[1], 'staged') == 0 then return {1} end
-redis.call('ZREM', KEYS[2], ARGV[1])
+local rec = redis.call('HMGET', KEYS[1], 'pending', 'staged')
+if not rec[1] then return {0} end
+if not rec[2] then return {1} end
+-- Every read (and whatever could fail) before the first write: a script that fails half-way
+-- keeps its writes, and a retry would find the message committed without its jobs.
 local ns = tonumber(ARGV[3])
 local first = 5 + 2 * ns
 local out = {1}
@@ -246,16 +248,21 @@ if ns > 0 then
     if #addrs > 0 then
       local now = tonumber(ARGV[2])
       for s = 1, ns do
-        local v = redis.call('HMGET', KEYS[6 + s], unpack(addrs))
-        for j = 1, #addrs do
-          local i = at[j]
-          if v[j] and not skip[i] then
-            local ok, e = pcall(cjson.decode, v[j])
-            local exp = ok and type(e) == 'table' and e['expires_ms']
-            if not (type(exp) == 'number' and exp <= now) then
-              skip[i] = true
-              out[#out + 1] = tonumber(ARGV[i + 3])
-              out[#out + 1] = ARGV[3 + 2 * s]
+        -- In slices: unpack() of thousands of arguments overflows Lua's stack.
+        for c = 1, #addrs, 1000 do
+          local part = {}
+          for j = c, math.min(c + 999, #addrs) do part[#part + 1] = addrs[j] end
+          local v = redis.call('HMGET', KEYS[6 + s], unpack(part))
+          for p = 1, #part do
+            local i = at[c + p - 1]
+            if v[p] and not skip[i] then
+              local ok, e = pcall(cjson.decode, v[p])
+              local exp = ok and type(e) == 'table' and e['expires_ms']
+              if not (type(exp) == 'number' and exp <= now) then
+                skip[i] = true
+                out[#out + 1] = tonumber(ARGV[i + 3])
+                out[#out + 1] = ARGV[3 + 2 * s]
+              end
             end
           end
         end
@@ -263,6 +270,8 @@ if ns > 0 then
     end
   end
 end
+redis.call('HDEL', KEYS[1], 'staged')
+redis.call('ZREM', KEYS[2], ARGV[1])
 local dropped = 0
 for i = first, #ARGV, 4 do
   if skip[i] then
