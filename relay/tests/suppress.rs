@@ -619,7 +619,14 @@ async fn as_user(r: &TestRelay, pki: &TestPki, user: &str, rcpt: &str) -> Transc
 async fn a_tenants_list_governs_its_own_mail_and_the_platforms_everyones() {
     let redis = RedisServer::start().unwrap();
     let pki = TestPki::new();
-    let up = SmtpServer::start(Script::new()).unwrap();
+    // The first recipient the upstream sees (bob's mail to team-a's entry: nothing else gets
+    // past the lists) is unknown to it: bob's bounce lists it in team-b's list.
+    let up = SmtpServer::start(
+        Script::new()
+            .stage(Stage::Rcpt)
+            .then(Behaviour::PermFail("550 5.1.1 no such user".into())),
+    )
+    .unwrap();
     let files = tempfile::tempdir().unwrap();
     let yaml = [
         "apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {name: platform, namespace: mailroute}\nspec:\n  host: 127.0.0.1\n  port: PORT\n  tls: {mode: none}\n  priority: 50\n  match: {recipientDomains: ['*']}\n---\n".replace("PORT", &up.port().to_string()),
@@ -646,10 +653,22 @@ async fn a_tenants_list_governs_its_own_mail_and_the_platforms_everyones() {
     assert!(
         eventually(|| async { refused_as_suppressed(&as_user(&r, &pki, "bob", "everyone@example.com").await) }).await
     );
+    // team-a's list does not apply to team-b's mail: accepted and tried upstream.
     let t = as_user(&r, &pki, "bob", "a-only@example.com").await;
     assert!(t.delivered(), "{:?}", t.lines());
-    let got = up.wait_for(1, WAIT).await.unwrap();
-    assert_eq!(got[0].rcpts, ["a-only@example.com"]);
+    let bounced = events_at_least(&r, "result=bounced&namespace=team-b", 1).await;
+    assert_eq!(bounced[0]["recipient"], "a-only@example.com");
+    // The hard bounce lists it in the sender's namespace's list only.
+    assert!(eventually(|| async { entry(&r, Some("team-b"), "a-only@example.com").await.is_some() }).await);
+    assert_eq!(
+        entry(&r, Some("team-b"), "a-only@example.com").await.unwrap()["source"]["message_id"],
+        bounced[0]["message_id"]
+    );
+    assert!(entry(&r, None, "a-only@example.com").await.is_none());
+    assert_eq!(
+        entry(&r, Some("team-a"), "a-only@example.com").await.unwrap()["source"]["kind"],
+        "manual"
+    );
     // The namespace shows in the refusal's record and metric.
     let rejected = events_at_least(&r, "result=rejected&namespace=team-a", 2).await;
     assert!(
