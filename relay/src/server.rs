@@ -1,5 +1,6 @@
 //! Assembles a running relay from its options: configuration, queue, delivery log, metrics,
-//! SMTP listeners, delivery workers, the admin API and the periodic housekeeping, and drains it
+//! SMTP listeners, delivery workers, the admin API, the suppression lists' refresher and the
+//! periodic housekeeping, and drains it
 //! on shutdown. It owns wiring and lifecycle only; every decision lives in the modules it wires.
 
 use std::net::SocketAddr;
