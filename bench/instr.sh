@@ -9,6 +9,9 @@
 # `callgrind_annotate OUT/callgrind.out.1`.
 #
 # Usage: bench/instr.sh RELAY_BIN [N=2000] [OUT=/tmp/instr-<bin name>] [SIZE=10240]
+# NATIVE=1 runs the relay without valgrind and prints its user and system CPU per message instead
+# (from /proc/PID/stat; wall-clock noise applies, but it shows the kernel's share, which
+# callgrind does not count).
 # CALLGRIND_ARGS adds valgrind options (e.g. --separate-callers4=__memcpy_avx_unaligned_erms).
 # Needs the release harness binaries (bench-sink, bench-loadgen) in $BENCH_BIN (default
 # target/release), redis-server, valgrind and curl.
@@ -65,8 +68,9 @@ EOF
 
 smtp_port=$(free_port)
 admin_port=$(free_port)
-valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out/callgrind.out" \
-  "$relay" run --queue "redis://127.0.0.1:$rport/0" --smtp-listen "127.0.0.1:$smtp_port" \
+runner=(valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$out/callgrind.out")
+if [ -n "${NATIVE:-}" ]; then runner=(); fi
+"${runner[@]}" "$relay" run --queue "redis://127.0.0.1:$rport/0" --smtp-listen "127.0.0.1:$smtp_port" \
   --submission-listen "" --smtps-listen "" --admin-listen "127.0.0.1:$admin_port" \
   --routes "$out/routes.yaml" --workers 64 --hostname relay.bench.example >"$out/relay.log" 2>&1 &
 relay_pid=$!
@@ -86,14 +90,25 @@ load() {
 
 load "$warm"
 wait_for 600 has "$warm"
-callgrind_control -z "$relay_pid" >/dev/null
+cpu() { awk '{print $14, $15}' "/proc/$relay_pid/stat"; } # utime stime, in clock ticks
+if [ -n "${NATIVE:-}" ]; then before=$(cpu); else callgrind_control -z "$relay_pid" >/dev/null; fi
 start=$(date +%s.%N)
 load "$n"
 wait_for 1200 has $((warm + n))
-callgrind_control -d "$relay_pid" >/dev/null
+if [ -n "${NATIVE:-}" ]; then after=$(cpu); else callgrind_control -d "$relay_pid" >/dev/null; fi
 secs=$(python3 -c "import time; print(round(time.time() - $start, 1))")
 kill "$relay_pid"
 wait "$relay_pid" 2>/dev/null || true
+
+if [ -n "${NATIVE:-}" ]; then
+  python3 - "$before" "$after" "$n" "$(getconf CLK_TCK)" "$relay" "$secs" <<'PY'
+import sys
+b, a, n, hz = sys.argv[1].split(), sys.argv[2].split(), int(sys.argv[3]), int(sys.argv[4])
+user, sys_ = [(int(a[i]) - int(b[i])) * 1000 / hz / n for i in (0, 1)]
+print(f"relay={sys.argv[5]} messages={n} cpu_ms/msg user={user:.3f} system={sys_:.3f} total={user + sys_:.3f} wall={sys.argv[6]}s")
+PY
+  exit 0
+fi
 
 dump=$(ls "$out"/callgrind.out.* | sort -t. -k3 -n | head -1)
 total=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$dump")
