@@ -548,19 +548,20 @@ impl RedisQueue {
     }
 }
 
-/// A message record from an `HMGET meta body cancelled` reply; None if it is gone.
-fn stored_from(msg_id: &str, v: &[Value]) -> Result<Option<Stored>> {
-    let (Some(meta), Some(body)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
+/// A message record from an `HMGET meta body cancelled` reply; None if it is gone. The body
+/// keeps the reply's buffer (no copy).
+fn stored_from(msg_id: &str, mut v: Vec<Value>) -> Result<Option<Stored>> {
+    let (Some(meta), Some(_)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
         return Ok(None);
     };
     let meta: MessageMeta =
         serde_json::from_slice(meta).map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
     let cancelled = v.get(2).and_then(as_bytes).is_some();
-    Ok(Some(Stored {
-        meta,
-        body: Bytes::copy_from_slice(body),
-        cancelled,
-    }))
+    let body = match std::mem::replace(&mut v[1], Value::Nil) {
+        Value::BulkString(b) => Bytes::from(b),
+        other => as_bytes(&other).map(Bytes::copy_from_slice).unwrap_or_default(),
+    };
+    Ok(Some(Stored { meta, body, cancelled }))
 }
 
 fn as_string(v: &Value) -> Option<String> {
@@ -725,7 +726,7 @@ impl Queue for RedisQueue {
         }
         let mut c = self.conn.clone();
         let replies: Vec<Vec<Value>> = p.query_async(&mut c).await?;
-        msg_ids.iter().zip(&replies).map(|(id, v)| stored_from(id, v)).collect()
+        msg_ids.iter().zip(replies).map(|(id, v)| stored_from(id, v)).collect()
     }
 
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool> {
