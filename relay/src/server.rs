@@ -80,6 +80,10 @@ pub struct RelayOptions {
     pub log_stdout: bool,
     /// Read the operator's pod-IP identity map from the queue's Redis this often (None: off).
     pub pod_identity_poll: Option<Duration>,
+    /// Longest time a job is held in all (bulk queue control); then its hold lapses.
+    pub max_hold: Duration,
+    /// How often each relay reads the holds (and mirrors `spec.suspended` into them).
+    pub hold_refresh: Duration,
 }
 
 impl RelayOptions {
@@ -118,6 +122,8 @@ impl RelayOptions {
             consumer: default_consumer(),
             log_stdout: true,
             pod_identity_poll: None,
+            max_hold: crate::control::DEFAULT_MAX_HOLD,
+            hold_refresh: Duration::from_secs(2),
         }
     }
 }
@@ -418,6 +424,13 @@ impl Relay {
             resolver,
         )?;
         let pacer = Pacer::new(pace_store);
+        let control = Arc::new(crate::control::Control::new(
+            queue.clone(),
+            config.clone(),
+            telemetry.clone(),
+            opts.max_hold,
+            opts.fallback_mx,
+        ));
         let worker = Arc::new(Worker {
             queue: queue.clone(),
             config: config.clone(),
@@ -433,6 +446,7 @@ impl Relay {
                 })
             }),
             telemetry: telemetry.clone(),
+            control: control.clone(),
             settings: WorkerSettings {
                 consumer: opts.consumer.clone(),
                 concurrency: opts.workers,
@@ -440,6 +454,7 @@ impl Relay {
                 hostname: opts.inbound.hostname.clone(),
                 fallback_mx: opts.fallback_mx,
                 promote_every: Duration::from_millis(250),
+                hold_refresh: opts.hold_refresh,
             },
         });
         let backend = Arc::new(RelayBackend {
@@ -448,6 +463,7 @@ impl Relay {
             quotas: quotas.clone(),
             metrics: metrics.clone(),
             dlog: dlog.clone(),
+            control,
         });
         let liveness = Liveness::default();
         let mut ticker_rx = shutdown_rx.clone();

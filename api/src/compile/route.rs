@@ -74,6 +74,7 @@ pub(super) fn compile_route(
         dkim,
         test_recipient: spec.test_recipient.clone(),
         timeouts: compile_timeouts(spec.timeouts.as_ref(), d),
+        suspended: spec.suspended,
     })
 }
 

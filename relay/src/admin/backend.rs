@@ -21,6 +21,8 @@ pub struct RelayBackend {
     pub metrics: Arc<Metrics>,
     /// For the `cancelled` records of a cancel.
     pub dlog: DeliveryLog,
+    /// Bulk queue control.
+    pub control: Arc<crate::control::Control>,
 }
 
 #[async_trait]
@@ -78,6 +80,10 @@ impl AdminBackend for RelayBackend {
             .collect())
     }
 
+    fn control(&self) -> Option<Arc<crate::control::Control>> {
+        Some(self.control.clone())
+    }
+
     async fn refresh_metrics(&self) -> bool {
         let now = crate::clock::now_ms();
         let mut complete = true;
@@ -87,6 +93,7 @@ impl AdminBackend for RelayBackend {
                 m.queue_ready_jobs.set(s.ready as i64);
                 m.queue_inflight_jobs.set(s.inflight as i64);
                 m.queue_scheduled_jobs.set(s.scheduled as i64);
+                m.queue_held_jobs.set(s.held as i64);
                 m.queue_messages.set(s.messages as i64);
                 m.queue_oldest_age_seconds.set(s.oldest_age_ms as f64 / 1000.0);
             }

@@ -1,7 +1,7 @@
 //! The admin HTTP API (axum): `/healthz` (503 when a loop of the relay stopped turning),
 //! `/readyz` and `/metrics` without
 //! authentication, and `/api/v1/*` (delivery log events as JSON or CSV,
-//! message state and cancellation, quota usage) behind a bearer token: the admin token (every
+//! message state and cancellation, quota usage, bulk queue control in [`queue`]) behind a bearer token: the admin token (every
 //! namespace), or, when enabled, a Kubernetes token authenticated by TokenReview and authorized
 //! per namespace by SubjectAccessReview ([`access`] decides what each request needs,
 //! [`kubernetes`] asks the API server). A tenant's answers never show another namespace's mail:
@@ -17,6 +17,7 @@
 pub mod access;
 pub(crate) mod backend;
 pub mod kubernetes;
+mod queue;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,7 +32,7 @@ use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use mailroute_api::quota::QuotaUsage;
@@ -62,6 +63,10 @@ pub trait AdminBackend: Send + Sync {
     /// in the background by [`refresh_gauges`], never by a scrape.
     async fn refresh_metrics(&self) -> bool {
         true
+    }
+    /// Bulk queue control (`/api/v1/queue*`, `/api/v1/holds`), when this relay offers it.
+    fn control(&self) -> Option<Arc<crate::control::Control>> {
+        None
     }
 }
 
@@ -131,6 +136,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/events.csv", get(events_csv))
         .route("/messages/{id}", get(message).delete(cancel))
         .route("/quotas", get(quotas))
+        // Bulk queue control.
+        .route("/queue", get(queue::list))
+        .route("/queue/cancel", post(queue::cancel))
+        .route("/queue/retry", post(queue::retry))
+        .route("/queue/hold", post(queue::hold))
+        .route("/queue/release", post(queue::release))
+        .route("/holds", get(queue::holds))
         .fallback(api_not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

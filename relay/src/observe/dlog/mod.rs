@@ -69,10 +69,16 @@ pub enum EventResult {
     Rejected,
     /// Cancelled through the admin API.
     Cancelled,
+    /// Held by a hold (bulk queue control): not attempted, not expiring, until released.
+    Held,
+    /// Its hold ended (released, or lapsed at the maximum hold time).
+    Released,
+    /// Made ready at once by a retry through the admin API.
+    Retried,
 }
 
 impl EventResult {
-    pub const ALL: [EventResult; 8] = [
+    pub const ALL: [EventResult; 11] = [
         EventResult::Received,
         EventResult::Scheduled,
         EventResult::Delivered,
@@ -81,6 +87,9 @@ impl EventResult {
         EventResult::Expired,
         EventResult::Rejected,
         EventResult::Cancelled,
+        EventResult::Held,
+        EventResult::Released,
+        EventResult::Retried,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +102,9 @@ impl EventResult {
             EventResult::Expired => "expired",
             EventResult::Rejected => "rejected",
             EventResult::Cancelled => "cancelled",
+            EventResult::Held => "held",
+            EventResult::Released => "released",
+            EventResult::Retried => "retried",
         }
     }
 }
@@ -160,6 +172,10 @@ pub struct DeliveryEvent {
     /// `scheduled`: when delivery will be tried (RFC 3339 UTC, milliseconds).
     #[serde(default, with = "opt_time_ms")]
     pub not_before: Option<DateTime<Utc>>,
+    /// Who did it, for an action through the admin API (`admin-token` or the Kubernetes user)
+    /// or a hold (its author, the SmtpRoute that suspends a route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 impl DeliveryEvent {
@@ -193,6 +209,7 @@ impl DeliveryEvent {
             bounce_class: None,
             tls: false,
             not_before: None,
+            actor: None,
         }
     }
 

@@ -12,6 +12,8 @@ use super::policy::expired_outcome;
 use super::policy::fallback_route;
 use super::{Decision, Delivery, PaceDecision, Recipient, Worker, decide, no_route_outcome, policy_for};
 use crate::clock::now_ms;
+use crate::control::rules::{JobFacts, JobState};
+use crate::control::{held_event, released};
 use crate::observe::dlog::EventResult;
 use crate::observe::telemetry::{event_for, scheduled_event};
 use crate::outbound::delivery::AttemptResult;
@@ -90,8 +92,50 @@ impl Worker {
         if routes.is_empty() && self.settings.fallback_mx {
             routes.push(fallback_route());
         }
-        let policy = policy_for(routes.first(), meta);
+        let mut policy = policy_for(routes.first(), meta);
         let now = now_ms();
+        // A hold comes before everything else: held mail is neither attempted nor expired.
+        let facts = JobFacts {
+            meta,
+            rcpt_domain: &domain,
+            route: routes.first().map(|r| r.id.as_str()),
+            state: JobState::Ready,
+        };
+        if let Some((hold, until)) = self.control.held(&facts, &job, now) {
+            if job.held_since.is_none() {
+                self.telemetry.record_now(held_event(meta, idx, &hold, until)).await;
+            }
+            let route = routes.first().map_or_else(|| "none".to_owned(), |r| r.id.clone());
+            let st = state(
+                RecipientStatus::Queued,
+                job.attempts,
+                Some(until),
+                Some((format!("held by {}", hold.rule), route)),
+            );
+            let job = Job {
+                held_since: Some(job.held_since.unwrap_or(now)),
+                ..job
+            };
+            let hold = Disposition::Hold {
+                job,
+                due_ms: until,
+                state: st,
+                hold: hold.key(),
+            };
+            return self.complete(&leased, hold).await;
+        }
+        let job = match job.held_since {
+            Some(_) => {
+                // Released, or the hold lapsed for it: the time held does not count against its
+                // lifetime.
+                let mut ev = event_for(meta, EventResult::Released, idx);
+                ev.reply_text = Some("hold ended or lapsed".into());
+                self.telemetry.record_now(ev).await;
+                released(&job, now)
+            }
+            None => job,
+        };
+        policy.lifetime += std::time::Duration::from_millis(job.held_ms);
         let this = Recipient {
             leased: &leased,
             meta,

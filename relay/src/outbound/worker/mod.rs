@@ -85,6 +85,8 @@ pub struct WorkerSettings {
     pub fallback_mx: bool,
     /// How often due jobs are promoted from the schedule.
     pub promote_every: Duration,
+    /// How often the holds are read again (and `spec.suspended` mirrored into them).
+    pub hold_refresh: Duration,
 }
 
 pub struct Worker {
@@ -93,6 +95,8 @@ pub struct Worker {
     pub transport: Arc<dyn Transport>,
     pub pacing: Arc<dyn Pacing>,
     pub telemetry: Telemetry,
+    /// The holds to honour (bulk queue control).
+    pub control: Arc<crate::control::Control>,
     pub settings: WorkerSettings,
 }
 
