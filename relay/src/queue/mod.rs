@@ -70,7 +70,8 @@ pub enum Disposition {
     /// goes when its last recipient is final.
     Final { state: RecipientState },
     /// Into the held set (a hold applies to it), due at `due_ms` when the hold lapses for it;
-    /// back into the ready stream instead if the hold stored under key `hold` is gone.
+    /// back into the ready stream as leased instead if the hold stored under key `hold` is gone
+    /// (released meanwhile, another relay's cache was behind).
     Hold {
         job: Job,
         due_ms: i64,
@@ -208,7 +209,9 @@ pub trait Queue: Send + Sync + 'static {
     }
 
     /// Completes a lease. A lease that was already completed (reclaimed and finished elsewhere)
-    /// is ignored, so a recipient is never counted final twice. Returns whether it applied.
+    /// is ignored, so a recipient is never counted final twice. Returns whether it applied; a
+    /// [`Disposition::Hold`] whose hold is gone puts the job back into the ready stream as it was
+    /// leased and returns false.
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool>;
 
     /// Cancels a message at once, in one atomic step: marks it cancelled, removes its scheduled

@@ -112,11 +112,13 @@ redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
 if ARGV[3] == 'r' then
   redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
 elseif ARGV[3] == 'h' then
-  -- Held only while its hold exists: one released meanwhile leaves nothing stranded.
+  -- Held only while its hold exists: one released meanwhile leaves nothing stranded (the
+  -- job goes back to the ready stream as it was, ARGV[9]).
   if redis.call('HEXISTS', KEYS[6], ARGV[8]) == 1 then
     redis.call('ZADD', KEYS[5], ARGV[6], ARGV[7])
   else
-    redis.call('XADD', KEYS[1], '*', 'j', ARGV[7])
+    redis.call('XADD', KEYS[1], '*', 'j', ARGV[9])
+    return 2
   end
 else
   local left = redis.call('HINCRBY', KEYS[3], 'pending', -1)
@@ -680,6 +682,7 @@ impl Queue for RedisQueue {
         let (mode, state, due, job, hold) = match &disposition {
             Disposition::Reschedule { job, due_ms, state } => ("r", state, *due_ms, job.encode(), ""),
             Disposition::Final { state } => ("f", state, 0, String::new(), ""),
+            // As it was, for the ready stream if the hold is gone.
             Disposition::Hold {
                 job,
                 due_ms,
@@ -705,6 +708,7 @@ impl Queue for RedisQueue {
             .arg(due)
             .arg(job)
             .arg(hold)
+            .arg(leased.job.encode())
             .invoke_async(&mut c)
             .await?;
         Ok(applied == 1)

@@ -102,9 +102,7 @@ impl Worker {
             state: JobState::Ready,
         };
         if let Some((hold, until)) = self.control.held(&facts, &job, now) {
-            if job.held_since.is_none() {
-                self.telemetry.record_now(held_event(meta, idx, &hold, until)).await;
-            }
+            let newly = job.held_since.is_none();
             let route = routes.first().map_or_else(|| "none".to_owned(), |r| r.id.clone());
             let st = state(
                 RecipientStatus::Queued,
@@ -116,13 +114,17 @@ impl Worker {
                 held_since: Some(job.held_since.unwrap_or(now)),
                 ..job
             };
-            let hold = Disposition::Hold {
+            let hold_it = Disposition::Hold {
                 job,
                 due_ms: until,
                 state: st,
                 hold: hold.key(),
             };
-            return self.complete(&leased, hold).await;
+            // Recorded once the hold is in place: a hold released meanwhile is not.
+            if self.complete(&leased, hold_it).await && newly {
+                self.telemetry.record_now(held_event(meta, idx, &hold, until)).await;
+            }
+            return;
         }
         let job = match job.held_since {
             Some(_) => {

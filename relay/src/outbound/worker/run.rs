@@ -317,13 +317,13 @@ impl Worker {
     /// (renewed meanwhile) and its worker slot stay taken, so the outcomes kept are bounded by
     /// the concurrency and no other relay repeats a finished delivery. Past that the job is
     /// reclaimed after the visibility timeout: delivered at least once.
-    pub(super) async fn complete(&self, leased: &Leased, d: Disposition) {
+    pub(super) async fn complete(&self, leased: &Leased, d: Disposition) -> bool {
         let deadline = tokio::time::Instant::now() + COMPLETE_RETRY_FOR;
         let most = (self.settings.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
         let mut backoff = Duration::from_millis(50).min(most);
         loop {
             match self.queue.complete(leased, d.clone()).await {
-                Ok(_) => return,
+                Ok(applied) => return applied,
                 Err(QueueError::Redis(e)) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, message = %leased.job.msg, "writing a job's outcome failed; keeping it and retrying");
                     tokio::time::sleep(backoff).await;
@@ -331,7 +331,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, message = %leased.job.msg, "completing job failed; it will be reclaimed");
-                    return;
+                    return false;
                 }
             }
         }
