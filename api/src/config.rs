@@ -90,7 +90,8 @@ pub struct CompiledRoute {
     pub test_recipient: Option<String>,
     /// SMTP session timeouts; omitted from the JSON when they are the defaults.
     #[serde(default, skip_serializing_if = "SessionTimeouts::is_default")]
-    pub timeouts: SessionTimeouts,    /// `spec.suspended`: the route's mail is held (not attempted) until the spec says otherwise.
+    pub timeouts: SessionTimeouts,
+    /// `spec.suspended`: the route's mail is held (not attempted) until the spec says otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
 }

@@ -87,7 +87,12 @@ async fn submit_many(addr: SocketAddr, from: &str, n: usize, sessions: usize, rc
             assert!(c.ehlo("client.test").await.expect("ehlo").is_positive());
             for i in (s..n).step_by(sessions) {
                 assert!(c.cmd(&format!("MAIL FROM:<{from}>")).await.expect("mail").is_positive());
-                assert!(c.cmd(&format!("RCPT TO:<{}>", rcpt(i))).await.expect("rcpt").is_positive());
+                assert!(
+                    c.cmd(&format!("RCPT TO:<{}>", rcpt(i)))
+                        .await
+                        .expect("rcpt")
+                        .is_positive()
+                );
                 let body = format!("From: <{from}>\r\nSubject: bulk {i}\r\n\r\nbody {i}\r\n");
                 let reply = c.data(body.as_bytes()).await.expect("data");
                 assert!(reply.is_positive(), "message {i}: {reply:?}");
@@ -132,10 +137,18 @@ async fn bulk_cancel_by_sender_across_two_relays_touches_exactly_those() {
     const BULK: usize = 10_000;
     const KEEP: usize = 20;
     tokio::join!(
-        submit_many(a.smtp(), "bulk@shop.example", BULK / 2, 4, |i| format!("a{i}@example.com")),
-        submit_many(b.smtp(), "bulk@shop.example", BULK / 2, 4, |i| format!("b{i}@example.com")),
-        submit_many(a.smtp(), "keep@shop.example", KEEP / 2, 1, |i| format!("ka{i}@example.com")),
-        submit_many(b.smtp(), "keep@shop.example", KEEP / 2, 1, |i| format!("kb{i}@example.com")),
+        submit_many(a.smtp(), "bulk@shop.example", BULK / 2, 4, |i| format!(
+            "a{i}@example.com"
+        )),
+        submit_many(b.smtp(), "bulk@shop.example", BULK / 2, 4, |i| format!(
+            "b{i}@example.com"
+        )),
+        submit_many(a.smtp(), "keep@shop.example", KEEP / 2, 1, |i| format!(
+            "ka{i}@example.com"
+        )),
+        submit_many(b.smtp(), "keep@shop.example", KEEP / 2, 1, |i| format!(
+            "kb{i}@example.com"
+        )),
     );
     // Every job reaches the held set (the workers of both relays put them there).
     until("every job held", Duration::from_secs(300), || async {
@@ -152,14 +165,21 @@ async fn bulk_cancel_by_sender_across_two_relays_touches_exactly_those() {
     assert!(v["error"].as_str().unwrap_or_default().contains("all=true"), "{v}");
 
     let v = post(&b, "/queue/cancel?sender=bulk@shop.example").await;
-    assert_eq!((v["touched"].as_u64(), v["in_flight"].as_u64()), (Some(BULK as u64), Some(0)), "{v}");
+    assert_eq!(
+        (v["touched"].as_u64(), v["in_flight"].as_u64()),
+        (Some(BULK as u64), Some(0)),
+        "{v}"
+    );
     assert_eq!(total(&a, "").await, KEEP as u64);
     assert_eq!(total(&a, "sender=bulk@shop.example").await, 0);
 
     // Released, the other sender's mail goes, and nothing else.
     let v = post(&a, "/queue/release?route=mail/up").await;
     assert_eq!(v["touched"].as_u64(), Some(KEEP as u64), "{v}");
-    until("the kept mail delivered", WAIT, || async { up.received().len() >= KEEP }).await;
+    until("the kept mail delivered", WAIT, || async {
+        up.received().len() >= KEEP
+    })
+    .await;
     until("the queue empty", WAIT, || async {
         metric(&a, "mailroute_queue_messages").await == Some(0.0)
     })
@@ -224,9 +244,14 @@ async fn held_domain_is_not_attempted_nor_expired_and_goes_after_release() {
     // Lifetime 3 s, retried every 1 s.
     let headers = "X-Mailroute-Expire: 3s\r\nX-Mailroute-Retry-Interval: 1s\r\n";
     assert!(
-        submit(r.smtp(), "app@app.example", &["user@held.example"], &message("h", headers))
-            .await
-            .delivered()
+        submit(
+            r.smtp(),
+            "app@app.example",
+            &["user@held.example"],
+            &message("h", headers)
+        )
+        .await
+        .delivered()
     );
     until("the first attempt deferred", WAIT, || async {
         !events(&r, "result=deferred").await.is_empty()
@@ -236,7 +261,10 @@ async fn held_domain_is_not_attempted_nor_expired_and_goes_after_release() {
     assert_eq!(v["hold"]["rule"]["domain"], "held.example", "{v}");
     // Deferred a second ago, the job may be ready or in flight at this moment; the worker holds
     // it whatever state it was in.
-    until("the message held", WAIT, || async { total(&r, "state=held").await == 1 }).await;
+    until("the message held", WAIT, || async {
+        total(&r, "state=held").await == 1
+    })
+    .await;
 
     // Other domains still go.
     assert!(
@@ -267,7 +295,11 @@ async fn held_domain_is_not_attempted_nor_expired_and_goes_after_release() {
     })
     .await;
     assert!(events(&r, "result=expired").await.is_empty());
-    let (status, v) = call(reqwest::Method::POST, &format!("{}/queue/release?domain=held.example", base(&r))).await;
+    let (status, v) = call(
+        reqwest::Method::POST,
+        &format!("{}/queue/release?domain=held.example", base(&r)),
+    )
+    .await;
     assert_eq!(status, 404, "no such hold any more: {v}");
 }
 
@@ -282,16 +314,25 @@ async fn a_hold_lapses_at_the_maximum_hold_time() {
     .await;
     // Asked for a day; the relay's maximum (3 s) wins.
     let v = post(&r, "/queue/hold?sender=app@app.example&max=24h").await;
-    let (since, until_ms) = (v["hold"]["since_ms"].as_i64().unwrap(), v["hold"]["until_ms"].as_i64().unwrap());
+    let (since, until_ms) = (
+        v["hold"]["since_ms"].as_i64().unwrap(),
+        v["hold"]["until_ms"].as_i64().unwrap(),
+    );
     assert_eq!(until_ms - since, 3_000, "{v}");
     assert!(
         submit(r.smtp(), "app@app.example", &["user@example.com"], &message("l", ""))
             .await
             .delivered()
     );
-    until("the message held", WAIT, || async { total(&r, "state=held").await == 1 }).await;
+    until("the message held", WAIT, || async {
+        total(&r, "state=held").await == 1
+    })
+    .await;
     assert_eq!(up.received().len(), 0);
-    until("delivered once the hold lapsed", WAIT, || async { up.received().len() == 1 }).await;
+    until("delivered once the hold lapsed", WAIT, || async {
+        up.received().len() == 1
+    })
+    .await;
     assert!(
         mailroute_relay::clock::now_ms() >= until_ms,
         "delivered before the hold lapsed"
@@ -299,14 +340,19 @@ async fn a_hold_lapses_at_the_maximum_hold_time() {
     let released = events(&r, "result=released").await;
     assert_eq!(released.len(), 1, "{released:?}");
     let (_, v) = call(reqwest::Method::GET, &format!("{}/holds", base(&r))).await;
-    assert_eq!(v["holds"].as_array().map(Vec::len), Some(0), "a lapsed hold is not listed: {v}");
+    assert_eq!(
+        v["holds"].as_array().map(Vec::len),
+        Some(0),
+        "a lapsed hold is not listed: {v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspended_route_holds_its_mail_until_unsuspended() {
     let redis = RedisServer::start().unwrap();
     let up = SmtpServer::start(Script::new()).unwrap();
-    let suspended = route("up", up.port(), 10, &["*"]).replace("  priority: 10\n", "  priority: 10\n  suspended: true\n");
+    let suspended =
+        route("up", up.port(), 10, &["*"]).replace("  priority: 10\n", "  priority: 10\n  suspended: true\n");
     let r = start(&suspended, &redis.url(), tweak).await;
     until("the spec's hold", WAIT, || async {
         let (_, v) = call(reqwest::Method::GET, &format!("{}/holds", base(&r))).await;
@@ -318,14 +364,20 @@ async fn a_suspended_route_holds_its_mail_until_unsuspended() {
             .await
             .delivered()
     );
-    until("the message held", WAIT, || async { total(&r, "state=held&route=mail/up").await == 1 }).await;
+    until("the message held", WAIT, || async {
+        total(&r, "state=held&route=mail/up").await == 1
+    })
+    .await;
     assert_eq!(up.received().len(), 0);
     let held = events(&r, "result=held").await;
     assert_eq!(held[0]["actor"], "SmtpRoute mail/up (spec.suspended)");
 
     // GitOps unsuspends the route: the relay reloads its configuration and releases the mail.
     std::fs::write(r.dir.path().join("routes.yaml"), route("up", up.port(), 10, &["*"])).unwrap();
-    until("delivered after unsuspending", WAIT, || async { up.received().len() == 1 }).await;
+    until("delivered after unsuspending", WAIT, || async {
+        up.received().len() == 1
+    })
+    .await;
     let (_, v) = call(reqwest::Method::GET, &format!("{}/holds", base(&r))).await;
     assert_eq!(v["holds"].as_array().map(Vec::len), Some(0), "{v}");
 }

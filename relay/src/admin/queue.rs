@@ -78,7 +78,10 @@ fn no_more(rest: &[(String, String)], allowed: &[&str]) -> Result<(), Response> 
             return Err(error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?}")));
         }
         if seen.contains(&k.as_str()) {
-            return Err(error(StatusCode::BAD_REQUEST, format!("parameter {k:?} given more than once")));
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("parameter {k:?} given more than once"),
+            ));
         }
         seen.push(k);
     }
@@ -116,7 +119,12 @@ pub(super) async fn list(
     let limit = match param(&rest, "limit").map(str::parse::<usize>) {
         None => DEFAULT_LIMIT,
         Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
-        Some(_) => return error(StatusCode::BAD_REQUEST, format!("limit must be between 1 and {MAX_LIMIT}")),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be between 1 and {MAX_LIMIT}"),
+            );
+        }
     };
     match c.list(&filter, param(&rest, "cursor"), limit).await {
         Ok(page) => axum::Json(page).into_response(),
@@ -213,7 +221,10 @@ async fn hold_target(
                 rule = Some(HoldRule::parse(k, v).map_err(|e| error(StatusCode::BAD_REQUEST, e.0))?);
             }
             "namespace" if namespace.is_some() => {
-                return Err(error(StatusCode::BAD_REQUEST, "parameter \"namespace\" given more than once"));
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "parameter \"namespace\" given more than once",
+                ));
             }
             "namespace" => namespace = Some(v.trim().to_owned()).filter(|n| !n.is_empty()),
             _ => rest.push((k.clone(), v.clone())),
@@ -226,7 +237,10 @@ async fn hold_target(
     if let Some(n) = &namespace
         && !access::is_namespace_name(n)
     {
-        return Err(error(StatusCode::BAD_REQUEST, format!("namespace {n:?} is not a namespace name")));
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("namespace {n:?} is not a namespace name"),
+        ));
     }
     let namespace = match list_scope(st, principal, namespace.as_deref(), access::queue_update).await? {
         Scope::All => namespace,

@@ -146,7 +146,12 @@ impl Control {
     }
 
     /// The route a message's recipient in `domain` goes through first, as the worker picks it.
-    pub fn route_of(&self, cfg: &mailroute_api::config::RelayConfig, meta: &MessageMeta, domain: &str) -> Option<String> {
+    pub fn route_of(
+        &self,
+        cfg: &mailroute_api::config::RelayConfig,
+        meta: &MessageMeta,
+        domain: &str,
+    ) -> Option<String> {
         let first = crate::outbound::route::candidates(
             cfg,
             meta.namespace.as_deref(),
@@ -215,7 +220,12 @@ impl Control {
 
     /// Lists the selected jobs: every one counted, `limit` shown after `cursor` (`id/rcpt`), in
     /// the order they came in.
-    pub async fn list(&self, filter: &QueueFilter, cursor: Option<&str>, limit: usize) -> Result<QueuePage, QueueError> {
+    pub async fn list(
+        &self,
+        filter: &QueueFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<QueuePage, QueueError> {
         let mut all: Vec<QueueItem> = Vec::new();
         let mut seen: HashSet<(String, u32)> = HashSet::new();
         let now = now_ms();
@@ -247,7 +257,9 @@ impl Control {
         }
         all.sort_by(|a, b| (&a.id, a.rcpt).cmp(&(&b.id, b.rcpt)));
         let total = all.len();
-        let after = cursor.and_then(|c| c.rsplit_once('/')).and_then(|(id, r)| Some((id.to_owned(), r.parse::<u32>().ok()?)));
+        let after = cursor
+            .and_then(|c| c.rsplit_once('/'))
+            .and_then(|(id, r)| Some((id.to_owned(), r.parse::<u32>().ok()?)));
         let start = match &after {
             Some((id, r)) => all.partition_point(|i| (&i.id, i.rcpt) <= (id, *r)),
             None => 0,
@@ -301,7 +313,14 @@ impl Control {
         let filter = scoped(hold.rule.filter(), hold.namespace.as_deref());
         let note = format!("held by {}", hold.rule);
         let report = self
-            .act(&filter, Action::Hold { due_ms: hold.until_ms.unwrap_or(now) }, actor, &note)
+            .act(
+                &filter,
+                Action::Hold {
+                    due_ms: hold.until_ms.unwrap_or(now),
+                },
+                actor,
+                &note,
+            )
             .await?;
         Ok((hold, report))
     }
@@ -341,7 +360,11 @@ impl Control {
             let mut whose = Vec::new();
             for (q, meta, _, _, state) in batch {
                 if state == JobState::InFlight {
-                    report.in_flight += 1;
+                    // Only what the action would have touched: a job released or retried a
+                    // moment ago and already taken by a worker is none of it.
+                    if matches!(action, Action::Cancel | Action::Hold { .. }) {
+                        report.in_flight += 1;
+                    }
                     continue;
                 }
                 let msg = q.job.msg.clone();
@@ -363,17 +386,15 @@ impl Control {
                         job: q.job.clone(),
                         place: q.place,
                     },
-                    Action::Hold { due_ms } if matches!(state, JobState::Ready | JobState::Scheduled) => {
-                        BulkOp::Hold {
-                            msg,
-                            job: Job {
-                                held_since: Some(now),
-                                ..q.job.clone()
-                            },
-                            due_ms,
-                            place: q.place,
-                        }
-                    }
+                    Action::Hold { due_ms } if matches!(state, JobState::Ready | JobState::Scheduled) => BulkOp::Hold {
+                        msg,
+                        job: Job {
+                            held_since: Some(now),
+                            ..q.job.clone()
+                        },
+                        due_ms,
+                        place: q.place,
+                    },
                     Action::Release if state == JobState::Held => BulkOp::Ready {
                         msg,
                         job: released(&q.job, now),

@@ -103,7 +103,9 @@ fn sender_of(v: &str) -> Result<String, FilterError> {
         return Ok(String::new());
     }
     if !v.contains('@') || v.chars().any(|c| c.is_whitespace() || c.is_control()) || v.len() > 320 {
-        return err(format!("sender {v:?} is not an e-mail address (use <> for the null sender)"));
+        return err(format!(
+            "sender {v:?} is not an e-mail address (use <> for the null sender)"
+        ));
     }
     Ok(v.to_ascii_lowercase())
 }
@@ -140,12 +142,15 @@ fn namespace_sel(v: &str) -> Result<NamespaceSel, FilterError> {
     match v.trim() {
         "-" => Ok(NamespaceSel::Unattributed),
         n if is_namespace_name(n) => Ok(NamespaceSel::Named(n.to_owned())),
-        n => err(format!("namespace {n:?} is not a namespace name (- for unattributed mail)")),
+        n => err(format!(
+            "namespace {n:?} is not a namespace name (- for unattributed mail)"
+        )),
     }
 }
 
 fn age_of(k: &str, v: &str) -> Result<Duration, FilterError> {
-    humantime::parse_duration(v.trim()).or_else(|e| err(format!("{k} {v:?} is not a duration like 90s, 10m or 2h: {e}")))
+    humantime::parse_duration(v.trim())
+        .or_else(|e| err(format!("{k} {v:?} is not a duration like 90s, 10m or 2h: {e}")))
 }
 
 impl QueueFilter {
@@ -256,7 +261,10 @@ impl QueueFilter {
             put("max_age", humantime::format_duration(a).to_string());
         }
         if !self.states.is_empty() {
-            put("state", self.states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","));
+            put(
+                "state",
+                self.states.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
+            );
         }
         v
     }
@@ -455,7 +463,12 @@ mod tests {
         let (null, _) = QueueFilter::parse(&pairs(&[("sender", "<>"), ("namespace", "-")])).unwrap();
         assert_eq!(null.sender.as_deref(), Some(""));
         assert_eq!(null.namespace, Some(NamespaceSel::Unattributed));
-        assert!(QueueFilter::parse(&pairs(&[("state", "held")])).unwrap().0.selects_everything());
+        assert!(
+            QueueFilter::parse(&pairs(&[("state", "held")]))
+                .unwrap()
+                .0
+                .selects_everything()
+        );
     }
 
     #[test]
@@ -486,7 +499,14 @@ mod tests {
         };
         let f = |list: &[(&str, &str)]| QueueFilter::parse(&pairs(list)).unwrap().0;
         assert!(f(&[]).matches(&j, 5_000));
-        assert!(f(&[("sender", "news@shop.example"), ("domain", "d.example"), ("route", "mail/up")]).matches(&j, 5_000));
+        assert!(
+            f(&[
+                ("sender", "news@shop.example"),
+                ("domain", "d.example"),
+                ("route", "mail/up")
+            ])
+            .matches(&j, 5_000)
+        );
         assert!(!f(&[("sender", "other@shop.example")]).matches(&j, 5_000));
         assert!(!f(&[("domain", "e.example")]).matches(&j, 5_000));
         assert!(!f(&[("route", "none")]).matches(&j, 5_000));
@@ -521,12 +541,18 @@ mod tests {
         let other_ns = hold(HoldRule::Route("mail/up".into()), Some("team-b"), None);
         let holds = [domain.clone(), other_ns];
         // Held from now until the hold's own end.
-        assert_eq!(held_until(&holds, &j, None, 0, max, 10_000).map(|(_, u)| u), Some(50_000));
+        assert_eq!(
+            held_until(&holds, &j, None, 0, max, 10_000).map(|(_, u)| u),
+            Some(50_000)
+        );
         // The hold ended: not held.
         assert!(held_until(&holds, &j, Some(10_000), 0, max, 50_000).is_none());
         // A hold without an end is capped by the job's maximum hold time, counting earlier holds.
         let spec = [hold(HoldRule::Route("mail/up".into()), None, None)];
-        assert_eq!(held_until(&spec, &j, Some(10_000), 30_000, max, 20_000).map(|(_, u)| u), Some(80_000));
+        assert_eq!(
+            held_until(&spec, &j, Some(10_000), 30_000, max, 20_000).map(|(_, u)| u),
+            Some(80_000)
+        );
         assert!(held_until(&spec, &j, Some(10_000), 30_000, max, 80_000).is_none());
         // Another namespace's hold does not touch this mail.
         assert!(held_until(&holds[1..], &j, None, 0, max, 0).is_none());

@@ -116,11 +116,21 @@ pub enum ScanCursor {
 #[derive(Clone, Debug)]
 pub enum BulkOp {
     /// Removes the job and makes its recipient final with `state` (cancelled).
-    Cancel { place: Place, rcpt: u32, msg: String, state: RecipientState },
+    Cancel {
+        place: Place,
+        rcpt: u32,
+        msg: String,
+        state: RecipientState,
+    },
     /// Moves a scheduled or held job into the ready stream as `job`.
     Ready { place: Place, msg: String, job: Job },
     /// Moves a ready or scheduled job into the held set as `job`, due at `due_ms`.
-    Hold { place: Place, msg: String, job: Job, due_ms: i64 },
+    Hold {
+        place: Place,
+        msg: String,
+        job: Job,
+        due_ms: i64,
+    },
 }
 
 /// What [`Queue::cancel`] did.

@@ -902,7 +902,11 @@ impl Queue for RedisQueue {
                 }
             }
             ScanCursor::Ready(after) => {
-                let start = if after == "-" { after.clone() } else { format!("({after}") };
+                let start = if after == "-" {
+                    after.clone()
+                } else {
+                    format!("({after}")
+                };
                 let entries: Value = redis::cmd("XRANGE")
                     .arg(&self.keys.ready)
                     .arg(&start)
@@ -984,7 +988,12 @@ impl Queue for RedisQueue {
             .arg(GROUP);
         for op in ops {
             let (code, place, msg, new, num) = match op {
-                BulkOp::Cancel { place, rcpt, msg, state } => (
+                BulkOp::Cancel {
+                    place,
+                    rcpt,
+                    msg,
+                    state,
+                } => (
                     "c",
                     place,
                     msg,
@@ -992,7 +1001,12 @@ impl Queue for RedisQueue {
                     i64::from(*rcpt),
                 ),
                 BulkOp::Ready { place, msg, job } => ("r", place, msg, job.encode(), 0),
-                BulkOp::Hold { place, msg, job, due_ms } => ("h", place, msg, job.encode(), *due_ms),
+                BulkOp::Hold {
+                    place,
+                    msg,
+                    job,
+                    due_ms,
+                } => ("h", place, msg, job.encode(), *due_ms),
             };
             let (at, r) = match place {
                 Place::Ready { entry } => ("x", entry),
