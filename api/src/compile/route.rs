@@ -437,6 +437,17 @@ mod timeout_tests {
     }
 
     #[test]
+    fn suspended_compiles_into_the_relay_config_and_defaults_to_off() {
+        let c = compile_with("  suspended: true\n");
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        assert!(c.config.routes[0].suspended);
+        assert!(!compile_with("").config.routes[0].suspended);
+        // Configurations written before the field read as not suspended.
+        let json = serde_json::to_value(&compile_with("").config.routes[0]).unwrap();
+        assert!(json.get("suspended").is_none(), "{json}");
+    }
+
+    #[test]
     fn broken_timeouts_are_reported_and_leave_the_route_out() {
         let c = compile_with("  timeouts: {connect: soon, mail: 500ms, rcpt: 2h, dataInit: 30s}\n");
         let fields: BTreeSet<&str> = c.diagnostics.iter().filter_map(|d| d.field.as_deref()).collect();
