@@ -475,12 +475,18 @@ async fn tenants_act_in_bulk_on_their_namespaces_queue_only() {
         .await?;
         let (a, b) = (team_a.as_str(), team_b.as_str());
         let total = |body: &str| -> u64 {
-            serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["total"].as_u64()).unwrap_or(u64::MAX)
+            serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["total"].as_u64())
+                .unwrap_or(u64::MAX)
         };
 
         // Listing: its own namespace only, and it must name it.
         let (status, body) = api.get(&format!("/queue?namespace={a}"), &viewer_a).await;
-        anyhow::ensure!(status == 200 && total(&body) == 2 && !body.contains("bulk-b-1"), "{status} {body}");
+        anyhow::ensure!(
+            status == 200 && total(&body) == 2 && !body.contains("bulk-b-1"),
+            "{status} {body}"
+        );
         let (status, body) = api.get(&format!("/queue?namespace={b}"), &viewer_a).await;
         anyhow::ensure!(status == 403, "team-a's viewer listing team-b: {status} {body}");
         let (status, body) = api.get("/queue", &viewer_a).await;
@@ -490,14 +496,25 @@ async fn tenants_act_in_bulk_on_their_namespaces_queue_only() {
         let (status, body) = post(format!("/queue/cancel?namespace={a}"), viewer_a.clone()).await;
         anyhow::ensure!(status == 403, "view-bound bulk cancel: {status} {body}");
         let (status, body) = post(format!("/queue/cancel?namespace={b}"), editor_a.clone()).await;
-        anyhow::ensure!(status == 403, "team-a's editor cancelling team-b's mail: {status} {body}");
-        let (status, body) = post(format!("/queue/hold?domain={b}.example&namespace={b}"), editor_a.clone()).await;
+        anyhow::ensure!(
+            status == 403,
+            "team-a's editor cancelling team-b's mail: {status} {body}"
+        );
+        let (status, body) = post(
+            format!("/queue/hold?domain={b}.example&namespace={b}"),
+            editor_a.clone(),
+        )
+        .await;
         anyhow::ensure!(status == 403, "team-a's editor holding team-b's mail: {status} {body}");
         let (status, body) = post(format!("/queue/retry?domain={b}.example"), editor_a.clone()).await;
         anyhow::ensure!(status == 400, "a tenant's retry without its namespace: {status} {body}");
 
         // Its own: a hold scoped to its namespace, and a cancel that touches its mail only.
-        let (status, body) = post(format!("/queue/hold?domain={a}.example&namespace={a}"), editor_a.clone()).await;
+        let (status, body) = post(
+            format!("/queue/hold?domain={a}.example&namespace={a}"),
+            editor_a.clone(),
+        )
+        .await;
         anyhow::ensure!(status == 200 && body.contains("\"touched\":2"), "{status} {body}");
         let (status, body) = api.get("/holds", ADMIN_TOKEN).await;
         let want = format!("\"namespace\":\"{a}\"");
@@ -507,7 +524,9 @@ async fn tenants_act_in_bulk_on_their_namespaces_queue_only() {
         anyhow::ensure!(queue.view("bulk-b-1").await?.is_some(), "team-b's mail was touched");
         let (_, body) = api.get("/queue", ADMIN_TOKEN).await;
         anyhow::ensure!(total(&body) == 1 && body.contains("bulk-b-1"), "{body}");
-        let (status, body) = api.get(&format!("/events?namespace={a}&result=cancelled"), ADMIN_TOKEN).await;
+        let (status, body) = api
+            .get(&format!("/events?namespace={a}&result=cancelled"), ADMIN_TOKEN)
+            .await;
         let actor = format!("\"actor\":\"system:serviceaccount:{a}:editor\"");
         anyhow::ensure!(status == 200 && body.matches(&actor).count() == 2, "{status} {body}");
         Ok(())

@@ -386,15 +386,19 @@ impl Control {
                         job: q.job.clone(),
                         place: q.place,
                     },
-                    Action::Hold { due_ms } if matches!(state, JobState::Ready | JobState::Scheduled) => BulkOp::Hold {
-                        msg,
-                        job: Job {
-                            held_since: Some(now),
-                            ..q.job.clone()
-                        },
-                        due_ms,
-                        place: q.place,
-                    },
+                    Action::Hold { due_ms } if matches!(state, JobState::Ready | JobState::Scheduled) => {
+                        // Held before: only what is left of its maximum hold time.
+                        let cap = now + self.max_hold.as_millis() as i64 - q.job.held_ms as i64;
+                        BulkOp::Hold {
+                            msg,
+                            job: Job {
+                                held_since: Some(now),
+                                ..q.job.clone()
+                            },
+                            due_ms: due_ms.min(cap),
+                            place: q.place,
+                        }
+                    }
                     Action::Release if state == JobState::Held => BulkOp::Ready {
                         msg,
                         job: released(&q.job, now),
