@@ -30,12 +30,15 @@ fn actor(p: &Principal) -> Actor {
     }
 }
 
-fn control(st: &AdminState) -> Result<std::sync::Arc<Control>, Response> {
+/// A refused request: the response to send.
+type Refused = Box<Response>;
+
+fn control(st: &AdminState) -> Result<std::sync::Arc<Control>, Refused> {
     st.backend.control().ok_or_else(|| {
-        error(
+        Box::new(error(
             StatusCode::NOT_IMPLEMENTED,
             "bulk queue control is not available on this relay",
-        )
+        ))
     })
 }
 
@@ -46,9 +49,9 @@ fn failed(what: &str, e: QueueError) -> Response {
     }
 }
 
-fn pairs(q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Vec<(String, String)>, Response> {
+fn pairs(q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Vec<(String, String)>, Refused> {
     q.map(|Query(p)| p)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.body_text())))
 }
 
 /// The filter of a request, with its other parameters, held to the caller's namespace.
@@ -71,17 +74,20 @@ async fn scoped_filter(
     Ok((filter, rest))
 }
 
-fn no_more(rest: &[(String, String)], allowed: &[&str]) -> Result<(), Response> {
+fn no_more(rest: &[(String, String)], allowed: &[&str]) -> Result<(), Refused> {
     let mut seen: Vec<&str> = Vec::new();
     for (k, _) in rest {
         if !allowed.contains(&k.as_str()) {
-            return Err(error(StatusCode::BAD_REQUEST, format!("unknown parameter {k:?}")));
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown parameter {k:?}"),
+            )));
         }
         if seen.contains(&k.as_str()) {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::BAD_REQUEST,
                 format!("parameter {k:?} given more than once"),
-            ));
+            )));
         }
         seen.push(k);
     }
@@ -103,18 +109,18 @@ pub(super) async fn list(
 ) -> Response {
     let c = match control(&st) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let pairs = match pairs(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (filter, rest) = match scoped_filter(&st, &principal, &pairs, access::queue_list).await {
         Ok(f) => f,
         Err(r) => return r,
     };
     if let Err(r) = no_more(&rest, &["limit", "cursor"]) {
-        return r;
+        return *r;
     }
     let limit = match param(&rest, "limit").map(str::parse::<usize>) {
         None => DEFAULT_LIMIT,
@@ -141,18 +147,18 @@ pub(super) async fn cancel(
 ) -> Response {
     let c = match control(&st) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let pairs = match pairs(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (filter, rest) = match scoped_filter(&st, &principal, &pairs, access::queue_cancel).await {
         Ok(f) => f,
         Err(r) => return r,
     };
     if let Err(r) = no_more(&rest, &["all"]) {
-        return r;
+        return *r;
     }
     let all = match param(&rest, "all") {
         None | Some("false") => false,
@@ -179,18 +185,18 @@ pub(super) async fn retry(
 ) -> Response {
     let c = match control(&st) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let pairs = match pairs(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (filter, rest) = match scoped_filter(&st, &principal, &pairs, access::queue_update).await {
         Ok(f) => f,
         Err(r) => return r,
     };
     if let Err(r) = no_more(&rest, &[]) {
-        return r;
+        return *r;
     }
     match c.retry(&filter, &actor(&principal)).await {
         Ok(r) => axum::Json(r).into_response(),
@@ -230,7 +236,7 @@ async fn hold_target(
             _ => rest.push((k.clone(), v.clone())),
         }
     }
-    no_more(&rest, extra)?;
+    no_more(&rest, extra).map_err(|r| *r)?;
     let Some(rule) = rule else {
         return Err(error(StatusCode::BAD_REQUEST, "give one of route, domain or sender"));
     };
@@ -257,11 +263,11 @@ pub(super) async fn hold(
 ) -> Response {
     let c = match control(&st) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let pairs = match pairs(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (rule, namespace, rest) = match hold_target(&st, &principal, &pairs, &["max"]).await {
         Ok(t) => t,
@@ -292,11 +298,11 @@ pub(super) async fn release(
 ) -> Response {
     let c = match control(&st) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let pairs = match pairs(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (rule, namespace, _) = match hold_target(&st, &principal, &pairs, &[]).await {
         Ok(t) => t,
@@ -317,14 +323,14 @@ pub(super) async fn holds(
 ) -> Response {
     let c = match control(&st) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let pairs = match pairs(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Err(r) = no_more(&pairs, &["namespace"]) {
-        return r;
+        return *r;
     }
     let namespace = param(&pairs, "namespace").map(str::to_owned);
     let scope = match list_scope(&st, &principal, namespace.as_deref(), access::queue_list).await {

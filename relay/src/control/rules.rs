@@ -87,6 +87,9 @@ pub struct QueueFilter {
     pub states: Vec<JobState>,
 }
 
+/// A filter and the parameters that are not the filter's.
+pub type Parsed<'a> = (QueueFilter, Vec<&'a (String, String)>);
+
 /// A bad filter parameter, answered 400.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -157,7 +160,7 @@ impl QueueFilter {
     /// Parses the filter parameters among `pairs` (`sender, domain, route, namespace, min_age,
     /// max_age, state` (repeatable or comma-separated)); others are left to the caller, which
     /// gets them back. Repeated parameters (but `state`) are errors.
-    pub fn parse<'a>(pairs: &'a [(String, String)]) -> Result<(Self, Vec<&'a (String, String)>), FilterError> {
+    pub fn parse(pairs: &[(String, String)]) -> Result<Parsed<'_>, FilterError> {
         let mut f = QueueFilter::default();
         let mut seen: Vec<&str> = Vec::new();
         let mut rest = Vec::new();
