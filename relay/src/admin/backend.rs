@@ -1,5 +1,6 @@
 //! The relay's side of the admin API ([`crate::admin::AdminBackend`]): message state and
-//! cancellation from the queue (and the `cancelled` log records of a cancel), quota usage from
+//! cancellation from the queue (and the `cancelled` log records of a cancel), bulk queue control
+//! (handed to [`crate::control::Control`]), quota usage from
 //! the quota engine, readiness, and the queue and quota gauges refreshed for scrapes (in the background of one, see `admin::metrics`). Thin: every answer comes from the module that owns it.
 
 use std::sync::Arc;

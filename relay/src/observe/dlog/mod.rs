@@ -1,6 +1,6 @@
 //! The delivery log: one [`DeliveryEvent`] per thing that happened to a
 //! recipient (received, scheduled, delivered, deferred, bounced, expired,
-//! rejected, cancelled), written as a JSON line to stdout and kept in a store that can
+//! rejected, cancelled, held, released, retried), written as a JSON line to stdout and kept in a store that can
 //! be queried by time range with filters and cursor paging, and trimmed by age.
 //!
 //! This module owns the event record, the filter and paging logic, the

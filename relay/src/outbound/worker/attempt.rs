@@ -1,5 +1,7 @@
-//! One job from load to decision: the recipient's routes, expiry, quiet hours, pacing, the
-//! attempts through the routes in order, and the decision after the last one.
+//! One job from load to decision: the recipient's routes, holds (bulk queue control: a held job
+//! is put into the held set, neither attempted nor expired; the time it was held lengthens its
+//! lifetime), expiry, quiet hours, pacing, the attempts through the routes in order, and the
+//! decision after the last one.
 //!
 //! Must not write the delivery log's failure records or DSNs itself (`finish` does), nor talk
 //! SMTP (the [`super::Transport`] does).
