@@ -1,6 +1,7 @@
 //! The delivery worker: takes jobs from the queue, chooses routes, attempts delivery, and moves
 //! each job to its next state: delivered, retried on the route's schedule, paced, held for
-//! quiet hours (logged as `scheduled`), bounced (with a DSN to the return-path) or expired.
+//! quiet hours (logged as `scheduled`), held by a hold (bulk queue control, `spec.suspended`;
+//! logged as `held`), bounced (with a DSN to the return-path) or expired.
 //! Several workers on several pods share one queue.
 //!
 //! It owns the per-job decision sequence and the order of the queue writes. SMTP I/O is behind
