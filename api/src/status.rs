@@ -68,6 +68,8 @@ pub enum ConditionType {
     /// The route authenticates in a way its provider is retiring (routes only; shown only while
     /// it does, `True` is the warning): Basic (password) SMTP AUTH to Microsoft 365.
     AuthDeprecated,
+    /// `spec.suspended`: the relays hold the route's mail (routes only; shown only while it is).
+    Suspended,
     /// Any other type.
     Other(String),
 }
@@ -80,6 +82,7 @@ impl ConditionType {
             Self::Verified => "Verified",
             Self::UsageReported => "UsageReported",
             Self::AuthDeprecated => "AuthDeprecated",
+            Self::Suspended => "Suspended",
             Self::Other(s) => s,
         }
     }
@@ -91,6 +94,7 @@ impl ConditionType {
             "Verified" => Self::Verified,
             "UsageReported" => Self::UsageReported,
             "AuthDeprecated" => Self::AuthDeprecated,
+            "Suspended" => Self::Suspended,
             other => Self::Other(other.to_string()),
         }
     }
@@ -187,6 +191,7 @@ pub mod condition_type {
     pub const VERIFIED: ConditionType = ConditionType::Verified;
     pub const USAGE_REPORTED: ConditionType = ConditionType::UsageReported;
     pub const AUTH_DEPRECATED: ConditionType = ConditionType::AuthDeprecated;
+    pub const SUSPENDED: ConditionType = ConditionType::Suspended;
 }
 
 impl Condition {
