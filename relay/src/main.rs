@@ -164,6 +164,9 @@ struct RunArgs {
     /// How often the pod identity map's generation and heartbeat are read.
     #[arg(long, env = "MAILROUTE_POD_IDENTITY_POLL", default_value = "1s")]
     pod_identity_poll: humantime::Duration,
+    /// DeliveryWebhooks: a killed relay's webhooks are taken over by another relay after this.
+    #[arg(long, env = "MAILROUTE_WEBHOOK_LEASE_TTL", default_value_t = defaults().webhook_lease_ttl.into())]
+    webhook_lease_ttl: humantime::Duration,
 }
 
 /// The relay's own defaults ([`RelayOptions::local`]): the flags' defaults, defined once.
@@ -259,6 +262,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.dns_server = a.dns_server;
     o.log_stdout = !a.no_log_stdout;
     o.pod_identity_poll = a.pod_identities.then(|| a.pod_identity_poll.into());
+    o.webhook_lease_ttl = a.webhook_lease_ttl.into();
     Ok(o)
 }
 

@@ -80,6 +80,10 @@ pub struct RelayOptions {
     pub log_stdout: bool,
     /// Read the operator's pod-IP identity map from the queue's Redis this often (None: off).
     pub pod_identity_poll: Option<Duration>,
+    /// A killed relay's webhook leases (fan-out, senders) are taken over after this.
+    pub webhook_lease_ttl: Duration,
+    /// Wait between looks at an empty delivery log or webhook outbox.
+    pub webhook_poll: Duration,
 }
 
 impl RelayOptions {
@@ -118,6 +122,8 @@ impl RelayOptions {
             consumer: default_consumer(),
             log_stdout: true,
             pod_identity_poll: None,
+            webhook_lease_ttl: crate::webhook::DEFAULT_LEASE_TTL,
+            webhook_poll: crate::webhook::DEFAULT_POLL,
         }
     }
 }
@@ -299,6 +305,7 @@ impl Relay {
             anyhow::bail!("pod identities are read from the operator's map in Redis: they need a Redis --queue");
         }
         let mut pod_identity_conn = None;
+        let mut webhook_conn = None;
         type Stores = (
             Arc<dyn Queue>,
             DeliveryLog,
@@ -309,6 +316,12 @@ impl Relay {
         let (queue, dlog, quota_store, pace_store, shared_redis): Stores = if let Some(target) = opts.queue.redis() {
             let (q, conn) = connect_redis(&opts, target).await?;
             pod_identity_conn = Some(conn.clone());
+            // Webhooks get a connection of their own: their traffic never queues behind mail's.
+            webhook_conn = Some(
+                redis_client::RedisConn::connect(target, redis_client::Timeouts::default())
+                    .await
+                    .context("connecting the webhook dispatcher to Redis")?,
+            );
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
@@ -362,6 +375,22 @@ impl Relay {
             ));
             tracing::info!(poll = ?every, "attributing unauthenticated clients by the operator's pod identity map");
             identities = Some(source);
+        }
+        if let Some(conn) = webhook_conn {
+            let m = crate::webhook::WebhookMetrics::register(metrics.registry())
+                .context("registering the webhook metrics")?;
+            let webhooks = crate::webhook::Webhooks::start(
+                conn,
+                &opts.redis_prefix,
+                opts.consumer.clone(),
+                config.clone(),
+                m,
+                opts.webhook_lease_ttl,
+                opts.webhook_poll,
+            )
+            .await
+            .context("creating the webhooks' consumer group on the delivery log")?;
+            background.push(tokio::spawn(webhooks.run(shutdown_rx.clone())));
         }
         let (give_back, give_back_rx) = watch::channel(None);
         let mut inbound = Inbound::new(
