@@ -31,3 +31,4 @@ mod shaping;
 mod startup;
 mod swaks;
 mod tenancy;
+mod webhooks;
