@@ -392,6 +392,9 @@ impl Relay {
             .context("creating the webhooks' consumer group on the delivery log")?;
             background.push(tokio::spawn(webhooks.run(shutdown_rx.clone())));
         }
+        if opts.queue.redis().is_none() && !config.get().config.webhooks.is_empty() {
+            tracing::warn!("DeliveryWebhooks need a Redis --queue: with the in-memory queue no event is sent");
+        }
         let (give_back, give_back_rx) = watch::channel(None);
         let mut inbound = Inbound::new(
             opts.inbound.clone(),

@@ -661,3 +661,69 @@ async fn a_webhook_receives_only_its_namespaces_events() {
     }
     r.relay.shutdown().await;
 }
+
+/// Events the endpoint does not take within `maxAge` are dropped, and so are the oldest beyond
+/// `maxBacklog`; both are counted (health hash for the status, metric) and the outbox never
+/// holds more than its limit. Events after the endpoint is back arrive; dropped ones never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_past_max_age_or_beyond_the_backlog_are_dropped_and_counted() {
+    let redis = RedisServer::start().unwrap();
+    let mut c = redis_connection(&redis).await;
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let pki = TestPki::new();
+    let rx = Receiver::start(&pki, KEY_A).await;
+    rx.set_mode(Mode::Refuse).await;
+    let yaml = manifests(
+        up.port(),
+        &[("team-a", &rx, KEY_A, "[received, delivered]")],
+        "{maxBacklog: 4, maxAge: 3s, initialBackoff: 100ms, maxBackoff: 200ms}",
+    );
+    let r = start_tls(&yaml, &redis.url(), &pki, |_| {}).await;
+    let old: Vec<String> = (0..5).map(|i| format!("old{i}@example.com")).collect();
+    assert_eq!(send_as(r.submission(), &pki, "team-a", &old).await.len(), 5);
+    let outbox = format!("{PREFIX}webhook:team-a/hook:outbox");
+    let dropped = |h: &HashMap<String, String>| -> (i64, i64) {
+        let n = |k: &str| h.get(k).map(|v| v.parse().unwrap()).unwrap_or(0);
+        (n("dropped_backlog"), n("dropped_expired"))
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let len: i64 = redis::cmd("XLEN").arg(&outbox).query_async(&mut c).await.unwrap();
+        assert!(len <= 4, "the outbox holds {len} events, over its limit");
+        let (backlog, expired) = dropped(&health(&mut c, "team-a/hook").await);
+        if len == 0 && backlog + expired == 10 {
+            assert!(up.received().len() == 5);
+            assert_eq!(
+                counter_with(&r, "mailroute_webhook_events_dropped_total", "team-a/hook", "expired") as i64,
+                expired
+            );
+            assert!(health(&mut c, "team-a/hook").await.contains_key("last_drop_ms") || expired == 0);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dropped {backlog} beyond the backlog and {expired} expired, {len} left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rx.set_mode(Mode::Accept).await;
+    let new = vec!["new@example.com".to_string()];
+    assert_eq!(send_as(r.submission(), &pki, "team-a", &new).await.len(), 1);
+    wait_events(&rx, &new, &["received", "delivered"]).await;
+    assert!(
+        rx.events().iter().all(|e| e.recipient == "new@example.com"),
+        "{:?}",
+        rx.events()
+    );
+    r.relay.shutdown().await;
+}
+
+/// The value of a webhook's series `name` with a `reason` label.
+fn counter_with(r: &TestRelay, name: &str, webhook: &str, reason: &str) -> f64 {
+    let text = r.relay.metrics().encode();
+    let prefix = format!("{name}{{reason=\"{reason}\",webhook=\"{webhook}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}

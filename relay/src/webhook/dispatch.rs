@@ -138,7 +138,7 @@ pub(crate) async fn run(shared: Arc<Shared>, id: String, mut shutdown: watch::Re
             pause(&mut shutdown, (st.next_attempt - now).min(renew_every)).await;
             continue;
         }
-        match step(
+        let round = step(
             &shared,
             &w,
             &lease,
@@ -146,9 +146,13 @@ pub(crate) async fn run(shared: Arc<Shared>, id: String, mut shutdown: watch::Re
             &snap.secrets.webhook_keys,
             &snap.secrets.webhook_ca,
             &mut st,
-        )
-        .await
-        {
+        );
+        // A request in flight is abandoned at shutdown: its events stay in the outbox.
+        let round = tokio::select! {
+            r = round => r,
+            _ = shutdown.changed() => break,
+        };
+        match round {
             Ok(true) => {}
             Ok(false) => pause(&mut shutdown, shared.poll).await,
             Err(e) => {

@@ -217,6 +217,48 @@ pub(crate) fn entries(v: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+impl FanOut {
+    /// Removes the group's consumers other than this one that hold no pending record (relays
+    /// that held the lease before): only the holder reads, so they are left-overs.
+    pub(crate) async fn prune_consumers(&self) -> redis::RedisResult<usize> {
+        let mut c = self.conn.clone();
+        let v: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(self.keys.dlog())
+            .arg(GROUP)
+            .query_async(&mut c)
+            .await?;
+        let Value::Array(list) = v else { return Ok(0) };
+        let mut removed = 0;
+        for consumer in list {
+            let fields: HashMap<String, Value> = match consumer {
+                Value::Array(kv) => kv
+                    .chunks_exact(2)
+                    .filter_map(|p| Some((text(&p[0])?, p[1].clone())))
+                    .collect(),
+                Value::Map(m) => m.into_iter().filter_map(|(k, v)| Some((text(&k)?, v))).collect(),
+                _ => continue,
+            };
+            let name = fields.get("name").and_then(text);
+            let idle_pending = matches!(fields.get("pending"), Some(Value::Int(0)));
+            if let Some(name) = name
+                && idle_pending
+                && name != self.consumer
+            {
+                let _: i64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(self.keys.dlog())
+                    .arg(GROUP)
+                    .arg(&name)
+                    .query_async(&mut c)
+                    .await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
 /// `[[id, [field, value, …]], …]` as (id, fields).
 pub(crate) fn fields_of(v: &Value) -> Vec<(String, HashMap<String, String>)> {
     let Value::Array(list) = v else {

@@ -41,6 +41,9 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Default wait between looks at an empty stream.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
 
+/// How often the fan-out's holder removes the consumers earlier holders left in the group.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// Field names of the health hash `webhook:<id>:health` (times in Unix milliseconds).
 pub mod health_field {
     pub const LAST_SUCCESS_MS: &str = "last_success_ms";
@@ -226,6 +229,7 @@ async fn run_fanout(fan: fanout::FanOut, shared: Arc<Shared>, mut shutdown: watc
     let mut renewed = Instant::now() - shared.lease_ttl;
     // Whether the records earlier holders left pending were taken over since we hold the lease.
     let mut claimed = false;
+    let mut pruned = Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
@@ -250,6 +254,14 @@ async fn run_fanout(fan: fanout::FanOut, shared: Arc<Shared>, mut shutdown: watc
             }
             pause(&mut shutdown, Duration::from_secs(1)).await;
             continue;
+        }
+        if claimed && pruned.elapsed() >= PRUNE_EVERY {
+            pruned = Instant::now();
+            match fan.prune_consumers().await {
+                Ok(n) if n > 0 => tracing::debug!(removed = n, "webhook fan-out: removed consumers of earlier holders"),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "webhook fan-out: removing old consumers"),
+            }
         }
         let read = if claimed {
             fan.read_new().await
