@@ -170,3 +170,26 @@ pub struct WebhookFailure {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
 }
+
+/// The endpoint health the relays write to Redis and the operator reads for the status: a hash
+/// at [`health::key`], its fields named here (times in Unix milliseconds). The shared contract
+/// between the two; neither side writes anything else there.
+pub mod health {
+    /// `<prefix>webhook:<namespace>/<name>:health`.
+    pub fn key(prefix: &str, webhook_id: &str) -> String {
+        format!("{prefix}webhook:{webhook_id}:health")
+    }
+    pub const LAST_SUCCESS_MS: &str = "last_success_ms";
+    pub const LAST_FAILURE_MS: &str = "last_failure_ms";
+    /// The endpoint's HTTP status; 0 when there was no answer.
+    pub const LAST_FAILURE_STATUS: &str = "last_failure_status";
+    /// An excerpt of the answer, or what went wrong without one.
+    pub const LAST_FAILURE_REPLY: &str = "last_failure_reply";
+    /// Age of the oldest event waiting, as of `updated_ms`.
+    pub const LAG_MS: &str = "lag_ms";
+    pub const UPDATED_MS: &str = "updated_ms";
+    /// Events dropped past `maxAge`, and beyond `maxBacklog`.
+    pub const DROPPED_EXPIRED: &str = "dropped_expired";
+    pub const DROPPED_BACKLOG: &str = "dropped_backlog";
+    pub const LAST_DROP_MS: &str = "last_drop_ms";
+}

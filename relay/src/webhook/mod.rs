@@ -44,22 +44,8 @@ pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
 /// How often the fan-out's holder removes the consumers earlier holders left in the group.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Field names of the health hash `webhook:<id>:health` (times in Unix milliseconds).
-pub mod health_field {
-    pub const LAST_SUCCESS_MS: &str = "last_success_ms";
-    pub const LAST_FAILURE_MS: &str = "last_failure_ms";
-    /// The endpoint's HTTP status; 0 when there was no answer.
-    pub const LAST_FAILURE_STATUS: &str = "last_failure_status";
-    /// An excerpt of the answer, or what went wrong without one.
-    pub const LAST_FAILURE_REPLY: &str = "last_failure_reply";
-    /// Age of the oldest event waiting, as of `updated_ms`.
-    pub const LAG_MS: &str = "lag_ms";
-    pub const UPDATED_MS: &str = "updated_ms";
-    /// Events dropped past `maxAge`, and beyond `maxBacklog`.
-    pub const DROPPED_EXPIRED: &str = "dropped_expired";
-    pub const DROPPED_BACKLOG: &str = "dropped_backlog";
-    pub const LAST_DROP_MS: &str = "last_drop_ms";
-}
+/// Field names of the health hash `webhook:<id>:health` (the contract with the operator).
+pub use mailroute_api::webhook::health as health_field;
 
 /// Redis key names.
 #[derive(Clone, Debug)]
@@ -84,7 +70,7 @@ impl Keys {
         format!("{}webhook:{id}:lease", self.prefix)
     }
     pub fn health(&self, id: &str) -> String {
-        format!("{}webhook:{id}:health", self.prefix)
+        health_field::key(&self.prefix, id)
     }
 }
 
