@@ -727,3 +727,89 @@ fn counter_with(r: &TestRelay, name: &str, webhook: &str, reason: &str) -> f64 {
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
 }
+
+/// A relay that died holding the fan-out's lease, with records it had read from the delivery
+/// log and not yet copied (pending in the group `webhooks`): once its lease expires the next
+/// relay takes them over (XAUTOCLAIM) and they reach the endpoint before anything newer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_dead_fan_out_left_pending_are_taken_over_first() {
+    let redis = RedisServer::start().unwrap();
+    let mut c = redis_connection(&redis).await;
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let pki = TestPki::new();
+    let rx = Receiver::start(&pki, KEY_A).await;
+    let dlog = format!("{PREFIX}dlog");
+    // The dead relay's state: the group, three records it read, and its lease for a while yet.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&dlog)
+        .arg("webhooks")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let now = mailroute_relay::clock::now();
+    let mut planted = Vec::new();
+    for i in 0..3 {
+        let mut ev = mailroute_relay::observe::dlog::DeliveryEvent::new(
+            now,
+            mailroute_relay::observe::dlog::EventResult::Delivered,
+            format!("dead{i}"),
+            "app@team-a.example",
+            format!("dead{i}@example.com"),
+        );
+        ev.namespace = Some("team-a".into());
+        let id: String = redis::cmd("XADD")
+            .arg(&dlog)
+            .arg("*")
+            .arg("e")
+            .arg(serde_json::to_string(&ev).unwrap())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        planted.push(id);
+    }
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("webhooks")
+        .arg("dead-relay")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(&dlog)
+        .arg(">")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{PREFIX}webhook:fanout:lease"))
+        .arg("dead-relay")
+        .arg("PX")
+        .arg(1500)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    let yaml = manifests(
+        up.port(),
+        &[("team-a", &rx, KEY_A, "[received, delivered]")],
+        "{initialBackoff: 100ms}",
+    );
+    let r = start_tls(&yaml, &redis.url(), &pki, |_| {}).await;
+    let new = vec!["new@example.com".to_string()];
+    assert_eq!(send_as(r.submission(), &pki, "team-a", &new).await.len(), 1);
+    let dead: Vec<String> = (0..3).map(|i| format!("dead{i}@example.com")).collect();
+    wait_events(&rx, &dead, &["delivered"]).await;
+    wait_events(&rx, &new, &["received", "delivered"]).await;
+    let ids: Vec<String> = rx.events().into_iter().map(|e| e.id).collect();
+    assert_eq!(&ids[..3], &planted[..], "the records left pending come first, in order");
+    let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(&dlog)
+        .arg("webhooks")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(matches!(pending.first(), Some(redis::Value::Int(0))), "{pending:?}");
+    r.relay.shutdown().await;
+}
