@@ -466,6 +466,23 @@ async fn every_event_of_1000_messages_arrives_in_order_across_a_sigkill_of_the_s
         .expect("the webhook is held again");
     assert_ne!(new_holder, holder, "relay B took the webhook over");
     let distinct: BTreeSet<String> = rx.events().into_iter().map(|e| e.id).collect();
+    // How often the delivery log itself holds a message's `delivered` before its `received`
+    // (the webhook keeps the log's order; this measures the log's).
+    let mut first: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut seen_ids = BTreeSet::new();
+    for e in rx.events() {
+        if seen_ids.insert(e.id.clone()) {
+            first.entry(e.recipient).or_default().push(e.result);
+        }
+    }
+    let inverted = first
+        .values()
+        .filter(|v| v.first().map(String::as_str) == Some("delivered"))
+        .count();
+    eprintln!(
+        "messages whose log has delivered before received: {inverted} of {}",
+        first.len()
+    );
     eprintln!(
         "events at the kill: {at_kill}; received: {} ({} distinct, {} of them subscribed)",
         rx.events().len(),
