@@ -35,6 +35,9 @@ pub fn backoff(failures: u32, initial: Duration, max: Duration, jitter: f64) -> 
     base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
+/// How often the lag is written to the health hash.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+
 /// A random number in [0, 1).
 fn jitter() -> f64 {
     (uuid::Uuid::new_v4().as_u128() as u64 >> 11) as f64 / (1u64 << 53) as f64
@@ -86,6 +89,8 @@ struct State {
     /// The TLS configuration and the CA bundle it was built with.
     tls: Option<(Option<String>, Arc<rustls::ClientConfig>)>,
     last_health: Option<Instant>,
+    /// The lag last written to the health hash.
+    last_lag_ms: i64,
 }
 
 /// Serves webhook `id` while it is configured: holds its lease when it can and sends its outbox.
@@ -101,6 +106,7 @@ pub(crate) async fn run(shared: Arc<Shared>, id: String, mut shutdown: watch::Re
         next_attempt: Instant::now(),
         tls: None,
         last_health: None,
+        last_lag_ms: 0,
     };
     loop {
         if *shutdown.borrow() {
@@ -214,7 +220,10 @@ async fn step(
         .lag
         .with_label_values(&[&w.id])
         .set(lag_ms as f64 / 1000.0);
-    if st.last_health.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || entries.is_empty() {
+    // Every few seconds (the operator reads it once per resync), and at once when it caught up.
+    let caught_up = lag_ms == 0 && st.last_lag_ms != 0;
+    if st.last_health.is_none_or(|t| t.elapsed() >= HEALTH_EVERY) || caught_up {
+        st.last_lag_ms = lag_ms;
         let _: () = redis::pipe()
             .hset(&health, f::LAG_MS, lag_ms)
             .hset(&health, f::UPDATED_MS, now_ms)
