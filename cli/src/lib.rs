@@ -1,5 +1,6 @@
 //! `mailroute` (also installed as the kubectl plugin `kubectl-mailroute`): the relays' state,
-//! their delivery events, and the queue and quota actions of the admin API, from a terminal.
+//! their delivery events, and the queue, quota and suppression-list actions of the admin API,
+//! from a terminal.
 //!
 //! This crate owns the command line (clap), the calls to the admin API ([`client`]) and how
 //! answers are printed ([`output`]: kubectl-like tables, JSON, YAML). It must not reach Redis
@@ -11,6 +12,7 @@
 
 pub mod client;
 pub mod output;
+pub mod suppress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,6 +93,9 @@ pub enum Command {
     /// Sender quotas.
     #[command(subcommand)]
     Quota(QuotaCommand),
+    /// Suppression lists: addresses mail is not sent to (a namespace's, or the platform's).
+    #[command(subcommand)]
+    Suppress(suppress::SuppressCommand),
     /// Shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -227,6 +232,7 @@ pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError>
             let v = client.get_json("/api/v1/quotas", &query).await?;
             output::print_value(out, format, &v, output::quota_table)
         }
+        Command::Suppress(cmd) => suppress::run(&client, cmd, format, out).await,
         Command::Completion { .. } => Ok(()),
     }
 }
@@ -244,7 +250,7 @@ fn path_segment(id: &str) -> Result<&str, CliError> {
 
 /// The one place the CLI reads the wall clock.
 #[allow(clippy::disallowed_methods)]
-fn now() -> chrono::DateTime<chrono::Utc> {
+pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
 }
 

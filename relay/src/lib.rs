@@ -7,6 +7,7 @@
 //!   client side (pools, DKIM), bounce classification and DSNs;
 //! - [`observe`]: the delivery log, Prometheus metrics and the bridge that feeds both;
 //! - [`webhook`]: the delivery log's events pushed to DeliveryWebhook endpoints;
+//! - [`suppress`]: the suppression lists (Redis, and each relay's in-memory copy);
 //! - [`admin`]: the admin HTTP API, the relay's backend for it, and its Kubernetes token checks;
 //! - [`server`] assembles them; [`config`], [`clock`], `redis_client` and `expiring` are
 //!   shared by all of them.
@@ -21,6 +22,7 @@ pub mod outbound;
 pub mod queue;
 pub(crate) mod redis_client;
 pub mod server;
+pub mod suppress;
 pub mod webhook;
 
 pub use mailroute_smtp::{EnhancedStatusCode, Reply};

@@ -1,5 +1,6 @@
 //! Assembles a running relay from its options: configuration, queue, delivery log, metrics,
-//! SMTP listeners, delivery workers, the admin API and the periodic housekeeping, and drains it
+//! SMTP listeners, delivery workers, the admin API, the suppression lists' refresher and the
+//! periodic housekeeping, and drains it
 //! on shutdown. It owns wiring and lifecycle only; every decision lives in the modules it wires.
 
 use std::net::SocketAddr;
@@ -84,6 +85,8 @@ pub struct RelayOptions {
     pub webhook_lease_ttl: Duration,
     /// Wait between looks at an empty delivery log or webhook outbox.
     pub webhook_poll: Duration,
+    /// The suppression lists' mode, auto-added bounce classes and refresh (Redis queue only).
+    pub suppression: crate::suppress::Settings,
 }
 
 impl RelayOptions {
@@ -124,6 +127,7 @@ impl RelayOptions {
             pod_identity_poll: None,
             webhook_lease_ttl: crate::webhook::DEFAULT_LEASE_TTL,
             webhook_poll: crate::webhook::DEFAULT_POLL,
+            suppression: crate::suppress::Settings::default(),
         }
     }
 }
@@ -339,6 +343,7 @@ impl Relay {
                 None,
             )
         };
+        let shared_redis_for_lists = shared_redis.clone();
         let oauth2 = oauth2_tokens(shared_redis, &opts.redis_prefix, overrides.token_client);
         let quotas = QuotaEngine::new(quota_store);
         let dlog = match overrides.dlog_writer {
@@ -395,6 +400,25 @@ impl Relay {
         if opts.queue.redis().is_none() && !config.get().config.webhooks.is_empty() {
             tracing::warn!("DeliveryWebhooks need a Redis --queue: with the in-memory queue no event is sent");
         }
+        let suppressions = match &shared_redis_for_lists {
+            Some(conn) => {
+                let m = crate::suppress::SuppressMetrics::register(metrics.registry())
+                    .context("registering the suppression metrics")?;
+                let lists = Arc::new(crate::suppress::Suppressions::new(
+                    conn.clone(),
+                    &opts.redis_prefix,
+                    opts.suppression.clone(),
+                    m,
+                ));
+                // Read once before the listeners open; the commit script covers a failure.
+                if let Err(e) = lists.refresh(crate::clock::now_ms()).await {
+                    tracing::warn!(error = %e, "reading the suppression lists failed; the enqueue checks them until the next read");
+                }
+                background.push(tokio::spawn(lists.clone().run(shutdown_rx.clone())));
+                Some(lists)
+            }
+            None => None,
+        };
         let (give_back, give_back_rx) = watch::channel(None);
         let mut inbound = Inbound::new(
             opts.inbound.clone(),
@@ -408,6 +432,9 @@ impl Relay {
         .with_shutdown(shutdown_rx.clone());
         if let Some(source) = identities {
             inbound = inbound.with_identity(source);
+        }
+        if let Some(lists) = &suppressions {
+            inbound = inbound.with_suppressions(lists.clone());
         }
         let inbound = Arc::new(inbound);
 
@@ -465,6 +492,7 @@ impl Relay {
                 })
             }),
             telemetry: telemetry.clone(),
+            suppress: suppressions.clone(),
             settings: WorkerSettings {
                 consumer: opts.consumer.clone(),
                 concurrency: opts.workers,
@@ -480,6 +508,7 @@ impl Relay {
             quotas: quotas.clone(),
             metrics: metrics.clone(),
             dlog: dlog.clone(),
+            suppress: suppressions.clone(),
         });
         let liveness = Liveness::default();
         let mut ticker_rx = shutdown_rx.clone();

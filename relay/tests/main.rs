@@ -29,6 +29,7 @@ mod quota;
 mod quota_e2e;
 mod shaping;
 mod startup;
+mod suppress;
 mod swaks;
 mod tenancy;
 mod webhooks;
