@@ -4,7 +4,9 @@
 //! timestamp itself: every subscribed event of 1,000 messages arrives at least once and in each
 //! message's order across a SIGKILL of the relay sending the webhook; mail keeps being
 //! delivered while the endpoint refuses connections, answers 500, then hangs, and every event
-//! arrives once it is back; a webhook receives its own namespace's events only.
+//! arrives once it is back; a webhook receives its own namespace's events only; drops past
+//! maxAge/maxBacklog are counted; a dead fan-out's pending records are taken over first; a
+//! suppressed recipient is a `suppressed` event.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -828,5 +830,41 @@ async fn records_a_dead_fan_out_left_pending_are_taken_over_first() {
         .await
         .unwrap();
     assert!(matches!(pending.first(), Some(redis::Value::Int(0))), "{pending:?}");
+    r.relay.shutdown().await;
+}
+
+/// A recipient on a suppression list (drop mode) becomes a `suppressed` event at the webhook of
+/// the sender's namespace, the way every other result does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suppressed_recipient_reaches_the_webhook_as_a_suppressed_event() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let pki = TestPki::new();
+    let rx = Receiver::start(&pki, KEY_A).await;
+    let yaml = manifests(
+        up.port(),
+        &[("team-a", &rx, KEY_A, "[delivered, suppressed]")],
+        "{initialBackoff: 100ms}",
+    );
+    let r = start_tls(&yaml, &redis.url(), &pki, |o| {
+        o.admin_token = Some("webhooks-token".into());
+        o.suppression.mode = mailroute_relay::suppress::Mode::Drop;
+        o.suppression.poll = Duration::from_millis(100);
+    })
+    .await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/suppressions", r.relay.admin_addr.unwrap()))
+        .bearer_auth("webhooks-token")
+        .json(&serde_json::json!({"address": "x@example.com", "reason": "complained"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let rcpts = vec!["x@example.com".to_string(), "y@example.com".to_string()];
+    // The relay's copy of the list is refreshed every 100 ms; the enqueue checks it anyway.
+    assert_eq!(send_as(r.submission(), &pki, "team-a", &rcpts).await.len(), 2);
+    wait_events(&rx, &rcpts[..1], &["suppressed"]).await;
+    wait_events(&rx, &rcpts[1..], &["delivered"]).await;
+    assert!(rx.events().iter().all(|e| e.namespace.as_deref() == Some("team-a")));
     r.relay.shutdown().await;
 }
