@@ -35,6 +35,9 @@ pub struct RelayConfig {
     pub routes: Vec<CompiledRoute>,
     /// Quotas sorted by id.
     pub quotas: Vec<CompiledQuota>,
+    /// Event webhooks sorted by id; their signing keys are in `RelaySecrets::webhook_keys`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<CompiledWebhook>,
 }
 
 impl RelayConfig {
@@ -44,6 +47,7 @@ impl RelayConfig {
             version: CONFIG_VERSION,
             routes: vec![],
             quotas: vec![],
+            webhooks: vec![],
         }
     }
 
@@ -56,6 +60,43 @@ impl RelayConfig {
     /// Short content hash identifying this generation of the configuration.
     pub fn content_hash(&self) -> String {
         short_hash(self.to_canonical_json().as_bytes())
+    }
+}
+
+/// One `DeliveryWebhook`, validated, with its delivery defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledWebhook {
+    /// `namespace/name` of the DeliveryWebhook.
+    pub id: String,
+    /// It receives the events of this namespace's mail only.
+    pub namespace: String,
+    /// `https://…` (or `http://` to a loopback host).
+    pub url: String,
+    /// Delivery log event names (`delivered`, …), sorted.
+    pub events: Vec<String>,
+    /// Empty: every sender of the namespace.
+    #[serde(default, skip_serializing_if = "CompiledSenderMatch::is_any")]
+    pub senders: CompiledSenderMatch,
+    /// Whether `RelaySecrets::webhook_ca` holds an extra CA bundle for this webhook.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub custom_ca: bool,
+    pub max_batch: u32,
+    pub timeout_ms: u64,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Events older than this are dropped instead of retried.
+    pub max_age_secs: u64,
+    /// Events held for the endpoint at most; the oldest beyond it are dropped.
+    pub max_backlog: u64,
+}
+
+impl CompiledWebhook {
+    /// Whether the webhook wants an event of `result` for mail of `namespace` from `sender`.
+    pub fn wants(&self, result: &str, namespace: Option<&str>, sender: &str, auth_user: Option<&str>) -> bool {
+        namespace == Some(self.namespace.as_str())
+            && self.events.iter().any(|e| e == result)
+            && self.senders.matches(sender, auth_user)
     }
 }
 
@@ -475,6 +516,12 @@ pub struct RelaySecrets {
     /// OAuth2 clients for upstream XOAUTH2 by route id.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub upstream_oauth2: BTreeMap<String, OAuth2Credentials>,
+    /// Webhook signing keys (`whsec_<base64>`) by webhook id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhook_keys: BTreeMap<String, String>,
+    /// Extra CA bundles (PEM) of webhook endpoints by webhook id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhook_ca: BTreeMap<String, String>,
 }
 
 impl fmt::Debug for RelaySecrets {
@@ -488,6 +535,8 @@ impl fmt::Debug for RelaySecrets {
             .field("dkim_keys", &self.dkim_keys.keys().collect::<Vec<_>>())
             .field("inbound_users", &self.inbound_users.keys().collect::<Vec<_>>())
             .field("upstream_oauth2", &self.upstream_oauth2.keys().collect::<Vec<_>>())
+            .field("webhook_keys", &self.webhook_keys.keys().collect::<Vec<_>>())
+            .field("webhook_ca", &self.webhook_ca.keys().collect::<Vec<_>>())
             .finish()
     }
 }

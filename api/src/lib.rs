@@ -1,4 +1,4 @@
-//! mailroute's shared API: the `SmtpRoute` and `SenderQuota` custom resources, the compiled
+//! mailroute's shared API: the `SmtpRoute`, `SenderQuota` and `DeliveryWebhook` custom resources, the compiled
 //! `RelayConfig`/`RelaySecrets` that relays read, and the pure `compile` step between them.
 //! Nothing in this crate performs I/O.
 
@@ -16,6 +16,7 @@ pub mod quota;
 pub mod route;
 pub mod status;
 pub mod tenancy;
+pub mod webhook;
 
 pub use compile::{
     Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, Tenancy, compile, compile_for,
@@ -25,6 +26,7 @@ pub use manifest::Manifests;
 pub use quota::{SenderQuota, SenderQuotaSpec};
 pub use route::{SmtpRoute, SmtpRouteSpec};
 pub use tenancy::{AllowedNamespaces, FromNamespaces, QuotaScope};
+pub use webhook::{DeliveryWebhook, DeliveryWebhookSpec};
 
 /// API group of the custom resources.
 pub const GROUP: &str = "mailroute.io";

@@ -9,12 +9,14 @@ use serde::Deserialize;
 use crate::compile::SecretStore;
 use crate::quota::SenderQuota;
 use crate::route::SmtpRoute;
+use crate::webhook::DeliveryWebhook;
 
 /// The objects found in a set of manifests.
 #[derive(Clone, Debug, Default)]
 pub struct Manifests {
     pub routes: Vec<SmtpRoute>,
     pub quotas: Vec<SenderQuota>,
+    pub webhooks: Vec<DeliveryWebhook>,
     pub secrets: SecretStore,
 }
 
@@ -58,7 +60,7 @@ struct Meta {
 }
 
 impl Manifests {
-    /// Adds every SmtpRoute, SenderQuota and v1 Secret of a YAML stream; other kinds are ignored.
+    /// Adds every SmtpRoute, SenderQuota, DeliveryWebhook and v1 Secret of a YAML stream; other kinds are ignored.
     /// Objects without a namespace get `default_namespace`.
     pub fn add_yaml(&mut self, text: &str, default_namespace: &str) -> Result<(), ManifestError> {
         for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -85,6 +87,14 @@ impl Manifests {
                         .namespace
                         .get_or_insert_with(|| default_namespace.to_string());
                     self.quotas.push(q);
+                }
+                ("mailroute.io", "DeliveryWebhook") => {
+                    let mut w: DeliveryWebhook =
+                        serde_yaml::from_value(value).map_err(|source| ManifestError::Yaml { index, source })?;
+                    w.metadata
+                        .namespace
+                        .get_or_insert_with(|| default_namespace.to_string());
+                    self.webhooks.push(w);
                 }
                 ("v1", "Secret") => {
                     let s: SecretDoc =
@@ -121,11 +131,15 @@ impl Manifests {
 
     /// Compiles as a single-tenant install (every namespace is a platform namespace).
     pub fn compile(&self) -> crate::compile::Compiled {
-        crate::compile::compile(&self.routes, &self.quotas, &self.secrets)
+        let mut c = crate::compile::compile(&self.routes, &self.quotas, &self.secrets);
+        crate::compile::compile_webhooks(&self.webhooks, &self.secrets, &mut c);
+        c
     }
 
     /// Compiles with the cluster's platform namespaces and namespace labels.
     pub fn compile_for(&self, tenancy: &crate::compile::Tenancy) -> crate::compile::Compiled {
-        crate::compile::compile_for(&self.routes, &self.quotas, &self.secrets, tenancy)
+        let mut c = crate::compile::compile_for(&self.routes, &self.quotas, &self.secrets, tenancy);
+        crate::compile::compile_webhooks(&self.webhooks, &self.secrets, &mut c);
+        c
     }
 }

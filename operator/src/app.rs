@@ -98,8 +98,9 @@ pub struct RunArgs {
     #[arg(long, env = "MAILROUTE_DEBOUNCE", default_value = "1s", value_parser = humantime::parse_duration)]
     pub debounce: Duration,
     /// The relays' Redis (their --queue URL): publish the pod IP → namespace/ServiceAccount map
-    /// there, for relays that attribute unauthenticated clients by pod IP. Unset: Pods are not
-    /// watched.
+    /// there, for relays that attribute unauthenticated clients by pod IP, and read the
+    /// DeliveryWebhooks' endpoint health for their statuses. Unset: Pods are not watched and
+    /// webhook statuses say their health is unknown.
     #[arg(long, env = "MAILROUTE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// The relays' Redis key prefix (their --redis-prefix).
@@ -330,6 +331,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         platform_namespaces: platform_namespaces(&args, &namespace),
     };
     let reconciler = Reconciler::new(client.clone(), settings, usage_client(&args)?, metrics.clone());
+    if let Some(url) = args.redis_url.clone().filter(|u| !u.is_empty()) {
+        reconciler.read_webhook_health_from(crate::webhooks::HealthReader::new(url, args.redis_prefix.clone()));
+    }
     let triggers = controller::triggers(&client, reconciler.clone());
     let loop_settings = LoopSettings {
         debounce: args.debounce,

@@ -1,4 +1,5 @@
-//! The controller loop: kube-runtime watchers on SmtpRoutes, SenderQuotas, Secrets, the
+//! The controller loop: kube-runtime watchers on SmtpRoutes, SenderQuotas, DeliveryWebhooks
+//! (their endpoints' health is refreshed by the periodic resync), Secrets, the
 //! namespaces' labels (which `allowedNamespaces` selectors read) and the fleet's own outputs
 //! turn changes into triggers; the loop debounces them and runs one
 //! fleet-wide reconcile at a time while this replica leads, requeues failures with exponential
@@ -20,7 +21,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_stream};
 use kube::{Client, Resource};
-use mailroute_api::{SenderQuota, SmtpRoute};
+use mailroute_api::{DeliveryWebhook, SenderQuota, SmtpRoute};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -191,6 +192,7 @@ pub fn triggers(client: &Client, reconciler: Arc<Reconciler>) -> BoxStream<'stat
     let mut all: Vec<BoxStream<'static, ()>> = vec![
         cr_triggers::<SmtpRoute>(client, &namespaces, "SmtpRoute"),
         cr_triggers::<SenderQuota>(client, &namespaces, "SenderQuota"),
+        cr_triggers::<DeliveryWebhook>(client, &namespaces, "DeliveryWebhook"),
         outputs.boxed(),
     ];
     all.extend(secret_streams);

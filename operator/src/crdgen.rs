@@ -2,7 +2,7 @@
 //! written only by this module (`mailroute-operator crd --out crds`), never by hand.
 
 use kube::CustomResourceExt;
-use mailroute_api::{SenderQuota, SmtpRoute};
+use mailroute_api::{DeliveryWebhook, SenderQuota, SmtpRoute};
 
 /// File name and YAML of every CRD, in a stable order.
 pub fn crds() -> anyhow::Result<Vec<(&'static str, String)>> {
@@ -15,6 +15,10 @@ pub fn crds() -> anyhow::Result<Vec<(&'static str, String)>> {
         (
             "senderquotas.yaml",
             format!("{header}{}", serde_yaml::to_string(&SenderQuota::crd())?),
+        ),
+        (
+            "deliverywebhooks.yaml",
+            format!("{header}{}", serde_yaml::to_string(&DeliveryWebhook::crd())?),
         ),
     ])
 }

@@ -1,4 +1,4 @@
-//! mailroute operator: turns SmtpRoute and SenderQuota objects into the relay configuration
+//! mailroute operator: turns SmtpRoute, SenderQuota and DeliveryWebhook objects into the relay configuration
 //! (one ConfigMap and one Secret per fleet), reports honest status on every object, tests each
 //! route's upstream and shows quota usage read from the relays.
 
@@ -17,3 +17,4 @@ pub mod podmap;
 pub mod podpublish;
 pub mod reconcile;
 pub mod usage;
+pub mod webhooks;

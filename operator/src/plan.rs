@@ -15,7 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use mailroute_api::compile::{
-    Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, Tenancy, compile_for, keep_last_good,
+    Compiled, Diagnostic, ObjectKind, ObjectRef, Reason, SecretStore, Severity, Tenancy, compile_for, compile_webhooks,
+    keep_last_good,
 };
 use mailroute_api::config::{
     CONFIG_KEY, CONFIG_VERSION, CompiledRoute, RelayConfig, RelaySecrets, SECRETS_KEY, Target, short_hash,
@@ -24,11 +25,13 @@ use mailroute_api::provider::Provider;
 use mailroute_api::quota::{QuotaUsage, SenderQuotaStatus};
 use mailroute_api::route::{AuthMechanism, SmtpRouteStatus};
 use mailroute_api::status::{Condition, ConnectionTest, condition_type};
-use mailroute_api::{SenderQuota, SmtpRoute};
+use mailroute_api::webhook::DeliveryWebhookStatus;
+use mailroute_api::{DeliveryWebhook, SenderQuota, SmtpRoute};
 
 use crate::clock;
 use crate::conditions::{self, Desired, Status};
 use crate::conntest::{self, ConnTestJob, TestMessage};
+use crate::webhooks::{self, Health};
 
 /// Annotation carrying the content hash of the ConfigMap's / Secret's document.
 pub const HASH_ANNOTATION: &str = "mailroute.io/config-hash";
@@ -123,6 +126,9 @@ pub struct Inputs<'a> {
     pub now: Timestamp,
     /// Platform namespaces and namespace labels.
     pub tenancy: &'a Tenancy,
+    pub webhooks: &'a [DeliveryWebhook],
+    /// The webhooks' endpoint health from the relays.
+    pub webhook_health: Health<'a>,
 }
 
 /// Quota usage as the relays reported it, by quota id.
@@ -166,6 +172,7 @@ pub struct Plan {
     pub apply_secret: Option<Secret>,
     pub route_statuses: Vec<StatusWrite<SmtpRouteStatus>>,
     pub quota_statuses: Vec<StatusWrite<SenderQuotaStatus>>,
+    pub webhook_statuses: Vec<StatusWrite<DeliveryWebhookStatus>>,
     pub events: Vec<PlannedEvent>,
     /// Connection tests due now.
     pub tests: Vec<ConnTestJob>,
@@ -177,6 +184,20 @@ pub struct Plan {
     pub referenced_secrets: BTreeSet<(String, String)>,
     pub routes_in_config: usize,
     pub quotas_in_config: usize,
+    pub webhooks_in_config: usize,
+}
+
+/// The Secrets the webhooks reference (signing key, CA), by (namespace, name).
+pub fn webhook_secrets(webhooks: &[DeliveryWebhook]) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for w in webhooks {
+        let ns = w.namespace().unwrap_or_else(|| "default".into());
+        out.insert((ns.clone(), w.spec.signing_key_secret_ref.name.clone()));
+        if let Some(ca) = &w.spec.ca_secret_ref {
+            out.insert((ns, ca.name.clone()));
+        }
+    }
+    out
 }
 
 /// The Secrets the objects reference, by (namespace, name).
@@ -368,6 +389,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
         store.insert(ns, name, s.data.clone());
     }
     let mut compiled = compile_for(inputs.routes, inputs.quotas, &store, inputs.tenancy);
+    compile_webhooks(inputs.webhooks, &store, &mut compiled);
     let last_good = match live_outputs(inputs.live_config, inputs.live_secret) {
         Some((config, secrets)) => keep_last_good(&mut compiled, &config, &secrets),
         None => BTreeSet::new(),
@@ -387,13 +409,18 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
         config_hash,
         route_statuses: Vec::new(),
         quota_statuses: Vec::new(),
+        webhook_statuses: Vec::new(),
         events: Vec::new(),
         tests: Vec::new(),
         next_test_in: None,
         verified: BTreeMap::new(),
-        referenced_secrets: referenced_secrets(inputs.routes, inputs.quotas),
+        referenced_secrets: referenced_secrets(inputs.routes, inputs.quotas)
+            .into_iter()
+            .chain(webhook_secrets(inputs.webhooks))
+            .collect(),
         routes_in_config: compiled.config.routes.len(),
         quotas_in_config: compiled.config.quotas.len(),
+        webhooks_in_config: compiled.config.webhooks.len(),
     };
 
     for route in inputs.routes {
@@ -402,7 +429,66 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     for quota in inputs.quotas {
         plan_quota(inputs, &compiled, quota, &now, &mut plan);
     }
+    for webhook in inputs.webhooks {
+        plan_webhook(inputs, &compiled, webhook, &now, &mut plan);
+    }
     plan
+}
+
+/// A webhook's status: `Accepted` from the compile, `Ready` from the compile and, once it is in
+/// the configuration, from its endpoint's health as the relays report it.
+fn plan_webhook(inputs: &Inputs<'_>, compiled: &Compiled, webhook: &DeliveryWebhook, now: &Time, plan: &mut Plan) {
+    let object = object_ref(ObjectKind::DeliveryWebhook, &webhook.metadata);
+    let id = object.id();
+    let diagnostics: Vec<&Diagnostic> = compiled.diagnostics_for(&object).collect();
+    let [accepted, mut ready] = compile_conditions(&diagnostics, inputs.fleet);
+    let previous = webhook.status.clone().unwrap_or_default();
+    let mut status = DeliveryWebhookStatus {
+        observed_generation: webhook.metadata.generation,
+        ..previous.clone()
+    };
+    let in_config = compiled.config.webhooks.iter().any(|w| w.id == id);
+    let health = match inputs.webhook_health {
+        Health::Read(m) => m.get(&id),
+        _ => None,
+    };
+    if in_config {
+        match webhooks::status_parts(health, inputs.webhook_health, &ready.message) {
+            Some(parts) => {
+                ready = parts.ready;
+                status.last_success_time = parts.last_success_time;
+                status.last_failure = parts.last_failure;
+                status.lag_seconds = parts.lag_seconds;
+                status.dropped_events = parts.dropped_events;
+            }
+            // Redis unreadable this round: the health shown stays.
+            None => {
+                if let Some(c) = previous.conditions.iter().find(|c| c.type_ == condition_type::READY) {
+                    ready = Desired::new(condition_type::READY, c.status, c.reason.clone(), c.message.clone());
+                }
+            }
+        }
+    }
+    status.conditions = conditions::merge(
+        &previous.conditions,
+        &[accepted, ready],
+        webhook.metadata.generation,
+        now,
+    );
+    if webhook.status.as_ref() != Some(&status) {
+        events_for(
+            "DeliveryWebhook",
+            &webhook.metadata,
+            &previous.conditions,
+            &status.conditions,
+            &mut plan.events,
+        );
+        plan.webhook_statuses.push(StatusWrite {
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            status,
+        });
+    }
 }
 
 fn object_ref(kind: ObjectKind, meta: &ObjectMeta) -> ObjectRef {
@@ -792,6 +878,8 @@ spec:
                 test_interval: Some(Duration::from_secs(3600)),
                 now: "2024-05-01T12:00:00Z".parse().unwrap(),
                 tenancy: &mailroute_api::compile::SINGLE_TENANT,
+                webhooks: &[],
+                webhook_health: Health::Disabled,
             }
         }
 
@@ -1274,5 +1362,135 @@ spec:
             .map(|(ns, n)| format!("{ns}/{n}"))
             .collect();
         assert_eq!(got, ["a/ca", "a/creds", "a/dkim", "b/shop-smtp"]);
+    }
+
+    /// DeliveryWebhooks compile into the config (the key only into the Secret), get `Accepted`
+    /// and `Ready` from the compile and the relays' health, and a failing endpoint is a Warning
+    /// Event on the transition only.
+    #[test]
+    fn webhooks_compile_into_the_outputs_and_their_status_follows_the_endpoint() {
+        const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let yaml = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: hook, namespace: team-a}}\nstringData: {{key: {KEY}}}\n---\n\
+             apiVersion: mailroute.io/v1alpha1\nkind: DeliveryWebhook\nmetadata: {{name: app, namespace: team-a, generation: 2, uid: u-hook}}\n\
+             spec: {{url: 'https://hooks.team-a.example/mail', signingKeySecretRef: {{name: hook, key: key}}, events: [delivered, bounced]}}\n---\n\
+             apiVersion: mailroute.io/v1alpha1\nkind: DeliveryWebhook\nmetadata: {{name: plain, namespace: team-a, generation: 1}}\n\
+             spec: {{url: 'http://hooks.team-a.example/', signingKeySecretRef: {{name: hook, key: key}}, events: [delivered]}}\n"
+        );
+        let m = Manifests::from_yaml(&yaml, "default").unwrap();
+        let secrets: BTreeMap<(String, String), SecretData> = m
+            .secrets
+            .names()
+            .map(|(ns, n)| {
+                let data = m.secrets.get(ns, n).unwrap().clone();
+                (
+                    (ns.clone(), n.clone()),
+                    SecretData {
+                        data,
+                        resource_version: "1".into(),
+                    },
+                )
+            })
+            .collect();
+        let fleet = Fleet::new("mailroute", "mailroute");
+        let (tests, in_flight) = (BTreeMap::new(), BTreeSet::new());
+        let mut webhooks = m.webhooks.clone();
+        let run = |webhooks: &[DeliveryWebhook], health: Health<'_>| {
+            plan(&Inputs {
+                fleet: &fleet,
+                routes: &[],
+                quotas: &[],
+                secrets: &secrets,
+                live_config: None,
+                live_secret: None,
+                tests: &tests,
+                tests_in_flight: &in_flight,
+                usage: Usage::Disabled,
+                test_interval: None,
+                now: "2024-05-01T12:00:00Z".parse().unwrap(),
+                tenancy: &mailroute_api::compile::SINGLE_TENANT,
+                webhooks,
+                webhook_health: health,
+            })
+        };
+        let p = run(&webhooks, Health::Disabled);
+        assert_eq!(p.webhooks_in_config, 1);
+        assert!(
+            p.referenced_secrets
+                .contains(&("team-a".to_string(), "hook".to_string()))
+        );
+        let cm = p.apply_config.as_ref().unwrap().data.as_ref().unwrap()[CONFIG_KEY].clone();
+        assert!(
+            cm.contains("https://hooks.team-a.example/mail") && !cm.contains("MfKQ9r8"),
+            "{cm}"
+        );
+        let sec = String::from_utf8(
+            p.apply_secret.as_ref().unwrap().data.as_ref().unwrap()[SECRETS_KEY]
+                .0
+                .clone(),
+        )
+        .unwrap();
+        assert!(sec.contains(KEY));
+        let status = |p: &Plan, name: &str| {
+            p.webhook_statuses
+                .iter()
+                .find(|w| w.name == name)
+                .unwrap()
+                .status
+                .clone()
+        };
+        // The http:// one is refused with the reason.
+        let bad = status(&p, "plain");
+        let a = cond(&bad.conditions, "Accepted");
+        assert_eq!((a.status.as_str(), a.reason.as_str()), ("False", "InvalidSpec"));
+        assert!(
+            a.message.contains("spec.url") && a.message.contains("plain http"),
+            "{}",
+            a.message
+        );
+        // Without --redis-url the health is unknown, and the condition says why.
+        let s = status(&p, "app");
+        assert_eq!(cond(&s.conditions, "Accepted").status.as_str(), "True");
+        let r = cond(&s.conditions, "Ready");
+        assert_eq!((r.status.as_str(), r.reason.as_str()), ("Unknown", "HealthUnavailable"));
+        assert!(r.message.contains("--redis-url"));
+        assert_eq!(s.observed_generation, Some(2));
+
+        // The relays report a failing endpoint: Ready=False with its answer, a Warning Event.
+        webhooks[0].status = Some(s);
+        let failing = BTreeMap::from([(
+            "team-a/app".to_string(),
+            crate::webhooks::EndpointHealth {
+                last_success_ms: Some(1_714_564_000_000),
+                last_failure_ms: Some(1_714_564_700_000),
+                last_failure_status: Some(503),
+                last_failure_reply: Some("maintenance".into()),
+                lag_ms: Some(700_000),
+                dropped: 0,
+            },
+        )]);
+        let p = run(&webhooks, Health::Read(&failing));
+        let s = status(&p, "app");
+        let r = cond(&s.conditions, "Ready");
+        assert_eq!((r.status.as_str(), r.reason.as_str()), ("False", "EndpointFailing"));
+        assert!(r.message.contains("answered 503: maintenance"), "{}", r.message);
+        assert_eq!(s.lag_seconds, Some(700));
+        assert_eq!(s.last_failure.as_ref().unwrap().http_status, Some(503));
+        let e: Vec<&PlannedEvent> = p
+            .events
+            .iter()
+            .filter(|e| e.regarding.name.as_deref() == Some("app"))
+            .collect();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].warning && e[0].reason == "EndpointFailing");
+        assert!(!e[0].note.contains("MfKQ9r8"));
+        // Unchanged health: no write, no Event.
+        webhooks[0].status = Some(s);
+        let p = run(&webhooks, Health::Read(&failing));
+        assert!(p.webhook_statuses.iter().all(|w| w.name != "app"));
+        assert!(p.events.iter().all(|e| e.regarding.name.as_deref() != Some("app")));
+        // Redis unreadable: the status keeps what it shows.
+        let p = run(&webhooks, Health::Unavailable);
+        assert!(p.webhook_statuses.iter().all(|w| w.name != "app"));
     }
 }

@@ -1,4 +1,5 @@
-//! The thin I/O around `plan`: read every SmtpRoute, SenderQuota and referenced Secret, the
+//! The thin I/O around `plan`: read every SmtpRoute, SenderQuota, DeliveryWebhook (and their
+//! endpoints' health from the relays' Redis, with `--redis-url`) and referenced Secret, the
 //! namespaces' labels (for `allowedNamespaces` selectors) and the live outputs from the API, read quota usage from the relays, then apply what the plan says
 //! (server-side apply: outputs with field manager `mailroute-operator`, statuses with the
 //! operator's own, see `fleets`) and publish its Events. Objects outside the fleet's scope, or
@@ -18,7 +19,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
 use mailroute_api::quota::QuotaUsage;
 use mailroute_api::status::ConnectionTest;
-use mailroute_api::{SenderQuota, SmtpRoute, Tenancy};
+use mailroute_api::{DeliveryWebhook, SenderQuota, SmtpRoute, Tenancy};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -28,6 +29,7 @@ use crate::fleets::{self, Identity, Verdict};
 use crate::metrics::Metrics;
 use crate::plan::{self, FIELD_MANAGER, Fleet, Inputs, SecretData, Usage};
 use crate::usage::UsageClient;
+use crate::webhooks::{EndpointHealth, Health, HealthReader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -116,6 +118,8 @@ pub struct Reconciler {
     usage: Option<UsageClient>,
     metrics: Metrics,
     state: Mutex<State>,
+    /// The webhooks' endpoint health, from the relays' Redis (`--redis-url`).
+    webhook_health: std::sync::OnceLock<HealthReader>,
 }
 
 impl Reconciler {
@@ -131,7 +135,14 @@ impl Reconciler {
             usage,
             metrics,
             state: Mutex::default(),
+            webhook_health: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reads the webhooks' endpoint health from the relays' Redis for their statuses (without
+    /// it, they say the health is unknown).
+    pub fn read_webhook_health_from(&self, reader: HealthReader) {
+        let _ = self.webhook_health.set(reader);
     }
 
     pub fn settings(&self) -> &Settings {
@@ -248,6 +259,32 @@ impl Reconciler {
         })
     }
 
+    /// DeliveryWebhooks; none when the API server does not serve the kind (its CRD is not
+    /// installed yet: an operator upgraded before its CRDs keeps working).
+    async fn list_webhooks(&self) -> Result<Vec<DeliveryWebhook>, ReconcileError> {
+        match self.list("DeliveryWebhooks").await {
+            Err(ReconcileError::List {
+                source: kube::Error::Api(s),
+                ..
+            }) if s.code == 404 => {
+                tracing::debug!("DeliveryWebhooks are not served (CRD not installed)");
+                Ok(Vec::new())
+            }
+            r => r,
+        }
+    }
+
+    async fn read_webhook_health(&self, ids: &[String]) -> Option<BTreeMap<String, EndpointHealth>> {
+        let reader = self.webhook_health.get()?;
+        match reader.read(ids).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook health unavailable; statuses keep what they show");
+                None
+            }
+        }
+    }
+
     /// `None` when no usage client is configured.
     async fn read_usage(&self) -> Option<Option<BTreeMap<String, QuotaUsage>>> {
         let client = self.usage.as_ref()?;
@@ -283,7 +320,10 @@ impl Reconciler {
         let quotas: Vec<SenderQuota> = self.list("SenderQuotas").await?;
         let (routes, contested_routes, released_routes) = self.sort_out(routes);
         let (quotas, contested_quotas, released_quotas) = self.sort_out(quotas);
-        let referenced = plan::referenced_secrets(&routes, &quotas);
+        let webhooks = self.list_webhooks().await?;
+        let (webhooks, contested_webhooks, released_webhooks) = self.sort_out(webhooks);
+        let mut referenced = plan::referenced_secrets(&routes, &quotas);
+        referenced.extend(plan::webhook_secrets(&webhooks));
         let secrets = self.read_secrets(&referenced).await?;
         let cm_api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &fleet.namespace);
         let secret_api: Api<Secret> = Api::namespaced(self.client.clone(), &fleet.namespace);
@@ -305,6 +345,11 @@ impl Reconciler {
                 })?;
         let usage = self.read_usage().await;
         let tenancy = self.tenancy().await?;
+        let webhook_ids: Vec<String> = webhooks
+            .iter()
+            .map(|w| format!("{}/{}", w.namespace().unwrap_or_default(), w.name_any()))
+            .collect();
+        let webhook_health = self.read_webhook_health(&webhook_ids).await;
 
         let (tests, in_flight) = {
             let s = self.state();
@@ -327,6 +372,12 @@ impl Reconciler {
             test_interval: self.settings.test_interval,
             now: Timestamp::now(),
             tenancy: &tenancy,
+            webhooks: &webhooks,
+            webhook_health: match (&webhook_health, self.webhook_health.get()) {
+                (Some(h), _) => Health::Read(h),
+                (None, Some(_)) => Health::Unavailable,
+                (None, None) => Health::Disabled,
+            },
         });
 
         let params = PatchParams::apply(FIELD_MANAGER).force();
@@ -397,6 +448,16 @@ impl Reconciler {
                 Err(e) => failures.push((format!("SenderQuota {}/{}", w.namespace, w.name), e)),
             }
         }
+        for w in &plan.webhook_statuses {
+            match self
+                .write_status::<DeliveryWebhook, _>("DeliveryWebhook", &w.namespace, &w.name, &w.status)
+                .await
+            {
+                Ok(true) => outcome.status_writes += 1,
+                Ok(false) => {}
+                Err(e) => failures.push((format!("DeliveryWebhook {}/{}", w.namespace, w.name), e)),
+            }
+        }
         let contested = self
             .refuse::<SmtpRoute>("SmtpRoute", &contested_routes, &released_routes, &mut outcome)
             .await
@@ -404,6 +465,15 @@ impl Reconciler {
             .chain(
                 self.refuse::<SenderQuota>("SenderQuota", &contested_quotas, &released_quotas, &mut outcome)
                     .await,
+            )
+            .chain(
+                self.refuse::<DeliveryWebhook>(
+                    "DeliveryWebhook",
+                    &contested_webhooks,
+                    &released_webhooks,
+                    &mut outcome,
+                )
+                .await,
             );
         failures.extend(contested);
         for e in &plan.events {

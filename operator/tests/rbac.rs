@@ -119,6 +119,14 @@ fn quota() -> Value {
     })
 }
 
+fn webhook() -> Value {
+    json!({
+        "apiVersion": "mailroute.io/v1alpha1", "kind": "DeliveryWebhook",
+        "metadata": {"name": "w", "namespace": "apps", "uid": "u3", "generation": 1, "resourceVersion": "6"},
+        "spec": {"url": "https://hooks.apps.example/", "signingKeySecretRef": {"name": "hook", "key": "key"}, "events": ["delivered"]}
+    })
+}
+
 /// A generic API server: lists hold one route and one quota, the referenced Secret exists, the
 /// outputs and the Lease start absent, writes echo their body, watches end at once.
 fn respond(
@@ -137,6 +145,7 @@ fn respond(
     match (method.as_str(), path) {
         ("GET", p) if p.ends_with("/smtproutes") => (StatusCode::OK, list(vec![route()])),
         ("GET", p) if p.ends_with("/senderquotas") => (StatusCode::OK, list(vec![quota()])),
+        ("GET", p) if p.ends_with("/deliverywebhooks") => (StatusCode::OK, list(vec![webhook()])),
         ("GET", p) if p.ends_with("/secrets") || p.ends_with("/configmaps") || p.ends_with("/pods") => {
             (StatusCode::OK, list(vec![]))
         }
@@ -168,7 +177,13 @@ fn respond(
             (StatusCode::OK, l)
         }
         ("PATCH", p) if p.ends_with("/status") => {
-            let mut o = if p.contains("smtproutes") { route() } else { quota() };
+            let mut o = if p.contains("smtproutes") {
+                route()
+            } else if p.contains("deliverywebhooks") {
+                webhook()
+            } else {
+                quota()
+            };
             o["status"] = body["status"].clone();
             (StatusCode::OK, o)
         }
@@ -252,8 +267,9 @@ async fn the_rbac_file_grants_exactly_what_the_operator_uses() {
         w.len()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    // smtproutes, senderquotas, secrets, namespaces (all namespaces), and the two outputs by name.
-    while watched(&seen.lock().unwrap()) < 6 {
+    // smtproutes, senderquotas, deliverywebhooks, secrets, namespaces (all namespaces), and the
+    // two outputs by name.
+    while watched(&seen.lock().unwrap()) < 7 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "watches not started: {:?}",

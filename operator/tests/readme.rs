@@ -101,6 +101,8 @@ impl World {
             test_interval: Some(Duration::from_secs(3600)),
             now,
             tenancy: &mailroute_api::compile::SINGLE_TENANT,
+            webhooks: &[],
+            webhook_health: mailroute_operator::webhooks::Health::Disabled,
         });
         for w in &p.route_statuses {
             let r = self.routes.iter_mut().find(|r| r.name_any() == w.name).unwrap();

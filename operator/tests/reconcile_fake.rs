@@ -223,9 +223,9 @@ fn failing_lists(failing: &'static [usize]) -> interceptor::Funcs {
 
 #[tokio::test]
 async fn failed_lists_never_touch_the_live_config() {
-    // Reconcile 1 lists routes (1) and quotas (2); reconcile 2 fails listing routes (3);
-    // reconcile 3 lists routes (4) but fails listing quotas (5).
-    let client = fake_client(examples_plus(""), Some(failing_lists(&[3, 5]))).await;
+    // Reconcile 1 lists routes (1), quotas (2) and webhooks (3); reconcile 2 fails listing
+    // routes (4); reconcile 3 lists routes (5) but fails listing quotas (6).
+    let client = fake_client(examples_plus(""), Some(failing_lists(&[4, 6]))).await;
     let r = reconciler(client.clone(), None, None);
     let first = r.reconcile().await.unwrap();
     let live = live_config(&client).await;

@@ -193,6 +193,8 @@ async fn a_first_reconcile_makes_exactly_these_requests() {
         );
         let s = next(&mut h, ok, |_| list("SenderQuota", vec![])).await;
         assert_eq!(s.path, "/apis/mailroute.io/v1alpha1/namespaces/mail/senderquotas");
+        let s = next(&mut h, ok, |_| list("DeliveryWebhook", vec![])).await;
+        assert_eq!(s.path, "/apis/mailroute.io/v1alpha1/namespaces/mail/deliverywebhooks");
         let s = next(&mut h, ok, |_| creds_secret()).await;
         assert_eq!(
             (s.method, s.path.as_str()),
@@ -330,6 +332,7 @@ async fn an_unchanged_world_is_only_read() {
         })
         .await;
         next(&mut h, StatusCode::OK, |_| list("SenderQuota", vec![])).await;
+        next(&mut h, StatusCode::OK, |_| list("DeliveryWebhook", vec![])).await;
         next(&mut h, StatusCode::OK, |_| creds_secret()).await;
         next(&mut h, StatusCode::OK, |_| {
             json!({"apiVersion": "v1", "kind": "ConfigMap",

@@ -6,6 +6,7 @@
 //! - [`outbound`]: the delivery worker, route choice, retries, pacing and shaping, the SMTP
 //!   client side (pools, DKIM), bounce classification and DSNs;
 //! - [`observe`]: the delivery log, Prometheus metrics and the bridge that feeds both;
+//! - [`webhook`]: the delivery log's events pushed to DeliveryWebhook endpoints;
 //! - [`suppress`]: the suppression lists (Redis, and each relay's in-memory copy);
 //! - [`control`]: bulk queue control (list, cancel, retry, hold, release by filter) and the
 //!   holds every worker honours;
@@ -25,5 +26,6 @@ pub mod queue;
 pub(crate) mod redis_client;
 pub mod server;
 pub mod suppress;
+pub mod webhook;
 
 pub use mailroute_smtp::{EnhancedStatusCode, Reply};

@@ -178,6 +178,9 @@ struct RunArgs {
     /// How often the pod identity map's generation and heartbeat are read.
     #[arg(long, env = "MAILROUTE_POD_IDENTITY_POLL", default_value = "1s")]
     pod_identity_poll: humantime::Duration,
+    /// DeliveryWebhooks: a killed relay's webhooks are taken over by another relay after this.
+    #[arg(long, env = "MAILROUTE_WEBHOOK_LEASE_TTL", default_value_t = defaults().webhook_lease_ttl.into())]
+    webhook_lease_ttl: humantime::Duration,
     /// What a recipient on a suppression list gets: `refuse` (550 5.1.1 at RCPT) or `drop`
     /// (accepted, not delivered, a `suppressed` delivery-log record).
     #[arg(long, env = "MAILROUTE_SUPPRESSED", value_enum, default_value_t = Mode::Refuse)]
@@ -285,6 +288,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.dns_server = a.dns_server;
     o.log_stdout = !a.no_log_stdout;
     o.pod_identity_poll = a.pod_identities.then(|| a.pod_identity_poll.into());
+    o.webhook_lease_ttl = a.webhook_lease_ttl.into();
     o.suppression = mailroute_relay::suppress::Settings {
         mode: a.suppressed,
         auto_classes: parse_bounce_classes(&a.suppress_bounce_classes)?,

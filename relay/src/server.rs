@@ -81,6 +81,10 @@ pub struct RelayOptions {
     pub log_stdout: bool,
     /// Read the operator's pod-IP identity map from the queue's Redis this often (None: off).
     pub pod_identity_poll: Option<Duration>,
+    /// A killed relay's webhook leases (fan-out, senders) are taken over after this.
+    pub webhook_lease_ttl: Duration,
+    /// Wait between looks at an empty delivery log or webhook outbox.
+    pub webhook_poll: Duration,
     /// The suppression lists' mode, auto-added bounce classes and refresh (Redis queue only).
     pub suppression: crate::suppress::Settings,
     /// Longest time a job is held in all (bulk queue control); then its hold lapses.
@@ -125,6 +129,8 @@ impl RelayOptions {
             consumer: default_consumer(),
             log_stdout: true,
             pod_identity_poll: None,
+            webhook_lease_ttl: crate::webhook::DEFAULT_LEASE_TTL,
+            webhook_poll: crate::webhook::DEFAULT_POLL,
             suppression: crate::suppress::Settings::default(),
             max_hold: crate::control::DEFAULT_MAX_HOLD,
             hold_refresh: Duration::from_secs(2),
@@ -309,6 +315,7 @@ impl Relay {
             anyhow::bail!("pod identities are read from the operator's map in Redis: they need a Redis --queue");
         }
         let mut pod_identity_conn = None;
+        let mut webhook_conn = None;
         type Stores = (
             Arc<dyn Queue>,
             DeliveryLog,
@@ -319,6 +326,12 @@ impl Relay {
         let (queue, dlog, quota_store, pace_store, shared_redis): Stores = if let Some(target) = opts.queue.redis() {
             let (q, conn) = connect_redis(&opts, target).await?;
             pod_identity_conn = Some(conn.clone());
+            // Webhooks get a connection of their own: their traffic never queues behind mail's.
+            webhook_conn = Some(
+                redis_client::RedisConn::connect(target, redis_client::Timeouts::default())
+                    .await
+                    .context("connecting the webhook dispatcher to Redis")?,
+            );
             (
                 Arc::new(q),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
@@ -373,6 +386,25 @@ impl Relay {
             ));
             tracing::info!(poll = ?every, "attributing unauthenticated clients by the operator's pod identity map");
             identities = Some(source);
+        }
+        if let Some(conn) = webhook_conn {
+            let m = crate::webhook::WebhookMetrics::register(metrics.registry())
+                .context("registering the webhook metrics")?;
+            let webhooks = crate::webhook::Webhooks::start(
+                conn,
+                &opts.redis_prefix,
+                opts.consumer.clone(),
+                config.clone(),
+                m,
+                opts.webhook_lease_ttl,
+                opts.webhook_poll,
+            )
+            .await
+            .context("creating the webhooks' consumer group on the delivery log")?;
+            background.push(tokio::spawn(webhooks.run(shutdown_rx.clone())));
+        }
+        if opts.queue.redis().is_none() && !config.get().config.webhooks.is_empty() {
+            tracing::warn!("DeliveryWebhooks need a Redis --queue: with the in-memory queue no event is sent");
         }
         let suppressions = match &shared_redis_for_lists {
             Some(conn) => {

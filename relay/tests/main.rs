@@ -33,3 +33,4 @@ mod startup;
 mod suppress;
 mod swaks;
 mod tenancy;
+mod webhooks;

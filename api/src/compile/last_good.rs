@@ -163,6 +163,7 @@ spec:
             version: CONFIG_VERSION,
             routes: Vec::new(),
             quotas: Vec::new(),
+            webhooks: Vec::new(),
         };
         assert!(keep_last_good(&mut c, &empty, &RelaySecrets::default()).is_empty());
         assert_eq!(ids(&c), ["mail/local"]);

@@ -7,7 +7,8 @@
 //! DKIM, timeouts and the conflicts between routes), `upstream` (a smarthost route's host, TLS,
 //! pins and AUTH; `oauth2` for OAuth2 clients), `quota` (SenderQuota and inbound users), `secrets` (reading Secret values),
 //! `last_good` (keeping a route's last good version through a Secret rotation), `tenancy` (whose
-//! mail an object governs, by namespace). No I/O.
+//! mail an object governs, by namespace), `webhook` (DeliveryWebhook, compiled after the rest by
+//! [`compile_webhooks`]). No I/O.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,6 +27,7 @@ mod route;
 mod secrets;
 mod tenancy;
 mod upstream;
+mod webhook;
 
 pub use last_good::{is_secret_error, keep_last_good};
 pub use oauth2::{GMAIL_SCOPE, GOOGLE_TOKEN_URL, OFFICE365_SCOPE, entra_token_url};
@@ -33,6 +35,7 @@ pub use quota::hash_password;
 pub use secrets::SecretStore;
 pub use tenancy::{SINGLE_TENANT, Tenancy, selector_matches};
 pub use upstream::parse_sha256_fingerprint;
+pub use webhook::{compile_webhooks, decode_signing_key};
 
 /// Which object a diagnostic is about.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -58,6 +61,7 @@ impl fmt::Display for ObjectRef {
 pub enum ObjectKind {
     SmtpRoute,
     SenderQuota,
+    DeliveryWebhook,
 }
 
 /// Why an object is not (fully) in the configuration. The names become condition reasons.
@@ -221,6 +225,7 @@ pub fn compile_for(routes: &[SmtpRoute], quotas: &[SenderQuota], secrets: &Secre
             version: CONFIG_VERSION,
             routes: compiled_routes,
             quotas: compiled_quotas,
+            webhooks: Vec::new(),
         },
         secrets: out_secrets,
         diagnostics,

@@ -47,7 +47,7 @@ pub(super) fn compile_route(
         DeliveryMode::Smarthost => Target::Smarthost(compile_upstream(spec, &mut cx, d)?),
     };
     let recipient_domains = recipient_domains(&spec.matches.recipient_domains, d);
-    let senders = senders(&spec.matches.senders, d);
+    let senders = senders(&spec.matches.senders, "spec.match.senders", d);
     if let Some(f) = &spec.from_override
         && let Err(e) = split_address(f)
     {
@@ -99,17 +99,14 @@ fn recipient_domains(patterns: &[String], d: &mut Diags<'_>) -> Vec<DomainPatter
     out
 }
 
-/// `spec.match.senders`, each list sorted and without duplicates.
-fn senders(s: &SenderMatch, d: &mut Diags<'_>) -> CompiledSenderMatch {
+/// Sender selectors (a route's `spec.match.senders`, a webhook's `spec.senders` at `field`), each
+/// list sorted and without duplicates.
+pub(super) fn senders(s: &SenderMatch, field: &str, d: &mut Diags<'_>) -> CompiledSenderMatch {
     let mut from_domains = Vec::new();
     for (i, p) in s.from_domains.iter().enumerate() {
         match DomainPattern::parse(p) {
             Ok(p) => from_domains.push(p),
-            Err(e) => d.error(
-                Reason::InvalidSpec,
-                &format!("spec.match.senders.fromDomains[{i}]"),
-                e.to_string(),
-            ),
+            Err(e) => d.error(Reason::InvalidSpec, &format!("{field}.fromDomains[{i}]"), e.to_string()),
         }
     }
     let mut from_addresses = Vec::new();
@@ -118,7 +115,7 @@ fn senders(s: &SenderMatch, d: &mut Diags<'_>) -> CompiledSenderMatch {
             Ok(_) => from_addresses.push(a.to_ascii_lowercase()),
             Err(e) => d.error(
                 Reason::InvalidSpec,
-                &format!("spec.match.senders.fromAddresses[{i}]"),
+                &format!("{field}.fromAddresses[{i}]"),
                 e.to_string(),
             ),
         }

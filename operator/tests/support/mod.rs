@@ -157,7 +157,8 @@ pub fn list_failed(err: &ReconcileError, kind: &str) -> bool {
 pub async fn fake_client(objects: Objects, interceptors: Option<interceptor::Funcs>) -> Client {
     let mut b = ClientBuilder::new()
         .with_resource::<SmtpRoute>()
-        .with_resource::<SenderQuota>();
+        .with_resource::<SenderQuota>()
+        .with_resource::<mailroute_api::DeliveryWebhook>();
     for r in objects.routes {
         b = b.with_object(r);
     }
