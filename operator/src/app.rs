@@ -334,6 +334,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(url) = args.redis_url.clone().filter(|u| !u.is_empty()) {
         reconciler.read_webhook_health_from(crate::webhooks::HealthReader::new(url, args.redis_prefix.clone()));
     }
+    let served = controller::webhooks_served(&client).await;
+    if !served {
+        tracing::warn!(
+            "the API server does not serve DeliveryWebhooks (CRD not installed): webhooks are off until the operator restarts"
+        );
+    }
+    reconciler.set_webhooks_served(served);
     let triggers = controller::triggers(&client, reconciler.clone());
     let loop_settings = LoopSettings {
         debounce: args.debounce,

@@ -192,9 +192,11 @@ pub fn triggers(client: &Client, reconciler: Arc<Reconciler>) -> BoxStream<'stat
     let mut all: Vec<BoxStream<'static, ()>> = vec![
         cr_triggers::<SmtpRoute>(client, &namespaces, "SmtpRoute"),
         cr_triggers::<SenderQuota>(client, &namespaces, "SenderQuota"),
-        cr_triggers::<DeliveryWebhook>(client, &namespaces, "DeliveryWebhook"),
         outputs.boxed(),
     ];
+    if reconciler.serves_webhooks() {
+        all.push(cr_triggers::<DeliveryWebhook>(client, &namespaces, "DeliveryWebhook"));
+    }
     all.extend(secret_streams);
     if settings.platform_namespaces.is_some() {
         let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
@@ -319,6 +321,27 @@ fn start_tests(
             let record = conntest::run(&job, &s).await;
             (job.route_id, record)
         });
+    }
+}
+
+/// Whether the API server serves the DeliveryWebhook kind. Discovery needs no RBAC rule, while
+/// listing a kind the role does not name is refused (403) before the API server looks for it:
+/// an operator upgraded before its CRDs and RBAC (or run with an older release's RBAC) keeps
+/// serving routes and quotas without webhooks until it restarts. Unknown when discovery fails:
+/// then the kind is assumed served, and its errors show in the reconcile.
+pub async fn webhooks_served(client: &Client) -> bool {
+    use kube::Resource;
+    let api_version = DeliveryWebhook::api_version(&());
+    match client.list_api_group_resources(&api_version).await {
+        Ok(list) => {
+            let plural = DeliveryWebhook::plural(&());
+            list.resources.iter().any(|r| r.name == plural)
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "API discovery of {api_version} failed; assuming DeliveryWebhooks are served");
+            true
+        }
     }
 }
 

@@ -120,6 +120,9 @@ pub struct Reconciler {
     state: Mutex<State>,
     /// The webhooks' endpoint health, from the relays' Redis (`--redis-url`).
     webhook_health: std::sync::OnceLock<HealthReader>,
+    /// Whether the API server served the DeliveryWebhook kind at start-up (see
+    /// [`webhooks_served`]); when not, webhooks are neither watched nor listed.
+    webhooks_served: std::sync::atomic::AtomicBool,
 }
 
 impl Reconciler {
@@ -136,6 +139,7 @@ impl Reconciler {
             metrics,
             state: Mutex::default(),
             webhook_health: std::sync::OnceLock::new(),
+            webhooks_served: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -262,6 +266,9 @@ impl Reconciler {
     /// DeliveryWebhooks; none when the API server does not serve the kind (its CRD is not
     /// installed yet: an operator upgraded before its CRDs keeps working).
     async fn list_webhooks(&self) -> Result<Vec<DeliveryWebhook>, ReconcileError> {
+        if !self.serves_webhooks() {
+            return Ok(Vec::new());
+        }
         match self.list("DeliveryWebhooks").await {
             Err(ReconcileError::List {
                 source: kube::Error::Api(s),
@@ -272,6 +279,16 @@ impl Reconciler {
             }
             r => r,
         }
+    }
+
+    /// Records whether the API server serves DeliveryWebhooks (found once at start-up).
+    pub fn set_webhooks_served(&self, served: bool) {
+        self.webhooks_served.store(served, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether DeliveryWebhooks are watched and listed.
+    pub fn serves_webhooks(&self) -> bool {
+        self.webhooks_served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn read_webhook_health(&self, ids: &[String]) -> Option<BTreeMap<String, EndpointHealth>> {
