@@ -58,22 +58,34 @@ impl DataReceiver {
         while i < input.len() {
             match self.state {
                 State::Text => {
-                    let rest = &input[i..];
-                    match rest.iter().position(|&b| b == b'\r' || b == b'\n') {
-                        None => {
-                            out.extend_from_slice(rest);
+                    // Scan whole lines at once: a CRLF followed by anything but a dot changes
+                    // nothing (the next line starts as text), so only the other line endings
+                    // and the end of the input stop the scan.
+                    let start = i;
+                    let mut from = i;
+                    loop {
+                        let Some(p) = memchr::memchr2(b'\r', b'\n', &input[from..]) else {
+                            out.extend_from_slice(&input[start..]);
                             i = input.len();
+                            break;
+                        };
+                        let at = from + p;
+                        if input[at] == b'\r'
+                            && input.get(at + 1) == Some(&b'\n')
+                            && input.get(at + 2).is_some_and(|&next| next != b'.')
+                        {
+                            from = at + 2;
+                            continue;
                         }
-                        Some(p) => {
-                            out.extend_from_slice(&rest[..p]);
-                            i += p + 1;
-                            if rest[p] == b'\r' {
-                                self.state = State::Cr;
-                            } else {
-                                out.push(b'\n');
-                                self.bare = true;
-                            }
+                        out.extend_from_slice(&input[start..at]);
+                        i = at + 1;
+                        if input[at] == b'\r' {
+                            self.state = State::Cr;
+                        } else {
+                            out.push(b'\n');
+                            self.bare = true;
                         }
+                        break;
                     }
                 }
                 State::Cr => {
@@ -207,6 +219,85 @@ mod tests {
         for input in [&b""[..], b".", b".\r", b"a\r\n.", b"a\r\n.\r", b"a\n.\n"] {
             assert!(!receive(&[input]).1, "{:?}", String::from_utf8_lossy(input));
         }
+    }
+
+    /// The rule of the module doc, byte by byte over the whole input: the content, where the
+    /// end of data ends (its index after `.` CRLF), and whether a bare line ending was seen.
+    fn by_the_rule(input: &[u8]) -> (Vec<u8>, Option<usize>, bool) {
+        let (mut out, mut bare, mut line_start, mut i) = (Vec::new(), false, true, 0);
+        while i < input.len() {
+            let at_line_start = std::mem::replace(&mut line_start, false);
+            if at_line_start && input[i] == b'.' {
+                if input[i + 1..].starts_with(b"\r\n") {
+                    return (out, Some(i + 3), bare);
+                }
+                i += 1;
+                continue;
+            }
+            if input[i..].starts_with(b"\r\n") {
+                out.extend_from_slice(b"\r\n");
+                i += 2;
+                line_start = true;
+                continue;
+            }
+            bare |= input[i] == b'\r' || input[i] == b'\n';
+            out.push(input[i]);
+            i += 1;
+        }
+        (out, None, bare)
+    }
+
+    /// `input` then an end of data and a pipelined command, received whole and cut at every
+    /// position (and at every pair of positions when `pairs`), must give what the rule gives.
+    fn agrees_with_the_rule(input: &[u8], pairs: bool) {
+        let mut wire = input.to_vec();
+        wire.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+        let (body, end, bare) = by_the_rule(&wire);
+        let end = end.expect("the appended end of data is found");
+        let want = (body, true, wire[end..].to_vec(), bare);
+        let show = String::from_utf8_lossy(&wire).into_owned();
+        assert_eq!(receive(&[&wire]), want, "{show:?}");
+        for a in 0..=wire.len() {
+            assert_eq!(receive(&[&wire[..a], &wire[a..]]), want, "{show:?} cut at {a}");
+            if pairs {
+                for b in a..=wire.len() {
+                    let got = receive(&[&wire[..a], &wire[a..b], &wire[b..]]);
+                    assert_eq!(got, want, "{show:?} cut at {a} and {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_short_input_is_received_as_the_byte_by_byte_rule_says() {
+        // Every string of up to 6 bytes over dot, CR, LF and a letter: dots at line starts
+        // and not, bare CR and LF, CR as the last byte of a chunk, ends inside the input.
+        let alphabet = [b'.', b'\r', b'\n', b'a'];
+        for len in 0..=6u32 {
+            for mut k in 0..alphabet.len().pow(len) {
+                let mut input = Vec::new();
+                for _ in 0..len {
+                    input.push(alphabet[k % alphabet.len()]);
+                    k /= alphabet.len();
+                }
+                agrees_with_the_rule(&input, len <= 4);
+            }
+        }
+    }
+
+    #[test]
+    fn long_lines_with_dots_are_received_as_the_byte_by_byte_rule_says() {
+        let mut input = Vec::new();
+        for n in 0..40 {
+            let dots = ".".repeat(n % 4);
+            let text = "x".repeat(n * 7 % 90);
+            input.extend_from_slice(format!("{dots}{text}.{dots}\r\n").as_bytes());
+            if n % 9 == 0 {
+                input.extend_from_slice(b"\r\n..\r\n.\r\r\n.\nbare\r\n");
+            }
+        }
+        agrees_with_the_rule(&input, false);
+        agrees_with_the_rule(&input[..input.len() - 2], false);
     }
 
     async fn stuffed(message: &[u8]) -> Vec<u8> {

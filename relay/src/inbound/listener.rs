@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -71,6 +72,9 @@ pub use mailroute_tls::MaybeTls;
 
 /// An inbound connection.
 pub type Stream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// The most one read takes from the socket: the input buffer grows by at most this much per read.
+const READ_CHUNK: usize = 16384;
 
 /// What reading a line produced.
 pub enum Line {
@@ -142,11 +146,13 @@ impl Conn {
             self.inbuf.drain(..self.pos);
             self.pos = 0;
         }
-        let mut chunk = [0u8; 16384];
-        let n = tokio::time::timeout(timeout, self.stream.read(&mut chunk))
+        // Read straight into the buffer's spare room: no stack buffer to zero and copy out of,
+        // and none carried (and moved) in every future that awaits a read.
+        self.inbuf.reserve(READ_CHUNK);
+        let mut room = (&mut self.inbuf).limit(READ_CHUNK);
+        let n = tokio::time::timeout(timeout, self.stream.read_buf(&mut room))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timeout"))??;
-        self.inbuf.extend_from_slice(&chunk[..n]);
         Ok(n)
     }
 
@@ -154,7 +160,7 @@ impl Conn {
     pub async fn read_line(&mut self, limit: usize, timeout: Duration) -> io::Result<Line> {
         loop {
             let buf = self.buffered();
-            if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            if let Some(i) = memchr::memchr(b'\n', buf) {
                 if i + 1 > limit {
                     self.consume(i + 1);
                     return Ok(Line::TooLong);
@@ -171,7 +177,7 @@ impl Conn {
                     if self.fill(timeout).await? == 0 {
                         return Ok(Line::Eof);
                     }
-                    if let Some(i) = self.buffered().iter().position(|&b| b == b'\n') {
+                    if let Some(i) = memchr::memchr(b'\n', self.buffered()) {
                         self.consume(i + 1);
                         return Ok(Line::TooLong);
                     }

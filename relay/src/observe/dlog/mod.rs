@@ -583,9 +583,11 @@ impl DeliveryLog {
 
     /// The record as JSON, after writing it as a line and counting it.
     fn line(&self, ev: &DeliveryEvent) -> Result<String, DlogError> {
-        let json = serde_json::to_string(ev)?;
+        let mut json = serde_json::to_string(ev)?;
         if let Some(sink) = &self.sink {
+            json.push('\n');
             write_line(sink, &json);
+            json.pop();
         }
         if let Some(m) = &self.metrics {
             m.dlog_events.with_label_values(&[ev.result.as_str()]).inc();
@@ -695,13 +697,13 @@ impl DeliveryLog {
 /// Records fetched from the store per round trip when filtering.
 const SCAN_BATCH: usize = 1000;
 
-fn write_line(sink: &Sink, json: &str) {
+/// Writes `line` (its newline included) in one `write_all`: stdout's LineWriter hands a whole
+/// line to the kernel in one write(2) whatever its length (the line and its newline written
+/// apart took two once the line outgrew its 1 KiB buffer), and keeps nothing buffered after.
+fn write_line(sink: &Sink, line: &str) {
     // A poisoned lock only means another writer panicked mid-line; keep logging.
     let mut w = sink.lock().unwrap_or_else(|p| p.into_inner());
-    let res = w
-        .write_all(json.as_bytes())
-        .and_then(|()| w.write_all(b"\n"))
-        .and_then(|()| w.flush());
+    let res = w.write_all(line.as_bytes()).and_then(|()| w.flush());
     if let Err(err) = res {
         tracing::warn!(%err, "writing delivery log line");
     }
@@ -906,6 +908,32 @@ mod tests {
         let second: DeliveryEvent = serde_json::from_str(lines[1]).unwrap();
         assert_eq!(second.result, EventResult::Delivered);
         assert_eq!(metrics.dlog_events.with_label_values(&["delivered"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_long_line_reaches_a_line_buffered_writer_in_one_write() {
+        // As stdout is: a LineWriter with a 1 KiB buffer over the file (one write(2) per write).
+        let writes = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+        struct Calls(Arc<Mutex<Vec<Vec<u8>>>>);
+        impl Write for Calls {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().push(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = DeliveryLog::memory(10).with_writer(std::io::LineWriter::with_capacity(1024, Calls(writes.clone())));
+        let mut e = ev(1, EventResult::Deferred, "a@x");
+        e.reply_text = Some("x".repeat(2000));
+        log.record(&e).await.unwrap();
+        log.record(&ev(2, EventResult::Received, "b@x")).await.unwrap();
+        let writes = writes.lock().unwrap();
+        assert_eq!(writes.len(), 2, "one write per line");
+        assert!(writes.iter().all(|w| w.ends_with(b"\n") && w.len() > 50));
+        let first: DeliveryEvent = serde_json::from_slice(&writes[0]).unwrap();
+        assert_eq!(first, e);
     }
 
     #[tokio::test]
