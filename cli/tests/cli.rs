@@ -194,9 +194,41 @@ async fn the_kubectl_plugin_is_the_same_command() {
         .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["status", "events", "queue", "message", "quota", "completion"] {
+    for cmd in ["status", "events", "queue", "message", "quota", "route", "completion"] {
         assert!(help.contains(cmd), "{help}");
     }
+    for flag in [
+        "--admin-url",
+        "--kubeconfig",
+        "--context",
+        "--relay-namespace",
+        "--relay-service",
+        "--kube-token",
+    ] {
+        assert!(help.contains(flag), "{flag}: {help}");
+    }
+    let route = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-mailroute"))
+        .args(["route", "test", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let route_help = String::from_utf8_lossy(&route.stdout);
+    assert!(
+        route.status.success() && route_help.contains("--namespace") && route_help.contains("--wait"),
+        "{route_help}"
+    );
+    // Neither an admin URL nor any Kubernetes configuration: says what to give, exit 1.
+    let home = tempfile::tempdir().unwrap();
+    let nothing = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-mailroute"))
+        .env_clear()
+        .env("HOME", home.path())
+        .arg("status")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&nothing.stderr);
+    assert_eq!(nothing.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("give --admin-url, or a kubeconfig"), "{stderr}");
     let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-mailroute"))
         .arg("no-such-command")
         .output()
