@@ -1,5 +1,6 @@
 //! Status building blocks shared by both resources: conditions in the Kubernetes convention and the
-//! connection-test record. Types only; the operator decides when they change.
+//! connection-test record (with the annotation that asks for a test now). Types only; the
+//! operator decides when they change.
 
 use std::borrow::Cow;
 use std::fmt;

@@ -4,8 +4,10 @@
 //! roots plus the route's CA bundle), EHLO, AUTH with the route's credentials (XOAUTH2 with the
 //! token) and optionally send a test message, through the relay's own SMTP client
 //! (`mailroute_smtp::client`), so the `Verified` condition quotes a reply, or the token
-//! endpoint's error, as the delivery log would. Also the pure parts: the fingerprint of what is
-//! tested, when a test is due, and the `Verified` condition a result gives.
+//! endpoint's error, as the delivery log would; the record keeps the upstream's replies step by
+//! step (what `mailroute route test` prints). Also the pure parts: the fingerprint of what is
+//! tested, when a test is due (on change, on request through `mailroute.io/test-requested`, on
+//! schedule), and the `Verified` condition a result gives.
 //! It never writes to Kubernetes and never logs credentials or tokens. It fetches its own token
 //! and does not share the relays' token cache (the operator has no Redis).
 

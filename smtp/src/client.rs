@@ -20,6 +20,10 @@
 //!   JSON) and expects an empty line before its final `535`; mail-send would send the token
 //!   again instead.
 //!
+//! On request ([`Connection::open_recorded`]) it keeps the server's replies while a connection
+//! opens ([`Dialogue`]), for the operator's connection test to show; the relay's own opens
+//! record nothing.
+//!
 //! This module must not pool, retry, classify or word errors for people; it reports what
 //! happened at which [`Stage`] ([`ErrorKind`]), and each caller says what that means.
 
