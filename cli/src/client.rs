@@ -155,6 +155,34 @@ impl AdminClient {
         json_of(resp).await
     }
 
+    /// A request with a query and an optional body (content type, bytes); JSON answer.
+    pub async fn request_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(String, String)],
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Value, ClientError> {
+        let mut req = self.http.request(method, self.url(path)).query(query);
+        if let Some((content_type, bytes)) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, content_type).body(bytes);
+        }
+        json_of(self.send(req).await?).await
+    }
+
+    /// A text answer (CSV) to a GET with a query; 404 is [`ClientError::NotFound`].
+    pub async fn get_text_query(&self, path: &str, query: &[(String, String)]) -> Result<String, ClientError> {
+        let resp = self.send(self.http.get(self.url(path)).query(query)).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(json_of(resp)
+                .await
+                .err()
+                .unwrap_or(ClientError::Unexpected(format!("status {status}"))));
+        }
+        resp.text().await.map_err(|e| ClientError::Unexpected(e.to_string()))
+    }
+
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let resp = self.send(self.http.get(self.url(path))).await?;
         let status = resp.status();

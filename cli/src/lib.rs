@@ -1,6 +1,6 @@
 //! `mailroute` (also installed as the kubectl plugin `kubectl-mailroute`): the relays' state,
-//! their delivery events, and the queue and quota actions of the admin API, from a terminal;
-//! and `route test`, which has the operator test a route's upstream now.
+//! their delivery events, and the queue, quota and suppression-list actions of the admin API,
+//! from a terminal; and `route test`, which has the operator test a route's upstream now.
 //!
 //! The relays are reached at `--admin-url`, or without it through the Kubernetes API server's
 //! service proxy as the kubeconfig says ([`cluster`] finds the admin Service, [`client`] calls
@@ -20,6 +20,7 @@ pub mod client;
 pub mod cluster;
 pub mod output;
 pub mod route;
+pub mod suppress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -129,6 +130,9 @@ pub enum Command {
     /// SmtpRoute actions (through the Kubernetes API; the kubeconfig's credentials).
     #[command(subcommand)]
     Route(RouteCommand),
+    /// Suppression lists: addresses mail is not sent to (a namespace's, or the platform's).
+    #[command(subcommand)]
+    Suppress(suppress::SuppressCommand),
     /// Shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -288,6 +292,7 @@ pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError>
             let v = client.get_json("/api/v1/quotas", &query).await?;
             output::print_value(out, format, &v, output::quota_table)
         }
+        Command::Suppress(cmd) => suppress::run(&client, cmd, format, out).await,
         Command::Completion { .. } | Command::Route(_) => Ok(()),
     }
 }
@@ -351,7 +356,7 @@ fn path_segment(id: &str) -> Result<&str, CliError> {
 
 /// The one place the CLI reads the wall clock.
 #[allow(clippy::disallowed_methods)]
-fn now() -> chrono::DateTime<chrono::Utc> {
+pub(crate) fn now() -> chrono::DateTime<chrono::Utc> {
     chrono::Utc::now()
 }
 

@@ -194,7 +194,16 @@ async fn the_kubectl_plugin_is_the_same_command() {
         .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["status", "events", "queue", "message", "quota", "route", "completion"] {
+    for cmd in [
+        "status",
+        "events",
+        "queue",
+        "message",
+        "quota",
+        "suppress",
+        "route",
+        "completion",
+    ] {
         assert!(help.contains(cmd), "{help}");
     }
     for flag in [
@@ -477,6 +486,158 @@ async fn without_an_admin_url_the_cli_goes_through_the_service_proxy_of_the_kube
     let bad = through_kubeconfig(&kubeconfig, &["--relay-namespace=../x", "status"]).await;
     assert_eq!(bad.code, 1, "{}", bad.stderr);
     assert!(bad.stderr.contains("is not a namespace name"), "{}", bad.stderr);
+    relay.shutdown().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppress_commands_list_add_remove_import_and_export_against_a_relay() {
+    let redis = mailroute_testkit::RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "apiVersion: mailroute.io/v1alpha1\nkind: SmtpRoute\nmetadata: {{name: up, namespace: mail}}\nspec:\n  host: 127.0.0.1\n  port: {}\n  tls: {{mode: none}}\n  match: {{recipientDomains: [\"*\"]}}\n",
+            up.port()
+        ),
+    )
+    .unwrap();
+    let mut o = RelayOptions::local();
+    o.source = Source::Manifests(vec![routes]);
+    o.queue = redis.url().parse().unwrap();
+    o.smtp_listen = Some("127.0.0.1:0".parse().unwrap());
+    o.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    o.admin_token = Some(TOKEN.into());
+    o.log_stdout = false;
+    o.workers = 2;
+    o.inbound.hostname = "relay.test".into();
+    o.suppression.poll = Duration::from_millis(100);
+    let relay = Relay::start(o).await.expect("relay starts");
+    let admin = format!("http://{}", relay.admin_addr.unwrap());
+    let run = |args: &[&str]| {
+        let admin = admin.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            mailroute(&admin, TOKEN, &args).await
+        }
+    };
+
+    let added = run(&[
+        "suppress",
+        "add",
+        "Blocked@Example.com",
+        "--reason",
+        "asked us",
+        "--expires",
+        "30d",
+    ])
+    .await;
+    assert_eq!(added.code, 0, "{}", added.stderr);
+    assert!(
+        added.stdout.contains("Blocked@Example.com suppressed"),
+        "{}",
+        added.stdout
+    );
+    let ls = run(&["suppress", "ls"]).await;
+    assert_eq!(ls.code, 0, "{}", ls.stderr);
+    let lines: Vec<&str> = ls.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("ADDRESS") && lines[0].contains("EXPIRES"),
+        "{}",
+        ls.stdout
+    );
+    assert!(
+        lines[1].contains("Blocked@Example.com")
+            && lines[1].contains("asked us")
+            && lines[1].contains("manual (admin-token)"),
+        "{}",
+        ls.stdout
+    );
+    let json = run(&["suppress", "ls", "-o", "json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["scope"], "platform");
+    assert_eq!(v["entries"][0]["source"]["by"], "admin-token");
+    let yaml = run(&["suppress", "ls", "-o", "yaml", "--address", "blocked@example.com"]).await;
+    assert!(yaml.stdout.contains("address: Blocked@Example.com"), "{}", yaml.stdout);
+    assert_eq!(
+        run(&["suppress", "ls", "--address", "nobody@example.com"]).await.code,
+        3
+    );
+    assert_eq!(
+        run(&["suppress", "add", "x@example.com", "--expires", "soon"])
+            .await
+            .code,
+        2
+    );
+    let bad = run(&["suppress", "add", "not-an-address"]).await;
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("not an email address"), "{}", bad.stderr);
+
+    // The relay refuses the address once its copy has the entry.
+    let refused = {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let t = send(
+                relay.smtp_addr.unwrap(),
+                None,
+                false,
+                None,
+                "app@app.example",
+                &["blocked@example.com"],
+                b"Subject: x\r\n\r\nx\r\n",
+            )
+            .await
+            .unwrap();
+            if t.lines()
+                .iter()
+                .any(|l| l.starts_with("550 5.1.1") && l.contains("suppressed"))
+            {
+                break true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert!(refused);
+
+    // Import (awkward addresses) into a namespace's list, export, import the export elsewhere:
+    // the same CSV.
+    let file = dir.path().join("in.csv");
+    std::fs::write(
+        &file,
+        "address,reason\n\"\"\"a,b\"\"@example.com\",\"with, comma\"\nnoël@exemple.fr,\"quote \"\"here\"\"\"\n",
+    )
+    .unwrap();
+    let file_arg = file.display().to_string();
+    let imported = run(&["suppress", "import", &file_arg, "--namespace", "team-a"]).await;
+    assert_eq!(imported.code, 0, "{}", imported.stderr);
+    assert!(
+        imported.stdout.contains("2 entries imported into team-a"),
+        "{}",
+        imported.stdout
+    );
+    let exported = run(&["suppress", "export", "-n", "team-a"]).await;
+    assert_eq!(exported.code, 0, "{}", exported.stderr);
+    assert!(
+        exported.stdout.contains("\"\"\"a,b\"\"@example.com\""),
+        "{}",
+        exported.stdout
+    );
+    assert!(exported.stdout.contains("noël@exemple.fr"), "{}", exported.stdout);
+    let out = dir.path().join("out.csv");
+    std::fs::write(&out, &exported.stdout).unwrap();
+    let out_arg = out.display().to_string();
+    assert_eq!(run(&["suppress", "import", &out_arg, "-n", "team-b"]).await.code, 0);
+    let again = run(&["suppress", "export", "-n", "team-b"]).await;
+    assert_eq!(again.stdout, exported.stdout);
+
+    let rm = run(&["suppress", "rm", "blocked@example.com"]).await;
+    assert_eq!(rm.code, 0, "{}", rm.stderr);
+    assert_eq!(run(&["suppress", "rm", "blocked@example.com"]).await.code, 3);
+    assert!(run(&["suppress", "ls"]).await.stdout.contains("No entries."));
     relay.shutdown().await;
 }

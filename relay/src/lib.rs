@@ -6,6 +6,7 @@
 //! - [`outbound`]: the delivery worker, route choice, retries, pacing and shaping, the SMTP
 //!   client side (pools, DKIM), bounce classification and DSNs;
 //! - [`observe`]: the delivery log, Prometheus metrics and the bridge that feeds both;
+//! - [`suppress`]: the suppression lists (Redis, and each relay's in-memory copy);
 //! - [`admin`]: the admin HTTP API, the relay's backend for it, and its Kubernetes token checks;
 //! - [`server`] assembles them; [`config`], [`clock`], `redis_client` and `expiring` are
 //!   shared by all of them.
@@ -20,5 +21,6 @@ pub mod outbound;
 pub mod queue;
 pub(crate) mod redis_client;
 pub mod server;
+pub mod suppress;
 
 pub use mailroute_smtp::{EnhancedStatusCode, Reply};

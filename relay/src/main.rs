@@ -14,6 +14,15 @@ use mailroute_relay::inbound::auth_guard::AuthLimits;
 use mailroute_relay::inbound::session::InboundSettings;
 use mailroute_relay::queue::redis::Durability;
 use mailroute_relay::server::{Relay, RelayOptions, parse_cidrs};
+use mailroute_relay::suppress::Mode;
+
+/// mimalloc instead of glibc's malloc: the relay allocates and frees many small, short-lived
+/// buffers per message on two or more threads, where glibc's malloc and free took 8-11% of the
+/// relay's CPU; mimalloc's take a third of that (bench/results/2026-12-05-vm-issue18-profile.md
+/// has the before and after, and the relay's memory under a backlog: 17 MiB more, constant).
+/// Only the binary: the library and its tests keep the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "mailroute-relay", version, about = "mailroute SMTP relay")]
@@ -164,6 +173,17 @@ struct RunArgs {
     /// How often the pod identity map's generation and heartbeat are read.
     #[arg(long, env = "MAILROUTE_POD_IDENTITY_POLL", default_value = "1s")]
     pod_identity_poll: humantime::Duration,
+    /// What a recipient on a suppression list gets: `refuse` (550 5.1.1 at RCPT) or `drop`
+    /// (accepted, not delivered, a `suppressed` delivery-log record).
+    #[arg(long, env = "MAILROUTE_SUPPRESSED", value_enum, default_value_t = Mode::Refuse)]
+    suppressed: Mode,
+    /// Bounce classes whose hard bounces add the recipient to the suppression list, comma
+    /// separated (empty: none).
+    #[arg(long, env = "MAILROUTE_SUPPRESS_BOUNCE_CLASSES", default_value = "invalid_recipient")]
+    suppress_bounce_classes: String,
+    /// How often the suppression lists' generations are read (a changed list is re-read).
+    #[arg(long, env = "MAILROUTE_SUPPRESSION_POLL", default_value = "2s")]
+    suppression_poll: humantime::Duration,
 }
 
 /// The relay's own defaults ([`RelayOptions::local`]): the flags' defaults, defined once.
@@ -259,7 +279,32 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.dns_server = a.dns_server;
     o.log_stdout = !a.no_log_stdout;
     o.pod_identity_poll = a.pod_identities.then(|| a.pod_identity_poll.into());
+    o.suppression = mailroute_relay::suppress::Settings {
+        mode: a.suppressed,
+        auto_classes: parse_bounce_classes(&a.suppress_bounce_classes)?,
+        poll: a.suppression_poll.into(),
+    };
     Ok(o)
+}
+
+/// `--suppress-bounce-classes`: names of bounce classes, each checked.
+fn parse_bounce_classes(s: &str) -> Result<Vec<String>> {
+    use mailroute_relay::outbound::bounce::BounceClass;
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            if BounceClass::ALL.iter().any(|k| k.as_str() == c) {
+                Ok(c.to_owned())
+            } else {
+                let names: Vec<&str> = BounceClass::ALL.iter().map(|k| k.as_str()).collect();
+                anyhow::bail!(
+                    "--suppress-bounce-classes: unknown class {c:?}; expected {}",
+                    names.join(", ")
+                )
+            }
+        })
+        .collect()
 }
 
 #[tokio::main]
@@ -403,6 +448,37 @@ mod tests {
             (0, Duration::from_secs(1))
         );
         assert_eq!(d.inbound.auth_limits.concurrency, 2);
+    }
+
+    #[test]
+    fn suppression_flags() {
+        let d = parse(&[]).unwrap().suppression;
+        assert_eq!(d.mode, Mode::Refuse);
+        assert_eq!(d.auto_classes, ["invalid_recipient"]);
+        let o = parse(&[
+            "--suppressed",
+            "drop",
+            "--suppress-bounce-classes",
+            "invalid_recipient, mailbox_full",
+            "--suppression-poll",
+            "100ms",
+        ])
+        .unwrap()
+        .suppression;
+        assert_eq!(o.mode, Mode::Drop);
+        assert_eq!(o.auto_classes, ["invalid_recipient", "mailbox_full"]);
+        assert_eq!(o.poll, Duration::from_millis(100));
+        assert!(
+            parse(&["--suppress-bounce-classes", ""])
+                .unwrap()
+                .suppression
+                .auto_classes
+                .is_empty()
+        );
+        let e = parse(&["--suppress-bounce-classes", "invalid"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown class"), "{e}");
     }
 
     #[tokio::test]

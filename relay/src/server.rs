@@ -1,5 +1,6 @@
 //! Assembles a running relay from its options: configuration, queue, delivery log, metrics,
-//! SMTP listeners, delivery workers, the admin API and the periodic housekeeping, and drains it
+//! SMTP listeners, delivery workers, the admin API, the suppression lists' refresher and the
+//! periodic housekeeping, and drains it
 //! on shutdown. It owns wiring and lifecycle only; every decision lives in the modules it wires.
 
 use std::net::SocketAddr;
@@ -80,6 +81,8 @@ pub struct RelayOptions {
     pub log_stdout: bool,
     /// Read the operator's pod-IP identity map from the queue's Redis this often (None: off).
     pub pod_identity_poll: Option<Duration>,
+    /// The suppression lists' mode, auto-added bounce classes and refresh (Redis queue only).
+    pub suppression: crate::suppress::Settings,
 }
 
 impl RelayOptions {
@@ -118,6 +121,7 @@ impl RelayOptions {
             consumer: default_consumer(),
             log_stdout: true,
             pod_identity_poll: None,
+            suppression: crate::suppress::Settings::default(),
         }
     }
 }
@@ -326,6 +330,7 @@ impl Relay {
                 None,
             )
         };
+        let shared_redis_for_lists = shared_redis.clone();
         let oauth2 = oauth2_tokens(shared_redis, &opts.redis_prefix, overrides.token_client);
         let quotas = QuotaEngine::new(quota_store);
         let dlog = match overrides.dlog_writer {
@@ -363,6 +368,25 @@ impl Relay {
             tracing::info!(poll = ?every, "attributing unauthenticated clients by the operator's pod identity map");
             identities = Some(source);
         }
+        let suppressions = match &shared_redis_for_lists {
+            Some(conn) => {
+                let m = crate::suppress::SuppressMetrics::register(metrics.registry())
+                    .context("registering the suppression metrics")?;
+                let lists = Arc::new(crate::suppress::Suppressions::new(
+                    conn.clone(),
+                    &opts.redis_prefix,
+                    opts.suppression.clone(),
+                    m,
+                ));
+                // Read once before the listeners open; the commit script covers a failure.
+                if let Err(e) = lists.refresh(crate::clock::now_ms()).await {
+                    tracing::warn!(error = %e, "reading the suppression lists failed; the enqueue checks them until the next read");
+                }
+                background.push(tokio::spawn(lists.clone().run(shutdown_rx.clone())));
+                Some(lists)
+            }
+            None => None,
+        };
         let (give_back, give_back_rx) = watch::channel(None);
         let mut inbound = Inbound::new(
             opts.inbound.clone(),
@@ -376,6 +400,9 @@ impl Relay {
         .with_shutdown(shutdown_rx.clone());
         if let Some(source) = identities {
             inbound = inbound.with_identity(source);
+        }
+        if let Some(lists) = &suppressions {
+            inbound = inbound.with_suppressions(lists.clone());
         }
         let inbound = Arc::new(inbound);
 
@@ -433,6 +460,7 @@ impl Relay {
                 })
             }),
             telemetry: telemetry.clone(),
+            suppress: suppressions.clone(),
             settings: WorkerSettings {
                 consumer: opts.consumer.clone(),
                 concurrency: opts.workers,
@@ -448,6 +476,7 @@ impl Relay {
             quotas: quotas.clone(),
             metrics: metrics.clone(),
             dlog: dlog.clone(),
+            suppress: suppressions.clone(),
         });
         let liveness = Liveness::default();
         let mut ticker_rx = shutdown_rx.clone();

@@ -512,3 +512,92 @@ async fn route_timeouts_reach_the_session() {
     assert_eq!(failure(&r), Some((Stage::Message, Failure::Timeout)), "{r:?}");
     assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
 }
+
+/// The steps of a transaction share one timer per connection (`mailroute_smtp::client`'s
+/// `Alarm`), and each keeps its own limit: a final reply that takes longer than the shortest
+/// limit but less than its own is still awaited, and on the same (reused) connection a pipelined
+/// envelope that is never answered is cut off after the envelope's limit, as a timeout at MAIL.
+#[tokio::test]
+async fn each_step_keeps_its_own_limit_on_the_connection_s_one_timer() {
+    use mailroute_relay::outbound::bounce::Failure;
+    use mailroute_relay::outbound::delivery::Stage;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    // An upstream that answers the first transaction's final dot after 1.5 s and never answers
+    // the second transaction's envelope (its socket stays open).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let Ok((socket, _)) = listener.accept().await else {
+            return;
+        };
+        let (read, mut write) = socket.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(b"220 mute.test ESMTP\r\n").await.unwrap();
+        let (mut transactions, mut in_data) = (0, false);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if in_data {
+                if line == "." {
+                    in_data = false;
+                    tokio::time::sleep(Duration::from_millis(1_500)).await;
+                    write.write_all(b"250 2.0.0 queued\r\n").await.unwrap();
+                }
+                continue;
+            }
+            let upper = line.to_ascii_uppercase();
+            if upper.starts_with("EHLO") {
+                write.write_all(b"250-mute.test\r\n250 PIPELINING\r\n").await.unwrap();
+            } else if upper.starts_with("MAIL") {
+                transactions += 1;
+                if transactions == 2 {
+                    // Holds the connection without a word.
+                    std::future::pending::<()>().await;
+                }
+                write.write_all(b"250 2.1.0 ok\r\n").await.unwrap();
+            } else if upper.starts_with("RCPT") {
+                write.write_all(b"250 2.1.5 ok\r\n").await.unwrap();
+            } else if upper == "DATA" {
+                in_data = true;
+                write.write_all(b"354 go ahead\r\n").await.unwrap();
+            } else {
+                write.write_all(b"250 ok\r\n").await.unwrap();
+            }
+        }
+    });
+
+    let yaml = route("mute", port, 10, &["*"]).replace(
+        "  priority: 10\n",
+        "  priority: 10\n  timeouts: {mail: 1s, rcpt: 1s, dataInit: 1s}\n",
+    );
+    let c = Manifests::from_yaml(&yaml, "mail").unwrap().compile();
+    assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+    let target = DeliveryTarget::from_route(&c.config.routes[0], &RelaySecrets::default());
+    let d = Deliverer::new(
+        DelivererConfig {
+            helo_name: "relay.test".into(),
+            ..DelivererConfig::default()
+        },
+        std::sync::Arc::new(StaticResolver::new()),
+    )
+    .unwrap();
+    let env = Envelope {
+        mail_from: "app@app.example",
+        rcpt_to: "u@example.com",
+    };
+
+    let r = d.deliver(&target, None, None, &env, &message("slow-dot", "")).await;
+    assert!(
+        matches!(r.outcome, Outcome::Delivered { .. }),
+        "a reply within the end-of-data limit (600 s) is awaited past the 1 s limits: {r:?}"
+    );
+
+    let started = std::time::Instant::now();
+    let r = d.deliver(&target, None, None, &env, &message("mute", "")).await;
+    match &r.outcome {
+        Outcome::Failed { stage, failure, .. } => assert_eq!((*stage, *failure), (Stage::MailFrom, Failure::Timeout)),
+        other => panic!("expected a timeout at MAIL, got {other:?}"),
+    }
+    assert!(r.reused_connection, "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    server.abort();
+}

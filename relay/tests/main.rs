@@ -29,5 +29,6 @@ mod quota;
 mod quota_e2e;
 mod shaping;
 mod startup;
+mod suppress;
 mod swaks;
 mod tenancy;

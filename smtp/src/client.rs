@@ -16,6 +16,10 @@
 //!   content follows once DATA is open; mail-send's own `data` would wait for each reply.
 //! * Envelope addresses are written in RFC 5321 form ([`wire_form`]) and the content is
 //!   dot-stuffed by [`write_dot_stuffed`].
+//! * The commands of a transaction (MAIL, RCPT, DATA, the content, RSET) are written and read
+//!   here, each step bounded by the route's limit for it through the connection's one [`Alarm`]
+//!   instead of a `timeout` around every command (mail-send's `cmd`/`cmds` start a new timer
+//!   each; registering and removing them was a measurable share of the relay's CPU).
 //! * AUTH XOAUTH2 is sent here: to a refused token Google answers `334` with an error (base64
 //!   JSON) and expects an empty line before its final `535`; mail-send would send the token
 //!   again instead.
@@ -27,9 +31,10 @@
 //! This module must not pool, retry, classify or word errors for people; it reports what
 //! happened at which [`Stage`] ([`ErrorKind`]), and each caller says what that means.
 
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,8 +49,9 @@ use smtp_proto::{
     AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
     EhloResponse,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -351,6 +357,80 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Recorder<S> {
 
 type Client = SmtpClient<Recorder<Stream>>;
 
+/// The one timer of a connection's transactions. Each step (the pipelined envelope, a command,
+/// the content, the reply to it) keeps its own limit from the route's `timeouts`, but they all
+/// share this timer instead of each starting one: the timer is never set more than `shortest`
+/// (the smallest of those limits) ahead, so moving it on for the next step only ever moves it
+/// later, which tokio does with one atomic update instead of re-registering it in its wheel
+/// under a lock. At worst it wakes a step early, and is set again for what remains of it.
+struct Alarm {
+    sleep: Pin<Box<Sleep>>,
+    shortest: Duration,
+}
+
+impl Alarm {
+    fn new(t: &Timeouts) -> Self {
+        let shortest = [t.mail, t.rcpt, t.data_init, t.data_transfer, t.data_done]
+            .into_iter()
+            .min()
+            .unwrap_or(t.mail)
+            .max(Duration::from_millis(1));
+        Alarm {
+            sleep: Box::pin(tokio::time::sleep(shortest)),
+            shortest,
+        }
+    }
+
+    /// Runs `step` for at most `limit`: [`mail_send::Error::Timeout`] when it has not finished
+    /// by then (the step is dropped, as a `timeout` would).
+    async fn bound<T>(
+        &mut self,
+        limit: Duration,
+        step: impl Future<Output = Result<T, mail_send::Error>>,
+    ) -> Result<T, mail_send::Error> {
+        let deadline = Instant::now() + limit;
+        let mut step = pin!(step);
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = step.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Poll::Ready(Err(mail_send::Error::Timeout));
+                }
+                if self.sleep.is_elapsed() || self.sleep.deadline() > deadline {
+                    self.sleep.as_mut().reset((now + self.shortest).min(deadline));
+                }
+                if self.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Writes `lines` in one flush and reads one reply per line (no timer of its own: see [`Alarm`]).
+async fn exchange(client: &mut Client, lines: &[&[u8]]) -> Result<Vec<smtp_proto::Response<String>>, mail_send::Error> {
+    for l in lines {
+        client.stream.write_all(l).await?;
+    }
+    client.stream.flush().await?;
+    if lines.len() == 1 {
+        Ok(vec![client.read().await?])
+    } else {
+        client.read_many(lines.len()).await
+    }
+}
+
+/// One command and its reply (no timer of its own: see [`Alarm`]).
+async fn command(client: &mut Client, line: &[u8]) -> Result<smtp_proto::Response<String>, mail_send::Error> {
+    client.stream.write_all(line).await?;
+    client.stream.flush().await?;
+    client.read().await
+}
+
 /// An open, greeted (and, if configured, encrypted and authenticated) connection.
 pub struct Connection {
     client: Client,
@@ -359,6 +439,7 @@ pub struct Connection {
     pub host: String,
     pub addr: SocketAddr,
     timeouts: Timeouts,
+    alarm: Alarm,
     /// No transaction is open: the last one ended with a reply to its content (or RSET).
     clean: bool,
 }
@@ -512,6 +593,7 @@ impl Connection {
             host: spec.host.to_owned(),
             addr: spec.addr,
             timeouts: spec.timeouts,
+            alarm: Alarm::new(&spec.timeouts),
             clean: true,
         })
     }
@@ -553,21 +635,32 @@ impl Connection {
         if self.caps.has_capability(EXT_PIPELINING) {
             return self.send_pipelined(mail_from, rcpt_to, &params, message).await;
         }
+        let t = self.timeouts;
         self.client.stream.clear();
-        self.client.timeout = self.timeouts.mail;
-        if let Err(e) = self.client.mail_from(mail_from, &params).await {
+        let mail = format!("MAIL FROM:<{mail_from}>{params}\r\n");
+        let sent = self
+            .alarm
+            .bound(t.mail, command(&mut self.client, mail.as_bytes()))
+            .await;
+        if let Err(e) = sent.and_then(|r| r.assert_positive_completion()) {
             return Err(map_error(&self.client, Stage::MailFrom, e, tls));
         }
         self.client.stream.clear();
-        self.client.timeout = self.timeouts.rcpt;
-        if let Err(e) = self.client.rcpt_to(rcpt_to, &Parameters::new()).await {
+        let rcpt = format!("RCPT TO:<{rcpt_to}>\r\n");
+        let sent = self
+            .alarm
+            .bound(t.rcpt, command(&mut self.client, rcpt.as_bytes()))
+            .await;
+        if let Err(e) = sent.and_then(|r| r.assert_positive_completion()) {
             return Err(map_error(&self.client, Stage::RcptTo, e, tls));
         }
 
         self.client.stream.clear();
-        self.client.timeout = self.timeouts.data_init;
-        let opened = self.client.cmd(b"DATA\r\n").await.and_then(|r| r.assert_code(354));
-        self.client.timeout = self.timeouts.mail;
+        let opened = self
+            .alarm
+            .bound(t.data_init, command(&mut self.client, b"DATA\r\n"))
+            .await
+            .and_then(|r| r.assert_code(354));
         let result = match opened {
             Ok(()) => self
                 .send_content(message)
@@ -596,17 +689,14 @@ impl Connection {
     ) -> Result<Reply, StepError> {
         const STAGES: [Stage; 3] = [Stage::MailFrom, Stage::RcptTo, Stage::Data];
         let tls = self.tls;
-        let envelope = [
-            format!("MAIL FROM:<{mail_from}>{params}\r\n"),
-            format!("RCPT TO:<{rcpt_to}>\r\n"),
-            "DATA\r\n".to_owned(),
-        ];
+        let mail = format!("MAIL FROM:<{mail_from}>{params}\r\n");
+        let rcpt = format!("RCPT TO:<{rcpt_to}>\r\n");
+        let envelope: [&[u8]; 3] = [mail.as_bytes(), rcpt.as_bytes(), b"DATA\r\n"];
         self.client.stream.clear();
         // The replies come together: the longest of their timeouts bounds the wait.
         let t = self.timeouts;
-        self.client.timeout = t.mail.max(t.rcpt).max(t.data_init);
-        let replies = self.client.cmds(&envelope).await;
-        self.client.timeout = t.mail;
+        let limit = t.mail.max(t.rcpt).max(t.data_init);
+        let replies = self.alarm.bound(limit, exchange(&mut self.client, &envelope)).await;
         let replies = match replies {
             Ok(r) => r,
             Err(e) => {
@@ -624,7 +714,7 @@ impl Connection {
             if data_open {
                 // A server that opened DATA anyway gets an empty message ended at once.
                 self.client.stream.clear();
-                if let Err(e) = self.client.cmd(b".\r\n").await {
+                if let Err(e) = self.alarm.bound(t.mail, command(&mut self.client, b".\r\n")).await {
                     return Err(map_error(&self.client, Stage::Message, e, tls));
                 }
             }
@@ -653,15 +743,12 @@ impl Connection {
     async fn send_content(&mut self, message: &[u8]) -> Result<smtp_proto::Response<String>, mail_send::Error> {
         let t = self.timeouts;
         let stream = &mut self.client.stream;
-        tokio::time::timeout(t.data_transfer, async {
+        let written = async {
             write_dot_stuffed(&mut *stream, message).await?;
-            tokio::io::AsyncWriteExt::flush(stream).await
-        })
-        .await
-        .map_err(|_| mail_send::Error::Timeout)??;
-        tokio::time::timeout(t.data_done, self.client.read())
-            .await
-            .map_err(|_| mail_send::Error::Timeout)?
+            Ok(stream.flush().await?)
+        };
+        self.alarm.bound(t.data_transfer, written).await?;
+        self.alarm.bound(t.data_done, self.client.read()).await
     }
 
     fn saw_354(&self) -> bool {
@@ -672,9 +759,10 @@ impl Connection {
     /// RSET before reusing the connection for another message; also proves it is alive.
     pub async fn reset(&mut self) -> Result<(), StepError> {
         self.client.stream.clear();
-        self.client
-            .rset()
+        self.alarm
+            .bound(self.timeouts.mail, command(&mut self.client, b"RSET\r\n"))
             .await
+            .and_then(|r| r.assert_positive_completion())
             .map_err(|e| map_error(&self.client, Stage::Reset, e, self.tls))?;
         self.clean = true;
         Ok(())

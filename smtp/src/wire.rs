@@ -74,19 +74,71 @@ pub fn wire_form(addr: &str) -> Result<Cow<'_, str>, AddressError> {
 /// message does not end with one. Content from the inbound side never has a bare CR or LF.
 pub async fn write_dot_stuffed<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> std::io::Result<()> {
     let mut start = 0;
-    let mut line_start = true;
-    for (i, &b) in message.iter().enumerate() {
-        if b == b'.' && line_start {
+    // Only the dots are looked at (memchr): a byte-by-byte scan of every message was a sixth of
+    // the relay's instructions.
+    for i in memchr::memchr_iter(b'.', message) {
+        let line_start = i == 0 || matches!(message[i - 1], b'\n' | b'\r');
+        if line_start {
             // Write up to and including this dot; the dot is written again with the next piece.
             w.write_all(&message[start..=i]).await?;
             start = i;
         }
-        line_start = b == b'\n' || b == b'\r';
     }
     w.write_all(&message[start..]).await?;
     if message.is_empty() || message.ends_with(b"\r\n") {
         w.write_all(b".\r\n").await
     } else {
         w.write_all(b"\r\n.\r\n").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rule written byte by byte, as the stuffing was before it looked only at the dots.
+    fn reference(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut line_start = true;
+        for &b in message {
+            if b == b'.' && line_start {
+                out.push(b'.');
+            }
+            out.push(b);
+            line_start = b == b'\n' || b == b'\r';
+        }
+        if message.is_empty() || message.ends_with(b"\r\n") {
+            out.extend_from_slice(b".\r\n");
+        } else {
+            out.extend_from_slice(b"\r\n.\r\n");
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn dots_at_line_starts_are_doubled_and_no_others() {
+        let cases: [&[u8]; 12] = [
+            b"",
+            b".",
+            b"..\r\n",
+            b".start\r\nmid.dle\r\n.\r\n",
+            b"a\r\n.\r\n..\r\n...x\r\n",
+            b"bare\n.after-lf\r.after-cr\r\n",
+            b"no dots at all\r\n",
+            b"ends without crlf.",
+            b"ends with a dot line\r\n.",
+            b"\r\n\r\n.\r\n",
+            b"x.y.z\r\n.a.b\r\n",
+            b".\n.\r.\r\n.",
+        ];
+        for m in cases {
+            let mut out = Vec::new();
+            write_dot_stuffed(&mut out, m).await.expect("write to a Vec");
+            assert_eq!(out, reference(m), "{:?}", String::from_utf8_lossy(m));
+        }
+        let long: Vec<u8> = b"line .one\r\n.two\r\n".repeat(700);
+        let mut out = Vec::new();
+        write_dot_stuffed(&mut out, &long).await.expect("write to a Vec");
+        assert_eq!(out, reference(&long));
     }
 }

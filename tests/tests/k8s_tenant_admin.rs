@@ -2,7 +2,8 @@
 //! the relay binary checks ServiceAccount tokens with TokenReview and SubjectAccessReview, as the
 //! chart's relay ServiceAccount (its system:auth-delegator binding applied from the rendered
 //! chart, its token from TokenRequest), and namespace viewers and editors hold the chart's
-//! ClusterRoles through the `view`/`edit` aggregation the controller manager performs.
+//! ClusterRoles through the `view`/`edit` aggregation the controller manager performs: events,
+//! messages, quotas and suppression lists.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -129,6 +130,17 @@ impl AdminApi {
     async fn delete(&self, path: &str, token: &str) -> (u16, String) {
         self.call(reqwest::Method::DELETE, path, token).await
     }
+    async fn post(&self, path: &str, token: &str, body: serde_json::Value) -> (u16, String) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
 }
 
 /// The message ids of an events answer.
@@ -238,6 +250,9 @@ async fn tenants_read_and_cancel_only_their_namespaces_mail() {
         ("viewer", "list", "quotausages"),
         ("editor", "get", "messages"),
         ("editor", "delete", "messages"),
+        ("viewer", "list", "suppressions"),
+        ("editor", "create", "suppressions"),
+        ("editor", "delete", "suppressions"),
     ] {
         eventually(&format!("{sa} may {verb} {resource} in {team_a}"), WAIT, || async {
             Ok(allowed(cp, &team_a, sa, verb, resource, &team_a).await?.then_some(()))
@@ -327,6 +342,38 @@ async fn tenants_read_and_cancel_only_their_namespaces_mail() {
         anyhow::ensure!(status == 403, "{status} {body}");
         let (status, body) = api.get("/quotas", &viewer_a).await;
         anyhow::ensure!(status == 400, "{status} {body}");
+
+        // Suppression lists: editors add and remove in their namespace, viewers read it, nobody
+        // touches another namespace's or (without the admin token) the platform's.
+        let entry = serde_json::json!({"address": "gone@a.example"});
+        let (status, body) = api
+            .post(&format!("/suppressions?namespace={a}"), &editor_a, entry.clone())
+            .await;
+        anyhow::ensure!(
+            status == 201 && body.contains(&format!("system:serviceaccount:{a}:editor")),
+            "{status} {body}"
+        );
+        let (status, body) = api
+            .post(&format!("/suppressions?namespace={a}"), &viewer_a, entry.clone())
+            .await;
+        anyhow::ensure!(status == 403, "view-bound add: {status} {body}");
+        let (status, body) = api
+            .post(&format!("/suppressions?namespace={b}"), &editor_a, entry.clone())
+            .await;
+        anyhow::ensure!(status == 403, "team-a's editor adding to team-b: {status} {body}");
+        let (status, body) = api.post("/suppressions", &editor_a, entry).await;
+        anyhow::ensure!(status == 400, "a tenant adding to the platform list: {status} {body}");
+        let (status, body) = api.get(&format!("/suppressions?namespace={a}"), &viewer_a).await;
+        anyhow::ensure!(status == 200 && body.contains("gone@a.example"), "{status} {body}");
+        let (status, body) = api.get(&format!("/suppressions.csv?namespace={a}"), &viewer_a).await;
+        anyhow::ensure!(status == 200 && body.contains("gone@a.example"), "{status} {body}");
+        let (status, body) = api.get(&format!("/suppressions?namespace={b}"), &viewer_a).await;
+        anyhow::ensure!(status == 403, "{status} {body}");
+        let path = format!("/suppressions?namespace={a}&address=gone@a.example");
+        let (status, body) = api.delete(&path, &viewer_a).await;
+        anyhow::ensure!(status == 403, "view-bound remove: {status} {body}");
+        let (status, body) = api.delete(&path, &editor_a).await;
+        anyhow::ensure!(status == 200, "edit-bound remove: {status} {body}");
 
         // Messages: another namespace's looks exactly like one that does not exist.
         let (status, body) = api.get("/messages/msg-a-1", &viewer_a).await;

@@ -3,8 +3,9 @@
 //! A caller authenticated by a Kubernetes token (not the admin token) is authorized, as
 //! kube-rbac-proxy does, by a SubjectAccessReview on virtual resources of the `mailroute.io`
 //! group in one namespace: `deliveryevents` (`list`: `/api/v1/events`, `/api/v1/events.csv`),
-//! `messages` (`get`: `GET /api/v1/messages/{id}`; `delete`: its cancel) and `quotausages`
-//! (`list`: `/api/v1/quotas`). Such a caller always names the namespace of the events and
+//! `messages` (`get`: `GET /api/v1/messages/{id}`; `delete`: its cancel), `quotausages`
+//! (`list`: `/api/v1/quotas`) and `suppressions` (`list`, `create`, `delete`:
+//! `/api/v1/suppressions[.csv]` of the namespace's list). Such a caller always names the namespace of the events and
 //! quotas it asks for (`?namespace=`); a message's namespace is its own. Unattributed mail
 //! (no namespace) and queries over every namespace stay with the admin token.
 //!
@@ -52,6 +53,13 @@ pub fn events(namespace: Option<&str>) -> Result<Permission, ScopeError> {
 /// `list quotausages` in the namespace the quotas query names.
 pub fn quotas(namespace: Option<&str>) -> Result<Permission, ScopeError> {
     Ok(permission("list", "quotausages", namespace_of(namespace)?))
+}
+
+/// `verb suppressions` (`list`: read and export; `create`: add and import; `delete`: remove)
+/// in the namespace whose list the request names. The platform list (no namespace) is the
+/// admin token's only.
+pub fn suppressions(verb: &'static str, namespace: Option<&str>) -> Result<Permission, ScopeError> {
+    Ok(permission(verb, "suppressions", namespace_of(namespace)?))
 }
 
 /// `get messages` in the message's namespace; `None` (unattributed mail) is never a tenant's.
@@ -116,6 +124,11 @@ mod tests {
         assert_eq!(quotas(Some("team-b")), Ok(p("list", "quotausages", "team-b")));
         assert_eq!(read_message(Some("team-a")), Some(p("get", "messages", "team-a")));
         assert_eq!(cancel_message("team-a"), p("delete", "messages", "team-a"));
+        assert_eq!(
+            suppressions("create", Some("team-a")),
+            Ok(p("create", "suppressions", "team-a"))
+        );
+        assert_eq!(suppressions("list", None), Err(ScopeError::NamespaceRequired));
         assert_eq!(
             events(Some("team-a")).unwrap().to_string(),
             "list deliveryevents.mailroute.io in namespace team-a"

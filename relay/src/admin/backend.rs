@@ -1,6 +1,6 @@
 //! The relay's side of the admin API ([`crate::admin::AdminBackend`]): message state and
 //! cancellation from the queue (and the `cancelled` log records of a cancel), quota usage from
-//! the quota engine, readiness, and the queue and quota gauges refreshed for scrapes (in the background of one, see `admin::metrics`). Thin: every answer comes from the module that owns it.
+//! the quota engine, the suppression lists (`crate::suppress`), readiness, and the queue and quota gauges refreshed for scrapes (in the background of one, see `admin::metrics`). Thin: every answer comes from the module that owns it.
 
 use std::sync::Arc;
 
@@ -21,10 +21,16 @@ pub struct RelayBackend {
     pub metrics: Arc<Metrics>,
     /// For the `cancelled` records of a cancel.
     pub dlog: DeliveryLog,
+    /// The suppression lists (none with the memory queue).
+    pub suppress: Option<Arc<crate::suppress::Suppressions>>,
 }
 
 #[async_trait]
 impl AdminBackend for RelayBackend {
+    fn suppressions(&self) -> Option<Arc<crate::suppress::Suppressions>> {
+        self.suppress.clone()
+    }
+
     async fn ready(&self) -> Result<(), String> {
         self.queue.ping().await.map_err(|e| format!("queue unreachable: {e}"))?;
         if self.config.get().generation == 0 {

@@ -1,8 +1,8 @@
 //! The admin HTTP API (axum): `/healthz` (503 when a loop of the relay stopped turning),
 //! `/readyz` and `/metrics` without
 //! authentication, and `/api/v1/*` (delivery log events as JSON or CSV,
-//! message state and cancellation, quota usage) behind a bearer token (`Authorization`, or
-//! [`TOKEN_HEADER`] through the Kubernetes API server's service proxy): the admin token (every
+//! message state and cancellation, quota usage, suppression lists) behind a bearer token
+//! (`Authorization`, or [`TOKEN_HEADER`] through the Kubernetes API server's service proxy): the admin token (every
 //! namespace), or, when enabled, a Kubernetes token authenticated by TokenReview and authorized
 //! per namespace by SubjectAccessReview ([`access`] decides what each request needs,
 //! [`kubernetes`] asks the API server). A tenant's answers never show another namespace's mail:
@@ -18,6 +18,7 @@
 pub mod access;
 pub(crate) mod backend;
 pub mod kubernetes;
+mod suppressions;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -63,6 +64,10 @@ pub trait AdminBackend: Send + Sync {
     /// in the background by [`refresh_gauges`], never by a scrape.
     async fn refresh_metrics(&self) -> bool {
         true
+    }
+    /// The suppression lists, when the relay keeps them (a Redis queue).
+    fn suppressions(&self) -> Option<Arc<crate::suppress::Suppressions>> {
+        None
     }
 }
 
@@ -132,6 +137,19 @@ pub fn router(state: AdminState) -> Router {
         .route("/events.csv", get(events_csv))
         .route("/messages/{id}", get(message).delete(cancel))
         .route("/quotas", get(quotas))
+        // Suppression lists (see `suppressions`).
+        .route(
+            "/suppressions",
+            get(suppressions::list)
+                .post(suppressions::add)
+                .delete(suppressions::remove),
+        )
+        .route(
+            "/suppressions.csv",
+            get(suppressions::export)
+                .post(suppressions::import)
+                .layer(axum::extract::DefaultBodyLimit::max(suppressions::MAX_IMPORT_BYTES)),
+        )
         .fallback(api_not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -80,6 +80,14 @@ pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> 
 }
 
 impl Observer for Telemetry {
+    fn suppressed(&self, meta: &MessageMeta, rcpt_index: usize, scope: &crate::suppress::Scope) {
+        let mut ev = event_for(meta, EventResult::Suppressed, rcpt_index);
+        ev.reply_text = Some(format!(
+            "not delivered: the recipient is on {scope} of suppressed addresses"
+        ));
+        self.record(ev);
+    }
+
     fn session_opened(&self, listener: ListenerKind) {
         self.metrics
             .smtp_sessions_active

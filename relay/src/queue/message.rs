@@ -170,6 +170,8 @@ pub enum RecipientStatus {
     Gone,
     /// The job pointed at a recipient the message does not have.
     Invalid,
+    /// On a suppression list when the message was queued: not delivered.
+    Suppressed,
 }
 
 /// Final or current state of one recipient, kept on the message record.

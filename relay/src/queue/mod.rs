@@ -112,6 +112,20 @@ pub trait Queue: Send + Sync + 'static {
     /// acknowledged it (and replicas, if configured). `due_ms` None = ready now.
     async fn enqueue(&self, meta: &MessageMeta, body: &[u8], jobs: &[(Job, Option<i64>)]) -> Result<()>;
 
+    /// [`Queue::enqueue`], except that jobs whose recipient is on a suppression list of
+    /// `screen` (checked in the same step as the commit, see `crate::suppress`) are not
+    /// queued: their recipients are final (`suppressed`) and returned as (recipient index,
+    /// scope id). A store without the lists queues everything.
+    async fn enqueue_screened(
+        &self,
+        meta: &MessageMeta,
+        body: &[u8],
+        jobs: &[(Job, Option<i64>)],
+        _screen: &crate::suppress::Screen,
+    ) -> Result<Vec<(u32, String)>> {
+        self.enqueue(meta, body, jobs).await.map(|()| Vec::new())
+    }
+
     /// Moves scheduled jobs due at `now_ms` into the ready stream. Safe to call from every pod.
     async fn promote_due(&self, now_ms: i64, max: usize) -> Result<usize>;
 

@@ -17,6 +17,10 @@
 //! may be delivered (a duplicate if the client sends it again), and with replicas, a commit
 //! whose replication fails after the stage's succeeded is answered 451 although a worker may
 //! already have taken the job in the milliseconds between.
+//!
+//! The commit script is also the suppression list's backstop (`crate::suppress`): it reads the
+//! lists' generation counters (same hash tag) and leaves out the jobs of recipients listed
+//! since the relay's in-memory copy was read.
 
 use std::time::Duration;
 
@@ -69,6 +73,7 @@ struct Keys {
     sched: String,
     count: String,
     staged: String,
+    suppress_gens: String,
 }
 
 impl Keys {
@@ -79,6 +84,7 @@ impl Keys {
             sched: format!("{prefix}sched"),
             count: format!("{prefix}messages"),
             staged: format!("{prefix}staged"),
+            suppress_gens: crate::suppress::gens_key(prefix),
         }
     }
     fn msg(&self, id: &str) -> String {
@@ -201,20 +207,90 @@ end
 return n
 ";
 
-// KEYS: msg, staged, ready, sched. ARGV: id, then (job, due ms or '' for ready now) pairs.
-// 1 = deliverable (now or already), 0 = the record is gone (aborted or purged).
+// KEYS: msg, staged, ready, sched, count, suppression generations, then one suppression list
+// per scope. ARGV: id, now ms, number of scopes S, force ('1': check the lists whatever the
+// generations say), S pairs (scope id, generation the relay's copy holds), then per job
+// (job, due ms or '' for ready now, recipient key or '', recipient index).
+// The suppression backstop: when a generation differs from the copy's (an entry written since
+// the relay read it) or the copy hit, the recipients are looked up (one HMGET per scope, for the
+// whole message); an active entry's job is not queued and its recipient made final. Otherwise it
+// costs one HMGET of the generations per message and nothing per recipient.
+// Reply: {0} the record is gone (aborted or purged); {1, idx, scope id, ...} deliverable (now or
+// already), with the recipients found suppressed now.
 const COMMIT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HDEL', KEYS[1], 'staged') == 0 then return 1 end
+local rec = redis.call('HMGET', KEYS[1], 'pending', 'staged')
+if not rec[1] then return {0} end
+if not rec[2] then return {1} end
+-- Every read (and whatever could fail) before the first write: a script that fails half-way
+-- keeps its writes, and a retry would find the message committed without its jobs.
+local ns = tonumber(ARGV[3])
+local first = 5 + 2 * ns
+local out = {1}
+local skip = {}
+if ns > 0 then
+  local check = ARGV[4] == '1'
+  if not check then
+    local f = {}
+    for s = 1, ns do f[s] = ARGV[3 + 2 * s] end
+    local g = redis.call('HMGET', KEYS[6], unpack(f))
+    for s = 1, ns do
+      if (g[s] or '') ~= ARGV[4 + 2 * s] then check = true end
+    end
+  end
+  if check then
+    local addrs, at = {}, {}
+    for i = first, #ARGV, 4 do
+      if ARGV[i + 2] ~= '' then
+        addrs[#addrs + 1] = ARGV[i + 2]
+        at[#addrs] = i
+      end
+    end
+    if #addrs > 0 then
+      local now = tonumber(ARGV[2])
+      for s = 1, ns do
+        -- In slices: unpack() of thousands of arguments overflows Lua's stack.
+        for c = 1, #addrs, 1000 do
+          local part = {}
+          for j = c, math.min(c + 999, #addrs) do part[#part + 1] = addrs[j] end
+          local v = redis.call('HMGET', KEYS[6 + s], unpack(part))
+          for p = 1, #part do
+            local i = at[c + p - 1]
+            if v[p] and not skip[i] then
+              local ok, e = pcall(cjson.decode, v[p])
+              local exp = ok and type(e) == 'table' and e['expires_ms']
+              if not (type(exp) == 'number' and exp <= now) then
+                skip[i] = true
+                out[#out + 1] = tonumber(ARGV[i + 3])
+                out[#out + 1] = ARGV[3 + 2 * s]
+              end
+            end
+          end
+        end
+      end
+    end
+  end
+end
+redis.call('HDEL', KEYS[1], 'staged')
 redis.call('ZREM', KEYS[2], ARGV[1])
-for i = 2, #ARGV, 2 do
-  if ARGV[i + 1] == '' then
+local dropped = 0
+for i = first, #ARGV, 4 do
+  if skip[i] then
+    redis.call('HSET', KEYS[1], 'r:' .. ARGV[i + 3], cjson.encode({status = 'suppressed', attempts = 0}))
+    dropped = dropped + 1
+  elseif ARGV[i + 1] == '' then
     redis.call('XADD', KEYS[3], '*', 'j', ARGV[i])
   else
     redis.call('ZADD', KEYS[4], ARGV[i + 1], ARGV[i])
   end
 end
-return 1
+if dropped > 0 then
+  local left = redis.call('HINCRBY', KEYS[1], 'pending', -dropped)
+  if left <= 0 then
+    redis.call('DEL', KEYS[1])
+    redis.call('DECR', KEYS[5])
+  end
+end
+return out
 ";
 
 // KEYS: msg, staged, count. ARGV: id, 'staged' (only if still staged) or 'any'.
@@ -340,25 +416,56 @@ impl RedisQueue {
         Err(err)
     }
 
-    /// Makes a staged message deliverable. An unanswered attempt is retried for
-    /// [`COMMIT_SETTLE`] (Redis may come back and say what happened); then, or when the record
-    /// is gone, the message is taken back and the error returned.
-    async fn commit(&self, meta: &MessageMeta, jobs: &[(Job, Option<i64>)]) -> Result<()> {
+    /// Makes a staged message deliverable, leaving out the jobs of recipients `screen` finds
+    /// suppressed (returned as (recipient index, scope id)). An unanswered attempt is retried
+    /// for [`COMMIT_SETTLE`] (Redis may come back and say what happened); then, or when the
+    /// record is gone, the message is taken back and the error returned. A retry that finds
+    /// the commit applied cannot tell which recipients it left out: their records are final
+    /// (`suppressed`) on the message, but they get no `suppressed` log record.
+    async fn commit(
+        &self,
+        meta: &MessageMeta,
+        jobs: &[(Job, Option<i64>)],
+        screen: Option<&crate::suppress::Screen>,
+    ) -> Result<Vec<(u32, String)>> {
         let deadline = tokio::time::Instant::now() + COMMIT_SETTLE;
         let mut backoff = Duration::from_millis(50);
+        let scopes = screen.map_or(&[][..], |s| &s.scopes[..]);
         loop {
             let mut c = self.conn.clone();
             let mut inv = self.commit.key(self.keys.msg(&meta.id));
             inv.key(&self.keys.staged)
                 .key(&self.keys.ready)
                 .key(&self.keys.sched)
-                .arg(&meta.id);
-            for (job, due) in jobs {
-                inv.arg(job.encode())
-                    .arg(due.map(|d| d.to_string()).unwrap_or_default());
+                .key(&self.keys.count)
+                .key(&self.keys.suppress_gens);
+            for (id, _) in scopes {
+                inv.key(crate::suppress::list_key(&self.keys.prefix, id));
             }
-            let err = match inv.invoke_async::<i64>(&mut c).await {
-                Ok(1) => return Ok(()),
+            inv.arg(&meta.id)
+                .arg(screen.map_or(0, |s| s.now_ms))
+                .arg(scopes.len())
+                .arg(if screen.is_some_and(|s| s.force) { "1" } else { "0" });
+            for (id, generation) in scopes {
+                inv.arg(id).arg(generation);
+            }
+            for (n, (job, due)) in jobs.iter().enumerate() {
+                let key = screen.and_then(|s| s.keys.get(n)).map_or("", String::as_str);
+                inv.arg(job.encode())
+                    .arg(due.map(|d| d.to_string()).unwrap_or_default())
+                    .arg(key)
+                    .arg(job.rcpt);
+            }
+            let err = match inv.invoke_async::<Vec<Value>>(&mut c).await {
+                Ok(v) if v.first().and_then(as_i64) == Some(1) => {
+                    return Ok(v[1..]
+                        .chunks(2)
+                        .filter_map(|p| {
+                            let idx = u32::try_from(as_i64(p.first()?)?).ok()?;
+                            Some((idx, as_string(p.get(1)?)?))
+                        })
+                        .collect());
+                }
                 // Gone: purged, or (after an unanswered attempt) possibly committed and already
                 // finished by a worker. Refusing risks a duplicate, accepting would risk a loss.
                 Ok(_) => QueueError::Durability(format!("message {} vanished before its commit", meta.id)),
@@ -375,73 +482,13 @@ impl RedisQueue {
         }
     }
 
-    /// Stream key and group, for autoscalers (KEDA redis-streams) and docs.
-    pub fn ready_key(&self) -> &str {
-        &self.keys.ready
-    }
-
-    fn leased_from_entries(entries: &Value) -> Vec<Leased> {
-        let mut out = Vec::new();
-        let Value::Array(entries) = entries else { return out };
-        for e in entries {
-            let Value::Array(parts) = e else { continue };
-            let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else {
-                continue;
-            };
-            let Some(id) = as_string(id) else { continue };
-            // fields = [ "j", <job json> ]
-            let job = fields.get(1).and_then(as_bytes).and_then(Job::decode);
-            if let Some(job) = job {
-                out.push(Leased { lease: id, job });
-            } else {
-                tracing::warn!(entry = %id, "skipping undecodable queue entry");
-            }
-        }
-        out
-    }
-}
-
-/// A message record from an `HMGET meta body cancelled` reply; None if it is gone.
-fn stored_from(msg_id: &str, v: &[Value]) -> Result<Option<Stored>> {
-    let (Some(meta), Some(body)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
-        return Ok(None);
-    };
-    let meta: MessageMeta =
-        serde_json::from_slice(meta).map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
-    let cancelled = v.get(2).and_then(as_bytes).is_some();
-    Ok(Some(Stored {
-        meta,
-        body: Bytes::copy_from_slice(body),
-        cancelled,
-    }))
-}
-
-fn as_string(v: &Value) -> Option<String> {
-    as_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
-}
-
-fn as_bytes(v: &Value) -> Option<&[u8]> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
-}
-
-fn as_i64(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        other => as_string(other).and_then(|s| s.parse().ok()),
-    }
-}
-
-#[async_trait]
-impl Queue for RedisQueue {
-    fn durable(&self) -> bool {
-        true
-    }
-
-    async fn enqueue(&self, meta: &MessageMeta, body: &[u8], jobs: &[(Job, Option<i64>)]) -> Result<()> {
+    async fn enqueue_with(
+        &self,
+        meta: &MessageMeta,
+        body: &[u8],
+        jobs: &[(Job, Option<i64>)],
+        screen: Option<&crate::suppress::Screen>,
+    ) -> Result<Vec<(u32, String)>> {
         let meta_json = serde_json::to_vec(meta).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let key = self.keys.msg(&meta.id);
         // Stage: the record only, listed for the purge until the commit.
@@ -470,8 +517,90 @@ impl Queue for RedisQueue {
             return Err(e.into());
         }
         self.replicated(&key, &meta.id).await?;
-        self.commit(meta, jobs).await?;
-        self.replicated(&key, &meta.id).await
+        let suppressed = self.commit(meta, jobs, screen).await?;
+        self.replicated(&key, &meta.id).await?;
+        Ok(suppressed)
+    }
+
+    /// Stream key and group, for autoscalers (KEDA redis-streams) and docs.
+    pub fn ready_key(&self) -> &str {
+        &self.keys.ready
+    }
+
+    fn leased_from_entries(entries: &Value) -> Vec<Leased> {
+        let mut out = Vec::new();
+        let Value::Array(entries) = entries else { return out };
+        for e in entries {
+            let Value::Array(parts) = e else { continue };
+            let (Some(id), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else {
+                continue;
+            };
+            let Some(id) = as_string(id) else { continue };
+            // fields = [ "j", <job json> ]
+            let job = fields.get(1).and_then(as_bytes).and_then(Job::decode);
+            if let Some(job) = job {
+                out.push(Leased { lease: id, job });
+            } else {
+                tracing::warn!(entry = %id, "skipping undecodable queue entry");
+            }
+        }
+        out
+    }
+}
+
+/// A message record from an `HMGET meta body cancelled` reply; None if it is gone. The body
+/// keeps the reply's buffer (no copy).
+fn stored_from(msg_id: &str, mut v: Vec<Value>) -> Result<Option<Stored>> {
+    let (Some(meta), Some(_)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
+        return Ok(None);
+    };
+    let meta: MessageMeta =
+        serde_json::from_slice(meta).map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
+    let cancelled = v.get(2).and_then(as_bytes).is_some();
+    let body = match std::mem::replace(&mut v[1], Value::Nil) {
+        Value::BulkString(b) => Bytes::from(b),
+        other => as_bytes(&other).map(Bytes::copy_from_slice).unwrap_or_default(),
+    };
+    Ok(Some(Stored { meta, body, cancelled }))
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    as_bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => as_string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    fn durable(&self) -> bool {
+        true
+    }
+
+    async fn enqueue(&self, meta: &MessageMeta, body: &[u8], jobs: &[(Job, Option<i64>)]) -> Result<()> {
+        self.enqueue_with(meta, body, jobs, None).await.map(|_| ())
+    }
+
+    async fn enqueue_screened(
+        &self,
+        meta: &MessageMeta,
+        body: &[u8],
+        jobs: &[(Job, Option<i64>)],
+        screen: &crate::suppress::Screen,
+    ) -> Result<Vec<(u32, String)>> {
+        self.enqueue_with(meta, body, jobs, Some(screen)).await
     }
 
     async fn promote_due(&self, now_ms: i64, max: usize) -> Result<usize> {
@@ -597,7 +726,7 @@ impl Queue for RedisQueue {
         }
         let mut c = self.conn.clone();
         let replies: Vec<Vec<Value>> = p.query_async(&mut c).await?;
-        msg_ids.iter().zip(&replies).map(|(id, v)| stored_from(id, v)).collect()
+        msg_ids.iter().zip(replies).map(|(id, v)| stored_from(id, v)).collect()
     }
 
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool> {

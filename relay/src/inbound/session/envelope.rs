@@ -1,6 +1,6 @@
 //! MAIL and RCPT: the envelope of a transaction, the sender's namespace (settled at MAIL, where
 //! unattributed mail may be refused), the relay-access rule (a relay that is never open) and the
-//! sender-quota checks at MAIL and RCPT.
+//! sender-quota checks at MAIL and RCPT, and the refusal of suppressed recipients at RCPT.
 //!
 //! Raw line checks and the RFC 5321 wire form are `address`'s; quota arithmetic is the quota
 //! engine's. Must not read the message or touch the queue.
@@ -15,6 +15,8 @@ use crate::inbound::identity::{self, Unattributed};
 use crate::inbound::listener::{Conn, ListenerKind};
 use crate::inbound::quota::SenderCtx;
 use crate::inbound::replies;
+use crate::observe::telemetry::namespace_label;
+use crate::suppress::{self, Mode};
 
 /// Whether `source` may relay without authenticating on `listener`.
 pub fn may_relay_unauthenticated(listener: ListenerKind, source: IpAddr, cidrs: &[IpNet]) -> bool {
@@ -141,6 +143,10 @@ impl Inbound {
         if address::wire_form(to).is_err() {
             return conn.reply(replies::RECIPIENT_UNWRITABLE);
         }
+        if let Some(r) = self.refuse_suppressed(s, to).await {
+            self.observer.rejected(&sender, Some(to), &r);
+            return conn.reply(&r.to_string());
+        }
         if let Some(txn) = s.txn.as_mut() {
             let decision = self.quotas.rcpt(txn, crate::clock::now_ms()).await;
             let namespace = s.identity.as_ref().map(|i| i.namespace.as_str());
@@ -153,6 +159,39 @@ impl Inbound {
         // SMTPUTF8 understand.
         s.rcpts.push(with_ascii_domain(to));
         conn.reply(replies::RECIPIENT_OK);
+    }
+}
+
+impl Inbound {
+    /// In mode `refuse`, the reply to a recipient on a suppression list of the sender's
+    /// namespace or the platform. Asks the in-memory copy; only a hit costs a Redis read (it
+    /// may be a hash collision or an entry expired since the copy was read). In mode `drop`
+    /// the enqueue leaves such recipients out.
+    async fn refuse_suppressed(&self, s: &Session, to: &str) -> Option<Reply> {
+        let lists = self.suppress.as_ref().filter(|l| l.settings.mode == Mode::Refuse)?;
+        let namespace = s.identity.as_ref().map(|i| i.namespace.as_str());
+        let key = suppress::core::key(to).ok()?;
+        if lists.hits(namespace, &key).is_empty() {
+            return None;
+        }
+        match lists.lookup(namespace, &key, crate::clock::now_ms()).await {
+            Ok(Some((scope, _))) => {
+                lists
+                    .metrics
+                    .suppressed
+                    .with_label_values(&["refuse", namespace_label(namespace)])
+                    .inc();
+                Some(suppress::core::refusal(&scope))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "suppression list unreadable");
+                Some(Reply::new(
+                    451,
+                    "4.3.0 Suppression list temporarily unavailable, try again later",
+                ))
+            }
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! DATA: receiving the body within the body budget, the end-of-data quota check, the trace and
 //! Message-ID headers, and the hand-off to the queue. The `250` goes out only after the queue
-//! acknowledged the message.
+//! acknowledged the message. Recipients the enqueue found suppressed are reported as such.
 //!
 //! DATA transparency is `crate::inbound::data`'s, header work `crate::inbound::headers`'. Must
 //! not deliver or route.
@@ -14,6 +14,7 @@ use crate::inbound::headers;
 use crate::inbound::listener::Conn;
 use crate::inbound::quota::QuotaTxn;
 use crate::inbound::replies;
+use crate::observe::telemetry::namespace_label;
 use crate::queue::message::{Job, MessageMeta, new_id};
 
 impl Inbound {
@@ -173,15 +174,33 @@ impl Inbound {
             is_dsn: false,
         };
         let enqueueing = self.body_budget.enqueue_permit(stored.len()).await;
-        let enqueued = self.queue.enqueue(&meta, &stored, &jobs).await;
+        let enqueued = match &self.suppress {
+            // The copy's generations go with the commit, which drops what the copy missed.
+            Some(lists) => {
+                let screen = lists.screen(meta.namespace.as_deref(), &meta.rcpts, now_ms);
+                self.queue.enqueue_screened(&meta, &stored, &jobs, &screen).await
+            }
+            None => self.queue.enqueue(&meta, &stored, &jobs).await.map(|()| Vec::new()),
+        };
         drop((enqueueing, stored));
         match enqueued {
-            Ok(()) => {
+            Ok(suppressed) => {
                 // Accepted mail stays counted, even if it bounces later.
                 if let Some(t) = txn {
                     t.commit();
                 }
                 self.observer.accepted(&meta, end_of_data.elapsed());
+                if let Some(lists) = &self.suppress {
+                    for (idx, scope) in &suppressed {
+                        lists
+                            .metrics
+                            .suppressed
+                            .with_label_values(&["drop", namespace_label(meta.namespace.as_deref())])
+                            .inc();
+                        self.observer
+                            .suppressed(&meta, *idx as usize, &crate::suppress::scope_of_id(scope));
+                    }
+                }
                 Reply::new(250, format!("2.0.0 Ok: queued as {id}"))
             }
             Err(e) => {

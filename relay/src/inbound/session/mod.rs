@@ -7,7 +7,9 @@
 //! of DATA; logging and metrics go out through [`Observer`]. What a session may cost is bounded
 //! outside it: password checks and AUTH failures per address by [`super::auth_guard`], body
 //! memory by `super::body_budget`. It must not deliver or route. Who the sender is in
-//! Kubernetes terms (its namespace) is settled at MAIL by `super::identity`.
+//! Kubernetes terms (its namespace) is settled at MAIL by `super::identity`. Whether a
+//! recipient is suppressed is `crate::suppress`'s answer (in memory), asked at RCPT and once
+//! more by the enqueue.
 //! DATA transparency (a message with a bare CR or LF is refused) is `super::data`'s; raw
 //! MAIL/RCPT line checks and the RFC 5321 form of addresses are `super::address`'s.
 //!
@@ -76,6 +78,9 @@ pub trait Observer: Send + Sync {
     fn rejected(&self, _s: &SenderInfo, _rcpt: Option<&str>, _reply: &Reply) {}
     /// A quota answered (`accepted`, `deferred`, `rejected`) for a sender of `namespace`.
     fn quota_decision(&self, _quota: &str, _result: &str, _namespace: Option<&str>) {}
+    /// Recipient `rcpt_index` of an accepted message was not queued: it is on the list of
+    /// `scope` (reported after [`Observer::accepted`]).
+    fn suppressed(&self, _meta: &MessageMeta, _rcpt_index: usize, _scope: &crate::suppress::Scope) {}
 }
 
 pub struct NoopObserver;
@@ -159,6 +164,8 @@ pub struct Inbound {
     body_budget: Arc<BodyBudget>,
     /// Turns true when the relay shuts down: sessions waiting for a command then end.
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The suppression lists (none with the memory queue).
+    suppress: Option<Arc<crate::suppress::Suppressions>>,
 }
 
 struct IpSlot<'a> {
@@ -256,6 +263,7 @@ impl Inbound {
             identity: Arc::new(Nobody),
             per_ip: Mutex::new(HashMap::new()),
             shutdown: None,
+            suppress: None,
         }
     }
 
@@ -269,6 +277,12 @@ impl Inbound {
     /// Attributes unauthenticated clients to namespaces with `source` (default: nobody is known).
     pub(crate) fn with_identity(mut self, source: Arc<dyn IdentitySource>) -> Self {
         self.identity = source;
+        self
+    }
+
+    /// Checks recipients against the suppression lists (RCPT, and the enqueue's backstop).
+    pub fn with_suppressions(mut self, lists: Arc<crate::suppress::Suppressions>) -> Self {
+        self.suppress = Some(lists);
         self
     }
 

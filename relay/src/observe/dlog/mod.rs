@@ -1,6 +1,6 @@
 //! The delivery log: one [`DeliveryEvent`] per thing that happened to a
 //! recipient (received, scheduled, delivered, deferred, bounced, expired,
-//! rejected, cancelled), written as a JSON line to stdout and kept in a store that can
+//! rejected, cancelled, suppressed), written as a JSON line to stdout and kept in a store that can
 //! be queried by time range with filters and cursor paging, and trimmed by age.
 //!
 //! This module owns the event record, the filter and paging logic, the
@@ -69,10 +69,12 @@ pub enum EventResult {
     Rejected,
     /// Cancelled through the admin API.
     Cancelled,
+    /// Accepted but not delivered: the recipient is on a suppression list.
+    Suppressed,
 }
 
 impl EventResult {
-    pub const ALL: [EventResult; 8] = [
+    pub const ALL: [EventResult; 9] = [
         EventResult::Received,
         EventResult::Scheduled,
         EventResult::Delivered,
@@ -81,6 +83,7 @@ impl EventResult {
         EventResult::Expired,
         EventResult::Rejected,
         EventResult::Cancelled,
+        EventResult::Suppressed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +96,7 @@ impl EventResult {
             EventResult::Expired => "expired",
             EventResult::Rejected => "rejected",
             EventResult::Cancelled => "cancelled",
+            EventResult::Suppressed => "suppressed",
         }
     }
 }

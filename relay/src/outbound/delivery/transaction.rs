@@ -110,7 +110,11 @@ impl Deliverer {
                         }
                     };
                     let timeouts = Timeouts::from(&target.timeouts);
-                    match gate::keep_alive(&mut lease, self.open(pool, &hop, timeouts)).await {
+                    // Boxed: opening (TLS handshake, AUTH) is the largest state of an attempt and
+                    // rare (a connection carries up to 100 messages); inline, it made every
+                    // attempt's future ~15 KB, copied on each delivery.
+                    let open = Box::pin(self.open(pool, &hop, timeouts));
+                    match gate::keep_alive(&mut lease, open).await {
                         Ok(mut s) => {
                             s.lease = lease;
                             (s, false)

@@ -1,6 +1,6 @@
 //! The end of a job other than a plain delivery or retry: no route, paced, waiting, bounced or
 //! expired. Writes the delivery-log record, the metrics, the recipient state and, for a failure,
-//! the DSN to the return-path.
+//! the DSN to the return-path, and adds hard-bounced recipients to the suppression list.
 //!
 //! DSN format is `dsn`'s, classification `bounce`'s. Must not attempt delivery.
 
@@ -126,7 +126,16 @@ impl Worker {
             ev.attempt = Some(attempts);
         }
         ev.bounce_class = Some(class.as_str().to_owned());
-        self.telemetry.record_now(ev).await;
+        let event_id = match self.telemetry.dlog.record(&ev).await {
+            Ok(id) => Some(id.to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
+                None
+            }
+        };
+        if !expired {
+            self.auto_suppress(meta, rcpt, class, outcome, event_id).await;
+        }
         let m = &self.telemetry.metrics;
         if expired {
             m.expired.with_label_values(&[&route_id]).inc();
@@ -156,6 +165,41 @@ impl Worker {
         };
         let st = state(status, attempts, None, Some((outcome.summary(), route_id)));
         self.complete(leased, Disposition::Final { state: st }).await;
+    }
+
+    /// A hard bounce of a configured class (`invalid_recipient`) puts the recipient on the
+    /// message's namespace list (the platform list for unattributed mail), naming the bounce's
+    /// delivery-log record. An address already listed keeps its entry. Best effort: a failure
+    /// is logged and the bounce goes on.
+    async fn auto_suppress(
+        &self,
+        meta: &MessageMeta,
+        rcpt: &str,
+        class: bounce::BounceClass,
+        outcome: &AttemptResult,
+        event: Option<String>,
+    ) {
+        let Some(lists) = &self.suppress else { return };
+        if !lists.settings.auto_classes.iter().any(|c| c == class.as_str()) {
+            return;
+        }
+        let entry = crate::suppress::Entry {
+            address: rcpt.to_owned(),
+            reason: format!("hard bounce ({class}): {}", outcome.summary()),
+            source: crate::suppress::Source::bounce(event, &meta.id),
+            added_ms: now_ms(),
+            expires_ms: None,
+        };
+        let scope = crate::suppress::Scope::of_message(meta.namespace.as_deref());
+        match lists.add_new(&scope, &entry).await {
+            Ok(true) => {
+                tracing::info!(message = %meta.id, %scope, "hard-bounced recipient added to the suppression list")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, message = %meta.id, "adding a hard-bounced recipient to the suppression list failed")
+            }
+        }
     }
 
     async fn send_dsn(

@@ -1,6 +1,7 @@
 //! The delivery worker: takes jobs from the queue, chooses routes, attempts delivery, and moves
 //! each job to its next state: delivered, retried on the route's schedule, paced, held for
-//! quiet hours (logged as `scheduled`), bounced (with a DSN to the return-path) or expired.
+//! quiet hours (logged as `scheduled`), bounced (with a DSN to the return-path, and the
+//! recipient on the suppression list for a hard bounce of a configured class) or expired.
 //! Several workers on several pods share one queue.
 //!
 //! It owns the per-job decision sequence and the order of the queue writes. SMTP I/O is behind
@@ -93,6 +94,8 @@ pub struct Worker {
     pub transport: Arc<dyn Transport>,
     pub pacing: Arc<dyn Pacing>,
     pub telemetry: Telemetry,
+    /// The suppression lists hard bounces are added to (none with the memory queue).
+    pub suppress: Option<Arc<crate::suppress::Suppressions>>,
     pub settings: WorkerSettings,
 }
 
