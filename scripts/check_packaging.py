@@ -624,8 +624,9 @@ def check_tenant_admin_access(default: list[dict]) -> None:
         fail(f"with kubernetesAuth the relays' ServiceAccount is not bound to system:auth-delegator alone: {bindings}")
     roles = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in rbac if o["kind"] == "ClusterRole"}
     want_rules = {
-        "view": ("aggregate-to-view", {("mailroute.io", r, "*", v) for r in ("deliveryevents", "messages", "quotausages") for v in ("get", "list")}),
-        "edit": ("aggregate-to-edit", {("mailroute.io", "messages", "*", "delete")}),
+        "view": ("aggregate-to-view", {("mailroute.io", r, "*", v) for r in ("deliveryevents", "messages", "quotausages", "suppressions") for v in ("get", "list")}),
+        "edit": ("aggregate-to-edit", {("mailroute.io", "messages", "*", v) for v in ("delete", "update")}
+                 | {("mailroute.io", "suppressions", "*", v) for v in ("create", "delete")}),
     }
     if set(roles) != set(want_rules):
         fail(f"with kubernetesAuth the tenant ClusterRoles are {sorted(roles)}, want view and edit")

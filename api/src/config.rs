@@ -91,6 +91,9 @@ pub struct CompiledRoute {
     /// SMTP session timeouts; omitted from the JSON when they are the defaults.
     #[serde(default, skip_serializing_if = "SessionTimeouts::is_default")]
     pub timeouts: SessionTimeouts,
+    /// `spec.suspended`: the route's mail is held (not attempted) until the spec says otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 impl CompiledRoute {

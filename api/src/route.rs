@@ -25,6 +25,7 @@ use crate::tenancy::AllowedNamespaces;
     printcolumn(name = "Port", type_ = "integer", json_path = ".status.port"),
     printcolumn(name = "Domains", type_ = "string", json_path = ".spec.match.recipientDomains"),
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
+    printcolumn(name = "Suspended", type_ = "boolean", json_path = ".spec.suspended"),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -132,6 +133,10 @@ pub struct SmtpRouteSpec {
     /// cannot bypass). Ignored, with a warning, on a route in a tenant's namespace.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub enforced: bool,
+    /// Pauses the route: mail it would carry is held in the queue (not attempted, not expiring)
+    /// up to the relays' maximum hold time, and released when this is unset again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 fn default_priority() -> i32 {

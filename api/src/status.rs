@@ -69,6 +69,8 @@ pub enum ConditionType {
     /// The route authenticates in a way its provider is retiring (routes only; shown only while
     /// it does, `True` is the warning): Basic (password) SMTP AUTH to Microsoft 365.
     AuthDeprecated,
+    /// `spec.suspended`: the relays hold the route's mail (routes only; shown only while it is).
+    Suspended,
     /// Any other type.
     Other(String),
 }
@@ -81,6 +83,7 @@ impl ConditionType {
             Self::Verified => "Verified",
             Self::UsageReported => "UsageReported",
             Self::AuthDeprecated => "AuthDeprecated",
+            Self::Suspended => "Suspended",
             Self::Other(s) => s,
         }
     }
@@ -92,6 +95,7 @@ impl ConditionType {
             "Verified" => Self::Verified,
             "UsageReported" => Self::UsageReported,
             "AuthDeprecated" => Self::AuthDeprecated,
+            "Suspended" => Self::Suspended,
             other => Self::Other(other.to_string()),
         }
     }
@@ -212,6 +216,7 @@ pub mod condition_type {
     pub const VERIFIED: ConditionType = ConditionType::Verified;
     pub const USAGE_REPORTED: ConditionType = ConditionType::UsageReported;
     pub const AUTH_DEPRECATED: ConditionType = ConditionType::AuthDeprecated;
+    pub const SUSPENDED: ConditionType = ConditionType::Suspended;
 }
 
 impl Condition {

@@ -150,6 +150,12 @@ impl AdminClient {
         json_of(resp).await
     }
 
+    /// A POST with query parameters and no body (the queue actions).
+    pub async fn post_json(&self, path: &str, query: &[(String, String)]) -> Result<Value, ClientError> {
+        let resp = self.send(self.http.post(self.url(path)).query(query)).await?;
+        json_of(resp).await
+    }
+
     pub async fn delete_json(&self, path: &str) -> Result<Value, ClientError> {
         let resp = self.send(self.http.delete(self.url(path))).await?;
         json_of(resp).await

@@ -170,8 +170,141 @@ pub struct EventsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum QueueCommand {
-    /// Cancels a queued message: its recipients not yet delivered are not delivered.
-    Cancel { id: String },
+    /// Lists queued jobs (one per recipient) by filter, with the count of all that match.
+    Ls {
+        #[command(flatten)]
+        filter: QueueFilterArgs,
+        /// At most this many rows (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Continue after this `id/rcpt` (the previous page's last).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Cancels one message (by id), or every job a filter selects; never everything unless
+    /// --all is given.
+    Cancel {
+        /// A queue id: cancels that message.
+        id: Option<String>,
+        #[command(flatten)]
+        filter: QueueFilterArgs,
+        /// Cancel every queued job the filter selects even if it names nothing to narrow it.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Makes scheduled (deferred or delayed) jobs ready now.
+    Retry {
+        #[command(flatten)]
+        filter: QueueFilterArgs,
+    },
+    /// Holds mail through a route, to a recipient domain, or from a sender: not attempted and
+    /// not expiring until released or the relays' maximum hold time.
+    Hold {
+        #[command(flatten)]
+        rule: HoldArgs,
+        /// Lapse after this long (at most the relays' maximum hold time).
+        #[arg(long)]
+        max: Option<String>,
+    },
+    /// Removes a hold; the mail it held becomes ready.
+    Release {
+        #[command(flatten)]
+        rule: HoldArgs,
+    },
+    /// Lists the holds in force.
+    Holds {
+        /// Only this namespace's holds (required with a Kubernetes token).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+}
+
+/// Which queued jobs a queue command acts on.
+#[derive(Debug, Default, Args)]
+pub struct QueueFilterArgs {
+    /// Envelope sender (`<>` for bounces).
+    #[arg(long)]
+    pub sender: Option<String>,
+    /// Recipient domain.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Route `namespace/name` the mail goes through first (`none`: no route serves it).
+    #[arg(long)]
+    pub route: Option<String>,
+    /// Sender namespace (`-`: unattributed mail); required with a Kubernetes token.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only mail received at least this long ago (`30m`).
+    #[arg(long)]
+    pub min_age: Option<String>,
+    /// Only mail received at most this long ago.
+    #[arg(long)]
+    pub max_age: Option<String>,
+    /// Only jobs in these states: ready, scheduled, in-flight, held (repeatable).
+    #[arg(long)]
+    pub state: Vec<String>,
+}
+
+impl QueueFilterArgs {
+    fn query(&self) -> Vec<(String, String)> {
+        let mut q = Vec::new();
+        for (k, v) in [
+            ("sender", &self.sender),
+            ("domain", &self.domain),
+            ("route", &self.route),
+            ("namespace", &self.namespace),
+            ("min_age", &self.min_age),
+            ("max_age", &self.max_age),
+        ] {
+            if let Some(v) = v {
+                q.push((k.to_string(), v.clone()));
+            }
+        }
+        for s in &self.state {
+            q.push(("state".into(), s.clone()));
+        }
+        q
+    }
+
+    /// Whether nothing narrows it (states alone do not).
+    fn is_empty(&self) -> bool {
+        self.query().iter().all(|(k, _)| k == "state")
+    }
+}
+
+/// What a hold holds: exactly one of route, domain, sender.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false, id = "hold_rule")]
+pub struct HoldArgs {
+    /// Route `namespace/name`.
+    #[arg(long, group = "hold_rule")]
+    pub route: Option<String>,
+    /// Recipient domain.
+    #[arg(long, group = "hold_rule")]
+    pub domain: Option<String>,
+    /// Envelope sender.
+    #[arg(long, group = "hold_rule")]
+    pub sender: Option<String>,
+    /// Only this namespace's mail (required with a Kubernetes token).
+    #[arg(long)]
+    pub namespace: Option<String>,
+}
+
+impl HoldArgs {
+    fn query(&self) -> Vec<(String, String)> {
+        let mut q = Vec::new();
+        for (k, v) in [
+            ("route", &self.route),
+            ("domain", &self.domain),
+            ("sender", &self.sender),
+            ("namespace", &self.namespace),
+        ] {
+            if let Some(v) = v {
+                q.push((k.to_string(), v.clone()));
+            }
+        }
+        q
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,7 +397,50 @@ pub async fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<(), CliError>
     match cli.command {
         Command::Status => status(&client, format, out).await,
         Command::Events(args) => events(&client, &args, format, out).await,
-        Command::Queue(QueueCommand::Cancel { id }) => {
+        Command::Queue(QueueCommand::Cancel { id: None, filter, all }) => {
+            if filter.is_empty() && !all {
+                return Err(CliError::Usage(
+                    "cancel needs a message id or a filter (--sender, --domain, --route, --namespace, --min-age, --max-age); --all cancels everything".into(),
+                ));
+            }
+            let mut q = filter.query();
+            if all {
+                q.push(("all".into(), "true".into()));
+            }
+            let v = client.post_json("/api/v1/queue/cancel", &q).await?;
+            output::print_value(out, format, &v, output::action_text)
+        }
+        Command::Queue(QueueCommand::Ls { filter, limit, cursor }) => {
+            let mut q = filter.query();
+            q.push(("limit".into(), limit.to_string()));
+            if let Some(c) = cursor {
+                q.push(("cursor".into(), c));
+            }
+            let v = client.get_json("/api/v1/queue", &q).await?;
+            output::print_value(out, format, &v, output::queue_table)
+        }
+        Command::Queue(QueueCommand::Retry { filter }) => {
+            let v = client.post_json("/api/v1/queue/retry", &filter.query()).await?;
+            output::print_value(out, format, &v, output::action_text)
+        }
+        Command::Queue(QueueCommand::Hold { rule, max }) => {
+            let mut q = rule.query();
+            if let Some(m) = max {
+                q.push(("max".into(), m));
+            }
+            let v = client.post_json("/api/v1/queue/hold", &q).await?;
+            output::print_value(out, format, &v, output::action_text)
+        }
+        Command::Queue(QueueCommand::Release { rule }) => {
+            let v = client.post_json("/api/v1/queue/release", &rule.query()).await?;
+            output::print_value(out, format, &v, output::action_text)
+        }
+        Command::Queue(QueueCommand::Holds { namespace }) => {
+            let q: Vec<(String, String)> = namespace.into_iter().map(|n| ("namespace".to_string(), n)).collect();
+            let v = client.get_json("/api/v1/holds", &q).await?;
+            output::print_value(out, format, &v, output::holds_table)
+        }
+        Command::Queue(QueueCommand::Cancel { id: Some(id), .. }) => {
             let v = client
                 .delete_json(&format!("/api/v1/messages/{}", path_segment(&id)?))
                 .await?;

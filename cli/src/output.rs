@@ -208,6 +208,125 @@ pub fn quota_table(v: &Value) -> String {
     )
 }
 
+/// `queue ls`: one row per job, then how many match in all.
+pub fn queue_table(v: &Value) -> String {
+    let items = v["items"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let total = v["total"].as_u64().unwrap_or(0);
+    if items.is_empty() {
+        return format!("No queued jobs match ({total} in all).\n");
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| {
+            vec![
+                cell(&i["id"]),
+                cell(&i["rcpt"]),
+                cell(&i["recipient"]),
+                if i["sender"] == "" {
+                    "<>".into()
+                } else {
+                    cell(&i["sender"])
+                },
+                cell(&i["namespace"]),
+                cell(&i["route"]),
+                cell(&i["state"]),
+                age(i["age_seconds"].as_u64().unwrap_or(0)),
+                cell(&i["attempts"]),
+            ]
+        })
+        .collect();
+    let mut s = table(
+        &[
+            "id",
+            "rcpt",
+            "recipient",
+            "sender",
+            "namespace",
+            "route",
+            "state",
+            "age",
+            "attempts",
+        ],
+        &rows,
+        true,
+    );
+    s.push_str(&format!("{} of {total} matching job(s) shown", items.len()));
+    if let Some(c) = v["next_cursor"].as_str() {
+        s.push_str(&format!("; more with --cursor {c}"));
+    }
+    s.push('\n');
+    s
+}
+
+/// kubectl's age style: the largest unit or two.
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 48 * 3600 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// A queue action's answer: what it did, in one line (two with a hold).
+pub fn action_text(v: &Value) -> String {
+    let touched = v["touched"].as_u64().unwrap_or(0);
+    let mut s = match v["action"].as_str().unwrap_or_default() {
+        "cancel" => format!("{touched} job(s) cancelled"),
+        "retry" => format!("{touched} job(s) made ready now"),
+        "hold" => format!("{touched} job(s) held"),
+        "release" => format!("{touched} job(s) released"),
+        other => format!("{other}: {touched} job(s)"),
+    };
+    let in_flight = v["in_flight"].as_u64().unwrap_or(0);
+    if in_flight > 0 {
+        s.push_str(&format!(" ({in_flight} being delivered were left alone)"));
+    }
+    s.push('\n');
+    if v["hold"].is_object() {
+        s.push_str(&format!(
+            "hold on {} until {}\n",
+            rule_text(&v["hold"]["rule"]),
+            until_text(&v["hold"]["until_ms"])
+        ));
+    }
+    s
+}
+
+fn rule_text(rule: &Value) -> String {
+    rule.as_object()
+        .and_then(|o| o.iter().next())
+        .map(|(k, v)| format!("{k} {}", cell(v)))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn until_text(ms: &Value) -> String {
+    ms.as_i64()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(|| "-".into(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// `queue holds`.
+pub fn holds_table(v: &Value) -> String {
+    let holds = v["holds"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if holds.is_empty() {
+        return "No holds.\n".into();
+    }
+    let rows: Vec<Vec<String>> = holds
+        .iter()
+        .map(|h| {
+            vec![
+                rule_text(&h["rule"]),
+                cell(&h["namespace"]),
+                cell(&h["by"]),
+                cell(&h["source"]),
+                until_text(&h["until_ms"]),
+            ]
+        })
+        .collect();
+    table(&["hold", "namespace", "by", "source", "until"], &rows, true)
+}
+
 /// The samples of `name` (any labels) in a Prometheus text exposition, summed; `None` when
 /// there is none.
 fn metric_sum(text: &str, name: &str, label: Option<(&str, &str)>) -> Option<f64> {

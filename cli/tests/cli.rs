@@ -34,6 +34,11 @@ async fn mailroute(admin: &str, token: &str, args: &[&str]) -> Run {
 }
 
 async fn start(upstream_port: u16) -> (Relay, tempfile::TempDir) {
+    start_on(upstream_port, None).await
+}
+
+/// [`start`] with its queue in Redis at `queue` (bulk queue control needs it).
+async fn start_on(upstream_port: u16, queue: Option<&str>) -> (Relay, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.yaml");
     std::fs::write(
@@ -51,6 +56,10 @@ async fn start(upstream_port: u16) -> (Relay, tempfile::TempDir) {
     o.log_stdout = false;
     o.workers = 4;
     o.inbound.hostname = "relay.test".into();
+    if let Some(q) = queue {
+        o.queue = q.parse().expect("queue URL");
+        o.hold_refresh = Duration::from_millis(100);
+    }
     (Relay::start(o).await.expect("relay starts"), dir)
 }
 
@@ -183,6 +192,138 @@ async fn the_cli_shows_and_acts_on_a_real_relay_with_exit_codes_scripts_can_use(
     );
 
     relay.shutdown().await;
+}
+
+/// Polls `mailroute queue ls --sender=app@app.example -o json` until its total is `n`.
+async fn until_total(admin: &str, args: &[&str], n: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut all = vec!["queue", "ls", "-o", "json"];
+        all.extend_from_slice(args);
+        let r = mailroute(admin, TOKEN, &all).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        if v["total"].as_u64() == Some(n) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "total never {n}: {}", r.stdout);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_ls_hold_release_retry_and_cancel_by_filter() {
+    let redis = mailroute_testkit::RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let (relay, _dir) = start_on(up.port(), Some(&redis.url())).await;
+    let admin = format!("http://{}", relay.admin_addr.unwrap());
+
+    // Hold the sender, then its mail queues up held.
+    let hold = mailroute(
+        &admin,
+        TOKEN,
+        &["queue", "hold", "--sender=app@app.example", "--max=1h"],
+    )
+    .await;
+    assert_eq!(hold.code, 0, "{}", hold.stderr);
+    assert!(
+        hold.stdout
+            .starts_with("0 job(s) held\nhold on sender app@app.example until "),
+        "{}",
+        hold.stdout
+    );
+    let holds = mailroute(&admin, TOKEN, &["queue", "holds"]).await;
+    assert!(
+        holds.stdout.starts_with("HOLD ") && holds.stdout.contains("admin-token"),
+        "{}",
+        holds.stdout
+    );
+    submit(&relay, "one", "").await;
+    submit(&relay, "two", "").await;
+    until_total(&admin, &["--state=held"], 2).await;
+    let ls = mailroute(&admin, TOKEN, &["queue", "ls", "--domain=example.com"]).await;
+    assert_eq!(ls.code, 0, "{}", ls.stderr);
+    let lines: Vec<&str> = ls.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("ID ") && lines[0].contains("STATE"),
+        "{}",
+        ls.stdout
+    );
+    assert_eq!(lines.len(), 4, "{}", ls.stdout);
+    assert!(
+        lines[1].contains("held") && lines[1].contains("mail/up"),
+        "{}",
+        ls.stdout
+    );
+    assert_eq!(lines[3], "2 of 2 matching job(s) shown");
+    assert_eq!(up.received().len(), 0);
+
+    // Refused without a filter (usage, exit 2, nothing sent); then by filter.
+    let bare = mailroute(&admin, TOKEN, &["queue", "cancel"]).await;
+    assert_eq!(bare.code, 2, "{}", bare.stderr);
+    assert!(bare.stderr.contains("--all"), "{}", bare.stderr);
+    let bad = mailroute(&admin, TOKEN, &["queue", "retry", "--state=stuck"]).await;
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    assert!(bad.stderr.contains("unknown state"), "{}", bad.stderr);
+    let page = mailroute(&admin, TOKEN, &["queue", "ls", "--limit=1", "-o", "yaml"]).await;
+    assert!(
+        page.stdout.contains("total: 2") && page.stdout.contains("next_cursor:"),
+        "{}",
+        page.stdout
+    );
+
+    // Release: both go.
+    let release = mailroute(&admin, TOKEN, &["queue", "release", "--sender=app@app.example"]).await;
+    assert_eq!(
+        (release.code, release.stdout.as_str()),
+        (0, "2 job(s) released\n"),
+        "{}",
+        release.stderr
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while up.received().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "released mail not delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = mailroute(&admin, TOKEN, &["queue", "release", "--sender=app@app.example"]).await;
+    assert_eq!(again.code, 3, "no such hold: {}", again.stderr);
+
+    // A delayed message: retry sends it now; another is cancelled by filter.
+    submit(&relay, "later", "X-Mailroute-Deliver-After: 1h\r\n").await;
+    until_total(&admin, &["--state=scheduled"], 1).await;
+    let retry = mailroute(
+        &admin,
+        TOKEN,
+        &["queue", "retry", "--sender=app@app.example", "-o", "json"],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&retry.stdout).unwrap();
+    assert_eq!(
+        (v["action"].as_str(), v["touched"].as_u64()),
+        (Some("retry"), Some(1)),
+        "{}",
+        retry.stdout
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while up.received().len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "retried mail not delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    submit(&relay, "never", "X-Mailroute-Deliver-After: 1h\r\n").await;
+    until_total(&admin, &[], 1).await;
+    let cancel = mailroute(
+        &admin,
+        TOKEN,
+        &["queue", "cancel", "--min-age=0s", "--sender=app@app.example"],
+    )
+    .await;
+    assert_eq!(
+        (cancel.code, cancel.stdout.as_str()),
+        (0, "1 job(s) cancelled\n"),
+        "{}",
+        cancel.stderr
+    );
+    until_total(&admin, &[], 0).await;
 }
 
 #[tokio::test]

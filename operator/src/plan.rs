@@ -452,14 +452,25 @@ fn plan_route(
     let generation = route.metadata.generation;
     let mut desired = vec![accepted, ready, verified];
     let deprecated = auth_deprecation(route, in_config);
-    // Shown only while it applies: gone once the route moves to OAuth2.
+    let suspended = route.spec.suspended.then(|| {
+        Desired::new(
+            condition_type::SUSPENDED,
+            Status::True,
+            "SuspendedInSpec",
+            "spec.suspended: the relays hold this route's mail (not attempted, not expiring) until it is \
+             unset, each message at most the relays' maximum hold time (--max-hold-time)",
+        )
+    });
+    // Shown only while they apply: gone once the route moves to OAuth2, or is unsuspended.
     let kept: Vec<Condition> = previous
         .conditions
         .iter()
         .filter(|c| deprecated.is_some() || c.type_ != condition_type::AUTH_DEPRECATED)
+        .filter(|c| suspended.is_some() || c.type_ != condition_type::SUSPENDED)
         .cloned()
         .collect();
     desired.extend(deprecated);
+    desired.extend(suspended);
     let conditions = conditions::merge(&kept, &desired, generation, now);
     let summary = compiled.summaries.get(&object).cloned().unwrap_or_default();
     let status = SmtpRouteStatus {
@@ -903,6 +914,24 @@ spec:
         let c = status(&p, "o365");
         assert!(c.iter().all(|c| c.type_ != "AuthDeprecated"), "{c:?}");
         assert_eq!(cond(&c, "Ready").status, Status::True);
+    }
+
+    #[test]
+    fn a_suspended_route_says_so_in_its_status_until_unsuspended() {
+        let mut w = World::new(GMAIL);
+        let route = w.m.routes.iter_mut().find(|r| r.name_any() == "gmail").unwrap();
+        route.spec.suspended = true;
+        let p = w.plan(None, None);
+        let c = &p.route_statuses[0].status.conditions;
+        let s = cond(c, "Suspended");
+        assert_eq!((s.status, s.reason.as_str()), (Status::True, "SuspendedInSpec"));
+        assert_eq!(cond(c, "Ready").status, Status::True, "still in the configuration");
+        w.apply_statuses(&p);
+        let route = w.m.routes.iter_mut().find(|r| r.name_any() == "gmail").unwrap();
+        route.spec.suspended = false;
+        let p = w.plan(None, None);
+        let c = &p.route_statuses[0].status.conditions;
+        assert!(c.iter().all(|c| c.type_ != "Suspended"), "{c:?}");
     }
 
     const MX: &str = r#"

@@ -7,6 +7,8 @@
 //!   client side (pools, DKIM), bounce classification and DSNs;
 //! - [`observe`]: the delivery log, Prometheus metrics and the bridge that feeds both;
 //! - [`suppress`]: the suppression lists (Redis, and each relay's in-memory copy);
+//! - [`control`]: bulk queue control (list, cancel, retry, hold, release by filter) and the
+//!   holds every worker honours;
 //! - [`admin`]: the admin HTTP API, the relay's backend for it, and its Kubernetes token checks;
 //! - [`server`] assembles them; [`config`], [`clock`], `redis_client` and `expiring` are
 //!   shared by all of them.
@@ -14,6 +16,7 @@
 pub mod admin;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub(crate) mod expiring;
 pub mod inbound;
 pub mod observe;

@@ -140,6 +140,11 @@ struct RunArgs {
     /// A job leased longer than this is taken over by another relay.
     #[arg(long, env = "MAILROUTE_VISIBILITY_TIMEOUT", default_value_t = defaults().visibility_timeout.into())]
     visibility_timeout: humantime::Duration,
+    /// Longest time a queued job is held by holds (bulk queue control, `spec.suspended`) in
+    /// all; past it the hold lapses for that job and it is attempted, its lifetime extended by
+    /// the time it was held.
+    #[arg(long, env = "MAILROUTE_MAX_HOLD_TIME", default_value_t = defaults().max_hold.into())]
+    max_hold_time: humantime::Duration,
     /// Bounds the whole drain after SIGTERM (sessions, deliveries, idle connections together);
     /// keep it inside the pod's termination grace period.
     #[arg(long, env = "MAILROUTE_DRAIN_TIMEOUT", default_value_t = defaults().drain_timeout.into())]
@@ -270,6 +275,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
     o.workers = a.workers;
     o.log_retention = a.log_retention.into();
     o.visibility_timeout = a.visibility_timeout.into();
+    o.max_hold = a.max_hold_time.into();
     o.drain_timeout = a.drain_timeout.into();
     o.liveness_max_silence = a.liveness_max_silence.into();
     o.job_stuck_after = a.job_stuck_after.into();

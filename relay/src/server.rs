@@ -83,6 +83,10 @@ pub struct RelayOptions {
     pub pod_identity_poll: Option<Duration>,
     /// The suppression lists' mode, auto-added bounce classes and refresh (Redis queue only).
     pub suppression: crate::suppress::Settings,
+    /// Longest time a job is held in all (bulk queue control); then its hold lapses.
+    pub max_hold: Duration,
+    /// How often each relay reads the holds (and mirrors `spec.suspended` into them).
+    pub hold_refresh: Duration,
 }
 
 impl RelayOptions {
@@ -122,6 +126,8 @@ impl RelayOptions {
             log_stdout: true,
             pod_identity_poll: None,
             suppression: crate::suppress::Settings::default(),
+            max_hold: crate::control::DEFAULT_MAX_HOLD,
+            hold_refresh: Duration::from_secs(2),
         }
     }
 }
@@ -445,6 +451,13 @@ impl Relay {
             resolver,
         )?;
         let pacer = Pacer::new(pace_store);
+        let control = Arc::new(crate::control::Control::new(
+            queue.clone(),
+            config.clone(),
+            telemetry.clone(),
+            opts.max_hold,
+            opts.fallback_mx,
+        ));
         let worker = Arc::new(Worker {
             queue: queue.clone(),
             config: config.clone(),
@@ -461,6 +474,7 @@ impl Relay {
             }),
             telemetry: telemetry.clone(),
             suppress: suppressions.clone(),
+            control: control.clone(),
             settings: WorkerSettings {
                 consumer: opts.consumer.clone(),
                 concurrency: opts.workers,
@@ -468,6 +482,7 @@ impl Relay {
                 hostname: opts.inbound.hostname.clone(),
                 fallback_mx: opts.fallback_mx,
                 promote_every: Duration::from_millis(250),
+                hold_refresh: opts.hold_refresh,
             },
         });
         let backend = Arc::new(RelayBackend {
@@ -477,6 +492,7 @@ impl Relay {
             metrics: metrics.clone(),
             dlog: dlog.clone(),
             suppress: suppressions.clone(),
+            control,
         });
         let liveness = Liveness::default();
         let mut ticker_rx = shutdown_rx.clone();

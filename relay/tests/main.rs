@@ -25,6 +25,7 @@ mod oauth2;
 mod pod_identity;
 mod proxy_protocol;
 mod queue;
+mod queue_control;
 mod quota;
 mod quota_e2e;
 mod shaping;

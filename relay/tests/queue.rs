@@ -293,3 +293,159 @@ async fn uncommitted_enqueues_are_inert_and_purged() {
     assert_eq!(leased.len(), 1);
     assert_eq!(leased[0].job.msg, committed);
 }
+
+/// Bulk queue control's primitives on Redis: a scan sees every job where it is (a leased one as
+/// in flight), a batch applies each move only to a job still exactly there and never to a
+/// leased one, and a job put on hold goes back to ready when its hold is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_moves_apply_once_and_never_to_a_leased_job() {
+    use mailroute_relay::control::rules::{Hold, HoldRule, HoldSource};
+    use mailroute_relay::queue::{BulkOp, Place, ScanCursor};
+
+    let redis = RedisServer::start().unwrap();
+    let q = RedisQueue::connect(
+        &redis.url(),
+        "{bulk}:",
+        Durability {
+            replicas: 0,
+            timeout: Duration::from_secs(1),
+        },
+    )
+    .await
+    .unwrap();
+    let (leased_id, ready_id, sched_id) = (new_id(1), new_id(2), new_id(3));
+    q.enqueue(
+        &meta(&leased_id, &["a@example.com"]),
+        b"a",
+        &[(Job::new(&leased_id, 0), None)],
+    )
+    .await
+    .unwrap();
+    let leased = q.fetch("c1", 10, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    q.enqueue(
+        &meta(&ready_id, &["b@example.com"]),
+        b"b",
+        &[(Job::new(&ready_id, 0), None)],
+    )
+    .await
+    .unwrap();
+    q.enqueue(
+        &meta(&sched_id, &["c@example.com"]),
+        b"c",
+        &[(Job::new(&sched_id, 0), Some(i64::MAX / 2))],
+    )
+    .await
+    .unwrap();
+
+    let mut all = Vec::new();
+    let mut cursor: Option<ScanCursor> = None;
+    loop {
+        let (jobs, next) = q.scan(cursor, 2).await.unwrap();
+        all.extend(jobs);
+        match next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(all.len(), 3, "{all:?}");
+    let find = |id: &str| all.iter().find(|j| j.job.msg == id).cloned().unwrap();
+    let (l, r, s) = (find(&leased_id), find(&ready_id), find(&sched_id));
+    assert!(l.in_flight && matches!(l.place, Place::Ready { .. }));
+    assert!(!r.in_flight && matches!(r.place, Place::Ready { .. }));
+    assert!(matches!(s.place, Place::Scheduled { .. }));
+    assert_eq!(
+        s.meta.as_ref().map(|m| m.rcpts.clone()),
+        Some(vec!["c@example.com".to_string()])
+    );
+
+    let cancelled = RecipientState {
+        status: RecipientStatus::Cancelled,
+        attempts: 0,
+        next_attempt_ms: None,
+        last_reply: None,
+        route: None,
+    };
+    let cancel = |j: &mailroute_relay::queue::QueuedJob| BulkOp::Cancel {
+        place: j.place.clone(),
+        rcpt: 0,
+        msg: j.job.msg.clone(),
+        state: cancelled.clone(),
+    };
+    let ops = [cancel(&l), cancel(&r)];
+    assert_eq!(
+        q.apply(&ops).await.unwrap(),
+        vec![false, true],
+        "a leased job is never taken"
+    );
+    assert_eq!(q.apply(&ops).await.unwrap(), vec![false, false], "applied once");
+    assert!(
+        q.view(&ready_id).await.unwrap().is_none(),
+        "its last recipient final: gone"
+    );
+    assert!(q.view(&leased_id).await.unwrap().is_some());
+
+    // Hold the scheduled job; its hold is in the held set, counted apart.
+    let hold = Hold {
+        rule: HoldRule::Domain("example.com".into()),
+        namespace: None,
+        by: "test".into(),
+        since_ms: 1,
+        until_ms: None,
+        source: HoldSource::Admin,
+    };
+    q.put_hold(&hold).await.unwrap();
+    let held_job = Job {
+        held_since: Some(5),
+        ..s.job.clone()
+    };
+    let op = BulkOp::Hold {
+        place: s.place.clone(),
+        msg: sched_id.clone(),
+        job: held_job.clone(),
+        due_ms: i64::MAX / 2,
+    };
+    assert_eq!(q.apply(&[op]).await.unwrap(), vec![true]);
+    let stats = q.stats(10).await.unwrap();
+    assert_eq!((stats.held, stats.scheduled), (1, 0));
+    assert_eq!(q.holds().await.unwrap(), vec![hold.clone()]);
+
+    // The worker holds the leased job while its hold exists; once it is gone, a hold goes back
+    // to the ready stream as leased (false: not held).
+    let st = RecipientState {
+        status: RecipientStatus::Queued,
+        ..cancelled.clone()
+    };
+    let as_held = |job: &Job| Disposition::Hold {
+        job: Job {
+            held_since: Some(7),
+            ..job.clone()
+        },
+        due_ms: i64::MAX / 2,
+        state: st.clone(),
+        hold: hold.key(),
+    };
+    assert!(q.complete(&leased[0], as_held(&leased[0].job)).await.unwrap());
+    assert_eq!(q.stats(10).await.unwrap().held, 2);
+    assert_eq!(q.remove_hold(&hold.key()).await.unwrap(), Some(hold.clone()));
+    assert_eq!(q.remove_hold(&hold.key()).await.unwrap(), None);
+    // A held job released by a bulk move, then leased and put on hold again after its hold went.
+    let (jobs, _) = q.scan(None, 10).await.unwrap();
+    let h = jobs.into_iter().find(|j| j.job.msg == leased_id).unwrap();
+    assert!(matches!(h.place, Place::Held { .. }));
+    let back = BulkOp::Ready {
+        place: h.place.clone(),
+        msg: leased_id.clone(),
+        job: leased[0].job.clone(),
+    };
+    assert_eq!(q.apply(&[back]).await.unwrap(), vec![true]);
+    let again = q.fetch("c2", 10, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(
+        !q.complete(&again[0], as_held(&again[0].job)).await.unwrap(),
+        "its hold is gone"
+    );
+    let back = q.fetch("c3", 10, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].job, leased[0].job, "back in the ready stream as it was leased");
+}

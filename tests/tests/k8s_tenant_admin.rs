@@ -462,3 +462,126 @@ async fn tenants_read_and_cancel_only_their_namespaces_mail() {
     }
     eprintln!("tenant admin API test took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn tenants_act_in_bulk_on_their_namespaces_queue_only() {
+    let cp = ControlPlane::shared();
+    let relay_ns = cp.namespace("mailroute").await.unwrap();
+    let team_a = cp.namespace("team-a").await.unwrap();
+    let team_b = cp.namespace("team-b").await.unwrap();
+    let (relay_sa, _) = apply_chart_rbac(cp, &relay_ns, &relay_ns);
+    rolebinding(cp, &team_a, "viewer", "view");
+    rolebinding(cp, &team_a, "editor", "edit");
+    let viewer_a = token(cp, &team_a, "viewer").await;
+    let editor_a = token(cp, &team_a, "editor").await;
+    for (sa, verb) in [("viewer", "list"), ("editor", "delete"), ("editor", "update")] {
+        eventually(&format!("{sa} may {verb} messages in {team_a}"), WAIT, || async {
+            Ok(allowed(cp, &team_a, sa, verb, "messages", &team_a).await?.then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+    let dir = cp.dir.join(format!("{relay_ns}-sa"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token(cp, &relay_ns, &relay_sa).await).unwrap();
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, &cp.ca_pem).unwrap();
+
+    let redis = mailroute_testkit::RedisServer::start().unwrap();
+    let queue = RedisQueue::connect(
+        &redis.url(),
+        DEFAULT_PREFIX,
+        Durability {
+            replicas: 0,
+            timeout: Duration::from_secs(1),
+        },
+    )
+    .await
+    .unwrap();
+    let conn = redis.client().unwrap().get_connection_manager().await.unwrap();
+    let dlog = DeliveryLog::redis(conn, DEFAULT_PREFIX).without_writer();
+    seed(&queue, &dlog, "bulk-a-1", &team_a).await;
+    seed(&queue, &dlog, "bulk-a-2", &team_a).await;
+    seed(&queue, &dlog, "bulk-b-1", &team_b).await;
+
+    let (mut relay, admin_port) = start_relay(cp, &redis.url(), &token_file, &ca_file, &format!("{relay_ns}-bulk.log"));
+    let api = AdminApi {
+        http: reqwest::Client::new(),
+        base: format!("http://127.0.0.1:{admin_port}/api/v1"),
+    };
+    let post = |path: String, token: String| {
+        let api = &api;
+        async move { api.call(reqwest::Method::POST, &path, &token).await }
+    };
+    let outcome: anyhow::Result<()> = async {
+        eventually("the relay's admin API", WAIT, || async {
+            let r = reqwest::get(format!("http://127.0.0.1:{admin_port}/readyz")).await?;
+            Ok((r.status() == 200).then_some(()))
+        })
+        .await?;
+        let (a, b) = (team_a.as_str(), team_b.as_str());
+        let total = |body: &str| -> u64 {
+            serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v["total"].as_u64())
+                .unwrap_or(u64::MAX)
+        };
+
+        // Listing: its own namespace only, and it must name it.
+        let (status, body) = api.get(&format!("/queue?namespace={a}"), &viewer_a).await;
+        anyhow::ensure!(
+            status == 200 && total(&body) == 2 && !body.contains("bulk-b-1"),
+            "{status} {body}"
+        );
+        let (status, body) = api.get(&format!("/queue?namespace={b}"), &viewer_a).await;
+        anyhow::ensure!(status == 403, "team-a's viewer listing team-b: {status} {body}");
+        let (status, body) = api.get("/queue", &viewer_a).await;
+        anyhow::ensure!(status == 400 && body.contains("?namespace="), "{status} {body}");
+
+        // A viewer may not cancel; an editor may not act on another namespace's mail.
+        let (status, body) = post(format!("/queue/cancel?namespace={a}"), viewer_a.clone()).await;
+        anyhow::ensure!(status == 403, "view-bound bulk cancel: {status} {body}");
+        let (status, body) = post(format!("/queue/cancel?namespace={b}"), editor_a.clone()).await;
+        anyhow::ensure!(
+            status == 403,
+            "team-a's editor cancelling team-b's mail: {status} {body}"
+        );
+        let (status, body) = post(
+            format!("/queue/hold?domain={b}.example&namespace={b}"),
+            editor_a.clone(),
+        )
+        .await;
+        anyhow::ensure!(status == 403, "team-a's editor holding team-b's mail: {status} {body}");
+        let (status, body) = post(format!("/queue/retry?domain={b}.example"), editor_a.clone()).await;
+        anyhow::ensure!(status == 400, "a tenant's retry without its namespace: {status} {body}");
+
+        // Its own: a hold scoped to its namespace, and a cancel that touches its mail only.
+        let (status, body) = post(
+            format!("/queue/hold?domain={a}.example&namespace={a}"),
+            editor_a.clone(),
+        )
+        .await;
+        anyhow::ensure!(status == 200 && body.contains("\"touched\":2"), "{status} {body}");
+        let (status, body) = api.get("/holds", ADMIN_TOKEN).await;
+        let want = format!("\"namespace\":\"{a}\"");
+        anyhow::ensure!(status == 200 && body.contains(&want), "{status} {body}");
+        let (status, body) = post(format!("/queue/cancel?namespace={a}"), editor_a.clone()).await;
+        anyhow::ensure!(status == 200 && body.contains("\"touched\":2"), "{status} {body}");
+        anyhow::ensure!(queue.view("bulk-b-1").await?.is_some(), "team-b's mail was touched");
+        let (_, body) = api.get("/queue", ADMIN_TOKEN).await;
+        anyhow::ensure!(total(&body) == 1 && body.contains("bulk-b-1"), "{body}");
+        let (status, body) = api
+            .get(&format!("/events?namespace={a}&result=cancelled"), ADMIN_TOKEN)
+            .await;
+        let actor = format!("\"actor\":\"system:serviceaccount:{a}:editor\"");
+        anyhow::ensure!(status == 200 && body.matches(&actor).count() == 2, "{status} {body}");
+        Ok(())
+    }
+    .await;
+    let tail = relay.log_tail(40);
+    relay.kill();
+    if let Err(e) = outcome {
+        panic!("{e:#}\nrelay log:\n{tail}");
+    }
+}

@@ -74,6 +74,7 @@ pub(super) fn compile_route(
         dkim,
         test_recipient: spec.test_recipient.clone(),
         timeouts: compile_timeouts(spec.timeouts.as_ref(), d),
+        suspended: spec.suspended,
     })
 }
 
@@ -433,6 +434,17 @@ mod timeout_tests {
         let json = c.config.to_canonical_json();
         let back: RelayConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back.routes[0].timeouts, t, "{json}");
+    }
+
+    #[test]
+    fn suspended_compiles_into_the_relay_config_and_defaults_to_off() {
+        let c = compile_with("  suspended: true\n");
+        assert!(c.diagnostics.is_empty(), "{:#?}", c.diagnostics);
+        assert!(c.config.routes[0].suspended);
+        assert!(!compile_with("").config.routes[0].suspended);
+        // Configurations written before the field read as not suspended.
+        let json = serde_json::to_value(&compile_with("").config.routes[0]).unwrap();
+        assert!(json.get("suspended").is_none(), "{json}");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! group in one namespace: `deliveryevents` (`list`: `/api/v1/events`, `/api/v1/events.csv`),
 //! `messages` (`get`: `GET /api/v1/messages/{id}`; `delete`: its cancel), `quotausages`
 //! (`list`: `/api/v1/quotas`) and `suppressions` (`list`, `create`, `delete`:
-//! `/api/v1/suppressions[.csv]` of the namespace's list). Such a caller always names the namespace of the events and
+//! `/api/v1/suppressions[.csv]` of the namespace's list). Bulk queue control (`/api/v1/queue*`, `/api/v1/holds`) needs
+//! `list messages` to list, `delete messages` to cancel and `update messages` to retry, hold or
+//! release, in the namespace the request names; a tenant acts on that namespace's mail only. Such a caller always names the namespace of the events and
 //! quotas it asks for (`?namespace=`); a message's namespace is its own. Unattributed mail
 //! (no namespace) and queries over every namespace stay with the admin token.
 //!
@@ -74,6 +76,21 @@ pub fn cancel_message(message_namespace: &str) -> Permission {
     permission("delete", "messages", message_namespace.to_string())
 }
 
+/// `list messages` in the namespace a queue listing (or the holds' list) names.
+pub fn queue_list(namespace: Option<&str>) -> Result<Permission, ScopeError> {
+    Ok(permission("list", "messages", namespace_of(namespace)?))
+}
+
+/// `delete messages` in the namespace a bulk cancel names.
+pub fn queue_cancel(namespace: Option<&str>) -> Result<Permission, ScopeError> {
+    Ok(permission("delete", "messages", namespace_of(namespace)?))
+}
+
+/// `update messages` in the namespace a retry, hold or release names.
+pub fn queue_update(namespace: Option<&str>) -> Result<Permission, ScopeError> {
+    Ok(permission("update", "messages", namespace_of(namespace)?))
+}
+
 /// Whether a quota report entry (id `ns/name`, and the namespace a namespace quota counts)
 /// belongs to `namespace`: the usage it shows is that namespace's.
 pub fn quota_in(id: &str, counted: Option<&str>, namespace: &str) -> bool {
@@ -124,6 +141,10 @@ mod tests {
         assert_eq!(quotas(Some("team-b")), Ok(p("list", "quotausages", "team-b")));
         assert_eq!(read_message(Some("team-a")), Some(p("get", "messages", "team-a")));
         assert_eq!(cancel_message("team-a"), p("delete", "messages", "team-a"));
+        assert_eq!(queue_list(Some("team-a")), Ok(p("list", "messages", "team-a")));
+        assert_eq!(queue_cancel(Some("team-a")), Ok(p("delete", "messages", "team-a")));
+        assert_eq!(queue_update(Some("team-a")), Ok(p("update", "messages", "team-a")));
+        assert_eq!(queue_update(None), Err(ScopeError::NamespaceRequired));
         assert_eq!(
             suppressions("create", Some("team-a")),
             Ok(p("create", "suppressions", "team-a"))

@@ -1,6 +1,7 @@
 //! The relay's side of the admin API ([`crate::admin::AdminBackend`]): message state and
 //! cancellation from the queue (and the `cancelled` log records of a cancel), quota usage from
-//! the quota engine, the suppression lists (`crate::suppress`), readiness, and the queue and quota gauges refreshed for scrapes (in the background of one, see `admin::metrics`). Thin: every answer comes from the module that owns it.
+//! the quota engine, the suppression lists (`crate::suppress`), bulk queue control (handed to
+//! [`crate::control::Control`]), readiness, and the queue and quota gauges refreshed for scrapes (in the background of one, see `admin::metrics`). Thin: every answer comes from the module that owns it.
 
 use std::sync::Arc;
 
@@ -23,6 +24,8 @@ pub struct RelayBackend {
     pub dlog: DeliveryLog,
     /// The suppression lists (none with the memory queue).
     pub suppress: Option<Arc<crate::suppress::Suppressions>>,
+    /// Bulk queue control.
+    pub control: Arc<crate::control::Control>,
 }
 
 #[async_trait]
@@ -84,6 +87,10 @@ impl AdminBackend for RelayBackend {
             .collect())
     }
 
+    fn control(&self) -> Option<Arc<crate::control::Control>> {
+        Some(self.control.clone())
+    }
+
     async fn refresh_metrics(&self) -> bool {
         let now = crate::clock::now_ms();
         let mut complete = true;
@@ -93,6 +100,7 @@ impl AdminBackend for RelayBackend {
                 m.queue_ready_jobs.set(s.ready as i64);
                 m.queue_inflight_jobs.set(s.inflight as i64);
                 m.queue_scheduled_jobs.set(s.scheduled as i64);
+                m.queue_held_jobs.set(s.held as i64);
                 m.queue_messages.set(s.messages as i64);
                 m.queue_oldest_age_seconds.set(s.oldest_age_ms as f64 / 1000.0);
             }

@@ -1,8 +1,9 @@
 //! The admin HTTP API (axum): `/healthz` (503 when a loop of the relay stopped turning),
 //! `/readyz` and `/metrics` without
 //! authentication, and `/api/v1/*` (delivery log events as JSON or CSV,
-//! message state and cancellation, quota usage, suppression lists) behind a bearer token
-//! (`Authorization`, or [`TOKEN_HEADER`] through the Kubernetes API server's service proxy): the admin token (every
+//! message state and cancellation, quota usage, suppression lists, bulk queue control in
+//! [`queue`]) behind a bearer token (`Authorization`, or [`TOKEN_HEADER`] through the
+//! Kubernetes API server's service proxy): the admin token (every
 //! namespace), or, when enabled, a Kubernetes token authenticated by TokenReview and authorized
 //! per namespace by SubjectAccessReview ([`access`] decides what each request needs,
 //! [`kubernetes`] asks the API server). A tenant's answers never show another namespace's mail:
@@ -18,6 +19,7 @@
 pub mod access;
 pub(crate) mod backend;
 pub mod kubernetes;
+mod queue;
 mod suppressions;
 
 use std::future::Future;
@@ -33,7 +35,7 @@ use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use mailroute_api::quota::QuotaUsage;
@@ -67,6 +69,11 @@ pub trait AdminBackend: Send + Sync {
     }
     /// The suppression lists, when the relay keeps them (a Redis queue).
     fn suppressions(&self) -> Option<Arc<crate::suppress::Suppressions>> {
+        None
+    }
+
+    /// Bulk queue control (`/api/v1/queue*`, `/api/v1/holds`), when this relay offers it.
+    fn control(&self) -> Option<Arc<crate::control::Control>> {
         None
     }
 }
@@ -150,6 +157,13 @@ pub fn router(state: AdminState) -> Router {
                 .post(suppressions::import)
                 .layer(axum::extract::DefaultBodyLimit::max(suppressions::MAX_IMPORT_BYTES)),
         )
+        // Bulk queue control.
+        .route("/queue", get(queue::list))
+        .route("/queue/cancel", post(queue::cancel))
+        .route("/queue/retry", post(queue::retry))
+        .route("/queue/hold", post(queue::hold))
+        .route("/queue/release", post(queue::release))
+        .route("/holds", get(queue::holds))
         .fallback(api_not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -67,6 +67,9 @@ pub const NAMES: &[&str] = &[
     "mailroute_route_backoff_active",
     "mailroute_dlog_events_total",
     "mailroute_redis_gauges_age_seconds",
+    "mailroute_queue_held_jobs",
+    "mailroute_queue_actions_total",
+    "mailroute_queue_action_jobs_total",
 ];
 
 /// The relay's metrics. Create one per process, share it as `Arc<Metrics>`.
@@ -95,6 +98,13 @@ pub struct Metrics {
     pub jobs_reclaimed: IntCounter,
     pub queue_ready_jobs: IntGauge,
     pub queue_scheduled_jobs: IntGauge,
+    /// Jobs held by a hold (bulk queue control), refreshed with the other queue gauges.
+    pub queue_held_jobs: IntGauge,
+    /// `{action}`: bulk queue actions through the admin API (list, cancel, retry, hold,
+    /// release).
+    pub queue_actions: IntCounterVec,
+    /// `{action}`: jobs those actions touched (cancel, retry, hold, release).
+    pub queue_action_jobs: IntCounterVec,
     pub queue_inflight_jobs: IntGauge,
     pub queue_messages: IntGauge,
     pub queue_oldest_age_seconds: Gauge,
@@ -217,6 +227,23 @@ impl Metrics {
                 r,
                 "mailroute_queue_scheduled_jobs",
                 "Jobs waiting for a retry or a scheduled time.",
+            )?,
+            queue_held_jobs: gauge_int(
+                r,
+                "mailroute_queue_held_jobs",
+                "Jobs held by a hold: not attempted until released or the hold lapses.",
+            )?,
+            queue_actions: counter_vec(
+                r,
+                "mailroute_queue_actions_total",
+                "Bulk queue actions through the admin API, by action.",
+                &["action"],
+            )?,
+            queue_action_jobs: counter_vec(
+                r,
+                "mailroute_queue_action_jobs_total",
+                "Jobs touched by bulk queue actions, by action.",
+                &["action"],
             )?,
             queue_inflight_jobs: gauge_int(
                 r,
@@ -485,6 +512,9 @@ mod tests {
         m.paced_jobs.with_label_values(&["mail/o365", "route_rate"]).inc();
         m.route_backoff_active.with_label_values(&["mail/o365"]).set(1);
         m.dlog_events.with_label_values(&["delivered"]).inc();
+        m.queue_held_jobs.set(7);
+        m.queue_actions.with_label_values(&["hold"]).inc();
+        m.queue_action_jobs.with_label_values(&["hold"]).inc_by(7);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::{Mutex, Notify};
 
 use crate::clock::now_ms;
+use crate::control::rules::Hold;
 
 use super::{CancelOutcome, Disposition, Leased, MessageView, Queue, QueueStats, Result, Stored};
 use crate::queue::message::{Job, MessageMeta, RecipientState, RecipientStatus};
@@ -37,6 +38,7 @@ struct State {
     inflight: HashMap<u64, Inflight>,
     sched: BTreeMap<(i64, u64), Job>,
     seq: u64,
+    holds: HashMap<String, Hold>,
 }
 
 #[derive(Default)]
@@ -195,7 +197,8 @@ impl Queue for MemoryQueue {
             return Ok(true);
         };
         match disposition {
-            Disposition::Reschedule { job, due_ms, state } => {
+            // Held jobs wait in the schedule here: one process, no gauge to feed.
+            Disposition::Reschedule { job, due_ms, state } | Disposition::Hold { job, due_ms, state, .. } => {
                 m.states.insert(leased.job.rcpt, state);
                 s.seq += 1;
                 let seq = s.seq;
@@ -292,6 +295,7 @@ impl Queue for MemoryQueue {
             ready: s.ready.len() as u64,
             inflight: s.inflight.len() as u64,
             scheduled: s.sched.len() as u64,
+            held: 0,
             messages: s.messages.len() as u64,
             oldest_age_ms: oldest.map(|t| (now_ms - t).max(0) as u64).unwrap_or(0),
         })
@@ -299,5 +303,18 @@ impl Queue for MemoryQueue {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+
+    async fn holds(&self) -> Result<Vec<Hold>> {
+        Ok(self.state.lock().await.holds.values().cloned().collect())
+    }
+
+    async fn put_hold(&self, hold: &Hold) -> Result<()> {
+        self.state.lock().await.holds.insert(hold.key(), hold.clone());
+        Ok(())
+    }
+
+    async fn remove_hold(&self, key: &str) -> Result<Option<Hold>> {
+        Ok(self.state.lock().await.holds.remove(key))
     }
 }

@@ -121,6 +121,16 @@ pub struct Job {
     /// Times this job was put back by pacing; keeps schedule members unique.
     #[serde(rename = "w", default)]
     pub waits: u32,
+    /// When its current hold began (bulk queue control); absent while not held.
+    #[serde(rename = "hs", default, skip_serializing_if = "Option::is_none")]
+    pub held_since: Option<i64>,
+    /// Time it was held before, ms: its lifetime is longer by that much.
+    #[serde(rename = "h", default, skip_serializing_if = "is_zero")]
+    pub held_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Job {
@@ -130,6 +140,8 @@ impl Job {
             rcpt,
             attempts: 0,
             waits: 0,
+            held_since: None,
+            held_ms: 0,
         }
     }
 
@@ -205,6 +217,8 @@ mod tests {
             rcpt: 2,
             attempts: 3,
             waits: 1,
+            held_since: None,
+            held_ms: 0,
         };
         let s = j.encode();
         assert_eq!(s, r#"{"m":"abc","r":2,"a":3,"w":1}"#);

@@ -6,6 +6,9 @@
 //! every instant. Two implementations: [`redis::RedisQueue`] (durable, shared) and
 //! [`memory::MemoryQueue`] (one process, lost on exit; for local runs and unit tests). The
 //! records they store are in [`message`]; where the queue lives, checked once, is [`QueueUrl`].
+//! Bulk queue control ([`Queue::scan`], [`Queue::apply`], holds) moves jobs between the ready
+//! stream, the schedule and the held set on the caller's exact instructions; which jobs, and
+//! what they become, is `control`'s to decide.
 
 pub mod memory;
 pub mod message;
@@ -14,12 +17,14 @@ mod url;
 
 pub use url::{QueueUrl, QueueUrlError};
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::control::rules::Hold;
 use crate::queue::message::{Job, MessageMeta, RecipientState};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +35,8 @@ pub enum QueueError {
     Corrupt(String),
     #[error("durability not reached: {0}")]
     Durability(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, QueueError>;
@@ -62,6 +69,68 @@ pub enum Disposition {
     /// The recipient is final (delivered, bounced, expired, cancelled); the message record
     /// goes when its last recipient is final.
     Final { state: RecipientState },
+    /// Into the held set (a hold applies to it), due at `due_ms` when the hold lapses for it;
+    /// back into the ready stream as leased instead if the hold stored under key `hold` is gone
+    /// (released meanwhile, another relay's cache was behind).
+    Hold {
+        job: Job,
+        due_ms: i64,
+        state: RecipientState,
+        hold: String,
+    },
+}
+
+/// Where a queued job sits, as [`Queue::scan`] found it; [`Queue::apply`] acts on it only if it
+/// is still exactly there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// An entry of the ready stream.
+    Ready { entry: String },
+    /// A member of the schedule.
+    Scheduled { member: String, due_ms: i64 },
+    /// A member of the held set.
+    Held { member: String, due_ms: i64 },
+}
+
+/// One queued job with its message (`None` when the record is gone).
+#[derive(Clone, Debug)]
+pub struct QueuedJob {
+    pub place: Place,
+    pub job: Job,
+    /// A relay holds its lease (in the ready stream only).
+    pub in_flight: bool,
+    pub meta: Option<Arc<MessageMeta>>,
+}
+
+/// Where [`Queue::scan`] goes on: the held set, then the schedule, then the ready stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScanCursor {
+    Held(u64),
+    Scheduled(u64),
+    /// After this stream entry.
+    Ready(String),
+}
+
+/// One step of a bulk action, applied only if the job is still at its place (and, in the
+/// ready stream, no relay holds it).
+#[derive(Clone, Debug)]
+pub enum BulkOp {
+    /// Removes the job and makes its recipient final with `state` (cancelled).
+    Cancel {
+        place: Place,
+        rcpt: u32,
+        msg: String,
+        state: RecipientState,
+    },
+    /// Moves a scheduled or held job into the ready stream as `job`.
+    Ready { place: Place, msg: String, job: Job },
+    /// Moves a ready or scheduled job into the held set as `job`, due at `due_ms`.
+    Hold {
+        place: Place,
+        msg: String,
+        job: Job,
+        due_ms: i64,
+    },
 }
 
 /// What [`Queue::cancel`] did.
@@ -97,6 +166,8 @@ pub struct QueueStats {
     pub inflight: u64,
     /// Jobs waiting for a retry or a start time.
     pub scheduled: u64,
+    /// Jobs held by a hold (bulk queue control).
+    pub held: u64,
     /// Stored messages.
     pub messages: u64,
     /// Age of the oldest ready or in-flight job, ms (0 when empty).
@@ -162,7 +233,9 @@ pub trait Queue: Send + Sync + 'static {
     }
 
     /// Completes a lease. A lease that was already completed (reclaimed and finished elsewhere)
-    /// is ignored, so a recipient is never counted final twice. Returns whether it applied.
+    /// is ignored, so a recipient is never counted final twice. Returns whether it applied; a
+    /// [`Disposition::Hold`] whose hold is gone puts the job back into the ready stream as it was
+    /// leased and returns false.
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool>;
 
     /// Cancels a message at once, in one atomic step: marks it cancelled, removes its scheduled
@@ -191,4 +264,29 @@ pub trait Queue: Send + Sync + 'static {
     async fn prune_consumers(&self, _min_idle: Duration) -> Result<usize> {
         Ok(0)
     }
+
+    /// Whether [`Queue::scan`] and [`Queue::apply`] work on this store.
+    fn bulk_control(&self) -> bool {
+        false
+    }
+
+    /// Up to about `batch` queued jobs from `cursor` (`None`: the start) and where to go on
+    /// (`None`: done). A job moved meanwhile may be seen twice or not at all.
+    async fn scan(&self, _cursor: Option<ScanCursor>, _batch: usize) -> Result<(Vec<QueuedJob>, Option<ScanCursor>)> {
+        Err(QueueError::Unsupported("bulk queue control needs the Redis queue"))
+    }
+
+    /// Applies `ops` in one atomic step; for each, whether it applied (the job was still there).
+    async fn apply(&self, _ops: &[BulkOp]) -> Result<Vec<bool>> {
+        Err(QueueError::Unsupported("bulk queue control needs the Redis queue"))
+    }
+
+    /// Every stored hold (lapsed ones included until removed).
+    async fn holds(&self) -> Result<Vec<Hold>>;
+
+    /// Stores `hold` under its key, replacing one with the same key.
+    async fn put_hold(&self, hold: &Hold) -> Result<()>;
+
+    /// Removes the hold stored under `key`; returns it if there was one.
+    async fn remove_hold(&self, key: &str) -> Result<Option<Hold>>;
 }

@@ -21,6 +21,10 @@
 //! The commit script is also the suppression list's backstop (`crate::suppress`): it reads the
 //! lists' generation counters (same hash tag) and leaves out the jobs of recipients listed
 //! since the relay's in-memory copy was read.
+//! Bulk queue control adds a sorted set `held` (jobs a hold applies to, by the time the hold
+//! lapses for them; promoted like the schedule when that time comes), a hash `holds` (the holds,
+//! one JSON record per rule and namespace scope) and the script `BULK`, which applies one batch
+//! of moves found by [`Queue::scan`] atomically, each only if its job is still where it was.
 
 use std::time::Duration;
 
@@ -29,7 +33,14 @@ use bytes::Bytes;
 use redis::{Script, Value};
 use tokio::sync::Mutex;
 
-use super::{CancelOutcome, Disposition, Leased, MessageView, Queue, QueueError, QueueStats, Result, Stored};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::{
+    BulkOp, CancelOutcome, Disposition, Leased, MessageView, Place, Queue, QueueError, QueueStats, QueuedJob, Result,
+    ScanCursor, Stored,
+};
+use crate::control::rules::Hold;
 use crate::queue::message::{Job, MessageMeta, RecipientState};
 use crate::redis_client::{RedisConn, Target, Timeouts};
 
@@ -64,6 +75,7 @@ pub struct RedisQueue {
     commit: Script,
     drop_msg: Script,
     prune: Script,
+    bulk: Script,
 }
 
 #[derive(Clone, Debug)]
@@ -74,6 +86,8 @@ struct Keys {
     count: String,
     staged: String,
     suppress_gens: String,
+    held: String,
+    holds: String,
 }
 
 impl Keys {
@@ -85,6 +99,8 @@ impl Keys {
             count: format!("{prefix}messages"),
             staged: format!("{prefix}staged"),
             suppress_gens: crate::suppress::gens_key(prefix),
+            held: format!("{prefix}held"),
+            holds: format!("{prefix}holds"),
         }
     }
     fn msg(&self, id: &str) -> String {
@@ -100,6 +116,15 @@ if redis.call('EXISTS', KEYS[3]) == 0 then return 1 end
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
 if ARGV[3] == 'r' then
   redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
+elseif ARGV[3] == 'h' then
+  -- Held only while its hold exists: one released meanwhile leaves nothing stranded (the
+  -- job goes back to the ready stream as it was, ARGV[9]).
+  if redis.call('HEXISTS', KEYS[6], ARGV[8]) == 1 then
+    redis.call('ZADD', KEYS[5], ARGV[6], ARGV[7])
+  else
+    redis.call('XADD', KEYS[1], '*', 'j', ARGV[9])
+    return 2
+  end
 else
   local left = redis.call('HINCRBY', KEYS[3], 'pending', -1)
   if left <= 0 then
@@ -110,13 +135,61 @@ end
 return 1
 ";
 
+// KEYS: sched, ready, held. Held jobs come back when their hold lapses for them: the worker
+// looks again (a hold may still apply) and then attempts them.
 const PROMOTE: &str = r"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, j in ipairs(due) do
-  redis.call('XADD', KEYS[2], '*', 'j', j)
-  redis.call('ZREM', KEYS[1], j)
+local n = 0
+for _, set in ipairs({KEYS[1], KEYS[3]}) do
+  local due = redis.call('ZRANGEBYSCORE', set, '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+  for _, j in ipairs(due) do
+    redis.call('XADD', KEYS[2], '*', 'j', j)
+    redis.call('ZREM', set, j)
+  end
+  n = n + #due
 end
-return #due
+return n
+";
+
+// Bulk queue control: KEYS ready, sched, held, count, then one message key per op. ARGV[1] is
+// the group, then five per op: op (c cancel, r to ready, h to held), where (x stream entry, s
+// schedule, h held set), the entry id or member, the new member (c: the recipient state), and a
+// number (h: due ms, c: the recipient index). An op applies only if its job is still there and,
+// in the stream, not leased. Reply: 1 or 0 per op.
+const BULK: &str = r"
+local out = {}
+local n = (#ARGV - 1) / 5
+for i = 0, n - 1 do
+  local b = 1 + i * 5
+  local op, at, ref, new, num = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
+  local msg = KEYS[5 + i]
+  local took = 0
+  if at == 'x' then
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], ref, ref, 1)
+    if #p == 0 then took = redis.call('XDEL', KEYS[1], ref) end
+  elseif at == 's' then
+    took = redis.call('ZREM', KEYS[2], ref)
+  else
+    took = redis.call('ZREM', KEYS[3], ref)
+  end
+  if took == 1 then
+    if op == 'c' then
+      if redis.call('EXISTS', msg) == 1 then
+        redis.call('HSET', msg, 'r:' .. num, new)
+        local left = redis.call('HINCRBY', msg, 'pending', -1)
+        if left <= 0 then
+          redis.call('DEL', msg)
+          redis.call('DECR', KEYS[4])
+        end
+      end
+    elseif op == 'r' then
+      redis.call('XADD', KEYS[1], '*', 'j', new)
+    else
+      redis.call('ZADD', KEYS[3], num, new)
+    end
+  end
+  out[i + 1] = took
+end
+return out
 ";
 
 // Cancels a message: marks it, removes its scheduled jobs and its ready jobs no consumer holds
@@ -129,17 +202,19 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {0, {}, {}} end
 if redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then return {2, {}, {}} end
 redis.call('HSET', KEYS[1], 'cancelled', '1')
 local now, held = {}, {}
-local cursor = '0'
-repeat
-  local r = redis.call('ZSCAN', KEYS[2], cursor, 'MATCH', ARGV[2], 'COUNT', 1000)
-  cursor = r[1]
-  for i = 1, #r[2], 2 do
-    local m = r[2][i]
-    if string.sub(m, 1, #ARGV[3]) == ARGV[3] and redis.call('ZREM', KEYS[2], m) == 1 then
-      table.insert(now, cjson.decode(m)['r'])
+for _, set in ipairs({KEYS[2], KEYS[5]}) do
+  local cursor = '0'
+  repeat
+    local r = redis.call('ZSCAN', set, cursor, 'MATCH', ARGV[2], 'COUNT', 1000)
+    cursor = r[1]
+    for i = 1, #r[2], 2 do
+      local m = r[2][i]
+      if string.sub(m, 1, #ARGV[3]) == ARGV[3] and redis.call('ZREM', set, m) == 1 then
+        table.insert(now, cjson.decode(m)['r'])
+      end
     end
-  end
-until cursor == '0'
+  until cursor == '0'
+end
 local start = '-'
 while true do
   local entries = redis.call('XRANGE', KEYS[3], start, '+', 'COUNT', 1000)
@@ -352,6 +427,7 @@ impl RedisQueue {
             commit: Script::new(COMMIT),
             drop_msg: Script::new(DROP),
             prune: Script::new(PRUNE),
+            bulk: Script::new(BULK),
         };
         q.ensure_group().await?;
         Ok(q)
@@ -609,6 +685,7 @@ impl Queue for RedisQueue {
             .promote
             .key(&self.keys.sched)
             .key(&self.keys.ready)
+            .key(&self.keys.held)
             .arg(now_ms)
             .arg(max)
             .invoke_async(&mut c)
@@ -730,9 +807,16 @@ impl Queue for RedisQueue {
     }
 
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool> {
-        let (mode, state, due, job) = match &disposition {
-            Disposition::Reschedule { job, due_ms, state } => ("r", state, *due_ms, job.encode()),
-            Disposition::Final { state } => ("f", state, 0, String::new()),
+        let (mode, state, due, job, hold) = match &disposition {
+            Disposition::Reschedule { job, due_ms, state } => ("r", state, *due_ms, job.encode(), ""),
+            Disposition::Final { state } => ("f", state, 0, String::new(), ""),
+            // As it was, for the ready stream if the hold is gone.
+            Disposition::Hold {
+                job,
+                due_ms,
+                state,
+                hold,
+            } => ("h", state, *due_ms, job.encode(), hold.as_str()),
         };
         let state = serde_json::to_string(state).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut c = self.conn.clone();
@@ -742,6 +826,8 @@ impl Queue for RedisQueue {
             .key(&self.keys.sched)
             .key(self.keys.msg(&leased.job.msg))
             .key(&self.keys.count)
+            .key(&self.keys.held)
+            .key(&self.keys.holds)
             .arg(GROUP)
             .arg(&leased.lease)
             .arg(mode)
@@ -749,6 +835,8 @@ impl Queue for RedisQueue {
             .arg(state)
             .arg(due)
             .arg(job)
+            .arg(hold)
+            .arg(leased.job.encode())
             .invoke_async(&mut c)
             .await?;
         Ok(applied == 1)
@@ -771,6 +859,7 @@ impl Queue for RedisQueue {
             .key(&self.keys.sched)
             .key(&self.keys.ready)
             .key(&self.keys.count)
+            .key(&self.keys.held)
             .arg(GROUP)
             .arg(format!("{glob}*"))
             .arg(&prefix)
@@ -830,13 +919,15 @@ impl Queue for RedisQueue {
         p.cmd("XPENDING").arg(&self.keys.ready).arg(GROUP);
         p.cmd("ZCARD").arg(&self.keys.sched);
         p.cmd("GET").arg(&self.keys.count);
+        p.cmd("ZCARD").arg(&self.keys.held);
         p.cmd("XRANGE")
             .arg(&self.keys.ready)
             .arg("-")
             .arg("+")
             .arg("COUNT")
             .arg(1);
-        let (len, pending, sched, count, first): (i64, Value, i64, Option<i64>, Value) = p.query_async(&mut c).await?;
+        let (len, pending, sched, count, held, first): (i64, Value, i64, Option<i64>, i64, Value) =
+            p.query_async(&mut c).await?;
         let inflight = match &pending {
             Value::Array(a) => a.first().and_then(as_i64).unwrap_or(0),
             _ => 0,
@@ -855,6 +946,7 @@ impl Queue for RedisQueue {
             ready: (len - inflight).max(0) as u64,
             inflight: inflight.max(0) as u64,
             scheduled: sched.max(0) as u64,
+            held: held.max(0) as u64,
             messages: count.unwrap_or(0).max(0) as u64,
             oldest_age_ms: oldest_ms.map(|t| (now_ms - t).max(0) as u64).unwrap_or(0),
         })
@@ -897,5 +989,202 @@ impl Queue for RedisQueue {
         let mut c = self.conn.clone();
         let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
+    }
+
+    fn bulk_control(&self) -> bool {
+        true
+    }
+
+    async fn scan(&self, cursor: Option<ScanCursor>, batch: usize) -> Result<(Vec<QueuedJob>, Option<ScanCursor>)> {
+        let mut c = self.conn.clone();
+        let batch = batch.max(1);
+        let cursor = cursor.unwrap_or(ScanCursor::Held(0));
+        let mut found: Vec<(Place, Job, bool)> = Vec::new();
+        let next = match cursor {
+            ScanCursor::Held(at) | ScanCursor::Scheduled(at) => {
+                let held = matches!(cursor, ScanCursor::Held(_));
+                let key = if held { &self.keys.held } else { &self.keys.sched };
+                let (next, items): (u64, Vec<(Vec<u8>, f64)>) = redis::cmd("ZSCAN")
+                    .arg(key)
+                    .arg(at)
+                    .arg("COUNT")
+                    .arg(batch)
+                    .query_async(&mut c)
+                    .await?;
+                for (member, due) in items {
+                    let Some(job) = Job::decode(&member) else { continue };
+                    let member = String::from_utf8_lossy(&member).into_owned();
+                    let due_ms = due as i64;
+                    let place = if held {
+                        Place::Held { member, due_ms }
+                    } else {
+                        Place::Scheduled { member, due_ms }
+                    };
+                    found.push((place, job, false));
+                }
+                match (next, held) {
+                    (0, true) => Some(ScanCursor::Scheduled(0)),
+                    (0, false) => Some(ScanCursor::Ready("-".into())),
+                    (n, true) => Some(ScanCursor::Held(n)),
+                    (n, false) => Some(ScanCursor::Scheduled(n)),
+                }
+            }
+            ScanCursor::Ready(after) => {
+                let start = if after == "-" {
+                    after.clone()
+                } else {
+                    format!("({after}")
+                };
+                let entries: Value = redis::cmd("XRANGE")
+                    .arg(&self.keys.ready)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(batch)
+                    .query_async(&mut c)
+                    .await?;
+                let leased = Self::leased_from_entries(&entries);
+                let last = leased.last().map(|l| l.lease.clone());
+                let mut pending = HashSet::new();
+                if let (Some(first), Some(last)) = (leased.first(), &last) {
+                    let p: Value = redis::cmd("XPENDING")
+                        .arg(&self.keys.ready)
+                        .arg(GROUP)
+                        .arg(&first.lease)
+                        .arg(last)
+                        .arg(batch)
+                        .query_async(&mut c)
+                        .await?;
+                    if let Value::Array(rows) = p {
+                        for r in rows {
+                            if let Value::Array(f) = r
+                                && let Some(id) = f.first().and_then(as_string)
+                            {
+                                pending.insert(id);
+                            }
+                        }
+                    }
+                }
+                let more = leased.len() >= batch;
+                for l in leased {
+                    let in_flight = pending.contains(&l.lease);
+                    found.push((Place::Ready { entry: l.lease }, l.job, in_flight));
+                }
+                match last {
+                    Some(last) if more => Some(ScanCursor::Ready(last)),
+                    _ => None,
+                }
+            }
+        };
+        // The messages of the batch, each read once.
+        let mut ids: Vec<&str> = found.iter().map(|(_, j, _)| j.msg.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut metas: HashMap<String, Arc<MessageMeta>> = HashMap::new();
+        if !ids.is_empty() {
+            let mut p = redis::pipe();
+            for id in &ids {
+                p.cmd("HGET").arg(self.keys.msg(id)).arg("meta");
+            }
+            let raw: Vec<Option<Vec<u8>>> = p.query_async(&mut c).await?;
+            for (id, raw) in ids.iter().zip(raw) {
+                if let Some(m) = raw.and_then(|r| serde_json::from_slice::<MessageMeta>(&r).ok()) {
+                    metas.insert((*id).to_owned(), Arc::new(m));
+                }
+            }
+        }
+        let jobs = found
+            .into_iter()
+            .map(|(place, job, in_flight)| QueuedJob {
+                meta: metas.get(&job.msg).cloned(),
+                place,
+                job,
+                in_flight,
+            })
+            .collect();
+        Ok((jobs, next))
+    }
+
+    async fn apply(&self, ops: &[BulkOp]) -> Result<Vec<bool>> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.bulk.key(&self.keys.ready);
+        inv.key(&self.keys.sched)
+            .key(&self.keys.held)
+            .key(&self.keys.count)
+            .arg(GROUP);
+        for op in ops {
+            let (code, place, msg, new, num) = match op {
+                BulkOp::Cancel {
+                    place,
+                    rcpt,
+                    msg,
+                    state,
+                } => (
+                    "c",
+                    place,
+                    msg,
+                    serde_json::to_string(state).map_err(|e| QueueError::Corrupt(e.to_string()))?,
+                    i64::from(*rcpt),
+                ),
+                BulkOp::Ready { place, msg, job } => ("r", place, msg, job.encode(), 0),
+                BulkOp::Hold {
+                    place,
+                    msg,
+                    job,
+                    due_ms,
+                } => ("h", place, msg, job.encode(), *due_ms),
+            };
+            let (at, r) = match place {
+                Place::Ready { entry } => ("x", entry),
+                Place::Scheduled { member, .. } => ("s", member),
+                Place::Held { member, .. } => ("h", member),
+            };
+            inv.key(self.keys.msg(msg)).arg(code).arg(at).arg(r).arg(new).arg(num);
+        }
+        let mut c = self.conn.clone();
+        let done: Vec<i64> = inv.invoke_async(&mut c).await?;
+        Ok(done.into_iter().map(|d| d == 1).collect())
+    }
+
+    async fn holds(&self) -> Result<Vec<Hold>> {
+        let mut c = self.conn.clone();
+        let all: HashMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&self.keys.holds).query_async(&mut c).await?;
+        let mut out = Vec::with_capacity(all.len());
+        for (key, raw) in all {
+            match serde_json::from_slice::<Hold>(&raw) {
+                Ok(h) => out.push(h),
+                Err(e) => tracing::warn!(hold = %key, error = %e, "skipping an unreadable hold record"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_hold(&self, hold: &Hold) -> Result<()> {
+        let mut c = self.conn.clone();
+        let raw = serde_json::to_vec(hold).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        let _: i64 = redis::cmd("HSET")
+            .arg(&self.keys.holds)
+            .arg(hold.key())
+            .arg(raw)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_hold(&self, key: &str) -> Result<Option<Hold>> {
+        let mut c = self.conn.clone();
+        let (raw, _): (Option<Vec<u8>>, i64) = redis::pipe()
+            .atomic()
+            .cmd("HGET")
+            .arg(&self.keys.holds)
+            .arg(key)
+            .cmd("HDEL")
+            .arg(&self.keys.holds)
+            .arg(key)
+            .query_async(&mut c)
+            .await?;
+        Ok(raw.and_then(|r| serde_json::from_slice(&r).ok()))
     }
 }

@@ -1,6 +1,6 @@
 //! The delivery log: one [`DeliveryEvent`] per thing that happened to a
 //! recipient (received, scheduled, delivered, deferred, bounced, expired,
-//! rejected, cancelled, suppressed), written as a JSON line to stdout and kept in a store that can
+//! rejected, cancelled, suppressed, held, released, retried), written as a JSON line to stdout and kept in a store that can
 //! be queried by time range with filters and cursor paging, and trimmed by age.
 //!
 //! This module owns the event record, the filter and paging logic, the
@@ -71,10 +71,16 @@ pub enum EventResult {
     Cancelled,
     /// Accepted but not delivered: the recipient is on a suppression list.
     Suppressed,
+    /// Held by a hold (bulk queue control): not attempted, not expiring, until released.
+    Held,
+    /// Its hold ended (released, or lapsed at the maximum hold time).
+    Released,
+    /// Made ready at once by a retry through the admin API.
+    Retried,
 }
 
 impl EventResult {
-    pub const ALL: [EventResult; 9] = [
+    pub const ALL: [EventResult; 12] = [
         EventResult::Received,
         EventResult::Scheduled,
         EventResult::Delivered,
@@ -84,6 +90,9 @@ impl EventResult {
         EventResult::Rejected,
         EventResult::Cancelled,
         EventResult::Suppressed,
+        EventResult::Held,
+        EventResult::Released,
+        EventResult::Retried,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +106,9 @@ impl EventResult {
             EventResult::Rejected => "rejected",
             EventResult::Cancelled => "cancelled",
             EventResult::Suppressed => "suppressed",
+            EventResult::Held => "held",
+            EventResult::Released => "released",
+            EventResult::Retried => "retried",
         }
     }
 }
@@ -164,6 +176,10 @@ pub struct DeliveryEvent {
     /// `scheduled`: when delivery will be tried (RFC 3339 UTC, milliseconds).
     #[serde(default, with = "opt_time_ms")]
     pub not_before: Option<DateTime<Utc>>,
+    /// Who did it, for an action through the admin API (`admin-token` or the Kubernetes user)
+    /// or a hold (its author, the SmtpRoute that suspends a route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
 }
 
 impl DeliveryEvent {
@@ -197,6 +213,7 @@ impl DeliveryEvent {
             bounce_class: None,
             tls: false,
             not_before: None,
+            actor: None,
         }
     }
 

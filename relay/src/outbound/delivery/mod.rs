@@ -408,6 +408,7 @@ mod tests {
             dkim: None,
             test_recipient: None,
             timeouts: Default::default(),
+            suspended: false,
         };
         let mut secrets = RelaySecrets::default();
         secrets.upstream_ca.insert("mail/r".into(), "PEM".into());

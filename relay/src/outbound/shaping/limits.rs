@@ -172,6 +172,7 @@ pub(crate) mod tests {
             dkim: None,
             test_recipient: None,
             timeouts: Default::default(),
+            suspended: false,
         }
     }
 

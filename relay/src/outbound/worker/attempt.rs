@@ -1,5 +1,7 @@
-//! One job from load to decision: the recipient's routes, expiry, quiet hours, pacing, the
-//! attempts through the routes in order, and the decision after the last one.
+//! One job from load to decision: the recipient's routes, holds (bulk queue control: a held job
+//! is put into the held set, neither attempted nor expired; the time it was held lengthens its
+//! lifetime), expiry, quiet hours, pacing, the attempts through the routes in order, and the
+//! decision after the last one.
 //!
 //! Must not write the delivery log's failure records or DSNs itself (`finish` does), nor talk
 //! SMTP (the [`super::Transport`] does).
@@ -12,6 +14,8 @@ use super::policy::expired_outcome;
 use super::policy::fallback_route;
 use super::{Decision, Delivery, PaceDecision, Recipient, Worker, decide, no_route_outcome, policy_for};
 use crate::clock::now_ms;
+use crate::control::rules::{JobFacts, JobState};
+use crate::control::{held_event, released};
 use crate::observe::dlog::EventResult;
 use crate::observe::telemetry::{event_for, scheduled_event};
 use crate::outbound::delivery::AttemptResult;
@@ -90,8 +94,52 @@ impl Worker {
         if routes.is_empty() && self.settings.fallback_mx {
             routes.push(fallback_route());
         }
-        let policy = policy_for(routes.first(), meta);
+        let mut policy = policy_for(routes.first(), meta);
         let now = now_ms();
+        // A hold comes before everything else: held mail is neither attempted nor expired.
+        let facts = JobFacts {
+            meta,
+            rcpt_domain: &domain,
+            route: routes.first().map(|r| r.id.as_str()),
+            state: JobState::Ready,
+        };
+        if let Some((hold, until)) = self.control.held(&facts, &job, now) {
+            let newly = job.held_since.is_none();
+            let route = routes.first().map_or_else(|| "none".to_owned(), |r| r.id.clone());
+            let st = state(
+                RecipientStatus::Queued,
+                job.attempts,
+                Some(until),
+                Some((format!("held by {}", hold.rule), route)),
+            );
+            let job = Job {
+                held_since: Some(job.held_since.unwrap_or(now)),
+                ..job
+            };
+            let hold_it = Disposition::Hold {
+                job,
+                due_ms: until,
+                state: st,
+                hold: hold.key(),
+            };
+            // Recorded once the hold is in place: a hold released meanwhile is not.
+            if self.complete(&leased, hold_it).await && newly {
+                self.telemetry.record_now(held_event(meta, idx, &hold, until)).await;
+            }
+            return;
+        }
+        let job = match job.held_since {
+            Some(_) => {
+                // Released, or the hold lapsed for it: the time held does not count against its
+                // lifetime.
+                let mut ev = event_for(meta, EventResult::Released, idx);
+                ev.reply_text = Some("hold ended or lapsed".into());
+                self.telemetry.record_now(ev).await;
+                released(&job, now)
+            }
+            None => job,
+        };
+        policy.lifetime += std::time::Duration::from_millis(job.held_ms);
         let this = Recipient {
             leased: &leased,
             meta,

@@ -1,7 +1,8 @@
 //! The delivery worker: takes jobs from the queue, chooses routes, attempts delivery, and moves
 //! each job to its next state: delivered, retried on the route's schedule, paced, held for
-//! quiet hours (logged as `scheduled`), bounced (with a DSN to the return-path, and the
-//! recipient on the suppression list for a hard bounce of a configured class) or expired.
+//! quiet hours (logged as `scheduled`), held by a hold (bulk queue control, `spec.suspended`;
+//! logged as `held`), bounced (with a DSN to the return-path, and the recipient on the
+//! suppression list for a hard bounce of a configured class) or expired.
 //! Several workers on several pods share one queue.
 //!
 //! It owns the per-job decision sequence and the order of the queue writes. SMTP I/O is behind
@@ -86,6 +87,8 @@ pub struct WorkerSettings {
     pub fallback_mx: bool,
     /// How often due jobs are promoted from the schedule.
     pub promote_every: Duration,
+    /// How often the holds are read again (and `spec.suspended` mirrored into them).
+    pub hold_refresh: Duration,
 }
 
 pub struct Worker {
@@ -96,6 +99,8 @@ pub struct Worker {
     pub telemetry: Telemetry,
     /// The suppression lists hard bounces are added to (none with the memory queue).
     pub suppress: Option<Arc<crate::suppress::Suppressions>>,
+    /// The holds to honour (bulk queue control).
+    pub control: Arc<crate::control::Control>,
     pub settings: WorkerSettings,
 }
 

@@ -28,6 +28,7 @@ pub(super) fn fallback_route() -> CompiledRoute {
         dkim: None,
         test_recipient: None,
         timeouts: Default::default(),
+        suspended: false,
     }
 }
 

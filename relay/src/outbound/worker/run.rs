@@ -1,5 +1,6 @@
 //! The worker's loops: fetching jobs into free slots, renewing held leases, promoting due jobs,
-//! reclaiming jobs of relays that stopped, and writing a job's outcome while the store is away.
+//! reclaiming jobs of relays that stopped, reading the holds, and writing a job's outcome while
+//! the store is away.
 //!
 //! Owns which leases this process holds and the order of those queue calls. Must not decide
 //! what happens to a job: that is `attempt`'s and `finish`'s.
@@ -113,6 +114,7 @@ impl Worker {
         }));
         let hb = live.fetch_loop;
         let promoter = tokio::spawn(self.clone().promote_loop(shutdown.clone()));
+        let holder = tokio::spawn(self.clone().hold_loop(shutdown.clone()));
         let reclaimer = tokio::spawn(self.clone().reclaim_loop(sem.clone(), held.clone(), shutdown.clone()));
         // Not stopped by shutdown: the drain below still needs its leases kept.
         let renewer = tokio::spawn(self.clone().renew_loop(held.clone()));
@@ -188,6 +190,7 @@ impl Worker {
             }
         }
         promoter.abort();
+        holder.abort();
         reclaimer.abort();
         renewer.abort();
         watchdog.abort();
@@ -245,13 +248,28 @@ impl Worker {
             }
             loop {
                 match self.queue.promote_due(now_ms(), 1000).await {
-                    Ok(1000) => continue,
+                    Ok(n) if n >= 1000 => continue,
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "promoting due jobs failed");
                         break;
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads the holds into the cache the jobs consult, and mirrors `spec.suspended` into them.
+    async fn hold_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.settings.hold_refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.control.sync_suspended().await {
+                tracing::warn!(error = %e, "reading the holds failed; the last ones read stay in force");
             }
         }
     }
@@ -299,13 +317,13 @@ impl Worker {
     /// (renewed meanwhile) and its worker slot stay taken, so the outcomes kept are bounded by
     /// the concurrency and no other relay repeats a finished delivery. Past that the job is
     /// reclaimed after the visibility timeout: delivered at least once.
-    pub(super) async fn complete(&self, leased: &Leased, d: Disposition) {
+    pub(super) async fn complete(&self, leased: &Leased, d: Disposition) -> bool {
         let deadline = tokio::time::Instant::now() + COMPLETE_RETRY_FOR;
         let most = (self.settings.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
         let mut backoff = Duration::from_millis(50).min(most);
         loop {
             match self.queue.complete(leased, d.clone()).await {
-                Ok(_) => return,
+                Ok(applied) => return applied,
                 Err(QueueError::Redis(e)) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, message = %leased.job.msg, "writing a job's outcome failed; keeping it and retrying");
                     tokio::time::sleep(backoff).await;
@@ -313,7 +331,7 @@ impl Worker {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, message = %leased.job.msg, "completing job failed; it will be reclaimed");
-                    return;
+                    return false;
                 }
             }
         }
