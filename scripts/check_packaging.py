@@ -571,8 +571,17 @@ def check_open_relay() -> None:
             fail(f"{kn(np)}: port 25 shares a rule with {ports - {'smtp'}} or admits the submitters' range: {rule}")
         if "submission" in ports and "203.0.113.0/24" not in cidrs:
             fail(f"{kn(np)}: networkPolicy.submission.allowedCidrs does not reach 587/465: {rule}")
+    # The service proxy's addresses reach the relays' admin port, and nothing else.
+    objs, _ = render({"networkPolicy": {"admin": {"allowedCidrs": ["192.0.2.10/32"]}}})
+    for np in (o for o in objs if o["kind"] == "NetworkPolicy"):
+        for rule in np["spec"].get("ingress", []):
+            ports = {p["port"] for p in rule.get("ports", [])}
+            cidrs = {p["ipBlock"]["cidr"] for p in rule.get("from", []) if "ipBlock" in p}
+            relay_admin = np["metadata"]["name"].endswith("-relay") and ports == {"admin"}
+            if relay_admin != ("192.0.2.10/32" in cidrs):
+                fail(f"{kn(np)}: networkPolicy.admin.allowedCidrs must reach the relays' admin port only: {rule}")
     if len(failures) == before:
-        ok("open relay by configuration refused (LoadBalancer/NodePort without Local or PROXY protocol); PROXY protocol passed; port 25 rule apart")
+        ok("open relay by configuration refused (LoadBalancer/NodePort without Local or PROXY protocol); PROXY protocol passed; port 25 rule apart; admin.allowedCidrs on the relays' admin port only")
 
 
 def check_tenant_admin_access(default: list[dict]) -> None:

@@ -44,8 +44,8 @@ echo "== Kubernetes control plane (built once, then reused from the cache)"
 ./scripts/k8s-control-plane.sh build latest
 # The oldest minor the chart claims (kubeVersion): only its kube-apiserver (tests/README.md).
 ./scripts/k8s-control-plane.sh build oldest
-# The k8s tests run the operator and relay binaries themselves.
-cargo build -q --locked -p mailroute-operator --bin mailroute-operator -p mailroute-relay --bin mailroute-relay
+# The k8s tests run the operator, relay and CLI binaries themselves.
+cargo build -q --locked -p mailroute-operator --bin mailroute-operator -p mailroute-relay --bin mailroute-relay -p mailroute-cli --bin mailroute
 echo "== tests"
 cargo test --workspace --locked
 # Where the Kubernetes version decides (the API server's validation of CRDs and objects, helm's

@@ -1,5 +1,6 @@
 //! Status building blocks shared by both resources: conditions in the Kubernetes convention and the
-//! connection-test record. Types only; the operator decides when they change.
+//! connection-test record (with the annotation that asks for a test now). Types only; the
+//! operator decides when they change.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -180,7 +181,31 @@ pub struct ConnectionTest {
     /// fingerprint; set once it was accepted, so it is not sent again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_message: Option<String>,
+    /// The value of the route's `mailroute.io/test-requested` annotation (`mailroute route
+    /// test`) last answered: the run that answered it and every later one carry it, so a
+    /// request is run once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The upstream's own positive replies in order (greeting, EHLO, STARTTLS, AUTH); a failing
+    /// step's reply is `reply`. Server text only, never what the operator sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replies: Vec<StepReply>,
 }
+
+/// One reply of the upstream in a connection test.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReply {
+    /// `greeting`, `ehlo`, `starttls` or `auth`.
+    pub step: String,
+    /// The reply as sent, e.g. `220 smtp.example.com ESMTP ready`.
+    pub reply: String,
+}
+
+/// The SmtpRoute annotation that asks the operator to run the connection test now (any new
+/// value; `mailroute route test` sets a fresh one and waits for `lastConnectionTest.requestId`
+/// to show it).
+pub const TEST_REQUESTED_ANNOTATION: &str = "mailroute.io/test-requested";
 
 /// Condition types used on SmtpRoute and SenderQuota.
 pub mod condition_type {

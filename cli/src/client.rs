@@ -1,7 +1,13 @@
 //! The admin API over HTTP: one client with the base URL, the bearer token and a timeout per
-//! call. It owns turning HTTP answers into values or typed errors, with the server's own
-//! error text; it must not print anything (the caller does) and never puts the token in an
-//! error.
+//! call, reaching the relays either directly (`--admin-url`) or through the Kubernetes API
+//! server's service proxy (`/api/v1/namespaces/<ns>/services/http:<svc>:<port>/proxy/...`,
+//! authenticated by the kubeconfig). It owns turning HTTP answers into values or typed errors,
+//! with the server's own error text (the relay's, or the API server's when it could not proxy);
+//! it must not print anything (the caller does) and never puts the token in an error.
+//!
+//! Through the proxy the token travels in `X-Mailroute-Token`: the API server removes
+//! `Authorization` once it has authenticated the caller (k8s.io/apiserver
+//! `filters/authentication.go`) and forwards the other headers to the Service.
 
 use std::time::Duration;
 
@@ -20,13 +26,53 @@ pub enum ClientError {
     Refused { status: u16, message: String },
     #[error("unexpected answer from the admin API: {0}")]
     Unexpected(String),
+    #[error("the Kubernetes API server answered {status} for the relays' admin Service {service}: {message}")]
+    Proxy {
+        service: String,
+        status: u16,
+        message: String,
+    },
+}
+
+/// The header the token travels in through the service proxy (the relay's
+/// `admin::TOKEN_HEADER`).
+pub const TOKEN_HEADER: &str = "x-mailroute-token";
+
+/// The relays' admin Service as the service proxy names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    /// Port name or number.
+    pub port: String,
+}
+
+impl ServiceRef {
+    /// The API server path of the proxy to this Service (plain HTTP to the pods).
+    pub fn proxy_path(&self) -> String {
+        format!(
+            "/api/v1/namespaces/{}/services/http:{}:{}/proxy",
+            self.namespace, self.name, self.port
+        )
+    }
+}
+
+enum Transport {
+    Direct,
+    ServiceProxy { kube: kube::Client, service: ServiceRef },
 }
 
 pub struct AdminClient {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    transport: Transport,
+    timeout: Duration,
 }
+
+/// The host of the URLs built in service-proxy mode: only their path and query are sent, to
+/// the API server the kubeconfig names.
+const PROXY_BASE: &str = "http://service-proxy.invalid";
 
 impl AdminClient {
     pub fn new(base: &str, token: Option<String>, timeout: Duration) -> Result<Self, ClientError> {
@@ -45,7 +91,34 @@ impl AdminClient {
             base: base.trim_end_matches('/').to_string(),
             token: token.filter(|t| !t.is_empty()),
             http,
+            transport: Transport::Direct,
+            timeout,
         })
+    }
+
+    /// A client reaching `service` through the API server `kube` talks to, with `token` (if
+    /// any) in [`TOKEN_HEADER`].
+    pub fn through_service_proxy(
+        kube: kube::Client,
+        service: ServiceRef,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let base = format!("{PROXY_BASE}{}", service.proxy_path());
+        let mut client = Self::new(&base, token, timeout)?;
+        client.transport = Transport::ServiceProxy { kube, service };
+        Ok(client)
+    }
+
+    /// Where the calls go, for messages.
+    pub fn describe(&self) -> String {
+        match &self.transport {
+            Transport::Direct => self.base.clone(),
+            Transport::ServiceProxy { service, .. } => format!(
+                "Service {}/{} port {} (through the Kubernetes API server)",
+                service.namespace, service.name, service.port
+            ),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -53,6 +126,10 @@ impl AdminClient {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        if let Transport::ServiceProxy { kube, service } = &self.transport {
+            let req = req.build().map_err(|e| ClientError::Unexpected(e.to_string()))?;
+            return self.through_proxy(kube, service, req).await;
+        }
         let req = match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
@@ -132,6 +209,80 @@ impl AdminClient {
         let body = resp.text().await.unwrap_or_default().trim().to_string();
         Ok(if ready { Ok(()) } else { Err(body) })
     }
+
+    /// Sends `req`'s method, path, query, headers and body to the API server's proxy; an answer
+    /// of the API server itself (a `Status`: no such Service, no endpoints, forbidden) is a
+    /// [`ClientError::Proxy`], the relay's answer is returned as is.
+    async fn through_proxy(
+        &self,
+        kube: &kube::Client,
+        service: &ServiceRef,
+        req: reqwest::Request,
+    ) -> Result<reqwest::Response, ClientError> {
+        let url = req.url();
+        let path_and_query = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let mut builder = http::Request::builder()
+            .method(req.method().clone())
+            .uri(path_and_query);
+        for (name, value) in req.headers() {
+            builder = builder.header(name, value);
+        }
+        if let Some(t) = &self.token {
+            builder = builder.header(TOKEN_HEADER, t);
+        }
+        let body = req
+            .body()
+            .and_then(|b| b.as_bytes())
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        let request = builder
+            .body(kube::client::Body::from(body))
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let unreachable = |reason: String| ClientError::Unreachable {
+            url: self.describe(),
+            reason,
+        };
+        let call = async {
+            let resp = kube.send(request).await.map_err(|e| unreachable(root_cause(&e)))?;
+            let (parts, body) = resp.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .map_err(|e| unreachable(root_cause(&e)))?
+                .to_bytes();
+            Ok::<_, ClientError>((parts, bytes))
+        };
+        let (parts, bytes) = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| unreachable("timed out".into()))??;
+        if let Some(message) = api_server_status(parts.status, &bytes) {
+            return Err(ClientError::Proxy {
+                service: format!("{}/{}", service.namespace, service.name),
+                status: parts.status.as_u16(),
+                message,
+            });
+        }
+        Ok(reqwest::Response::from(http::Response::from_parts(parts, bytes)))
+    }
+}
+
+/// The message of a failed answer the API server wrote itself: a `Status` object (the relay
+/// answers errors as `{"error": ...}`, never so).
+pub fn api_server_status(status: StatusCode, body: &[u8]) -> Option<String> {
+    if status.is_success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(body).ok()?;
+    (v["kind"] == "Status" && v["apiVersion"] == "v1").then(|| {
+        v["message"]
+            .as_str()
+            .filter(|m| !m.is_empty())
+            .or(v["reason"].as_str())
+            .unwrap_or("no message")
+            .to_string()
+    })
 }
 
 async fn json_of(resp: reqwest::Response) -> Result<Value, ClientError> {

@@ -342,16 +342,292 @@ async fn the_kubectl_plugin_is_the_same_command() {
         "message",
         "quota",
         "suppress",
+        "route",
         "completion",
     ] {
         assert!(help.contains(cmd), "{help}");
     }
+    for flag in [
+        "--admin-url",
+        "--kubeconfig",
+        "--context",
+        "--relay-namespace",
+        "--relay-service",
+        "--kube-token",
+    ] {
+        assert!(help.contains(flag), "{flag}: {help}");
+    }
+    let route = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-mailroute"))
+        .args(["route", "test", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let route_help = String::from_utf8_lossy(&route.stdout);
+    assert!(
+        route.status.success() && route_help.contains("--namespace") && route_help.contains("--wait"),
+        "{route_help}"
+    );
+    // Neither an admin URL nor any Kubernetes configuration: says what to give, exit 1.
+    let home = tempfile::tempdir().unwrap();
+    let nothing = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-mailroute"))
+        .env_clear()
+        .env("HOME", home.path())
+        .arg("status")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&nothing.stderr);
+    assert_eq!(nothing.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("give --admin-url, or a kubeconfig"), "{stderr}");
     let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-mailroute"))
         .arg("no-such-command")
         .output()
         .await
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
+}
+
+/// What the stand-in API server saw of one request: method, path and query, the caller's
+/// `Authorization` and the token header.
+#[derive(Clone, Debug)]
+struct Seen {
+    target: String,
+    authorization: Option<String>,
+    token_header: Option<String>,
+}
+
+const KUBE_TOKEN: &str = "kube-user-token-9c2e";
+const ADMIN_SERVICE: &str = "mail-mailroute-relay-admin";
+
+fn status_body(code: u16, reason: &str, message: &str) -> String {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": message, "reason": reason, "code": code})
+    .to_string()
+}
+
+/// A stand-in for kube-apiserver's service proxy (the real one refuses loopback endpoints, and
+/// tests may only use loopback; `tests/tests/k8s_cli.rs` covers the real one up to that point).
+/// It does what the API server does: authenticates the caller's bearer token, lists Services by
+/// label, answers `no endpoints` for a Service without pods, and otherwise forwards the request
+/// to the relay without `Authorization` (removed once the caller is authenticated) and with
+/// every other header.
+async fn fake_api_server(
+    relay_admin: std::net::SocketAddr,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Seen>::new()));
+    let log = seen.clone();
+    let app = axum::Router::new()
+        .fallback(fake_api_answer)
+        .with_state((relay_admin, log, reqwest::Client::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+type FakeState = (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    reqwest::Client,
+);
+
+async fn fake_api_answer(
+    axum::extract::State((relay_admin, log, http)): axum::extract::State<FakeState>,
+    req: axum::http::Request<axum::body::Body>,
+) -> axum::http::Response<axum::body::Body> {
+    use axum::body::Body;
+    use axum::http::Response;
+    // Owned: a borrow of the request (its body is not Sync) must not live across an await.
+    let headers = req.headers().clone();
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let authorization = header("authorization");
+    let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    log.lock().unwrap().push(Seen {
+        target: target.clone(),
+        authorization: authorization.clone(),
+        token_header: header("x-mailroute-token"),
+    });
+    let answer = |code: u16, body: String| {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    if authorization.as_deref() != Some(&format!("Bearer {KUBE_TOKEN}")) {
+        return answer(401, status_body(401, "Unauthorized", "Unauthorized"));
+    }
+    let path = req.uri().path().to_string();
+    let list = |items: serde_json::Value| {
+        serde_json::json!({"kind": "ServiceList", "apiVersion": "v1", "metadata": {}, "items": items}).to_string()
+    };
+    if path == "/api/v1/namespaces/mailroute/services" {
+        let items = serde_json::json!([{"metadata": {"name": ADMIN_SERVICE, "namespace": "mailroute",
+            "labels": {"mailroute.io/port": "admin"}},
+            "spec": {"ports": [{"name": "admin", "port": 8080, "targetPort": "admin"}]}}]);
+        return answer(200, list(items));
+    }
+    if path.starts_with("/api/v1/namespaces/") && path.ends_with("/services") {
+        return answer(200, list(serde_json::json!([])));
+    }
+    if path.starts_with("/api/v1/namespaces/mailroute/services/http:empty:admin/proxy") {
+        return answer(
+            503,
+            status_body(
+                503,
+                "ServiceUnavailable",
+                "no endpoints available for service \"empty\"",
+            ),
+        );
+    }
+    let prefix = format!("/api/v1/namespaces/mailroute/services/http:{ADMIN_SERVICE}:admin/proxy");
+    let Some(rest) = target.strip_prefix(&prefix).map(str::to_string) else {
+        return answer(
+            404,
+            status_body(404, "NotFound", "the server could not find the requested resource"),
+        );
+    };
+    let (parts, body) = req.into_parts();
+    let mut forward = http.request(parts.method, format!("http://{relay_admin}{rest}"));
+    for (name, value) in &parts.headers {
+        if name != "authorization" && name != "host" {
+            forward = forward.header(name, value);
+        }
+    }
+    let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+    let resp = forward.body(body).send().await.unwrap();
+    let mut out = Response::builder().status(resp.status().as_u16());
+    if let Some(ct) = resp.headers().get("content-type") {
+        out = out.header("content-type", ct);
+    }
+    out.body(Body::from(resp.bytes().await.unwrap())).unwrap()
+}
+
+async fn through_kubeconfig(kubeconfig: &std::path::Path, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mailroute"))
+        .env_remove("MAILROUTE_ADMIN_URL")
+        .env_remove("MAILROUTE_ADMIN_TOKEN")
+        .env_remove("KUBECONFIG")
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .output()
+        .await
+        .expect("the binary runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_url_the_cli_goes_through_the_service_proxy_of_the_kubeconfig() {
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let (relay, dir) = start(up.port()).await;
+    let (api, seen) = fake_api_server(relay.admin_addr.unwrap()).await;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"http://{api}\"}}}}]\n\
+             users: [{{name: ops, user: {{token: {KUBE_TOKEN}}}}}]\n\
+             contexts: [{{name: ops, context: {{cluster: c, user: ops, namespace: mailroute}}}}]\ncurrent-context: ops\n"
+        ),
+    )
+    .unwrap();
+    let targets = |from: usize| -> Vec<Seen> { seen.lock().unwrap()[from..].to_vec() };
+
+    // `status` needs no admin token: the Service is found by its label in the context's
+    // namespace, and /readyz and /metrics come through its proxy.
+    let status = through_kubeconfig(&kubeconfig, &["status"]).await;
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    assert!(
+        status.stdout.contains("ready") && status.stdout.contains("yes"),
+        "{}",
+        status.stdout
+    );
+    let proxy = format!("/api/v1/namespaces/mailroute/services/http:{ADMIN_SERVICE}:admin/proxy");
+    let got: Vec<String> = targets(0).into_iter().map(|s| s.target).collect();
+    assert_eq!(
+        got,
+        [
+            "/api/v1/namespaces/mailroute/services?&labelSelector=mailroute.io%2Fport%3Dadmin".to_string(),
+            format!("{proxy}/readyz"),
+            format!("{proxy}/metrics"),
+        ],
+    );
+
+    // The admin token travels in X-Mailroute-Token, the kubeconfig's token in Authorization.
+    let n = seen.lock().unwrap().len();
+    let events = through_kubeconfig(
+        &kubeconfig,
+        &[&format!("--token={TOKEN}"), "events", "--since=1h", "-o", "json"],
+    )
+    .await;
+    assert_eq!(events.code, 0, "{}", events.stderr);
+    let calls = targets(n);
+    let call = calls
+        .iter()
+        .find(|s| s.target.starts_with(&format!("{proxy}/api/v1/events?")))
+        .expect("the events call");
+    assert!(call.target.contains("from="), "{}", call.target);
+    assert_eq!(
+        call.authorization.as_deref(),
+        Some(format!("Bearer {KUBE_TOKEN}").as_str())
+    );
+    assert_eq!(call.token_header.as_deref(), Some(TOKEN));
+
+    // Without a token the relay's own 401; the relay's 404 stays "not found" (exit 3).
+    let refused = through_kubeconfig(&kubeconfig, &["quota", "ls"]).await;
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("401") && refused.stderr.contains("bearer token"),
+        "{}",
+        refused.stderr
+    );
+    let missing = through_kubeconfig(
+        &kubeconfig,
+        &[
+            &format!("--token={TOKEN}"),
+            "message",
+            "show",
+            "0000000000000000000000dead",
+        ],
+    )
+    .await;
+    assert_eq!(missing.code, 3, "{}", missing.stderr);
+    assert!(missing.stderr.contains("message not found"), "{}", missing.stderr);
+
+    // --kube-token presents the kubeconfig's token to the relay instead (tenant access).
+    let n = seen.lock().unwrap().len();
+    let tenant = through_kubeconfig(&kubeconfig, &["--kube-token", "quota", "ls", "--namespace=team-a"]).await;
+    assert_eq!(
+        tenant.code, 1,
+        "this relay takes no Kubernetes tokens: {}",
+        tenant.stderr
+    );
+    assert!(targets(n).iter().any(|s| s.token_header.as_deref() == Some(KUBE_TOKEN)));
+    assert!(!tenant.stderr.contains(KUBE_TOKEN), "the token is never printed");
+
+    // The API server's own refusals are errors that say so, not the relay's answers.
+    let empty = through_kubeconfig(&kubeconfig, &["--relay-service=empty", "status"]).await;
+    assert_eq!(empty.code, 1, "{}", empty.stderr);
+    assert!(
+        empty.stderr.contains("the Kubernetes API server answered 503 for the relays' admin Service mailroute/empty: no endpoints available for service \"empty\""),
+        "{}",
+        empty.stderr
+    );
+    let elsewhere = through_kubeconfig(&kubeconfig, &["--relay-namespace=other", "status"]).await;
+    assert_eq!(elsewhere.code, 3, "{}", elsewhere.stderr);
+    assert!(
+        elsewhere.stderr.contains("no relay admin Service in namespace other"),
+        "{}",
+        elsewhere.stderr
+    );
+    let bad = through_kubeconfig(&kubeconfig, &["--relay-namespace=../x", "status"]).await;
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    assert!(bad.stderr.contains("is not a namespace name"), "{}", bad.stderr);
+    relay.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

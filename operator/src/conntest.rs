@@ -4,8 +4,10 @@
 //! roots plus the route's CA bundle), EHLO, AUTH with the route's credentials (XOAUTH2 with the
 //! token) and optionally send a test message, through the relay's own SMTP client
 //! (`mailroute_smtp::client`), so the `Verified` condition quotes a reply, or the token
-//! endpoint's error, as the delivery log would. Also the pure parts: the fingerprint of what is
-//! tested, when a test is due, and the `Verified` condition a result gives.
+//! endpoint's error, as the delivery log would; the record keeps the upstream's replies step by
+//! step (what `mailroute route test` prints). Also the pure parts: the fingerprint of what is
+//! tested, when a test is due (on change, on request through `mailroute.io/test-requested`, on
+//! schedule), and the `Verified` condition a result gives.
 //! It never writes to Kubernetes and never logs credentials or tokens. It fetches its own token
 //! and does not share the relays' token cache (the operator has no Redis).
 
@@ -17,10 +19,10 @@ use k8s_openapi::jiff::Timestamp;
 use mailroute_api::config::{Credentials, OAuth2Credentials, Upstream, short_hash};
 use mailroute_api::route::AuthMechanism;
 use mailroute_api::route::TlsMode;
-use mailroute_api::status::{ConnectionTest, condition_type};
+use mailroute_api::status::{ConnectionTest, StepReply, condition_type};
 use mailroute_oauth::{OAuthError, TokenClient};
 use mailroute_smtp::client;
-use mailroute_smtp::{Connection, ErrorKind, OpenSpec, Stage, StepError, Timeouts, TlsUse};
+use mailroute_smtp::{Connection, Dialogue, ErrorKind, OpenSpec, Stage, StepError, Timeouts, TlsUse};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use serde_json::json;
@@ -52,6 +54,8 @@ pub struct ConnTestJob {
     /// The reply to an earlier test message for the same fingerprint, kept in the new record so
     /// the message is not sent again.
     pub previous_test_message: Option<String>,
+    /// The test request (`mailroute.io/test-requested`) the record answers, or carries on.
+    pub request_id: Option<String>,
 }
 
 /// Envelope of the test message.
@@ -83,13 +87,20 @@ pub enum Decision {
     Wait(Duration),
 }
 
-/// Tests on create and change (a new fingerprint) at once, otherwise once per `interval`. The
-/// test message goes out once per fingerprint: only when no earlier run for the same fingerprint
-/// had it accepted.
+/// Whether the route asks for a test (`requested`, its `mailroute.io/test-requested`
+/// annotation) that no record answered yet (`answered`, the newest record's `requestId`).
+pub fn request_pending(requested: Option<&str>, answered: Option<&str>) -> bool {
+    requested.is_some_and(|r| !r.is_empty() && Some(r) != answered)
+}
+
+/// Tests on create and change (a new fingerprint) and on request at once, otherwise once per
+/// `interval`. The test message goes out once per fingerprint: only when no earlier run for the
+/// same fingerprint had it accepted.
 pub fn decide(
     last: Option<&ConnectionTest>,
     fingerprint: &str,
     wants_message: bool,
+    requested: bool,
     now: Timestamp,
     interval: Duration,
 ) -> Decision {
@@ -99,6 +110,9 @@ pub fn decide(
         };
     };
     let send_message = wants_message && last.test_message.is_none();
+    if requested {
+        return Decision::Run { send_message };
+    }
     let Some(when) = clock::parse(&last.time) else {
         return Decision::Run { send_message };
     };
@@ -269,7 +283,8 @@ async fn oauth2_credentials(o: &OAuth2Credentials, settings: &Settings) -> Resul
 /// Runs one test and returns the record for `status.lastConnectionTest`. Never fails: every
 /// problem is a `Failed` record naming the step and the upstream's reply or the error.
 pub async fn run(job: &ConnTestJob, settings: &Settings) -> ConnectionTest {
-    let outcome = session(job, settings).await;
+    let mut dialogue = Dialogue::recording();
+    let outcome = session(job, settings, &mut dialogue).await;
     let (result, step, reply, error, test_message) = match outcome {
         Ok(sent) => (
             SUCCEEDED,
@@ -288,12 +303,44 @@ pub async fn run(job: &ConnTestJob, settings: &Settings) -> ConnectionTest {
         error,
         fingerprint: Some(job.fingerprint.clone()),
         test_message,
+        request_id: job.request_id.clone(),
+        replies: dialogue
+            .replies()
+            .iter()
+            .map(|(stage, reply)| StepReply {
+                step: stage_name(*stage).to_string(),
+                reply: shorten(&reply.to_string()),
+            })
+            .collect(),
     }
+}
+
+/// A step's name in the record, as `step` names a failing one.
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Greeting => "greeting",
+        Stage::Ehlo => "ehlo",
+        Stage::StartTls => "starttls",
+        Stage::Auth => "auth",
+        _ => "send",
+    }
+}
+
+/// Longest reply kept in a record (a status is not a place for a banner novel).
+const MAX_REPLY: usize = 512;
+
+fn shorten(reply: &str) -> String {
+    if reply.chars().count() <= MAX_REPLY {
+        return reply.to_string();
+    }
+    let mut s: String = reply.chars().take(MAX_REPLY).collect();
+    s.push_str(" ...");
+    s
 }
 
 /// The relay's own dialogue (`mailroute_smtp::client`) with the route's settings: connect, TLS
 /// as configured, EHLO, AUTH with exactly the configured mechanism, the test message if asked.
-async fn session(job: &ConnTestJob, settings: &Settings) -> Result<Option<String>, Failure> {
+async fn session(job: &ConnTestJob, settings: &Settings, dialogue: &mut Dialogue) -> Result<Option<String>, Failure> {
     let up = &job.upstream;
     let tls_config = tls_config(up, job.ca_pem.as_deref()).map_err(|e| Failure::error("tls", e))?;
     let name = up.server_name.clone().unwrap_or_else(|| up.host.clone());
@@ -339,7 +386,9 @@ async fn session(job: &ConnTestJob, settings: &Settings) -> Result<Option<String
             auth,
             timeouts: Timeouts::uniform(settings.timeout),
         };
-        match Connection::open(spec).await {
+        // The dialogue of the last address tried.
+        *dialogue = Dialogue::recording();
+        match Connection::open_recorded(spec, dialogue).await {
             Ok(c) => {
                 opened = Some(c);
                 break;
@@ -435,6 +484,8 @@ mod tests {
             error: None,
             fingerprint: Some(fp.into()),
             test_message: message.map(String::from),
+            request_id: None,
+            replies: Vec::new(),
         }
     }
 
@@ -447,14 +498,17 @@ mod tests {
     #[test]
     fn first_test_and_changed_routes_run_at_once_with_the_message() {
         let now = at("2024-05-01T12:00:00Z");
-        assert_eq!(decide(None, "a", true, now, HOUR), Decision::Run { send_message: true });
+        assert_eq!(
+            decide(None, "a", true, false, now, HOUR),
+            Decision::Run { send_message: true }
+        );
         let last = record("2024-05-01T11:59:00Z", "old", Some("250 ok"));
         assert_eq!(
-            decide(Some(&last), "a", true, now, HOUR),
+            decide(Some(&last), "a", true, false, now, HOUR),
             Decision::Run { send_message: true }
         );
         assert_eq!(
-            decide(Some(&last), "a", false, now, HOUR),
+            decide(Some(&last), "a", false, false, now, HOUR),
             Decision::Run { send_message: false }
         );
     }
@@ -464,7 +518,7 @@ mod tests {
         let last = record("2024-05-01T11:45:00Z", "a", None);
         let now = at("2024-05-01T12:00:00Z");
         assert_eq!(
-            decide(Some(&last), "a", true, now, HOUR),
+            decide(Some(&last), "a", true, false, now, HOUR),
             Decision::Wait(Duration::from_secs(45 * 60))
         );
     }
@@ -474,13 +528,40 @@ mod tests {
         let now = at("2024-05-01T13:00:01Z");
         let sent = record("2024-05-01T12:00:00Z", "a", Some("250 2.0.0 OK"));
         assert_eq!(
-            decide(Some(&sent), "a", true, now, HOUR),
+            decide(Some(&sent), "a", true, false, now, HOUR),
             Decision::Run { send_message: false }
         );
         // Not accepted yet (e.g. the previous run failed at AUTH): the periodic run sends it.
         let unsent = record("2024-05-01T12:00:00Z", "a", None);
         assert_eq!(
-            decide(Some(&unsent), "a", true, now, HOUR),
+            decide(Some(&unsent), "a", true, false, now, HOUR),
+            Decision::Run { send_message: true }
+        );
+    }
+
+    #[test]
+    fn a_test_request_runs_at_once_and_only_once() {
+        let now = at("2024-05-01T12:00:00Z");
+        let recent = record("2024-05-01T11:59:00Z", "a", Some("250 ok"));
+        // Nothing asked, or the request already answered: the schedule decides.
+        assert!(!request_pending(None, None));
+        assert!(!request_pending(None, Some("n1")));
+        assert!(!request_pending(Some("n1"), Some("n1")));
+        assert!(!request_pending(Some(""), None));
+        // A new value is a request, whatever the last record answered.
+        assert!(request_pending(Some("n1"), None));
+        assert!(request_pending(Some("n2"), Some("n1")));
+        assert_eq!(
+            decide(Some(&recent), "a", false, false, now, HOUR),
+            Decision::Wait(Duration::from_secs(59 * 60))
+        );
+        // Asked: at once, without sending an accepted test message again.
+        assert_eq!(
+            decide(Some(&recent), "a", true, true, now, HOUR),
+            Decision::Run { send_message: false }
+        );
+        assert_eq!(
+            decide(None, "a", true, true, now, HOUR),
             Decision::Run { send_message: true }
         );
     }
@@ -489,7 +570,7 @@ mod tests {
     fn an_unreadable_time_runs_the_test() {
         let last = record("garbage", "a", None);
         assert!(matches!(
-            decide(Some(&last), "a", false, at("2024-05-01T12:00:00Z"), HOUR),
+            decide(Some(&last), "a", false, false, at("2024-05-01T12:00:00Z"), HOUR),
             Decision::Run { .. }
         ));
     }
@@ -536,6 +617,8 @@ mod tests {
             error: None,
             fingerprint: None,
             test_message: None,
+            request_id: None,
+            replies: Vec::new(),
         };
         let c = verified_condition(&up, &failed);
         assert_eq!(c.status, Status::False);

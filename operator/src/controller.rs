@@ -49,12 +49,16 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 /// Which watch events of custom resources matter: spec changes (a new generation), a changed
-/// fleet label (it moves the object in or out of the fleet), deletions, and the end of a (re)list. Status writes bump only the resourceVersion and are ignored, so the
+/// fleet label (it moves the object in or out of the fleet), a new test request (the
+/// `mailroute.io/test-requested` annotation), deletions, and the end of a (re)list. Status writes bump only the resourceVersion and are ignored, so the
 /// operator's own writes do not wake it up again.
 #[derive(Default)]
 pub struct GenerationFilter {
-    seen: HashMap<String, (Option<i64>, Option<String>)>,
+    seen: HashMap<String, Watched>,
 }
+
+/// What [`GenerationFilter`] compares: generation, fleet label, test request.
+type Watched = (Option<i64>, Option<String>, Option<String>);
 
 impl GenerationFilter {
     pub fn relevant<K: Resource>(&mut self, event: &Event<K>) -> bool {
@@ -67,7 +71,12 @@ impl GenerationFilter {
                     .as_ref()
                     .and_then(|l| l.get(crate::plan::FLEET_LABEL))
                     .cloned();
-                let now = (meta.generation, fleet);
+                let requested = meta
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(mailroute_api::status::TEST_REQUESTED_ANNOTATION))
+                    .cloned();
+                let now = (meta.generation, fleet, requested);
                 self.seen.insert(uid, now.clone()) != Some(now)
             }
             Event::Delete(o) => {
@@ -374,7 +383,17 @@ mod tests {
         let mut labelled = route("a", 2);
         labelled.metadata.labels = Some([(crate::plan::FLEET_LABEL.to_string(), "prod".to_string())].into());
         assert!(f.relevant(&Event::Apply(labelled.clone())), "a fleet label");
-        assert!(!f.relevant(&Event::Apply(labelled)));
+        assert!(!f.relevant(&Event::Apply(labelled.clone())));
+        let mut asked = labelled;
+        asked.metadata.annotations = Some(
+            [(
+                mailroute_api::status::TEST_REQUESTED_ANNOTATION.to_string(),
+                "n1".to_string(),
+            )]
+            .into(),
+        );
+        assert!(f.relevant(&Event::Apply(asked.clone())), "a test request");
+        assert!(!f.relevant(&Event::Apply(asked)), "the same request");
         assert!(f.relevant(&Event::Delete(route("a", 2))));
     }
 

@@ -24,7 +24,7 @@ use mailroute_api::config::{
 use mailroute_api::provider::Provider;
 use mailroute_api::quota::{QuotaUsage, SenderQuotaStatus};
 use mailroute_api::route::{AuthMechanism, SmtpRouteStatus};
-use mailroute_api::status::{Condition, ConnectionTest, condition_type};
+use mailroute_api::status::{Condition, ConnectionTest, TEST_REQUESTED_ANNOTATION, condition_type};
 use mailroute_api::webhook::DeliveryWebhookStatus;
 use mailroute_api::{DeliveryWebhook, SenderQuota, SmtpRoute};
 
@@ -725,8 +725,18 @@ fn verification(
         .flatten()
         .find(|t| t.fingerprint.as_deref() == Some(fingerprint.as_str()));
 
+    // `mailroute route test`: a request no record answered yet runs at once; every record
+    // carries the last answered one, so it runs once.
+    let requested = route
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(TEST_REQUESTED_ANNOTATION))
+        .map(String::as_str);
+    let answered = shown.as_ref().and_then(|t| t.request_id.as_deref());
+    let pending = conntest::request_pending(requested, answered);
     if !inputs.tests_in_flight.contains(&id) {
-        match conntest::decide(current, &fingerprint, message.is_some(), inputs.now, interval) {
+        match conntest::decide(current, &fingerprint, message.is_some(), pending, inputs.now, interval) {
             conntest::Decision::Run { send_message } => plan.tests.push(ConnTestJob {
                 route_id: id.clone(),
                 upstream: upstream.clone(),
@@ -736,6 +746,11 @@ fn verification(
                 message: if send_message { message.clone() } else { None },
                 fingerprint: fingerprint.clone(),
                 previous_test_message: current.and_then(|c| c.test_message.clone()),
+                request_id: if pending {
+                    requested.map(str::to_string)
+                } else {
+                    answered.map(str::to_string)
+                },
             }),
             conntest::Decision::Wait(d) => {
                 plan.next_test_in = Some(plan.next_test_in.map_or(d, |n| n.min(d)));
@@ -1256,6 +1271,69 @@ spec: {host: b.example.com, tls: {mode: none}, priority: 5}
     }
 
     #[test]
+    fn a_requested_test_runs_before_its_time_once_and_carries_its_request() {
+        let mut w = World::new(GMAIL);
+        let job = w.plan(None, None).tests.pop().unwrap();
+        assert_eq!(job.request_id, None);
+        let done = |request_id: Option<&str>| ConnectionTest {
+            time: "2024-05-01T11:59:30Z".into(),
+            result: conntest::SUCCEEDED.into(),
+            step: None,
+            reply: None,
+            error: None,
+            fingerprint: Some(job.fingerprint.clone()),
+            test_message: None,
+            request_id: request_id.map(String::from),
+            replies: Vec::new(),
+        };
+        w.tests.insert(job.route_id.clone(), done(None));
+        assert!(w.plan(None, None).tests.is_empty(), "tested 30 s ago");
+        let annotate = |w: &mut World, value: &str| {
+            w.m.routes[0]
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(TEST_REQUESTED_ANNOTATION.into(), value.into());
+        };
+        annotate(&mut w, "n1");
+        let [asked] = &w.plan(None, None).tests[..] else {
+            panic!("the request runs now")
+        };
+        assert_eq!(asked.request_id.as_deref(), Some("n1"));
+        // Not twice while it runs, nor once it is answered.
+        w.in_flight.insert(job.route_id.clone());
+        assert!(w.plan(None, None).tests.is_empty());
+        w.in_flight.clear();
+        w.tests.insert(job.route_id.clone(), done(Some("n1")));
+        let p = w.plan(None, None);
+        assert!(p.tests.is_empty());
+        let shown = p.route_statuses[0].status.last_connection_test.as_ref().unwrap();
+        assert_eq!(
+            shown.request_id.as_deref(),
+            Some("n1"),
+            "the status answers the request"
+        );
+        // The next periodic run keeps the answer, so the old annotation asks nothing.
+        w.tests.insert(
+            job.route_id.clone(),
+            ConnectionTest {
+                time: "2024-05-01T10:00:00Z".into(),
+                ..done(Some("n1"))
+            },
+        );
+        let [periodic] = &w.plan(None, None).tests[..] else {
+            panic!("due")
+        };
+        assert_eq!(periodic.request_id.as_deref(), Some("n1"));
+        annotate(&mut w, "n2");
+        w.tests.insert(job.route_id.clone(), done(Some("n1")));
+        let [again] = &w.plan(None, None).tests[..] else {
+            panic!("a new request")
+        };
+        assert_eq!(again.request_id.as_deref(), Some("n2"));
+    }
+
+    #[test]
     fn test_results_become_the_verified_condition_and_are_not_repeated() {
         let mut w = World::new(GMAIL);
         let job = w.plan(None, None).tests.pop().unwrap();
@@ -1272,6 +1350,8 @@ spec: {host: b.example.com, tls: {mode: none}, priority: 5}
                 error: None,
                 fingerprint: Some(job.fingerprint.clone()),
                 test_message: None,
+                request_id: None,
+                replies: Vec::new(),
             },
         );
         let p = w.plan(None, None);

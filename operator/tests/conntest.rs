@@ -38,6 +38,7 @@ fn job(port: u16, tls: TlsMode, auth: Option<(&str, &str)>, ca: Option<&TestPki>
         message: None,
         fingerprint: "fp1".into(),
         previous_test_message: None,
+        request_id: None,
     }
 }
 
@@ -60,6 +61,14 @@ async fn good_credentials_over_starttls_verify_the_route() {
         )
     );
     assert!(server.received().is_empty(), "no test recipient: no message");
+    // The upstream's own words, step by step (what `mailroute route test` prints).
+    let steps: Vec<&str> = record.replies.iter().map(|r| r.step.as_str()).collect();
+    assert_eq!(steps, ["greeting", "ehlo", "starttls", "ehlo", "auth"], "{record:?}");
+    let codes: Vec<&str> = record.replies.iter().map(|r| &r.reply[..3]).collect();
+    assert_eq!(codes, ["220", "250", "220", "250", "235"], "{record:?}");
+    assert!(record.replies[1].reply.contains("STARTTLS"), "{record:?}");
+    assert!(record.replies[3].reply.contains("AUTH"), "{record:?}");
+    assert!(!format!("{record:?}").contains("secret"), "nothing the operator sent");
 }
 
 #[tokio::test]
@@ -91,6 +100,7 @@ async fn implicit_tls_with_a_test_message_delivers_it_once() {
         Some(&record),
         "fp1",
         true,
+        false,
         conntest_later(&record.time),
         Duration::from_secs(3600),
     );
@@ -116,6 +126,9 @@ async fn wrong_credentials_show_the_upstreams_reply_in_the_condition() {
     assert_eq!(record.result, conntest::FAILED);
     assert_eq!(record.step.as_deref(), Some("auth"));
     assert_eq!(record.reply.as_deref(), Some(DEFAULT_AUTH_FAIL_REPLY));
+    // The steps that passed, then the failing one's reply.
+    let steps: Vec<&str> = record.replies.iter().map(|r| r.step.as_str()).collect();
+    assert_eq!(steps, ["greeting", "ehlo", "starttls", "ehlo"], "{record:?}");
     let c = conntest::verified_condition(&j.upstream, &record);
     assert_eq!((c.status, c.reason.as_str()), (Status::False, "AuthenticationFailed"));
     assert_eq!(

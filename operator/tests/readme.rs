@@ -327,6 +327,8 @@ fn render() -> String {
                 error: None,
                 fingerprint: Some(job.fingerprint.clone()),
                 test_message: None,
+                request_id: None,
+                replies: Vec::new(),
             }
         } else {
             ConnectionTest {
@@ -337,6 +339,8 @@ fn render() -> String {
                 error: None,
                 fingerprint: Some(job.fingerprint.clone()),
                 test_message: None,
+                request_id: None,
+                replies: Vec::new(),
             }
         };
         tests.insert(job.route_id.clone(), record);

@@ -24,6 +24,10 @@
 //!   JSON) and expects an empty line before its final `535`; mail-send would send the token
 //!   again instead.
 //!
+//! On request ([`Connection::open_recorded`]) it keeps the server's replies while a connection
+//! opens ([`Dialogue`]), for the operator's connection test to show; the relay's own opens
+//! record nothing.
+//!
 //! This module must not pool, retry, classify or word errors for people; it reports what
 //! happened at which [`Stage`] ([`ErrorKind`]), and each caller says what that means.
 
@@ -440,9 +444,47 @@ pub struct Connection {
     clean: bool,
 }
 
+/// The server's positive replies while a connection opens (greeting, EHLO, STARTTLS, AUTH), in
+/// order, for callers that show the dialogue (the operator's connection test); parsed only
+/// when asked for.
+#[derive(Debug, Default)]
+pub struct Dialogue(Option<Vec<(Stage, Reply)>>);
+
+impl Dialogue {
+    /// A dialogue that records.
+    pub fn recording() -> Self {
+        Self(Some(Vec::new()))
+    }
+
+    /// The replies recorded.
+    pub fn replies(&self) -> &[(Stage, Reply)] {
+        self.0.as_deref().unwrap_or_default()
+    }
+
+    fn push(&mut self, stage: Stage, reply: &Reply) {
+        if let Some(v) = &mut self.0 {
+            v.push((stage, reply.clone()));
+        }
+    }
+
+    fn note(&mut self, stage: Stage, client: &Client) {
+        if let Some(v) = &mut self.0
+            && let Some(r) = client.stream.last_reply()
+        {
+            v.push((stage, r));
+        }
+    }
+}
+
 impl Connection {
     /// Connects and prepares a connection for transactions.
     pub async fn open(spec: OpenSpec<'_>) -> Result<Connection, StepError> {
+        Self::open_recorded(spec, &mut Dialogue::default()).await
+    }
+
+    /// [`Connection::open`], keeping the server's replies up to the failing step (whose reply is
+    /// the error's) in `dialogue`.
+    pub async fn open_recorded(spec: OpenSpec<'_>, dialogue: &mut Dialogue) -> Result<Connection, StepError> {
         let t = spec.timeouts;
         let tcp = match tokio::time::timeout(t.connect, TcpStream::connect(spec.addr)).await {
             Ok(Ok(tcp)) => tcp,
@@ -477,10 +519,12 @@ impl Connection {
                 if let Some(reply) = client.stream.last_reply().filter(|r| !r.is_positive()) {
                     return Err(StepError::new(Stage::Greeting, ErrorKind::Reply(reply), tls));
                 }
+                dialogue.note(Stage::Greeting, &client);
             }
         }
 
         let mut caps = ehlo(&mut client, spec.helo, tls).await?;
+        dialogue.note(Stage::Ehlo, &client);
 
         let want_starttls = match spec.tls {
             TlsUse::RequireStartTls => {
@@ -498,11 +542,12 @@ impl Connection {
                 Ok(_) => {
                     let reply = client.stream.last_reply();
                     match reply {
-                        Some(r) if r.is_positive() => {}
+                        Some(r) if r.is_positive() => dialogue.push(Stage::StartTls, &r),
                         Some(r) if spec.tls == TlsUse::Opportunistic && r.code != 421 => {
                             // Refused STARTTLS: carry on in plain text on this connection.
                             tracing::debug!(host = spec.host, reply = %r, "STARTTLS refused; continuing without TLS");
-                            return Self::finish_open(client, caps, false, &spec).await;
+                            dialogue.push(Stage::StartTls, &r);
+                            return Self::finish_open(client, caps, false, &spec, dialogue).await;
                         }
                         Some(r) => {
                             return Err(StepError::new(Stage::StartTls, ErrorKind::Reply(r), false));
@@ -524,8 +569,9 @@ impl Connection {
             };
             tls = true;
             caps = ehlo(&mut client, spec.helo, tls).await?;
+            dialogue.note(Stage::Ehlo, &client);
         }
-        Self::finish_open(client, caps, tls, &spec).await
+        Self::finish_open(client, caps, tls, &spec, dialogue).await
     }
 
     async fn finish_open(
@@ -533,9 +579,11 @@ impl Connection {
         caps: EhloResponse<String>,
         tls: bool,
         spec: &OpenSpec<'_>,
+        dialogue: &mut Dialogue,
     ) -> Result<Connection, StepError> {
         if let Some((creds, mechanism)) = spec.auth {
             authenticate(&mut client, &caps, creds, mechanism, tls).await?;
+            dialogue.note(Stage::Auth, &client);
         }
         client.timeout = spec.timeouts.mail;
         Ok(Connection {

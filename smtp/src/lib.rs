@@ -13,5 +13,5 @@ pub mod helo;
 pub mod reply;
 pub mod wire;
 
-pub use self::client::{Connection, ErrorKind, OpenSpec, Stage, StepError, Timeouts, TlsUse};
+pub use self::client::{Connection, Dialogue, ErrorKind, OpenSpec, Stage, StepError, Timeouts, TlsUse};
 pub use self::reply::{EnhancedStatusCode, Reply, StatusClass};

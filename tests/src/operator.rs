@@ -21,7 +21,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         .context("target directory")?;
     anyhow::ensure!(
         bin.exists(),
-        "{} is missing: run `cargo build -p mailroute-operator -p mailroute-relay` first (scripts/test.sh does)",
+        "{} is missing: run `cargo build -p mailroute-operator -p mailroute-relay -p mailroute-cli` first (scripts/test.sh does)",
         bin.display()
     );
     Ok(bin)

@@ -2,7 +2,8 @@
 //! `/readyz` and `/metrics` without
 //! authentication, and `/api/v1/*` (delivery log events as JSON or CSV,
 //! message state and cancellation, quota usage, suppression lists, bulk queue control in
-//! [`queue`]) behind a bearer token: the admin token (every
+//! [`queue`]) behind a bearer token (`Authorization`, or [`TOKEN_HEADER`] through the
+//! Kubernetes API server's service proxy): the admin token (every
 //! namespace), or, when enabled, a Kubernetes token authenticated by TokenReview and authorized
 //! per namespace by SubjectAccessReview ([`access`] decides what each request needs,
 //! [`kubernetes`] asks the API server). A tenant's answers never show another namespace's mail:
@@ -305,12 +306,7 @@ async fn require_token(State(st): State<AdminState>, mut req: Request, next: Nex
             "admin API disabled: no admin token configured",
         );
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
-        .map(str::to_string);
+    let presented = presented_token(req.headers());
     let principal = match (presented, token, &st.kubernetes) {
         (Some(p), Some(t), _) if token_matches(&p, t) => Some(Principal::Admin),
         (Some(p), _, Some(kube)) => match kube.authenticate(&p).await {
@@ -329,6 +325,24 @@ async fn require_token(State(st): State<AdminState>, mut req: Request, next: Nex
         HeaderValue::from_static("Bearer realm=\"mailroute\""),
     );
     resp
+}
+
+/// The header a client behind the Kubernetes API server's service proxy presents its token in:
+/// the API server removes `Authorization` once it has authenticated the caller, and forwards
+/// other headers to the Service.
+pub const TOKEN_HEADER: &str = "x-mailroute-token";
+
+/// The bearer token of `Authorization`, else the bare token of [`TOKEN_HEADER`]; both are
+/// checked the same way.
+fn presented_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    match value(header::AUTHORIZATION.as_str()) {
+        Some(auth) => bearer(auth).map(str::to_string),
+        None => value(TOKEN_HEADER)
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string),
+    }
 }
 
 /// 503 when the API server could not answer a review: the caller may retry; nothing is cached.
@@ -783,6 +797,25 @@ mod tests {
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer "), None);
         assert_eq!(bearer("Bearerabc"), None);
+    }
+
+    #[test]
+    fn the_token_header_serves_callers_behind_the_service_proxy() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert_eq!(presented_token(&headers(&[(TOKEN_HEADER, "abc")])), Some("abc".into()));
+        assert_eq!(presented_token(&headers(&[(TOKEN_HEADER, " ")])), None);
+        assert_eq!(presented_token(&headers(&[])), None);
+        // Authorization, when present, is the one checked, even when it is not a bearer token.
+        let both = headers(&[("authorization", "Bearer one"), (TOKEN_HEADER, "two")]);
+        assert_eq!(presented_token(&both), Some("one".into()));
+        let basic = headers(&[("authorization", "Basic eA=="), (TOKEN_HEADER, "two")]);
+        assert_eq!(presented_token(&basic), None);
     }
 
     #[test]
