@@ -332,8 +332,10 @@ impl Relay {
                     .await
                     .context("connecting the webhook dispatcher to Redis")?,
             );
+            // The log is the Redis store under the queue's prefix, on the same Redis: the
+            // commit stores each message's `received` with its jobs (see `queue::redis`).
             (
-                Arc::new(q),
+                Arc::new(q.storing_log()),
                 DeliveryLog::redis(conn.clone(), &opts.redis_prefix),
                 Arc::new(RedisQuotaStore::new(conn.clone(), opts.redis_prefix.clone())),
                 Arc::new(RedisPaceStore::new(conn.clone(), opts.redis_prefix.clone())),

@@ -1,7 +1,9 @@
 //! What a running relay writes to its delivery log, read through the events API: a held
 //! message (`X-Mailroute-Deliver-After`, quiet hours) gets a `scheduled` record with the time
 //! it will be tried, and an upstream's `421 4.7.0 Try again later`, which backs the route off,
-//! is classed `rate_limited` there too.
+//! is classed `rate_limited` there too. With two relays on one Redis, every message's
+//! `received` is stored before any other record of it, even when a worker delivered it before
+//! the accepting session was back from the queue's commit.
 
 use std::time::Duration;
 
@@ -118,4 +120,210 @@ async fn an_upstream_421_try_again_later_is_logged_as_rate_limited() {
     let by_class = events(&base, "bounce_class=rate_limited", |e| !e.is_empty()).await;
     assert_eq!(by_class.len(), 1, "{by_class:?}");
     r.relay.shutdown().await;
+}
+
+/// The delivery log stream in order: (message id, result) of every record.
+async fn stream_records(c: &mut redis::aio::MultiplexedConnection) -> Vec<(String, String)> {
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg("{mailroute}:dlog")
+        .arg("-")
+        .arg("+")
+        .query_async(c)
+        .await
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .filter_map(|(_, fields)| {
+            let json = fields.chunks_exact(2).find(|kv| kv[0] == "e")?[1].clone();
+            let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+            Some((v["message_id"].as_str()?.to_owned(), v["result"].as_str()?.to_owned()))
+        })
+        .collect()
+}
+
+/// Sends `n` messages in one session; returns the queue ids answered 250.
+async fn send_many(addr: std::net::SocketAddr, tag: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let t = submit(
+            addr,
+            "app@app.example",
+            &["user@example.com"],
+            &message(&format!("{tag}{i}"), ""),
+        )
+        .await;
+        let id = t
+            .lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("250 2.0.0 Ok: queued as ").map(str::to_owned));
+        ids.extend(id);
+    }
+    ids
+}
+
+/// Two relays on one Redis, an upstream that accepts at once: a worker (of either relay) may
+/// deliver a message before the accepting session is back from the queue's commit. Webhooks
+/// forward the stream in order, so every message's `received` must come before any other
+/// record of it in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_is_stored_before_any_other_record_of_the_message() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let routes = route("up", up.port(), 10, &["*"]);
+    let a = start(&routes, &redis.url(), |o| o.consumer = "relay-a".into()).await;
+    let b = start(&routes, &redis.url(), |o| o.consumer = "relay-b".into()).await;
+    const PER_CLIENT: usize = 50;
+    let (ia, ib, ic, id) = tokio::join!(
+        send_many(a.smtp(), "a", PER_CLIENT),
+        send_many(b.smtp(), "b", PER_CLIENT),
+        send_many(a.smtp(), "c", PER_CLIENT),
+        send_many(b.smtp(), "d", PER_CLIENT),
+    );
+    let ids: Vec<String> = [ia, ib, ic, id].concat();
+    assert_eq!(ids.len(), 4 * PER_CLIENT);
+    let mut c = redis_connection(&redis).await;
+    // Every message's `received` and `delivered` stored.
+    let complete = eventually(|| {
+        let mut c = c.clone();
+        let ids = ids.clone();
+        async move {
+            let recs = stream_records(&mut c).await;
+            ids.iter().all(|id| {
+                ["received", "delivered"]
+                    .iter()
+                    .all(|r| recs.iter().any(|(m, res)| m == id && res == r))
+            })
+        }
+    })
+    .await;
+    assert!(complete, "not every message was logged as received and delivered");
+    let recs = stream_records(&mut c).await;
+    let mut inverted = Vec::new();
+    for id in &ids {
+        let first = recs.iter().find(|(m, _)| m == id).map(|(_, r)| r.as_str());
+        if first != Some("received") {
+            inverted.push((id.clone(), first.map(str::to_owned)));
+        }
+        let received = recs.iter().filter(|(m, r)| m == id && r == "received").count();
+        assert_eq!(received, 1, "{id}: {received} received records");
+    }
+    assert!(
+        inverted.is_empty(),
+        "{} of {} messages have another record before their received: {inverted:?}",
+        inverted.len(),
+        ids.len()
+    );
+    a.relay.shutdown().await;
+    b.relay.shutdown().await;
+}
+
+/// The delivery log's JSON line writer of the accepting relay: on a message's `received` line
+/// it waits (bounded) until the stream holds that message's `delivered`. The line is written
+/// once the commit returned, so this holds the session exactly in the window between the jobs
+/// becoming visible and its `received` being handed on.
+struct WaitForDelivered {
+    redis: redis::Connection,
+    line: Vec<u8>,
+}
+
+impl WaitForDelivered {
+    fn delivered_stored(&mut self, id: &str) -> bool {
+        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg("{mailroute}:dlog")
+            .arg("-")
+            .arg("+")
+            .query(&mut self.redis)
+            .unwrap_or_default();
+        entries.iter().any(|(_, f)| {
+            f.chunks_exact(2).any(|kv| {
+                serde_json::from_str::<serde_json::Value>(&kv[1])
+                    .is_ok_and(|v| v["message_id"] == id && v["result"] == "delivered")
+            })
+        })
+    }
+}
+
+impl std::io::Write for WaitForDelivered {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let line = std::mem::take(&mut self.line);
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line.trim_ascii()) else {
+            return Ok(());
+        };
+        if v["result"] == "received" {
+            let id = v["message_id"].as_str().unwrap_or_default().to_owned();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            // Called on a runtime thread: hand its other tasks to another thread meanwhile.
+            tokio::task::block_in_place(|| {
+                while !self.delivered_stored(&id) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Deterministic form of the above: relay A only accepts (no workers), relay B only delivers,
+/// and A's session is held after the commit until B stored the message's `delivered`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_precedes_a_delivery_that_finished_before_the_session_went_on() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let routes = route("up", up.port(), 10, &["*"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = options(dir.path(), &routes, &redis.url());
+    o.consumer = "relay-a".into();
+    o.workers = 0;
+    let writer = WaitForDelivered {
+        redis: redis.client().unwrap().get_connection().unwrap(),
+        line: Vec::new(),
+    };
+    let overrides = mailroute_relay::server::Overrides {
+        resolver: Some(std::sync::Arc::new(
+            mailroute_relay::outbound::delivery::StaticResolver::new(),
+        )),
+        dlog_writer: Some(Box::new(writer)),
+        ..Default::default()
+    };
+    let a = mailroute_relay::server::Relay::start_with(o, overrides).await.unwrap();
+    let b = start(&routes, &redis.url(), |o| {
+        o.consumer = "relay-b".into();
+        o.smtp_listen = None;
+    })
+    .await;
+    let ids = send_many(a.smtp_addr.unwrap(), "x", 10).await;
+    assert_eq!(ids.len(), 10);
+    let mut c = redis_connection(&redis).await;
+    let complete = eventually(|| {
+        let mut c = c.clone();
+        let ids = ids.clone();
+        async move {
+            let recs = stream_records(&mut c).await;
+            ids.iter().all(|id| {
+                ["received", "delivered"]
+                    .iter()
+                    .all(|r| recs.iter().any(|(m, res)| m == id && res == r))
+            })
+        }
+    })
+    .await;
+    assert!(complete, "not every message was logged as received and delivered");
+    let recs = stream_records(&mut c).await;
+    let inverted: Vec<&String> = ids
+        .iter()
+        .filter(|id| recs.iter().find(|(m, _)| m == *id).map(|(_, r)| r.as_str()) != Some("received"))
+        .collect();
+    assert!(
+        inverted.is_empty(),
+        "{} of {} messages have another record before their received: {inverted:?}",
+        inverted.len(),
+        ids.len()
+    );
+    a.shutdown().await;
+    b.relay.shutdown().await;
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::inbound::listener::ListenerKind;
 use crate::inbound::session::{Observer, Reply, SenderInfo};
-use crate::observe::dlog::{DeliveryEvent, DeliveryLog, EventResult};
+use crate::observe::dlog::{DeliveryEvent, DeliveryLog, Encoded, EventResult};
 use crate::observe::metrics::Metrics;
 use crate::queue::message::MessageMeta;
 
@@ -30,6 +30,23 @@ impl Telemetry {
         for ev in &evs {
             self.dlog.record_detached(ev);
         }
+    }
+
+    /// The metrics of an accepted message.
+    fn count_accepted(&self, meta: &MessageMeta, accept_latency: Duration) {
+        self.metrics.accept_latency.observe(accept_latency.as_secs_f64());
+        self.metrics
+            .messages_received
+            .with_label_values(&[
+                meta.listener.as_str(),
+                "accepted",
+                namespace_label(meta.namespace.as_deref()),
+            ])
+            .inc();
+        self.metrics
+            .recipients_received
+            .with_label_values(&[meta.listener.as_str(), "accepted"])
+            .inc_by(meta.rcpts.len() as u64);
     }
 
     /// Records and waits for the store (worker paths, where ordering matters more than latency).
@@ -79,6 +96,20 @@ pub fn event_for(meta: &MessageMeta, result: EventResult, rcpt_index: usize) -> 
     ev
 }
 
+/// The `received` records of an accepted message, each recipient's followed by its `scheduled`
+/// when the enqueue path holds its job for a future X-Mailroute-Deliver-After.
+fn accept_events(meta: &MessageMeta) -> Vec<DeliveryEvent> {
+    let held = meta.options.deliver_after_ms.filter(|t| *t > meta.received_at_ms);
+    let mut evs = Vec::with_capacity(meta.rcpts.len() * 2);
+    for i in 0..meta.rcpts.len() {
+        evs.push(event_for(meta, EventResult::Received, i));
+        if let Some(at) = held {
+            evs.push(scheduled_event(meta, i, at, crate::inbound::headers::DELIVER_AFTER));
+        }
+    }
+    evs
+}
+
 impl Observer for Telemetry {
     fn suppressed(&self, meta: &MessageMeta, rcpt_index: usize, scope: &crate::suppress::Scope) {
         let mut ev = event_for(meta, EventResult::Suppressed, rcpt_index);
@@ -111,29 +142,24 @@ impl Observer for Telemetry {
     }
 
     fn accepted(&self, meta: &MessageMeta, accept_latency: Duration) {
-        self.metrics.accept_latency.observe(accept_latency.as_secs_f64());
-        self.metrics
-            .messages_received
-            .with_label_values(&[
-                meta.listener.as_str(),
-                "accepted",
-                namespace_label(meta.namespace.as_deref()),
-            ])
-            .inc();
-        self.metrics
-            .recipients_received
-            .with_label_values(&[meta.listener.as_str(), "accepted"])
-            .inc_by(meta.rcpts.len() as u64);
-        // The enqueue path holds the jobs of a future X-Mailroute-Deliver-After until then.
-        let held = meta.options.deliver_after_ms.filter(|t| *t > meta.received_at_ms);
-        let mut evs = Vec::with_capacity(meta.rcpts.len() * 2);
-        for i in 0..meta.rcpts.len() {
-            evs.push(event_for(meta, EventResult::Received, i));
-            if let Some(at) = held {
-                evs.push(scheduled_event(meta, i, at, crate::inbound::headers::DELIVER_AFTER));
-            }
+        self.count_accepted(meta, accept_latency);
+        self.record_all(accept_events(meta));
+    }
+
+    fn accept_records(&self, meta: &MessageMeta) -> Vec<Encoded> {
+        let encoded: Result<Vec<Encoded>, _> = accept_events(meta).iter().map(|ev| self.dlog.encode(ev)).collect();
+        // Not encodable: none go with the commit, `accepted` records them the usual way.
+        encoded.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "delivery log records not encoded");
+            Vec::new()
+        })
+    }
+
+    fn accepted_stored(&self, meta: &MessageMeta, accept_latency: Duration, records: &[Encoded]) {
+        self.count_accepted(meta, accept_latency);
+        for rec in records {
+            self.dlog.stored_elsewhere(rec);
         }
-        self.record_all(evs);
     }
 
     fn quota_decision(&self, quota: &str, result: &str, namespace: Option<&str>) {
@@ -183,16 +209,8 @@ mod tests {
     use super::*;
     use crate::observe::dlog::EventFilter;
 
-    /// A worker may bounce a message right after the session accepted it: the session's
-    /// `received` records must still come first in the log.
-    #[tokio::test]
-    async fn records_are_stored_in_the_order_they_are_reported() {
-        let dlog = DeliveryLog::memory(100).without_writer();
-        let t = Telemetry {
-            dlog: dlog.clone(),
-            metrics: Arc::new(Metrics::new()),
-        };
-        let meta = MessageMeta {
+    fn meta() -> MessageMeta {
+        MessageMeta {
             id: "m1".into(),
             received_at_ms: 1,
             source_ip: "127.0.0.1".into(),
@@ -208,7 +226,19 @@ mod tests {
             options: Default::default(),
             quota: None,
             is_dsn: false,
+        }
+    }
+
+    /// A worker may bounce a message right after the session accepted it: the session's
+    /// `received` records must still come first in the log.
+    #[tokio::test]
+    async fn records_are_stored_in_the_order_they_are_reported() {
+        let dlog = DeliveryLog::memory(100).without_writer();
+        let t = Telemetry {
+            dlog: dlog.clone(),
+            metrics: Arc::new(Metrics::new()),
         };
+        let meta = meta();
         t.accepted(&meta, Duration::ZERO);
         t.record_now(event_for(&meta, EventResult::Bounced, 0)).await;
         t.record_now(event_for(&meta, EventResult::Bounced, 1)).await;
@@ -223,5 +253,53 @@ mod tests {
                 (EventResult::Bounced, "e@d.example"),
             ]
         );
+    }
+
+    /// Records the queue's commit stored are written as lines and counted, not stored again.
+    #[tokio::test]
+    async fn records_stored_with_the_commit_are_only_reported() {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let metrics = Arc::new(Metrics::new());
+        let dlog = DeliveryLog::memory(100)
+            .with_writer(lines.clone())
+            .with_metrics(metrics.clone());
+        let t = Telemetry {
+            dlog: dlog.clone(),
+            metrics: metrics.clone(),
+        };
+        let mut meta = meta();
+        meta.options.deliver_after_ms = Some(meta.received_at_ms + 60_000);
+        let records = t.accept_records(&meta);
+        let results: Vec<EventResult> = records.iter().map(|r| r.result).collect();
+        use EventResult::{Received, Scheduled};
+        assert_eq!(results, [Received, Scheduled, Received, Scheduled]);
+        t.accepted_stored(&meta, Duration::ZERO, &records);
+        let written = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let written: Vec<&str> = written.lines().collect();
+        let json: Vec<&str> = records.iter().map(|r| r.json.as_str()).collect();
+        assert_eq!(written, json);
+        assert_eq!(metrics.dlog_events.with_label_values(&["received"]).get(), 2);
+        assert_eq!(
+            metrics
+                .recipients_received
+                .with_label_values(&["smtp", "accepted"])
+                .get(),
+            2
+        );
+        t.record_now(event_for(&meta, EventResult::Bounced, 0)).await;
+        let page = dlog.query(&EventFilter::default(), None, 10).await.unwrap();
+        let stored: Vec<EventResult> = page.events.iter().map(|e| e.result).collect();
+        assert_eq!(stored, [EventResult::Bounced]);
     }
 }

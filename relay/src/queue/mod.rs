@@ -197,6 +197,30 @@ pub trait Queue: Send + Sync + 'static {
         self.enqueue(meta, body, jobs).await.map(|()| Vec::new())
     }
 
+    /// Whether [`Queue::enqueue_logged`] stores the records it is given in the delivery log.
+    fn stores_log(&self) -> bool {
+        false
+    }
+
+    /// [`Queue::enqueue_screened`] (or [`Queue::enqueue`] without `screen`) that, where
+    /// [`Queue::stores_log`], also stores `log` (the message's `received`/`scheduled` records) in
+    /// the delivery log in the same atomic step as the jobs become visible, so no worker's
+    /// record of the message can precede them; a commit retried after a lost reply stores them
+    /// once. Elsewhere `log` is ignored: the caller stores it.
+    async fn enqueue_logged(
+        &self,
+        meta: &MessageMeta,
+        body: &[u8],
+        jobs: &[(Job, Option<i64>)],
+        screen: Option<&crate::suppress::Screen>,
+        _log: &[crate::observe::dlog::Encoded],
+    ) -> Result<Vec<(u32, String)>> {
+        match screen {
+            Some(s) => self.enqueue_screened(meta, body, jobs, s).await,
+            None => self.enqueue(meta, body, jobs).await.map(|()| Vec::new()),
+        }
+    }
+
     /// Moves scheduled jobs due at `now_ms` into the ready stream. Safe to call from every pod.
     async fn promote_due(&self, now_ms: i64, max: usize) -> Result<usize>;
 

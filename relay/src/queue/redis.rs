@@ -21,6 +21,12 @@
 //! The commit script is also the suppression list's backstop (`crate::suppress`): it reads the
 //! lists' generation counters (same hash tag) and leaves out the jobs of recipients listed
 //! since the relay's in-memory copy was read.
+//! Where the delivery log is the Redis store under the same prefix ([`RedisQueue::storing_log`]),
+//! the commit script also appends the message's `received`/`scheduled` records to the log's
+//! stream (`crate::observe::dlog::redis`'s id rule and field), so they are stored in the step
+//! that makes the jobs visible and precede every record a worker writes for them. A commit
+//! answered 451 afterwards (replicas missing, reply lost past the settle time) leaves its
+//! `received` in the log, as it may leave its jobs delivered.
 //! Bulk queue control adds a sorted set `held` (jobs a hold applies to, by the time the hold
 //! lapses for them; promoted like the schedule when that time comes), a hash `holds` (the holds,
 //! one JSON record per rule and namespace scope) and the script `BULK`, which applies one batch
@@ -76,6 +82,8 @@ pub struct RedisQueue {
     drop_msg: Script,
     prune: Script,
     bulk: Script,
+    /// The commit stores the session's log records (the delivery log is the Redis store).
+    stores_log: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +96,7 @@ struct Keys {
     suppress_gens: String,
     held: String,
     holds: String,
+    dlog: String,
 }
 
 impl Keys {
@@ -101,6 +110,7 @@ impl Keys {
             suppress_gens: crate::suppress::gens_key(prefix),
             held: format!("{prefix}held"),
             holds: format!("{prefix}holds"),
+            dlog: crate::observe::dlog::redis::stream_key(prefix),
         }
     }
     fn msg(&self, id: &str) -> String {
@@ -282,14 +292,19 @@ end
 return n
 ";
 
-// KEYS: msg, staged, ready, sched, count, suppression generations, then one suppression list
-// per scope. ARGV: id, now ms, number of scopes S, force ('1': check the lists whatever the
-// generations say), S pairs (scope id, generation the relay's copy holds), then per job
-// (job, due ms or '' for ready now, recipient key or '', recipient index).
+// KEYS: msg, staged, ready, sched, count, suppression generations, one suppression list per
+// scope, then the delivery log stream. ARGV: id, now ms, number of scopes S, force ('1': check
+// the lists whatever the generations say), S pairs (scope id, generation the relay's copy
+// holds), number of log records R, R pairs (event ms, record JSON), then per job (job, due ms or
+// '' for ready now, recipient key or '', recipient index).
 // The suppression backstop: when a generation differs from the copy's (an entry written since
 // the relay read it) or the copy hit, the recipients are looked up (one HMGET per scope, for the
 // whole message); an active entry's job is not queued and its recipient made final. Otherwise it
 // costs one HMGET of the generations per message and nothing per recipient.
+// The log records are appended last, with the dlog store's id rule (`<event ms>-*`, or the
+// stream's newest ms when it holds a later id); a failed append never fails the commit. They
+// are behind the same guard as the jobs: a retried commit that finds the message committed
+// writes nothing.
 // Reply: {0} the record is gone (aborted or purged); {1, idx, scope id, ...} deliverable (now or
 // already), with the recipients found suppressed now.
 const COMMIT: &str = r"
@@ -299,7 +314,8 @@ if not rec[2] then return {1} end
 -- Every read (and whatever could fail) before the first write: a script that fails half-way
 -- keeps its writes, and a retry would find the message committed without its jobs.
 local ns = tonumber(ARGV[3])
-local first = 5 + 2 * ns
+local nr = tonumber(ARGV[5 + 2 * ns])
+local first = 6 + 2 * ns + 2 * nr
 local out = {1}
 local skip = {}
 if ns > 0 then
@@ -365,6 +381,22 @@ if dropped > 0 then
     redis.call('DECR', KEYS[5])
   end
 end
+local log = KEYS[7 + ns]
+for r = 1, nr do
+  local at = 4 + 2 * ns + 2 * r
+  local ok = redis.pcall('XADD', log, ARGV[at] .. '-*', 'e', ARGV[at + 1])
+  if type(ok) == 'table' and ok.err then
+    local info = redis.pcall('XINFO', 'STREAM', log)
+    local last = nil
+    if type(info) == 'table' and not info.err then
+      for i = 1, #info, 2 do
+        if info[i] == 'last-generated-id' then last = info[i + 1] end
+      end
+    end
+    local ms = last and string.match(last, '^(%d+)%-')
+    if ms then redis.pcall('XADD', log, ms .. '-*', 'e', ARGV[at + 1]) end
+  end
+end
 return out
 ";
 
@@ -428,6 +460,7 @@ impl RedisQueue {
             drop_msg: Script::new(DROP),
             prune: Script::new(PRUNE),
             bulk: Script::new(BULK),
+            stores_log: false,
         };
         q.ensure_group().await?;
         Ok(q)
@@ -503,8 +536,10 @@ impl RedisQueue {
         meta: &MessageMeta,
         jobs: &[(Job, Option<i64>)],
         screen: Option<&crate::suppress::Screen>,
+        log: &[crate::observe::dlog::Encoded],
     ) -> Result<Vec<(u32, String)>> {
         let deadline = tokio::time::Instant::now() + COMMIT_SETTLE;
+        let log = if self.stores_log { log } else { &[] };
         let mut backoff = Duration::from_millis(50);
         let scopes = screen.map_or(&[][..], |s| &s.scopes[..]);
         loop {
@@ -518,12 +553,17 @@ impl RedisQueue {
             for (id, _) in scopes {
                 inv.key(crate::suppress::list_key(&self.keys.prefix, id));
             }
+            inv.key(&self.keys.dlog);
             inv.arg(&meta.id)
                 .arg(screen.map_or(0, |s| s.now_ms))
                 .arg(scopes.len())
                 .arg(if screen.is_some_and(|s| s.force) { "1" } else { "0" });
             for (id, generation) in scopes {
                 inv.arg(id).arg(generation);
+            }
+            inv.arg(log.len());
+            for rec in log {
+                inv.arg(rec.time_ms).arg(&rec.json);
             }
             for (n, (job, due)) in jobs.iter().enumerate() {
                 let key = screen.and_then(|s| s.keys.get(n)).map_or("", String::as_str);
@@ -564,6 +604,7 @@ impl RedisQueue {
         body: &[u8],
         jobs: &[(Job, Option<i64>)],
         screen: Option<&crate::suppress::Screen>,
+        log: &[crate::observe::dlog::Encoded],
     ) -> Result<Vec<(u32, String)>> {
         let meta_json = serde_json::to_vec(meta).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let key = self.keys.msg(&meta.id);
@@ -593,9 +634,17 @@ impl RedisQueue {
             return Err(e.into());
         }
         self.replicated(&key, &meta.id).await?;
-        let suppressed = self.commit(meta, jobs, screen).await?;
+        let suppressed = self.commit(meta, jobs, screen, log).await?;
         self.replicated(&key, &meta.id).await?;
         Ok(suppressed)
+    }
+
+    /// Has the commit store the `received`/`scheduled` records given to
+    /// [`Queue::enqueue_logged`] in the delivery log stream under this queue's prefix. Only for a
+    /// relay whose delivery log is that Redis store (else they would land in a log nobody reads).
+    pub fn storing_log(mut self) -> Self {
+        self.stores_log = true;
+        self
     }
 
     /// Stream key and group, for autoscalers (KEDA redis-streams) and docs.
@@ -666,7 +715,7 @@ impl Queue for RedisQueue {
     }
 
     async fn enqueue(&self, meta: &MessageMeta, body: &[u8], jobs: &[(Job, Option<i64>)]) -> Result<()> {
-        self.enqueue_with(meta, body, jobs, None).await.map(|_| ())
+        self.enqueue_with(meta, body, jobs, None, &[]).await.map(|_| ())
     }
 
     async fn enqueue_screened(
@@ -676,7 +725,22 @@ impl Queue for RedisQueue {
         jobs: &[(Job, Option<i64>)],
         screen: &crate::suppress::Screen,
     ) -> Result<Vec<(u32, String)>> {
-        self.enqueue_with(meta, body, jobs, Some(screen)).await
+        self.enqueue_with(meta, body, jobs, Some(screen), &[]).await
+    }
+
+    fn stores_log(&self) -> bool {
+        self.stores_log
+    }
+
+    async fn enqueue_logged(
+        &self,
+        meta: &MessageMeta,
+        body: &[u8],
+        jobs: &[(Job, Option<i64>)],
+        screen: Option<&crate::suppress::Screen>,
+        log: &[crate::observe::dlog::Encoded],
+    ) -> Result<Vec<(u32, String)>> {
+        self.enqueue_with(meta, body, jobs, screen, log).await
     }
 
     async fn promote_due(&self, now_ms: i64, max: usize) -> Result<usize> {
@@ -1186,5 +1250,96 @@ impl Queue for RedisQueue {
             .query_async(&mut c)
             .await?;
         Ok(raw.and_then(|r| serde_json::from_slice(&r).ok()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::dlog::{Encoded, EventResult};
+    use mailroute_testkit::RedisServer;
+
+    fn meta(id: &str, now_ms: i64) -> MessageMeta {
+        MessageMeta {
+            id: id.into(),
+            received_at_ms: now_ms,
+            source_ip: "127.0.0.1".into(),
+            listener: crate::inbound::listener::ListenerKind::Smtp.into(),
+            auth_user: None,
+            namespace: None,
+            service_account: None,
+            tls: false,
+            mail_from: "a@b.example".into(),
+            rcpts: vec!["c@d.example".into()],
+            message_id_header: None,
+            size: 1,
+            options: Default::default(),
+            quota: None,
+            is_dsn: false,
+        }
+    }
+
+    fn record(ms: u64, text: &str) -> Encoded {
+        Encoded {
+            result: EventResult::Received,
+            time_ms: ms,
+            json: text.into(),
+        }
+    }
+
+    async fn log_entries(c: &mut RedisConn) -> Vec<(String, Vec<String>)> {
+        redis::cmd("XRANGE")
+            .arg("{mailroute}:dlog")
+            .arg("-")
+            .arg("+")
+            .query_async(c)
+            .await
+            .unwrap()
+    }
+
+    /// The records go in with the jobs, once: a commit retried after a lost reply finds the
+    /// message committed and writes neither jobs nor records again. A record older than the
+    /// stream's newest is filed at the newest time, as the log's own append does.
+    #[tokio::test]
+    async fn the_commit_stores_the_log_records_once_with_the_log_id_rule() {
+        let server = RedisServer::start().unwrap();
+        let target = Target::parse(&server.url()).unwrap();
+        let q = RedisQueue::connect_to(&target, DEFAULT_PREFIX, Durability::default())
+            .await
+            .unwrap()
+            .storing_log();
+        let mut c = q.conn.clone();
+        let _: String = redis::cmd("XADD")
+            .arg("{mailroute}:dlog")
+            .arg("5000-0")
+            .arg("e")
+            .arg("later")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let m = meta("m1", 1000);
+        let jobs = [(Job::new("m1", 0), None)];
+        let log = [record(1000, "r1"), record(6000, "r2")];
+        q.enqueue_logged(&m, b"body", &jobs, None, &log).await.unwrap();
+        q.commit(&m, &jobs, None, &log).await.unwrap();
+        let entries = log_entries(&mut c).await;
+        let got: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|(id, f)| (id.split('-').next().unwrap(), f[1].as_str()))
+            .collect();
+        assert_eq!(got, [("5000", "later"), ("5000", "r1"), ("6000", "r2")]);
+        let ready: u64 = redis::cmd("XLEN").arg(&q.keys.ready).query_async(&mut c).await.unwrap();
+        assert_eq!(ready, 1);
+
+        // Not storing: the records are the caller's to store.
+        let q = RedisQueue::connect_to(&target, DEFAULT_PREFIX, Durability::default())
+            .await
+            .unwrap();
+        let m = meta("m2", 7000);
+        let jobs = [(Job::new("m2", 0), None)];
+        q.enqueue_logged(&m, b"body", &jobs, None, &[record(7000, "r3")])
+            .await
+            .unwrap();
+        assert_eq!(log_entries(&mut c).await.len(), 3);
     }
 }

@@ -1,6 +1,8 @@
 //! DATA: receiving the body within the body budget, the end-of-data quota check, the trace and
 //! Message-ID headers, and the hand-off to the queue. The `250` goes out only after the queue
-//! acknowledged the message. Recipients the enqueue found suppressed are reported as such.
+//! acknowledged the message. Recipients the enqueue found suppressed are reported as such. With
+//! a queue that stores log records ([`crate::queue::Queue::stores_log`]), the `received` and
+//! `scheduled` records go into the queue's commit, so they precede every worker's record.
 //!
 //! DATA transparency is `crate::inbound::data`'s, header work `crate::inbound::headers`'. Must
 //! not deliver or route.
@@ -173,15 +175,23 @@ impl Inbound {
             quota,
             is_dsn: false,
         };
-        let enqueueing = self.body_budget.enqueue_permit(stored.len()).await;
-        let enqueued = match &self.suppress {
-            // The copy's generations go with the commit, which drops what the copy missed.
-            Some(lists) => {
-                let screen = lists.screen(meta.namespace.as_deref(), &meta.rcpts, now_ms);
-                self.queue.enqueue_screened(&meta, &stored, &jobs, &screen).await
-            }
-            None => self.queue.enqueue(&meta, &stored, &jobs).await.map(|()| Vec::new()),
+        // Stored by the commit itself where the queue can: a worker may deliver the message
+        // before this session is back, and its record must not precede the `received`.
+        let log = if self.queue.stores_log() {
+            self.observer.accept_records(&meta)
+        } else {
+            Vec::new()
         };
+        let enqueueing = self.body_budget.enqueue_permit(stored.len()).await;
+        // The copy's generations go with the commit, which drops what the copy missed.
+        let screen = self
+            .suppress
+            .as_ref()
+            .map(|lists| lists.screen(meta.namespace.as_deref(), &meta.rcpts, now_ms));
+        let enqueued = self
+            .queue
+            .enqueue_logged(&meta, &stored, &jobs, screen.as_ref(), &log)
+            .await;
         drop((enqueueing, stored));
         match enqueued {
             Ok(suppressed) => {
@@ -189,7 +199,11 @@ impl Inbound {
                 if let Some(t) = txn {
                     t.commit();
                 }
-                self.observer.accepted(&meta, end_of_data.elapsed());
+                if log.is_empty() {
+                    self.observer.accepted(&meta, end_of_data.elapsed());
+                } else {
+                    self.observer.accepted_stored(&meta, end_of_data.elapsed(), &log);
+                }
                 if let Some(lists) = &self.suppress {
                     for (idx, scope) in &suppressed {
                         lists

@@ -74,6 +74,20 @@ pub trait Observer: Send + Sync {
     fn auth_failed(&self, _listener: ListenerKind, _ip: IpAddr) {}
     /// A message was queued (`accept_latency` = end of DATA to the 250).
     fn accepted(&self, _meta: &MessageMeta, _accept_latency: Duration) {}
+    /// The `received`/`scheduled` records of a message about to be queued, for a queue that
+    /// stores them with its commit ([`Queue::stores_log`]); empty: [`Observer::accepted`] stores them.
+    fn accept_records(&self, _meta: &MessageMeta) -> Vec<crate::observe::dlog::Encoded> {
+        Vec::new()
+    }
+    /// [`Observer::accepted`] for a message whose `records` the queue's commit stored: reported
+    /// (line, metrics) but not stored again.
+    fn accepted_stored(
+        &self,
+        _meta: &MessageMeta,
+        _accept_latency: Duration,
+        _records: &[crate::observe::dlog::Encoded],
+    ) {
+    }
     /// A recipient or message was refused with `reply` (rcpt None = whole message).
     fn rejected(&self, _s: &SenderInfo, _rcpt: Option<&str>, _reply: &Reply) {}
     /// A quota answered (`accepted`, `deferred`, `rejected`) for a sender of `namespace`.

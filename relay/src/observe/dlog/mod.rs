@@ -480,6 +480,16 @@ pub trait EventStore: Send + Sync {
 
 type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 
+/// A record as the store keeps it (its event time and JSON). The Redis queue's commit stores a
+/// message's `received` and `scheduled` records in the same step as its jobs become visible
+/// (with [`redis::RedisStore`]'s id rule), so no worker's record of the message precedes them.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub result: EventResult,
+    pub time_ms: u64,
+    pub json: String,
+}
+
 /// The delivery log handle; cheap to clone and shared by every task.
 #[derive(Clone)]
 pub struct DeliveryLog {
@@ -579,6 +589,26 @@ impl DeliveryLog {
             };
             tracing::warn!(error = %err, "delivery log store unavailable; record kept on stdout only");
         });
+    }
+
+    /// The record as the store keeps it, for a writer that stores it itself (the Redis queue's
+    /// commit, see [`Encoded`]); neither written as a line nor counted yet.
+    pub fn encode(&self, ev: &DeliveryEvent) -> Result<Encoded, DlogError> {
+        Ok(Encoded {
+            result: ev.result,
+            time_ms: ev.time_ms(),
+            json: serde_json::to_string(ev)?,
+        })
+    }
+
+    /// Writes the line and counts a record that another writer stored: it is not stored again.
+    pub fn stored_elsewhere(&self, rec: &Encoded) {
+        if let Some(sink) = &self.sink {
+            write_line(sink, &rec.json);
+        }
+        if let Some(m) = &self.metrics {
+            m.dlog_events.with_label_values(&[rec.result.as_str()]).inc();
+        }
     }
 
     /// The record as JSON, after writing it as a line and counting it.

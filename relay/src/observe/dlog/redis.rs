@@ -5,7 +5,8 @@
 //! ids). Keys carry the prefix's hash tag, so this works on Redis Cluster.
 //!
 //! This module only moves records in and out of Redis; paging and filtering
-//! are in the parent module.
+//! are in the parent module. The queue's commit script (`crate::queue::redis`) also appends a
+//! message's `received`/`scheduled` records, with the same id rule and field as `APPEND`.
 
 use async_trait::async_trait;
 use redis::aio::ConnectionLike;
@@ -30,6 +31,12 @@ end
 return ok
 "#;
 
+/// The stream of the log under `prefix`, e.g. prefix `{mailroute}:` gives `{mailroute}:dlog`
+/// (the Redis queue's commit appends to it too).
+pub fn stream_key(prefix: &str) -> String {
+    format!("{prefix}dlog")
+}
+
 /// The field holding the event JSON.
 const FIELD: &str = "e";
 
@@ -45,7 +52,7 @@ impl<C> RedisStore<C> {
     pub fn new(conn: C, prefix: &str) -> Self {
         RedisStore {
             conn,
-            key: format!("{prefix}dlog"),
+            key: stream_key(prefix),
             append: redis::Script::new(APPEND),
         }
     }
