@@ -604,7 +604,10 @@ impl DeliveryLog {
     /// Writes the line and counts a record that another writer stored: it is not stored again.
     pub fn stored_elsewhere(&self, rec: &Encoded) {
         if let Some(sink) = &self.sink {
-            write_line(sink, &rec.json);
+            let mut line = String::with_capacity(rec.json.len() + 1);
+            line.push_str(&rec.json);
+            line.push('\n');
+            write_line(sink, &line);
         }
         if let Some(m) = &self.metrics {
             m.dlog_events.with_label_values(&[rec.result.as_str()]).inc();
