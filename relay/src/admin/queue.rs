@@ -74,6 +74,22 @@ async fn scoped_filter(
     Ok((filter, rest))
 }
 
+/// The prelude of the filter endpoints: the control, the query's filter scoped to what the
+/// caller may see (`needs`), and the other parameters, of which only `allowed` are accepted.
+async fn filtered(
+    st: &AdminState,
+    principal: &Principal,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    needs: fn(Option<&str>) -> Result<access::Permission, access::ScopeError>,
+    allowed: &[&str],
+) -> Result<(std::sync::Arc<Control>, QueueFilter, Vec<(String, String)>), Response> {
+    let c = control(st).map_err(|r| *r)?;
+    let pairs = pairs(q).map_err(|r| *r)?;
+    let (filter, rest) = scoped_filter(st, principal, &pairs, needs).await?;
+    no_more(&rest, allowed).map_err(|r| *r)?;
+    Ok((c, filter, rest))
+}
+
 fn no_more(rest: &[(String, String)], allowed: &[&str]) -> Result<(), Refused> {
     let mut seen: Vec<&str> = Vec::new();
     for (k, _) in rest {
@@ -107,21 +123,10 @@ pub(super) async fn list(
     Extension(principal): Extension<Principal>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
-    let c = match control(&st) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let pairs = match pairs(q) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let (filter, rest) = match scoped_filter(&st, &principal, &pairs, access::queue_list).await {
-        Ok(f) => f,
+    let (c, filter, rest) = match filtered(&st, &principal, q, access::queue_list, &["limit", "cursor"]).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(r) = no_more(&rest, &["limit", "cursor"]) {
-        return *r;
-    }
     let limit = match param(&rest, "limit").map(str::parse::<usize>) {
         None => DEFAULT_LIMIT,
         Some(Ok(n)) if (1..=MAX_LIMIT).contains(&n) => n,
@@ -145,21 +150,10 @@ pub(super) async fn cancel(
     Extension(principal): Extension<Principal>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
-    let c = match control(&st) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let pairs = match pairs(q) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let (filter, rest) = match scoped_filter(&st, &principal, &pairs, access::queue_cancel).await {
-        Ok(f) => f,
+    let (c, filter, rest) = match filtered(&st, &principal, q, access::queue_cancel, &["all"]).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(r) = no_more(&rest, &["all"]) {
-        return *r;
-    }
     let all = match param(&rest, "all") {
         None | Some("false") => false,
         Some("true") => true,
@@ -183,21 +177,10 @@ pub(super) async fn retry(
     Extension(principal): Extension<Principal>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
-    let c = match control(&st) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let pairs = match pairs(q) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let (filter, rest) = match scoped_filter(&st, &principal, &pairs, access::queue_update).await {
-        Ok(f) => f,
+    let (c, filter, _) = match filtered(&st, &principal, q, access::queue_update, &[]).await {
+        Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(r) = no_more(&rest, &[]) {
-        return *r;
-    }
     match c.retry(&filter, &actor(&principal)).await {
         Ok(r) => axum::Json(r).into_response(),
         Err(e) => failed("retrying", e),
