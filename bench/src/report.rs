@@ -157,6 +157,11 @@ pub struct Backlog {
     pub enqueue_per_sec: f64,
     pub redis_used_memory_mib: f64,
     pub redis_bytes_per_msg: f64,
+    /// Of `redis_bytes_per_msg`, the delivery log's stream (each message's `received` record,
+    /// kept for the log's retention, 31 days by default, after delivery); the rest is the queue.
+    /// 0 in results from before it was measured.
+    #[serde(default)]
+    pub redis_dlog_bytes_per_msg: f64,
     pub redis_peak_rss_mib: f64,
     pub aof_mib: f64,
     /// Relay that accepted the backlog (delivery workers 0).
@@ -411,12 +416,9 @@ pub fn render(r: &BenchResults) -> String {
                 "| Redis used_memory with the backlog | {:.0} MiB |",
                 b.redis_used_memory_mib
             );
-            let _ = writeln!(
-                s,
-                "| Redis memory per queued message | {:.0} bytes ({:.0} over the message size) |",
-                b.redis_bytes_per_msg,
-                b.redis_bytes_per_msg - b.size as f64
-            );
+            for line in backlog_bytes_rows(b) {
+                let _ = writeln!(s, "{line}");
+            }
             let _ = writeln!(s, "| Redis peak RSS | {:.0} MiB |", b.redis_peak_rss_mib);
             let _ = writeln!(s, "| AOF on disk | {:.0} MiB |", b.aof_mib);
             let _ = writeln!(
@@ -489,6 +491,30 @@ pub fn render(r: &BenchResults) -> String {
 }
 
 /// One line per target: met, missed, or not measured.
+/// The backlog table's rows on Redis memory per queued message: the total, then (where measured)
+/// the queue's part and the delivery log's part, each also as a multiple of the message size.
+pub fn backlog_bytes_rows(b: &Backlog) -> Vec<String> {
+    let size = b.size.max(1) as f64;
+    let mut rows = vec![format!(
+        "| Redis memory per queued message | {:.0} bytes ({:.0} over the message size, {:.2}×) |",
+        b.redis_bytes_per_msg,
+        b.redis_bytes_per_msg - b.size as f64,
+        b.redis_bytes_per_msg / size
+    )];
+    if b.redis_dlog_bytes_per_msg > 0.0 {
+        let queue = b.redis_bytes_per_msg - b.redis_dlog_bytes_per_msg;
+        rows.push(format!(
+            "| … of which the queue (message records, jobs) | {queue:.0} bytes ({:.2}×) |",
+            queue / size
+        ));
+        rows.push(format!(
+            "| … of which the delivery log (the `received` records, kept 31 days) | {:.0} bytes |",
+            b.redis_dlog_bytes_per_msg
+        ));
+    }
+    rows
+}
+
 pub fn targets(r: &BenchResults) -> Vec<String> {
     let mut out = vec![];
     let relay = r.first(Kind::Relay);
@@ -629,6 +655,30 @@ mod tests {
             md.contains("| mailroute relay (d) | 11.50 | EVALSHA 3.00 | 0.050 | — | 12.0 | 2 (1.5) |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn backlog_bytes_are_split_into_queue_and_log() {
+        let mut b = Backlog {
+            size: 4096,
+            redis_bytes_per_msg: 5430.0,
+            ..Backlog::default()
+        };
+        assert_eq!(
+            backlog_bytes_rows(&b),
+            ["| Redis memory per queued message | 5430 bytes (1334 over the message size, 1.33×) |"]
+        );
+        b.redis_dlog_bytes_per_msg = 657.0;
+        let rows = backlog_bytes_rows(&b);
+        assert_eq!(rows.len(), 3);
+        assert!(rows[1].contains("| 4773 bytes (1.17×) |"), "{}", rows[1]);
+        assert!(rows[2].contains("| 657 bytes |"), "{}", rows[2]);
+        // Results stored before the split was measured still load.
+        let json = serde_json::to_value(&b).unwrap();
+        let mut old = json.as_object().unwrap().clone();
+        old.remove("redis_dlog_bytes_per_msg");
+        let back: Backlog = serde_json::from_value(serde_json::Value::Object(old)).unwrap();
+        assert_eq!(back.redis_dlog_bytes_per_msg, 0.0);
     }
 
     #[test]

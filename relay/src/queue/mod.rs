@@ -12,6 +12,7 @@
 
 pub mod memory;
 pub mod message;
+pub mod record;
 pub mod redis;
 mod url;
 

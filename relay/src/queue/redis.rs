@@ -1,5 +1,7 @@
 //! Redis implementation of the queue: one hash per message (meta, body stored once, pending
-//! recipient count, per-recipient state), a stream `ready` read by the consumer group `relays`
+//! recipient count, per-recipient state; `meta` and `body` in the compact record of
+//! [`super::record`], which also reads the JSON record of earlier relays; relays of that era
+//! retry a compact record rather than lose it, see there), a stream `ready` read by the consumer group `relays`
 //! (each relay process one consumer), a sorted set `sched` of jobs by due time, and a counter of
 //! stored messages. Every key shares one hash tag (`{mailroute}` by default) so the scripts run
 //! on Redis Cluster too. State transitions that touch several keys are one MULTI/EXEC or one
@@ -35,7 +37,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use redis::{Script, Value};
 use tokio::sync::Mutex;
 
@@ -606,7 +607,9 @@ impl RedisQueue {
         screen: Option<&crate::suppress::Screen>,
         log: &[crate::observe::dlog::Encoded],
     ) -> Result<Vec<(u32, String)>> {
-        let meta_json = serde_json::to_vec(meta).map_err(|e| QueueError::Corrupt(e.to_string()))?;
+        // The compact record (`super::record`): meta and the body's tail in `meta`, its head in
+        // `body`, cut so that neither allocation wastes a size class in Redis.
+        let record = super::record::encode(meta, body);
         let key = self.keys.msg(&meta.id);
         // Stage: the record only, listed for the purge until the commit.
         let mut p = redis::pipe();
@@ -614,9 +617,9 @@ impl RedisQueue {
         p.cmd("HSET")
             .arg(&key)
             .arg("meta")
-            .arg(meta_json)
+            .arg(record.meta)
             .arg("body")
-            .arg(body)
+            .arg(&body[..record.head])
             .arg("pending")
             .arg(jobs.len())
             .arg(STAGED)
@@ -674,18 +677,20 @@ impl RedisQueue {
 }
 
 /// A message record from an `HMGET meta body cancelled` reply; None if it is gone. The body
-/// keeps the reply's buffer (no copy).
+/// keeps the reply's buffer (no copy) unless part of it is in `meta` (`super::record`).
 fn stored_from(msg_id: &str, mut v: Vec<Value>) -> Result<Option<Stored>> {
-    let (Some(meta), Some(_)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
+    let (Some(_), Some(_)) = (v.first().and_then(as_bytes), v.get(1).and_then(as_bytes)) else {
         return Ok(None);
     };
-    let meta: MessageMeta =
-        serde_json::from_slice(meta).map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
     let cancelled = v.get(2).and_then(as_bytes).is_some();
-    let body = match std::mem::replace(&mut v[1], Value::Nil) {
-        Value::BulkString(b) => Bytes::from(b),
-        other => as_bytes(&other).map(Bytes::copy_from_slice).unwrap_or_default(),
+    let raw = std::mem::replace(&mut v[0], Value::Nil);
+    let (meta, tail) = super::record::decode(msg_id, as_bytes(&raw).unwrap_or_default())
+        .map_err(|e| QueueError::Corrupt(format!("message {msg_id}: {e}")))?;
+    let head = match std::mem::replace(&mut v[1], Value::Nil) {
+        Value::BulkString(b) => b,
+        other => as_bytes(&other).map(<[u8]>::to_vec).unwrap_or_default(),
     };
+    let body = super::record::join(head, tail);
     Ok(Some(Stored { meta, body, cancelled }))
 }
 
@@ -951,7 +956,7 @@ impl Queue for RedisQueue {
         let mut states = std::collections::HashMap::new();
         for (k, val) in v {
             match k.as_str() {
-                "meta" => meta = serde_json::from_slice::<MessageMeta>(&val).ok(),
+                "meta" => meta = super::record::decode(msg_id, &val).ok().map(|(m, _)| m),
                 "pending" => pending = String::from_utf8_lossy(&val).parse().unwrap_or(0),
                 "cancelled" => cancelled = true,
                 k => {
@@ -1152,7 +1157,7 @@ impl Queue for RedisQueue {
             }
             let raw: Vec<Option<Vec<u8>>> = p.query_async(&mut c).await?;
             for (id, raw) in ids.iter().zip(raw) {
-                if let Some(m) = raw.and_then(|r| serde_json::from_slice::<MessageMeta>(&r).ok()) {
+                if let Some(m) = raw.and_then(|r| super::record::decode(id, &r).ok().map(|(m, _)| m)) {
                     metas.insert((*id).to_owned(), Arc::new(m));
                 }
             }
