@@ -68,7 +68,13 @@ pub fn body(webhook: &str, events: &[(&str, &str)], now: chrono::DateTime<chrono
     let events: Vec<serde_json::Value> = events
         .iter()
         .map(|(id, json)| {
-            let mut v: serde_json::Value = serde_json::from_str(json).unwrap_or(serde_json::Value::Null);
+            // Every field of the record, as the log's lines and the admin API have them (the
+            // store leaves empty ones out).
+            let mut v: serde_json::Value = serde_json::from_str::<crate::observe::dlog::DeliveryEvent>(json)
+                .ok()
+                .and_then(|ev| serde_json::to_value(ev).ok())
+                .or_else(|| serde_json::from_str(json).ok())
+                .unwrap_or(serde_json::Value::Null);
             if let serde_json::Value::Object(m) = &mut v {
                 m.insert("id".into(), serde_json::Value::String(id.to_string()));
             }
@@ -398,5 +404,23 @@ mod tests {
         assert_eq!(v["data"]["webhook"], "team-a/app");
         assert_eq!(v["data"]["events"][0]["id"], "1-0");
         assert_eq!(v["data"]["events"][0]["result"], "delivered");
+    }
+
+    /// A record stored without its empty fields is sent with every field, as one stored in the
+    /// full form is.
+    #[test]
+    fn events_are_sent_with_every_field_whatever_form_they_were_stored_in() {
+        use crate::observe::dlog::{DeliveryEvent, EventResult, stored_json};
+        let now = chrono::DateTime::from_timestamp_millis(1_700_000_000_000).unwrap();
+        let e = DeliveryEvent::new(now, EventResult::Delivered, "q1", "a@b.example", "c@d.example");
+        let full = serde_json::to_string(&e).unwrap();
+        let compact = stored_json(&e).unwrap();
+        assert_ne!(full, compact);
+        let a = body("w", &[("1-0", &full)], now);
+        let b = body("w", &[("1-0", &compact)], now);
+        assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b.clone()).unwrap());
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["data"]["events"][0]["route"], serde_json::Value::Null);
+        assert_eq!(v["data"]["events"][0]["tls"], false);
     }
 }

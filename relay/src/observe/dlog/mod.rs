@@ -1,7 +1,8 @@
 //! The delivery log: one [`DeliveryEvent`] per thing that happened to a
 //! recipient (received, scheduled, delivered, deferred, bounced, expired,
 //! rejected, cancelled, suppressed, held, released, retried), written as a JSON line to stdout and kept in a store that can
-//! be queried by time range with filters and cursor paging, and trimmed by age.
+//! be queried by time range with filters and cursor paging, and trimmed by age. Stores keep a
+//! record without its empty fields ([`stored_json`]); it reads back as the same event.
 //!
 //! This module owns the event record, the filter and paging logic, the
 //! stores (`memory::MemoryStore`, `redis::RedisStore`) and the CSV export.
@@ -480,14 +481,69 @@ pub trait EventStore: Send + Sync {
 
 type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
 
-/// A record as the store keeps it (its event time and JSON). The Redis queue's commit stores a
-/// message's `received` and `scheduled` records in the same step as its jobs become visible
-/// (with [`redis::RedisStore`]'s id rule), so no worker's record of the message precedes them.
+/// A record as the store keeps it (its event time and stored JSON, see [`stored_json`]) with its
+/// JSON line. The Redis queue's commit stores a message's `received` and `scheduled` records in
+/// the same step as its jobs become visible (with [`redis::RedisStore`]'s id rule), so no
+/// worker's record of the message precedes them.
 #[derive(Clone, Debug)]
 pub struct Encoded {
     pub result: EventResult,
     pub time_ms: u64,
+    /// As stored: without its empty fields.
     pub json: String,
+    /// The line written to stdout (every field, `null` when empty); empty when the log writes
+    /// no lines.
+    pub line: String,
+}
+
+/// The record as a store keeps it: the JSON of [`DeliveryEvent`] without the fields that are
+/// empty (`null`, `tls` false), which read back as empty, so the admin API, the CSV export and
+/// webhooks return the same records as from the full form (older records are in the full form
+/// and read as before). A `received` record of the bench's message is 310 bytes instead of 521.
+pub fn stored_json(ev: &DeliveryEvent) -> Result<String, DlogError> {
+    Ok(serde_json::to_string(&Stored(ev))?)
+}
+
+/// [`DeliveryEvent`]'s serialization without its empty fields (see [`stored_json`]).
+struct Stored<'a>(&'a DeliveryEvent);
+
+impl Serialize for Stored<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let e = self.0;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("time", &format_time(&e.time))?;
+        m.serialize_entry("result", &e.result)?;
+        m.serialize_entry("message_id", &e.message_id)?;
+        fn opt<M: SerializeMap, T: Serialize>(m: &mut M, k: &str, v: &Option<T>) -> Result<(), M::Error> {
+            match v {
+                Some(v) => m.serialize_entry(k, v),
+                None => Ok(()),
+            }
+        }
+        opt(&mut m, "message_id_header", &e.message_id_header)?;
+        opt(&mut m, "job_id", &e.job_id)?;
+        opt(&mut m, "source_ip", &e.source_ip)?;
+        opt(&mut m, "auth_user", &e.auth_user)?;
+        opt(&mut m, "namespace", &e.namespace)?;
+        opt(&mut m, "service_account", &e.service_account)?;
+        opt(&mut m, "listener", &e.listener)?;
+        m.serialize_entry("envelope_from", &e.envelope_from)?;
+        m.serialize_entry("recipient", &e.recipient)?;
+        opt(&mut m, "route", &e.route)?;
+        opt(&mut m, "remote_host", &e.remote_host)?;
+        opt(&mut m, "reply_code", &e.reply_code)?;
+        opt(&mut m, "enhanced_code", &e.enhanced_code)?;
+        opt(&mut m, "reply_text", &e.reply_text)?;
+        opt(&mut m, "attempt", &e.attempt)?;
+        opt(&mut m, "bounce_class", &e.bounce_class)?;
+        if e.tls {
+            m.serialize_entry("tls", &true)?;
+        }
+        opt(&mut m, "not_before", &e.not_before.as_ref().map(format_time))?;
+        opt(&mut m, "actor", &e.actor)?;
+        m.end()
+    }
 }
 
 /// The delivery log handle; cheap to clone and shared by every task.
@@ -597,15 +653,19 @@ impl DeliveryLog {
         Ok(Encoded {
             result: ev.result,
             time_ms: ev.time_ms(),
-            json: serde_json::to_string(ev)?,
+            json: stored_json(ev)?,
+            line: match self.sink {
+                Some(_) => serde_json::to_string(ev)?,
+                None => String::new(),
+            },
         })
     }
 
     /// Writes the line and counts a record that another writer stored: it is not stored again.
     pub fn stored_elsewhere(&self, rec: &Encoded) {
         if let Some(sink) = &self.sink {
-            let mut line = String::with_capacity(rec.json.len() + 1);
-            line.push_str(&rec.json);
+            let mut line = String::with_capacity(rec.line.len() + 1);
+            line.push_str(&rec.line);
             line.push('\n');
             write_line(sink, &line);
         }
@@ -614,13 +674,14 @@ impl DeliveryLog {
         }
     }
 
-    /// The record as JSON, after writing it as a line and counting it.
+    /// The record as stored ([`stored_json`]), after writing it as a line (every field) and
+    /// counting it.
     fn line(&self, ev: &DeliveryEvent) -> Result<String, DlogError> {
-        let mut json = serde_json::to_string(ev)?;
+        let json = stored_json(ev)?;
         if let Some(sink) = &self.sink {
-            json.push('\n');
-            write_line(sink, &json);
-            json.pop();
+            let mut line = serde_json::to_string(ev)?;
+            line.push('\n');
+            write_line(sink, &line);
         }
         if let Some(m) = &self.metrics {
             m.dlog_events.with_label_values(&[ev.result.as_str()]).inc();
@@ -791,6 +852,87 @@ mod tests {
         assert_eq!(v["tls"], false);
         let back: DeliveryEvent = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
+    }
+
+    /// A stored record leaves its empty fields out and reads back as the same event, so every
+    /// reader (admin API, CSV, webhooks) sees what the full form gave; the full form, as records
+    /// stored before were, reads the same too.
+    #[test]
+    fn stored_records_leave_empty_fields_out_and_read_back_the_same() {
+        let mut received = ev(1_764_932_406_952, EventResult::Received, "rcpt-0@bench.example");
+        received.message_id = "1a245dc7aa803c1952b93bde53".into();
+        received.message_id_header = Some("<000000019995@bench.example>".into());
+        received.job_id = Some("1a245dc7aa803c1952b93bde53/0".into());
+        received.source_ip = Some("127.0.0.1".parse().unwrap());
+        received.listener = Some("smtp".into());
+        received.envelope_from = "bench-sender@bench.example".into();
+        let mut full = received.clone();
+        full.result = EventResult::Scheduled;
+        full.auth_user = Some("shop".into());
+        full.namespace = Some("team-a".into());
+        full.service_account = Some("mailer".into());
+        full.route = Some("mail/up".into());
+        full.remote_host = Some("mx.example".into());
+        full.reply_code = Some(250);
+        full.enhanced_code = Some("2.0.0".into());
+        full.reply_text = Some("ok \"quoted\" ünï".into());
+        full.attempt = Some(3);
+        full.bounce_class = Some("other".into());
+        full.tls = true;
+        full.not_before = Some(at(1_764_932_500_001));
+        full.actor = Some("admin-token".into());
+        for e in [&received, &full, &ev(0, EventResult::Delivered, "")] {
+            let stored = stored_json(e).unwrap();
+            let back: DeliveryEvent = serde_json::from_str(&stored).unwrap();
+            assert_eq!(&back, e, "{stored}");
+            assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(e).unwrap());
+            assert!(!stored.contains("null"), "{stored}");
+        }
+        let stored = stored_json(&received).unwrap();
+        let line = serde_json::to_string(&received).unwrap();
+        assert_eq!((stored.len(), line.len()), (310, 521), "the bench's received record");
+        assert!(!stored.contains("\"tls\""));
+        let keys = |j: &str| {
+            let v: serde_json::Value = serde_json::from_str(j).unwrap();
+            v.as_object().unwrap().keys().cloned().collect::<Vec<_>>()
+        };
+        let stored = stored_json(&full).unwrap();
+        assert_eq!(
+            keys(&stored),
+            keys(&serde_json::to_string(&full).unwrap()),
+            "every field is kept"
+        );
+        assert_eq!(keys(&stored).len(), 22);
+    }
+
+    #[tokio::test]
+    async fn the_log_stores_the_compact_record_and_writes_the_full_line() {
+        let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
+        struct W(Arc<Mutex<Vec<u8>>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let store = Arc::new(memory::MemoryStore::new(10));
+        let log = DeliveryLog::new(store.clone()).with_writer(W(buf.clone()));
+        let e = ev(5, EventResult::Delivered, "a@b.example");
+        log.record(&e).await.unwrap();
+        let stored = store.range(Start::At(RecordId::new(0, 0)), None, 10).await.unwrap();
+        assert_eq!(stored[0].1, stored_json(&e).unwrap());
+        let line = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        assert_eq!(line, format!("{}\n", serde_json::to_string(&e).unwrap()));
+        let enc = log.encode(&e).unwrap();
+        assert_eq!(
+            (enc.json, enc.line),
+            (stored_json(&e).unwrap(), serde_json::to_string(&e).unwrap())
+        );
+        let quiet = DeliveryLog::new(store).without_writer().encode(&e).unwrap();
+        assert!(quiet.line.is_empty());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Redis delivery log store: one Redis Stream `<prefix>dlog` whose entry ids
 //! are the record ids (`<event ms>-<seq>`), so the stream is its own time
 //! index: `XRANGE` pages by time and cursor, `XTRIM MINID` trims by age.
-//! Each entry has one field `e`, the event JSON. Needs Redis 7.0+ (`<ms>-*`
+//! Each entry has one field `e`, the event JSON as stored (`super::stored_json`: without empty
+//! fields; records of earlier relays have them all). Needs Redis 7.0+ (`<ms>-*`
 //! ids). Keys carry the prefix's hash tag, so this works on Redis Cluster.
 //!
 //! This module only moves records in and out of Redis; paging and filtering
