@@ -501,7 +501,15 @@ pub struct Encoded {
 /// webhooks return the same records as from the full form (older records are in the full form
 /// and read as before). A `received` record of the bench's message is 310 bytes instead of 521.
 pub fn stored_json(ev: &DeliveryEvent) -> Result<String, DlogError> {
-    Ok(serde_json::to_string(&Stored(ev))?)
+    to_json(&Stored(ev), 384)
+}
+
+/// `v` as JSON into a buffer of `capacity` bytes (serde_json's own starts at 128 and grows by
+/// reallocating, three times for a record).
+fn to_json<T: Serialize>(v: &T, capacity: usize) -> Result<String, DlogError> {
+    let mut buf = Vec::with_capacity(capacity);
+    serde_json::to_writer(&mut buf, v)?;
+    String::from_utf8(buf).map_err(|e| DlogError::Store(e.to_string()))
 }
 
 /// [`DeliveryEvent`]'s serialization without its empty fields (see [`stored_json`]).
@@ -655,7 +663,7 @@ impl DeliveryLog {
             time_ms: ev.time_ms(),
             json: stored_json(ev)?,
             line: match self.sink {
-                Some(_) => serde_json::to_string(ev)?,
+                Some(_) => to_json(ev, 640)?,
                 None => String::new(),
             },
         })
@@ -679,7 +687,7 @@ impl DeliveryLog {
     fn line(&self, ev: &DeliveryEvent) -> Result<String, DlogError> {
         let json = stored_json(ev)?;
         if let Some(sink) = &self.sink {
-            let mut line = serde_json::to_string(ev)?;
+            let mut line = to_json(ev, 640)?;
             line.push('\n');
             write_line(sink, &line);
         }
