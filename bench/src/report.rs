@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpuacct::{self, CpuBreakdown};
 use crate::latency::LatencySummary;
 use crate::probes::Probe;
-use crate::sizing::{Sizing, SizingInput};
+use crate::sizing::{self, Sizing, SizingInput};
 use crate::sysinfo::Machine;
 
 /// Issue 7's targets, checked in the report.
@@ -354,6 +354,15 @@ pub fn render(r: &BenchResults) -> String {
         if let Some(n) = &row.note {
             let _ = writeln!(s, "{}: {n}.\n", row.system);
         }
+        // A refused message is not in accepted/s: many refusals mean the row measured a limit.
+        if row.rejected > 0 {
+            let _ = writeln!(
+                s,
+                "{}: {} messages were refused (a reply other than 250) and {} failed (connection or timeout), \
+                 next to {} accepted.\n",
+                row.system, row.rejected, row.errors, row.accepted
+            );
+        }
     }
     let late: Vec<String> = r
         .rows
@@ -462,14 +471,13 @@ pub fn render(r: &BenchResults) -> String {
         }
     }
 
-    if let Some((i, z)) = &r.sizing {
+    if let Some((i, _)) = &r.sizing {
         let _ = writeln!(s, "## Sizing from these figures\n");
         let _ = writeln!(
             s,
-            "For {:.0} messages an hour with a peak {:.1}× the average, {:.0}-core relay pods and every core and Redis \
-             main thread planned at {:.0}% (relay {:.3} CPU ms/msg, Redis {:.3} CPU ms/msg and {:.1} ops/msg, \
-             {:.0} bytes per queued message):\n",
-            i.messages_per_hour,
+            "With a peak {:.1}× the hourly average, {:.0}-core relay pods and every core and Redis main thread planned \
+             at {:.0}% (relay {:.3} CPU ms/msg, Redis {:.3} CPU ms/msg and {:.1} ops/msg, {:.0} bytes per queued \
+             message):\n",
             i.peak_factor,
             i.cores_per_pod,
             i.target_utilization * 100.0,
@@ -480,15 +488,28 @@ pub fn render(r: &BenchResults) -> String {
         );
         let _ = writeln!(
             s,
-            "| Peak rate | Relay cores | Relay pods | Redis ops/s | Redis shards | Memory for {:.0} h of backlog |",
+            "| Messages an hour | Peak rate | Relay cores | Relay pods | Redis ops/s | Redis shards | Memory for {:.0} h of backlog |",
             i.backlog_hours
         );
-        let _ = writeln!(s, "|--:|--:|--:|--:|--:|--:|");
-        let _ = writeln!(
-            s,
-            "| {:.0}/s | {:.1} | {} | {:.0} | {} | {:.1} GiB |\n",
-            z.peak_msgs_per_sec, z.relay_cores, z.relay_pods, z.redis_ops_per_sec, z.redis_shards, z.backlog_gib
-        );
+        let _ = writeln!(s, "|--:|--:|--:|--:|--:|--:|--:|");
+        for volume in sizing_volumes(i.messages_per_hour) {
+            let z = sizing::size(&SizingInput {
+                messages_per_hour: volume,
+                ..*i
+            });
+            let _ = writeln!(
+                s,
+                "| {:.0} | {:.0}/s | {:.1} | {} | {:.0} | {} | {:.1} GiB |",
+                volume,
+                z.peak_msgs_per_sec,
+                z.relay_cores,
+                z.relay_pods,
+                z.redis_ops_per_sec,
+                z.redis_shards,
+                z.backlog_gib
+            );
+        }
+        let _ = writeln!(s);
     }
 
     let _ = writeln!(s, "## Targets (issue 7)\n");
@@ -632,6 +653,19 @@ fn probe_section(s: &mut String, r: &BenchResults) {
         );
     }
     let _ = writeln!(s);
+}
+
+/// The hourly volumes the sizing table always shows (bench/README.md quotes them).
+pub const SIZING_VOLUMES: [f64; 2] = [2_000_000.0, 20_000_000.0];
+
+/// [`SIZING_VOLUMES`] and the run's own `--plan-per-hour`, ascending, without duplicates.
+pub fn sizing_volumes(planned: f64) -> Vec<f64> {
+    let mut v = SIZING_VOLUMES.to_vec();
+    if planned > 0.0 && !v.contains(&planned) {
+        v.push(planned);
+    }
+    v.sort_by(f64::total_cmp);
+    v
 }
 
 /// One line per target: met, missed, or not measured.
@@ -794,6 +828,12 @@ mod tests {
             md.contains("| mailroute relay (d) | 0.500 | 0.100 | 0.150 | 0.750 (2.25) | 2667 | 0.800 (0.050) |"),
             "{md}"
         );
+        assert!(!md.contains("were refused"), "{md}");
+        r.rows[1].rejected = 403_239;
+        assert!(
+            render(&r).contains("Postfix: 403239 messages were refused (a reply other than 250) and 0 failed"),
+            "{md}"
+        );
         // 10× Postfix's 400/s = 4000/s on 2 cores: 0.5 ms per message for all four.
         assert!(md.contains("is 4000 delivered/s: 0.500 CPU ms per message"), "{md}");
         let json = serde_json::to_string(&r).unwrap();
@@ -806,6 +846,38 @@ mod tests {
         let old: BenchResults = serde_json::from_str(&old).unwrap();
         assert_eq!(old, before);
         assert!(!render(&old).contains("every process"));
+    }
+
+    #[test]
+    fn sizing_table_has_two_and_twenty_million_an_hour() {
+        assert_eq!(sizing_volumes(2_000_000.0), vec![2_000_000.0, 20_000_000.0]);
+        assert_eq!(
+            sizing_volumes(5_000_000.0),
+            vec![2_000_000.0, 5_000_000.0, 20_000_000.0]
+        );
+        let mut r = results();
+        let input = SizingInput {
+            messages_per_hour: 2_000_000.0,
+            peak_factor: 2.0,
+            relay_cpu_ms_per_msg: 0.131,
+            redis_cpu_ms_per_msg: 0.126,
+            redis_ops_per_msg: 24.5,
+            redis_bytes_per_queued_msg: 12_580.0,
+            cores_per_pod: 1.0,
+            target_utilization: 0.5,
+            backlog_hours: 1.0,
+        };
+        r.sizing = Some((input, sizing::size(&input)));
+        let md = render(&r);
+        // The 2026-12-05 full run's figures: 2 M/h fits the floors, 20 M/h needs 3 pods and 3 shards.
+        assert!(
+            md.contains("| 2000000 | 1111/s | 0.3 | 2 | 27222 | 1 | 23.4 GiB |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 20000000 | 11111/s | 2.9 | 3 | 272222 | 3 | 234.3 GiB |"),
+            "{md}"
+        );
     }
 
     #[test]
