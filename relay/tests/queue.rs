@@ -294,6 +294,81 @@ async fn uncommitted_enqueues_are_inert_and_purged() {
     assert_eq!(leased[0].job.msg, committed);
 }
 
+/// Without replicas to wait for, an enqueue is one round trip: the stage and the commit script
+/// go to Redis in one MULTI/EXEC (so with `appendfsync always` one fsync per message, not two),
+/// and the message is deliverable when it returns. Redis' MONITOR lists a transaction's
+/// commands when EXEC runs them, in order.
+#[tokio::test]
+async fn an_enqueue_without_replicas_is_one_transaction() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let redis = RedisServer::start().unwrap();
+    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
+        .await
+        .unwrap();
+    // The first enqueue loads the script (a commit outside the transaction the first time).
+    let first = new_id(1);
+    q.enqueue(
+        &meta(&first, &["x@example.com"]),
+        b"body",
+        &[(Job::new(&first, 0), None)],
+    )
+    .await
+    .unwrap();
+    let addr = redis
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut mon = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    mon.write_all(b"MONITOR\r\n").await.unwrap();
+    let mut lines = BufReader::new(mon).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+    let second = new_id(2);
+    q.enqueue(
+        &meta(&second, &["y@example.com"]),
+        b"body",
+        &[(Job::new(&second, 0), None)],
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !seen.iter().any(|c: &String| c.starts_with("\"EXEC\"")) || !seen.iter().any(|c| c.starts_with("\"EVALSHA\""))
+    {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("MONITOR shows the enqueue")
+            .unwrap()
+            .expect("MONITOR stays open");
+        // `+<time> [0 <client>] "CMD" "arg" ...`: keep the command name onwards; the script's
+        // own commands (client `lua`) are left out.
+        if let Some(at) = line.find("] ")
+            && !line[..at].ends_with(" lua")
+        {
+            seen.push(line[at + 2..].to_owned());
+        }
+    }
+    let names: Vec<&str> = seen.iter().map(|c| c.split(' ').next().unwrap_or_default()).collect();
+    assert_eq!(
+        names,
+        [
+            "\"MULTI\"",
+            "\"HSET\"",
+            "\"ZADD\"",
+            "\"INCR\"",
+            "\"EVALSHA\"",
+            "\"EXEC\""
+        ],
+        "{seen:?}"
+    );
+    let leased = q.fetch("c1", 10, Duration::from_millis(100)).await.unwrap();
+    let mut got: Vec<String> = leased.iter().map(|l| l.job.msg.clone()).collect();
+    got.sort();
+    let mut want = vec![first, second];
+    want.sort();
+    assert_eq!(got, want, "both deliverable");
+}
+
 /// Bulk queue control's primitives on Redis: a scan sees every job where it is (a leased one as
 /// in flight), a batch applies each move only to a job still exactly there and never to a
 /// leased one, and a job put on hold goes back to ready when its hold is gone.

@@ -9,7 +9,10 @@
 //! delivered: the message is first stored *staged* (its record only, listed in the sorted set
 //! `staged`, no job anywhere a worker looks), then, once Redis (and with `--wait-replicas`, the
 //! replicas) acknowledged it, one script *commits* it (its jobs into `ready`/`sched`), and the
-//! commit is waited for on the replicas too. A failed step deletes the message again; a staged
+//! commit is waited for on the replicas too. Without `--wait-replicas` there is nothing to wait
+//! for between the steps, so both go in one MULTI/EXEC (one round trip, and with `appendfsync
+//! always` one fsync per message): it applies whole or not at all, so a lost reply leaves what a
+//! lost commit reply leaves, and the commit's retry settles it. A failed step deletes the message again; a staged
 //! message whose relay died or lost Redis before the commit stays inert and is purged by
 //! [`Queue::purge_uncommitted`]. What remains, and the protocol cannot avoid: a commit that
 //! Redis applied but whose answer never arrived (Redis crashed in that instant) is retried
@@ -610,6 +613,70 @@ impl RedisQueue {
     /// record is gone, the message is taken back and the error returned. A retry that finds
     /// the commit applied cannot tell which recipients it left out: their records are final
     /// (`suppressed`) on the message, but they get no `suppressed` log record.
+    /// The commit script's invocation for `meta`'s jobs (see [`COMMIT`] for its keys and args).
+    fn commit_invocation(
+        &self,
+        meta: &MessageMeta,
+        jobs: &[(Job, Option<i64>)],
+        screen: Option<&crate::suppress::Screen>,
+        log: &[crate::observe::dlog::Encoded],
+    ) -> redis::ScriptInvocation<'_> {
+        let log = if self.stores_log { log } else { &[] };
+        let scopes = screen.map_or(&[][..], |s| &s.scopes[..]);
+        let mut inv = self.commit.key(self.keys.msg(&meta.id));
+        inv.key(&self.keys.staged)
+            .key(&self.keys.ready)
+            .key(&self.keys.sched)
+            .key(&self.keys.count)
+            .key(&self.keys.suppress_gens);
+        for (id, _) in scopes {
+            inv.key(crate::suppress::list_key(&self.keys.prefix, id));
+        }
+        inv.key(&self.keys.dlog);
+        inv.arg(&meta.id)
+            .arg(screen.map_or(0, |s| s.now_ms))
+            .arg(scopes.len())
+            .arg(if screen.is_some_and(|s| s.force) { "1" } else { "0" });
+        for (id, generation) in scopes {
+            inv.arg(id).arg(generation);
+        }
+        inv.arg(log.len());
+        for rec in log {
+            inv.arg(rec.time_ms).arg(&rec.json);
+        }
+        for (n, (job, due)) in jobs.iter().enumerate() {
+            let key = screen.and_then(|s| s.keys.get(n)).map_or("", String::as_str);
+            inv.arg(job.encode())
+                .arg(due.map(|d| d.to_string()).unwrap_or_default())
+                .arg(key)
+                .arg(job.rcpt);
+        }
+        inv
+    }
+
+    /// The commit script's reply: `Some(suppressed)` when the message is committed, `None` when
+    /// its record is gone.
+    fn committed(v: &[Value]) -> Option<Vec<(u32, String)>> {
+        if v.first().and_then(as_i64) != Some(1) {
+            return None;
+        }
+        Some(
+            v[1..]
+                .chunks(2)
+                .filter_map(|p| {
+                    let idx = u32::try_from(as_i64(p.first()?)?).ok()?;
+                    Some((idx, as_string(p.get(1)?)?))
+                })
+                .collect(),
+        )
+    }
+
+    /// Makes a staged message deliverable, leaving out the jobs of recipients `screen` finds
+    /// suppressed (returned as (recipient index, scope id)). An unanswered attempt is retried
+    /// for [`COMMIT_SETTLE`] (Redis may come back and say what happened); then, or when the
+    /// record is gone, the message is taken back and the error returned. A retry that finds
+    /// the commit applied cannot tell which recipients it left out: their records are final
+    /// (`suppressed`) on the message, but they get no `suppressed` log record.
     async fn commit(
         &self,
         meta: &MessageMeta,
@@ -618,52 +685,18 @@ impl RedisQueue {
         log: &[crate::observe::dlog::Encoded],
     ) -> Result<Vec<(u32, String)>> {
         let deadline = tokio::time::Instant::now() + COMMIT_SETTLE;
-        let log = if self.stores_log { log } else { &[] };
         let mut backoff = Duration::from_millis(50);
-        let scopes = screen.map_or(&[][..], |s| &s.scopes[..]);
         loop {
             let mut c = self.conn.clone();
-            let mut inv = self.commit.key(self.keys.msg(&meta.id));
-            inv.key(&self.keys.staged)
-                .key(&self.keys.ready)
-                .key(&self.keys.sched)
-                .key(&self.keys.count)
-                .key(&self.keys.suppress_gens);
-            for (id, _) in scopes {
-                inv.key(crate::suppress::list_key(&self.keys.prefix, id));
-            }
-            inv.key(&self.keys.dlog);
-            inv.arg(&meta.id)
-                .arg(screen.map_or(0, |s| s.now_ms))
-                .arg(scopes.len())
-                .arg(if screen.is_some_and(|s| s.force) { "1" } else { "0" });
-            for (id, generation) in scopes {
-                inv.arg(id).arg(generation);
-            }
-            inv.arg(log.len());
-            for rec in log {
-                inv.arg(rec.time_ms).arg(&rec.json);
-            }
-            for (n, (job, due)) in jobs.iter().enumerate() {
-                let key = screen.and_then(|s| s.keys.get(n)).map_or("", String::as_str);
-                inv.arg(job.encode())
-                    .arg(due.map(|d| d.to_string()).unwrap_or_default())
-                    .arg(key)
-                    .arg(job.rcpt);
-            }
+            let inv = self.commit_invocation(meta, jobs, screen, log);
             let err = match inv.invoke_async::<Vec<Value>>(&mut c).await {
-                Ok(v) if v.first().and_then(as_i64) == Some(1) => {
-                    return Ok(v[1..]
-                        .chunks(2)
-                        .filter_map(|p| {
-                            let idx = u32::try_from(as_i64(p.first()?)?).ok()?;
-                            Some((idx, as_string(p.get(1)?)?))
-                        })
-                        .collect());
-                }
-                // Gone: purged, or (after an unanswered attempt) possibly committed and already
-                // finished by a worker. Refusing risks a duplicate, accepting would risk a loss.
-                Ok(_) => QueueError::Durability(format!("message {} vanished before its commit", meta.id)),
+                Ok(v) => match Self::committed(&v) {
+                    Some(suppressed) => return Ok(suppressed),
+                    // Gone: purged, or (after an unanswered attempt) possibly committed and
+                    // already finished by a worker. Refusing risks a duplicate, accepting would
+                    // risk a loss.
+                    None => QueueError::Durability(format!("message {} vanished before its commit", meta.id)),
+                },
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, message = %meta.id, "commit unanswered; retrying");
                     tokio::time::sleep(backoff).await;
@@ -708,6 +741,27 @@ impl RedisQueue {
             .ignore();
         p.cmd("INCR").arg(&self.keys.count).ignore();
         let mut c = self.conn.clone();
+        if self.durability.replicas == 0 {
+            // Nothing to wait for between the steps: the commit goes in the same transaction,
+            // one round trip and one AOF fsync per message instead of two. A transaction
+            // applies whole or not at all, so what a lost reply leaves is what a lost commit
+            // reply leaves (the record committed, or nothing): the commit's retry settles it.
+            let inv = self.commit_invocation(meta, jobs, screen, log);
+            p.invoke_script(&inv);
+            match p.query_async::<(Vec<Value>,)>(&mut c).await {
+                Ok((v,)) => {
+                    if let Some(suppressed) = Self::committed(&v) {
+                        return Ok(suppressed);
+                    }
+                }
+                // Nothing was sent: nothing to settle.
+                Err(e) if e.is_connection_refusal() => return Err(e.into()),
+                // Unanswered, or the script not loaded on this server (NOSCRIPT: the stage is
+                // applied); the commit's own retry loop loads it and settles.
+                Err(e) => tracing::debug!(error = %e, message = %meta.id, "staged commit unanswered; settling"),
+            }
+            return self.commit(meta, jobs, screen, log).await;
+        }
         if let Err(e) = p.query_async::<()>(&mut c).await {
             self.abort(&meta.id).await;
             return Err(e.into());
