@@ -1,7 +1,8 @@
 //! The next hop of an attempt: the TLS client configuration a route asks for, the pool its
-//! connections live in (keyed by everything that changes a session; the key parts computed are
-//! remembered with their inputs, so an unchanged route does not hash them again on every attempt),
-//! connection to a smarthost or to the recipient domain's MX hosts, address after address.
+//! connections live in (keyed by everything that changes a session; the key parts are
+//! remembered with their inputs, so an unchanged route is not hashed again on every attempt),
+//! and opening a new connection to a smarthost or to the recipient domain's MX hosts, address
+//! after address.
 //!
 //! Must not send a message: the transaction on the opened connection is `transaction`'s.
 
