@@ -53,6 +53,7 @@ COPY api ./api
 COPY tls ./tls
 COPY oauth ./oauth
 COPY smtp ./smtp
+COPY redisconn ./redisconn
 COPY operator ./operator
 COPY relay ./relay
 COPY cli ./cli

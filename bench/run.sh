@@ -3,7 +3,7 @@
 # Postfix, redis-server (and perf for --profile) when missing and the peer MTAs
 # (bench/install-peers.sh, cached under ~/.cache), then runs bench-run, which writes
 # bench/results/<date>-<host>[-quick].md and .json. Usage: bench/run.sh [--quick] [--profile]
-# [--only ceiling,postfix,peers,relay,scaling,backlog] [--peers exim,opensmtpd,haraka,maddy]
+# [--only ceiling,postfix,peers,relay,scaling,backlog,fsync,redisbase] [--peers exim,opensmtpd,haraka,maddy]
 # [other bench-run flags, see --help].
 # Must run as root: Postfix's master process requires it.
 set -euo pipefail

@@ -1362,6 +1362,14 @@ def check_dockerfile(hadolint: str | None) -> None:
         fail(f"Dockerfile: only the build stage may (and must) run on --platform=$BUILDPLATFORM, got {platforms}")
     if "TARGETARCH" not in text or "aarch64-unknown-linux-gnu" not in text:
         fail("Dockerfile: the build stage does not cross-compile for $TARGETARCH (linux/arm64)")
+    # cargo needs every workspace member's manifest in the build context.
+    members = re.search(r"^members\s*=\s*\[(.*?)\]", (ROOT / "Cargo.toml").read_text(), flags=re.M | re.S)
+    copied = set(re.findall(r"^COPY\s+(\S+)\s+\./\1\s*$", text, flags=re.M))
+    missing = [m for m in re.findall(r'"([^"]+)"', members.group(1) if members else "") if m not in copied]
+    if missing:
+        fail("Dockerfile: the build stage does not copy the workspace members " + ", ".join(missing))
+    else:
+        ok("Dockerfile copies every workspace member")
     # Final stages copy exactly one file, the binary, and run as a numeric non-root user.
     blocks = re.split(r"^FROM ", text, flags=re.M)[1:]
     runtime_user = None

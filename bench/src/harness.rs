@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use mailroute_testkit::RedisServer;
 
+use crate::cpuacct::{self, CpuBreakdown};
 use crate::httpget;
 use crate::loadgen::LoadReport;
 use crate::peers::{self, Install, Peer};
 use crate::postfix::Postfix;
+use crate::probes::{self, Probe, RedisOp};
 use crate::procfs;
 use crate::redis_info::{self, OpsDelta};
 use crate::report::{Backlog, BenchResults, Commit, Kind, Params, RedisFigures, Row};
@@ -41,17 +43,23 @@ pub enum Step {
     Relay,
     Scaling,
     Backlog,
+    /// The disk alone: group-commit appends + fdatasync at the relay's half rate.
+    Fsync,
+    /// Redis alone (`appendfsync always`): message-sized writes at the relay's half rate.
+    Redisbase,
     Profile,
 }
 
 /// The steps of a complete run (profile is extra).
-pub const ALL_STEPS: [Step; 6] = [
+pub const ALL_STEPS: [Step; 8] = [
     Step::Ceiling,
     Step::Postfix,
     Step::Peers,
     Step::Relay,
     Step::Scaling,
     Step::Backlog,
+    Step::Fsync,
+    Step::Redisbase,
 ];
 
 /// Everything `bench-run` can be told.
@@ -82,6 +90,8 @@ pub struct Options {
     /// The manifest `bench/install-peers.sh` wrote, and which peers to run.
     pub peers_manifest: PathBuf,
     pub peers: Vec<Peer>,
+    /// Rate of the fsync and Redis-alone probes when no relay row of this run gives one.
+    pub probe_rate: f64,
 }
 
 impl Options {
@@ -226,7 +236,7 @@ fn tail(path: &Path, lines: usize) -> String {
 
 /// A running `bench-sink`.
 struct Sink {
-    _proc: Proc,
+    proc: Proc,
     smtp: SocketAddr,
     http: SocketAddr,
 }
@@ -253,8 +263,13 @@ impl Sink {
         Ok(Sink {
             smtp: field("smtp=")?,
             http: field("http=")?,
-            _proc: proc,
+            proc,
         })
+    }
+
+    /// CPU ticks the sink used so far (all its threads).
+    fn ticks(&self) -> u64 {
+        procfs::read_stat(self.proc.pid()).map(|s| s.total_ticks()).unwrap_or(0)
     }
 
     fn stats(&self) -> anyhow::Result<SinkStats> {
@@ -495,6 +510,14 @@ fn wait_delivered(sink: &Sink, target: u64, max: Duration, watch: &mut Watch) ->
     }
 }
 
+/// CPU ticks of this process' reaped children (`bench-loadgen` runs are the only children that
+/// exit while a row is measured).
+fn reaped_children_ticks() -> u64 {
+    procfs::read_stat(std::process::id())
+        .map(|s| s.cutime + s.cstime)
+        .unwrap_or(0)
+}
+
 /// The system under test as the measurement sees it.
 struct Sut<'a> {
     targets: Vec<SocketAddr>,
@@ -509,6 +532,9 @@ fn measure(opts: &Options, row: &mut Row, sut: &Sut<'_>, watch: &mut Watch) -> a
     let info0 = sut.redis.map(redis_info::fetch_info).transpose()?;
     let ticks0 = watch.ticks();
     let relay_ticks0 = watch.ticks_of("relay");
+    let sink_ticks0 = sut.sink.ticks();
+    // The generator's CPU: it is our child, and a reaped child's ticks land in our cutime/cstime.
+    let gen_ticks0 = reaped_children_ticks();
     let cpu0 = procfs::read_cpu_times();
     let closed = run_load(
         opts,
@@ -521,6 +547,7 @@ fn measure(opts: &Options, row: &mut Row, sut: &Sut<'_>, watch: &mut Watch) -> a
         },
         watch,
     )?;
+    let gen_ticks = reaped_children_ticks().saturating_sub(gen_ticks0);
     let (s1, drained) = wait_delivered(
         sut.sink,
         s0.messages + closed.accepted,
@@ -529,7 +556,9 @@ fn measure(opts: &Options, row: &mut Row, sut: &Sut<'_>, watch: &mut Watch) -> a
     )?;
     let ticks1 = watch.ticks();
     let relay_ticks1 = watch.ticks_of("relay");
-    row.machine_cpu = Some(cpu0.shares_until(&procfs::read_cpu_times()));
+    let sink_ticks = sut.sink.ticks().saturating_sub(sink_ticks0);
+    let cpu1 = procfs::read_cpu_times();
+    row.machine_cpu = Some(cpu0.shares_until(&cpu1));
     let info1 = sut.redis.map(redis_info::fetch_info).transpose()?;
 
     row.accepted = closed.accepted;
@@ -551,6 +580,13 @@ fn measure(opts: &Options, row: &mut Row, sut: &Sut<'_>, watch: &mut Watch) -> a
         if row.kind == Kind::Relay {
             row.relay_cpu_ms_per_msg = Some(per_msg(relay_ticks1.saturating_sub(relay_ticks0)));
         }
+        let n = row.delivered;
+        row.cpu = Some(CpuBreakdown {
+            sut: row.cpu_ms_per_msg,
+            generator: cpuacct::ms_per_msg(gen_ticks, hz, n).unwrap_or(0.0),
+            sink: cpuacct::ms_per_msg(sink_ticks, hz, n).unwrap_or(0.0),
+            machine: cpuacct::ms_per_msg(cpu1.busy.saturating_sub(cpu0.busy), hz, n),
+        });
         if let (Some(a), Some(b)) = (&info0, &info1) {
             let delta = OpsDelta::between(a, b);
             let (ops, top) = delta.per_message(row.delivered, 5);
@@ -1045,6 +1081,52 @@ fn backlog_inner(opts: &Options, b: &mut Backlog) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes one message adds to the AOF, as the probes assume: the message and ~2 KiB of metadata,
+/// job and log records (the figure the sizing uses when no backlog was measured).
+fn aof_bytes_per_msg(opts: &Options) -> usize {
+    opts.size + 2048
+}
+
+fn fsync_probe(opts: &Options, rate: f64) -> Probe {
+    let secs = opts.open_secs.max(1.0);
+    probes::group_commit(&opts.work_dir, rate, secs, aof_bytes_per_msg(opts)).unwrap_or_else(|e| Probe {
+        name: "fsync".into(),
+        rate,
+        error: Some(format!("{e:#}")),
+        ..Probe::default()
+    })
+}
+
+fn redis_probe(opts: &Options, op: RedisOp, rate: f64) -> Probe {
+    let r = (|| {
+        let redis = start_redis(opts, "probe", "always")?;
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let mut p = rt.block_on(probes::redis_open_loop(
+            redis.addr(),
+            op,
+            rate,
+            opts.open_secs.max(1.0),
+            opts.sessions,
+            aof_bytes_per_msg(opts),
+        ))?;
+        let info = redis_info::fetch_info(redis.addr())?;
+        let rewrites = info.u64("aof_rewrites").unwrap_or(0);
+        p.detail = format!("{} ({})", p.detail, redis_durability(opts, "always"));
+        if rewrites > 0 {
+            p.detail.push_str(&format!(", {rewrites} AOF rewrites"));
+        }
+        drop(redis);
+        let _ = fs::remove_dir_all(opts.work_dir.join("redis-probe"));
+        anyhow::Ok(p)
+    })();
+    r.unwrap_or_else(|e| Probe {
+        name: op.name().into(),
+        rate,
+        error: Some(format!("{e:#}")),
+        ..Probe::default()
+    })
+}
+
 /// Records a perf profile of one relay at saturation; returns the report text.
 fn profile_relay(opts: &Options, out: &Path) -> anyhow::Result<String> {
     let redis = start_redis(opts, "profile", "always")?;
@@ -1288,6 +1370,23 @@ pub fn run(opts: &Options) -> anyhow::Result<PathBuf> {
         res.sizing = Some((input, sizing::size(&input)));
     }
 
+    let probe_rate = res
+        .rows
+        .iter()
+        .find(|r| r.kind == Kind::Relay && r.ok() && r.durability.contains("appendfsync always"))
+        .and_then(|r| r.half_rate)
+        .unwrap_or(opts.probe_rate);
+    if opts.has(Step::Fsync) {
+        eprintln!("fsync: group commit on the run directory's disk at {probe_rate:.0}/s…");
+        res.probes.push(fsync_probe(opts, probe_rate));
+    }
+    if opts.has(Step::Redisbase) {
+        for op in [RedisOp::Set, RedisOp::CommitLike] {
+            eprintln!("Redis alone, appendfsync always: {} at {probe_rate:.0}/s…", op.name());
+            res.probes.push(redis_probe(opts, op, probe_rate));
+        }
+    }
+
     let host = res.machine.hostname.clone();
     let stem = result_stem(
         &now.format("%Y-%m-%d").to_string(),
@@ -1391,6 +1490,7 @@ mod tests {
             redis_args: vec![],
             peers_manifest: manifest,
             peers,
+            probe_rate: 100.0,
         }
     }
 

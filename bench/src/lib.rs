@@ -4,6 +4,7 @@
 //! parsing, sizing, the Markdown report) are plain functions; the I/O around them is thin.
 
 pub mod client;
+pub mod cpuacct;
 pub mod harness;
 pub mod httpget;
 pub mod latency;
@@ -11,6 +12,7 @@ pub mod loadgen;
 pub mod message;
 pub mod peers;
 pub mod postfix;
+pub mod probes;
 pub mod procfs;
 pub mod redis_info;
 pub mod reply;

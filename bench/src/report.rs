@@ -5,14 +5,18 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpuacct::{self, CpuBreakdown};
 use crate::latency::LatencySummary;
-use crate::sizing::{Sizing, SizingInput};
+use crate::probes::Probe;
+use crate::sizing::{self, Sizing, SizingInput};
 use crate::sysinfo::Machine;
 
 /// Issue 7's targets, checked in the report.
 pub const TARGET_VS_POSTFIX: f64 = 6.0;
 pub const TARGET_VS_CEILING: f64 = 0.40;
 pub const TARGET_P99_MS: f64 = 10.0;
+/// Issue 18's delivered-rate target against Postfix.
+pub const TARGET_VS_POSTFIX_18: f64 = 10.0;
 
 /// What kind of system a row measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +99,10 @@ pub struct Row {
     pub cpu_ms_per_msg: Option<f64>,
     /// CPU of the relay process(es) alone per delivered message.
     pub relay_cpu_ms_per_msg: Option<f64>,
+    /// CPU per delivered message of every process of the row (system under test, generator,
+    /// sink) and of the whole machine, over the closed-loop phase and the drain.
+    #[serde(default)]
+    pub cpu: Option<CpuBreakdown>,
     /// Machine-wide CPU busy and iowait shares during the throughput phase (0..=1).
     #[serde(default)]
     pub machine_cpu: Option<(f64, f64)>,
@@ -132,6 +140,7 @@ impl Row {
             schedule_latency: None,
             cpu_ms_per_msg: None,
             relay_cpu_ms_per_msg: None,
+            cpu: None,
             machine_cpu: None,
             peak_rss_mib: vec![],
             redis: None,
@@ -182,6 +191,9 @@ pub struct BenchResults {
     pub rows: Vec<Row>,
     pub backlog: Option<Backlog>,
     pub sizing: Option<(SizingInput, Sizing)>,
+    /// The disk and Redis alone at the relay's half rate (steps fsync, redisbase).
+    #[serde(default)]
+    pub probes: Vec<Probe>,
     pub notes: Vec<String>,
 }
 
@@ -342,6 +354,15 @@ pub fn render(r: &BenchResults) -> String {
         if let Some(n) = &row.note {
             let _ = writeln!(s, "{}: {n}.\n", row.system);
         }
+        // A refused message is not in accepted/s: many refusals mean the row measured a limit.
+        if row.rejected > 0 {
+            let _ = writeln!(
+                s,
+                "{}: {} messages were refused (a reply other than 250) and {} failed (connection or timeout), \
+                 next to {} accepted.\n",
+                row.system, row.rejected, row.errors, row.accepted
+            );
+        }
     }
     let late: Vec<String> = r
         .rows
@@ -356,6 +377,8 @@ pub fn render(r: &BenchResults) -> String {
             late.join("; ")
         );
     }
+
+    cpu_section(&mut s, r);
 
     let relay_rows: Vec<&Row> = r.rows.iter().filter(|row| row.redis.is_some() && row.ok()).collect();
     if !relay_rows.is_empty() {
@@ -392,6 +415,8 @@ pub fn render(r: &BenchResults) -> String {
         }
         let _ = writeln!(s);
     }
+
+    probe_section(&mut s, r);
 
     if let Some(b) = &r.backlog {
         let _ = writeln!(s, "## Backlog\n");
@@ -446,14 +471,13 @@ pub fn render(r: &BenchResults) -> String {
         }
     }
 
-    if let Some((i, z)) = &r.sizing {
+    if let Some((i, _)) = &r.sizing {
         let _ = writeln!(s, "## Sizing from these figures\n");
         let _ = writeln!(
             s,
-            "For {:.0} messages an hour with a peak {:.1}× the average, {:.0}-core relay pods and every core and Redis \
-             main thread planned at {:.0}% (relay {:.3} CPU ms/msg, Redis {:.3} CPU ms/msg and {:.1} ops/msg, \
-             {:.0} bytes per queued message):\n",
-            i.messages_per_hour,
+            "With a peak {:.1}× the hourly average, {:.0}-core relay pods and every core and Redis main thread planned \
+             at {:.0}% (relay {:.3} CPU ms/msg, Redis {:.3} CPU ms/msg and {:.1} ops/msg, {:.0} bytes per queued \
+             message):\n",
             i.peak_factor,
             i.cores_per_pod,
             i.target_utilization * 100.0,
@@ -464,15 +488,28 @@ pub fn render(r: &BenchResults) -> String {
         );
         let _ = writeln!(
             s,
-            "| Peak rate | Relay cores | Relay pods | Redis ops/s | Redis shards | Memory for {:.0} h of backlog |",
+            "| Messages an hour | Peak rate | Relay cores | Relay pods | Redis ops/s | Redis shards | Memory for {:.0} h of backlog |",
             i.backlog_hours
         );
-        let _ = writeln!(s, "|--:|--:|--:|--:|--:|--:|");
-        let _ = writeln!(
-            s,
-            "| {:.0}/s | {:.1} | {} | {:.0} | {} | {:.1} GiB |\n",
-            z.peak_msgs_per_sec, z.relay_cores, z.relay_pods, z.redis_ops_per_sec, z.redis_shards, z.backlog_gib
-        );
+        let _ = writeln!(s, "|--:|--:|--:|--:|--:|--:|--:|");
+        for volume in sizing_volumes(i.messages_per_hour) {
+            let z = sizing::size(&SizingInput {
+                messages_per_hour: volume,
+                ..*i
+            });
+            let _ = writeln!(
+                s,
+                "| {:.0} | {:.0}/s | {:.1} | {} | {:.0} | {} | {:.1} GiB |",
+                volume,
+                z.peak_msgs_per_sec,
+                z.relay_cores,
+                z.relay_pods,
+                z.redis_ops_per_sec,
+                z.redis_shards,
+                z.backlog_gib
+            );
+        }
+        let _ = writeln!(s);
     }
 
     let _ = writeln!(s, "## Targets (issue 7)\n");
@@ -486,6 +523,149 @@ pub fn render(r: &BenchResults) -> String {
         }
     }
     s
+}
+
+/// CPU per delivered message of every process of each row, and what it bounds on this machine.
+fn cpu_section(s: &mut String, r: &BenchResults) {
+    let rows: Vec<(&Row, CpuBreakdown)> = r
+        .rows
+        .iter()
+        .filter(|row| row.ok())
+        .filter_map(|row| Some((row, row.cpu?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let cores = r.machine.cores.max(1) as f64;
+    let _ = writeln!(
+        s,
+        "## CPU per delivered message, every process
+"
+    );
+    let _ = writeln!(
+        s,
+        "| Row | System under test ms | Generator ms | Sink ms | Total ms (cores at delivered/s) | Delivered/s if the total \
+         used all {cores:.0} cores | Whole machine ms (others) |"
+    );
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|");
+    for (row, c) in &rows {
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {} | {:.3} | {:.3} | {:.3} ({:.2}) | {} | {} |",
+            row.system,
+            row.durability,
+            opt(c.sut, |v| format!("{v:.3}")),
+            c.generator,
+            c.sink,
+            c.total(),
+            c.cores_at(row.delivered_per_sec),
+            opt(c.bound_per_sec(cores), rate),
+            opt(c.machine, |m| format!("{m:.3} ({:.3})", c.others().unwrap_or(0.0)))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nCPU time per delivered message over the closed-loop phase and the drain: the system under test as in the \
+         table above, `bench-loadgen` (its whole run) and `bench-sink`, from /proc/PID/stat. The {cores:.0} cores give \
+         {:.0} CPU ms a second, so no row delivers more than {:.0} ÷ total ms per second, whatever its latencies. \
+         Whole machine: every busy CPU tick in the same window (/proc/stat) per message; what it has beyond the \
+         row's total (others) is work that was not the row's.",
+        cores * 1000.0,
+        cores * 1000.0
+    );
+    if let Some(pf) = r.best(Kind::Postfix) {
+        let want = pf.delivered_per_sec * TARGET_VS_POSTFIX_18;
+        let _ = writeln!(
+            s,
+            "{TARGET_VS_POSTFIX_18:.0}× Postfix ({:.0}/s) is {want:.0} delivered/s: {} CPU ms per message for the \
+             relay, Redis, the generator and the sink together.",
+            pf.delivered_per_sec,
+            opt(cpuacct::budget_ms_per_msg(want, cores), |v| format!("{v:.3}"))
+        );
+    }
+    let _ = writeln!(s);
+}
+
+/// The disk and Redis alone at the relay's half rate, next to the relay's own accept latency.
+fn probe_section(s: &mut String, r: &BenchResults) {
+    if r.probes.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "## The disk and Redis alone at the relay's half rate\n");
+    let _ = writeln!(
+        s,
+        "| Probe | What | Rate | Operations | p50 ms | p90 ms | p99 ms | max ms | Scheduled → done p50 / p99 ms | Messages per fsync |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for p in &r.probes {
+        if let Some(e) = &p.error {
+            let _ = writeln!(
+                s,
+                "| {} | failed: {} | {:.0}/s | | | | | | | |",
+                p.name,
+                e.replace('|', "/").replace('\n', " "),
+                p.rate
+            );
+            continue;
+        }
+        let l = &p.latency;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0}/s | {} | {} | {} | {} | {} | {} / {} | {} |",
+            p.name,
+            p.detail,
+            p.rate,
+            p.ops,
+            ms(l.p50_us),
+            ms(l.p90_us),
+            ms(l.p99_us),
+            ms(l.max_us),
+            ms(p.schedule.p50_us),
+            ms(p.schedule.p99_us),
+            opt(p.per_batch, |v| format!("{v:.2}"))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nfsync: messages fall due on the open-loop schedule; each round appends every due message's bytes in one \
+         write and calls fdatasync once (Redis `appendfsync always` writes and fsyncs the AOF once per event-loop \
+         iteration): p50…max are one round's write + fdatasync, *scheduled → done* a message's wait until its round was \
+         durable, the disk's share of an accept latency with no CPU spent. Redis: one command per message over as many \
+         connections as SMTP sessions; p50…max from the command written to its reply."
+    );
+    let relay = r
+        .rows
+        .iter()
+        .find(|row| row.kind == Kind::Relay && row.ok() && row.durability.contains("appendfsync always"));
+    let base = r
+        .probes
+        .iter()
+        .find(|p| p.name.starts_with("redis EVAL") && p.error.is_none());
+    if let (Some(row), Some(b), Some(l)) = (relay, base, relay.and_then(|row| row.latency)) {
+        let _ = writeln!(
+            s,
+            "\nAt {:.0}/s the relay's accept p99 is {} ms, Redis alone ({}) {} ms: the relay adds {:.2} ms at p99.",
+            row.half_rate.unwrap_or(0.0),
+            ms(l.p99_us),
+            b.name,
+            ms(b.latency.p99_us),
+            (l.p99_us as f64 - b.latency.p99_us as f64) / 1000.0
+        );
+    }
+    let _ = writeln!(s);
+}
+
+/// The hourly volumes the sizing table always shows (bench/README.md quotes them).
+pub const SIZING_VOLUMES: [f64; 2] = [2_000_000.0, 20_000_000.0];
+
+/// [`SIZING_VOLUMES`] and the run's own `--plan-per-hour`, ascending, without duplicates.
+pub fn sizing_volumes(planned: f64) -> Vec<f64> {
+    let mut v = SIZING_VOLUMES.to_vec();
+    if planned > 0.0 && !v.contains(&planned) {
+        v.push(planned);
+    }
+    v.sort_by(f64::total_cmp);
+    v
 }
 
 /// One line per target: met, missed, or not measured.
@@ -627,6 +807,75 @@ mod tests {
         );
         assert!(
             md.contains("| mailroute relay (d) | 11.50 | EVALSHA 3.00 | 0.050 | — | 12.0 | 2 (1.5) |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn cpu_table_adds_generator_and_sink_to_the_system_under_test() {
+        let mut r = results();
+        r.machine.cores = 2;
+        let relay = r.rows.iter_mut().find(|x| x.system == "mailroute relay").unwrap();
+        relay.cpu = Some(CpuBreakdown {
+            sut: Some(0.5),
+            generator: 0.1,
+            sink: 0.15,
+            machine: Some(0.8),
+        });
+        let md = render(&r);
+        // 0.75 ms × 3000/s = 2.25 cores; 2000 CPU ms/s ÷ 0.75 = 2667/s; others 0.05.
+        assert!(
+            md.contains("| mailroute relay (d) | 0.500 | 0.100 | 0.150 | 0.750 (2.25) | 2667 | 0.800 (0.050) |"),
+            "{md}"
+        );
+        assert!(!md.contains("were refused"), "{md}");
+        r.rows[1].rejected = 403_239;
+        assert!(
+            render(&r).contains("Postfix: 403239 messages were refused (a reply other than 250) and 0 failed"),
+            "{md}"
+        );
+        // 10× Postfix's 400/s = 4000/s on 2 cores: 0.5 ms per message for all four.
+        assert!(md.contains("is 4000 delivered/s: 0.500 CPU ms per message"), "{md}");
+        let json = serde_json::to_string(&r).unwrap();
+        let back: BenchResults = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        // Results written before the breakdown existed still load (and render without it).
+        let before = results();
+        let old = serde_json::to_string(&before).unwrap().replace(",\"cpu\":null", "");
+        assert!(!old.contains("\"cpu\""));
+        let old: BenchResults = serde_json::from_str(&old).unwrap();
+        assert_eq!(old, before);
+        assert!(!render(&old).contains("every process"));
+    }
+
+    #[test]
+    fn sizing_table_has_two_and_twenty_million_an_hour() {
+        assert_eq!(sizing_volumes(2_000_000.0), vec![2_000_000.0, 20_000_000.0]);
+        assert_eq!(
+            sizing_volumes(5_000_000.0),
+            vec![2_000_000.0, 5_000_000.0, 20_000_000.0]
+        );
+        let mut r = results();
+        let input = SizingInput {
+            messages_per_hour: 2_000_000.0,
+            peak_factor: 2.0,
+            relay_cpu_ms_per_msg: 0.131,
+            redis_cpu_ms_per_msg: 0.126,
+            redis_ops_per_msg: 24.5,
+            redis_bytes_per_queued_msg: 12_580.0,
+            cores_per_pod: 1.0,
+            target_utilization: 0.5,
+            backlog_hours: 1.0,
+        };
+        r.sizing = Some((input, sizing::size(&input)));
+        let md = render(&r);
+        // The 2026-12-05 full run's figures: 2 M/h fits the floors, 20 M/h needs 3 pods and 3 shards.
+        assert!(
+            md.contains("| 2000000 | 1111/s | 0.3 | 2 | 27222 | 1 | 23.4 GiB |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 20000000 | 11111/s | 2.9 | 3 | 272222 | 3 | 234.3 GiB |"),
             "{md}"
         );
     }

@@ -20,10 +20,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use mailroute_api::podmap::{Keys, heartbeat_ttl};
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use mailroute_redis::{RedisConn, Timeouts, redact};
+use redis::aio::ConnectionLike;
+use redis::{Pipeline, RedisResult};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -153,104 +152,14 @@ async fn watch_pods(api: Api<Pod>, i: usize, pods: Pods, mut shutdown: watch::Re
     }
 }
 
-/// A connection to one Redis server or a Redis Cluster (the relay's URL syntax).
-#[derive(Clone)]
-pub enum RedisConn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-/// The nodes of a `redis+cluster://[user:pass@]h1:p1,h2:p2[/…]` URL as `redis://` URLs (the
-/// relay's syntax), or `None` for a single-server URL.
-pub fn cluster_nodes(url: &str) -> Option<Vec<String>> {
-    let (scheme, rest) = url.split_once("://")?;
-    let node_scheme = match scheme {
-        "redis+cluster" => "redis",
-        "rediss+cluster" => "rediss",
-        _ => return None,
+/// Opens the relays' Redis (their URL syntax: one server or a cluster), with the operator's
+/// shorter timeouts: its writes are small and a stuck one is retried by the loop that made it.
+pub async fn open_redis(url: &str) -> RedisResult<RedisConn> {
+    let t = Timeouts {
+        connect: Duration::from_secs(5),
+        response: Duration::from_secs(5),
     };
-    let (userinfo, hosts_and_rest) = match rest.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, rest),
-    };
-    let split = hosts_and_rest.find(['/', '?', '#']).unwrap_or(hosts_and_rest.len());
-    let (hosts, suffix) = hosts_and_rest.split_at(split);
-    Some(
-        hosts
-            .split(',')
-            .map(str::trim)
-            .filter(|h| !h.is_empty())
-            .map(|h| match userinfo {
-                Some(u) => format!("{node_scheme}://{u}@{h}{suffix}"),
-                None => format!("{node_scheme}://{h}{suffix}"),
-            })
-            .collect(),
-    )
-}
-
-/// A URL for logs, without its credentials.
-pub fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rsplit_once('@')) {
-        (Some((scheme, _)), Some((_, hosts))) => format!("{scheme}://***@{hosts}"),
-        _ => url.to_owned(),
-    }
-}
-
-impl RedisConn {
-    pub async fn open(url: &str) -> RedisResult<RedisConn> {
-        let connect = Duration::from_secs(5);
-        let response = Duration::from_secs(5);
-        match cluster_nodes(url) {
-            Some(nodes) => Ok(RedisConn::Cluster(
-                ClusterClient::builder(nodes)
-                    .connection_timeout(connect)
-                    .response_timeout(response)
-                    .retries(2)
-                    .build()?
-                    .get_async_connection()
-                    .await?,
-            )),
-            None => {
-                let cfg = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(response))
-                    .set_connection_timeout(Some(connect))
-                    .set_number_of_retries(2);
-                Ok(RedisConn::Single(
-                    redis::Client::open(url)?
-                        .get_connection_manager_with_config(cfg)
-                        .await?,
-                ))
-            }
-        }
-    }
-}
-
-impl ConnectionLike for RedisConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            RedisConn::Single(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            RedisConn::Single(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
-        }
-    }
+    RedisConn::open(url, t).await
 }
 
 /// Writes the map into Redis (one writer at a time: the leader).
@@ -393,7 +302,7 @@ pub async fn run(
             continue;
         }
         if writer.is_none() {
-            match RedisConn::open(&settings.redis_url).await {
+            match open_redis(&settings.redis_url).await {
                 Ok(c) => writer = Some(Writer::new(c, &settings.prefix, &settings.identity, settings.interval)),
                 Err(e) => {
                     tracing::warn!(error = %e, redis = %redact(&settings.redis_url), "connecting to Redis for the pod identity map failed; retrying");
@@ -466,16 +375,6 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    #[test]
-    fn cluster_urls_name_every_seed_and_single_urls_none() {
-        assert_eq!(
-            cluster_nodes("redis+cluster://u:p@a:1,b:2/0"),
-            Some(vec!["redis://u:p@a:1/0".to_string(), "redis://u:p@b:2/0".to_string()])
-        );
-        assert_eq!(cluster_nodes("redis://a:1"), None);
-        assert_eq!(redact("redis://:pw@a:1"), "redis://***@a:1");
-    }
-
     fn running(uid: &str, ip: &str) -> Pod {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": uid, "namespace": "team-a", "uid": uid},
@@ -527,7 +426,7 @@ mod tests {
     #[tokio::test]
     async fn the_writer_replaces_then_updates_the_map_with_a_generation_bump_each_time() {
         let server = mailroute_testkit::redis::RedisServer::start().unwrap();
-        let conn = RedisConn::open(&server.url()).await.unwrap();
+        let conn = open_redis(&server.url()).await.unwrap();
         let mut check = server
             .client()
             .unwrap()

@@ -12,7 +12,7 @@ use mailroute_api::webhook::{WebhookFailure, health};
 
 use crate::clock;
 use crate::conditions::{Desired, Status};
-use crate::podpublish::RedisConn;
+use mailroute_redis::RedisConn;
 
 /// One webhook's health as the relay sending it wrote it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -175,7 +175,7 @@ impl HealthReader {
     pub async fn read(&self, ids: &[String]) -> Result<BTreeMap<String, EndpointHealth>, redis::RedisError> {
         let mut guard = self.conn.lock().await;
         if guard.is_none() {
-            *guard = Some(RedisConn::open(&self.url).await?);
+            *guard = Some(crate::podpublish::open_redis(&self.url).await?);
         }
         let Some(conn) = guard.as_mut() else {
             return Ok(BTreeMap::new());

@@ -646,6 +646,29 @@ where
     }
 }
 
+/// The dynamic API resource of a mailroute.io/v1alpha1 kind (the tests apply CRs as JSON).
+pub fn mailroute_resource(kind: &str, plural: &str) -> kube::api::ApiResource {
+    kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("mailroute.io", "v1alpha1", kind),
+        plural,
+    )
+}
+
+/// `SmtpRoute`'s resource.
+pub fn route_resource() -> kube::api::ApiResource {
+    mailroute_resource("SmtpRoute", "smtproutes")
+}
+
+/// A Secret of `data` given as stringData.
+pub fn secret(ns: &str, name: &str, data: serde_json::Value) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "stringData": data,
+    }))
+    .expect("a valid Secret")
+}
+
 /// Applies every CRD in `crds/` and waits until each is Established.
 pub async fn apply_crds(client: &kube::Client) -> anyhow::Result<()> {
     let api = Api::<CustomResourceDefinition>::all(client.clone());

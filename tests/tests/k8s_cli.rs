@@ -13,9 +13,8 @@ use std::path::Path;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use mailroute_testkit::{Script, SmtpServer, TestPki};
-use mailroute_tests::k8s::{ControlPlane, apply_crds, run, workspace_root};
+use mailroute_tests::k8s::{ControlPlane, apply_crds, route_resource, run, secret, workspace_root};
 use mailroute_tests::operator::{binary, install_chart_rbac, start_operator};
 
 const RELEASE: &str = "mail";
@@ -153,22 +152,6 @@ async fn without_an_admin_url_the_cli_asks_the_api_servers_service_proxy_as_the_
         "{}",
         r.stderr
     );
-}
-
-fn route_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("mailroute.io", "v1alpha1", "SmtpRoute"),
-        "smtproutes",
-    )
-}
-
-fn secret(ns: &str, name: &str, data: serde_json::Value) -> Secret {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "namespace": ns},
-        "stringData": data,
-    }))
-    .unwrap()
 }
 
 #[tokio::test]

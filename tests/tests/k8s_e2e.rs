@@ -10,28 +10,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use mailroute_testkit::{Script, SmtpServer, TestPki};
-use mailroute_tests::k8s::{ControlPlane, apply_crds, eventually, free_port, run, workspace_root};
+use mailroute_tests::k8s::{
+    ControlPlane, apply_crds, eventually, free_port, route_resource, run, secret, workspace_root,
+};
 use mailroute_tests::operator::{binary, forbidden, install_chart_rbac, start_operator};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn route_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("mailroute.io", "v1alpha1", "SmtpRoute"),
-        "smtproutes",
-    )
-}
-
-fn secret(ns: &str, name: &str, data: serde_json::Value) -> Secret {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name, "namespace": ns},
-        "stringData": data,
-    }))
-    .expect("a valid Secret")
-}
 
 /// The route's `Verified` condition as (status, reason, message), once it is for `generation`.
 fn verified(route: &DynamicObject) -> Option<(String, String, String)> {

@@ -11,18 +11,10 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use mailroute_tests::k8s::{ControlPlane, Process, apply_crds, eventually, free_port};
+use mailroute_tests::k8s::{ControlPlane, Process, apply_crds, eventually, free_port, route_resource};
 use mailroute_tests::operator::{binary, forbidden, install_chart_rbac};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn route_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("mailroute.io", "v1alpha1", "SmtpRoute"),
-        "smtproutes",
-    )
-}
 
 fn route(ns: &str, name: &str, fleet: Option<&str>) -> DynamicObject {
     let labels = fleet.map_or(serde_json::json!({}), |f| serde_json::json!({"mailroute.io/fleet": f}));

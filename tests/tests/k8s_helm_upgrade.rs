@@ -16,9 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::GroupVersionKind;
-use kube::discovery::ApiResource;
-use mailroute_tests::k8s::{ControlPlane, eventually, free_port, run, workspace_root};
+use mailroute_tests::k8s::{ControlPlane, eventually, free_port, route_resource, run, workspace_root};
 use mailroute_tests::operator::{forbidden, start_operator};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -26,13 +24,6 @@ const RELEASE: &str = "rel";
 const CRDS: [&str; 2] = ["smtproutes.mailroute.io", "senderquotas.mailroute.io"];
 /// Names the images (no kubelet pulls them here; a source-tree chart may refuse its defaults).
 const IMAGES: [&str; 2] = ["--set", "image.tag=k8s-suite"];
-
-fn route_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("mailroute.io", "v1alpha1", "SmtpRoute"),
-        "smtproutes",
-    )
-}
 
 /// A smarthost route for `domain` (nothing listens on `port`: only the compiled config matters).
 fn route(ns: &str, domain: &str, port: u16) -> DynamicObject {

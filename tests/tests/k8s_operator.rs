@@ -10,8 +10,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use mailroute_tests::k8s::{ControlPlane, Process, apply_crds, eventually, free_port, run, workspace_root};
+use mailroute_tests::k8s::{
+    ControlPlane, Process, apply_crds, eventually, free_port, route_resource, run, workspace_root,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -69,13 +70,6 @@ fn install_chart_rbac(cp: &ControlPlane, release: &str, ns: &str) -> (String, St
     (
         sa.expect("the chart renders a ServiceAccount"),
         role.expect("the chart renders a ClusterRole"),
-    )
-}
-
-fn route_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("mailroute.io", "v1alpha1", "SmtpRoute"),
-        "smtproutes",
     )
 }
 

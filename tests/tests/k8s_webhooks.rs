@@ -10,18 +10,15 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use mailroute_tests::k8s::{ControlPlane, apply_crds, eventually};
+use kube::core::ApiResource;
+use mailroute_tests::k8s::{ControlPlane, apply_crds, eventually, mailroute_resource};
 use mailroute_tests::operator::{forbidden, install_chart_rbac_with, start_operator};
 
 const WAIT: Duration = Duration::from_secs(120);
 const KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 fn webhooks_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("mailroute.io", "v1alpha1", "DeliveryWebhook"),
-        "deliverywebhooks",
-    )
+    mailroute_resource("DeliveryWebhook", "deliverywebhooks")
 }
 
 fn webhook(ns: &str, name: &str, url: &str) -> DynamicObject {

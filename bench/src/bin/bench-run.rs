@@ -68,6 +68,10 @@ struct Args {
     /// Which peers the peers step runs (default: exim,opensmtpd,haraka,maddy).
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
+    /// Rate (messages/s) of the fsync and redisbase steps when no relay row of the run gives its
+    /// half rate.
+    #[arg(long, default_value_t = 2400.0)]
+    probe_rate: f64,
     /// Measure nothing: re-render the Markdown next to this results JSON (after a report change).
     #[arg(long)]
     render: Option<PathBuf>,
@@ -140,6 +144,7 @@ fn main() -> anyhow::Result<()> {
             .collect(),
         peers_manifest: a.peers_manifest.clone().unwrap_or_else(peers::default_manifest),
         peers,
+        probe_rate: a.probe_rate,
     };
     install_interrupt_cleanup((scratch && !a.keep).then(|| work_dir.clone()))?;
     let result = run(&opts);

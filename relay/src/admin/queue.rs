@@ -187,18 +187,21 @@ pub(super) async fn retry(
     }
 }
 
-/// The rule and scope of a hold or release: exactly one of `route`, `domain`, `sender`, and
-/// `namespace` (a Kubernetes token's own, required).
+/// The prelude of hold and release: the control, and the rule and scope of the request: exactly
+/// one of `route`, `domain`, `sender`, and `namespace` (a Kubernetes token's own, required);
+/// of the other parameters only `extra` are accepted.
 async fn hold_target(
     st: &AdminState,
     principal: &Principal,
-    pairs: &[(String, String)],
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
     extra: &[&str],
-) -> Result<(HoldRule, Option<String>, Vec<(String, String)>), Response> {
+) -> Result<(std::sync::Arc<Control>, HoldRule, Option<String>, Vec<(String, String)>), Response> {
+    let c = control(st).map_err(|r| *r)?;
+    let pairs = pairs(q).map_err(|r| *r)?;
     let mut rule = None;
     let mut namespace = None;
     let mut rest = Vec::new();
-    for (k, v) in pairs {
+    for (k, v) in &pairs {
         match k.as_str() {
             "route" | "domain" | "sender" => {
                 if rule.is_some() {
@@ -235,7 +238,7 @@ async fn hold_target(
         Scope::All => namespace,
         Scope::Namespace(n) => Some(n),
     };
-    Ok((rule, namespace, rest))
+    Ok((c, rule, namespace, rest))
 }
 
 /// `POST /api/v1/queue/hold?route=|domain=|sender=[&namespace=][&max=]`.
@@ -244,15 +247,7 @@ pub(super) async fn hold(
     Extension(principal): Extension<Principal>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
-    let c = match control(&st) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let pairs = match pairs(q) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let (rule, namespace, rest) = match hold_target(&st, &principal, &pairs, &["max"]).await {
+    let (c, rule, namespace, rest) = match hold_target(&st, &principal, q, &["max"]).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -279,15 +274,7 @@ pub(super) async fn release(
     Extension(principal): Extension<Principal>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
-    let c = match control(&st) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
-    let pairs = match pairs(q) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    let (rule, namespace, _) = match hold_target(&st, &principal, &pairs, &[]).await {
+    let (c, rule, namespace, _) = match hold_target(&st, &principal, q, &[]).await {
         Ok(t) => t,
         Err(r) => return r,
     };
