@@ -3,7 +3,8 @@
 //! it will be tried, and an upstream's `421 4.7.0 Try again later`, which backs the route off,
 //! is classed `rate_limited` there too. With two relays on one Redis, every message's
 //! `received` is stored before any other record of it, even when a worker delivered it before
-//! the accepting session was back from the queue's commit.
+//! the accepting session was back from the queue's commit; a job's `delivered` is stored with
+//! the completion that finishes it, once.
 
 use std::time::Duration;
 
@@ -326,4 +327,43 @@ async fn received_precedes_a_delivery_that_finished_before_the_session_went_on()
     );
     a.shutdown().await;
     b.relay.shutdown().await;
+}
+
+/// A job's `delivered` record is stored by the complete that finishes it (where the delivery
+/// log is the Redis store): once every message's record is gone (its last recipient final), the
+/// stream already holds each one's `delivered`, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_is_stored_with_the_completion_and_once() {
+    let redis = RedisServer::start().unwrap();
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let routes = route("up", up.port(), 10, &["*"]);
+    let a = start(&routes, &redis.url(), |_| {}).await;
+    let ids = send_many(a.smtp(), "w", 20).await;
+    assert_eq!(ids.len(), 20);
+    let mut c = redis_connection(&redis).await;
+    let all_final = eventually(|| {
+        let mut c = c.clone();
+        let ids = ids.clone();
+        async move {
+            for id in &ids {
+                let n: i64 = redis::cmd("EXISTS")
+                    .arg(format!("{{mailroute}}:msg:{id}"))
+                    .query_async(&mut c)
+                    .await
+                    .expect("EXISTS");
+                if n != 0 {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    assert!(all_final, "not every message was completed");
+    let recs = stream_records(&mut c).await;
+    for id in &ids {
+        let n = recs.iter().filter(|(m, r)| m == id && r == "delivered").count();
+        assert_eq!(n, 1, "{id}: {n} delivered records when its completion was stored");
+    }
+    a.relay.shutdown().await;
 }

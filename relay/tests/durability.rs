@@ -144,8 +144,10 @@ async fn relay_killed_mid_flight_loses_nothing() {
     relay.kill().unwrap();
     relay.wait().unwrap();
     let accepted_before = sender.await.unwrap();
+    // 19: the message whose 250 was on its way when the kill landed may be among the 20
+    // delivered (a worker can take a job before the session's reply reaches the client).
     assert!(
-        accepted_before.len() >= 20 && accepted_before.len() < 200,
+        accepted_before.len() >= 19 && accepted_before.len() < 200,
         "kill landed mid-run: {}",
         accepted_before.len()
     );

@@ -527,6 +527,171 @@ async fn bulk_moves_apply_once_and_never_to_a_leased_job() {
     assert_eq!(back[0].job, leased[0].job, "back in the ready stream as it was leased");
 }
 
+/// The fetch with the load in one script: each job comes with its message as a load reads it
+/// (body and metadata, the cancelled flag), a job whose record is gone (aborted or purged)
+/// comes as gone, a batch takes at most `max`, and the rest waits for the next fetch.
+#[tokio::test]
+async fn redis_fetch_loaded_brings_each_job_s_message() {
+    let redis = RedisServer::start().unwrap();
+    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
+        .await
+        .unwrap();
+    let mut c = redis
+        .client()
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ids: Vec<String> = (1..=4).map(new_id).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let body = format!("body-{i}");
+        q.enqueue(
+            &meta(id, &["x@example.com"]),
+            body.as_bytes(),
+            &[(Job::new(id, 0), None)],
+        )
+        .await
+        .unwrap();
+    }
+    // Cancelled while its job is ready (as the cancel script marks it), and one record gone.
+    let _: i64 = redis::cmd("HSET")
+        .arg(format!("{{q}}:msg:{}", ids[1]))
+        .arg("cancelled")
+        .arg("1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{{q}}:msg:{}", ids[2]))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    let first = q.fetch_loaded("c1", 3, Duration::from_millis(100)).await.unwrap();
+    // (message, loaded: record gone or (body, cancelled)).
+    type Got = (String, Option<Option<(Vec<u8>, bool)>>);
+    let got: Vec<Got> = first
+        .iter()
+        .map(|f| {
+            let stored = f
+                .stored
+                .as_ref()
+                .map(|s| s.as_ref().map(|s| (s.body.to_vec(), s.cancelled)));
+            (f.leased.job.msg.clone(), stored)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (ids[0].clone(), Some(Some((b"body-0".to_vec(), false)))),
+            (ids[1].clone(), Some(Some((b"body-1".to_vec(), true)))),
+            (ids[2].clone(), Some(None)),
+        ]
+    );
+    let loaded = first[0].stored.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(loaded.meta.rcpts, vec!["x@example.com"]);
+    assert_eq!(loaded.meta.id, ids[0]);
+
+    let rest = q.fetch_loaded("c1", 3, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].leased.job.msg, ids[3]);
+    assert!(
+        q.fetch_loaded("c2", 3, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty(),
+        "fetched once"
+    );
+    // The leases are the consumer's, as a plain fetch's: completing them applies once.
+    let state = RecipientState {
+        status: RecipientStatus::Delivered,
+        attempts: 1,
+        next_attempt_ms: None,
+        last_reply: None,
+        route: None,
+    };
+    for f in first.iter().chain(&rest) {
+        let d = Disposition::Final { state: state.clone() };
+        assert!(q.complete(&f.leased, d.clone()).await.unwrap() || f.leased.job.msg == ids[2]);
+        assert!(!q.complete(&f.leased, d).await.unwrap(), "completed twice");
+    }
+}
+
+/// `blocked_clients` of the server's INFO.
+async fn blocked_clients(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("clients").query_async(c).await.unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An idle relay does not poll: once a fetch found the stream empty, the next one waits in
+/// Redis for a new entry and takes it, loaded, as soon as it comes (long before its block ends).
+/// A group lost to a flush is made again and its jobs are fetched.
+#[tokio::test]
+async fn redis_fetch_loaded_waits_for_new_work_and_wakes_on_it() {
+    let redis = RedisServer::start().unwrap();
+    let q = Arc::new(
+        RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
+            .await
+            .unwrap(),
+    );
+    let mut c = redis
+        .client()
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    assert!(
+        q.fetch_loaded("c1", 8, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let waiting = {
+        let q = q.clone();
+        tokio::spawn(async move { q.fetch_loaded("c1", 8, Duration::from_secs(30)).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while blocked_clients(&mut c).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fetch never waited in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = new_id(7);
+    q.enqueue(&meta(&id, &["x@example.com"]), b"new work", &[(Job::new(&id, 0), None)])
+        .await
+        .unwrap();
+    let woke = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiting fetch did not wake on the new entry")
+        .unwrap()
+        .unwrap();
+    assert_eq!(woke.len(), 1);
+    assert_eq!(woke[0].leased.job.msg, id);
+    assert_eq!(
+        woke[0].stored.as_ref().unwrap().as_ref().map(|s| s.body.to_vec()),
+        Some(b"new work".to_vec())
+    );
+
+    // Someone flushed Redis: the fetch makes the group again, then finds the new jobs.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
+    let id = new_id(8);
+    q.enqueue(&meta(&id, &["x@example.com"]), b"after", &[(Job::new(&id, 0), None)])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no job after the flush");
+        got = q.fetch_loaded("c1", 8, Duration::from_millis(100)).await.unwrap();
+    }
+    assert_eq!(got[0].leased.job.msg, id);
+}
+
 /// A body like the bench's 4 KiB message after the relay added its Received header.
 fn body_of(len: usize) -> Vec<u8> {
     let mut b = b"Received: from client.test by relay.test; Thu, 01 Jan 2026 00:00:00 +0000\r\n".to_vec();

@@ -58,6 +58,24 @@ pub struct Stored {
     pub cancelled: bool,
 }
 
+/// A job [`Queue::fetch_loaded`] took, with its message when it was loaded with the batch.
+#[derive(Debug)]
+pub struct Fetched {
+    pub leased: Leased,
+    /// `Some(None)`: the record is gone (aborted or purged); `None`: not loaded with the batch
+    /// (the job loads it itself).
+    pub stored: Option<Option<Stored>>,
+}
+
+/// What [`Queue::complete_logged`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completed {
+    /// As [`Queue::complete`] returns it.
+    pub applied: bool,
+    /// The store took the log records in the same step (the lease was still this one's).
+    pub logged: bool,
+}
+
 /// What happens to a leased job.
 #[derive(Clone, Debug)]
 pub enum Disposition {
@@ -245,6 +263,23 @@ pub trait Queue: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// [`Queue::fetch`] with each job's message loaded (one round trip per batch where the
+    /// store can). Waits up to `block` for a job as `fetch` does; a batch whose load failed is
+    /// returned not loaded, so no lease taken is left unattended.
+    async fn fetch_loaded(&self, consumer: &str, max: usize, block: Duration) -> Result<Vec<Fetched>> {
+        let jobs = self.fetch(consumer, max, block).await?;
+        let ids: Vec<&str> = jobs.iter().map(|l| l.job.msg.as_str()).collect();
+        let loaded: Vec<Option<Option<Stored>>> = match self.load_many(&ids).await {
+            Ok(v) if v.len() == jobs.len() => v.into_iter().map(Some).collect(),
+            _ => jobs.iter().map(|_| None).collect(),
+        };
+        Ok(jobs
+            .into_iter()
+            .zip(loaded)
+            .map(|(leased, stored)| Fetched { leased, stored })
+            .collect())
+    }
+
     /// The message and its body, None if it no longer exists.
     async fn load(&self, msg_id: &str) -> Result<Option<Stored>>;
 
@@ -262,6 +297,20 @@ pub trait Queue: Send + Sync + 'static {
     /// [`Disposition::Hold`] whose hold is gone puts the job back into the ready stream as it was
     /// leased and returns false.
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool>;
+
+    /// [`Queue::complete`] that, where [`Queue::stores_log`], also stores `log` (the outcome's
+    /// delivery-log records) in the delivery log in the same atomic step, and only if the lease
+    /// was still this consumer's: a complete retried after a lost reply stores them once.
+    /// Elsewhere `log` is ignored (`logged` false): the caller stores it.
+    async fn complete_logged(
+        &self,
+        leased: &Leased,
+        disposition: Disposition,
+        _log: &[crate::observe::dlog::Encoded],
+    ) -> Result<Completed> {
+        let applied = self.complete(leased, disposition).await?;
+        Ok(Completed { applied, logged: false })
+    }
 
     /// Cancels a message at once, in one atomic step: marks it cancelled, removes its scheduled
     /// and ready jobs, makes those recipients final (`cancelled`) and drops the record when none

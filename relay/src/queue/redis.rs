@@ -31,7 +31,13 @@
 //! stream (`crate::observe::dlog::redis`'s id rule and field), so they are stored in the step
 //! that makes the jobs visible and precede every record a worker writes for them. A commit
 //! answered 451 afterwards (replicas missing, reply lost past the settle time) leaves its
-//! `received` in the log, as it may leave its jobs delivered.
+//! `received` in the log, as it may leave its jobs delivered. The complete script stores a job
+//! outcome's records the same way ([`Queue::complete_logged`]), only when the lease was still
+//! there, so a retried complete stores nothing twice.
+//! A worker's fetch is one script (`FETCH`: XREADGROUP and each job's message record), so a busy
+//! relay has one round trip per batch; once a fetch took all there was, the next one sends a
+//! blocking `XREAD` for a newer entry and the script in one write, so an idle relay waits in
+//! Redis and wakes at once on new work.
 //! Bulk queue control adds a sorted set `held` (jobs a hold applies to, by the time the hold
 //! lapses for them; promoted like the schedule when that time comes), a hash `holds` (the holds,
 //! one JSON record per rule and namespace scope) and the script `BULK`, which applies one batch
@@ -47,8 +53,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{
-    BulkOp, CancelOutcome, Disposition, Leased, MessageView, Place, Queue, QueueError, QueueStats, QueuedJob, Result,
-    ScanCursor, Stored,
+    BulkOp, CancelOutcome, Completed, Disposition, Fetched, Leased, MessageView, Place, Queue, QueueError, QueueStats,
+    QueuedJob, Result, ScanCursor, Stored,
 };
 use crate::control::rules::Hold;
 use crate::queue::message::{Job, MessageMeta, RecipientState};
@@ -74,7 +80,7 @@ pub struct Durability {
 pub struct RedisQueue {
     conn: RedisConn,
     /// Blocking reads hold their connection; they get their own so they never delay enqueues.
-    block_conn: Mutex<RedisConn>,
+    block_conn: Mutex<BlockConn>,
     keys: Keys,
     durability: Durability,
     complete: Script,
@@ -86,8 +92,17 @@ pub struct RedisQueue {
     drop_msg: Script,
     prune: Script,
     bulk: Script,
+    fetch: Script,
     /// The commit stores the session's log records (the delivery log is the Redis store).
     stores_log: bool,
+}
+
+/// The fetch's connection, and where the last fetch left the ready stream.
+struct BlockConn {
+    conn: RedisConn,
+    /// The stream's last id when the last fetch took all there was: the next one waits for a
+    /// newer entry before taking. None: there may be more to take at once.
+    drained_at: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -122,10 +137,32 @@ impl Keys {
     }
 }
 
+// KEYS: ready, sched, msg, count, held, holds, the delivery log stream. ARGV: group, lease,
+// mode (r reschedule, h hold, f final), recipient field, its state, due ms, job, hold key, the
+// job as leased, number of log records R, R pairs (event ms, record JSON).
+// The log records are stored only when the lease was still there (the same guard as the rest:
+// a complete retried after a lost reply writes nothing twice), with the dlog store's id rule
+// (`<event ms>-*`, or the stream's newest ms when it holds a later id); a failed append never
+// fails the complete. Reply: 0 the lease was gone, 1 applied, 2 hold gone (back to ready).
 const COMPLETE: &str = r"
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if acked == 0 then return 0 end
 redis.call('XDEL', KEYS[1], ARGV[2])
+for r = 1, tonumber(ARGV[10] or '0') do
+  local at = 9 + 2 * r
+  local ok = redis.pcall('XADD', KEYS[7], ARGV[at] .. '-*', 'e', ARGV[at + 1])
+  if type(ok) == 'table' and ok.err then
+    local info = redis.pcall('XINFO', 'STREAM', KEYS[7])
+    local last = nil
+    if type(info) == 'table' and not info.err then
+      for i = 1, #info, 2 do
+        if info[i] == 'last-generated-id' then last = info[i + 1] end
+      end
+    end
+    local ms = last and string.match(last, '^(%d+)%-')
+    if ms then redis.pcall('XADD', KEYS[7], ms .. '-*', 'e', ARGV[at + 1]) end
+  end
+end
 if redis.call('EXISTS', KEYS[3]) == 0 then return 1 end
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
 if ARGV[3] == 'r' then
@@ -147,6 +184,44 @@ else
   end
 end
 return 1
+";
+
+// KEYS: ready. ARGV: group, consumer, count, the message keys' prefix (`<prefix>msg:`).
+// XREADGROUP without BLOCK (a script cannot block), then each job's message record as the
+// load reads it (HMGET meta body cancelled). The job's message id is its JSON's `m` (as CANCEL
+// reads it); an entry whose job does not decode comes without its record (the worker loads it
+// or skips it). Reply: {-1} no group; else {drained, id, fields, record, ...}, where drained is
+// the stream's last generated id when fewer than `count` entries were there (nothing more to
+// take until a newer entry comes), else false.
+const FETCH: &str = r"
+local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if type(r) == 'table' and r.err then
+  if string.find(r.err, 'NOGROUP', 1, true) then return {-1} end
+  return redis.error_reply(r.err)
+end
+local entries = {}
+if r then entries = r[1][2] end
+local out = {false}
+for _, e in ipairs(entries) do
+  local f = e[2]
+  local rec = false
+  if f[1] == 'j' and f[2] then
+    local ok, j = pcall(cjson.decode, f[2])
+    if ok and type(j) == 'table' and type(j['m']) == 'string' then
+      rec = redis.call('HMGET', ARGV[4] .. j['m'], 'meta', 'body', 'cancelled')
+    end
+  end
+  out[#out + 1] = e[1]
+  out[#out + 1] = f
+  out[#out + 1] = rec
+end
+if #entries < tonumber(ARGV[3]) then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then out[1] = info[i + 1] end
+  end
+end
+return out
 ";
 
 // KEYS: sched, ready, held. Held jobs come back when their hold lapses for them: the worker
@@ -452,7 +527,10 @@ impl RedisQueue {
         let block_conn = RedisConn::connect(target, block_timeouts).await?;
         let q = RedisQueue {
             conn,
-            block_conn: Mutex::new(block_conn),
+            block_conn: Mutex::new(BlockConn {
+                conn: block_conn,
+                drained_at: None,
+            }),
             keys: Keys::new(prefix),
             durability,
             complete: Script::new(COMPLETE),
@@ -464,6 +542,7 @@ impl RedisQueue {
             drop_msg: Script::new(DROP),
             prune: Script::new(PRUNE),
             bulk: Script::new(BULK),
+            fetch: Script::new(FETCH),
             stores_log: false,
         };
         q.ensure_group().await?;
@@ -699,8 +778,9 @@ impl RedisQueue {
     }
 
     /// Has the commit store the `received`/`scheduled` records given to
-    /// [`Queue::enqueue_logged`] in the delivery log stream under this queue's prefix. Only for a
-    /// relay whose delivery log is that Redis store (else they would land in a log nobody reads).
+    /// [`Queue::enqueue_logged`], and the complete those given to [`Queue::complete_logged`], in
+    /// the delivery log stream under this queue's prefix. Only for a relay whose delivery log is
+    /// that Redis store (else they would land in a log nobody reads).
     pub fn storing_log(mut self) -> Self {
         self.stores_log = true;
         self
@@ -730,6 +810,20 @@ impl RedisQueue {
         }
         out
     }
+}
+
+/// The job of one stream entry (`id`, `[ "j", <job> ]`); None, with a warning, if it does not
+/// decode.
+fn leased_from_entry(id: &Value, fields: &Value) -> Option<Leased> {
+    let id = as_string(id)?;
+    let job = match fields {
+        Value::Array(f) => f.get(1).and_then(as_bytes).and_then(Job::decode),
+        _ => None,
+    };
+    if job.is_none() {
+        tracing::warn!(entry = %id, "skipping undecodable queue entry");
+    }
+    job.map(|job| Leased { lease: id, job })
 }
 
 /// A message record from an `HMGET meta body cancelled` reply; None if it is gone. The body
@@ -818,8 +912,83 @@ impl Queue for RedisQueue {
         Ok(n.max(0) as usize)
     }
 
+    async fn fetch_loaded(&self, consumer: &str, max: usize, block: Duration) -> Result<Vec<Fetched>> {
+        let max = max.max(1);
+        let mut bc = self.block_conn.lock().await;
+        let msg_prefix = format!("{}msg:", self.keys.prefix);
+        let mut waited = false;
+        loop {
+            let mut inv = self.fetch.key(&self.keys.ready);
+            inv.arg(GROUP).arg(consumer).arg(max).arg(&msg_prefix);
+            let reply: redis::RedisResult<Value> = match bc.drained_at.clone() {
+                None => inv.invoke_async(&mut bc.conn).await,
+                Some(after) => {
+                    // Wait for an entry newer than the stream's last one when the last fetch
+                    // took all (at once if one came meanwhile), then take the batch: the two
+                    // go in one write, so an idle relay wakes at once on new work and a busy
+                    // one still has one round trip per batch.
+                    waited = true;
+                    let mut p = redis::pipe();
+                    p.cmd("XREAD")
+                        .arg("COUNT")
+                        .arg(1)
+                        .arg("BLOCK")
+                        .arg(block.as_millis() as u64)
+                        .arg("STREAMS")
+                        .arg(&self.keys.ready)
+                        .arg(&after)
+                        .ignore();
+                    p.invoke_script(&inv);
+                    p.query_async::<Vec<Value>>(&mut bc.conn)
+                        .await
+                        .map(|mut v| v.pop().unwrap_or(Value::Nil))
+                }
+            };
+            let reply = match reply {
+                Ok(v) => v,
+                // Redis restarted or its scripts were flushed: a pipeline does not load them.
+                Err(e) if e.code() == Some("NOSCRIPT") => {
+                    inv.load_async(&mut bc.conn).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Value::Array(mut items) = reply else {
+                return Err(QueueError::Corrupt("fetch: unexpected reply".into()));
+            };
+            // The group vanishes if someone flushed Redis; recreate it and let the caller retry.
+            if items.first().and_then(as_i64) == Some(-1) {
+                bc.drained_at = None;
+                drop(bc);
+                self.ensure_group().await?;
+                return Ok(Vec::new());
+            }
+            let rest = items.split_off(1.min(items.len()));
+            bc.drained_at = items.first().and_then(as_string);
+            let mut out = Vec::with_capacity(rest.len() / 3);
+            let mut rest = rest.into_iter();
+            while let (Some(id), Some(fields), Some(rec)) = (rest.next(), rest.next(), rest.next()) {
+                let Some(leased) = leased_from_entry(&id, &fields) else {
+                    continue;
+                };
+                let stored = match rec {
+                    // Unreadable: the job loads it again and reports it.
+                    Value::Array(v) => stored_from(&leased.job.msg, v).ok(),
+                    _ => None,
+                };
+                out.push(Fetched { leased, stored });
+            }
+            // Nothing there and not waited yet: wait for the next entry.
+            if out.is_empty() && !waited && bc.drained_at.is_some() {
+                continue;
+            }
+            return Ok(out);
+        }
+    }
+
     async fn fetch(&self, consumer: &str, max: usize, block: Duration) -> Result<Vec<Leased>> {
-        let mut c = self.block_conn.lock().await;
+        let mut bc = self.block_conn.lock().await;
+        let c = &mut bc.conn;
         let v: redis::RedisResult<Value> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(GROUP)
@@ -831,13 +1000,13 @@ impl Queue for RedisQueue {
             .arg("STREAMS")
             .arg(&self.keys.ready)
             .arg(">")
-            .query_async(&mut *c)
+            .query_async(c)
             .await;
         let v = match v {
             Ok(v) => v,
             // The group vanishes if someone flushed Redis; recreate it and let the caller retry.
             Err(e) if e.code() == Some("NOGROUP") => {
-                drop(c);
+                drop(bc);
                 self.ensure_group().await?;
                 return Ok(Vec::new());
             }
@@ -932,6 +1101,16 @@ impl Queue for RedisQueue {
     }
 
     async fn complete(&self, leased: &Leased, disposition: Disposition) -> Result<bool> {
+        Ok(self.complete_logged(leased, disposition, &[]).await?.applied)
+    }
+
+    async fn complete_logged(
+        &self,
+        leased: &Leased,
+        disposition: Disposition,
+        log: &[crate::observe::dlog::Encoded],
+    ) -> Result<Completed> {
+        let log = if self.stores_log { log } else { &[] };
         let (mode, state, due, job, hold) = match &disposition {
             Disposition::Reschedule { job, due_ms, state } => ("r", state, *due_ms, job.encode(), ""),
             Disposition::Final { state } => ("f", state, 0, String::new(), ""),
@@ -945,14 +1124,13 @@ impl Queue for RedisQueue {
         };
         let state = serde_json::to_string(state).map_err(|e| QueueError::Corrupt(e.to_string()))?;
         let mut c = self.conn.clone();
-        let applied: i64 = self
-            .complete
-            .key(&self.keys.ready)
-            .key(&self.keys.sched)
+        let mut inv = self.complete.key(&self.keys.ready);
+        inv.key(&self.keys.sched)
             .key(self.keys.msg(&leased.job.msg))
             .key(&self.keys.count)
             .key(&self.keys.held)
             .key(&self.keys.holds)
+            .key(&self.keys.dlog)
             .arg(GROUP)
             .arg(&leased.lease)
             .arg(mode)
@@ -962,9 +1140,15 @@ impl Queue for RedisQueue {
             .arg(job)
             .arg(hold)
             .arg(leased.job.encode())
-            .invoke_async(&mut c)
-            .await?;
-        Ok(applied == 1)
+            .arg(log.len());
+        for rec in log {
+            inv.arg(rec.time_ms).arg(&rec.json);
+        }
+        let applied: i64 = inv.invoke_async(&mut c).await?;
+        Ok(Completed {
+            applied: applied == 1,
+            logged: applied != 0 && !log.is_empty(),
+        })
     }
 
     async fn cancel(&self, msg_id: &str) -> Result<CancelOutcome> {
@@ -1403,5 +1587,76 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(log_entries(&mut c).await.len(), 3);
+    }
+
+    /// The outcome's records go in with the completion, once: a complete retried after a lost
+    /// reply (the lease already completed) writes nothing again and says so, so the worker
+    /// does not store them a second time either. Not storing the log: nothing goes in.
+    #[tokio::test]
+    async fn the_complete_stores_the_outcome_records_once() {
+        let server = RedisServer::start().unwrap();
+        let target = Target::parse(&server.url()).unwrap();
+        let q = RedisQueue::connect_to(&target, DEFAULT_PREFIX, Durability::default())
+            .await
+            .unwrap()
+            .storing_log();
+        let mut c = q.conn.clone();
+        let state = RecipientState {
+            status: crate::queue::message::RecipientStatus::Delivered,
+            attempts: 1,
+            next_attempt_ms: None,
+            last_reply: None,
+            route: None,
+        };
+        let m = meta("m1", 1000);
+        q.enqueue(&m, b"body", &[(Job::new("m1", 0), None)]).await.unwrap();
+        let leased = q.fetch("c1", 10, Duration::from_millis(100)).await.unwrap();
+        let done = Disposition::Final { state: state.clone() };
+        let log = [record(2000, "delivered")];
+        let first = q.complete_logged(&leased[0], done.clone(), &log).await.unwrap();
+        assert_eq!(
+            first,
+            Completed {
+                applied: true,
+                logged: true
+            }
+        );
+        let got: Vec<String> = log_entries(&mut c)
+            .await
+            .into_iter()
+            .map(|(_, f)| f[1].clone())
+            .collect();
+        assert_eq!(got, ["delivered"], "stored with the completion");
+        let again = q.complete_logged(&leased[0], done.clone(), &log).await.unwrap();
+        assert_eq!(
+            again,
+            Completed {
+                applied: false,
+                logged: false
+            }
+        );
+        assert_eq!(log_entries(&mut c).await.len(), 1, "stored once");
+
+        // A queue that does not store the log leaves the records to the caller.
+        let plain = RedisQueue::connect_to(&target, DEFAULT_PREFIX, Durability::default())
+            .await
+            .unwrap();
+        plain
+            .enqueue(&meta("m2", 3000), b"body", &[(Job::new("m2", 0), None)])
+            .await
+            .unwrap();
+        let leased = plain.fetch("c1", 10, Duration::from_millis(100)).await.unwrap();
+        let r = plain
+            .complete_logged(&leased[0], done, &[record(3000, "x")])
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            Completed {
+                applied: true,
+                logged: false
+            }
+        );
+        assert_eq!(log_entries(&mut c).await.len(), 1);
     }
 }

@@ -682,6 +682,12 @@ impl DeliveryLog {
         }
     }
 
+    /// Stores a record whose line [`DeliveryLog::stored_elsewhere`] already wrote and counted
+    /// (another writer was to store it and did not), waiting for the store.
+    pub async fn store_encoded(&self, rec: Encoded) -> Result<RecordId, DlogError> {
+        self.batcher().append(rec.time_ms, rec.json).await
+    }
+
     /// The record as stored ([`stored_json`]), after writing it as a line (every field) and
     /// counting it.
     fn line(&self, ev: &DeliveryEvent) -> Result<String, DlogError> {

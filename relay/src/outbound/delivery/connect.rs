@@ -1,6 +1,8 @@
 //! The next hop of an attempt: the TLS client configuration a route asks for, the pool its
-//! connections live in (keyed by everything that changes a session), and opening a new
-//! connection to a smarthost or to the recipient domain's MX hosts, address after address.
+//! connections live in (keyed by everything that changes a session; the key parts are
+//! remembered with their inputs, so an unchanged route is not hashed again on every attempt),
+//! and opening a new connection to a smarthost or to the recipient domain's MX hosts, address
+//! after address.
 //!
 //! Must not send a message: the transaction on the opened connection is `transaction`'s.
 
@@ -32,8 +34,76 @@ pub(super) enum Hop<'a> {
     },
 }
 
+/// Most pool key parts remembered of each kind; past that the memory starts over.
+const MEMO_MAX: usize = 256;
+
+/// Pool key parts already computed, each with everything it was computed from: an attempt
+/// through a route whose settings did not change takes them from here instead of hashing them
+/// again (two SHA-256 digests and several `format!`s per attempt otherwise). A changed setting
+/// (a reload, new credentials) matches no entry and computes a new key.
+#[derive(Default)]
+pub(super) struct KeyMemo {
+    smarthost: Vec<(SmarthostInputs, String)>,
+    limits: Vec<(PoolLimits, String)>,
+}
+
+/// What a smarthost pool key is computed from.
+struct SmarthostInputs {
+    route_id: String,
+    up: Upstream,
+    creds: Option<Credentials>,
+    ca: Option<String>,
+    scope: Option<String>,
+}
+
+impl SmarthostInputs {
+    fn matches(&self, target: &DeliveryTarget, up: &Upstream, creds: Option<&Credentials>) -> bool {
+        self.route_id == target.route_id
+            && self.up == *up
+            && self.creds.as_ref() == creds
+            && self.ca == target.custom_ca_pem
+            && self.scope == target.connection_scope
+    }
+}
+
+/// The pool settings in a pool key besides the hop.
+#[derive(PartialEq)]
+struct PoolLimits {
+    max: u32,
+    per_conn: u32,
+    timeouts: mailroute_api::config::SessionTimeouts,
+}
+
+/// `v` with `entry` added, emptied first when full.
+fn remember<K>(v: &mut Vec<(K, String)>, entry: (K, String)) {
+    if v.len() >= MEMO_MAX {
+        v.clear();
+    }
+    v.push(entry);
+}
+
 impl Deliverer {
     pub(super) fn smarthost_key(&self, target: &DeliveryTarget, up: &Upstream, creds: Option<&Credentials>) -> String {
+        if let Some((_, key)) = lock(&self.inner.key_memo)
+            .smarthost
+            .iter()
+            .find(|(inputs, _)| inputs.matches(target, up, creds))
+        {
+            return key.clone();
+        }
+        let key = Self::smarthost_key_of(target, up, creds);
+        let inputs = SmarthostInputs {
+            route_id: target.route_id.clone(),
+            up: up.clone(),
+            creds: creds.cloned(),
+            ca: target.custom_ca_pem.clone(),
+            scope: target.connection_scope.clone(),
+        };
+        remember(&mut lock(&self.inner.key_memo).smarthost, (inputs, key.clone()));
+        key
+    }
+
+    pub(super) fn smarthost_key_of(target: &DeliveryTarget, up: &Upstream, creds: Option<&Credentials>) -> String {
         // Everything that changes the session is in the key, so a reloaded route never reuses a
         // connection made with old settings. Credentials only as a digest.
         let fingerprint = digest(&[
@@ -85,8 +155,23 @@ impl Deliverer {
             .messages_per_connection
             .unwrap_or(c.default_messages_per_connection);
         // Limits and timeouts are part of the key: a change starts a fresh pool.
-        let timeouts = digest(&[&format!("{:?}", target.timeouts)]);
-        let key = format!("{key}|{max}|{per_conn}|{timeouts}");
+        let limits = PoolLimits {
+            max,
+            per_conn,
+            timeouts: target.timeouts,
+        };
+        let memo = lock(&self.inner.key_memo)
+            .limits
+            .iter()
+            .find(|(l, _)| *l == limits)
+            .map(|(_, suffix)| suffix.clone());
+        let suffix = memo.unwrap_or_else(|| {
+            let timeouts = digest(&[&format!("{:?}", target.timeouts)]);
+            let suffix = format!("{max}|{per_conn}|{timeouts}");
+            remember(&mut lock(&self.inner.key_memo).limits, (limits, suffix.clone()));
+            suffix
+        });
+        let key = format!("{key}|{suffix}");
         let mut pools = lock(&self.inner.pools);
         Arc::clone(
             pools

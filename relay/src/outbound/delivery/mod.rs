@@ -190,6 +190,8 @@ struct Inner {
     /// Verifying configs with a route's extra CA, by hash of the PEM.
     with_ca: Mutex<HashMap<String, Arc<rustls::ClientConfig>>>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// Pool key parts already computed (see `connect::KeyMemo`).
+    key_memo: Mutex<connect::KeyMemo>,
     /// The refusal of an unqualified EHLO name for MX was logged once.
     warned_helo: AtomicBool,
 }
@@ -220,6 +222,7 @@ impl Deliverer {
             resolver,
             with_ca: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
+            key_memo: Mutex::default(),
             warned_helo: AtomicBool::new(false),
             config,
         });
@@ -419,5 +422,79 @@ mod tests {
         let mut plain = route.clone();
         plain.target = Target::Smarthost(Upstream { custom_ca: false, ..up });
         assert_eq!(DeliveryTarget::from_route(&plain, &secrets).custom_ca_pem, None);
+    }
+
+    /// The pool key parts are remembered, never stale: the same settings give the same key as
+    /// computed afresh, and any change that alters a session (credentials, TLS, timeouts,
+    /// limits, the destination scope) gives another key and so another pool.
+    #[tokio::test]
+    async fn remembered_pool_keys_follow_every_setting() {
+        let d = Deliverer::new(DelivererConfig::default(), Arc::new(StaticResolver::new())).unwrap();
+        let up = Upstream {
+            host: "smtp.example".into(),
+            port: 587,
+            tls: TlsMode::Starttls,
+            verify_tls: true,
+            server_name: None,
+            auth: None,
+            custom_ca: false,
+            pinned_sha256: Vec::new(),
+        };
+        let target = DeliveryTarget {
+            route_id: "mail/r".into(),
+            target: Target::Smarthost(up.clone()),
+            from_override: None,
+            custom_ca_pem: None,
+            max_connections: Some(3),
+            messages_per_connection: None,
+            connection_scope: None,
+            timeouts: Default::default(),
+        };
+        let creds = mailroute_api::config::Credentials {
+            username: "u".into(),
+            password: "p1".into(),
+        };
+        let first = d.smarthost_key(&target, &up, Some(&creds));
+        assert_eq!(first, Deliverer::smarthost_key_of(&target, &up, Some(&creds)));
+        assert_eq!(d.smarthost_key(&target, &up, Some(&creds)), first, "remembered");
+        let new_password = mailroute_api::config::Credentials {
+            password: "p2".into(),
+            ..creds.clone()
+        };
+        let other_up = Upstream {
+            port: 465,
+            ..up.clone()
+        };
+        let scoped = DeliveryTarget {
+            connection_scope: Some("example.org".into()),
+            ..target.clone()
+        };
+        let with_ca = DeliveryTarget {
+            custom_ca_pem: Some("PEM".into()),
+            ..target.clone()
+        };
+        for key in [
+            d.smarthost_key(&target, &up, Some(&new_password)),
+            d.smarthost_key(&target, &up, None),
+            d.smarthost_key(&target, &other_up, Some(&creds)),
+            d.smarthost_key(&scoped, &up, Some(&creds)),
+            d.smarthost_key(&with_ca, &up, Some(&creds)),
+        ] {
+            assert_ne!(key, first);
+        }
+        assert_eq!(d.smarthost_key(&target, &up, Some(&creds)), first);
+
+        let tls = Arc::clone(&d.inner.non_verifying);
+        let pool = d.pool(&first, &target, Arc::clone(&tls));
+        assert!(Arc::ptr_eq(&pool, &d.pool(&first, &target, Arc::clone(&tls))));
+        let mut slower = target.clone();
+        slower.timeouts.data_done_ms += 1;
+        let more = DeliveryTarget {
+            max_connections: Some(4),
+            ..target.clone()
+        };
+        assert!(!Arc::ptr_eq(&pool, &d.pool(&first, &slower, Arc::clone(&tls))));
+        assert!(!Arc::ptr_eq(&pool, &d.pool(&first, &more, Arc::clone(&tls))));
+        assert!(Arc::ptr_eq(&pool, &d.pool(&first, &target, tls)));
     }
 }

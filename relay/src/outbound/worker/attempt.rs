@@ -65,16 +65,11 @@ impl Worker {
             return;
         };
         if stored.cancelled {
-            self.telemetry
-                .record_now(event_for(meta, EventResult::Cancelled, idx))
-                .await;
-            self.complete(
-                &leased,
-                Disposition::Final {
-                    state: state(RecipientStatus::Cancelled, job.attempts, None, None),
-                },
-            )
-            .await;
+            let cancelled = Disposition::Final {
+                state: state(RecipientStatus::Cancelled, job.attempts, None, None),
+            };
+            let ev = event_for(meta, EventResult::Cancelled, idx);
+            self.complete_recorded(&leased, cancelled, vec![ev]).await;
             return;
         }
         let snap = self.config.get();
@@ -248,12 +243,9 @@ impl Worker {
                     None,
                     Some((attempt.summary(), route.id.clone())),
                 );
-                // Sent together, the record and the completion reach Redis in the same event-loop
-                // turn (one fsync with appendfsync always) instead of one wait after the other.
-                tokio::join!(
-                    self.telemetry.record_now(ev),
-                    self.complete(&leased, Disposition::Final { state: st })
-                );
+                // The record goes with the completion (one script where the queue stores the log).
+                self.complete_recorded(&leased, Disposition::Final { state: st }, vec![ev])
+                    .await;
             }
             Decision::Retry { at_ms } => {
                 let at_ms = match meta
@@ -280,7 +272,7 @@ impl Worker {
                     due_ms: at_ms,
                     state: st,
                 };
-                tokio::join!(self.telemetry.record_now(ev), self.complete(&leased, reschedule));
+                self.complete_recorded(&leased, reschedule, vec![ev]).await;
             }
             d @ (Decision::Bounce { .. } | Decision::Expired) => {
                 let expired = d == Decision::Expired;

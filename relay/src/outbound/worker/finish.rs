@@ -56,7 +56,7 @@ impl Worker {
             due_ms: at_ms,
             state: st,
         };
-        tokio::join!(self.telemetry.record_now(ev), self.complete(leased, reschedule));
+        self.complete_recorded(leased, reschedule, vec![ev]).await;
     }
 
     /// The first route has no capacity now (rate, daily budget, back-off or connections):

@@ -1,6 +1,6 @@
 //! The worker's loops: fetching jobs into free slots, renewing held leases, promoting due jobs,
-//! reclaiming jobs of relays that stopped, reading the holds, and writing a job's outcome while
-//! the store is away.
+//! reclaiming jobs of relays that stopped, reading the holds, and writing a job's outcome (with
+//! its delivery-log records, where the queue stores the log) while the store is away.
 //!
 //! Owns which leases this process holds and the order of those queue calls. Must not decide
 //! what happens to a job: that is `attempt`'s and `finish`'s.
@@ -14,13 +14,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::Worker;
 use crate::clock::now_ms;
+use crate::observe::dlog::{DeliveryEvent, Encoded};
 use crate::observe::liveness::{self, Heartbeat};
-use crate::queue::{Disposition, Leased, QueueError, Stored};
+use crate::queue::{Completed, Disposition, Fetched, Leased, QueueError, Stored};
 
 /// How long a job's outcome is kept and written again while the store cannot be reached.
 const COMPLETE_RETRY_FOR: Duration = Duration::from_secs(600);
 
-/// How long a fetch or a batch load may take before the delivery loop counts as wedged (Redis
+/// How long a fetch with its batch load may take before the delivery loop counts as wedged (Redis
 /// calls time out well before).
 const QUEUE_CALL_BOUND: Duration = Duration::from_secs(60);
 
@@ -133,7 +134,7 @@ impl Worker {
             let bound = Some(tokio::time::Instant::now() + QUEUE_CALL_BOUND);
             let fetched = tokio::select! {
                 _ = shutdown.changed() => { drop(permit); break }
-                r = liveness::beating(&hb, bound, self.queue.fetch(&self.settings.consumer, batch, Duration::from_millis(1000))) => r,
+                r = liveness::beating(&hb, bound, self.queue.fetch_loaded(&self.settings.consumer, batch, Duration::from_millis(1000))) => r,
             };
             let jobs = match fetched {
                 Ok(j) => j,
@@ -145,16 +146,9 @@ impl Worker {
                     continue;
                 }
             };
-            // Bodies for the whole batch in one round trip; on failure each job loads its own.
-            let ids: Vec<&str> = jobs.iter().map(|l| l.job.msg.as_str()).collect();
-            let bound = Some(tokio::time::Instant::now() + QUEUE_CALL_BOUND);
-            let loaded: Vec<Option<Result<Option<Stored>, QueueError>>> =
-                match liveness::beating(&hb, bound, self.queue.load_many(&ids)).await {
-                    Ok(v) if v.len() == jobs.len() => v.into_iter().map(|s| Some(Ok(s))).collect(),
-                    _ => jobs.iter().map(|_| None).collect(),
-                };
+            // Loaded with the batch; a job whose message was not loaded loads its own.
             let mut permit = Some(permit);
-            for (leased, stored) in jobs.into_iter().zip(loaded) {
+            for Fetched { leased, stored } in jobs {
                 let p = match permit.take() {
                     Some(p) => p,
                     None => match liveness::beating_while(&hb, &jobs_moving, sem.clone().acquire_owned()).await {
@@ -162,7 +156,7 @@ impl Worker {
                         Err(_) => break,
                     },
                 };
-                self.spawn_job(&held, p, leased, stored);
+                self.spawn_job(&held, p, leased, stored.map(Ok));
             }
         }
         // Drain: wait until every in-flight delivery returned its permit, or give their jobs back.
@@ -318,22 +312,76 @@ impl Worker {
     /// the concurrency and no other relay repeats a finished delivery. Past that the job is
     /// reclaimed after the visibility timeout: delivered at least once.
     pub(super) async fn complete(&self, leased: &Leased, d: Disposition) -> bool {
+        self.complete_logged(leased, d, &[]).await.0.applied
+    }
+
+    /// [`Worker::complete`] with the outcome's log records (given to the queue to store in the
+    /// same step where it stores the log); also says whether an attempt failed without an
+    /// answer (it may have applied, records included).
+    async fn complete_logged(&self, leased: &Leased, d: Disposition, log: &[Encoded]) -> (Completed, bool) {
         let deadline = tokio::time::Instant::now() + COMPLETE_RETRY_FOR;
         let most = (self.settings.visibility_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(2));
         let mut backoff = Duration::from_millis(50).min(most);
+        let mut unanswered = false;
         loop {
-            match self.queue.complete(leased, d.clone()).await {
-                Ok(applied) => return applied,
+            match self.queue.complete_logged(leased, d.clone(), log).await {
+                Ok(done) => return (done, unanswered),
                 Err(QueueError::Redis(e)) if tokio::time::Instant::now() < deadline => {
+                    unanswered = true;
                     tracing::warn!(error = %e, message = %leased.job.msg, "writing a job's outcome failed; keeping it and retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(most);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, message = %leased.job.msg, "completing job failed; it will be reclaimed");
-                    return false;
+                    let done = Completed {
+                        applied: false,
+                        logged: false,
+                    };
+                    return (done, true);
                 }
             }
         }
+    }
+
+    /// Completes a lease and records its outcome's log records `evs`. Where the queue stores
+    /// the delivery log, the records go into the complete's own step: stored with the
+    /// completion, once, and no round trip of the log writer's. If the lease was gone (the job
+    /// finished elsewhere after a reclaim) they are stored through the log's writer as before;
+    /// not if an attempt went unanswered, since that attempt may have stored them. Elsewhere
+    /// they are stored through the writer alongside the complete. The JSON lines and metrics
+    /// are the same either way.
+    pub(super) async fn complete_recorded(&self, leased: &Leased, d: Disposition, evs: Vec<DeliveryEvent>) -> bool {
+        let dlog = &self.telemetry.dlog;
+        let encoded: Option<Vec<Encoded>> = if self.queue.stores_log() {
+            evs.iter()
+                .map(|ev| dlog.encode(ev))
+                .collect::<Result<_, _>>()
+                .inspect_err(|e| tracing::warn!(error = %e, "delivery log records not encoded"))
+                .ok()
+        } else {
+            None
+        };
+        let Some(encoded) = encoded else {
+            let record = async {
+                for ev in evs {
+                    self.telemetry.record_now(ev).await;
+                }
+            };
+            return tokio::join!(record, self.complete(leased, d)).1;
+        };
+        // Written as lines first, as `record` does before storing.
+        for rec in &encoded {
+            dlog.stored_elsewhere(rec);
+        }
+        let (done, unanswered) = self.complete_logged(leased, d, &encoded).await;
+        if !done.logged && !unanswered {
+            for rec in encoded {
+                if let Err(e) = dlog.store_encoded(rec).await {
+                    tracing::warn!(error = %e, "delivery log store unavailable; record kept on stdout only");
+                }
+            }
+        }
+        done.applied
     }
 }
