@@ -287,7 +287,7 @@ mod tests {
         t.accepted_stored(&meta, Duration::ZERO, &records);
         let written = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
         let written: Vec<&str> = written.lines().collect();
-        let json: Vec<&str> = records.iter().map(|r| r.json.as_str()).collect();
+        let json: Vec<&str> = records.iter().map(|r| r.line.as_str()).collect();
         assert_eq!(written, json);
         assert_eq!(metrics.dlog_events.with_label_values(&["received"]).get(), 2);
         assert_eq!(
