@@ -53,6 +53,31 @@ pub struct Encoded {
 
 /// The compact record of `meta` and `body`.
 pub fn encode(meta: &MessageMeta, body: &[u8]) -> Encoded {
+    // Every field named: one added to MessageMeta does not compile until it is stored here
+    // (with a new flag, which this version's readers refuse as unknown: a retry, not a loss).
+    let MessageMeta {
+        id: _,
+        received_at_ms: _,
+        source_ip: _,
+        listener: _,
+        auth_user: _,
+        namespace: _,
+        service_account: _,
+        tls: _,
+        mail_from: _,
+        rcpts: _,
+        message_id_header: _,
+        size: _,
+        options:
+            DeliveryOptions {
+                deliver_after_ms: _,
+                expire_at_ms: _,
+                retry_interval_secs: _,
+                quiet_hours: _,
+            },
+        quota: _,
+        is_dsn: _,
+    } = meta;
     let mut out = Vec::with_capacity(128 + meta.rcpts.iter().map(String::len).sum::<usize>());
     out.push(COMPACT);
     let o = &meta.options;
