@@ -60,6 +60,10 @@ struct RunArgs {
     wait_replicas: u32,
     #[arg(long, env = "MAILROUTE_WAIT_TIMEOUT", default_value_t = defaults().durability.timeout.into())]
     wait_timeout: humantime::Duration,
+    /// How enqueues store a message in Redis: `compact` (default), or `json`, the form relays
+    /// before the compact record read (set it before rolling back to one; both forms are read).
+    #[arg(long, env = "MAILROUTE_QUEUE_RECORD", value_enum, default_value_t = defaults().queue_record)]
+    queue_record: mailroute_relay::queue::record::Form,
     /// Plain listener (port 25 style). Empty disables it.
     #[arg(long, env = "MAILROUTE_SMTP_LISTEN", default_value_t = listen(defaults().smtp_listen))]
     smtp_listen: String,
@@ -245,6 +249,7 @@ fn options(a: RunArgs) -> Result<RelayOptions> {
         replicas: a.wait_replicas,
         timeout: a.wait_timeout.into(),
     };
+    o.queue_record = a.queue_record;
     o.smtp_listen = addr(&a.smtp_listen, "smtp listen")?;
     o.submission_listen = addr(&a.submission_listen, "submission listen")?;
     o.smtps_listen = addr(&a.smtps_listen, "smtps listen")?;
@@ -384,6 +389,8 @@ mod tests {
             "5s",
             "--wait-replicas",
             "1",
+            "--queue-record",
+            "json",
             "--admin-listen",
             "",
             "--relay-cidrs",
@@ -403,6 +410,7 @@ mod tests {
         assert_eq!(o.visibility_timeout, Duration::from_secs(90));
         assert_eq!(o.outbound_idle_timeout, Duration::from_secs(5));
         assert_eq!(o.durability.replicas, 1);
+        assert_eq!(o.queue_record, mailroute_relay::queue::record::Form::Json);
         assert_eq!(o.admin_listen, None);
         assert_eq!(o.inbound.relay_cidrs.len(), 1);
         assert_eq!(o.inbound.body_budget(), 1_000_000);
@@ -457,6 +465,7 @@ mod tests {
             (d.durability.replicas, d.durability.timeout),
             (0, Duration::from_secs(1))
         );
+        assert_eq!(d.queue_record, mailroute_relay::queue::record::Form::Compact);
         assert_eq!(d.inbound.auth_limits.concurrency, 2);
     }
 

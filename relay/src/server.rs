@@ -46,6 +46,8 @@ pub struct RelayOptions {
     pub queue: QueueUrl,
     pub redis_prefix: String,
     pub durability: Durability,
+    /// The form enqueues write their records in (`queue::record`).
+    pub queue_record: crate::queue::record::Form,
     pub smtp_listen: Option<SocketAddr>,
     pub submission_listen: Option<SocketAddr>,
     pub smtps_listen: Option<SocketAddr>,
@@ -105,6 +107,7 @@ impl RelayOptions {
                 replicas: 0,
                 timeout: Duration::from_secs(1),
             },
+            queue_record: crate::queue::record::Form::Compact,
             smtp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 2525))),
             submission_listen: None,
             smtps_listen: None,
@@ -258,7 +261,9 @@ async fn connect_redis(
     target: &redis_client::Target,
 ) -> Result<(RedisQueue, redis_client::RedisConn)> {
     let attempt = async || -> Result<(RedisQueue, redis_client::RedisConn)> {
-        let q = RedisQueue::connect_to(target, &opts.redis_prefix, opts.durability).await?;
+        let q = RedisQueue::connect_to(target, &opts.redis_prefix, opts.durability)
+            .await?
+            .with_record_form(opts.queue_record);
         let conn = redis_client::RedisConn::connect(target, redis_client::Timeouts::default()).await?;
         Ok((q, conn))
     };

@@ -737,6 +737,36 @@ async fn a_queued_4_kib_message_takes_little_more_than_its_size_in_redis() {
     assert_eq!(stored.meta, m);
 }
 
+/// Before a rollback: with the JSON form, an enqueue writes exactly the previous version's
+/// layout (the meta as JSON, the whole body in `body`), which that version reads, and this one
+/// still loads it.
+#[tokio::test]
+async fn the_json_record_form_writes_what_the_previous_version_reads() {
+    let redis = RedisServer::start().unwrap();
+    let q = RedisQueue::connect(&redis.url(), "{mailroute}:", Durability::default())
+        .await
+        .unwrap()
+        .with_record_form(mailroute_relay::queue::record::Form::Json);
+    let id = new_id(1_764_932_400_000);
+    let body = body_of(4289);
+    let mut m = meta(&id, &["user@example.com"]);
+    m.size = body.len();
+    q.enqueue(&m, &body, &[(Job::new(&id, 0), None)]).await.unwrap();
+    let mut c = redis_connection(&redis).await;
+    let (meta_raw, body_raw): (Vec<u8>, Vec<u8>) = redis::cmd("HMGET")
+        .arg(format!("{{mailroute}}:msg:{id}"))
+        .arg("meta")
+        .arg("body")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let old: MessageMeta = serde_json::from_slice(&meta_raw).expect("the previous version's JSON meta");
+    assert_eq!(old, m);
+    assert_eq!(body_raw, body, "the whole body in `body`");
+    let stored = q.load(&id).await.unwrap().expect("stored");
+    assert_eq!(&stored.body[..], &body[..]);
+}
+
 /// A rolling upgrade: a message a relay of the previous version queued (its record in the JSON
 /// layout, the whole body in `body`) is loaded and delivered by this one, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

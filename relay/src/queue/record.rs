@@ -19,7 +19,8 @@
 //! takes a record without them as gone. So during a rolling upgrade a message written by a new
 //! relay and picked up by an old one is delayed, never lost; once no old relay is left, every
 //! message is delivered. Rolling back to a JSON-era relay strands compact records until a relay
-//! of this version runs again (they are not lost either).
+//! of this version runs again (they are not lost either), so a rollback first sets the relays'
+//! `--queue-record json` ([`Form`]) and waits for the compact records to drain.
 
 use crate::inbound::listener::ListenerKind;
 use crate::queue::message::{DeliveryOptions, MessageMeta, Origin};
@@ -143,6 +144,26 @@ pub fn encode(meta: &MessageMeta, body: &[u8]) -> Encoded {
     put_uint(&mut out, (body.len() - head) as u64);
     out.extend_from_slice(&body[head..]);
     Encoded { meta: out, head }
+}
+
+/// Which form an enqueue writes. Readers take both; `Json` is for going back to a relay of the
+/// JSON era (set it, let the compact records drain, then roll back: an older relay cannot read
+/// them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Form {
+    #[default]
+    Compact,
+    Json,
+}
+
+/// The record of `meta` and `body` in `form`.
+pub fn encode_as(form: Form, meta: &MessageMeta, body: &[u8]) -> Result<Encoded, String> {
+    match form {
+        Form::Compact => Ok(encode(meta, body)),
+        Form::Json => serde_json::to_vec(meta)
+            .map(|meta| Encoded { meta, head: body.len() })
+            .map_err(|e| e.to_string()),
+    }
 }
 
 /// The meta of a stored record (either form) and the body's tail kept in it (empty for JSON).

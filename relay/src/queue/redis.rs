@@ -95,6 +95,8 @@ pub struct RedisQueue {
     fetch: Script,
     /// The commit stores the session's log records (the delivery log is the Redis store).
     stores_log: bool,
+    /// The record form enqueues write (`super::record`).
+    record_form: super::record::Form,
 }
 
 /// The fetch's connection, and where the last fetch left the ready stream.
@@ -544,6 +546,7 @@ impl RedisQueue {
             bulk: Script::new(BULK),
             fetch: Script::new(FETCH),
             stores_log: false,
+            record_form: super::record::Form::default(),
         };
         q.ensure_group().await?;
         Ok(q)
@@ -720,8 +723,8 @@ impl RedisQueue {
         log: &[crate::observe::dlog::Encoded],
     ) -> Result<Vec<(u32, String)>> {
         // The compact record (`super::record`): meta and the body's tail in `meta`, its head in
-        // `body`, cut so that neither allocation wastes a size class in Redis.
-        let record = super::record::encode(meta, body);
+        // `body`, cut so that neither allocation wastes a size class in Redis (or the JSON one).
+        let record = super::record::encode_as(self.record_form, meta, body).map_err(QueueError::Corrupt)?;
         let key = self.keys.msg(&meta.id);
         // Stage: the record only, listed for the purge until the commit. The command's buffer is
         // sized up front: appending the body to a growing one reallocated it about ten times.
@@ -775,6 +778,12 @@ impl RedisQueue {
         let suppressed = self.commit(meta, jobs, screen, log).await?;
         self.replicated(&key, &meta.id).await?;
         Ok(suppressed)
+    }
+
+    /// Writes enqueued records in `form` (default compact; see `super::record`).
+    pub fn with_record_form(mut self, form: super::record::Form) -> Self {
+        self.record_form = form;
+        self
     }
 
     /// Has the commit store the `received`/`scheduled` records given to
