@@ -58,8 +58,9 @@ struct Args {
     /// Hourly volume used in the sizing example.
     #[arg(long, default_value_t = 2_000_000.0)]
     plan_per_hour: f64,
-    /// Extra redis-server arguments, space separated (e.g. "--auto-aof-rewrite-min-size 4gb").
-    #[arg(long, allow_hyphen_values = true)]
+    /// Extra redis-server arguments, space separated. The default is what the chart's redis.conf
+    /// sets beyond AOF and appendfsync (its rewrite threshold); "" runs Redis' own defaults.
+    #[arg(long, allow_hyphen_values = true, default_value = "--auto-aof-rewrite-min-size 1gb")]
     redis_args: Option<String>,
     /// Install manifest written by bench/install-peers.sh
     /// (default: ~/.cache/mailroute-bench/peers/manifest.tsv).
