@@ -25,25 +25,9 @@ bin=${BENCH_BIN:-target/release}
 warm=200
 
 rm -rf "$out" && mkdir -p "$out"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { # wait_for SECONDS CMD...: polls CMD every 0.2 s
-  local until=$((SECONDS + $1)); shift
-  until "$@"; do
-    if ((SECONDS > until)); then echo "timed out waiting for: $*" >&2; return 1; fi
-    sleep 0.2
-  done
-}
-
-rport=$(free_port)
-mkdir -p "$out/redis"
-redis-server --port "$rport" --bind 127.0.0.1 --dir "$out/redis" --save "" --appendonly yes \
-  --appendfsync always --auto-aof-rewrite-min-size 1gb >"$out/redis.log" 2>&1 &
-pids+=($!)
-wait_for 30 redis-cli -p "$rport" ping >/dev/null
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+start_redis "$out"
 
 "$bin/bench-sink" >"$out/sink.txt" 2>&1 &
 pids+=($!)

@@ -34,6 +34,13 @@ fn meta(id: &str, rcpts: &[&str]) -> MessageMeta {
     }
 }
 
+/// A Redis queue under `prefix` on `redis`.
+async fn redis_queue(redis: &RedisServer, prefix: &str) -> RedisQueue {
+    RedisQueue::connect(&redis.url(), prefix, Durability::default())
+        .await
+        .expect("queue on the test's redis")
+}
+
 async fn contract(q: Arc<dyn Queue>) {
     let a = new_id(1);
     let b = new_id(2);
@@ -89,9 +96,7 @@ async fn contract(q: Arc<dyn Queue>) {
 #[tokio::test]
 async fn redis_queue_contract() {
     let redis = RedisServer::start().unwrap();
-    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
-        .await
-        .unwrap();
+    let q = redis_queue(&redis, "{q}:").await;
     contract(Arc::new(q)).await;
 }
 
@@ -157,9 +162,7 @@ async fn cancel_contract(q: Arc<dyn Queue>) {
 #[tokio::test]
 async fn redis_queue_cancel() {
     let redis = RedisServer::start().unwrap();
-    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
-        .await
-        .unwrap();
+    let q = redis_queue(&redis, "{q}:").await;
     cancel_contract(Arc::new(q)).await;
 }
 
@@ -191,20 +194,13 @@ async fn consumers(c: &mut redis::aio::MultiplexedConnection, ready: &str) -> Ve
 #[tokio::test]
 async fn idle_consumers_holding_nothing_are_pruned() {
     let redis = RedisServer::start().unwrap();
-    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
-        .await
-        .unwrap();
+    let q = redis_queue(&redis, "{q}:").await;
     let id = new_id(1);
     q.enqueue(&meta(&id, &["x@example.com"]), b"body", &[(Job::new(&id, 0), None)])
         .await
         .unwrap();
     assert_eq!(q.fetch("busy", 10, Duration::from_millis(100)).await.unwrap().len(), 1);
-    let mut c = redis
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = redis_connection(&redis).await;
     let _: i64 = redis::cmd("XGROUP")
         .arg("CREATECONSUMER")
         .arg(q.ready_key())
@@ -236,15 +232,8 @@ async fn idle_consumers_holding_nothing_are_pruned() {
 #[tokio::test]
 async fn uncommitted_enqueues_are_inert_and_purged() {
     let redis = RedisServer::start().unwrap();
-    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
-        .await
-        .unwrap();
-    let mut c = redis
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let q = redis_queue(&redis, "{q}:").await;
+    let mut c = redis_connection(&redis).await;
     // What the first step of an enqueue leaves behind (see queue::redis).
     let staged = new_id(1);
     let meta_json = serde_json::to_string(&meta(&staged, &["x@example.com"])).unwrap();
@@ -304,9 +293,7 @@ async fn uncommitted_enqueues_are_inert_and_purged() {
 async fn an_enqueue_without_replicas_is_one_transaction() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let redis = RedisServer::start().unwrap();
-    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
-        .await
-        .unwrap();
+    let q = redis_queue(&redis, "{q}:").await;
     // The first enqueue loads the script (a commit outside the transaction the first time).
     let first = new_id(1);
     q.enqueue(
@@ -533,15 +520,8 @@ async fn bulk_moves_apply_once_and_never_to_a_leased_job() {
 #[tokio::test]
 async fn redis_fetch_loaded_brings_each_job_s_message() {
     let redis = RedisServer::start().unwrap();
-    let q = RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
-        .await
-        .unwrap();
-    let mut c = redis
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let q = redis_queue(&redis, "{q}:").await;
+    let mut c = redis_connection(&redis).await;
     let ids: Vec<String> = (1..=4).map(new_id).collect();
     for (i, id) in ids.iter().enumerate() {
         let body = format!("body-{i}");
@@ -632,17 +612,8 @@ async fn blocked_clients(c: &mut redis::aio::MultiplexedConnection) -> u64 {
 #[tokio::test]
 async fn redis_fetch_loaded_waits_for_new_work_and_wakes_on_it() {
     let redis = RedisServer::start().unwrap();
-    let q = Arc::new(
-        RedisQueue::connect(&redis.url(), "{q}:", Durability::default())
-            .await
-            .unwrap(),
-    );
-    let mut c = redis
-        .client()
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let q = Arc::new(redis_queue(&redis, "{q}:").await);
+    let mut c = redis_connection(&redis).await;
     assert!(
         q.fetch_loaded("c1", 8, Duration::from_millis(50))
             .await
@@ -709,9 +680,7 @@ fn body_of(len: usize) -> Vec<u8> {
 #[tokio::test]
 async fn a_queued_4_kib_message_takes_little_more_than_its_size_in_redis() {
     let redis = RedisServer::start().unwrap();
-    let q = RedisQueue::connect(&redis.url(), "{mailroute}:", Durability::default())
-        .await
-        .unwrap();
+    let q = redis_queue(&redis, "{mailroute}:").await;
     let id = new_id(1_764_932_400_000);
     let mut m = meta(&id, &["rcpt-0@bench.example"]);
     m.received_at_ms = 1_764_932_400_000;
@@ -743,9 +712,8 @@ async fn a_queued_4_kib_message_takes_little_more_than_its_size_in_redis() {
 #[tokio::test]
 async fn the_json_record_form_writes_what_the_previous_version_reads() {
     let redis = RedisServer::start().unwrap();
-    let q = RedisQueue::connect(&redis.url(), "{mailroute}:", Durability::default())
+    let q = redis_queue(&redis, "{mailroute}:")
         .await
-        .unwrap()
         .with_record_form(mailroute_relay::queue::record::Form::Json);
     let id = new_id(1_764_932_400_000);
     let body = body_of(4289);
@@ -806,9 +774,7 @@ async fn a_message_queued_in_the_previous_record_layout_is_delivered() {
         .unwrap();
 
     // Loaded as it was written...
-    let q = RedisQueue::connect(&redis.url(), "{mailroute}:", Durability::default())
-        .await
-        .unwrap();
+    let q = redis_queue(&redis, "{mailroute}:").await;
     let stored = q.load(&id).await.unwrap().expect("stored");
     assert_eq!((&stored.body[..], &stored.meta), (&body[..], &m));
 

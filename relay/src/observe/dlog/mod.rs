@@ -822,6 +822,18 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
+    /// A writer into a shared buffer, for the lines a log writes.
+    struct W(Arc<Mutex<Vec<u8>>>);
+    impl Write for W {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     fn at(ms: i64) -> DateTime<Utc> {
         Utc.timestamp_millis_opt(ms).single().unwrap()
     }
@@ -922,16 +934,6 @@ mod tests {
     #[tokio::test]
     async fn the_log_stores_the_compact_record_and_writes_the_full_line() {
         let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
-        struct W(Arc<Mutex<Vec<u8>>>);
-        impl Write for W {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let store = Arc::new(memory::MemoryStore::new(10));
         let log = DeliveryLog::new(store.clone()).with_writer(W(buf.clone()));
         let e = ev(5, EventResult::Delivered, "a@b.example");
@@ -1075,16 +1077,6 @@ mod tests {
     #[tokio::test]
     async fn records_are_written_as_json_lines() {
         let buf = Arc::new(Mutex::new(Vec::<u8>::new()));
-        struct W(Arc<Mutex<Vec<u8>>>);
-        impl Write for W {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let metrics = Arc::new(Metrics::new());
         let log = DeliveryLog::memory(10)
             .with_writer(W(buf.clone()))
