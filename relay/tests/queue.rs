@@ -358,6 +358,47 @@ async fn an_enqueue_without_replicas_is_one_transaction() {
     assert_eq!(got, want, "both deliverable");
 }
 
+/// A full Redis (maxmemory reached, noeviction: every write refused) refuses the enqueue's
+/// transaction whole (EXECABORT); the commit's retry then finds no record and answers at once,
+/// so the client's 4xx comes now rather than after the settle time a lost reply waits for, and
+/// nothing is left queued.
+#[tokio::test]
+async fn a_full_redis_refuses_an_enqueue_at_once() {
+    let redis = RedisServer::start().unwrap();
+    let q = redis_queue(&redis, "{q}:").await;
+    let warm = new_id(1);
+    q.enqueue(&meta(&warm, &["x@example.com"]), b"body", &[(Job::new(&warm, 0), None)])
+        .await
+        .unwrap();
+    let mut c = redis_connection(&redis).await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let id = new_id(2);
+    let started = std::time::Instant::now();
+    let r = q
+        .enqueue(&meta(&id, &["y@example.com"]), b"body", &[(Job::new(&id, 0), None)])
+        .await;
+    let took = started.elapsed();
+    assert!(r.is_err(), "a full Redis cannot take the message");
+    assert!(
+        took < mailroute_relay::queue::redis::COMMIT_SETTLE,
+        "refused at once, not after the settle time: {took:?}"
+    );
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(q.load(&id).await.unwrap().is_none(), "nothing of it stored");
+}
+
 /// Bulk queue control's primitives on Redis: a scan sees every job where it is (a leased one as
 /// in flight), a batch applies each move only to a job still exactly there and never to a
 /// leased one, and a job put on hold goes back to ready when its hold is gone.
