@@ -87,6 +87,8 @@ pub struct RelayOptions {
     pub webhook_lease_ttl: Duration,
     /// Wait between looks at an empty delivery log or webhook outbox.
     pub webhook_poll: Duration,
+    /// How long after a webhook left every relay's configuration its outbox and health hash stay.
+    pub webhook_forget_after: Duration,
     /// The suppression lists' mode, auto-added bounce classes and refresh (Redis queue only).
     pub suppression: crate::suppress::Settings,
     /// Longest time a job is held in all (bulk queue control); then its hold lapses.
@@ -134,6 +136,7 @@ impl RelayOptions {
             pod_identity_poll: None,
             webhook_lease_ttl: crate::webhook::DEFAULT_LEASE_TTL,
             webhook_poll: crate::webhook::DEFAULT_POLL,
+            webhook_forget_after: crate::webhook::DEFAULT_FORGET_AFTER,
             suppression: crate::suppress::Settings::default(),
             max_hold: crate::control::DEFAULT_MAX_HOLD,
             hold_refresh: Duration::from_secs(2),
@@ -403,8 +406,11 @@ impl Relay {
                 opts.consumer.clone(),
                 config.clone(),
                 m,
-                opts.webhook_lease_ttl,
-                opts.webhook_poll,
+                crate::webhook::Timing {
+                    lease_ttl: opts.webhook_lease_ttl,
+                    poll: opts.webhook_poll,
+                    forget_after: opts.webhook_forget_after,
+                },
             )
             .await
             .context("creating the webhooks' consumer group on the delivery log")?;

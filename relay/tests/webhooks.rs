@@ -737,6 +737,84 @@ async fn events_past_max_age_or_beyond_the_backlog_are_dropped_and_counted() {
     r.relay.shutdown().await;
 }
 
+/// A deleted DeliveryWebhook's outbox and health hash go once no relay has had it configured
+/// for the grace; the other webhook's keys stay. Its endpoint refuses, so its outbox holds the
+/// events when it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_webhook_s_outbox_and_health_are_removed_after_the_grace() {
+    let redis = RedisServer::start().unwrap();
+    let mut c = redis_connection(&redis).await;
+    let up = SmtpServer::start(Script::new()).unwrap();
+    let pki = TestPki::new();
+    let rx_a = Receiver::start(&pki, KEY_A).await;
+    let rx_b = Receiver::start(&pki, KEY_B).await;
+    rx_a.set_mode(Mode::Refuse).await;
+    rx_b.set_mode(Mode::Refuse).await;
+    let hooks = [
+        ("team-a", &*rx_a, KEY_A, "[received, delivered]"),
+        ("team-b", &*rx_b, KEY_B, "[received, delivered]"),
+    ];
+    let delivery = "{initialBackoff: 100ms, maxBackoff: 200ms}";
+    let r = start_tls(&manifests(up.port(), &hooks, delivery), &redis.url(), &pki, |o| {
+        o.webhook_forget_after = Duration::from_secs(1);
+    })
+    .await;
+    assert_eq!(
+        send_as(r.submission(), &pki, "team-a", &["a@example.com".into()])
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        send_as(r.submission(), &pki, "team-b", &["b@example.com".into()])
+            .await
+            .len(),
+        1
+    );
+    let keys = |ns: &str| {
+        (
+            format!("{PREFIX}webhook:{ns}/hook:outbox"),
+            format!("{PREFIX}webhook:{ns}/hook:health"),
+        )
+    };
+    let exists = |key: String| {
+        let mut c = c.clone();
+        async move { redis::cmd("EXISTS").arg(key).query_async::<i64>(&mut c).await.unwrap() == 1 }
+    };
+    let len = |key: String| {
+        let mut c = c.clone();
+        async move { redis::cmd("XLEN").arg(key).query_async::<i64>(&mut c).await.unwrap() }
+    };
+    assert!(
+        eventually(|| async { len(keys("team-a").0).await > 0 && len(keys("team-b").0).await > 0 }).await,
+        "both outboxes hold the refused events"
+    );
+    assert!(
+        eventually(|| async { exists(keys("team-b").1).await }).await,
+        "team-b has a health hash"
+    );
+
+    // team-b's DeliveryWebhook is deleted.
+    std::fs::write(
+        r.dir.path().join("routes.yaml"),
+        manifests(up.port(), &hooks[..1], delivery),
+    )
+    .unwrap();
+    assert!(
+        eventually(|| async { !exists(keys("team-b").0).await && !exists(keys("team-b").1).await }).await,
+        "team-b's outbox and health hash are removed"
+    );
+    assert!(len(keys("team-a").0).await > 0, "team-a's outbox stays");
+    assert!(exists(keys("team-a").1).await, "team-a's health hash stays");
+    let known: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{PREFIX}webhook:known"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(known, ["team-a/hook"]);
+    r.relay.shutdown().await;
+}
+
 /// The value of a webhook's series `name` with a `reason` label.
 fn counter_with(r: &TestRelay, name: &str, webhook: &str, reason: &str) -> f64 {
     let text = r.relay.metrics().encode();

@@ -51,6 +51,42 @@ end
 return acked
 "#;
 
+/// Removes the outbox and health hash of webhooks no relay holding the fan-out has had in its
+/// configuration for a while. KEYS: the `known` hash (webhook id -> when a holder last had it
+/// configured, ms), then per candidate its outbox and health hash. ARGV: now ms, the grace in
+/// ms, the candidates' ids. Each is checked again here, so one configured meanwhile stays.
+const FORGET: &str = r"
+local n = 0
+for i = 1, #ARGV - 2 do
+  local id = ARGV[2 + i]
+  local seen = tonumber(redis.call('HGET', KEYS[1], id) or '')
+  if seen and tonumber(ARGV[1]) - seen >= tonumber(ARGV[2]) then
+    redis.call('DEL', KEYS[2 * i], KEYS[2 * i + 1])
+    redis.call('HDEL', KEYS[1], id)
+    n = n + 1
+  end
+end
+return n
+";
+
+/// The webhooks of `known` (id -> last seen configured, ms) that are not `configured` and were
+/// last seen at least `after_ms` before `now_ms`; an unreadable time counts as long ago.
+pub fn stale<'a>(
+    known: &'a HashMap<String, String>,
+    configured: &[String],
+    now_ms: i64,
+    after_ms: i64,
+) -> Vec<&'a str> {
+    let mut out: Vec<&str> = known
+        .iter()
+        .filter(|(id, _)| !configured.contains(id))
+        .filter(|(_, seen)| seen.parse::<i64>().map_or(true, |t| now_ms - t >= after_ms))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 /// The fields of a record the fan-out decides on; unknown results (added to the log later) are
 /// just names here.
 #[derive(Deserialize)]
@@ -90,6 +126,7 @@ pub(crate) struct FanOut {
     pub consumer: String,
     pub lease: Lease,
     pub script: redis::Script,
+    forget: redis::Script,
 }
 
 impl FanOut {
@@ -101,7 +138,46 @@ impl FanOut {
             consumer,
             lease,
             script: redis::Script::new(FAN_OUT),
+            forget: redis::Script::new(FORGET),
         }
+    }
+
+    /// Notes `configured` as configured now and removes the outboxes and health hashes of the
+    /// webhooks no holder has had configured for `after` (a deleted DeliveryWebhook; the grace
+    /// covers relays that still run an older configuration). Returns how many went.
+    pub(crate) async fn forget_removed(
+        &self,
+        configured: &[String],
+        now_ms: i64,
+        after: Duration,
+    ) -> redis::RedisResult<usize> {
+        let known_key = self.keys.known();
+        let mut c = self.conn.clone();
+        let mut p = redis::pipe();
+        if !configured.is_empty() {
+            let h = p.cmd("HSET").arg(&known_key);
+            for id in configured {
+                h.arg(id).arg(now_ms);
+            }
+            h.ignore();
+        }
+        p.cmd("HGETALL").arg(&known_key);
+        let (known,): (HashMap<String, String>,) = p.query_async(&mut c).await?;
+        let after_ms = after.as_millis() as i64;
+        let gone = stale(&known, configured, now_ms, after_ms);
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.forget.key(&known_key);
+        for id in &gone {
+            inv.key(self.keys.outbox(id)).key(self.keys.health(id));
+        }
+        inv.arg(now_ms).arg(after_ms);
+        for id in &gone {
+            inv.arg(*id);
+        }
+        let n: i64 = inv.invoke_async(&mut c).await?;
+        Ok(n.max(0) as usize)
     }
 
     /// Creates the group at the stream's end (and the stream) unless it exists.
@@ -292,6 +368,23 @@ pub(crate) fn text(v: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_webhooks_are_the_unconfigured_ones_past_the_grace() {
+        let known: HashMap<String, String> = [
+            ("a/hook", "1000"),
+            ("b/hook", "9500"),
+            ("c/hook", "2000"),
+            ("d/hook", "junk"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let configured = vec!["c/hook".to_string()];
+        // a: deleted 9 s ago; b: 0.5 s ago (within the grace); c: still configured; d: unreadable.
+        assert_eq!(stale(&known, &configured, 10_000, 1000), ["a/hook", "d/hook"]);
+        assert_eq!(stale(&known, &configured, 10_000, 60_000), ["d/hook"]);
+    }
     use mailroute_api::config::CompiledSenderMatch;
 
     fn hook(id: &str, ns: &str, events: &[&str]) -> CompiledWebhook {

@@ -12,7 +12,9 @@
 //! Keys (with the queue's prefix, `{mailroute}:` by default): `webhook:fanout:lease`,
 //! `webhook:<ns>/<name>:outbox` (at most `maxBacklog` entries: beyond it the oldest are
 //! dropped and counted), `webhook:<ns>/<name>:lease`, `webhook:<ns>/<name>:health` (a hash
-//! the operator reads for the status; field names in [`health_field`]).
+//! the operator reads for the status; field names in [`health_field`]), `webhook:known` (when
+//! each webhook was last configured: the fan-out's holder removes the outbox and health hash of
+//! one deleted for longer than the grace, [`DEFAULT_FORGET_AFTER`]).
 //!
 //! It owns these keys and tasks only. Mail delivery never waits for it: its tasks are separate,
 //! use their own Redis connection without blocking commands, and every request is bounded by
@@ -40,6 +42,9 @@ use crate::redis_client::RedisConn;
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Default wait between looks at an empty stream.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
+/// Default grace before the keys of a webhook no longer configured are removed: longer than a
+/// configuration takes to reach every relay (a ConfigMap update, a rollout).
+pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// How often the fan-out's holder removes the consumers earlier holders left in the group.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -71,6 +76,10 @@ impl Keys {
     }
     pub fn health(&self, id: &str) -> String {
         health_field::key(&self.prefix, id)
+    }
+    /// Hash: webhook id -> when a fan-out holder last had it configured (ms).
+    pub fn known(&self) -> String {
+        format!("{}webhook:known", self.prefix)
     }
 }
 
@@ -143,6 +152,18 @@ pub(crate) struct Shared {
     pub metrics: WebhookMetrics,
     pub lease_ttl: Duration,
     pub poll: Duration,
+    pub forget_after: Duration,
+}
+
+/// The webhook stages' timers (defaults above; tests shorten them).
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// A killed relay's leases (fan-out, senders) are taken over after this.
+    pub lease_ttl: Duration,
+    /// Wait between looks at an empty stream.
+    pub poll: Duration,
+    /// A webhook no longer configured keeps its outbox and health hash this long.
+    pub forget_after: Duration,
 }
 
 /// The webhook stages of one relay.
@@ -159,9 +180,13 @@ impl Webhooks {
         consumer: String,
         config: Arc<ConfigHandle>,
         metrics: WebhookMetrics,
-        lease_ttl: Duration,
-        poll: Duration,
+        timing: Timing,
     ) -> redis::RedisResult<Self> {
+        let Timing {
+            lease_ttl,
+            poll,
+            forget_after,
+        } = timing;
         let shared = Arc::new(Shared {
             conn,
             keys: Keys::new(prefix),
@@ -170,6 +195,7 @@ impl Webhooks {
             metrics,
             lease_ttl,
             poll,
+            forget_after,
         });
         let w = Webhooks { shared };
         w.fanout().ensure_group().await?;
@@ -216,6 +242,7 @@ async fn run_fanout(fan: fanout::FanOut, shared: Arc<Shared>, mut shutdown: watc
     // Whether the records earlier holders left pending were taken over since we hold the lease.
     let mut claimed = false;
     let mut pruned = Instant::now();
+    let mut forgot = Instant::now() - PRUNE_EVERY;
     loop {
         if *shutdown.borrow() {
             break;
@@ -233,6 +260,20 @@ async fn run_fanout(fan: fanout::FanOut, shared: Arc<Shared>, mut shutdown: watc
             continue;
         }
         let webhooks = shared.config.get().config.webhooks.clone();
+        if forgot.elapsed() >= PRUNE_EVERY.min(shared.forget_after) {
+            forgot = Instant::now();
+            let ids: Vec<String> = webhooks.iter().map(|w| w.id.clone()).collect();
+            match fan
+                .forget_removed(&ids, crate::clock::now_ms(), shared.forget_after)
+                .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::info!(removed = n, "webhook fan-out: removed the outboxes of deleted webhooks")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "webhook fan-out: removing deleted webhooks' outboxes"),
+            }
+        }
         if webhooks.is_empty() {
             if let Err(e) = fan.skip_all().await {
                 tracing::debug!(error = %e, "webhook fan-out: moving the group");
