@@ -123,6 +123,23 @@ async fn an_upstream_421_try_again_later_is_logged_as_rate_limited() {
     r.relay.shutdown().await;
 }
 
+/// Whether every one of `ids` has its `received` and `delivered` records in the stream, polled
+/// until they are or [`WAIT`] passes.
+async fn all_received_and_delivered(c: &redis::aio::MultiplexedConnection, ids: &[String]) -> bool {
+    eventually(|| {
+        let mut c = c.clone();
+        async move {
+            let recs = stream_records(&mut c).await;
+            ids.iter().all(|id| {
+                ["received", "delivered"]
+                    .iter()
+                    .all(|r| recs.iter().any(|(m, res)| m == id && res == r))
+            })
+        }
+    })
+    .await
+}
+
 /// The delivery log stream in order: (message id, result) of every record.
 async fn stream_records(c: &mut redis::aio::MultiplexedConnection) -> Vec<(String, String)> {
     let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
@@ -184,20 +201,10 @@ async fn received_is_stored_before_any_other_record_of_the_message() {
     assert_eq!(ids.len(), 4 * PER_CLIENT);
     let mut c = redis_connection(&redis).await;
     // Every message's `received` and `delivered` stored.
-    let complete = eventually(|| {
-        let mut c = c.clone();
-        let ids = ids.clone();
-        async move {
-            let recs = stream_records(&mut c).await;
-            ids.iter().all(|id| {
-                ["received", "delivered"]
-                    .iter()
-                    .all(|r| recs.iter().any(|(m, res)| m == id && res == r))
-            })
-        }
-    })
-    .await;
-    assert!(complete, "not every message was logged as received and delivered");
+    assert!(
+        all_received_and_delivered(&c, &ids).await,
+        "not every message was logged as received and delivered"
+    );
     let recs = stream_records(&mut c).await;
     let mut inverted = Vec::new();
     for id in &ids {
@@ -300,20 +307,10 @@ async fn received_precedes_a_delivery_that_finished_before_the_session_went_on()
     let ids = send_many(a.smtp_addr.unwrap(), "x", 10).await;
     assert_eq!(ids.len(), 10);
     let mut c = redis_connection(&redis).await;
-    let complete = eventually(|| {
-        let mut c = c.clone();
-        let ids = ids.clone();
-        async move {
-            let recs = stream_records(&mut c).await;
-            ids.iter().all(|id| {
-                ["received", "delivered"]
-                    .iter()
-                    .all(|r| recs.iter().any(|(m, res)| m == id && res == r))
-            })
-        }
-    })
-    .await;
-    assert!(complete, "not every message was logged as received and delivered");
+    assert!(
+        all_received_and_delivered(&c, &ids).await,
+        "not every message was logged as received and delivered"
+    );
     let recs = stream_records(&mut c).await;
     let inverted: Vec<&String> = ids
         .iter()

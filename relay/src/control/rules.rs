@@ -421,21 +421,9 @@ mod tests {
 
     fn meta(from: &str, ns: Option<&str>, received: i64) -> MessageMeta {
         MessageMeta {
-            id: "m".into(),
-            received_at_ms: received,
-            source_ip: "127.0.0.1".into(),
-            listener: crate::inbound::listener::ListenerKind::Smtp.into(),
-            auth_user: None,
             namespace: ns.map(str::to_owned),
-            service_account: None,
-            tls: false,
             mail_from: from.into(),
-            rcpts: vec!["c@d.example".into()],
-            message_id_header: None,
-            size: 1,
-            options: Default::default(),
-            quota: None,
-            is_dsn: false,
+            ..MessageMeta::sample("m", received)
         }
     }
 

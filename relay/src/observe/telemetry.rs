@@ -211,21 +211,9 @@ mod tests {
 
     fn meta() -> MessageMeta {
         MessageMeta {
-            id: "m1".into(),
-            received_at_ms: 1,
-            source_ip: "127.0.0.1".into(),
-            listener: ListenerKind::Smtp.into(),
-            auth_user: None,
             namespace: Some("team-a".into()),
-            service_account: None,
-            tls: false,
-            mail_from: "a@b.example".into(),
             rcpts: vec!["c@d.example".into(), "e@d.example".into()],
-            message_id_header: None,
-            size: 1,
-            options: Default::default(),
-            quota: None,
-            is_dsn: false,
+            ..MessageMeta::sample("m1", 1)
         }
     }
 

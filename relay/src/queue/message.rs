@@ -218,6 +218,31 @@ pub fn new_id(now_ms: i64) -> String {
     format!("{:011x}{rand:015x}", now_ms.max(0))
 }
 
+/// A message for unit tests: one recipient, `c@d.example`, from `a@b.example`, received over
+/// plain SMTP from loopback, one byte; tests change what they need with `..`.
+#[cfg(test)]
+impl MessageMeta {
+    pub(crate) fn sample(id: &str, received_at_ms: i64) -> Self {
+        MessageMeta {
+            id: id.into(),
+            received_at_ms,
+            source_ip: "127.0.0.1".into(),
+            listener: crate::inbound::listener::ListenerKind::Smtp.into(),
+            auth_user: None,
+            namespace: None,
+            service_account: None,
+            tls: false,
+            mail_from: "a@b.example".into(),
+            rcpts: vec!["c@d.example".into()],
+            message_id_header: None,
+            size: 1,
+            options: Default::default(),
+            quota: None,
+            is_dsn: false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1514,23 +1514,7 @@ mod tests {
     use mailroute_testkit::RedisServer;
 
     fn meta(id: &str, now_ms: i64) -> MessageMeta {
-        MessageMeta {
-            id: id.into(),
-            received_at_ms: now_ms,
-            source_ip: "127.0.0.1".into(),
-            listener: crate::inbound::listener::ListenerKind::Smtp.into(),
-            auth_user: None,
-            namespace: None,
-            service_account: None,
-            tls: false,
-            mail_from: "a@b.example".into(),
-            rcpts: vec!["c@d.example".into()],
-            message_id_header: None,
-            size: 1,
-            options: Default::default(),
-            quota: None,
-            is_dsn: false,
-        }
+        MessageMeta::sample(id, now_ms)
     }
 
     fn record(ms: u64, text: &str) -> Encoded {

@@ -186,6 +186,23 @@ async fn pause(shutdown: &mut watch::Receiver<bool>, d: Duration) {
     }
 }
 
+/// Removes the outbox's entries up to and including `last` (see [`TRIM`]): how many went, or -1
+/// when the lease is no longer the caller's.
+async fn trim_through(
+    trim: &redis::Script,
+    lease: &Lease,
+    outbox: &str,
+    last: &str,
+    conn: &mut crate::redis_client::RedisConn,
+) -> redis::RedisResult<i64> {
+    trim.key(lease.key())
+        .key(outbox)
+        .arg(lease.token())
+        .arg(next_id(last))
+        .invoke_async(conn)
+        .await
+}
+
 /// One round: reads the head of the outbox and sends it (or drops what expired). `Ok(false)`
 /// when there was nothing to do.
 async fn step(
@@ -246,14 +263,7 @@ async fn step(
     let oldest_kept = now_ms - (w.max_age_secs as i64) * 1000;
     let expired = entries.iter().take_while(|e| id_ms(&e.record_id) < oldest_kept).count();
     if expired > 0 {
-        let last = &entries[expired - 1].outbox_id;
-        let n: i64 = trim
-            .key(lease.key())
-            .key(&outbox)
-            .arg(lease.token())
-            .arg(next_id(last))
-            .invoke_async(&mut conn)
-            .await?;
+        let n = trim_through(trim, lease, &outbox, &entries[expired - 1].outbox_id, &mut conn).await?;
         if n > 0 {
             let _: () = redis::pipe()
                 .hincr(&health, f::DROPPED_EXPIRED, n)
@@ -282,14 +292,7 @@ async fn step(
     };
     match result {
         Ok(answer) if (200..300).contains(&answer.status) => {
-            let last = &entries[entries.len() - 1].outbox_id;
-            let n: i64 = trim
-                .key(lease.key())
-                .key(&outbox)
-                .arg(lease.token())
-                .arg(next_id(last))
-                .invoke_async(&mut conn)
-                .await?;
+            let n = trim_through(trim, lease, &outbox, &entries[entries.len() - 1].outbox_id, &mut conn).await?;
             if n < 0 {
                 return Ok(true); // The lease went to another relay, which sends them again.
             }

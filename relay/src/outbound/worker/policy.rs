@@ -124,23 +124,7 @@ mod tests {
     }
 
     fn meta(received: i64) -> MessageMeta {
-        MessageMeta {
-            id: "m".into(),
-            received_at_ms: received,
-            source_ip: "127.0.0.1".into(),
-            listener: crate::inbound::listener::ListenerKind::Smtp.into(),
-            auth_user: None,
-            namespace: None,
-            service_account: None,
-            tls: false,
-            mail_from: "a@b.example".into(),
-            rcpts: vec!["c@d.example".into()],
-            message_id_header: None,
-            size: 1,
-            options: Default::default(),
-            quota: None,
-            is_dsn: false,
-        }
+        MessageMeta::sample("m", received)
     }
 
     #[test]
