@@ -61,7 +61,7 @@ struct Args {
     /// Extra redis-server arguments, space separated. The default is what the chart's redis.conf
     /// sets beyond AOF and appendfsync (its rewrite threshold); "" runs Redis' own defaults.
     #[arg(long, allow_hyphen_values = true, default_value = "--auto-aof-rewrite-min-size 1gb")]
-    redis_args: Option<String>,
+    redis_args: String,
     /// Install manifest written by bench/install-peers.sh
     /// (default: ~/.cache/mailroute-bench/peers/manifest.tsv).
     #[arg(long)]
@@ -136,13 +136,7 @@ fn main() -> anyhow::Result<()> {
         backlog_size: a.backlog_size,
         steps,
         plan_messages_per_hour: a.plan_per_hour,
-        redis_args: a
-            .redis_args
-            .as_deref()
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_string)
-            .collect(),
+        redis_args: a.redis_args.split_whitespace().map(str::to_string).collect(),
         peers_manifest: a.peers_manifest.clone().unwrap_or_else(peers::default_manifest),
         peers,
         probe_rate: a.probe_rate,
